@@ -1,0 +1,72 @@
+"""The `sgsd` command line: one entry point, one sub-command per module.
+
+Sub-command modules are imported only when their command runs, so `sgsd --help` stays fast.
+Each module exposes `configure(parser)` (adds its arguments) and `run(args) -> int`.
+A `UserError` from any command is printed as one line (`sgsd: error: ...`) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from sgsd.errors import UserError
+
+# (command, module, help). Nested groups ("skills validate") are handled by the module itself.
+COMMANDS: list[tuple[str, str, str]] = [
+    ("train", "sgsd.commands.train", "train a model with SGSD, GRPO or OPSD from a YAML config"),
+    ("eval", "sgsd.commands.evaluate", "evaluate a model (avg@k, pass@k, maj@k) or compare evaluations"),
+    ("skills", "sgsd.commands.skills", "validate, show, retrieve from, build and report on skill banks"),
+    ("compare", "sgsd.commands.compare", "train several methods from one start and evaluate them into one table"),
+    ("bench", "sgsd.commands.bench", "benchmark the loss phase and training step"),
+    ("demo", "sgsd.commands.demo", "run the offline demo: SGSD vs GRPO vs OPSD in a small synthetic world"),
+]
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sgsd",
+        description="Skill-Conditioned Gated Self-Distillation: training, skill banks and math evaluation.",
+    )
+    from sgsd import __version__
+
+    parser.add_argument("--version", action="version", version=f"sgsd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, module_name, help_text in COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        # Only the chosen command's module is imported (lazy, keeps --help fast).
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            module.configure(p)
+            p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 0 if not argv else 2
+    try:
+        return int(args._run(args) or 0)
+    except UserError as err:
+        print(f"sgsd: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sgsd: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - last resort: one line unless SGSD_DEBUG is set
+        if os.environ.get("SGSD_DEBUG"):
+            raise
+        print(f"sgsd: internal error: {type(err).__name__}: {err} (set SGSD_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""CLI sub-commands: each module has `configure(parser)` and `run(args)`."""

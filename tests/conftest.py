@@ -1,0 +1,43 @@
+"""Test setup: offline, deterministic, CPU. Shared fixtures: a tiny tokenizer and model built in-process."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Tests never touch the network (set before transformers / datasets are imported).
+for _var, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_var, _value)
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+BENCHMARKS = SHARED / "benchmarks"
+REFERENCE_BANKS = SHARED / "reference-skill-banks"
+
+
+def require_shared(path: Path) -> Path:
+    """Skip (with a clear message) when the shared real-data folder is absent, e.g. in a user's clone."""
+    if not path.exists():
+        pytest.skip(f"real data folder {path} is absent (it lives beside the checkout in the dev workplace)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from sgsd.tiny import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture()
+def tiny_model(tiny_tokenizer):
+    from sgsd.tiny import build_tiny_model
+
+    return build_tiny_model(tiny_tokenizer, seed=0)
