@@ -1,0 +1,93 @@
+"""Loading policies and tokenizers: hub ids, local directories, training runs (LoRA adapters), tiny.
+
+`model_spec` may be
+- a Hugging Face hub id (`Qwen/Qwen3-1.7B`) - downloaded by transformers unless offline;
+- a local directory with a full model (`config.json`) or a PEFT adapter (`adapter_config.json`,
+  whose base model is loaded first and the adapter applied);
+- a training run directory: its `final/` sub-directory is used;
+- `tiny` or `tiny:seed=N,hidden_size=H,...`: an in-process tiny Qwen3 model (`sgsd.tiny`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sgsd.errors import UserError
+
+TINY_PREFIX = "tiny"
+
+
+def _parse_tiny(spec: str) -> dict[str, int]:
+    options: dict[str, int] = {}
+    _, _, rest = spec.partition(":")
+    for part in filter(None, rest.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or not value.strip().lstrip("-").isdigit():
+            raise UserError(f"model spec {spec!r}: expected tiny:key=INT,..., got {part!r}")
+        options[key.strip()] = int(value)
+    return options
+
+
+def resolve_model_path(model_spec: str) -> str:
+    """Map a run directory to its `final/`; check local paths exist; leave hub ids alone."""
+    if model_spec == TINY_PREFIX or model_spec.startswith(TINY_PREFIX + ":"):
+        return model_spec
+    path = Path(model_spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            if (path / "final").is_dir():
+                return str(path / "final")
+            raise UserError(f"model {model_spec}: directory has no config.json, adapter_config.json or final/")
+        return str(path)
+    looks_local = model_spec.startswith((".", "/", "~")) or model_spec.count("/") > 1 or path.suffix
+    if looks_local or path.exists():
+        raise UserError(f"model {model_spec}: no such directory")
+    return model_spec
+
+
+def load_tokenizer(model_spec: str) -> Any:
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model_spec)
+    if path.split(":")[0] == TINY_PREFIX:
+        from sgsd.tiny import build_tokenizer
+
+        return build_tokenizer()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model {model_spec}: cannot load tokenizer ({str(err).splitlines()[0]})") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_spec: str, *, dtype: str = "auto", tokenizer: Any = None, trainable_adapter: bool = False) -> Any:
+    """Load a causal LM. A PEFT adapter directory gives a `PeftModel` (trainable when asked)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(model_spec)
+    if path.split(":")[0] == TINY_PREFIX:
+        from sgsd.tiny import build_tiny_model
+
+        options = _parse_tiny(path)
+        seed = options.pop("seed", 0)
+        return build_tiny_model(tokenizer if tokenizer is not None else load_tokenizer(path), seed=seed, **options)
+    torch_dtype = {"auto": "auto", "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                   "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}.get(dtype)
+    if torch_dtype is None:
+        raise UserError(f"model dtype {dtype!r}: expected auto, bf16, fp16 or fp32")
+    adapter_config = Path(path) / "adapter_config.json"
+    try:
+        if adapter_config.exists():
+            from peft import PeftModel
+
+            base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+            base_model = load_model(base, dtype=dtype, tokenizer=tokenizer)
+            return PeftModel.from_pretrained(base_model, path, is_trainable=trainable_adapter)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"model {model_spec}: cannot load ({str(err).splitlines()[0]})") from err
