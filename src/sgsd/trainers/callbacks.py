@@ -1,0 +1,97 @@
+"""Trainer callbacks: metrics.jsonl, per-step timing, EMA updates, skill-bank observers' checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+# TRL / HF log keys -> the project's metric keys
+RENAMES = {
+    "loss": "train/loss",
+    "reward": "train/reward_trl",
+    "reward_std": "train/reward_std",
+    "learning_rate": "train/learning_rate",
+    "grad_norm": "train/grad_norm",
+    "entropy": "train/entropy",
+    "completions/mean_length": "train/completion_length_mean",
+    "completions/clipped_ratio": "train/completion_clipped_ratio",
+    "step_time": "time/step_s",
+}
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsWriter(TrainerCallback):
+    """One JSON object per logged step in `path`, with `step`; the file is rewritten atomically.
+
+    On resume, records after the resumed step are dropped, so a restarted run's file equals that of
+    an uninterrupted run.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.records: list[dict[str, Any]] = []
+        if self.path.exists():
+            from sgsd.skills.storage import read_jsonl
+
+            self.records = list(read_jsonl(self.path))
+
+    def truncate_after(self, step: int) -> None:
+        self.records = [r for r in self.records if int(r.get("step", 0)) <= step]
+        self._write()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "train_runtime" in logs:
+            return
+        record: dict[str, Any] = {"step": state.global_step}
+        for key, value in logs.items():
+            record[RENAMES.get(key, key)] = _clean(value)
+        if "train/reward_mean" not in record and "train/reward_trl" in record:
+            record["train/reward_mean"] = record["train/reward_trl"]
+        self.records = [r for r in self.records if r["step"] != state.global_step] + [record]
+        self._write()
+
+    def _write(self) -> None:
+        from sgsd.skills.storage import atomic_write_text
+
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records)
+        atomic_write_text(self.path, text)
+
+
+class StepTimer(TrainerCallback):
+    """time/generate_s, time/teacher_s and time/update_s (the rest of the step) of every optimizer step."""
+
+    def __init__(self) -> None:
+        self.trainer: Any = None
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        total = time.perf_counter() - self._start
+        timing = self.trainer.pop_step_timing()
+        self.trainer.record_metric("time/generate_s", timing["generate_s"])
+        self.trainer.record_metric("time/teacher_s", timing["teacher_s"])
+        self.trainer.record_metric("time/update_s", max(total - timing["generate_s"] - timing["teacher_s"], 0.0))
+
+
+class EMAStep(TrainerCallback):
+    """Update the EMA teacher after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.trainer: Any = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = getattr(self.trainer, "ema_step", None)
+        if step is not None:
+            step()

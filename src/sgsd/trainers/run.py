@@ -1,0 +1,347 @@
+"""Build a trainer from a `RunConfig` and train: the one code path for the laptop and the GPU cluster.
+
+Everything the user gave is checked before the output directory is touched (config, data, skill
+bank, model, prompt lengths), so bad input leaves nothing half-written. The run directory holds
+`resolved_config.yaml` (with the git revision and package versions), `metrics.jsonl`,
+`checkpoint-<step>/` directories, skill-bank snapshots and attribution when enabled, and `final/`
+(the model or LoRA adapter and tokenizer in Hugging Face format), written to a temporary name and
+renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from sgsd.config import RunConfig, dump_config
+from sgsd.errors import ConfigError, DataError, UserError
+from sgsd.prompts import ChatStyle, render_chat, student_prompt
+
+COMPLETE_MARKER = "sgsd_complete.json"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path
+    global_step: int
+    resumed_from: str | None = None
+    ignored_checkpoints: list[str] = field(default_factory=list)
+
+
+def resolve_device(cfg: RunConfig) -> tuple[bool, bool]:
+    """(use_cpu, bf16) from `training.device` and `training.precision`."""
+    import torch
+
+    device = cfg.training.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("training.device: cuda requested but no CUDA device is available")
+    use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if cfg.training.precision == "bf16" and use_cpu:
+        raise ConfigError("training.precision: bf16 on CPU is not supported here; use fp32 or auto")
+    bf16 = not use_cpu and cfg.training.precision in ("auto", "bf16")
+    return use_cpu, bf16
+
+
+def _skill_block(cfg: RunConfig, bank: Any, retriever: Any, problems: Sequence[str]) -> list[str]:
+    """Top skills and top mistakes rendered as one guidance block per problem ("+Skill" variants)."""
+    from sgsd.prompts import render_guidance
+
+    blocks = []
+    for retrieval in retriever.retrieve_many(list(problems), cfg.skills.prompt_top_k):
+        blocks.append(render_guidance([s.item for s in retrieval.skills], [m.item for m in retrieval.mistakes]))
+    return blocks
+
+
+def load_skills(cfg: RunConfig) -> tuple[Any, Any]:
+    from sgsd.skills.bank import load_bank
+    from sgsd.skills.retrieval import make_retriever
+
+    bank = load_bank(cfg.skills.bank)
+    retriever = make_retriever(cfg.skills.retrieval, bank, embedder=cfg.skills.embedder, seed=cfg.training.seed)
+    return bank, retriever
+
+
+def build_dataset(cfg: RunConfig, tokenizer: Any, problems: Sequence[Any], skill_blocks: list[str] | None) -> Any:
+    """Rows: `prompt` (chat list for TRL), `problem`, `answer`, `problem_id`, `student_prompt`."""
+    from datasets import Dataset
+
+    style = ChatStyle(cfg.prompt.enable_thinking)
+    limit = cfg.prompt.max_prompt_tokens
+    rows = []
+    for index, item in enumerate(problems):
+        text = student_prompt(item.problem)
+        if skill_blocks is not None:
+            text = f"{skill_blocks[index]}\n\n{text}"
+        length = len(tokenizer(render_chat(tokenizer, text, style), add_special_tokens=False)["input_ids"])
+        if length > limit:
+            raise DataError(f"{cfg.data.path}: problem {item.problem_id}: prompt is {length} tokens, longer than "
+                            f"prompt.max_prompt_tokens={limit}")
+        rows.append({"prompt": [{"role": "user", "content": text}], "problem": item.problem, "answer": item.answer,
+                     "problem_id": item.problem_id, "student_prompt": text})
+    return Dataset.from_list(rows)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("sgsd", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "math-verify",
+                 "sentence-transformers", "vllm"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _git_revision() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[3]
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def complete_checkpoints(output_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(complete checkpoints sorted by step, incomplete ones). Complete = has the marker written last."""
+    complete, broken = [], []
+    for path in output_dir.glob("checkpoint-*"):
+        if not path.is_dir() or not path.name.split("-")[-1].isdigit():
+            continue
+        (complete if (path / COMPLETE_MARKER).exists() else broken).append(path)
+    key = lambda p: int(p.name.split("-")[-1])  # noqa: E731
+    return sorted(complete, key=key), sorted(broken, key=key)
+
+
+def check_output_dir(output_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from, or None. `--no-resume` only starts into an empty directory."""
+    if not output_dir.exists():
+        return None
+    if not output_dir.is_dir():
+        raise UserError(f"output directory {output_dir}: exists and is not a directory")
+    contents = [p for p in output_dir.iterdir()]
+    if not resume:
+        if contents:
+            raise UserError(f"output directory {output_dir}: not empty; --no-resume starts only into an empty "
+                            "directory (choose another --output-dir or drop --no-resume to resume)")
+        return None
+    complete, _ = complete_checkpoints(output_dir)
+    if complete:
+        return complete[-1]
+    if (output_dir / "final").exists():
+        raise UserError(f"output directory {output_dir}: already holds a finished run (final/); use another directory")
+    return None
+
+
+def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool = True,
+          reward_funcs: Sequence[Callable[..., list[float]]] | None = None, max_steps: int | None = None,
+          progress: bool = True) -> TrainResult:
+    from transformers import set_seed
+
+    from sgsd.data import load_problems
+    from sgsd.models import load_model, load_tokenizer
+    from sgsd.trainers.callbacks import EMAStep, MetricsWriter, StepTimer
+    from sgsd.trl_adapter import make_grpo_config
+
+    out = Path(output_dir or cfg.training.output_dir or "").expanduser()
+    if not str(out) or str(out) == ".":
+        raise ConfigError("no output directory: pass --output-dir or set training.output_dir")
+    if max_steps is not None:
+        cfg.training.max_steps = max_steps
+    cfg.validate()
+    resume_from = check_output_dir(out, resume)
+    use_cpu, bf16 = resolve_device(cfg)
+    set_seed(cfg.training.seed)
+
+    # -- everything the user gave, checked before writing anything ------------------------------
+    problems, report = load_problems(
+        cfg.data.path, split=cfg.data.split, problem_field=cfg.data.problem_field, answer_field=cfg.data.answer_field,
+        deduplicate=cfg.data.deduplicate, max_problems=cfg.data.max_problems, bad_rows=cfg.data.bad_rows,
+    )
+    bank = retriever = None
+    if cfg.skills.bank and (cfg.method == "sgsd" or cfg.grpo.skills_in_prompt or cfg.opsd.skills):
+        bank, retriever = load_skills(cfg)
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    model = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype, tokenizer=tokenizer)
+    if cfg.model.attn_implementation:
+        model.config._attn_implementation = cfg.model.attn_implementation
+    prompt_skills = cfg.method == "grpo" and cfg.grpo.skills_in_prompt or cfg.method == "opsd" and cfg.opsd.skills
+    blocks = _skill_block(cfg, bank, retriever, [p.problem for p in problems]) if prompt_skills else None
+    dataset = build_dataset(cfg, tokenizer, problems, blocks)
+
+    # -- the run directory --------------------------------------------------------------------
+    out.mkdir(parents=True, exist_ok=True)
+    from sgsd.skills.storage import atomic_write_text
+
+    resolved = dump_config(cfg) + "\n# provenance\n" + json.dumps(
+        {"git_revision": _git_revision(), "versions": _versions(), "data": report.__dict__}, indent=None) + "\n"
+    atomic_write_text(out / "resolved_config.yaml", _comment_block(resolved))
+
+    num_generations = cfg.grpo.num_generations if cfg.method == "grpo" else 1
+    args = make_grpo_config(
+        num_generations=num_generations,
+        output_dir=str(out),
+        max_steps=cfg.training.max_steps,
+        learning_rate=cfg.training.learning_rate,
+        lr_scheduler_type=cfg.training.lr_scheduler,
+        warmup_steps=cfg.training.warmup_steps,
+        max_grad_norm=cfg.training.max_grad_norm,
+        weight_decay=cfg.training.weight_decay,
+        per_device_train_batch_size=cfg.training.prompts_per_device * num_generations,
+        gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
+        seed=cfg.training.seed,
+        data_seed=cfg.training.seed,
+        save_steps=cfg.training.save_steps,
+        save_total_limit=cfg.training.save_total_limit,
+        logging_steps=cfg.training.logging_steps,
+        report_to=cfg.training.report_to,
+        use_cpu=use_cpu,
+        bf16=bf16,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        max_completion_length=cfg.generation.max_new_tokens,
+        temperature=cfg.generation.temperature,
+        top_p=cfg.generation.top_p,
+        top_k=cfg.generation.top_k,
+        use_vllm=cfg.generation.use_vllm,
+        vllm_mode=cfg.generation.vllm_mode,
+        vllm_gpu_memory_utilization=cfg.generation.vllm_gpu_memory_utilization,
+        **({"vllm_server_base_url": cfg.generation.vllm_server_base_url} if cfg.generation.vllm_server_base_url else {}),
+        chat_template_kwargs=({"enable_thinking": cfg.prompt.enable_thinking}
+                              if cfg.prompt.enable_thinking is not None else None),
+        beta=cfg.grpo.beta if cfg.method == "grpo" else 0.0,
+        epsilon=cfg.grpo.epsilon,
+        loss_type=cfg.grpo.loss_type,
+        log_completions=False,
+        disable_tqdm=not progress,
+        deepspeed=cfg.training.deepspeed,
+        shuffle_dataset=True,
+    )
+    peft_config = None
+    if cfg.model.lora.enabled:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.model.lora.r, lora_alpha=cfg.model.lora.alpha,
+                                 lora_dropout=cfg.model.lora.dropout, target_modules=cfg.model.lora.target_modules,
+                                 task_type="CAUSAL_LM")
+    if reward_funcs is None:
+        from sgsd.verify import accuracy_reward
+
+        reward_funcs = [accuracy_reward]
+
+    metrics = MetricsWriter(out / "metrics.jsonl")
+    timer, ema_step = StepTimer(), EMAStep()
+    common = dict(model=model, reward_funcs=list(reward_funcs), args=args, train_dataset=dataset,
+                  processing_class=tokenizer, peft_config=peft_config, callbacks=[metrics, timer, ema_step])
+    trainer = _make_trainer(cfg, common, bank, retriever, out)
+    timer.trainer = ema_step.trainer = trainer
+    trainer.add_callback(_completion_marker(trainer))
+
+    _, broken = complete_checkpoints(out)
+    if resume_from is not None:
+        metrics.truncate_after(int(resume_from.name.split("-")[-1]))
+        _restore_extra_state(trainer, resume_from)
+    elif metrics.records:
+        metrics.truncate_after(0)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    final = out / "final"
+    staging = out / "final.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    trainer.save_model(str(staging))
+    tokenizer.save_pretrained(str(staging))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    return TrainResult(out, final, trainer.state.global_step, str(resume_from) if resume_from else None,
+                       [str(p) for p in broken])
+
+
+def _comment_block(text: str) -> str:
+    head, _, tail = text.partition("\n# provenance\n")
+    return head + "\n# provenance: " + tail
+
+
+def _make_trainer(cfg: RunConfig, common: dict[str, Any], bank: Any, retriever: Any, out: Path) -> Any:
+    student_style = ChatStyle(cfg.prompt.enable_thinking)
+    teacher_thinking = cfg.prompt.teacher_enable_thinking
+    teacher_style = student_style if teacher_thinking is None else ChatStyle(teacher_thinking)
+    if cfg.method == "sgsd":
+        from sgsd.trainers.sgsd_trainer import SGSDTrainer, TeacherSource
+
+        observers = _skill_observers(cfg, out)
+        return SGSDTrainer(teacher_source=TeacherSource(bank, retriever, cfg.skills.num_teachers),
+                           settings=cfg.sgsd, student_style=student_style, teacher_style=teacher_style,
+                           observers=observers, **common)
+    if cfg.method == "opsd":
+        from sgsd.trainers.opsd_trainer import OPSDTrainer
+
+        return OPSDTrainer(settings=cfg.opsd, teacher_style=teacher_style, **common)
+    from sgsd.trainers.grpo_trainer import GRPOBaselineTrainer
+
+    return GRPOBaselineTrainer(**common)
+
+
+def _skill_observers(cfg: RunConfig, out: Path) -> list[Any]:
+    observers: list[Any] = []
+    if cfg.skills.attribution or cfg.skills.online.enabled:
+        from sgsd.trainers.skill_hooks import make_observers
+
+        observers.extend(make_observers(cfg, out))
+    return observers
+
+
+def _restore_extra_state(trainer: Any, checkpoint: Path) -> None:
+    """EMA weights and skill-bank observers (online bank, attribution) as they were at `checkpoint`."""
+    import torch
+
+    path = checkpoint / "sgsd_state.pt"
+    if not path.exists():
+        return
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if "ema" in state and getattr(trainer, "ema", None) is not None:
+        trainer.ema.load_state_dict(state["ema"])
+    for observer in getattr(trainer, "observers", []):
+        if observer.name in state:
+            observer.load_state_dict(state[observer.name])
+
+
+def _completion_marker(trainer: Any) -> Any:
+    from transformers import TrainerCallback
+
+    class CompletionMarker(TrainerCallback):
+        """Writes the extra state and then `sgsd_complete.json` into each checkpoint after HF saved it:
+        a checkpoint without the marker was interrupted while being written and is never resumed from."""
+
+        def on_save(self, args, state, control, **kwargs):
+            _write_extra_state(trainer, Path(args.output_dir) / f"checkpoint-{state.global_step}", state)
+
+    return CompletionMarker()
+
+
+def _write_extra_state(trainer: Any, path: Path, state: Any) -> None:
+
+    import torch
+
+    from sgsd.skills.storage import atomic_write_json
+
+    if not state.is_world_process_zero:
+        return
+    extra: dict[str, Any] = {}
+    ema = getattr(trainer, "ema", None)
+    if ema is not None:
+        extra["ema"] = ema.state_dict()
+    for observer in getattr(trainer, "observers", []):
+        extra[observer.name] = observer.state_dict()
+    if extra:
+        staging = path / "sgsd_state.pt.tmp"
+        torch.save(extra, staging)
+        os.replace(staging, path / "sgsd_state.pt")
+    atomic_write_json(path / COMPLETE_MARKER, {"step": state.global_step})

@@ -1,0 +1,179 @@
+"""SGSD trainer (SPEC sections 2-4): one student forward/backward per rollout, K teacher forwards
+without gradient, the gated polarity loss of `sgsd.objectives.sgsd_loss`.
+
+Per generation batch (TRL generates and grades; the seams are in `sgsd.trl_adapter`):
+1. retrieve the K rank-aligned (skill, mistake) teachers of each problem (cached per bank version);
+2. render each teacher prompt with the SAME chat style as the student (unless configured otherwise);
+3. score the student's completion under every teacher (`sgsd.scoring.score_teachers`) with the
+   selected teacher weights (live / base / EMA), storing [B, K, T] log-probs with the batch;
+4. in the loss phase, one student forward with gradient gives p_t [B, T]; `sgsd_loss` does the rest.
+Rollouts whose K teachers are all neutral can skip the student forward and backward
+(`skip_neutral_rows`): their polarity is decided from a gradient-free student pass scored with the
+teachers, at the cost of that one extra forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from sgsd.config import SGSDSettings
+from sgsd.objectives import sgsd_loss, teacher_polarity
+from sgsd.prompts import ChatStyle, render_chat, teacher_prompt
+from sgsd.scoring import completion_logprobs, countable_token_table, counted_mask, score_teachers
+from sgsd.trainers.teacher_weights import EMAWeights, FrozenCopy, is_peft, teacher_context_factory
+from sgsd.trl_adapter import HookedGRPOTrainer
+
+
+class TeacherSource:
+    """Problems -> their K teachers (`sgsd.skills.teachers.Teacher`), cached per bank version."""
+
+    def __init__(self, bank: Any, retriever: Any, num_teachers: int) -> None:
+        self.bank, self.retriever, self.num_teachers = bank, retriever, num_teachers
+        self._cache: dict[tuple[str, str], list[Any]] = {}
+
+    def set_bank(self, bank: Any) -> None:
+        """Use an updated bank (online skill update); cached teachers of the old bank are dropped."""
+        self.bank = bank
+        self.retriever = self.retriever.rebind(bank)
+        self._cache.clear()
+
+    def teachers_for(self, problems: Sequence[str]) -> list[list[Any]]:
+        from sgsd.skills.teachers import build_teachers
+
+        version = self.bank.version
+        missing = list(dict.fromkeys(p for p in problems if (version, p) not in self._cache))
+        if missing:
+            for problem, retrieval in zip(missing, self.retriever.retrieve_many(missing, self.num_teachers)):
+                self._cache[(version, problem)] = build_teachers(retrieval, self.num_teachers)
+        return [self._cache[(version, p)] for p in problems]
+
+
+@dataclass
+class RolloutRecord:
+    """What the loss phase and the skill-bank bookkeeping need to know about one rollout."""
+
+    problem: str
+    skill_ids: list[str]
+    mistake_ids: list[str]
+
+
+class SGSDTrainer(HookedGRPOTrainer):
+    has_method_loss = True
+
+    def __init__(self, *, teacher_source: TeacherSource, settings: SGSDSettings, student_style: ChatStyle,
+                 teacher_style: ChatStyle, observers: Sequence[Any] = (), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.teacher_source = teacher_source
+        self.settings = settings
+        self.student_style, self.teacher_style = student_style, teacher_style
+        self.observers = list(observers)  # attribution, online skill updates: see `observe`
+        self.count_table = countable_token_table(self.processing_class)
+        model = self.unwrapped_model
+        self.ema = EMAWeights(model, settings.ema_decay) if settings.teacher == "ema" else None
+        self.frozen = FrozenCopy(model) if settings.teacher == "base" and not is_peft(model) else None
+        self.teacher_context = teacher_context_factory(settings.teacher, lambda: self.unwrapped_model, ema=self.ema)
+        self.records: dict[int, RolloutRecord] = {}
+        self._next_uid = 0
+
+    # -- generation phase -----------------------------------------------------------------------
+    def _teacher_prompt_ids(self, problem: str, teachers: list[Any]) -> list[list[int] | None]:
+        ids: list[list[int] | None] = []
+        for teacher in teachers[: self.teacher_source.num_teachers]:
+            text = render_chat(self.processing_class, teacher_prompt(teacher.guidance, problem), self.teacher_style)
+            ids.append(self.processing_class(text, add_special_tokens=False)["input_ids"])
+        return ids + [None] * (self.teacher_source.num_teachers - len(ids))
+
+    def rollout_extras(self, inputs, output, rewards):
+        problems = [x["problem"] for x in inputs]
+        teachers = self.teacher_source.teachers_for(problems)
+        k = self.teacher_source.num_teachers
+        device = output["completion_ids"].device
+        weights = torch.zeros((len(problems), k), dtype=torch.float32, device=device)
+        for row, row_teachers in enumerate(teachers):
+            for col, teacher in enumerate(row_teachers[:k]):
+                weights[row, col] = teacher.weight
+        prompt_ids = [self._teacher_prompt_ids(p, t) for p, t in zip(problems, teachers)]
+        completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
+        if self.settings.skip_neutral_rows:
+            # the plain student prompt as one more row: p_t without gradient, to decide polarity now
+            for row, x in enumerate(inputs):
+                plain = render_chat(self.processing_class, x["student_prompt"], self.student_style)
+                prompt_ids[row].append(self.processing_class(plain, add_special_tokens=False)["input_ids"])
+        scoring_model = self.frozen.model if self.frozen is not None else self.model
+        logps = score_teachers(
+            scoring_model, prompt_ids, completion_ids, completion_mask,
+            pad_id=self.processing_class.pad_token_id, batch_rows=self.settings.teacher_batch_size,
+            chunk_tokens=self.settings.logprob_chunk_tokens, teacher_context=self.teacher_context,
+        )
+        mask = counted_mask(completion_ids, completion_mask, self.count_table)
+        uids = torch.arange(self._next_uid, self._next_uid + len(problems), device=device)
+        for uid, problem, row_teachers in zip(uids.tolist(), problems, teachers):
+            self.records[uid] = RolloutRecord(problem, [t.skill.skill_id for t in row_teachers[:k]],
+                                              [t.mistake.mistake_id for t in row_teachers[:k]])
+        self._next_uid += len(problems)
+        extras = {"rewards": rewards, "teacher_logps": logps[:, :k], "teacher_weights": weights,
+                  "sgsd_mask": mask, "rollout_uid": uids}
+        if self.settings.skip_neutral_rows:
+            _, polarity = teacher_polarity(
+                logps[:, k], logps[:, :k], mask, rewards, weights,
+                clip_delta=self.settings.clip_delta, confidence_threshold=self.settings.confidence_threshold,
+            )
+            extras["sgsd_active"] = polarity.ne(0).any(dim=-1)
+        completions = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        for observer in self.observers:
+            observer.on_rollouts(self, problems, completions, rewards)
+        return extras
+
+    # -- loss phase ---------------------------------------------------------------------------
+    def method_loss(self, model, inputs):
+        batch = inputs["completion_ids"].size(0)
+        if "sgsd_active" in inputs:
+            rows = inputs["sgsd_active"].nonzero().squeeze(-1)
+        else:
+            rows = torch.arange(batch, device=inputs["completion_ids"].device)
+        run_rows = rows if rows.numel() else rows.new_zeros(1)  # keep the graph connected (DDP, GA)
+        length = int(inputs["completion_mask"][run_rows].sum(-1).max().clamp(min=1))  # trim the padding
+        student_logps = completion_logprobs(
+            model, inputs["prompt_ids"][run_rows], inputs["prompt_mask"][run_rows],
+            inputs["completion_ids"][run_rows, :length], inputs["completion_mask"][run_rows, :length],
+            chunk_tokens=self.settings.logprob_chunk_tokens,
+        )
+        out = sgsd_loss(
+            student_logps, inputs["teacher_logps"][run_rows, :, :length], inputs["sgsd_mask"][run_rows, :length],
+            inputs["rewards"][run_rows], inputs["teacher_weights"][run_rows],
+            gate_tau=self.settings.gate_tau, clip_delta=self.settings.clip_delta,
+            confidence_threshold=self.settings.confidence_threshold,
+        )
+        loss = out.loss * (rows.numel() / batch)
+        polarity = torch.zeros_like(inputs["teacher_weights"], dtype=torch.long)
+        support = torch.zeros_like(inputs["teacher_weights"])
+        if rows.numel():
+            polarity[rows], support[rows] = out.polarity, out.support
+        self._log_step(inputs, out, polarity, support, rows.numel())
+        return loss
+
+    def _log_step(self, inputs, out, polarity, support, active_rows) -> None:
+        present = inputs["teacher_weights"] > 0
+        count = present.sum().clamp(min=1)
+        for key, value in out.metrics.items():
+            if key not in ("helpful_fraction", "harmful_fraction", "neutral_fraction"):
+                self.record_metric(f"sgsd/{key}", value)
+        # fractions over ALL rollouts of the step (skipped rollouts are neutral by construction)
+        self.record_metric("sgsd/helpful_fraction", ((polarity == 1) & present).sum() / count)
+        self.record_metric("sgsd/harmful_fraction", ((polarity == -1) & present).sum() / count)
+        self.record_metric("sgsd/neutral_fraction", ((polarity == 0) & present).sum() / count)
+        self.record_metric("sgsd/active_rollout_fraction", active_rows / max(polarity.size(0), 1))
+        self.record_metric("train/reward_mean", inputs["rewards"].float().mean())
+        uids = inputs["rollout_uid"].tolist()
+        records = [self.records.pop(uid) for uid in uids]
+        for observer in self.observers:
+            observer.on_polarity(self, records, polarity.detach().cpu(), support.detach().cpu(),
+                                 inputs["teacher_weights"].detach().cpu())
+
+    # -- optimizer step -------------------------------------------------------------------------
+    def ema_step(self) -> None:
+        if self.ema is not None:
+            self.ema.update(self.unwrapped_model)

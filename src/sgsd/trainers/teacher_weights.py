@@ -1,0 +1,93 @@
+"""Which parameters score as teacher (SPEC section 4): live policy, base model, or EMA.
+
+Each option is a context manager factory: inside it, the shared model computes with the teacher's
+weights; outside, it is the student again. No second copy of the model is made for `live`; `base`
+disables the LoRA adapter (or, for full fine-tuning, uses a frozen copy of the initial weights);
+`ema` swaps an exponential moving average of the trainable parameters in and out.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, ContextManager, Iterator
+
+import torch
+
+
+class EMAWeights:
+    """EMA of the trainable parameters: ema <- decay * ema + (1 - decay) * theta after each optimizer step."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for name, param in model.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(param.detach(), 1.0 - self.decay)
+
+    @contextmanager
+    def swapped_in(self, model: torch.nn.Module) -> Iterator[None]:
+        params = {n: p for n, p in model.named_parameters() if n in self.shadow}
+        saved = {n: p.detach().clone() for n, p in params.items()}
+        try:
+            with torch.no_grad():
+                for name, param in params.items():
+                    param.copy_(self.shadow[name])
+            yield
+        finally:
+            with torch.no_grad():
+                for name, param in params.items():
+                    param.copy_(saved[name])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "shadow": {k: v.cpu() for k, v in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = set(self.shadow) ^ set(state["shadow"])
+        if missing:
+            raise ValueError(f"EMA state does not match the model's trainable parameters: {sorted(missing)[:3]}")
+        self.decay = float(state["decay"])
+        for name, value in state["shadow"].items():
+            self.shadow[name].copy_(value)
+
+
+def is_peft(model: Any) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+class FrozenCopy:
+    """Initial weights for a `base` teacher under full fine-tuning (a second copy of the model)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def teacher_context_factory(kind: str, model_getter: Callable[[], Any], *, ema: EMAWeights | None = None
+                            ) -> Callable[[], ContextManager[Any]]:
+    """A zero-argument factory of context managers that put the teacher weights in place.
+
+    For `base` under full fine-tuning the caller scores with `FrozenCopy.model` instead (see
+    `teacher_model_for`), so here it is a no-op.
+    """
+    if kind == "live":
+        return nullcontext
+    if kind == "base":
+        def base_context() -> ContextManager[Any]:
+            model = model_getter()
+            if is_peft(model):
+                from sgsd.trl_adapter import adapter_disabled
+
+                return adapter_disabled(model)
+            return nullcontext()
+
+        return base_context
+    if kind == "ema":
+        if ema is None:
+            raise ValueError("teacher 'ema' needs EMA weights")
+        return lambda: ema.swapped_in(model_getter())
+    raise ValueError(f"unknown teacher weights {kind!r} (live, base or ema)")

@@ -1,0 +1,179 @@
+"""The one module that touches TRL's private surface (pinned: trl==1.16.0).
+
+Everything TRL does well is used as is: generation (transformers or vLLM colocate/server with weight
+sync), PEFT/LoRA, accelerate with DeepSpeed ZeRO-2/FSDP, logging, checkpoints. SGSD and OPSD need
+three seams in `GRPOTrainer`, and only this module opens them:
+
+- `_calculate_rewards`: captured, so methods see this rank's binary rewards (TRL's output dict carries
+  group-normalised advantages only, and its rewards are gathered over all ranks).
+- `_generate_and_score_completions`: after TRL generates and scores, `rollout_extras(...)` adds the
+  method's tensors ([B, ...] leading batch dimension, so TRL's shuffle and split carry them).
+- `compute_loss`: replaced by `method_loss(model, inputs)` when a method defines one, scaled for
+  gradient accumulation as TRL's own `_compute_loss` does.
+- One rollout per prompt: `GRPOConfig` refuses `num_generations < 2` (GRPO needs groups; SGSD and
+  OPSD do not), so `make_grpo_config` validates with 2 and then sets 1. The trainer's own runtime
+  handles 1 (its std falls back to zeros for groups of one).
+
+`check_trl_contract()` compares the signatures this module relies on with the installed TRL;
+the trainers call it at construction and `tests/test_trl_adapter.py` pins it, so a TRL change fails
+loudly instead of silently training something else.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+TRL_VERSION = "1.16.0"
+
+# name -> leading parameter names this module relies on (in order)
+PRIVATE_HOOKS: dict[str, tuple[str, ...]] = {
+    "_generate_and_score_completions": ("self", "inputs"),
+    "_calculate_rewards": ("self", "inputs", "prompts", "completions", "completion_ids_list"),
+    "_get_per_token_logps_and_entropies": (
+        "self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
+    ),
+    "compute_loss": ("self", "model", "inputs", "return_outputs", "num_items_in_batch"),
+}
+# keys of `_generate_and_score_completions`' output the methods read
+OUTPUT_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
+# trainer attributes the methods read
+ATTRIBUTES = ("_metrics", "accelerator", "current_gradient_accumulation_steps", "reward_weights", "temperature")
+
+
+class TRLContractError(RuntimeError):
+    pass
+
+
+def check_trl_contract() -> list[str]:
+    """Differences between the installed TRL and what this adapter relies on (empty when compatible)."""
+    import trl
+
+    problems = []
+    if trl.__version__ != TRL_VERSION:
+        problems.append(f"trl=={trl.__version__} installed, this adapter is written for trl=={TRL_VERSION}")
+    for name, expected in PRIVATE_HOOKS.items():
+        method = getattr(GRPOTrainer, name, None)
+        if method is None:
+            problems.append(f"GRPOTrainer.{name} no longer exists")
+            continue
+        params = tuple(inspect.signature(method).parameters)[: len(expected)]
+        if params != expected:
+            problems.append(f"GRPOTrainer.{name} parameters are {params}, expected {expected}")
+    return problems
+
+
+def make_grpo_config(*, num_generations: int, **kwargs: Any) -> GRPOConfig:
+    """A `GRPOConfig`, allowing one rollout per prompt (SGSD and OPSD need no groups)."""
+    if num_generations >= 2:
+        return GRPOConfig(num_generations=num_generations, **kwargs)
+    if num_generations != 1:
+        raise ValueError(f"num_generations must be >= 1, got {num_generations}")
+    user_batching = "generation_batch_size" in kwargs or "steps_per_generation" in kwargs
+    args = GRPOConfig(num_generations=2, num_generations_eval=2, **_even_generation_batch(kwargs))
+    args.num_generations = 1
+    args.num_generations_eval = 1
+    if not user_batching:  # TRL's default: one generation batch per optimizer step
+        args.steps_per_generation = args.gradient_accumulation_steps
+        args.generation_batch_size = args.per_device_train_batch_size * args.world_size * args.steps_per_generation
+    return args
+
+
+def _even_generation_batch(kwargs: dict[str, Any]) -> dict[str, Any]:
+    # GRPOConfig checks generation_batch_size % num_generations with the placeholder 2; an odd batch
+    # would fail that check, so validate with an even one and restore TRL's batching after.
+    out = dict(kwargs)
+    if "generation_batch_size" not in out and "steps_per_generation" not in out:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        out["generation_batch_size"] = 2 * out.get("per_device_train_batch_size", 8) * world
+    if out.get("per_device_eval_batch_size", 8) % 2:
+        out["per_device_eval_batch_size"] = 2
+    return out
+
+
+def local_rewards(trainer: GRPOTrainer, rewards_per_func: torch.Tensor, num_local: int) -> torch.Tensor:
+    """This rank's weighted rewards [B] from `_calculate_rewards`' all-rank output [N_all, F]."""
+    weights = trainer.reward_weights.to(rewards_per_func.device)
+    rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+    start = trainer.accelerator.process_index * num_local
+    return rewards[start : start + num_local]
+
+
+class HookedGRPOTrainer(GRPOTrainer):
+    """`GRPOTrainer` with the seams above. Subclasses override `rollout_extras` and `method_loss`."""
+
+    #: set by subclasses that replace GRPO's loss
+    has_method_loss: bool = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        problems = check_trl_contract()
+        if problems:
+            raise TRLContractError("TRL changed under sgsd's adapter: " + "; ".join(problems))
+        self._local_rewards: torch.Tensor | None = None
+        self.step_timing: dict[str, float] = {"generate_s": 0.0, "teacher_s": 0.0}
+        super().__init__(*args, **kwargs)
+
+    # -- seams ------------------------------------------------------------------------------
+    def rollout_extras(self, inputs: list[dict[str, Any]], output: dict[str, Any],
+                       rewards: torch.Tensor) -> dict[str, Any]:
+        """Tensors to add to the rollout batch (leading dimension B). Default: the rewards only."""
+        return {"rewards": rewards}
+
+    def method_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- private hooks (TRL 1.16) -------------------------------------------------------------
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._local_rewards = local_rewards(self, rewards_per_func, len(prompts))
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        start = time.perf_counter()
+        output = super()._generate_and_score_completions(inputs)
+        generated = time.perf_counter()
+        output.update(self.rollout_extras(inputs, output, self._local_rewards))
+        done = time.perf_counter()
+        self.step_timing["generate_s"] += generated - start
+        self.step_timing["teacher_s"] += done - generated
+        return output
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.has_method_loss:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if return_outputs:
+            raise ValueError("sgsd trainers do not return outputs from compute_loss")
+        loss = self.method_loss(model, inputs)
+        if self.model.training:  # TRL disables HF's auto-scaling: scale for accumulation as _compute_loss does
+            loss = loss / self.current_gradient_accumulation_steps
+        return loss
+
+    # -- helpers for methods ------------------------------------------------------------------
+    def record_metric(self, name: str, value: float | torch.Tensor) -> None:
+        """Append a scalar to TRL's metric buffer (averaged over the logging interval, all ranks)."""
+        if isinstance(value, torch.Tensor):
+            value = self.accelerator.gather(value.detach().float().reshape(1)).mean().item()
+        self._metrics["train" if self.model.training else "eval"][name].append(float(value))
+
+    def pop_step_timing(self) -> dict[str, float]:
+        timing, self.step_timing = self.step_timing, {"generate_s": 0.0, "teacher_s": 0.0}
+        return timing
+
+    @property
+    def unwrapped_model(self) -> Any:
+        return self.accelerator.unwrap_model(self.model)
+
+
+@contextmanager
+def adapter_disabled(model: Any) -> Iterator[None]:
+    """Base-model weights of a PEFT model (adapter off), through TRL's own helper."""
+    from trl.trainer.utils import use_adapter
+
+    with use_adapter(model, adapter_name=None):
+        yield
