@@ -1,0 +1,423 @@
+"""The one grader: answer extraction and symbolic checking, for training rewards and evaluation (SPEC section 7).
+
+A completion is graded in two separate steps (as in `verifiers`: extraction apart from scoring):
+
+1. `extract_boxed(text)`: the content of the LAST brace-matched `\\boxed{...}` / `\\fbox{...}` anywhere in
+   the text (the public code looked only at the last 100 characters, SPEC section 9 defect 5), or, with
+   `after_think=True`, only in the text after the last `</think>`.
+2. Equivalence with the gold answer: integers are compared in-process (AIME's zero-padded "025" equals
+   25); everything else goes to math-verify with the gold parsed first,
+   `verify(parse("\\boxed{gold}"), parse("\\boxed{pred}"))`. Both sides are wrapped in `\\boxed{}`
+   because math-verify finds nothing in a bare gold such as `\\sqrt{6}` (118 of the 590 AIME24/25,
+   HMMT25 and MATH-500 golds fail to match themselves unwrapped; none do wrapped).
+
+Bounded time: math-verify's own timeouts use `signal.alarm`, which only works on the main thread of the
+main interpreter, and cannot stop a long C-level computation (`\\boxed{9^{9^{9^9}}}` runs for minutes).
+So math-verify runs only in persistent grader processes started with `subprocess` (allowed from threads
+and from daemonic worker processes, unlike `multiprocessing`), with its own timeouts disabled; the caller
+waits at most `timeout_s` per check and kills and restarts a worker that overruns. Workers start once
+per process (about 1-2 s to import sympy) and are reused, so the common case costs one pipe round trip
+per check.
+
+Wrong for a reason other than a different answer is a typed failure, counted and reported, never an
+exception: `no_answer` (no box, an empty box, or an unfinished `<think>` with `after_think`),
+`unbalanced` (the last box never closes), `parse_error` (math-verify parses nothing, or its process
+dies), `timeout`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+FailureKind = Literal["no_answer", "unbalanced", "parse_error", "timeout"]
+FAILURE_KINDS: tuple[str, ...] = ("no_answer", "unbalanced", "parse_error", "timeout")
+
+DEFAULT_TIMEOUT_S = 5.0
+# A fresh worker imports math-verify and sympy (1-2 s on an idle core, more on a loaded machine).
+WORKER_START_TIMEOUT_S = 120.0
+
+_BOX_START = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# Backslash escapes (`\{`, `\}`, `\\`) are skipped so that `\boxed{\{1,2\}}` matches correctly.
+_BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)
+# Plain integers are compared without sympy; 40 digits keeps int() far from Python's 4300-digit limit.
+_INTEGER = re.compile(r"[+-]?\d{1,40}")
+
+
+@dataclass(frozen=True)
+class GradeResult:
+    """Outcome of grading one completion.
+
+    correct: the extracted answer is equivalent to the gold answer.
+    extracted: the boxed content (stripped), or None when there is none.
+    failure: why the completion is wrong other than by a different answer (FAILURE_KINDS), else None.
+    """
+
+    correct: bool
+    extracted: str | None
+    failure: FailureKind | None = None
+
+
+class GraderUnavailable(RuntimeError):
+    """A grader process could not be started (math-verify missing or broken): an environment error."""
+
+
+# ---------------------------------------------------------------------------------------------- extraction
+
+
+def extract_boxed(text: str, *, after_think: bool = False) -> tuple[str | None, FailureKind | None]:
+    """The content of the last brace-matched `\\boxed{}`/`\\fbox{}` of `text` and a failure kind.
+
+    Returns (answer, None) on success; (None, "no_answer") when there is no box (or, with
+    `after_think`, when a `<think>` block is never closed); ("", "no_answer") for an empty box;
+    (None, "unbalanced") when the last box is never closed (a truncated completion). Linear in len(text).
+    The answer is stripped of surrounding whitespace and `$`, and of a trailing period (`\\boxed{12.}`).
+    """
+    if not isinstance(text, str):
+        text = "" if text is None else str(text)
+    if after_think:
+        end = text.rfind("</think>")
+        if end >= 0:
+            text = text[end + len("</think>"):]
+        elif "<think>" in text:
+            return None, "no_answer"
+    last = None
+    for last in _BOX_START.finditer(text):
+        pass
+    if last is None:
+        return None, "no_answer"
+    depth = 1
+    for token in _BRACE_TOKEN.finditer(text, last.end()):
+        brace = token.group()
+        if brace == "{":
+            depth += 1
+        elif brace == "}":
+            depth -= 1
+            if depth == 0:
+                answer = _clean_answer(text[last.end():token.start()])
+                return (answer, None) if answer else ("", "no_answer")
+    return None, "unbalanced"
+
+
+def _clean_answer(answer: str) -> str:
+    answer = answer.strip()
+    if len(answer) >= 2 and answer.startswith("$") and answer.endswith("$"):
+        answer = answer.strip("$").strip()
+    if answer.endswith(".") and not answer.endswith("\\."):
+        answer = answer[:-1].rstrip()
+    return answer
+
+
+def normalize_gold(gold: Any) -> str:
+    """Gold answers may be ints (AIME25), `$...$`-wrapped or boxed: reduce them to the bare answer."""
+    gold_text = str(gold).strip()
+    if "\\boxed" in gold_text or "\\fbox" in gold_text:
+        boxed, failure = extract_boxed(gold_text)
+        if failure is None and boxed:
+            return boxed
+    return _clean_answer(gold_text)
+
+
+# ---------------------------------------------------------------------------------------------- checking
+
+
+def _integer_verdict(pred: str, gold: str) -> bool | None:
+    """True/False when both are plain integers (no sympy needed), None otherwise."""
+    if _INTEGER.fullmatch(pred) and _INTEGER.fullmatch(gold):
+        return int(pred) == int(gold)
+    return None
+
+
+def check_equivalent(pred: str, gold: str) -> str:
+    """math-verify equivalence, unbounded in time: call it only in a grader process.
+
+    Returns "correct", "wrong" or "parse_error" (math-verify parsed nothing from one side).
+    """
+    from math_verify import verify
+
+    gold_parsed = _parse_boxed(gold)
+    pred_parsed = _parse_boxed(pred)
+    if not gold_parsed or not pred_parsed:
+        return "parse_error"
+    return "correct" if verify(gold_parsed, pred_parsed, timeout_seconds=None) else "wrong"
+
+
+_PARSE_CACHE: dict[str, list] = {}
+
+
+def _parse_boxed(answer: str) -> list:
+    # Golds repeat k times per problem and answers repeat across samples: cache parses (bounded).
+    parsed = _PARSE_CACHE.get(answer)
+    if parsed is None:
+        from math_verify import parse
+
+        parsed = parse("\\boxed{" + answer + "}", parsing_timeout=None)
+        if len(_PARSE_CACHE) > 4096:
+            _PARSE_CACHE.clear()
+        _PARSE_CACHE[answer] = parsed
+    return parsed
+
+
+def _worker_main(read_fd: int, write_fd: int) -> None:
+    """Grader process loop: receive (pred, gold), reply with check_equivalent's verdict."""
+    import logging
+    from multiprocessing.connection import Connection
+
+    # math-verify warns once that its timeouts are disabled: the parent bounds time instead.
+    logging.disable(logging.WARNING)
+    requests, replies = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    import math_verify  # noqa: F401 - import before announcing readiness so checks are timed fairly
+
+    replies.send("ready")
+    while True:
+        try:
+            pred, gold = requests.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            verdict = check_equivalent(pred, gold)
+        except Exception:  # noqa: BLE001 - a math-verify crash is a typed failure, reported by the parent
+            verdict = "parse_error"
+        replies.send(verdict)
+
+
+class _Worker:
+    """One grader process and its two pipes; `ready` once it has imported math-verify."""
+
+    def __init__(self) -> None:
+        from multiprocessing.connection import Connection
+
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        code = f"from sgsd.verify import _worker_main; _worker_main({to_child_r}, {from_child_w})"
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", code], pass_fds=(to_child_r, from_child_w), env=env,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True,
+            )
+        finally:
+            os.close(to_child_r)
+            os.close(from_child_w)
+        self.requests = Connection(to_child_w, readable=False)
+        self.replies = Connection(from_child_r, writable=False)
+        self.ready = False
+        self.started = time.monotonic()
+
+    def on_reply(self) -> str | None:
+        """Read one message; None for the start-up announcement. Raises GraderUnavailable if it died."""
+        try:
+            message = self.replies.recv()
+        except (EOFError, OSError) as err:
+            self.kill()
+            if not self.ready:
+                raise GraderUnavailable("grader process exited while starting (is math-verify installed?)") from err
+            return "crashed"
+        if message == "ready":
+            self.ready = True
+            return None
+        return message
+
+    def kill(self) -> None:
+        for conn in (self.requests, self.replies):
+            conn.close()
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+    def close(self) -> None:
+        """Closing the request pipe makes the worker exit on its own; kill it if it lingers."""
+        self.requests.close()
+        try:
+            self.process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.replies.close()
+
+
+class _Pool:
+    """Persistent grader processes of this process (re-created after a fork)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.workers: list[_Worker] = []
+        self.lock = threading.Lock()
+
+    def ensure(self, count: int) -> list[_Worker]:
+        while len(self.workers) < count:
+            self.workers.append(_Worker())
+        return self.workers[:count]
+
+    def replace(self, worker: _Worker) -> _Worker:
+        worker.kill()
+        fresh = _Worker()
+        self.workers[self.workers.index(worker)] = fresh
+        return fresh
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.close()
+        self.workers = []
+
+    def run(self, tasks: Sequence[tuple[str, str]], workers: int, timeout_s: float) -> list[str]:
+        """Verdicts ("correct", "wrong", "parse_error", "timeout") of (pred, gold) tasks, in order.
+
+        A worker past its deadline is killed and replaced; its replacement joins once it has started.
+        If the caller is interrupted, workers with a check in flight are replaced (no stale replies).
+        """
+        from multiprocessing.connection import wait
+
+        verdicts: list[str] = [""] * len(tasks)
+        pending = list(range(len(tasks)))[::-1]
+        busy: dict[_Worker, tuple[int, float]] = {}  # worker -> (task index, deadline)
+        pool = self.ensure(max(1, min(workers, len(tasks))))
+        idle = [w for w in pool if w.ready]
+        starting = [w for w in pool if not w.ready]
+        try:
+            while pending or busy:
+                while pending and idle:
+                    worker, index = idle.pop(), pending.pop()
+                    try:
+                        worker.requests.send(tasks[index])
+                    except OSError:  # the worker died while idle (killed from outside): retry elsewhere
+                        pending.append(index)
+                        starting.append(self.replace(worker))
+                        continue
+                    busy[worker] = (index, time.monotonic() + timeout_s)
+                deadlines = [d for _, d in busy.values()] + [w.started + WORKER_START_TIMEOUT_S for w in starting]
+                waiting = [w.replies for w in busy] + [w.replies for w in starting]
+                ready = wait(waiting, timeout=max(0.0, min(deadlines) - time.monotonic()))
+                now = time.monotonic()
+                for worker in list(starting):
+                    if worker.replies in ready:
+                        worker.on_reply()  # the start-up announcement (raises if it died)
+                        starting.remove(worker)
+                        idle.append(worker)
+                    elif now >= worker.started + WORKER_START_TIMEOUT_S:
+                        raise GraderUnavailable(f"grader process did not start within {WORKER_START_TIMEOUT_S:.0f} s")
+                for worker, (index, deadline) in list(busy.items()):
+                    if worker.replies in ready:
+                        verdict = worker.on_reply()
+                        del busy[worker]
+                        if verdict == "crashed":
+                            verdicts[index] = "parse_error"
+                            starting.append(self.replace(worker))
+                        else:
+                            verdicts[index] = verdict or "parse_error"
+                            idle.append(worker)
+                    elif now >= deadline:
+                        verdicts[index] = "timeout"
+                        del busy[worker]
+                        starting.append(self.replace(worker))
+        except BaseException:
+            for worker in busy:
+                self.replace(worker)
+            raise
+        return verdicts
+
+
+_POOL: _Pool | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> _Pool:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL.pid != os.getpid():
+            if _POOL is not None:  # inherited through fork: the parent's workers are not ours to use
+                for worker in _POOL.workers:
+                    worker.requests.close()
+                    worker.replies.close()
+            _POOL = _Pool()
+        return _POOL
+
+
+def shutdown() -> None:
+    """Stop this process's grader processes (they restart on the next check)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is not None and _POOL.pid == os.getpid():
+            with _POOL.lock:
+                _POOL.close()
+        _POOL = None
+
+
+atexit.register(shutdown)
+
+
+# ---------------------------------------------------------------------------------------------- grading
+
+
+def grade(completion: str, gold: Any, *, after_think: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> GradeResult:
+    """Grade one completion against a gold answer; never raises on any input.
+
+    after_think: look for the box only after the last `</think>` (see `extract_boxed`).
+    timeout_s: wall-clock bound on the symbolic check (the worker is killed and restarted past it).
+    Thread-safe; usable in worker processes. Raises GraderUnavailable only if no grader process starts.
+    """
+    return grade_batch([completion], [gold], workers=1, after_think=after_think, timeout_s=timeout_s)[0]
+
+
+def grade_batch(completions: Sequence[str], golds: Sequence[Any], *, workers: int | None = None,
+                after_think: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[GradeResult]:
+    """Grade completions[i] against golds[i] with up to `workers` grader processes in parallel.
+
+    Extraction and integer comparison run in this process; only the symbolic checks are sent out,
+    each bounded by `timeout_s`. workers: default min(4, CPU count).
+    """
+    if len(completions) != len(golds):
+        raise ValueError(f"grade_batch: {len(completions)} completions but {len(golds)} gold answers")
+    results: list[GradeResult | None] = [None] * len(completions)
+    symbolic: list[tuple[int, str, str]] = []
+    for i, (completion, gold) in enumerate(zip(completions, golds)):
+        answer, failure = extract_boxed(completion, after_think=after_think)
+        if failure is not None or answer is None:
+            results[i] = GradeResult(False, answer, failure)
+            continue
+        gold_text = normalize_gold(gold)
+        verdict = _integer_verdict(answer, gold_text)
+        if verdict is not None:
+            results[i] = GradeResult(verdict, answer, None)
+        else:
+            symbolic.append((i, answer, gold_text))
+    if symbolic:
+        pool = _pool()
+        count = workers if workers is not None else min(4, os.cpu_count() or 1)
+        with pool.lock:
+            verdicts = pool.run([(pred, gold) for _, pred, gold in symbolic], count, timeout_s)
+        for (i, answer, _), verdict in zip(symbolic, verdicts):
+            failure = verdict if verdict in ("parse_error", "timeout") else None
+            results[i] = GradeResult(verdict == "correct", answer, failure)  # type: ignore[arg-type]
+    return results  # type: ignore[return-value]
+
+
+def completion_text(completion: Any) -> str:
+    """A TRL completion as text: a string, or a chat message list (the assistant contents joined)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        return str(completion.get("content", ""))
+    if isinstance(completion, (list, tuple)):
+        return "".join(completion_text(message) for message in completion)
+    return "" if completion is None else str(completion)
+
+
+def accuracy_reward(prompts: Sequence[Any], completions: Sequence[Any], answer: Sequence[Any], **kwargs: Any) -> list[float]:
+    """TRL reward function: 1.0 when the completion's last box is equivalent to `answer`, else 0.0.
+
+    Signature as TRL calls reward functions (`prompts`, `completions`, dataset columns as keywords);
+    the dataset needs an `answer` column. Failures (no box, timeout, ...) score 0.0; use `grade_batch`
+    when they must be counted. Same grader as `sgsd eval`.
+    """
+    texts = [completion_text(c) for c in completions]
+    return [1.0 if r.correct else 0.0 for r in grade_batch(texts, list(answer))]
