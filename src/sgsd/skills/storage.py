@@ -1,0 +1,127 @@
+"""Crash-safe file writing and stable hashing for skill-bank artifacts.
+
+Every file this package writes is either rewritten atomically (temporary file in the same folder,
+fsync, rename: a reader sees the old file or the new one, never half of one) or is JSONL appended one
+complete record at a time and fsynced, so a crash loses at most the record being written and a
+resumed stage skips what is already there. Hashes use SHA-256 of UTF-8 text, never Python's
+`hash()` (salted per process), so keys and seeds are the same in every process and on every machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from sgsd.errors import DataError
+
+
+def stable_hash(text: str, length: int = 16) -> str:
+    """First `length` hex digits of SHA-256(text): the same in every process (unlike `hash()`)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+def stable_seed(*parts: str) -> int:
+    """A 63-bit integer seed from text parts (joined with a separator that cannot occur in ints)."""
+    return int(hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:16], 16) >> 1
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically; see `atomic_write_bytes`."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically: temp file in the same folder, fsync, rename, fsync folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Never leave the temporary file behind, whatever interrupted the write.
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> Path:
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def append_jsonl(path: str | os.PathLike, record: Any) -> None:
+    """Append one complete JSON line and fsync it (the resumable-stage write)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, ensure_ascii=False) + "\n"
+    _drop_torn_tail(path)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = True) -> Iterator[dict]:
+    """Yield the JSON objects of a JSONL file, one per non-empty line.
+
+    A last line without its newline is what a crash during `append_jsonl` leaves: with
+    `tolerate_torn_tail` it is skipped (the stage redoes that record); any other bad line is a
+    `DataError` naming the file and line.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            is_tail = number == len(lines) and not text.endswith("\n")
+            if tolerate_torn_tail and is_tail:
+                return
+            raise DataError(f"{path}: line {number}: invalid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: line {number}: expected a JSON object, got {type(record).__name__}")
+        yield record
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line left without its newline by a crash, so the next record starts on its own line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as handle:
+        handle.seek(-1, os.SEEK_END)
+        if handle.read(1) == b"\n":
+            return
+        handle.seek(0)
+        data = handle.read()
+        handle.truncate(data.rfind(b"\n") + 1)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not supported everywhere (e.g. Windows), where it is skipped.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
