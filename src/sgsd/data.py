@@ -185,10 +185,13 @@ def tiny_math_problems(count: int = 64, seed: int = 0) -> list[Problem]:
         ("What is {a} times {b}?", lambda a, b: a * b),
         ("Tom has {a} apples and buys {b} more. How many apples does he have?", lambda a, b: a + b),
     ]
-    out = []
-    for index in range(count):
-        text, fn = templates[index % len(templates)]
+    out: list[Problem] = []
+    seen: set[str] = set()
+    while len(out) < count:
+        text, fn = templates[len(out) % len(templates)]
         a, b = rng.randint(2, 99), rng.randint(2, 20)
         problem = text.format(a=a, b=b)
-        out.append(Problem(f"tiny-{index:03d}", problem, str(fn(a, b))))
+        if problem not in seen:
+            seen.add(problem)
+            out.append(Problem(f"tiny-{len(out):03d}", problem, str(fn(a, b))))
     return out
