@@ -133,6 +133,7 @@ class OPSDSettings:
 
     beta: float = 0.0
     teacher: Literal["live", "base", "ema"] = "base"
+    ema_decay: float = 0.99  # teacher: ema
     sampled_token: bool = False
     skills: bool = False  # OPSD+Skill: skills in student and teacher prompts
     teacher_batch_size: int = 16

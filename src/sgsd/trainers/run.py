@@ -68,7 +68,8 @@ def load_skills(cfg: RunConfig) -> tuple[Any, Any]:
 
 
 def build_dataset(cfg: RunConfig, tokenizer: Any, problems: Sequence[Any], skill_blocks: list[str] | None) -> Any:
-    """Rows: `prompt` (chat list for TRL), `problem`, `answer`, `problem_id`, `student_prompt`."""
+    """Rows: `prompt` (chat list for TRL), `problem`, `answer`, `problem_id`, `student_prompt`, `skill_block`
+    (the "+Skill" block prefixed to the student prompt, "" without; OPSD+Skill gives it to the teacher too)."""
     from datasets import Dataset
 
     style = ChatStyle(cfg.prompt.enable_thinking)
@@ -83,7 +84,8 @@ def build_dataset(cfg: RunConfig, tokenizer: Any, problems: Sequence[Any], skill
             raise DataError(f"{cfg.data.path}: problem {item.problem_id}: prompt is {length} tokens, longer than "
                             f"prompt.max_prompt_tokens={limit}")
         rows.append({"prompt": [{"role": "user", "content": text}], "problem": item.problem, "answer": item.answer,
-                     "problem_id": item.problem_id, "student_prompt": text})
+                     "problem_id": item.problem_id, "student_prompt": text,
+                     "skill_block": skill_blocks[index] if skill_blocks is not None else ""})
     return Dataset.from_list(rows)
 
 
