@@ -43,6 +43,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help='print {"teachers": [...]} as JSON')
     p.set_defaults(_skills_run=_retrieve)
 
+    p = sub.add_parser("build", help="cold start: sample and grade attempts, extract items, merge them into a bank")
+    p.add_argument("--problems", required=True, help="JSONL/JSON/parquet with problem and answer fields, or builtin:tiny-math")
+    p.add_argument("--out", required=True, help="output folder (stage files and skill_bank.json); rerun to resume")
+    p.add_argument("--max-problems", type=int, default=None)
+    p.add_argument("--problem-field", default=None)
+    p.add_argument("--answer-field", default=None)
+    p.add_argument("--policy", default=None, help="local model whose attempts become memories (hub id, path, tiny)")
+    p.add_argument("--policy-url", default=None, help="OpenAI-compatible server for the attempts instead")
+    p.add_argument("--policy-model", default=None, help="model name at --policy-url")
+    p.add_argument("--updater", default=None, help="local model for extraction and merge (default: the policy)")
+    p.add_argument("--updater-url", default=None, help="OpenAI-compatible server for extraction and merge")
+    p.add_argument("--updater-model", default=None, help="model name at --updater-url")
+    p.add_argument("--api-key-env", default=None, help="environment variable holding the servers' API key")
+    p.add_argument("--no-thinking", action="store_true", help="disable the thinking mode of Qwen3-style templates")
+    p.add_argument("--attempts", type=int, default=1, help="attempts per problem")
+    p.add_argument("--max-tokens", type=int, default=1024, help="new tokens per attempt")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of attempts")
+    p.add_argument("--extract-max-tokens", type=int, default=2048)
+    p.add_argument("--merge-max-tokens", type=int, default=4096)
+    p.add_argument("--group-size", type=int, default=32, help="items per merge call (paper: 32)")
+    p.add_argument("--patience", type=int, default=3, help="non-shrinking merge layers before stopping")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per LLM call")
+    p.set_defaults(_skills_run=_build)
+
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,3 +138,59 @@ def _retrieve(args: argparse.Namespace) -> int:
         print(f"  {rank}  weight {t.weight:.4f}  score {score}  {t.skill.skill_id} {t.skill.title!r} + "
               f"{t.mistake.mistake_id} {t.mistake.description[:60]!r}")
     return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from sgsd.data import load_problems
+    from sgsd.skills.build import BuildConfig, build_bank
+    from sgsd.skills.merge import MergeConfig
+
+    problems, load_report = load_problems(args.problems, problem_field=args.problem_field,
+                                          answer_field=args.answer_field, max_problems=args.max_problems)
+    policy = _llm_client(args, args.policy, args.policy_url, args.policy_model, "policy")
+    if args.updater is None and args.updater_url is None:
+        updater = policy
+    else:
+        updater = _llm_client(args, args.updater, args.updater_url, args.updater_model, "updater")
+    config = BuildConfig(
+        attempts_per_problem=args.attempts, attempt_max_tokens=args.max_tokens, attempt_temperature=args.temperature,
+        extract_max_tokens=args.extract_max_tokens, batch_size=args.batch_size,
+        merge=MergeConfig(group_size=args.group_size, patience=args.patience, max_tokens=args.merge_max_tokens,
+                          batch_size=args.batch_size),
+    )
+    report = build_bank(problems, policy, updater, args.out, config)
+    print(f"{load_report.kept} problems from {args.problems}: {report.memories} memories "
+          f"({report.successes} correct, {report.failures} wrong)")
+    print(f"extraction: {report.parse_failures} replies without a usable JSON item, {report.dropped_items} "
+          f"malformed items dropped; candidates: {report.candidate_skills} skills, {report.candidate_mistakes} mistakes")
+    print(f"merged bank: {len(report.bank.general_skills)} general skills, {len(report.bank.common_mistakes)} "
+          f"common mistakes -> {report.bank_path}")
+    return 0
+
+
+def _llm_client(args: argparse.Namespace, model_spec: str | None, url: str | None, url_model: str | None, role: str):
+    import os
+
+    from sgsd.prompts import ChatStyle
+
+    if (model_spec is None) == (url is None):
+        raise UserError(f"give exactly one of --{role} MODEL or --{role}-url URL")
+    if url is not None:
+        from sgsd.skills.llm import OpenAIClient
+
+        if not url_model:
+            raise UserError(f"--{role}-url needs --{role}-model (the model name the server serves)")
+        api_key = None
+        if args.api_key_env:
+            api_key = os.environ.get(args.api_key_env)
+            if not api_key:
+                raise UserError(f"--api-key-env {args.api_key_env}: the variable is not set")
+        extra = {"chat_template_kwargs": {"enable_thinking": False}} if args.no_thinking else None
+        return OpenAIClient(url, url_model, api_key=api_key, extra_body=extra)
+    from sgsd.models import load_model, load_tokenizer
+    from sgsd.skills.llm import HFClient
+
+    tokenizer = load_tokenizer(model_spec)
+    model = load_model(model_spec, tokenizer=tokenizer)
+    style = ChatStyle(enable_thinking=False) if args.no_thinking else ChatStyle()
+    return HFClient(model, tokenizer, name=f"hf:{model_spec}", batch_size=args.batch_size, chat_style=style)

@@ -1,0 +1,136 @@
+"""LLM clients for building and updating skill banks: one protocol, two implementations.
+
+- `OpenAIClient`: any OpenAI-compatible chat-completions endpoint (a vLLM server, a hosted API),
+  over plain `httpx`; prompts are sent concurrently (the server batches them).
+- `HFClient`: a local Hugging Face model and tokenizer (e.g. the policy being trained, shared as the
+  updater), batched `generate` through `sgsd.evaluation.generation.HFGenerator`.
+
+Each prompt is one user turn; each reply is the assistant's text (thinking blocks included when the
+model writes them: the JSON scanner removes them).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, Sequence
+
+from sgsd.errors import UserError
+from sgsd.prompts import ChatStyle, render_chat
+
+
+class LLMError(UserError):
+    """The LLM endpoint failed (unreachable, HTTP error, malformed reply) after retries."""
+
+
+class LLMClient(Protocol):
+    name: str
+
+    def complete(self, prompts: list[str], *, max_tokens: int, temperature: float) -> list[str]:
+        """One reply per prompt, in order."""
+
+
+class OpenAIClient:
+    """POST {base_url}/v1/chat/completions, one request per prompt, up to `concurrency` at a time.
+
+    base_url: e.g. "http://127.0.0.1:8000" or "http://127.0.0.1:8000/v1". api_key: sent as a Bearer
+    token when given. extra_body: merged into every request (e.g.
+    {"chat_template_kwargs": {"enable_thinking": False}} for Qwen3 on vLLM, or "top_p").
+    Transient failures (connection errors, HTTP 429 and 5xx) are retried `retries` times with
+    exponential back-off from `backoff_s`; anything else raises `LLMError` at once.
+    """
+
+    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, timeout_s: float = 600.0,
+                 concurrency: int = 16, retries: int = 3, backoff_s: float = 1.0, extra_body: dict[str, Any] | None = None):
+        import httpx
+
+        root = base_url.rstrip("/")
+        self.url = (root if root.endswith("/v1") else root + "/v1") + "/chat/completions"
+        self.model = model
+        self.name = f"openai:{model}@{root}"
+        self.concurrency = max(1, concurrency)
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.extra_body = dict(extra_body or {})
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(timeout=timeout_s, headers=headers)
+        self._httpx = httpx
+
+    def complete(self, prompts: list[str], *, max_tokens: int, temperature: float) -> list[str]:
+        if not prompts:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts))) as pool:
+            return list(pool.map(lambda p: self._one(p, max_tokens, temperature), prompts))
+
+    def _one(self, prompt: str, max_tokens: int, temperature: float) -> str:
+        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_tokens, "temperature": temperature, **self.extra_body}
+        for attempt in range(self.retries + 1):
+            try:
+                response = self._http.post(self.url, json=body)
+            except self._httpx.TransportError as err:
+                problem = f"cannot reach {self.url}: {type(err).__name__}: {err}"
+            else:
+                if response.status_code == 200:
+                    return _reply_text(response, self.url)
+                problem = f"{self.url} answered HTTP {response.status_code}: {response.text[:200]!r}"
+                if response.status_code != 429 and response.status_code < 500:
+                    raise LLMError(problem)
+            if attempt < self.retries:
+                time.sleep(min(self.backoff_s * 2.0 ** attempt, 30.0))
+        raise LLMError(f"{problem} (after {self.retries + 1} attempts)")
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _reply_text(response: Any, url: str) -> str:
+    try:
+        message = response.json()["choices"][0]["message"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise LLMError(f"{url}: reply is not a chat completion: {response.text[:200]!r}") from None
+    content = message.get("content") or ""
+    # vLLM's reasoning parsers put the thinking in a separate field; keep it in front, as the model wrote it.
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    return f"<think>{reasoning}</think>{content}" if reasoning else content
+
+
+class HFClient:
+    """A local causal LM: prompts rendered with the tokenizer's chat template, batched generate.
+
+    temperature 0 is greedy. The model is used as it is (no copy): pass the training policy to
+    share it as the updater; generation runs under no_grad and leaves the model in eval mode.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, name: str = "hf", batch_size: int = 8,
+                 chat_style: ChatStyle = ChatStyle(), top_p: float = 1.0, seed: int = 0):
+        from sgsd.evaluation.generation import HFGenerator
+
+        self.name = name
+        self.tokenizer = tokenizer
+        self.chat_style = chat_style
+        self.top_p = top_p
+        self.seed = seed
+        self._calls = 0
+        self._generator = HFGenerator(model, tokenizer, batch_size=batch_size)
+
+    def complete(self, prompts: list[str], *, max_tokens: int, temperature: float) -> list[str]:
+        from sgsd.evaluation.generation import SamplingConfig
+
+        if not prompts:
+            return []
+        rendered = [render_chat(self.tokenizer, p, self.chat_style) for p in prompts]
+        # A new seed per call: repeated calls sample afresh, a rerun of the same sequence repeats.
+        sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=temperature, top_p=self.top_p,
+                                  seed=self.seed + self._calls)
+        self._calls += 1
+        model = self._generator.model
+        was_training = model.training  # HFGenerator switches to eval mode; the trainer's mode is restored
+        try:
+            return [c[0].text for c in self._generator.generate(rendered, 1, sampling)]
+        finally:
+            model.train(was_training)
+
+
+def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i:i + size] for i in range(0, len(items), max(1, size))]
