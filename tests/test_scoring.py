@@ -125,3 +125,30 @@ def test_counted_mask_drops_special_whitespace_and_think_tokens(tiny_tokenizer):
     mask = torch.tensor([[1] * len(ids) + [0]])
     kept = [tiny_tokenizer.decode([i]) for i, m in zip(comp[0].tolist(), counted_mask(comp, mask, table)[0]) if m]
     assert kept == ["7"]
+
+
+def test_local_support_from_stored_teacher_sets_equals_full_vocabulary_terms(tiny_model):
+    """The loss phase rebuilds the teacher side from top-k' + sampled log-probs: same values and gradients
+    as `local_support_terms` on the full teacher logits (renormalising on the set removes the shift)."""
+    from sgsd.objectives import local_support_terms
+    from sgsd.scoring import local_support_student_terms
+
+    torch.manual_seed(1)
+    b, k, t, top_k = 2, 3, 5, 4
+    head = tiny_model.lm_head
+    v = head.weight.size(0)
+    hidden = torch.randn(b, t, head.weight.size(1), requires_grad=True)
+    teacher_logits = torch.randn(b, k, t, v) * 3
+    sampled = torch.randint(0, v, (b, t))
+    sampled[0, 0] = teacher_logits[0, 0, 0].argmax()  # a sampled token inside the teacher's top-k'
+    teacher_lp = teacher_logits.log_softmax(-1)
+    top = teacher_lp.topk(top_k, dim=-1)
+    teacher_sampled = teacher_lp.gather(-1, sampled[:, None, :, None].expand(b, k, t, 1)).squeeze(-1)
+    got = local_support_student_terms(hidden, head, sampled, teacher_sampled, top.values, top.indices,
+                                      top_k=top_k, chunk_tokens=7)
+    want = local_support_terms(head(hidden).float(), teacher_logits, sampled, top_k=top_k)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, atol=ATOL, rtol=0)
+    g_got = torch.autograd.grad(sum(x.sum() for x in (got[0], got[2])), hidden)[0]
+    g_want = torch.autograd.grad(sum(x.sum() for x in (want[0], want[2])), hidden)[0]
+    torch.testing.assert_close(g_got, g_want, atol=ATOL, rtol=0)

@@ -115,7 +115,7 @@ class SGSDSettings:
     ema_decay: float = 0.99
     teacher_batch_size: int = 16  # rows per teacher forward (rollouts x teachers are flattened)
     logprob_chunk_tokens: int = 4096  # token rows per chunk of the LM head log-softmax
-    skip_neutral_rows: bool = True  # skip the student backward of rollouts whose teachers are all neutral
+    skip_neutral_rows: bool = False  # skip the student backward of rollouts whose teachers are all neutral
 
 
 @dataclass
@@ -206,6 +206,9 @@ def _inconsistencies(cfg: RunConfig):
         yield "opsd.beta: must be in [0, 1]"
     if cfg.sgsd.local_support_top_k < 0:
         yield "sgsd.local_support_top_k: must be >= 0 (0 = full vocabulary)"
+    if cfg.sgsd.local_support_top_k > 0 and cfg.sgsd.skip_neutral_rows:
+        yield ("sgsd.skip_neutral_rows: not available with the local-support variant (local_support_top_k > 0); "
+               "set skip_neutral_rows=false")
     if cfg.skills.online.enabled and cfg.method != "sgsd":
         yield "skills.online.enabled: online skill updates are part of SGSD; set method: sgsd or disable them"
     if cfg.generation.use_vllm and cfg.training.device == "cpu":

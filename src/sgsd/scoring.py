@@ -110,21 +110,17 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.devi
     return ids.to(device), mask.to(device)
 
 
-def score_teachers(model: Any, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
-                   completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, pad_id: int,
-                   batch_rows: int = 16, chunk_tokens: int = 4096, temperature: float = 1.0,
-                   teacher_context: Callable[[], ContextManager[Any]] = nullcontext) -> torch.Tensor:
-    """Teacher log-probs [B, K, T] of each rollout's completion under each of its K teacher prompts.
-
-    teacher_prompt_ids[b][k]: token ids of teacher k's rendered prompt for rollout b, or None for an
-    absent teacher (its row stays 0 and is never run). completion_ids/completion_mask [B, T] are
-    right-padded. No gradient. `teacher_context` selects the teacher weights (e.g. adapter disabled
-    for a base-model teacher, EMA weights swapped in) around each forward.
-    """
+def _teacher_rows(model: Any, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
+                  completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, pad_id: int, batch_rows: int,
+                  teacher_context: Callable[[], ContextManager[Any]],
+                  per_batch: Callable[[torch.Tensor, torch.nn.Module, torch.Tensor], tuple[torch.Tensor, ...]],
+                  trailing: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype]) -> tuple[torch.Tensor, ...]:
+    """Run every present (rollout, teacher) row without gradient; `per_batch(hidden, head, comp_ids)`
+    maps a batch to tensors [n, t_batch, *trailing[i]] that are written into [B, K, T, *trailing[i]]."""
     b, t = completion_ids.shape
     k = max((len(row) for row in teacher_prompt_ids), default=0)
     device = completion_ids.device
-    out = torch.zeros((b, k, t), dtype=torch.float32, device=device)
+    outs = tuple(torch.zeros((b, k, t, *shape), dtype=dtype, device=device) for shape, dtype in zip(trailing, dtypes))
     lengths = completion_mask.long().sum(-1).tolist()
     rows = [(i, j) for i in range(b) for j, ids in enumerate(teacher_prompt_ids[i]) if ids is not None]
     # Sort by total length so each batch has little padding.
@@ -141,9 +137,98 @@ def score_teachers(model: Any, teacher_prompt_ids: Sequence[Sequence[Sequence[in
             input_ids = torch.cat([prompt_ids, comp_ids], dim=1)
             attention_mask = torch.cat([prompt_mask, comp_mask], dim=1)
             hidden = hidden_for_completion(model, input_ids, attention_mask, t_batch)
-            logps = token_logprobs(hidden, head, comp_ids, chunk_tokens=chunk_tokens, temperature=temperature)
-            out[index, torch.tensor([j for _, j in batch], device=device), :t_batch] = logps * comp_mask
-    return out
+            cols = torch.tensor([j for _, j in batch], device=device)
+            for out, value in zip(outs, per_batch(hidden, head, comp_ids)):
+                keep = comp_mask.view(*comp_mask.shape, *([1] * (value.dim() - 2))).to(value.dtype)
+                out[index, cols, :t_batch] = value * keep
+    return outs
+
+
+def score_teachers(model: Any, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
+                   completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, pad_id: int,
+                   batch_rows: int = 16, chunk_tokens: int = 4096, temperature: float = 1.0,
+                   teacher_context: Callable[[], ContextManager[Any]] = nullcontext) -> torch.Tensor:
+    """Teacher log-probs [B, K, T] of each rollout's completion under each of its K teacher prompts.
+
+    teacher_prompt_ids[b][k]: token ids of teacher k's rendered prompt for rollout b, or None for an
+    absent teacher (its row stays 0 and is never run). completion_ids/completion_mask [B, T] are
+    right-padded. No gradient. `teacher_context` selects the teacher weights (e.g. adapter disabled
+    for a base-model teacher, EMA weights swapped in) around each forward.
+    """
+    def per_batch(hidden, head, comp_ids):
+        return (token_logprobs(hidden, head, comp_ids, chunk_tokens=chunk_tokens, temperature=temperature),)
+
+    (logps,) = _teacher_rows(model, teacher_prompt_ids, completion_ids, completion_mask, pad_id=pad_id,
+                             batch_rows=batch_rows, teacher_context=teacher_context, per_batch=per_batch,
+                             trailing=[()], dtypes=[torch.float32])
+    return logps
+
+
+def _chunk_top(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+               top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logps = torch.nn.functional.linear(hidden, weight, bias).float().log_softmax(-1)
+    top = logps.topk(top_k, dim=-1)
+    return logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1), top.values, top.indices
+
+
+def score_teachers_local(model: Any, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
+                         completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, pad_id: int, top_k: int,
+                         batch_rows: int = 16, chunk_tokens: int = 4096,
+                         teacher_context: Callable[[], ContextManager[Any]] = nullcontext
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Like `score_teachers`, plus each teacher's top-k' log-probs and ids per position (local-support mode).
+
+    Returns (sampled logps [B, K, T], top logps [B, K, T, k'], top ids [B, K, T, k'] int64): all the
+    loss phase needs to rebuild the teacher side of the local support set without the full vocabulary.
+    """
+    def per_batch(hidden, head, comp_ids):
+        n, t, h = hidden.shape
+        flat_h, flat_ids = hidden.reshape(n * t, h), comp_ids.reshape(n * t)
+        pieces = [_chunk_top(flat_h[s : s + chunk_tokens], head.weight, getattr(head, "bias", None),
+                             flat_ids[s : s + chunk_tokens], top_k) for s in range(0, n * t, max(chunk_tokens, 1))]
+        sampled, values, ids = (torch.cat(p) for p in zip(*pieces))
+        return sampled.reshape(n, t), values.reshape(n, t, top_k), ids.reshape(n, t, top_k)
+
+    return _teacher_rows(model, teacher_prompt_ids, completion_ids, completion_mask, pad_id=pad_id,
+                         batch_rows=batch_rows, teacher_context=teacher_context, per_batch=per_batch,
+                         trailing=[(), (top_k,), (top_k,)], dtypes=[torch.float32, torch.float32, torch.long])
+
+
+def _local_chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sampled_ids: torch.Tensor,
+                 teacher_sampled: torch.Tensor, teacher_top: torch.Tensor, teacher_top_ids: torch.Tensor,
+                 top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from sgsd.objectives import local_support_terms
+
+    student_logits = torch.nn.functional.linear(hidden, weight, bias).float()  # [B, t, V]
+    b, k, t, _ = teacher_top.shape
+    # Teacher logits known only on its top-k' and the sampled token; -inf elsewhere. Log-probs stand
+    # in for logits: renormalising on the support set removes the shift.
+    teacher = student_logits.new_full((b, k, t, student_logits.size(-1)), float("-inf"))
+    teacher.scatter_(-1, sampled_ids[:, None, :, None].expand(b, k, t, 1), teacher_sampled.unsqueeze(-1))
+    teacher.scatter_(-1, teacher_top_ids, teacher_top)
+    return local_support_terms(student_logits, teacher, sampled_ids, top_k=top_k)
+
+
+def local_support_student_terms(hidden: torch.Tensor, lm_head: torch.nn.Module, sampled_ids: torch.Tensor,
+                                teacher_sampled: torch.Tensor, teacher_top: torch.Tensor,
+                                teacher_top_ids: torch.Tensor, *, top_k: int, chunk_tokens: int = 4096
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student side of the local-support variant, chunked over T (each chunk checkpointed with grad).
+
+    hidden [B, T, H] (student, gradient flows), sampled_ids [B, T], teacher_* from
+    `score_teachers_local`. Returns `sgsd.objectives.local_support_terms` outputs, each [B, K, T].
+    """
+    b, t, _ = hidden.shape
+    k = teacher_top.size(1)
+    step = max(1, chunk_tokens // max(b * k, 1))
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    pieces = []
+    for s in range(0, t, step):
+        args = (hidden[:, s : s + step], weight, bias, sampled_ids[:, s : s + step], teacher_sampled[:, :, s : s + step],
+                teacher_top[:, :, s : s + step], teacher_top_ids[:, :, s : s + step], top_k)
+        pieces.append(checkpoint(_local_chunk, *args, use_reentrant=False) if needs_grad else _local_chunk(*args))
+    return tuple(torch.cat(p, dim=-1) for p in zip(*pieces))  # type: ignore[return-value]
 
 
 def countable_token_table(tokenizer: Any) -> torch.Tensor:

@@ -22,7 +22,16 @@ import torch
 from sgsd.config import SGSDSettings
 from sgsd.objectives import sgsd_loss, teacher_polarity
 from sgsd.prompts import ChatStyle, render_chat, teacher_prompt
-from sgsd.scoring import completion_logprobs, countable_token_table, counted_mask, score_teachers
+from sgsd.scoring import (
+    completion_logprobs,
+    countable_token_table,
+    counted_mask,
+    hidden_for_completion,
+    lm_parts,
+    local_support_student_terms,
+    score_teachers,
+    score_teachers_local,
+)
 from sgsd.trainers.teacher_weights import EMAWeights, FrozenCopy, is_peft, teacher_context_factory
 from sgsd.trl_adapter import HookedGRPOTrainer
 
@@ -103,11 +112,15 @@ class SGSDTrainer(HookedGRPOTrainer):
                 plain = render_chat(self.processing_class, x["student_prompt"], self.student_style)
                 prompt_ids[row].append(self.processing_class(plain, add_special_tokens=False)["input_ids"])
         scoring_model = self.frozen.model if self.frozen is not None else self.model
-        logps = score_teachers(
-            scoring_model, prompt_ids, completion_ids, completion_mask,
-            pad_id=self.processing_class.pad_token_id, batch_rows=self.settings.teacher_batch_size,
-            chunk_tokens=self.settings.logprob_chunk_tokens, teacher_context=self.teacher_context,
-        )
+        scoring = dict(pad_id=self.processing_class.pad_token_id, batch_rows=self.settings.teacher_batch_size,
+                       chunk_tokens=self.settings.logprob_chunk_tokens, teacher_context=self.teacher_context)
+        local: dict[str, torch.Tensor] = {}
+        if self.settings.local_support_top_k > 0:
+            logps, local["teacher_top_logps"], local["teacher_top_ids"] = score_teachers_local(
+                scoring_model, prompt_ids, completion_ids, completion_mask, top_k=self.settings.local_support_top_k,
+                **scoring)
+        else:
+            logps = score_teachers(scoring_model, prompt_ids, completion_ids, completion_mask, **scoring)
         mask = counted_mask(completion_ids, completion_mask, self.count_table)
         uids = torch.arange(self._next_uid, self._next_uid + len(problems), device=device)
         for uid, problem, row_teachers in zip(uids.tolist(), problems, teachers):
@@ -115,7 +128,7 @@ class SGSDTrainer(HookedGRPOTrainer):
                                               [t.mistake.mistake_id for t in row_teachers[:k]])
         self._next_uid += len(problems)
         extras = {"rewards": rewards, "teacher_logps": logps[:, :k], "teacher_weights": weights,
-                  "sgsd_mask": mask, "rollout_uid": uids}
+                  "sgsd_mask": mask, "rollout_uid": uids, **local}
         if self.settings.skip_neutral_rows:
             _, polarity = teacher_polarity(
                 logps[:, k], logps[:, :k], mask, rewards, weights,
@@ -136,16 +149,27 @@ class SGSDTrainer(HookedGRPOTrainer):
             rows = torch.arange(batch, device=inputs["completion_ids"].device)
         run_rows = rows if rows.numel() else rows.new_zeros(1)  # keep the graph connected (DDP, GA)
         length = int(inputs["completion_mask"][run_rows].sum(-1).max().clamp(min=1))  # trim the padding
-        student_logps = completion_logprobs(
-            model, inputs["prompt_ids"][run_rows], inputs["prompt_mask"][run_rows],
-            inputs["completion_ids"][run_rows, :length], inputs["completion_mask"][run_rows, :length],
-            chunk_tokens=self.settings.logprob_chunk_tokens,
-        )
+        prompt_ids, prompt_mask = inputs["prompt_ids"][run_rows], inputs["prompt_mask"][run_rows]
+        comp_ids = inputs["completion_ids"][run_rows, :length]
+        comp_mask = inputs["completion_mask"][run_rows, :length]
+        teacher_logps = inputs["teacher_logps"][run_rows, :, :length]
+        divergence = None
+        if self.settings.local_support_top_k > 0:
+            hidden = hidden_for_completion(model, torch.cat([prompt_ids, comp_ids], 1),
+                                           torch.cat([prompt_mask, comp_mask], 1), length)
+            student_logps, teacher_logps, divergence = local_support_student_terms(
+                hidden, lm_parts(model)[1], comp_ids, teacher_logps,
+                inputs["teacher_top_logps"][run_rows, :, :length], inputs["teacher_top_ids"][run_rows, :, :length],
+                top_k=self.settings.local_support_top_k, chunk_tokens=self.settings.logprob_chunk_tokens,
+            )
+        else:
+            student_logps = completion_logprobs(model, prompt_ids, prompt_mask, comp_ids, comp_mask,
+                                                chunk_tokens=self.settings.logprob_chunk_tokens)
         out = sgsd_loss(
-            student_logps, inputs["teacher_logps"][run_rows, :, :length], inputs["sgsd_mask"][run_rows, :length],
+            student_logps, teacher_logps, inputs["sgsd_mask"][run_rows, :length],
             inputs["rewards"][run_rows], inputs["teacher_weights"][run_rows],
             gate_tau=self.settings.gate_tau, clip_delta=self.settings.clip_delta,
-            confidence_threshold=self.settings.confidence_threshold,
+            confidence_threshold=self.settings.confidence_threshold, token_divergence=divergence,
         )
         loss = out.loss * (rows.numel() / batch)
         polarity = torch.zeros_like(inputs["teacher_weights"], dtype=torch.long)
