@@ -1,0 +1,120 @@
+"""Benchmark registry and loading (SPEC section 7).
+
+A benchmark is a list of `Problem`s (id, problem text, gold answer). `load_benchmark(spec)` accepts
+- a registered name (`aime24`, `aime25`, `hmmt25`, `math500`, `gsm8k`): read from the Hugging Face hub,
+  or, with `data_dir`, from the local JSONL file of that name (the layout of `../shared/benchmarks/`);
+- a path to any `.jsonl`, `.json` or `.parquet` file whose rows have a problem field (`problem` or
+  `question`) and an answer field (`answer`); ids come from `id`, `problem_idx` or `unique_id`, else the
+  row number.
+GSM8K's answer holds the worked solution with the gold after `####`; only that gold is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from sgsd.data import Problem
+from sgsd.data import _read_rows as read_file_rows  # .jsonl / .json / .parquet, shared with training data
+from sgsd.errors import DataError, UserError
+
+PROBLEM_FIELDS = ("problem", "question", "Problem", "Question")
+ANSWER_FIELDS = ("answer", "Answer", "final_answer", "gold")
+ID_FIELDS = ("id", "problem_idx", "unique_id", "ID", "idx")
+
+
+@dataclass(frozen=True)
+class BenchmarkSource:
+    """Where a registered benchmark lives: its hub dataset and its local file name."""
+
+    hub_id: str
+    split: str
+    local_file: str
+    hub_config: str | None = None
+    gold_after: str | None = None  # the gold is the text after this marker (GSM8K: "####")
+
+
+BENCHMARKS: dict[str, BenchmarkSource] = {
+    "aime24": BenchmarkSource("HuggingFaceH4/aime_2024", "train", "aime_2024.jsonl"),
+    "aime25": BenchmarkSource("yentinglin/aime_2025", "train", "aime_2025.jsonl"),
+    "hmmt25": BenchmarkSource("MathArena/hmmt_feb_2025", "train", "hmmt_feb_2025.jsonl"),
+    "math500": BenchmarkSource("HuggingFaceH4/MATH-500", "test", "math_500.jsonl"),
+    "gsm8k": BenchmarkSource("openai/gsm8k", "test", "gsm8k_test.jsonl", hub_config="main", gold_after="####"),
+}
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    source: str  # the file read or the hub id
+    problems: tuple[Problem, ...]
+
+
+def load_benchmark(spec: str, *, data_dir: str | Path | None = None, limit: int | None = None) -> Benchmark:
+    """Load a registered benchmark (hub, or `data_dir`) or a JSONL/JSON/parquet file; first `limit` problems."""
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit}: expected a positive number of problems")
+    if spec in BENCHMARKS:
+        source = BENCHMARKS[spec]
+        if data_dir is not None:
+            path = Path(data_dir) / source.local_file
+            if not path.is_file():
+                raise DataError(f"benchmark {spec}: {path} not found (--data-dir must hold {source.local_file})")
+            rows, origin = read_file_rows(str(path), "train"), str(path)
+        else:
+            rows, origin = _hub_rows(spec, source), source.hub_id
+        problems = rows_to_problems(rows, origin, gold_after=source.gold_after)
+        name = spec
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            known = ", ".join(BENCHMARKS)
+            raise UserError(f"benchmark {spec!r}: not a registered name ({known}) nor an existing file")
+        problems, origin, name = rows_to_problems(read_file_rows(str(path), "train"), str(path)), str(path), path.stem
+    if not problems:
+        raise DataError(f"benchmark {spec}: {origin} has no problems")
+    return Benchmark(name, origin, tuple(problems[:limit] if limit else problems))
+
+
+def rows_to_problems(rows: Iterable[Any], origin: str, *, gold_after: str | None = None) -> list[Problem]:
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    for index, row in enumerate(rows):
+        where = f"{origin} row {index + 1}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+        problem = _field(row, PROBLEM_FIELDS, where, "problem")
+        answer = _field(row, ANSWER_FIELDS, where, "answer")
+        if gold_after is not None:
+            if gold_after not in answer:
+                raise DataError(f"{where}: answer has no {gold_after!r} marker before the gold")
+            answer = answer.rsplit(gold_after, 1)[1].strip().replace(",", "")
+        problem_id = next((str(row[f]) for f in ID_FIELDS if row.get(f) is not None), str(index))
+        if problem_id in seen:
+            raise DataError(f"{where}: duplicate problem id {problem_id!r}")
+        seen.add(problem_id)
+        problems.append(Problem(problem_id, problem, answer))
+    return problems
+
+
+def _field(row: dict[str, Any], names: tuple[str, ...], where: str, what: str) -> str:
+    for name in names:
+        value = row.get(name)
+        if value is not None and str(value).strip():
+            return str(value).strip()
+    raise DataError(f"{where}: no {what} field (looked for {', '.join(names)})")
+
+
+def _hub_rows(name: str, source: BenchmarkSource) -> list[dict[str, Any]]:
+    try:
+        from datasets import load_dataset
+
+        dataset = load_dataset(source.hub_id, source.hub_config, split=source.split)
+    except Exception as err:  # noqa: BLE001 - offline, missing or renamed: one actionable line
+        raise UserError(
+            f"benchmark {name}: cannot load {source.hub_id} from the Hugging Face hub "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            f"offline, pass --data-dir with {source.local_file}"
+        ) from err
+    return [dict(row) for row in dataset]

@@ -1,0 +1,216 @@
+"""Evaluation: prompts -> k samples per problem -> grading -> metrics -> results.json and samples (SPEC section 7).
+
+For each benchmark: render every problem with the student prompt (`Problem: ...` + instruction) through
+the chat template and thinking mode asked for, or, for Base+Skill, with the top-k retrieved skills and
+mistakes first (`teacher_prompt(render_guidance(...), problem)`); sample k completions; grade them with
+`sgsd.verify` (the grader training rewards use); summarise. Outputs (atomic writes, so a reader never
+sees half a file): `OUT/results.json` (settings, versions, one entry per finished benchmark, rewritten
+after each) and `OUT/samples/<benchmark>.jsonl` (one record per sample).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from sgsd.evaluation.benchmarks import Benchmark, Problem, load_benchmark
+from sgsd.evaluation.generation import Completion, Generator, SamplingConfig
+from sgsd.evaluation.metrics import avg_at_k, bootstrap_ci, majority_correct, mean_pass_at_k, per_problem_accuracy
+from sgsd.prompts import ChatStyle, render_chat, render_guidance, student_prompt, teacher_prompt
+from sgsd.verify import FAILURE_KINDS, GradeResult, grade_batch
+
+RESULTS_FILE = "results.json"
+SAMPLES_DIR = "samples"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Everything that determines an evaluation; written into results.json."""
+
+    model: str
+    benchmarks: tuple[str, ...]
+    k: int = 12
+    sampling: SamplingConfig = SamplingConfig()
+    thinking: bool | None = None  # None: the chat template's default
+    after_think: bool = False  # grade only the box after the last </think>
+    data_dir: str | None = None
+    limit: int | None = None
+    skills: str | None = None  # skill bank path: Base+Skill
+    skills_top_k: int = 8
+    retrieval: str = "embedding"
+    backend: str = "hf"
+    grade_timeout_s: float = 5.0
+    grade_workers: int = 4
+    ci_confidence: float = 0.95
+    ci_resamples: int = 10_000
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["benchmarks"] = list(self.benchmarks)
+        return out
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    benchmark: str
+    problem_id: str
+    sample: int
+    gold: str
+    completion: str
+    extracted: str | None
+    correct: bool
+    failure: str | None
+    num_tokens: int
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    """One benchmark's summary. JSON keys: avg@k, pass@k, maj@k, avg@k_ci (low, high), ..."""
+
+    name: str
+    source: str
+    num_problems: int
+    k: int
+    avg_at_k: float
+    pass_at_k: float
+    maj_at_k: float
+    avg_ci: tuple[float, float]
+    format_failure_rate: float  # fraction of samples with any failure kind (no box, unbalanced, ...)
+    failures: dict[str, int] = field(default_factory=dict)
+    mean_length: float = 0.0  # generated tokens per sample
+    truncation_rate: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "num_problems": self.num_problems, "k": self.k, "avg@k": self.avg_at_k,
+                "pass@k": self.pass_at_k, "maj@k": self.maj_at_k, "avg@k_ci": list(self.avg_ci),
+                "format_failure_rate": self.format_failure_rate, "failures": dict(self.failures),
+                "mean_length": self.mean_length, "truncation_rate": self.truncation_rate}
+
+    @classmethod
+    def from_json(cls, name: str, obj: dict[str, Any]) -> "BenchmarkResult":
+        return cls(name, obj["source"], obj["num_problems"], obj["k"], obj["avg@k"], obj["pass@k"], obj["maj@k"],
+                   tuple(obj["avg@k_ci"]), obj["format_failure_rate"], dict(obj.get("failures", {})),
+                   obj.get("mean_length", 0.0), obj.get("truncation_rate", 0.0))
+
+
+def build_prompts(problems: Sequence[Problem], tokenizer: Any, style: ChatStyle,
+                  guidance: Sequence[str] | None = None) -> list[str]:
+    """Rendered chat prompts: student prompt, or guidance block + student prompt (Base+Skill)."""
+    texts = [student_prompt(p.problem) if guidance is None else teacher_prompt(guidance[i], p.problem)
+             for i, p in enumerate(problems)]
+    return [render_chat(tokenizer, text, style) for text in texts]
+
+
+def skill_guidance(retriever: Any, problems: Sequence[Problem], top_k: int) -> list[str]:
+    """Base+Skill: one block per problem with its top-k skills and top-k mistakes (SPEC section 2)."""
+    retrievals = retriever.retrieve_many([p.problem for p in problems], top_k)
+    return [render_guidance([s.item for s in r.skills], [m.item for m in r.mistakes]) for r in retrievals]
+
+
+def answer_classes(grades: Sequence[GradeResult], *, timeout_s: float, workers: int) -> list[str | None]:
+    """Majority-vote classes of one problem's samples: correct answers form one class (all equal the
+    gold); wrong answers are grouped by their text without spaces, then merged when math-verify finds
+    two groups equivalent ("0.5" and "\\frac12"); samples without an answer get None."""
+    keys: list[str | None] = []
+    for g in grades:
+        if g.correct:
+            keys.append("<gold>")
+        elif g.extracted and g.failure is None:
+            keys.append(re.sub(r"\s+", "", g.extracted))
+        else:
+            keys.append(None)
+    wrong = sorted({k for k in keys if k not in (None, "<gold>")})
+    if len(wrong) < 2:
+        return keys
+    pairs = [(a, b) for i, a in enumerate(wrong) for b in wrong[i + 1:]]
+    verdicts = grade_batch([f"\\boxed{{{a}}}" for a, _ in pairs], [b for _, b in pairs],
+                           workers=workers, timeout_s=timeout_s)
+    parent = {k: k for k in wrong}
+
+    def root(key: str) -> str:
+        while parent[key] != key:
+            key = parent[key]
+        return key
+
+    for (a, b), verdict in zip(pairs, verdicts):
+        if verdict.correct:
+            parent[root(b)] = root(a)
+    return [root(k) if k in parent else k for k in keys]
+
+
+def summarize(benchmark: Benchmark, records: Sequence[SampleRecord], classes: Sequence[Sequence[str | None]],
+              settings: EvalSettings) -> BenchmarkResult:
+    by_problem: dict[str, list[bool]] = defaultdict(list)
+    for record in records:
+        by_problem[record.problem_id].append(record.correct)
+    correct = [by_problem[p.problem_id] for p in benchmark.problems]
+    failures = {kind: sum(r.failure == kind for r in records) for kind in FAILURE_KINDS}
+    k = settings.k
+    return BenchmarkResult(
+        name=benchmark.name, source=benchmark.source, num_problems=len(benchmark.problems), k=k,
+        avg_at_k=avg_at_k(correct), pass_at_k=mean_pass_at_k(correct, k),
+        maj_at_k=float(sum(majority_correct(keys, ok) for keys, ok in zip(classes, correct)) / len(correct)),
+        avg_ci=bootstrap_ci(per_problem_accuracy(correct), confidence=settings.ci_confidence,
+                            resamples=settings.ci_resamples, seed=settings.sampling.seed),
+        format_failure_rate=sum(failures.values()) / len(records), failures=failures,
+        mean_length=sum(r.num_tokens for r in records) / len(records),
+        truncation_rate=sum(r.truncated for r in records) / len(records),
+    )
+
+
+def evaluate_benchmark(benchmark: Benchmark, generator: Generator, tokenizer: Any, settings: EvalSettings, *,
+                       retriever: Any = None, on_progress: Callable[[int], None] | None = None
+                       ) -> tuple[BenchmarkResult, list[SampleRecord]]:
+    problems = benchmark.problems
+    guidance = skill_guidance(retriever, problems, settings.skills_top_k) if retriever is not None else None
+    prompts = build_prompts(problems, tokenizer, ChatStyle(enable_thinking=settings.thinking), guidance)
+    completions: list[list[Completion]] = generator.generate(prompts, settings.k, settings.sampling, on_progress)
+    flat = [(p, j, c) for p, row in zip(problems, completions) for j, c in enumerate(row)]
+    grades = grade_batch([c.text for _, _, c in flat], [p.answer for p, _, _ in flat], workers=settings.grade_workers,
+                         after_think=settings.after_think, timeout_s=settings.grade_timeout_s)
+    records = [SampleRecord(benchmark.name, p.problem_id, j, p.answer, c.text, g.extracted, g.correct, g.failure,
+                            c.num_tokens, c.truncated) for (p, j, c), g in zip(flat, grades)]
+    k = settings.k
+    classes = [answer_classes(grades[i * k:(i + 1) * k], timeout_s=settings.grade_timeout_s,
+                              workers=settings.grade_workers) for i in range(len(problems))]
+    return summarize(benchmark, records, classes, settings), records
+
+
+def load_benchmarks(settings: EvalSettings) -> list[Benchmark]:
+    return [load_benchmark(name, data_dir=settings.data_dir, limit=settings.limit) for name in settings.benchmarks]
+
+
+def run_evaluation(settings: EvalSettings, generator: Generator, tokenizer: Any, output_dir: str | Path, *,
+                   benchmarks: Sequence[Benchmark] | None = None, retriever: Any = None,
+                   progress: bool = True) -> dict[str, BenchmarkResult]:
+    """Evaluate every benchmark of `settings` (or the given, already loaded ones), writing results after
+    each one. Returns name -> result."""
+    from tqdm.auto import tqdm
+
+    from sgsd.skills.storage import atomic_write_json, atomic_write_jsonl
+
+    out = Path(output_dir)
+    benchmarks = list(benchmarks) if benchmarks is not None else load_benchmarks(settings)
+    results: dict[str, BenchmarkResult] = {}
+    header = {"settings": settings.to_json(), **provenance()}
+    for benchmark in benchmarks:
+        total = len(benchmark.problems) * settings.k
+        with tqdm(total=total, desc=f"{benchmark.name} (samples)", disable=not progress, unit="sample") as bar:
+            result, records = evaluate_benchmark(benchmark, generator, tokenizer, settings, retriever=retriever,
+                                                 on_progress=bar.update)
+        results[benchmark.name] = result
+        atomic_write_jsonl(out / SAMPLES_DIR / f"{benchmark.name}.jsonl", [dataclasses.asdict(r) for r in records])
+        atomic_write_json(out / RESULTS_FILE, {**header, "benchmarks": {n: r.to_json() for n, r in results.items()}})
+    return results
+
+
+def provenance() -> dict[str, Any]:
+    """Git revision and package versions, as training runs record them."""
+    from sgsd.trainers.run import _git_revision, _versions
+
+    return {"git_revision": _git_revision(), "versions": _versions()}
