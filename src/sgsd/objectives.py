@@ -383,8 +383,9 @@ def opsd_loss(
     teacher_rows = teacher_logits.detach().reshape(-1, vocab)
     recompute = torch.is_grad_enabled() and student_logits.requires_grad
     pieces = []
-    for start in range(0, student_rows.shape[0], chunk_size):
-        rows = (student_rows[start : start + chunk_size], teacher_rows[start : start + chunk_size])
+    # split (not slicing in a loop): its backward concatenates the chunk gradients once instead of
+    # building a zero-padded full-size gradient per chunk.
+    for rows in zip(student_rows.split(chunk_size), teacher_rows.split(chunk_size), strict=True):
         if recompute:
             pieces.append(checkpoint(_token_jsd, *rows, beta, temperature, use_reentrant=False))
         else:
