@@ -67,6 +67,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="prompts per LLM call")
     p.set_defaults(_skills_run=_build)
 
+    p = sub.add_parser("report", help="per-item helpful/harmful/neutral table and PNG from a training run")
+    p.add_argument("run_dir", help="run folder holding attribution.json")
+    p.add_argument("--png", default=None, help="where to write the chart (default RUN_DIR/attribution.png)")
+    p.add_argument("--top", type=int, default=30, help="items per kind in the table and chart")
+    p.add_argument("--bank", default=None, help="bank for item texts and pruning (default RUN_DIR/skills/latest.json)")
+    p.add_argument("--prune-out", default=None, help="write the bank without items harmful more often than helpful")
+    p.add_argument("--min-uses", type=int, default=20, help="uses an item needs before it can be pruned")
+    p.set_defaults(_skills_run=_report)
+
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,6 +146,32 @@ def _retrieve(args: argparse.Namespace) -> int:
         score = "-" if t.score is None else f"{t.score:.4f}"
         print(f"  {rank}  weight {t.weight:.4f}  score {score}  {t.skill.skill_id} {t.skill.title!r} + "
               f"{t.mistake.mistake_id} {t.mistake.description[:60]!r}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sgsd.skills.attribution import AttributionTracker, prune_bank
+    from sgsd.skills.bank import load_bank, save_bank
+    from sgsd.skills.report import format_table, plot_attribution
+
+    run_dir = Path(args.run_dir)
+    tracker = AttributionTracker.load(run_dir / "attribution.json")
+    bank_path = Path(args.bank) if args.bank else run_dir / "skills" / "latest.json"
+    bank = load_bank(bank_path) if args.bank or bank_path.exists() else None
+    print(format_table(tracker, bank, top=args.top))
+    png = plot_attribution(tracker, args.png or run_dir / "attribution.png", top=args.top)
+    print(f"\nchart: {png}")
+    if args.prune_out:
+        if bank is None:
+            raise UserError(f"--prune-out needs the bank: pass --bank (no {bank_path})")
+        if args.min_uses < 1:
+            raise UserError(f"--min-uses must be at least 1, got {args.min_uses}")
+        pruned, removed = prune_bank(bank, tracker, args.min_uses)
+        save_bank(pruned, args.prune_out)
+        print(f"pruned bank: removed {len(removed)} items harmful more often than helpful over >= {args.min_uses} "
+              f"uses ({', '.join(removed) or 'none'}) -> {args.prune_out}")
     return 0
 
 

@@ -62,7 +62,7 @@ FAILURE_PROMPT = """You are studying a FAILED attempt at a math problem in order
 Problem:
 {problem}
 
-Attempt (graded wrong; the correct final answer is {answer}):
+Attempt (graded wrong{answer}):
 {completion}
 
 Identify 1 to {max_items} GENERAL mistakes that made this attempt fail and that a solver could make on other problems too. State each mistake in general terms: no numbers, names or objects specific to this problem.
@@ -88,12 +88,14 @@ def clip_middle(text: str, max_chars: int) -> str:
     return f"{text[:half]}\n[... {len(text) - 2 * half} characters omitted ...]\n{text[-half:]}"
 
 
-def extraction_prompt(problem: str, completion: str, answer: str, correct: bool, *, max_items: int = 3,
+def extraction_prompt(problem: str, completion: str, answer: str | None, correct: bool, *, max_items: int = 3,
                       max_completion_chars: int = 8000) -> str:
-    """The prompt for one memory: skills from a success, mistakes from a failure."""
+    """The prompt for one memory: skills from a success, mistakes from a failure (with the gold
+    answer when known)."""
     template, kind = (SUCCESS_PROMPT, SKILLS) if correct else (FAILURE_PROMPT, MISTAKES)
+    answer_note = f"; the correct final answer is {answer}" if answer else ""
     return template.format(problem=problem, completion=clip_middle(completion, max_completion_chars),
-                           answer=answer, max_items=max_items, schema=SCHEMAS[kind.list_key])
+                           answer=answer_note, max_items=max_items, schema=SCHEMAS[kind.list_key])
 
 
 def merge_prompt(kind: ItemKind, contents: Sequence[dict[str, str]]) -> str:

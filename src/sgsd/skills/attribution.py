@@ -1,0 +1,139 @@
+"""Attribution: which skill-bank items actually helped during SGSD training.
+
+Each teacher k of a rollout is a (skill, mistake) pair with a polarity rho_k in {-1, 0, +1}
+(SPEC section 4: outcome x sign of support): +1 = helpful (the verifier agreed with the teacher's
+direction), -1 = harmful (misleading or over-suppressive), 0 = neutral (|support| <= theta). Both
+items of the pair are credited with the teacher's polarity, support and weight. The tracker keeps,
+per item, the number of uses and of helpful / harmful / neutral outcomes, and sums of support and
+weight (for means). It is a plain counter: O(items) state, JSON-serialisable for checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from sgsd.errors import DataError
+from sgsd.skills.bank import SkillBank
+from sgsd.skills.storage import atomic_write_json
+
+KINDS = ("skill", "mistake")
+
+
+@dataclass
+class ItemStats:
+    uses: int = 0
+    helpful: int = 0
+    harmful: int = 0
+    neutral: int = 0
+    support_sum: float = 0.0
+    weight_sum: float = 0.0
+
+    @property
+    def mean_support(self) -> float:
+        return self.support_sum / self.uses if self.uses else 0.0
+
+    @property
+    def mean_weight(self) -> float:
+        return self.weight_sum / self.uses if self.uses else 0.0
+
+    @property
+    def net(self) -> int:
+        return self.helpful - self.harmful
+
+
+class AttributionTracker:
+    def __init__(self) -> None:
+        self.items: dict[tuple[str, str], ItemStats] = {}
+        self.rollouts = 0
+
+    def update(self, skill_ids: Sequence[Sequence[str]], mistake_ids: Sequence[Sequence[str]], polarity: Any,
+               support: Any, weights: Any) -> None:
+        """Count one batch.
+
+        skill_ids, mistake_ids: [B][K_b] ids of each rollout's teachers (K_b may vary per rollout).
+        polarity, support, weights: [B, K] tensors (any device; read as Python numbers) or nested
+        lists, K >= max K_b; entries beyond K_b are padding and ignored. polarity in {-1, 0, +1}.
+        """
+        polarity, support, weights = _rows(polarity), _rows(support), _rows(weights)
+        if not len(skill_ids) == len(mistake_ids) == len(polarity) == len(support) == len(weights):
+            raise ValueError(f"attribution update: batch sizes differ (skill_ids {len(skill_ids)}, mistake_ids "
+                             f"{len(mistake_ids)}, polarity {len(polarity)}, support {len(support)}, weights {len(weights)})")
+        for b, (skills, mistakes) in enumerate(zip(skill_ids, mistake_ids)):
+            if len(skills) != len(mistakes) or len(skills) > min(len(polarity[b]), len(support[b]), len(weights[b])):
+                raise ValueError(f"attribution update: rollout {b} has {len(skills)} skills, {len(mistakes)} mistakes "
+                                 f"and {len(polarity[b])} polarity entries")
+            self.rollouts += 1
+            for k, pair in enumerate(zip(skills, mistakes)):
+                rho = int(round(float(polarity[b][k])))
+                if rho not in (-1, 0, 1):
+                    raise ValueError(f"attribution update: polarity[{b}][{k}] = {polarity[b][k]} is not -1, 0 or +1")
+                for kind, item_id in zip(KINDS, pair):
+                    stats = self.items.setdefault((kind, item_id), ItemStats())
+                    stats.uses += 1
+                    stats.helpful += rho == 1
+                    stats.harmful += rho == -1
+                    stats.neutral += rho == 0
+                    stats.support_sum += float(support[b][k])
+                    stats.weight_sum += float(weights[b][k])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rollouts": self.rollouts,
+                "items": [{"kind": kind, "id": item_id, **asdict(stats)}
+                          for (kind, item_id), stats in sorted(self.items.items())]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        try:
+            self.rollouts = int(state["rollouts"])
+            self.items = {(r["kind"], r["id"]): ItemStats(**{k: v for k, v in r.items() if k not in ("kind", "id")})
+                          for r in state["items"]}
+        except (KeyError, TypeError) as err:
+            raise DataError(f"attribution state: missing or bad field {err}") from None
+
+    def save(self, run_dir: str | Path) -> Path:
+        """Write `run_dir/attribution.json` atomically."""
+        return atomic_write_json(Path(run_dir) / "attribution.json", self.state_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AttributionTracker":
+        import json
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / "attribution.json"
+        if not path.exists():
+            raise DataError(f"{path}: no attribution file (was the run trained with SGSD attribution on?)")
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+        tracker = cls()
+        tracker.load_state_dict(state)
+        return tracker
+
+
+def harmful_items(tracker: AttributionTracker, min_uses: int) -> set[tuple[str, str]]:
+    """(kind, id) of items used at least `min_uses` times and harmful more often than helpful."""
+    return {key for key, s in tracker.items.items() if s.uses >= min_uses and s.harmful > s.helpful}
+
+
+def prune_bank(bank: SkillBank, tracker: AttributionTracker, min_uses: int) -> tuple[SkillBank, list[str]]:
+    """`bank` without its harmful items (see `harmful_items`); returns (pruned bank, removed ids)."""
+    from dataclasses import replace
+
+    drop = harmful_items(tracker, min_uses)
+    skills = tuple(s for s in bank.general_skills if ("skill", s.skill_id) not in drop)
+    mistakes = tuple(m for m in bank.common_mistakes if ("mistake", m.mistake_id) not in drop)
+    removed = [s.skill_id for s in bank.general_skills if ("skill", s.skill_id) in drop]
+    removed += [m.mistake_id for m in bank.common_mistakes if ("mistake", m.mistake_id) in drop]
+    metadata = {**bank.metadata, "pruned": {"min_uses": min_uses, "removed": removed, "rule": "harmful > helpful"}}
+    return replace(bank, general_skills=skills, common_mistakes=mistakes, metadata=metadata), removed
+
+
+def _rows(values: Any) -> list[list[float]]:
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().tolist()
+    elif hasattr(values, "tolist"):
+        values = values.tolist()
+    return [list(row) for row in values]

@@ -1,0 +1,70 @@
+"""Attribution report: a text table per item and a PNG of helpful / neutral / harmful shares."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sgsd.skills.attribution import KINDS, AttributionTracker, ItemStats
+from sgsd.skills.bank import SkillBank
+
+
+def ranked_items(tracker: AttributionTracker, kind: str) -> list[tuple[str, ItemStats]]:
+    """Items of `kind` by uses (descending), then id."""
+    items = [(item_id, s) for (k, item_id), s in tracker.items.items() if k == kind]
+    return sorted(items, key=lambda x: (-x[1].uses, x[0]))
+
+
+def format_table(tracker: AttributionTracker, bank: SkillBank | None = None, top: int | None = None) -> str:
+    """One section per kind: id, uses, helpful / harmful / neutral counts and shares, mean support and
+    weight, and the title (skills) or description (mistakes) when the bank is given."""
+    labels: dict[tuple[str, str], str] = {}
+    if bank is not None:
+        labels.update({("skill", s.skill_id): s.title for s in bank.general_skills})
+        labels.update({("mistake", m.mistake_id): m.description for m in bank.common_mistakes})
+    lines = [f"attribution over {tracker.rollouts} rollouts"]
+    header = f"  {'id':<12} {'uses':>6} {'helpful':>8} {'harmful':>8} {'neutral':>8} {'help%':>6} {'harm%':>6} {'support':>8} {'weight':>7}  text"
+    for kind in KINDS:
+        rows = ranked_items(tracker, kind)
+        lines.append(f"\n{kind}s ({len(rows)} used)")
+        lines.append(header)
+        for item_id, s in rows[:top]:
+            lines.append(f"  {item_id:<12} {s.uses:>6} {s.helpful:>8} {s.harmful:>8} {s.neutral:>8} "
+                         f"{100 * s.helpful / s.uses:>5.1f}% {100 * s.harmful / s.uses:>5.1f}% "
+                         f"{s.mean_support:>8.4f} {s.mean_weight:>7.4f}  {labels.get((kind, item_id), '')[:60]}")
+    return "\n".join(lines)
+
+
+def plot_attribution(tracker: AttributionTracker, path: str | Path, top: int = 30) -> Path:
+    """Horizontal stacked bars (helpful / neutral / harmful share) of the `top` most used items of
+    each kind, written to `path` (PNG, matplotlib's Agg backend: no display needed)."""
+    import io
+
+    # A bare Figure renders with Agg and touches no global pyplot state (safe inside a trainer).
+    from matplotlib.figure import Figure
+
+    from sgsd.skills.storage import atomic_write_bytes
+
+    per_kind = {kind: ranked_items(tracker, kind)[:top] for kind in KINDS}
+    height = max(2.5, 0.28 * max(len(v) for v in per_kind.values()) + 1.5)
+    fig = Figure(figsize=(13, height))
+    axes = fig.subplots(1, 2)
+    for ax, kind in zip(axes, KINDS):
+        rows = list(reversed(per_kind[kind]))  # most used at the top
+        names = [f"{item_id} (n={s.uses})" for item_id, s in rows]
+        shares = [[getattr(s, part) / s.uses for _, s in rows] for part in ("helpful", "neutral", "harmful")]
+        left = [0.0] * len(rows)
+        for values, color, label in zip(shares, ("#2a9d8f", "#c8c8c8", "#e76f51"), ("helpful", "neutral", "harmful")):
+            ax.barh(names, values, left=left, color=color, label=label)
+            left = [a + b for a, b in zip(left, values)]
+        ax.set_xlim(0, 1)
+        ax.set_title(f"{kind}s: teacher outcome shares")
+        ax.set_xlabel("share of uses")
+        ax.tick_params(axis="y", labelsize=7)
+        if not rows:
+            ax.text(0.5, 0.5, "no uses recorded", ha="center", va="center", transform=ax.transAxes)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return atomic_write_bytes(path, buffer.getvalue())
