@@ -196,7 +196,13 @@ def test_sgsd_metrics_hand_computed():
     out = sgsd_loss(p, q, mask, rewards, weights)
     assert out.polarity.tolist() == [[1, -1], [0, 0], [-1, -1]]
     assert set(out.metrics) == set(SGSD_METRIC_KEYS)
-    rows = [(gate_py(0.5) + gate_py(1.0)) / 2, (gate_py(4.0) + 0.0) / 2, (gate_py(0.02) + gate_py(0.04)) / 2, gate_py(1.0), (gate_py(1.0) + gate_py(2.0)) / 2]
+    rows = [  # row_bk = (l(d_b k 0) + l(d_b k 1)) / 2 for the 5 present teachers
+        (gate_py(0.5) + gate_py(1.0)) / 2,
+        (gate_py(4.0) + 0.0) / 2,  # the gate sees the unclipped -4
+        (gate_py(0.02) + gate_py(0.04)) / 2,
+        gate_py(1.0),
+        (gate_py(1.0) + gate_py(2.0)) / 2,
+    ]
     expected = {
         # 5 present teachers: supports 0.75, -1.5, 0.03, 1, 1.5 -> mean 1.78 / 5 = 0.356
         "support_mean": 0.356,
@@ -262,7 +268,9 @@ def test_sgsd_matches_reference_loop_fp64(seed, hyper):
     p, q, mask, rewards, weights = random_batch(seed)
     tau, clip_delta, theta = hyper.get("tau", 1.0), hyper.get("clip_delta", 3.0), hyper.get("theta", 0.05)
     out = sgsd_loss(p, q, mask, rewards, weights, gate_tau=tau, clip_delta=clip_delta, confidence_threshold=theta)
-    ref_loss, ref_polarity, ref_metrics = reference_sgsd(p, q, mask, rewards, weights, tau=tau, clip_delta=clip_delta, theta=theta)
+    ref_loss, ref_polarity, ref_metrics = reference_sgsd(
+        p, q, mask, rewards, weights, tau=tau, clip_delta=clip_delta, theta=theta
+    )
     assert torch.equal(out.polarity, ref_polarity)
     assert (out.polarity != 0).any() and (out.polarity == 0).any()  # the case mix is exercised
     torch.testing.assert_close(out.loss, ref_loss, atol=1e-12, rtol=0)
@@ -492,7 +500,8 @@ def test_local_support_is_per_position_and_detaches_teacher():
     student, teacher, sampled = random_logits(3)
     teacher.requires_grad_()
     whole = local_support_terms(student, teacher, sampled, top_k=2)
-    parts = [local_support_terms(student[:, s], teacher[:, :, s], sampled[:, s], top_k=2) for s in (slice(0, 2), slice(2, 5))]
+    halves = (slice(0, 2), slice(2, 5))
+    parts = [local_support_terms(student[:, s], teacher[:, :, s], sampled[:, s], top_k=2) for s in halves]
     for i in range(3):
         torch.testing.assert_close(torch.cat([parts[0][i], parts[1][i]], dim=-1), whole[i], atol=0, rtol=0)
     assert torch.autograd.grad(whole[2].sum(), teacher, allow_unused=True)[0] is None
@@ -510,7 +519,7 @@ def test_sgsd_local_support_mode_matches_reference():
     s_lp, t_lp, div = local_support_terms(student, teacher, sampled, top_k=3)
     out = sgsd_loss(s_lp, t_lp, mask, rewards, weights, token_divergence=div, confidence_threshold=0.1)
     rs, rt, rd = reference_local_terms(student, teacher, sampled, 3)
-    ref_loss, ref_polarity, ref_metrics = reference_sgsd(rs, rt.detach(), mask, rewards, weights, theta=0.1, divergence=rd)
+    ref_loss, ref_polarity, _ = reference_sgsd(rs, rt.detach(), mask, rewards, weights, theta=0.1, divergence=rd)
     assert torch.equal(out.polarity, ref_polarity) and (ref_polarity != 0).any()
     torch.testing.assert_close(out.loss, ref_loss, atol=1e-12, rtol=0)
     g = torch.autograd.grad(out.loss, student)[0]

@@ -51,7 +51,9 @@ def test_matches_trl_generalized_jsd_value_and_gradient(trl_generalized_jsd, bet
     # the sum over kept tokens and vocabulary by the number of kept tokens (clamped to 1) - a mean over
     # completion tokens, which is our definition. (Without labels, "batchmean" would divide by B.)
     labels = torch.where(mask, 0, -100)
-    expected = trl_generalized_jsd(student, teacher, labels=labels, beta=beta, temperature=temperature, reduction="batchmean")
+    expected = trl_generalized_jsd(
+        student, teacher, labels=labels, beta=beta, temperature=temperature, reduction="batchmean"
+    )
     assert out.loss.dtype == (F64 if dtype == F64 else torch.float32)
     torch.testing.assert_close(out.loss, expected, atol=atol, rtol=0)
     (grad,) = torch.autograd.grad(out.loss, student)
@@ -92,7 +94,8 @@ def test_hand_computed_two_token_vocabulary():
     )
     assert float(opsd_loss(student, teacher, mask, beta=0.5).loss) == pytest.approx(jsd, abs=1e-12)
     assert jsd == pytest.approx(0.0338220, abs=1e-6)
-    # temperature 2 on the teacher (0, 0) changes nothing; the student becomes (0, ln3 / 2): (1/(1+sqrt3), sqrt3/(1+sqrt3))
+    # temperature 2: the teacher (0, 0) is unchanged; the student logits become (0, ln3 / 2),
+    # probabilities (1/(1+sqrt3), sqrt3/(1+sqrt3))
     s = 1 / (1 + math.sqrt(3))
     forward_t2 = 0.5 * math.log(0.5 / s) + 0.5 * math.log(0.5 / (1 - s))
     assert float(opsd_loss(student, teacher, mask, temperature=2.0).loss) == pytest.approx(forward_t2, abs=1e-12)

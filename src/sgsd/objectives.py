@@ -99,7 +99,9 @@ def _check_sgsd_shapes(student_logps, teacher_logps, completion_mask, rewards, t
     for name, shapes in expected.items():
         if tuple(given[name].shape) not in shapes:
             want = " or ".join(str(s) for s in shapes)
-            raise ValueError(f"{name} must have shape {want} (from teacher_logps [B, K, T]), got {tuple(given[name].shape)}")
+            raise ValueError(
+                f"{name} must have shape {want} (from teacher_logps [B, K, T]), got {tuple(given[name].shape)}"
+            )
 
 
 def _disagreement(student_logps, teacher_logps, completion_mask, teacher_weights):
@@ -154,7 +156,7 @@ def teacher_polarity(
     """Clipped support and polarity of each teacher (SPEC section 4), without gradient.
 
     Args: student_logps [B, T] (or [B, K, T] local-support log-probs), teacher_logps [B, K, T],
-    completion_mask [B, T] (m_t), rewards [B] (success iff > 0), teacher_weights [B, K] (0 = absent).
+    completion_mask [B, T] (m_t), rewards [B] (success iff > 0), teacher_weights [B, K] (<= 0 = absent).
     Returns (support [B, K] float, polarity [B, K] int64 in {-1, 0, +1}), both detached. The trainer
     can call this before the student backward and skip rollouts whose polarity row is all zero.
     """
@@ -192,7 +194,8 @@ def sgsd_loss(
         teacher_logps: [B, K, T] log-probs of the same tokens under teacher k. Detached.
         completion_mask: [B, T] bool m_t (any dtype is read as != 0).
         rewards: [B]; success iff > 0.
-        teacher_weights: [B, K] a_k; 0 marks an absent teacher (polarity 0, left out of the fractions).
+        teacher_weights: [B, K] a_k; a_k <= 0 (or NaN) marks an absent teacher (polarity 0, no loss,
+            left out of the fractions; its teacher_logps are never read).
         gate_tau, clip_delta, confidence_threshold: tau, C, theta.
         token_divergence: optional [B, K, T] (local-support D_kt) that replaces d inside the gate;
             gradient flows through it. With it, the loss does not depend on student_logps, which then
@@ -223,7 +226,9 @@ def sgsd_loss(
     loss = (coefficient * rows).sum(dim=-1).mean()
 
     with torch.no_grad():
-        metrics = _sgsd_metrics(d, valid, mask, present, support, rows, sign, rho, rewards, clip_delta, confidence_threshold)
+        metrics = _sgsd_metrics(
+            d, valid, mask, present, support, rows, sign, rho, rewards, clip_delta, confidence_threshold
+        )
     return SGSDLossOutput(loss=loss, polarity=rho, support=support.detach(), metrics=metrics)
 
 
@@ -371,7 +376,9 @@ def opsd_loss(
             f"and {tuple(teacher_logits.shape)}"
         )
     if tuple(completion_mask.shape) != tuple(student_logits.shape[:2]):
-        raise ValueError(f"completion_mask must be [B, T] = {tuple(student_logits.shape[:2])}, got {tuple(completion_mask.shape)}")
+        raise ValueError(
+            f"completion_mask must be [B, T] = {tuple(student_logits.shape[:2])}, got {tuple(completion_mask.shape)}"
+        )
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     if not temperature > 0:
@@ -430,7 +437,9 @@ def opsd_sampled_token_loss(
             f"{tuple(teacher_logps.shape)}"
         )
     if tuple(completion_mask.shape) != tuple(student_logps.shape):
-        raise ValueError(f"completion_mask must be [B, T] = {tuple(student_logps.shape)}, got {tuple(completion_mask.shape)}")
+        raise ValueError(
+            f"completion_mask must be [B, T] = {tuple(student_logps.shape)}, got {tuple(completion_mask.shape)}"
+        )
     dtype = _compute_dtype(student_logps, teacher_logps)
     mask = completion_mask.bool()
     zero = torch.zeros((), dtype=dtype, device=student_logps.device)
