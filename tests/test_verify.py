@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -25,9 +29,14 @@ from sgsd.verify import (
 SLACK_S = 2.0
 
 
+_WARM_CALLS = itertools.count(1)
+
+
 def warm() -> None:
-    """Start (or restart) the grader process so a timed call measures the check, not sympy's import."""
-    assert grade("\\boxed{\\frac{1}{2}}", "0.5").correct
+    """Start (or restart) the grader process so a timed call measures the check, not sympy's import.
+    A new pair each time: verdicts are cached in this process."""
+    n = next(_WARM_CALLS)
+    assert grade(f"\\boxed{{\\frac{{{n}}}{{{2 * n}}}}}", "0.5").correct
 
 
 # ------------------------------------------------------------------------------------------ extraction
@@ -154,10 +163,19 @@ def test_timeout_off_the_main_thread():
     assert results and results[0].failure == "timeout"
     assert time.perf_counter() - start < 1.0 + SLACK_S
     # and after the restart, ordinary checks work again from threads
-    thread = threading.Thread(target=lambda: results.append(grade("\\boxed{\\sqrt{8}}", "2\\sqrt{2}")))
+    thread = threading.Thread(target=lambda: results.append(grade("\\boxed{\\sqrt{18}}", "3\\sqrt{2}")))
     thread.start()
     thread.join(timeout=120)
-    assert results[1] == GradeResult(True, "\\sqrt{8}", None)
+    assert results[1] == GradeResult(True, "\\sqrt{18}", None)
+
+
+def test_identical_checks_in_a_batch_run_once():
+    # 3 identical slow checks on 1 worker: one timeout's worth of time, not three
+    warm()
+    start = time.perf_counter()
+    results = grade_batch(["\\boxed{9^{9^{9^9}}}"] * 3, ["5"] * 3, workers=1, timeout_s=1.0)
+    assert time.perf_counter() - start < 1.0 + SLACK_S
+    assert [r.failure for r in results] == ["timeout"] * 3
 
 
 def _grade_in_child(pair):
@@ -207,3 +225,35 @@ def test_accuracy_reward_accepts_strings_and_messages():
     ]
     rewards = accuracy_reward(prompts=["p"] * 4, completions=completions, answer=["12", "0.5", "4", "1"], trainer_state=None)
     assert rewards == [1.0, 1.0, 0.0, 0.0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_worker_dies_with_a_killed_parent(tmp_path):
+    # A trainer killed mid-check must not leave a grader burning CPU on 9^{9^{9^9}} for hours.
+    script = (
+        "import os, threading, time\n"
+        "from sgsd.verify import grade, _pool\n"
+        "grade('\\\\boxed{x+3}', '3+x')\n"
+        "print(_pool().workers[0].process.pid, flush=True)\n"
+        "threading.Thread(target=lambda: grade('\\\\boxed{9^{9^{9^9}}}', '5', timeout_s=1000)).start()\n"
+        "time.sleep(1.0)\n"
+        "os._exit(1)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         text=True, timeout=120).stdout
+    pid = int(out.split()[0])
+
+    def alive() -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        return state not in ("Z", "X")  # a zombie is dead, only not yet reaped
+
+    deadline = time.monotonic() + 10
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    orphaned = alive()
+    if orphaned:
+        os.kill(pid, 9)
+    assert not orphaned

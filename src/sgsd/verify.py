@@ -165,13 +165,29 @@ def _parse_boxed(answer: str) -> list:
     return parsed
 
 
-def _worker_main(read_fd: int, write_fd: int) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: have the kernel kill this worker when its parent dies, even mid-computation (a check
+    of `9^{9^{9^9}}` would otherwise outlive a killed trainer for hours)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(0)
+
+
+def _worker_main(read_fd: int, write_fd: int, parent_pid: int) -> None:
     """Grader process loop: receive (pred, gold), reply with check_equivalent's verdict."""
     import logging
     from multiprocessing.connection import Connection
 
     # math-verify warns once that its timeouts are disabled: the parent bounds time instead.
     logging.disable(logging.WARNING)
+    _die_with_parent(parent_pid)
     requests, replies = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     import math_verify  # noqa: F401 - import before announcing readiness so checks are timed fairly
 
@@ -189,7 +205,12 @@ def _worker_main(read_fd: int, write_fd: int) -> None:
 
 
 class _Worker:
-    """One grader process and its two pipes; `ready` once it has imported math-verify."""
+    """One grader process and its two pipes; `ready` once it has imported math-verify.
+
+    Construct it through `_Pool.spawn`: the parent-death signal is tied to the THREAD that starts the
+    process, so every worker is started by the pool's one long-lived thread, never by a caller's
+    thread that may exit (which would kill the worker with it).
+    """
 
     def __init__(self) -> None:
         from multiprocessing.connection import Connection
@@ -199,7 +220,7 @@ class _Worker:
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-        code = f"from sgsd.verify import _worker_main; _worker_main({to_child_r}, {from_child_w})"
+        code = f"from sgsd.verify import _worker_main; _worker_main({to_child_r}, {from_child_w}, {os.getpid()})"
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", code], pass_fds=(to_child_r, from_child_w), env=env,
@@ -249,18 +270,24 @@ class _Pool:
     """Persistent grader processes of this process (re-created after a fork)."""
 
     def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self.pid = os.getpid()
         self.workers: list[_Worker] = []
         self.lock = threading.Lock()
+        self.spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sgsd-grader-spawner")
+
+    def spawn(self) -> _Worker:
+        return self.spawner.submit(_Worker).result()
 
     def ensure(self, count: int) -> list[_Worker]:
         while len(self.workers) < count:
-            self.workers.append(_Worker())
+            self.workers.append(self.spawn())
         return self.workers[:count]
 
     def replace(self, worker: _Worker) -> _Worker:
         worker.kill()
-        fresh = _Worker()
+        fresh = self.spawn()
         self.workers[self.workers.index(worker)] = fresh
         return fresh
 
@@ -268,6 +295,7 @@ class _Pool:
         for worker in self.workers:
             worker.close()
         self.workers = []
+        self.spawner.shutdown(wait=False)
 
     def run(self, tasks: Sequence[tuple[str, str]], workers: int, timeout_s: float) -> list[str]:
         """Verdicts ("correct", "wrong", "parse_error", "timeout") of (pred, gold) tasks, in order.
@@ -391,14 +419,36 @@ def grade_batch(completions: Sequence[str], golds: Sequence[Any], *, workers: in
         else:
             symbolic.append((i, answer, gold_text))
     if symbolic:
-        pool = _pool()
-        count = workers if workers is not None else min(4, os.cpu_count() or 1)
-        with pool.lock:
-            verdicts = pool.run([(pred, gold) for _, pred, gold in symbolic], count, timeout_s)
+        verdicts = _symbolic_verdicts([(pred, gold) for _, pred, gold in symbolic],
+                                      workers if workers is not None else min(4, os.cpu_count() or 1), timeout_s)
         for (i, answer, _), verdict in zip(symbolic, verdicts):
             failure = verdict if verdict in ("parse_error", "timeout") else None
             results[i] = GradeResult(verdict == "correct", answer, failure)  # type: ignore[arg-type]
     return results  # type: ignore[return-value]
+
+
+# Verdicts of earlier checks in this process: samples of one problem often share an answer. Timeouts
+# are not kept (they may come from a loaded machine); long texts are not kept (memory).
+_VERDICTS: dict[tuple[str, str], str] = {}
+_VERDICTS_MAX = 100_000
+_VERDICTS_LOCK = threading.Lock()
+
+
+def _symbolic_verdicts(tasks: list[tuple[str, str]], workers: int, timeout_s: float) -> list[str]:
+    """Verdicts of (pred, gold) tasks: cached ones, the rest checked once each in grader processes."""
+    with _VERDICTS_LOCK:
+        known = {task: _VERDICTS[task] for task in tasks if task in _VERDICTS}
+    todo = [task for task in dict.fromkeys(tasks) if task not in known]
+    if todo:
+        pool = _pool()
+        with pool.lock:
+            fresh = dict(zip(todo, pool.run(todo, workers, timeout_s)))
+        known.update(fresh)
+        with _VERDICTS_LOCK:
+            if len(_VERDICTS) > _VERDICTS_MAX:
+                _VERDICTS.clear()
+            _VERDICTS.update({t: v for t, v in fresh.items() if v != "timeout" and len(t[0]) + len(t[1]) < 10_000})
+    return [known[task] for task in tasks]
 
 
 def completion_text(completion: Any) -> str:
