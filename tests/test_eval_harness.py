@@ -227,3 +227,24 @@ def test_compare_table_and_plot(tmp_path, tiny_tokenizer, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "trained" in capsys.readouterr().out
     assert plot_comparison(runs, tmp_path / "again.png").exists()
+
+
+def test_cli_skill_retriever_and_backend_choice():
+    pytest.importorskip("sgsd.skills.retrieval", reason="the skill-bank package is not installed")
+    import argparse
+
+    from sgsd.commands.evaluate import _retriever
+    from sgsd.errors import ConfigError
+    from sgsd.evaluation.generation import choose_backend, vllm_usable
+
+    bank = require_shared(REFERENCE_BANKS) / "qwen3_1b_skill_bank.json"
+    retriever = _retriever(argparse.Namespace(skills=str(bank), retrieval="bm25", embedder=None))
+    retrieval = retriever.retrieve("Find the remainder when 2^100 is divided by 7.", 8)
+    assert len(retrieval.skills) == 8 and len(retrieval.mistakes) == 8
+    assert choose_backend("auto", "tiny") == "hf"
+    assert choose_backend("hf", "Qwen/Qwen3-1.7B") == "hf"
+    if not vllm_usable():
+        with pytest.raises(ConfigError, match="vLLM"):
+            choose_backend("vllm", "Qwen/Qwen3-1.7B")
+    with pytest.raises(ConfigError):
+        choose_backend("tgi", "tiny")
