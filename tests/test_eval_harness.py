@@ -165,6 +165,20 @@ def test_runner_metrics_and_files(tmp_path, tiny_tokenizer):
     assert not list((tmp_path / "out").glob(".*tmp"))  # no temporary files left behind
 
 
+def test_answer_classes_merge_equivalent_wrong_answers():
+    from sgsd.evaluation.runner import GOLD_CLASS, answer_classes
+    from sgsd.verify import GradeResult
+
+    grades = [GradeResult(False, "0.5", None), GradeResult(False, "\\frac{1}{2}", None), GradeResult(True, "3", None),
+              GradeResult(False, None, "no_answer"), GradeResult(False, "(gold,)", None)]
+    classes = answer_classes(grades, timeout_s=5.0, workers=1)
+    assert classes[0] == classes[1] and classes[2] == GOLD_CLASS and classes[3] is None
+    assert classes[4] not in (GOLD_CLASS, classes[0])
+    # with no correct sample the vote is wrong whatever the classes: no checks are spent merging
+    no_correct = answer_classes(grades[:2], timeout_s=5.0, workers=1)
+    assert no_correct == ["0.5", "\\frac{1}{2}"]
+
+
 def test_base_plus_skill_prompts(tmp_path, tiny_tokenizer):
     pytest.importorskip("sgsd.skills.retrieval", reason="the skill-bank package is not installed")
     from sgsd.skills.bank import load_bank

@@ -15,7 +15,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 from sgsd.evaluation.benchmarks import Benchmark, Problem, load_benchmark
 from sgsd.evaluation.generation import Completion, Generator, SamplingConfig
@@ -112,20 +112,28 @@ def skill_guidance(retriever: Any, problems: Sequence[Problem], top_k: int) -> l
     return [render_guidance([s.item for s in r.skills], [m.item for m in r.mistakes]) for r in retrievals]
 
 
-def answer_classes(grades: Sequence[GradeResult], *, timeout_s: float, workers: int) -> list[str | None]:
+GOLD_CLASS = ("gold",)  # a tuple: never equal to an answer string
+MERGE_MAX_CHARS = 500  # longer wrong answers are not compared with each other (each check can time out)
+
+
+def answer_classes(grades: Sequence[GradeResult], *, timeout_s: float, workers: int) -> list[Hashable | None]:
     """Majority-vote classes of one problem's samples: correct answers form one class (all equal the
     gold); wrong answers are grouped by their text without spaces, then merged when math-verify finds
-    two groups equivalent ("0.5" and "\\frac12"); samples without an answer get None."""
-    keys: list[str | None] = []
+    two groups equivalent ("0.5" and "\\frac12"); samples without an answer get None. Merging is
+    skipped when it cannot change the vote's correctness (no correct sample, or more correct samples
+    than wrong answers)."""
+    keys: list[Hashable | None] = []
     for g in grades:
         if g.correct:
-            keys.append("<gold>")
+            keys.append(GOLD_CLASS)
         elif g.extracted and g.failure is None:
             keys.append(re.sub(r"\s+", "", g.extracted))
         else:
             keys.append(None)
-    wrong = sorted({k for k in keys if k not in (None, "<gold>")})
-    if len(wrong) < 2:
+    num_correct = keys.count(GOLD_CLASS)
+    wrong_keys = [k for k in keys if isinstance(k, str)]
+    wrong = sorted({k for k in wrong_keys if len(k) <= MERGE_MAX_CHARS})
+    if len(wrong) < 2 or num_correct == 0 or num_correct > len(wrong_keys):
         return keys
     pairs = [(a, b) for i, a in enumerate(wrong) for b in wrong[i + 1:]]
     verdicts = grade_batch([f"\\boxed{{{a}}}" for a, _ in pairs], [b for _, b in pairs],
@@ -140,10 +148,10 @@ def answer_classes(grades: Sequence[GradeResult], *, timeout_s: float, workers: 
     for (a, b), verdict in zip(pairs, verdicts):
         if verdict.correct:
             parent[root(b)] = root(a)
-    return [root(k) if k in parent else k for k in keys]
+    return [root(k) if isinstance(k, str) and k in parent else k for k in keys]
 
 
-def summarize(benchmark: Benchmark, records: Sequence[SampleRecord], classes: Sequence[Sequence[str | None]],
+def summarize(benchmark: Benchmark, records: Sequence[SampleRecord], classes: Sequence[Sequence[Hashable | None]],
               settings: EvalSettings) -> BenchmarkResult:
     by_problem: dict[str, list[bool]] = defaultdict(list)
     for record in records:
