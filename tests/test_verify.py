@@ -257,3 +257,18 @@ def test_worker_dies_with_a_killed_parent(tmp_path):
     if orphaned:
         os.kill(pid, 9)
     assert not orphaned
+
+
+def test_a_grader_that_cannot_start_is_an_error_not_a_wrong_answer(monkeypatch):
+    # A broken environment must not silently grade every symbolic answer as wrong.
+    from sgsd import verify
+
+    verify.shutdown()
+    monkeypatch.setattr(verify.sys, "executable", "/bin/false")
+    try:
+        with pytest.raises(verify.GraderUnavailable):
+            grade("\\boxed{\\frac{7}{14}}", "0.5")
+        assert grade("\\boxed{12}", "12").correct  # integers need no grader process
+    finally:
+        monkeypatch.undo()
+    warm()  # the pool recovers once the environment is fixed

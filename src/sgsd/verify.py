@@ -23,6 +23,10 @@ Wrong for a reason other than a different answer is a typed failure, counted and
 exception: `no_answer` (no box, an empty box, or an unfinished `<think>` with `after_think`),
 `unbalanced` (the last box never closes), `parse_error` (math-verify parses nothing, or its process
 dies), `timeout`.
+
+One module, a little long, because the parts only make sense together: extraction, the checks and the
+grader processes that bound their time (kept private: the public surface is `extract_boxed`, `grade`,
+`grade_batch`, `accuracy_reward`, `GradeResult`).
 """
 
 from __future__ import annotations
@@ -332,6 +336,7 @@ class _Pool:
                         starting.remove(worker)
                         idle.append(worker)
                     elif now >= worker.started + WORKER_START_TIMEOUT_S:
+                        worker.kill()
                         raise GraderUnavailable(f"grader process did not start within {WORKER_START_TIMEOUT_S:.0f} s")
                 for worker, (index, deadline) in list(busy.items()):
                     if worker.replies in ready:
@@ -350,6 +355,7 @@ class _Pool:
         except BaseException:
             for worker in busy:
                 self.replace(worker)
+            self.workers = [w for w in self.workers if w.process.poll() is None]  # drop dead ones
             raise
         return verdicts
 
