@@ -1,7 +1,13 @@
 """GRPO baseline (SPEC section 5): TRL's GRPOTrainer itself, with the project's data, prompts, grader.
 
+G completions per prompt (`grpo.num_generations`), group-normalised rewards, PPO-clipped surrogate
+(`grpo.epsilon`), KL coefficient `grpo.beta` (0: none, as in the paper); the loss is TRL's own.
 GRPO+Skill differs only in the rollout prompt (retrieved skill block), built in `run.build_dataset`.
-The only addition is logging `train/reward_mean` under the project's key.
+Additions: `train/reward_mean` under the project's key, and two group diagnostics under `grpo/`:
+- `grpo/zero_advantage_fraction`: rollouts whose advantage is 0 (their group's rewards are all equal,
+  so they carry no gradient: with a binary grader, every group all-right or all-wrong);
+- `grpo/advantage_abs_mean`: mean |advantage| of this rank's rollouts.
+TRL's own GRPO metrics (`clip_ratio/*`, `frac_reward_zero_std`, `kl` when beta > 0) keep TRL's names.
 """
 
 from __future__ import annotations
@@ -14,4 +20,7 @@ class GRPOBaselineTrainer(HookedGRPOTrainer):
 
     def rollout_extras(self, inputs, output, rewards):
         self.record_metric("train/reward_mean", rewards.float().mean())
+        advantages = output["advantages"].float()
+        self.record_metric("grpo/zero_advantage_fraction", advantages.eq(0).float().mean())
+        self.record_metric("grpo/advantage_abs_mean", advantages.abs().mean())
         return {}
