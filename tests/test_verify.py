@@ -264,6 +264,7 @@ def test_a_grader_that_cannot_start_is_an_error_not_a_wrong_answer(monkeypatch):
     from sgsd import verify
 
     verify.shutdown()
+    verify._VERDICTS.clear()  # the check below must reach a grader process
     monkeypatch.setattr(verify.sys, "executable", "/bin/false")
     try:
         with pytest.raises(verify.GraderUnavailable):
