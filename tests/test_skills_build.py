@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
+from fake_llm_server import fake_llm_server
 
 from sgsd.cli import main
 from sgsd.data import Problem
@@ -55,38 +55,10 @@ def _fake_reply(prompt: str) -> str:
     return "I cannot help with that."
 
 
-class _Handler(BaseHTTPRequestHandler):
-    def do_POST(self):  # noqa: N802 - http.server naming
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append(body)
-        if self.path != "/v1/chat/completions" or self.server.fail_next:
-            self.server.fail_next = max(0, self.server.fail_next - 1)
-            self.send_response(503 if self.path == "/v1/chat/completions" else 404)
-            self.end_headers()
-            return
-        reply = {"id": "x", "object": "chat.completion", "model": body["model"],
-                 "choices": [{"index": 0, "finish_reason": "stop",
-                              "message": {"role": "assistant", "content": _fake_reply(body["messages"][-1]["content"])}}]}
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture()
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.requests, httpd.fail_next = [], 0
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    with fake_llm_server(_fake_reply) as httpd:
+        yield httpd
 
 
 def _client(server, **kw):

@@ -158,6 +158,8 @@ class TrainingSettings:
     logging_steps: int = 1
     weight_decay: float = 0.0
     report_to: str = "none"
+    # torch deterministic algorithms: bit-identical reruns and resumes on CPU (slower on GPU)
+    deterministic: bool = False
     deepspeed: str | None = None
 
 

@@ -161,6 +161,16 @@ class HookedGRPOTrainer(GRPOTrainer):
             value = self.accelerator.gather(value.detach().float().reshape(1)).mean().item()
         self._metrics["train" if self.model.training else "eval"][name].append(float(value))
 
+    def skip_nonfinite_step(self, model: Any) -> torch.Tensor:
+        """A zero loss for a micro-step whose log-probs are NaN/inf: logged, and no parameter moves.
+
+        The zero is built from the parameters themselves, not from the poisoned activations (0 * NaN
+        in a backward is NaN), so every gradient is exactly 0 and data-parallel ranks stay in step.
+        """
+        self.record_metric("train/nonfinite_skipped", 1.0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return sum(p.sum() for p in params) * 0.0
+
     def pop_step_timing(self) -> dict[str, float]:
         timing, self.step_timing = self.step_timing, {"generate_s": 0.0, "teacher_s": 0.0}
         return timing

@@ -10,13 +10,15 @@ renamed when complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from sgsd.config import RunConfig, dump_config
 from sgsd.errors import ConfigError, DataError, UserError
@@ -161,6 +163,10 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
     resume_from = check_output_dir(out, resume)
     use_cpu, bf16 = resolve_device(cfg)
     set_seed(cfg.training.seed)
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
     # -- everything the user gave, checked before writing anything ------------------------------
     problems, report = load_problems(
@@ -199,9 +205,10 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
         per_device_train_batch_size=cfg.training.prompts_per_device * num_generations,
         gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
         seed=cfg.training.seed,
+        full_determinism=cfg.training.deterministic,
         data_seed=cfg.training.seed,
         save_steps=cfg.training.save_steps,
-        save_total_limit=cfg.training.save_total_limit,
+        save_total_limit=None,  # rotation happens after a checkpoint is complete (see _completion_marker)
         logging_steps=cfg.training.logging_steps,
         report_to=cfg.training.report_to,
         use_cpu=use_cpu,
@@ -243,7 +250,7 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
                   processing_class=tokenizer, peft_config=peft_config, callbacks=[metrics, timer, ema_step])
     trainer = _make_trainer(cfg, common, bank, retriever, out)
     timer.trainer = ema_step.trainer = trainer
-    trainer.add_callback(_completion_marker(trainer))
+    trainer.add_callback(_completion_marker(trainer, cfg.training.save_total_limit))
 
     _, broken = complete_checkpoints(out)
     if resume_from is not None:
@@ -251,19 +258,36 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
         _restore_extra_state(trainer, resume_from)
     elif metrics.records:
         metrics.truncate_after(0)
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-
-    final = out / "final"
-    staging = out / "final.tmp"
-    if staging.exists():
-        shutil.rmtree(staging)
-    trainer.save_model(str(staging))
-    tokenizer.save_pretrained(str(staging))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    with _storage_errors(out):
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        final = out / "final"
+        staging = out / "final.tmp"
+        if staging.exists():
+            shutil.rmtree(staging)
+        trainer.save_model(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
     return TrainResult(out, final, trainer.state.global_step, str(resume_from) if resume_from else None,
                        [str(p) for p in broken])
+
+
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES}
+
+
+@contextmanager
+def _storage_errors(out: Path) -> Iterator[None]:
+    """A full or read-only disk while saving becomes one line; complete checkpoints are left intact."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in STORAGE_ERRNOS:
+            raise
+        complete, _ = complete_checkpoints(out)
+        kept = f"latest complete checkpoint: {complete[-1].name}" if complete else "no complete checkpoint yet"
+        raise UserError(f"cannot write {err.filename or out}: {err.strerror or err}; {kept} "
+                        "(free space and rerun the same command to resume)") from err
 
 
 def _comment_block(text: str) -> str:
@@ -312,10 +336,10 @@ def _restore_extra_state(trainer: Any, checkpoint: Path) -> None:
         trainer.ema.load_state_dict(state["ema"])
     for observer in getattr(trainer, "observers", []):
         if observer.name in state:
-            observer.load_state_dict(state[observer.name])
+            observer.load_state_dict(state[observer.name], trainer)
 
 
-def _completion_marker(trainer: Any) -> Any:
+def _completion_marker(trainer: Any, save_total_limit: int | None) -> Any:
     from transformers import TrainerCallback
 
     class CompletionMarker(TrainerCallback):
@@ -324,8 +348,23 @@ def _completion_marker(trainer: Any) -> Any:
 
         def on_save(self, args, state, control, **kwargs):
             _write_extra_state(trainer, Path(args.output_dir) / f"checkpoint-{state.global_step}", state)
+            if state.is_world_process_zero:
+                _rotate_checkpoints(Path(args.output_dir), save_total_limit)
 
     return CompletionMarker()
+
+
+def _rotate_checkpoints(output_dir: Path, limit: int | None) -> None:
+    """Keep the newest `limit` complete checkpoints; drop incomplete ones older than the newest complete."""
+    complete, broken = complete_checkpoints(output_dir)
+    if not complete:
+        return
+    newest = int(complete[-1].name.split("-")[-1])
+    stale = [p for p in broken if int(p.name.split("-")[-1]) < newest]
+    if limit is not None and limit > 0:
+        stale += complete[:-limit]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _write_extra_state(trainer: Any, path: Path, state: Any) -> None:

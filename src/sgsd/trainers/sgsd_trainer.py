@@ -137,7 +137,7 @@ class SGSDTrainer(HookedGRPOTrainer):
             extras["sgsd_active"] = polarity.ne(0).any(dim=-1)
         completions = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
         for observer in self.observers:
-            observer.on_rollouts(self, problems, completions, rewards)
+            observer.on_rollouts(self, problems, completions, rewards, [x["answer"] for x in inputs])
         return extras
 
     # -- loss phase ---------------------------------------------------------------------------
@@ -165,6 +165,9 @@ class SGSDTrainer(HookedGRPOTrainer):
         else:
             student_logps = completion_logprobs(model, prompt_ids, prompt_mask, comp_ids, comp_mask,
                                                 chunk_tokens=self.settings.logprob_chunk_tokens)
+        if not all(torch.isfinite(x).all() for x in (student_logps, teacher_logps) + ((divergence,) if divergence
+                                                                                     is not None else ())):
+            return self.skip_nonfinite_step(model)
         out = sgsd_loss(
             student_logps, teacher_logps, inputs["sgsd_mask"][run_rows, :length],
             inputs["rewards"][run_rows], inputs["teacher_weights"][run_rows],

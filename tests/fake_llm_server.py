@@ -1,0 +1,50 @@
+"""A local OpenAI-compatible chat-completions server on 127.0.0.1 for tests (no network)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Iterator
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802 - http.server naming
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append(body)
+        if self.path != "/v1/chat/completions" or self.server.fail_next:
+            self.server.fail_next = max(0, self.server.fail_next - 1)
+            self.send_response(503 if self.path == "/v1/chat/completions" else 404)
+            self.end_headers()
+            return
+        content = self.server.reply(body["messages"][-1]["content"])
+        reply = {"id": "x", "object": "chat.completion", "model": body["model"],
+                 "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def fake_llm_server(reply: Callable[[str], str]) -> Iterator[ThreadingHTTPServer]:
+    """Serve `reply(last user message)`; `.requests` records bodies, `.fail_next = n` answers 503 n times."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.requests, httpd.fail_next, httpd.reply = [], 0, reply
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def base_url(server: ThreadingHTTPServer) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}"
