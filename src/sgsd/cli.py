@@ -58,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"sgsd: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `sgsd skills show F | head`: the reader left; not an error of ours
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at interpreter exit
+        except OSError:
+            pass
+        return 0
     except KeyboardInterrupt:
         print("sgsd: interrupted", file=sys.stderr)
         return 130

@@ -77,7 +77,7 @@ def _answer_text(value: Any) -> str | None:
     return None
 
 
-def _read_rows(path: str, split: str) -> Iterable[dict[str, Any]]:
+def read_rows(path: str, split: str = "train") -> Iterable[dict[str, Any]]:
     local = Path(path).expanduser()
     if local.is_file():
         suffix = local.suffix.lower()
@@ -137,7 +137,7 @@ def load_problems(path: str, *, split: str = "train", problem_field: str | None 
     seen: set[str] = set()
     rows = skipped = duplicates = 0
     p_field = a_field = None
-    for index, row in enumerate(_read_rows(path, split)):
+    for index, row in enumerate(read_rows(path, split)):
         rows += 1
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {index}: expected an object, got {type(row).__name__}")

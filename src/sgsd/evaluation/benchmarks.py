@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from sgsd.data import Problem
-from sgsd.data import _read_rows as read_file_rows  # .jsonl / .json / .parquet, shared with training data
+from sgsd.data import read_rows as read_file_rows  # .jsonl / .json / .parquet, shared with training data
 from sgsd.errors import DataError, UserError
 
 PROBLEM_FIELDS = ("problem", "question", "Problem", "Question")

@@ -219,6 +219,6 @@ def run_evaluation(settings: EvalSettings, generator: Generator, tokenizer: Any,
 
 def provenance() -> dict[str, Any]:
     """Git revision and package versions, as training runs record them."""
-    from sgsd.trainers.run import _git_revision, _versions
+    from sgsd.provenance import git_revision, package_versions
 
-    return {"git_revision": _git_revision(), "versions": _versions()}
+    return {"git_revision": git_revision(), "versions": package_versions()}

@@ -14,7 +14,6 @@ import errno
 import json
 import os
 import shutil
-import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 from sgsd.config import RunConfig, dump_config
 from sgsd.errors import ConfigError, DataError, UserError
 from sgsd.prompts import ChatStyle, render_chat, student_prompt
+from sgsd.provenance import provenance
 
 COMPLETE_MARKER = "sgsd_complete.json"
 
@@ -89,28 +89,6 @@ def build_dataset(cfg: RunConfig, tokenizer: Any, problems: Sequence[Any], skill
                      "problem_id": item.problem_id, "student_prompt": text,
                      "skill_block": skill_blocks[index] if skill_blocks is not None else ""})
     return Dataset.from_list(rows)
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("sgsd", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "math-verify",
-                 "sentence-transformers", "vllm"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def _git_revision() -> str | None:
-    try:
-        root = Path(__file__).resolve().parents[3]
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def complete_checkpoints(output_dir: Path) -> tuple[list[Path], list[Path]]:
@@ -189,7 +167,7 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
     from sgsd.skills.storage import atomic_write_text
 
     resolved = dump_config(cfg) + "\n# provenance\n" + json.dumps(
-        {"git_revision": _git_revision(), "versions": _versions(), "data": report.__dict__}, indent=None) + "\n"
+        {**provenance(), "data": report.__dict__}, indent=None) + "\n"
     atomic_write_text(out / "resolved_config.yaml", _comment_block(resolved))
 
     num_generations = cfg.grpo.num_generations if cfg.method == "grpo" else 1

@@ -1,0 +1,36 @@
+"""What produced an output: git revision of the code and versions of the stack (written beside runs and
+evaluations so a number can be traced back)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+PACKAGES = ("sgsd", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "math-verify",
+            "sentence-transformers", "vllm")
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def git_revision() -> str | None:
+    """HEAD of the checkout the package runs from (None for an installed wheel or without git)."""
+    try:
+        root = Path(__file__).resolve().parents[2]
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance() -> dict[str, object]:
+    return {"git_revision": git_revision(), "versions": package_versions()}
