@@ -8,6 +8,8 @@ parameter could move; a reward with variance inside groups makes "parameters cha
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 from pathlib import Path
@@ -30,20 +32,35 @@ def parity_reward(prompts, completions, completion_ids, **kwargs):
     return [float(sum(ids) % 2) for ids in completion_ids]
 
 
+BENCH = [{"problem": "What is 2 + 3?", "answer": "5"}, {"problem": "What is 4 times 6?", "answer": "24"},
+         {"problem": "What is 9 - 7?", "answer": "2"}]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """Three recipes trained directly; then `sgsd compare` over all four, which skips those three (their
+    final/ exists), trains opsd-skill through `sgsd train`, and evaluates Base and the four models."""
     from sgsd.cli import main
     from sgsd.config import load_config
     from sgsd.trainers.run import train
 
     root = tmp_path_factory.mktemp("baselines")
-    for name in RECIPES:
-        config, out = ROOT / "configs/tiny" / f"{name}.yaml", root / name
+    for name in RECIPES[:3]:
+        config, out = ROOT / "configs/tiny" / f"{name}.yaml", root / "runs" / name
         if name.startswith("grpo"):
             train(load_config(config), out, reward_funcs=[parity_reward], max_steps=2, progress=False)
         else:
             assert main(["train", "--config", str(config), "--output-dir", str(out), "--max-steps", "2", "--quiet"]) == 0
-    return root
+    bench = root / "bench.jsonl"
+    bench.write_text("".join(json.dumps(row) + "\n" for row in BENCH))
+    configs = [str(ROOT / "configs/tiny" / f"{name}.yaml") for name in RECIPES]
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors):
+        code = main(["compare", "--configs", *configs, "--output-dir", str(root), "--base", "--max-steps", "2",
+                     "--in-process", "--quiet", "--eval-args",
+                     f"--benchmarks {bench} --k 2 --max-new-tokens 8 --backend hf --grade-workers 1"])
+    assert code == 0, errors.getvalue()[-2000:]
+    return root / "runs"
 
 
 @pytest.mark.slow
@@ -76,3 +93,27 @@ def test_recipe_trains_and_writes_metrics_and_final_model(runs, name):
     start = dict(initial.named_parameters())
     unchanged = [n for n, p in final.named_parameters() if torch.equal(p.detach(), start[n].detach())]
     assert unchanged == []
+
+
+@pytest.mark.slow
+def test_compare_writes_one_table_of_every_model(runs, capsys):
+    from sgsd.cli import main
+
+    root = runs.parent
+    table = (root / "comparison.txt").read_text()
+    rows = {line.split()[0] for line in table.splitlines()[2:] if line and not line.startswith(("avg@k", " "))}
+    assert {"base", *RECIPES} <= rows
+    assert "none (controlled)" in table
+    for name in RECIPES:
+        assert f"  {name}: 2 steps," in table
+        results = json.loads((root / "eval" / name / "results.json").read_text())
+        assert results["benchmarks"]["bench"]["num_problems"] == 3
+    plan = json.loads((root / "plan.json").read_text())
+    assert [s["kind"] for s in plan["stages"]] == ["train"] * 4 + ["eval"] * 5
+    assert (root / "comparison.png").stat().st_size > 0
+    # rerunning resumes: every stage is complete, so nothing is trained or evaluated again
+    capsys.readouterr()
+    code = main(["compare", "--configs", *plan["configs"], "--output-dir", str(root), "--base", "--max-steps", "2",
+                 "--in-process", "--quiet", "--eval-args", "--benchmarks x.jsonl"])
+    assert code == 0
+    assert capsys.readouterr().out.count("skipped") == 9
