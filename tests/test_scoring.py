@@ -152,3 +152,13 @@ def test_local_support_from_stored_teacher_sets_equals_full_vocabulary_terms(tin
     g_got = torch.autograd.grad(sum(x.sum() for x in (got[0], got[2])), hidden)[0]
     g_want = torch.autograd.grad(sum(x.sum() for x in (want[0], want[2])), hidden)[0]
     torch.testing.assert_close(g_got, g_want, atol=ATOL, rtol=0)
+
+
+def test_entropy_diagnostic_matches_full_softmax(tiny_model):
+    hidden = torch.randn(2, 3, tiny_model.config.hidden_size)
+    targets = torch.randint(0, tiny_model.config.vocab_size, (2, 3))
+    with torch.no_grad():
+        logps, entropy = token_logprobs(hidden, tiny_model.lm_head, targets, chunk_tokens=4, return_entropy=True)
+        full = tiny_model.lm_head(hidden).float().log_softmax(-1)
+    torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1), atol=ATOL, rtol=0)
+    torch.testing.assert_close(logps, full.gather(-1, targets[..., None]).squeeze(-1), atol=ATOL, rtol=0)

@@ -54,47 +54,57 @@ def hidden_for_completion(model: Any, input_ids: torch.Tensor, attention_mask: t
 
 
 def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                 temperature: float) -> torch.Tensor:
+                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     logits = torch.nn.functional.linear(hidden, weight, bias).float()
     if temperature != 1.0:
         logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    with torch.no_grad():  # token entropy, a diagnostic: H = lse - sum p * z
+        entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return picked - lse, entropy
 
 
 def token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, target_ids: torch.Tensor, *,
-                   chunk_tokens: int = 4096, temperature: float = 1.0) -> torch.Tensor:
+                   chunk_tokens: int = 4096, temperature: float = 1.0, return_entropy: bool = False
+                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log softmax(lm_head(hidden) / temperature)[target] in fp32, chunked over token rows.
 
-    hidden [N, T, H], target_ids [N, T] -> [N, T] fp32. With gradient enabled each chunk is
-    checkpointed (its logits are recomputed in the backward rather than stored).
+    hidden [N, T, H], target_ids [N, T] -> [N, T] fp32 (and the detached token entropy [N, T] with
+    `return_entropy`). With gradient enabled each chunk is checkpointed: its logits are recomputed in
+    the backward rather than stored, so memory holds one chunk of V logits at a time.
     """
     n, t, h = hidden.shape
     flat_hidden = hidden.reshape(n * t, h)
     flat_targets = target_ids.reshape(n * t)
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
     needs_grad = torch.is_grad_enabled() and (flat_hidden.requires_grad or weight.requires_grad)
-    pieces = []
+    logps, entropies = [], []
     for start in range(0, n * t, max(int(chunk_tokens), 1)):
         sl = slice(start, start + chunk_tokens)
-        if needs_grad:
-            pieces.append(checkpoint(_chunk_logps, flat_hidden[sl], weight, bias, flat_targets[sl], temperature,
-                                     use_reentrant=False))
-        else:
-            pieces.append(_chunk_logps(flat_hidden[sl], weight, bias, flat_targets[sl], temperature))
-    return torch.cat(pieces).reshape(n, t) if pieces else hidden.new_zeros((n, t), dtype=torch.float32)
+        args = (flat_hidden[sl], weight, bias, flat_targets[sl], temperature)
+        piece, entropy = checkpoint(_chunk_logps, *args, use_reentrant=False) if needs_grad else _chunk_logps(*args)
+        logps.append(piece)
+        entropies.append(entropy)
+    if not logps:
+        empty = hidden.new_zeros((n, t), dtype=torch.float32)
+        return (empty, empty) if return_entropy else empty
+    out = torch.cat(logps).reshape(n, t)
+    return (out, torch.cat(entropies).reshape(n, t)) if return_entropy else out
 
 
 def completion_logprobs(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
                         completion_mask: torch.Tensor, *, chunk_tokens: int = 4096,
-                        temperature: float = 1.0) -> torch.Tensor:
+                        temperature: float = 1.0, return_entropy: bool = False
+                        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sampled-token log-probs [B, T] of `completion_ids` after left-padded `prompt_ids` (one forward)."""
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     t = completion_ids.size(1)
     hidden = hidden_for_completion(model, input_ids, attention_mask, t)
     _, head = lm_parts(model)
-    return token_logprobs(hidden, head, completion_ids, chunk_tokens=chunk_tokens, temperature=temperature)
+    return token_logprobs(hidden, head, completion_ids, chunk_tokens=chunk_tokens, temperature=temperature,
+                          return_entropy=return_entropy)
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
@@ -147,8 +157,10 @@ def _teacher_rows(model: Any, teacher_prompt_ids: Sequence[Sequence[Sequence[int
 def score_teachers(model: Any, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
                    completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, pad_id: int,
                    batch_rows: int = 16, chunk_tokens: int = 4096, temperature: float = 1.0,
-                   teacher_context: Callable[[], ContextManager[Any]] = nullcontext) -> torch.Tensor:
-    """Teacher log-probs [B, K, T] of each rollout's completion under each of its K teacher prompts.
+                   teacher_context: Callable[[], ContextManager[Any]] = nullcontext, return_entropy: bool = False
+                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Teacher log-probs [B, K, T] of each rollout's completion under each of its K teacher prompts
+    (and their token entropies [B, K, T] with `return_entropy`).
 
     teacher_prompt_ids[b][k]: token ids of teacher k's rendered prompt for rollout b, or None for an
     absent teacher (its row stays 0 and is never run). completion_ids/completion_mask [B, T] are
@@ -156,12 +168,13 @@ def score_teachers(model: Any, teacher_prompt_ids: Sequence[Sequence[Sequence[in
     for a base-model teacher, EMA weights swapped in) around each forward.
     """
     def per_batch(hidden, head, comp_ids):
-        return (token_logprobs(hidden, head, comp_ids, chunk_tokens=chunk_tokens, temperature=temperature),)
+        return token_logprobs(hidden, head, comp_ids, chunk_tokens=chunk_tokens, temperature=temperature,
+                              return_entropy=True)
 
-    (logps,) = _teacher_rows(model, teacher_prompt_ids, completion_ids, completion_mask, pad_id=pad_id,
-                             batch_rows=batch_rows, teacher_context=teacher_context, per_batch=per_batch,
-                             trailing=[()], dtypes=[torch.float32])
-    return logps
+    outs = _teacher_rows(model, teacher_prompt_ids, completion_ids, completion_mask, pad_id=pad_id,
+                         batch_rows=batch_rows, teacher_context=teacher_context, per_batch=per_batch,
+                         trailing=[(), ()], dtypes=[torch.float32, torch.float32])
+    return outs if return_entropy else outs[0]
 
 
 def _chunk_top(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from sgsd.config import SGSDSettings
-from sgsd.objectives import sgsd_loss, teacher_polarity
+from sgsd.objectives import masked_mean, sgsd_loss, teacher_polarity
 from sgsd.prompts import ChatStyle, render_chat, teacher_prompt
 from sgsd.scoring import (
     completion_logprobs,
@@ -120,7 +120,9 @@ class SGSDTrainer(HookedGRPOTrainer):
                 scoring_model, prompt_ids, completion_ids, completion_mask, top_k=self.settings.local_support_top_k,
                 **scoring)
         else:
-            logps = score_teachers(scoring_model, prompt_ids, completion_ids, completion_mask, **scoring)
+            logps, entropy = score_teachers(scoring_model, prompt_ids, completion_ids, completion_mask,
+                                            return_entropy=True, **scoring)
+            local["teacher_entropy"] = entropy[:, :k]
         mask = counted_mask(completion_ids, completion_mask, self.count_table)
         uids = torch.arange(self._next_uid, self._next_uid + len(problems), device=device)
         for uid, problem, row_teachers in zip(uids.tolist(), problems, teachers):
@@ -163,8 +165,15 @@ class SGSDTrainer(HookedGRPOTrainer):
                 top_k=self.settings.local_support_top_k, chunk_tokens=self.settings.logprob_chunk_tokens,
             )
         else:
-            student_logps = completion_logprobs(model, prompt_ids, prompt_mask, comp_ids, comp_mask,
-                                                chunk_tokens=self.settings.logprob_chunk_tokens)
+            student_logps, entropy = completion_logprobs(model, prompt_ids, prompt_mask, comp_ids, comp_mask,
+                                                         chunk_tokens=self.settings.logprob_chunk_tokens,
+                                                         return_entropy=True)
+            counted = inputs["sgsd_mask"][run_rows, :length]
+            present = inputs["teacher_weights"][run_rows] > 0
+            teacher_entropy = inputs["teacher_entropy"][run_rows, :, :length]
+            token_teacher = counted[:, None, :] & present[:, :, None]
+            self.record_metric("sgsd/student_entropy_mean", masked_mean(entropy, counted))
+            self.record_metric("sgsd/teacher_entropy_mean", masked_mean(teacher_entropy, token_teacher))
         if not all(torch.isfinite(x).all() for x in (student_logps, teacher_logps) + ((divergence,) if divergence
                                                                                      is not None else ())):
             return self.skip_nonfinite_step(model)
