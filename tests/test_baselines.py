@@ -93,6 +93,13 @@ def test_logits_live_one_chunk_at_a_time():
     assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
 
 
+def test_no_tokens_gives_a_zero_loss_with_a_gradient_path():
+    student, teacher, head = _hidden_case()
+    out = opsd_loss_from_hidden(student[:0], teacher[:0], head, beta=0.0, temperature=1.0)
+    out.loss.backward()  # no "does not require grad" error: empty micro-batches keep DDP and accumulation in step
+    assert out.loss.item() == 0.0 and student.grad.abs().sum() == 0
+
+
 def test_bad_shapes_are_refused():
     student, teacher, head = _hidden_case()
     with pytest.raises(ValueError, match=r"\[N, H\]"):
@@ -114,7 +121,7 @@ def _constant_reward(prompts, completions, **kwargs):
     return [1.0 for _ in completions]
 
 
-def _make_trainer(tmp_path, model, tokenizer, **settings):
+def _make_trainer(tmp_path, model, tokenizer, peft_config=None, **settings):
     from datasets import Dataset
 
     from sgsd.config import OPSDSettings
@@ -128,7 +135,7 @@ def _make_trainer(tmp_path, model, tokenizer, **settings):
     rows = [dict(r, prompt=[{"role": "user", "content": r["problem"]}], student_prompt=r["problem"]) for r in ROWS]
     return OPSDTrainer(settings=OPSDSettings(**settings), teacher_style=ChatStyle(False), model=model,
                        reward_funcs=[_constant_reward], args=args, train_dataset=Dataset.from_list(rows),
-                       processing_class=tokenizer)
+                       processing_class=tokenizer, peft_config=peft_config)
 
 
 def _ids(tokenizer, text):
@@ -257,3 +264,33 @@ def test_ema_teacher_scores_with_ema_weights_and_restores_the_student(tmp_path, 
     reference = opsd_loss(student_logits[None], teacher_logits[None], torch.ones(1, 8, dtype=torch.bool),
                           beta=0.0, temperature=0.7)
     torch.testing.assert_close(loss.detach(), reference.loss.detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_base_teacher_under_lora_is_the_model_with_the_adapter_off(tmp_path, tiny_tokenizer, tiny_model):
+    from peft import LoraConfig
+
+    base = copy.deepcopy(tiny_model)  # before TRL patches forward and PEFT wraps the model
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM")
+    trainer = _make_trainer(tmp_path, tiny_model, tiny_tokenizer, peft_config=lora, teacher="base")
+    policy = trainer.model
+    with torch.no_grad():  # LoRA B starts at zero (adapter = identity): move it so that base != policy
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.5 * torch.randn_like(param))
+    batch, student_prompts = _rollout_batch(trainer, tiny_tokenizer)
+    loss = trainer.method_loss(policy, batch)
+    mask = batch["completion_mask"]
+    student_logits = _reference_logits(policy, student_prompts, batch["completion_ids"], mask)
+    with torch.no_grad():
+        teacher_logits = _reference_logits(base, _teacher_prompts(tiny_tokenizer), batch["completion_ids"], mask)
+        live_teacher = _reference_logits(policy, _teacher_prompts(tiny_tokenizer), batch["completion_ids"], mask)
+    assert (teacher_logits - live_teacher).abs().max() > 1e-2  # the check below can tell base from live
+    reference = opsd_loss(student_logits[None], teacher_logits[None], torch.ones(1, 8, dtype=torch.bool),
+                          beta=0.0, temperature=0.7)
+    torch.testing.assert_close(loss, reference.loss, rtol=1e-4, atol=1e-6)
+    lora_b = [p for n, p in policy.named_parameters() if "lora_B" in n]
+    grads = torch.autograd.grad(loss, lora_b)
+    want = torch.autograd.grad(reference.loss, lora_b)
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+    assert all(p.requires_grad is False for n, p in policy.named_parameters() if "lora" not in n)

@@ -76,7 +76,7 @@ def opsd_loss_from_hidden(student_hidden: torch.Tensor, teacher_hidden: torch.Te
     Equal in value and gradient to `opsd_loss(head(student_hidden)[None], head(teacher_hidden)[None],
     ones)`: the mean over N of per-chunk means weighted by chunk size. Each chunk is checkpointed, so
     fp32 [chunk_tokens, V] logits exist for one chunk at a time, in the forward and in the backward.
-    Metrics: divergence_mean, student_entropy_mean, teacher_entropy_mean (detached, token means).
+    Metrics: divergence_mean, student_entropy_mean, teacher_entropy_mean (detached, token means; 0 when N = 0).
     """
     if student_hidden.dim() != 2 or student_hidden.shape != teacher_hidden.shape:
         raise ValueError(f"hidden states must both be [N, H], got {tuple(student_hidden.shape)} and "
@@ -87,6 +87,7 @@ def opsd_loss_from_hidden(student_hidden: torch.Tensor, teacher_hidden: torch.Te
     total = student_hidden.size(0)
     needs_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or weight.requires_grad)
     sums = [student_hidden.new_zeros((), dtype=torch.float32) for _ in range(4)]
+    sums[0] = sums[0] + 0.0 * student_hidden.sum()  # N = 0: a zero loss still connected to the graph (DDP, GA)
     step = max(int(chunk_tokens), 1)
     for start in range(0, total, step):
         args = (student_hidden[start : start + step], teacher_hidden[start : start + step], weight, bias,
