@@ -1,0 +1,130 @@
+"""Analytic FLOP and memory counts of the SGSD loss phase (real and naive paths), for any model size.
+
+Counts follow the code in `sgsd.benchmarking.phases`: every token of every row the code actually runs
+(padding included) passes through the decoder weights (2 FLOPs per weight and token forward, 4 more
+backward for the input and weight gradients) and causal attention (2 x 2 x q_width x context / 2 per
+token and layer forward); the LM head runs on the positions each path scores. The real path's student
+head is checkpointed (forward, recompute, backward: 8 FLOPs per weight and token); the naive path runs
+the head on every position of every row. Norms, rotary, softmax and the loss are left out (under 2%).
+Used by `sgsd bench step` (achieved GFLOP/s) and `sgsd bench estimate` (paper scale).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from sgsd.benchmarking.synthetic import ModelShape, SyntheticBatch
+
+# Qwen3-1.7B (config.json of Qwen/Qwen3-1.7B): tied embeddings, so its LM head is the embedding matrix.
+QWEN3_1_7B = ModelShape(vocab=151936, hidden=2048, layers=28, heads=16, kv_heads=8, intermediate=6144)
+QWEN3_1_7B_HEAD_DIM = 128  # Qwen3 uses head_dim 128 (q width 2048 = 16 x 128)
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """`rows` sequences of `length` tokens (padding included), of which `scored` positions go through the head."""
+
+    rows: int
+    length: int
+    scored: int
+
+
+def _forward_flops(shape: ModelShape, group: RowGroup, *, head_positions: int | None = None) -> float:
+    layer_params, head_params = shape.parameter_counts()
+    q_width = shape.hidden  # tiny_qwen3_config: head_dim = hidden / heads
+    tokens = group.rows * group.length
+    attention = 2.0 * shape.layers * q_width * group.length * group.length * group.rows  # causal: QK and AV, half
+    head = 2.0 * head_params * group.rows * (group.scored if head_positions is None else head_positions)
+    return 2.0 * layer_params * tokens + attention + head
+
+
+def _sgsd_groups(batch: SyntheticBatch, *, teacher_batch_rows: int, skip_neutral_rows: bool
+                 ) -> tuple[list[RowGroup], int, list[int]]:
+    """Teacher row groups as `score_teachers` batches them; (groups, student prompt width, completion lengths)."""
+    lengths = batch.completion_mask.long().sum(-1).tolist()
+    prompts = [list(rows) + ([batch.student_prompt_ids[i]] if skip_neutral_rows else [])
+               for i, rows in enumerate(batch.teacher_prompt_ids)]
+    rows = sorted(((len(p) + lengths[i], len(p), lengths[i]) for i, row in enumerate(prompts) for p in row))
+    groups = []
+    for start in range(0, len(rows), max(teacher_batch_rows, 1)):
+        chunk = rows[start : start + teacher_batch_rows]
+        width, completion = max(r[1] for r in chunk), max(max(r[2] for r in chunk), 1)
+        groups.append(RowGroup(len(chunk), width + completion, completion))
+    return groups, max(len(p) for p in batch.student_prompt_ids), lengths
+
+
+def phase_flops(shape: ModelShape, batch: SyntheticBatch, *, naive: bool, teacher_batch_rows: int = 16,
+                active_rollouts: int | None = None, skip_neutral_rows: bool = False) -> float:
+    """Matmul FLOPs of one loss phase on `batch` (module docstring)."""
+    b, k, t = batch.num_rollouts, batch.num_teachers, int(batch.completion_ids.size(1))
+    if naive:
+        student_width = max(len(p) for p in batch.student_prompt_ids)
+        teacher_width = max(len(p) for rows in batch.teacher_prompt_ids for p in rows)
+        student = RowGroup(b * k, student_width + t, student_width + t)
+        teacher = RowGroup(b * k, teacher_width + t, teacher_width + t)
+        return 3.0 * _forward_flops(shape, student) + _forward_flops(shape, teacher)
+    groups, student_width, lengths = _sgsd_groups(batch, teacher_batch_rows=teacher_batch_rows,
+                                                  skip_neutral_rows=skip_neutral_rows)
+    teachers = sum(_forward_flops(shape, g) for g in groups)
+    active = b if active_rollouts is None else max(active_rollouts, 1)
+    completion = max(sorted(lengths)[-active:])  # upper bound when not every rollout is active
+    student = RowGroup(active, student_width + completion, completion)
+    _, head_params = shape.parameter_counts()
+    head_recompute = 2.0 * head_params * student.rows * student.scored  # the checkpointed head runs twice
+    return 3.0 * _forward_flops(shape, student) + head_recompute + teachers
+
+
+@dataclass(frozen=True)
+class PaperScaleEstimate:
+    """One micro-step of one rollout at paper scale (SPEC section 6), FLOPs in TFLOP, memory in GB."""
+
+    student_tflop: float  # one student forward + backward
+    teachers_tflop: float  # K teacher forwards
+    real_tflop: float
+    naive_tflop: float
+    naive_over_real: float
+    naive_logits_gb: float  # full-vocabulary fp32 tensors of the naive path (list in `logit_tensors`)
+    chunked_logits_gb: float  # one chunk of fp32 logits (+ its exp/softmax temporary) in the real path
+    logit_tensors: Sequence[str]
+
+
+def paper_scale_estimate(*, teachers: int = 8, completion_tokens: int = 1024, student_prompt: int = 300,
+                         teacher_prompt: int = 500, rollouts: int = 1, chunk_tokens: int = 4096,
+                         logit_bytes: int = 2, shape: ModelShape = QWEN3_1_7B,
+                         head_dim: int = QWEN3_1_7B_HEAD_DIM) -> PaperScaleEstimate:
+    """FLOPs and logit memory of the loss phase for Qwen3-1.7B-like sizes.
+
+    FLOPs are those of full fine-tuning (with LoRA the weight-gradient half of the backward mostly
+    disappears, for both paths alike). Naive memory: the model's logits in `logit_bytes` (2: bf16, the
+    paper's precision) and the fp32 log-softmax of the completion positions, student and teacher rows.
+    Real path: one chunk of `chunk_tokens` fp32 logits plus the same-sized temporary of logsumexp.
+    """
+    layer_params = shape.layers * (shape.hidden * head_dim * (2 * shape.heads + 2 * shape.kv_heads)
+                                   + 3 * shape.hidden * shape.intermediate)
+    head_params = shape.hidden * shape.vocab
+    q_width = head_dim * shape.heads
+
+    def forward(rows: int, length: int, scored: int) -> float:
+        attention = 2.0 * shape.layers * q_width * length * length * rows
+        return 2.0 * layer_params * rows * length + attention + 2.0 * head_params * rows * scored
+
+    t, b, k = completion_tokens, rollouts, teachers
+    student = 3.0 * forward(b, student_prompt + t, t) + 2.0 * head_params * b * t
+    teacher = forward(b * k, teacher_prompt + t, t)
+    naive = 3.0 * forward(b * k, student_prompt + t, student_prompt + t) + forward(
+        b * k, teacher_prompt + t, teacher_prompt + t)
+    v4, vl = shape.vocab * 4.0, shape.vocab * float(logit_bytes)
+    tensors = [
+        f"student logits [B K, P_s + T, V] = {b * k} x {student_prompt + t} x {shape.vocab} x {logit_bytes} B",
+        f"student log-softmax fp32 [B K, T, V] (saved for backward) = {b * k} x {t} x {shape.vocab} x 4 B",
+        f"teacher logits [B K, P_t + T, V] = {b * k} x {teacher_prompt + t} x {shape.vocab} x {logit_bytes} B",
+        f"teacher log-softmax fp32 [B K, T, V] = {b * k} x {t} x {shape.vocab} x 4 B",
+    ]
+    naive_bytes = b * k * (vl * (student_prompt + t + teacher_prompt + t) + v4 * 2 * t)
+    chunk = min(chunk_tokens, b * k * t)
+    return PaperScaleEstimate(
+        student_tflop=student / 1e12, teachers_tflop=teacher / 1e12, real_tflop=(student + teacher) / 1e12,
+        naive_tflop=naive / 1e12, naive_over_real=naive / (student + teacher),
+        naive_logits_gb=naive_bytes / 1e9, chunked_logits_gb=2 * chunk * v4 / 1e9, logit_tensors=tensors,
+    )

@@ -1,0 +1,190 @@
+"""The SGSD loss phase, as the trainer runs it and as the paper's public code runs it (SPEC sections 4, 9).
+
+Both functions take the same model and `SyntheticBatch`, compute the same SGSD loss (`sgsd_loss`,
+identical hyper-parameters) and leave the same gradient in the model's `.grad` (up to float summation
+order: `tests/test_bench_phases.py` checks it), so timing one against the other is a fair comparison.
+
+`real_loss_phase` is the project's path: K teacher forwards without gradient through
+`sgsd.scoring.score_teachers` (rows of (rollout, teacher) flattened, sorted by length, batched, left
+padded, trimmed to each batch's longest completion, log-probs of the sampled token from chunked
+logsumexp), then ONE student forward and backward per rollout through `completion_logprobs` (chunked,
+checkpointed LM head), exactly the calls of `SGSDTrainer.rollout_extras` + `method_loss` (full-vocabulary
+mode), with `skip_neutral_rows` when asked.
+
+`naive_loss_phase` mirrors the public code's pattern (SPEC section 9):
+- item 1: every (rollout, teacher) pair is one row holding BOTH the student input and the teacher input;
+  the student forward runs on all B x K rows with gradient, so the backward also runs K times per
+  rollout (K student passes where one is needed);
+- item 2: full-vocabulary logits of every position are returned by the model's own forward, and the
+  log-softmax over the full vocabulary of every completion position is materialised, for the student
+  rows ([B K, T, V], kept for the backward) and the teacher rows ([B K, T, V], no gradient); the
+  sampled-token log-probs are gathered from them;
+- item 3: prompts are right-padded to the batch's longest prompt and followed by the completion (the
+  first completion token is scored at the last real prompt token);
+- item 8: completions keep the full padded length T (no trimming), rows are not sorted by length.
+It is batched like the public code (all rows of a micro-batch in one forward), not looped row by row,
+which would only make it slower. One deliberate difference: positions are counted over real tokens
+(`public_positions=False`), so the right-padding gap does not shift rotary positions (item 3's
+defect) and the loss equals the real path's; the compute is the same whichever positions are used.
+`public_positions=True` reproduces the public code's positions (values then differ from the real path).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from sgsd.benchmarking.synthetic import PAD_ID, SyntheticBatch
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """SPEC section 4 hyper-parameters and the trainer's batching knobs (`SGSDSettings` defaults)."""
+
+    gate_tau: float = 1.0
+    clip_delta: float = 3.0
+    confidence_threshold: float = 0.05
+    teacher_batch_rows: int = 16
+    chunk_tokens: int = 4096
+    skip_neutral_rows: bool = False
+    lean_head: bool = False  # real path: `sgsd.benchmarking.lean_head.token_logprobs` in place of scoring's
+
+
+@dataclass(frozen=True)
+class PhaseOutput:
+    """loss: detached 0-d; polarity: [B, K] int64 rho; active_rollouts: rollouts that got a student backward."""
+
+    loss: Any
+    polarity: Any
+    active_rollouts: int
+
+
+@contextmanager
+def _head_implementation(lean: bool) -> Iterator[None]:
+    """Swap `sgsd.scoring.token_logprobs` (looked up at call time by `score_teachers` and
+    `completion_logprobs`) for the lean candidate, for the duration of one phase: what switching over
+    in scoring.py would do, measured without editing it."""
+    import sgsd.scoring as scoring
+
+    if not lean:
+        yield
+        return
+    from sgsd.benchmarking.lean_head import token_logprobs
+
+    original = scoring.token_logprobs
+    scoring.token_logprobs = token_logprobs
+    try:
+        yield
+    finally:
+        scoring.token_logprobs = original
+
+
+def real_loss_phase(model: Any, batch: SyntheticBatch, settings: LossSettings = LossSettings()) -> PhaseOutput:
+    """Teacher scoring + one student forward/backward per rollout, as `SGSDTrainer` does; calls backward."""
+    with _head_implementation(settings.lean_head):
+        return _real_loss_phase(model, batch, settings)
+
+
+def _real_loss_phase(model: Any, batch: SyntheticBatch, settings: LossSettings) -> PhaseOutput:
+    import torch
+
+    from sgsd.objectives import sgsd_loss, teacher_polarity
+    from sgsd.scoring import completion_logprobs, left_pad, score_teachers
+
+    device = batch.completion_ids.device
+    k = batch.num_teachers
+    prompts: list[list[Any]] = [list(rows) for rows in batch.teacher_prompt_ids]
+    if settings.skip_neutral_rows:  # SGSDTrainer: the plain student prompt as one more gradient-free row
+        for row, student in zip(prompts, batch.student_prompt_ids):
+            row.append(student)
+    logps = score_teachers(
+        model, prompts, batch.completion_ids, batch.completion_mask, pad_id=PAD_ID,
+        batch_rows=settings.teacher_batch_rows, chunk_tokens=settings.chunk_tokens,
+    )
+    teacher_logps = logps[:, :k]
+    rows = torch.arange(batch.num_rollouts, device=device)
+    if settings.skip_neutral_rows:
+        _, polarity = teacher_polarity(
+            logps[:, k], teacher_logps, batch.counted_mask, batch.rewards, batch.teacher_weights,
+            clip_delta=settings.clip_delta, confidence_threshold=settings.confidence_threshold,
+        )
+        rows = polarity.ne(0).any(dim=-1).nonzero().squeeze(-1)
+    run_rows = rows if rows.numel() else rows.new_zeros(1)  # the trainer keeps the graph connected
+    prompt_ids, prompt_mask = left_pad(batch.student_prompt_ids, PAD_ID, device)
+    length = int(batch.completion_mask[run_rows].sum(-1).max().clamp(min=1))
+    student_logps = completion_logprobs(
+        model, prompt_ids[run_rows], prompt_mask[run_rows], batch.completion_ids[run_rows, :length],
+        batch.completion_mask[run_rows, :length], chunk_tokens=settings.chunk_tokens,
+    )
+    counted = batch.counted_mask[run_rows, :length]
+    out = sgsd_loss(
+        student_logps, teacher_logps[run_rows, :, :length], counted,
+        batch.rewards[run_rows], batch.teacher_weights[run_rows], gate_tau=settings.gate_tau,
+        clip_delta=settings.clip_delta, confidence_threshold=settings.confidence_threshold,
+    )
+    loss = out.loss * (rows.numel() / batch.num_rollouts)
+    loss.backward()
+    polarity = torch.zeros_like(batch.teacher_weights, dtype=torch.long)
+    if rows.numel():
+        polarity[rows] = out.polarity
+    return PhaseOutput(loss.detach(), polarity, int(rows.numel()))
+
+
+def right_pad_rows(sequences: list[list[int]], device: Any) -> tuple[Any, Any]:
+    """Right-pad token id lists -> (ids [N, L], mask [N, L]), as the public code lays out prompts."""
+    import torch
+
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _full_vocab_logps(model: Any, prompts: list[list[int]], completion_ids: Any, completion_mask: Any,
+                      public_positions: bool) -> Any:
+    """[N, T] sampled-token log-probs via full logits [N, P + T, V] and log-softmax [N, T, V] (materialised)."""
+    import torch
+
+    from sgsd.scoring import position_ids_from_mask
+
+    prompt_ids, prompt_mask = right_pad_rows(prompts, completion_ids.device)
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    positions = None if public_positions else position_ids_from_mask(attention_mask)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False).logits
+    # The first completion token is predicted at each row's LAST REAL prompt token, not at the padded
+    # end of the prompt block; the others at the positions just before them.
+    rows = torch.arange(logits.size(0), device=logits.device)
+    first = logits[rows, prompt_mask.sum(-1) - 1].unsqueeze(1)
+    window = torch.cat([first, logits[:, prompt_ids.size(1) : -1]], dim=1).float()  # [N, T, V]
+    log_probs = torch.log_softmax(window, dim=-1)
+    return log_probs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def naive_loss_phase(model: Any, batch: SyntheticBatch, settings: LossSettings = LossSettings(), *,
+                     public_positions: bool = False) -> PhaseOutput:
+    """The public code's pattern (module docstring): B x K rows, K student passes, full-vocabulary
+    log-softmax of student and teacher rows; calls backward. `settings` batching knobs are unused."""
+    import torch
+
+    from sgsd.objectives import sgsd_loss
+
+    b, k, t = batch.num_rollouts, batch.num_teachers, batch.completion_ids.size(1)
+    completion_ids = batch.completion_ids.repeat_interleave(k, dim=0)  # [B K, T], row = (rollout, teacher)
+    completion_mask = batch.completion_mask.repeat_interleave(k, dim=0)
+    student_rows = [prompt for prompt in batch.student_prompt_ids for _ in range(k)]
+    teacher_rows = [prompt for rows in batch.teacher_prompt_ids for prompt in rows]
+    student_logps = _full_vocab_logps(model, student_rows, completion_ids, completion_mask, public_positions)
+    with torch.no_grad():
+        teacher_logps = _full_vocab_logps(model, teacher_rows, completion_ids, completion_mask, public_positions)
+    out = sgsd_loss(
+        student_logps.view(b, k, t), teacher_logps.view(b, k, t), batch.counted_mask, batch.rewards,
+        batch.teacher_weights, gate_tau=settings.gate_tau, clip_delta=settings.clip_delta,
+        confidence_threshold=settings.confidence_threshold,
+    )
+    out.loss.backward()
+    return PhaseOutput(out.loss.detach(), out.polarity, b)

@@ -1,0 +1,265 @@
+"""`sgsd bench step|compare|sweep|train-step|estimate`: SGSD's cost, measured (issue 7; docs/performance.md).
+
+    sgsd bench step --teachers K [--naive] [--vocab V] [--completion-tokens T] [--json]
+    sgsd bench compare [--teachers 8] [--rounds 3] [--json]     # issue-7 ratios, one process
+    sgsd bench sweep --teachers 1,2,4,8 [--completion-tokens 64,128] [--vocab 8192,32768] [--naive] [--json]
+    sgsd bench train-step [--config configs/tiny/sgsd.yaml] [--steps 4] [--json] [key=value ...]
+    sgsd bench estimate [--teachers 8] [--completion-tokens 1024] [--json]   # paper-scale FLOPs and memory
+
+The measuring code lives in `sgsd.benchmarking`; this module parses arguments and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from typing import Any
+
+from sgsd.errors import UserError
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _shape_arguments(p: argparse.ArgumentParser, *, lists: bool) -> None:
+    kind = _ints if lists else int
+    many = " (comma-separated list)" if lists else ""
+    p.add_argument("--teachers", type=kind, default=[8] if lists else 8, help=f"K teachers per rollout{many}")
+    p.add_argument("--vocab", type=kind, default=[8192] if lists else 8192,
+                   help=f"vocabulary size V{many} (Qwen3: 151,936)")
+    p.add_argument("--completion-tokens", type=kind, default=[128] if lists else 128,
+                   help=f"T, the longest completion{many}; prompts scale with it")
+    p.add_argument("--rollouts", type=int, default=1,
+                   help="B rollouts in the batch (default 1: the paper's micro-batch per device)")
+    p.add_argument("--hidden", type=int, default=512, help="model hidden size (default 512)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
+    p.add_argument("--heads", type=int, default=8, help="attention heads (default 8; KV heads = half)")
+    p.add_argument("--intermediate", type=int, default=None, help="MLP width (default 3 x hidden)")
+    p.add_argument("--chunk-tokens", type=int, default=4096, help="token rows per LM-head chunk (sgsd.logprob_chunk_tokens)")
+    p.add_argument("--teacher-batch-rows", type=int, default=16, help="teacher rows per forward (sgsd.teacher_batch_size)")
+    p.add_argument("--confidence-threshold", type=float, default=0.0,
+                   help="theta (SPEC section 4; default 0 here: on a random model every |support| is below the "
+                        "paper's 0.05, which would make every teacher neutral and the loss 0)")
+    p.add_argument("--lean-head", action="store_true",
+                   help="real path: the candidate sgsd.benchmarking.lean_head.token_logprobs (one [chunk, V] buffer)")
+    p.add_argument("--chunk-budget-mb", type=int, default=None,
+                   help="choose --chunk-tokens so one fp32 [chunk, V] buffer fits this many MB")
+    p.add_argument("--skip-neutral", action="store_true",
+                   help="real path: the trainer's sgsd.skip_neutral_rows (one more gradient-free row per rollout)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: stable timings on a shared machine, where several "
+                        "OpenMP threads contend and times vary 3x)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic batch and model")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench_command", metavar="ACTION", required=True)
+    p = sub.add_parser("step", help="time and peak memory of the SGSD loss phase (real trainer code or --naive)")
+    _shape_arguments(p, lists=False)
+    p.add_argument("--naive", action="store_true", help="the public code's pattern (K student passes, full logits)")
+    p.set_defaults(_bench_run=_step)
+
+    p = sub.add_parser("compare", help="real K=1, real K and naive K in one process: the issue-7 ratios")
+    _shape_arguments(p, lists=False)
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved rounds of timed runs; the ratios of each round are reported (default 5)")
+    p.set_defaults(_bench_run=_compare)
+
+    p = sub.add_parser("sweep", help="time and memory against K, T and V (tables of docs/performance.md)")
+    _shape_arguments(p, lists=True)
+    p.add_argument("--naive", action="store_true", help="also measure the naive pattern at every point")
+    p.set_defaults(_bench_run=_sweep)
+
+    p = sub.add_parser("train-step", help="per-stage time of whole training steps on a (tiny) recipe")
+    p.add_argument("--config", default="configs/tiny/sgsd.yaml", help="YAML recipe (default configs/tiny/sgsd.yaml)")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps; the first is reported as warm-up")
+    p.add_argument("--output-dir", default=None, help="run directory (default: a temporary one, removed after)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for sgsd train")
+    p.set_defaults(_bench_run=_train_step)
+
+    p = sub.add_parser("estimate", help="paper-scale FLOPs and logit memory (Qwen3-1.7B), real vs naive")
+    p.add_argument("--teachers", type=int, default=8)
+    p.add_argument("--completion-tokens", type=int, default=1024)
+    p.add_argument("--student-prompt", type=int, default=300)
+    p.add_argument("--teacher-prompt", type=int, default=500)
+    p.add_argument("--chunk-tokens", type=int, default=4096)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(_bench_run=_estimate)
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return int(args._bench_run(args) or 0)
+
+
+def _config(args: argparse.Namespace, *, teachers: int, vocab: int, tokens: int, naive: bool = False) -> Any:
+    from sgsd.benchmarking.phases import LossSettings
+    from sgsd.benchmarking.step import StepBenchConfig
+    from sgsd.benchmarking.synthetic import BatchShape, ModelShape
+
+    if args.repeats < 1 or args.warmup < 0:
+        raise UserError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    if args.chunk_tokens < 1 or args.teacher_batch_rows < 1:
+        raise UserError("--chunk-tokens and --teacher-batch-rows must be >= 1")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}: no CUDA device is available")
+    try:
+        model = ModelShape(vocab=vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                           kv_heads=max(args.heads // 2, 1), intermediate=args.intermediate or 3 * args.hidden)
+        batch = BatchShape(rollouts=args.rollouts, teachers=teachers, completion_tokens=tokens, seed=args.seed)
+    except ValueError as err:
+        raise UserError(f"sgsd bench: {err}") from None
+    chunk = args.chunk_tokens
+    if args.chunk_budget_mb is not None:
+        from sgsd.benchmarking.lean_head import chunk_tokens_for_budget
+
+        if args.chunk_budget_mb < 1:
+            raise UserError(f"--chunk-budget-mb must be >= 1, got {args.chunk_budget_mb}")
+        chunk = chunk_tokens_for_budget(vocab, args.chunk_budget_mb * 2**20)
+    settings = LossSettings(confidence_threshold=args.confidence_threshold, teacher_batch_rows=args.teacher_batch_rows,
+                            chunk_tokens=chunk, skip_neutral_rows=args.skip_neutral, lean_head=args.lean_head)
+    return StepBenchConfig(model=model, batch=batch, settings=settings, naive=naive, repeats=args.repeats,
+                           warmup=args.warmup, device=args.device)
+
+
+def _step(args: argparse.Namespace) -> int:
+    from sgsd.benchmarking.step import StepBench, environment, result_dict
+
+    config = _config(args, teachers=args.teachers, vocab=args.vocab, tokens=args.completion_tokens, naive=args.naive)
+    result = StepBench(config.model, device=config.device, seed=args.seed).measure(config)
+    if args.json:
+        print(json.dumps({**result_dict(result), "environment": environment()}))
+    else:
+        print(_format_rows([result]))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import sys
+
+    from sgsd.benchmarking.step import compare, environment, result_dict, summarize
+
+    if args.rounds < 1:
+        raise UserError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.teachers < 2:
+        raise UserError("--teachers must be >= 2 for compare (it compares K with K=1)")
+    config = _config(args, teachers=args.teachers, vocab=args.vocab, tokens=args.completion_tokens)
+
+    def progress(index: int, result: Any) -> None:
+        if not args.json:
+            print(f"round {index + 1}: {result.path} K={result.teachers}: {result.loss_phase_s:.3f} s, "
+                  f"{result.peak_mem_mb:.1f} MB", file=sys.stderr, flush=True)
+
+    rounds = compare(config, rounds=args.rounds, progress=progress)
+    summary = summarize(rounds)
+    if args.json:
+        print(json.dumps({"summary": summary, "environment": environment(),
+                          "rounds": [{name: result_dict(getattr(r, name)) for name in ("real_k1", "real_k", "naive_k")}
+                                     for r in rounds]}))
+        return 0
+    k = args.teachers
+    print(_format_rows([res for r in rounds for res in (r.real_k1, r.real_k, r.naive_k)]))
+    print()
+    names = {"scaling": f"time(K={k}) / time(K=1)", "time_vs_naive": f"time real / naive at K={k}",
+             "memory_vs_naive": f"peak memory real / naive at K={k}"}
+    print(f"{'ratio':<34} {'median':>7} {'min':>7} {'max':>7} {'target':>7}  every round")
+    for key, label in names.items():
+        s = summary[key]
+        print(f"{label:<34} {s['median']:7.3f} {s['min']:7.3f} {s['max']:7.3f} {s['target']:7.2f}  "
+              f"{'yes' if s['holds_every_round'] else 'NO'}")
+    env = environment()
+    print(f"\n{env['threads']} torch threads, {env['cpu_count']} CPUs, load average {env['load_average']}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from sgsd.benchmarking.step import StepBench, environment, result_dict
+
+    results = []
+    for vocab in args.vocab:
+        bench = None
+        for tokens in args.completion_tokens:
+            for teachers in args.teachers:
+                for naive in ((False, True) if args.naive else (False,)):
+                    config = _config(args, teachers=teachers, vocab=vocab, tokens=tokens, naive=naive)
+                    bench = bench or StepBench(config.model, device=config.device, seed=args.seed)
+                    results.append(bench.measure(config))
+                    if not args.json:
+                        print(_format_rows(results[-1:], header=len(results) == 1), flush=True)
+    if args.json:
+        print(json.dumps({"results": [result_dict(r) for r in results], "environment": environment()}))
+    return 0
+
+
+def _format_rows(results: list[Any], header: bool = True) -> str:
+    lines = []
+    if header:
+        lines.append(f"{'path':<6} {'K':>3} {'T':>5} {'V':>7} {'B':>3} {'time s':>8} {'min':>7} {'max':>7} "
+                     f"{'peak MB':>9} {'RSS MB':>8} {'GFLOP':>8} {'GFLOP/s':>8}")
+    for r in results:
+        rss = f"{r.peak_rss_mb:8.1f}" if r.peak_rss_mb is not None else f"{'-':>8}"
+        lines.append(f"{r.path:<6} {r.teachers:>3} {r.completion_tokens:>5} {r.vocab:>7} {r.rollouts:>3} "
+                     f"{r.loss_phase_s:8.3f} {r.loss_phase_min_s:7.3f} {r.loss_phase_max_s:7.3f} "
+                     f"{r.peak_mem_mb:9.1f} {rss} {r.estimated_gflop:8.1f} {r.achieved_gflops:8.1f}")
+    return "\n".join(lines)
+
+
+def _train_step(args: argparse.Namespace) -> int:
+    from sgsd.benchmarking.train_step import profile_training
+
+    if args.steps < 2:
+        raise UserError(f"--steps must be >= 2 (the first step is warm-up), got {args.steps}")
+    profile = profile_training(args.config, steps=args.steps, overrides=args.overrides, output_dir=args.output_dir)
+    if args.json:
+        print(json.dumps(asdict(profile)))
+        return 0
+    print(profile.table())
+    return 0
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from sgsd.benchmarking.cost import paper_scale_estimate
+
+    values = (args.teachers, args.completion_tokens, args.student_prompt, args.teacher_prompt, args.chunk_tokens)
+    if min(values) < 1:
+        raise UserError("sgsd bench estimate: every size must be >= 1")
+    est = paper_scale_estimate(teachers=args.teachers, completion_tokens=args.completion_tokens,
+                               student_prompt=args.student_prompt, teacher_prompt=args.teacher_prompt,
+                               chunk_tokens=args.chunk_tokens)
+    if args.json:
+        print(json.dumps(asdict(est)))
+        return 0
+    print(f"Qwen3-1.7B, K={args.teachers}, T={args.completion_tokens}, prompts {args.student_prompt} (student) / "
+          f"{args.teacher_prompt} (teacher) tokens, one rollout:")
+    print(f"  student forward+backward   {est.student_tflop:8.1f} TFLOP")
+    print(f"  K teacher forwards         {est.teachers_tflop:8.1f} TFLOP")
+    print(f"  real path                  {est.real_tflop:8.1f} TFLOP")
+    print(f"  naive path                 {est.naive_tflop:8.1f} TFLOP  ({est.naive_over_real:.2f} x real)")
+    print(f"  naive full-vocabulary tensors {est.naive_logits_gb:6.1f} GB:")
+    for line in est.logit_tensors:
+        print(f"    {line}")
+    print(f"  real path, one chunk of {args.chunk_tokens} token rows (logits + logsumexp temporary): "
+          f"{est.chunked_logits_gb:.2f} GB")
+    return 0
