@@ -142,7 +142,7 @@ def token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, target_ids: t
 def chunk_tokens_for_budget(vocab_size: int, budget_bytes: int, *, minimum: int = 64, maximum: int = 16384) -> int:
     """Token rows per chunk so that one fp32 [chunk, V] buffer (+ a bf16 copy of the logits) fits `budget_bytes`.
 
-    E.g. 1 GiB at V = 151,936: 1,178 rows; at V = 8,192: 16,384 (the maximum). Clamped to [minimum, maximum].
+    E.g. 1 GiB at V = 151,936: 1,177 rows; at V = 8,192: 16,384 (the maximum). Clamped to [minimum, maximum].
     """
     if vocab_size < 1 or budget_bytes < 1:
         raise ValueError(f"vocab_size and budget_bytes must be positive, got {vocab_size}, {budget_bytes}")
