@@ -123,15 +123,17 @@ def test_nan_logits_skip_the_step_and_training_continues(tmp_path, monkeypatch):
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
-        logps = original(*args, **kwargs)
+        logps, entropy = original(*args, **kwargs)
         calls["n"] += 1
-        return logps * float("nan") if calls["n"] == 1 else logps  # the first loss step sees NaN logits
+        if calls["n"] == 1:  # the first loss step sees NaN logits
+            return logps * float("nan"), entropy * float("nan")
+        return logps, entropy
 
     monkeypatch.setattr(sgsd_trainer, "completion_logprobs", poisoned)
     result = _train(tmp_path / "run", steps=3)
     records = _metrics(result.output_dir)
     assert records[0].get("train/nonfinite_skipped") == 1.0 and records[0]["train/grad_norm"] == 0.0
-    assert all("train/nonfinite_skipped" not in r and r["train/grad_norm"] > 0 for r in records[1:])
+    assert all(r["train/nonfinite_skipped"] == 0.0 and r["train/grad_norm"] > 0 for r in records[1:])
     final = _weights(result.output_dir)
     assert all(torch.isfinite(v).all() for v in final.values())
 

@@ -162,3 +162,38 @@ def test_entropy_diagnostic_matches_full_softmax(tiny_model):
         full = tiny_model.lm_head(hidden).float().log_softmax(-1)
     torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1), atol=ATOL, rtol=0)
     torch.testing.assert_close(logps, full.gather(-1, targets[..., None]).squeeze(-1), atol=ATOL, rtol=0)
+
+
+def test_hidden_states_go_through_the_wrapper_forward(tiny_model):
+    """DDP/DeepSpeed prepare gradient reduction in their forward: the model must be called through it."""
+    from sgsd.scoring import hidden_for_completion
+
+    class Wrapper(torch.nn.Module):  # the shape of DDP: `.module` and a forward that must run
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, **kwargs):
+            self.calls += 1
+            return self.module(**kwargs)
+
+    wrapped = Wrapper(tiny_model)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    hidden = hidden_for_completion(wrapped, ids, torch.ones_like(ids), 2)
+    assert wrapped.calls == 1 and hidden.shape == (1, 2, tiny_model.config.hidden_size)
+    with torch.no_grad():
+        full = tiny_model(ids, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(hidden, full[:, 2:4], atol=ATOL, rtol=0)
+
+
+def test_frozen_copy_ignores_a_forward_bound_to_the_live_model(tiny_model):
+    from sgsd.trainers.teacher_weights import FrozenCopy
+
+    live_forward = tiny_model.forward
+    tiny_model.forward = lambda *a, **k: live_forward(*a, **k)  # what accelerate/TRL wrapping does
+    frozen = FrozenCopy(tiny_model)
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.add_(1.0)  # the live model moves on
+        ids = torch.tensor([[5, 6, 7]])
+        assert not torch.allclose(frozen.model(ids).logits, tiny_model(ids).logits)

@@ -41,16 +41,28 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def hidden_for_completion(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                           num_completion_tokens: int) -> torch.Tensor:
-    """Final hidden states [N, T, H] at the positions that predict the last T tokens of `input_ids`."""
+    """Final hidden states [N, T, H] at the positions that predict the last T tokens of `input_ids`.
+
+    The model is called through its own forward (and so through any DDP / DeepSpeed / PEFT wrapper,
+    whose hooks prepare gradient reduction) with `logits_to_keep=1`, so the LM head runs on one
+    position only; the output of the decoder's final norm is captured by a forward hook. The
+    sampled-token log-probs are then computed from these states in chunks (`token_logprobs`).
+    """
     backbone, _ = lm_parts(model)
-    out = backbone(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    )
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return hidden[:, -num_completion_tokens - 1 : -1]
+    norm = getattr(backbone, "norm", None)
+    position_ids = position_ids_from_mask(attention_mask)
+    if norm is None:  # architectures without a final `norm` module: call the decoder directly
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return hidden[:, -num_completion_tokens - 1 : -1]
+    captured: list[torch.Tensor] = []
+    handle = norm.register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+              logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured[-1][:, -num_completion_tokens - 1 : -1]
 
 
 def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,

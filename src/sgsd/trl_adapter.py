@@ -118,6 +118,12 @@ class HookedGRPOTrainer(GRPOTrainer):
         self._local_rewards: torch.Tensor | None = None
         self.step_timing: dict[str, float] = {"generate_s": 0.0, "teacher_s": 0.0}
         super().__init__(*args, **kwargs)
+        if self.has_method_loss and getattr(self, "is_fsdp_enabled", False):
+            from sgsd.errors import ConfigError
+
+            # the chunked LM head reads lm_head.weight outside the forward, where FSDP keeps it sharded
+            raise ConfigError("FSDP is not supported by the SGSD/OPSD loss (chunked LM head); use DeepSpeed ZeRO-2 "
+                              "(configs/paper/accelerate-zero2.yaml) or DDP")
 
     # -- seams ------------------------------------------------------------------------------
     def rollout_extras(self, inputs: list[dict[str, Any]], output: dict[str, Any],
@@ -156,18 +162,33 @@ class HookedGRPOTrainer(GRPOTrainer):
 
     # -- helpers for methods ------------------------------------------------------------------
     def record_metric(self, name: str, value: float | torch.Tensor) -> None:
-        """Append a scalar to TRL's metric buffer (averaged over the logging interval, all ranks)."""
-        if isinstance(value, torch.Tensor):
-            value = self.accelerator.gather(value.detach().float().reshape(1)).mean().item()
-        self._metrics["train" if self.model.training else "eval"][name].append(float(value))
+        """Append one scalar to TRL's metric buffer (see `record_metrics`)."""
+        self.record_metrics({name: value})
+
+    def record_metrics(self, values: dict[str, float | torch.Tensor]) -> None:
+        """Append scalars to TRL's metric buffer (averaged over the logging interval).
+
+        One collective per call: the values are stacked, gathered over ranks and averaged ignoring
+        NaN. Every rank must call with the same keys in the same order; a rank with nothing to report
+        for a key passes NaN.
+        """
+        if not values:
+            return
+        device = self.accelerator.device
+        local = torch.stack([torch.as_tensor(v, dtype=torch.float32).detach().to(device).reshape(())
+                             for v in values.values()])
+        gathered = self.accelerator.gather(local.unsqueeze(0)).reshape(-1, len(values))
+        buffer = self._metrics["train" if self.model.training else "eval"]
+        for name, value in zip(values, gathered.nanmean(dim=0).tolist()):
+            buffer[name].append(float(value))
 
     def skip_nonfinite_step(self, model: Any) -> torch.Tensor:
-        """A zero loss for a micro-step whose log-probs are NaN/inf: logged, and no parameter moves.
+        """A zero loss for a micro-step whose log-probs are NaN/inf: no parameter moves.
 
         The zero is built from the parameters themselves, not from the poisoned activations (0 * NaN
         in a backward is NaN), so every gradient is exactly 0 and data-parallel ranks stay in step.
+        The caller logs the skip (with the same metric keys as a normal step, NaN where undefined).
         """
-        self.record_metric("train/nonfinite_skipped", 1.0)
         params = [p for p in model.parameters() if p.requires_grad]
         return sum(p.sum() for p in params) * 0.0
 

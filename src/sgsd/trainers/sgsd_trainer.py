@@ -156,6 +156,7 @@ class SGSDTrainer(HookedGRPOTrainer):
         comp_mask = inputs["completion_mask"][run_rows, :length]
         teacher_logps = inputs["teacher_logps"][run_rows, :, :length]
         divergence = None
+        entropies: dict[str, torch.Tensor] = {}
         if self.settings.local_support_top_k > 0:
             hidden = hidden_for_completion(model, torch.cat([prompt_ids, comp_ids], 1),
                                            torch.cat([prompt_mask, comp_mask], 1), length)
@@ -171,11 +172,15 @@ class SGSDTrainer(HookedGRPOTrainer):
             counted = inputs["sgsd_mask"][run_rows, :length]
             present = inputs["teacher_weights"][run_rows] > 0
             teacher_entropy = inputs["teacher_entropy"][run_rows, :, :length]
-            token_teacher = counted[:, None, :] & present[:, :, None]
-            self.record_metric("sgsd/student_entropy_mean", masked_mean(entropy, counted))
-            self.record_metric("sgsd/teacher_entropy_mean", masked_mean(teacher_entropy, token_teacher))
-        if not all(torch.isfinite(x).all() for x in (student_logps, teacher_logps) + ((divergence,) if divergence
-                                                                                     is not None else ())):
+            entropies = {"sgsd/student_entropy_mean": masked_mean(entropy, counted),
+                         "sgsd/teacher_entropy_mean": masked_mean(teacher_entropy,
+                                                                  counted[:, None, :] & present[:, :, None])}
+        values = [student_logps, teacher_logps] + ([divergence] if divergence is not None else [])
+        if not all(torch.isfinite(x).all() for x in values):
+            # same keys as a normal step (all ranks gather the same list), NaN where undefined
+            self.record_metrics({**dict.fromkeys(self._log_keys(), float("nan")), "train/nonfinite_skipped": 1.0})
+            for uid in inputs["rollout_uid"].tolist():
+                self.records.pop(uid, None)
             return self.skip_nonfinite_step(model)
         out = sgsd_loss(
             student_logps, teacher_logps, inputs["sgsd_mask"][run_rows, :length],
@@ -188,21 +193,30 @@ class SGSDTrainer(HookedGRPOTrainer):
         support = torch.zeros_like(inputs["teacher_weights"])
         if rows.numel():
             polarity[rows], support[rows] = out.polarity, out.support
-        self._log_step(inputs, out, polarity, support, rows.numel())
+        self._log_step(inputs, out, polarity, support, rows.numel(), entropies)
         return loss
 
-    def _log_step(self, inputs, out, polarity, support, active_rows) -> None:
+    def _log_keys(self) -> list[str]:
+        from sgsd.objectives import SGSD_METRIC_KEYS
+
+        keys = [f"sgsd/{k}" for k in SGSD_METRIC_KEYS]
+        keys += ["sgsd/active_rollout_fraction", "train/reward_mean"]
+        if self.settings.local_support_top_k == 0:
+            keys += ["sgsd/student_entropy_mean", "sgsd/teacher_entropy_mean"]
+        return keys
+
+    def _log_step(self, inputs, out, polarity, support, active_rows, entropies) -> None:
         present = inputs["teacher_weights"] > 0
         count = present.sum().clamp(min=1)
-        for key, value in out.metrics.items():
-            if key not in ("helpful_fraction", "harmful_fraction", "neutral_fraction"):
-                self.record_metric(f"sgsd/{key}", value)
+        values: dict[str, Any] = {f"sgsd/{key}": value for key, value in out.metrics.items()}
         # fractions over ALL rollouts of the step (skipped rollouts are neutral by construction)
-        self.record_metric("sgsd/helpful_fraction", ((polarity == 1) & present).sum() / count)
-        self.record_metric("sgsd/harmful_fraction", ((polarity == -1) & present).sum() / count)
-        self.record_metric("sgsd/neutral_fraction", ((polarity == 0) & present).sum() / count)
-        self.record_metric("sgsd/active_rollout_fraction", active_rows / max(polarity.size(0), 1))
-        self.record_metric("train/reward_mean", inputs["rewards"].float().mean())
+        values["sgsd/helpful_fraction"] = ((polarity == 1) & present).sum() / count
+        values["sgsd/harmful_fraction"] = ((polarity == -1) & present).sum() / count
+        values["sgsd/neutral_fraction"] = ((polarity == 0) & present).sum() / count
+        values["sgsd/active_rollout_fraction"] = active_rows / max(polarity.size(0), 1)
+        values["train/reward_mean"] = inputs["rewards"].float().mean()
+        values.update(entropies)
+        self.record_metrics({**{key: values[key] for key in self._log_keys()}, "train/nonfinite_skipped": 0.0})
         uids = inputs["rollout_uid"].tolist()
         records = [self.records.pop(uid) for uid in uids]
         for observer in self.observers:

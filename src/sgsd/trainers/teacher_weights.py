@@ -65,6 +65,9 @@ class FrozenCopy:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        # TRL/accelerate may have replaced `model.forward` by an instance attribute whose closure points
+        # at the live model; a deep copy would carry it over and run the student. Use the class forward.
+        self.model.__dict__.pop("forward", None)
 
 
 def teacher_context_factory(kind: str, model_getter: Callable[[], Any], *, ema: EMAWeights | None = None
