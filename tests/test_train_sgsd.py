@@ -73,8 +73,14 @@ def _run_cli(args, capsys):
     (["data.path=/nonexistent/data.jsonl"], "not a file"),
     (["prompt.max_prompt_tokens=8"], "longer than prompt.max_prompt_tokens=8"),
     (["sgsd.gate_tau=0"], "sgsd.gate_tau: must be > 0"),
+    (["skills.bank=BROKEN"], "broken_bank.json"),
+    (["data.path=builtin:nothing"], "builtin dataset 'nothing': unknown"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, override, message):
+    if override == ["skills.bank=BROKEN"]:
+        broken = tmp_path / "broken_bank.json"
+        broken.write_text('{"general_skills": [{"skill_id": "gen_001", "title": "x"')  # truncated
+        override = [f"skills.bank={broken}"]
     out = tmp_path / "run"
     code, err = _run_cli(["train", "--config", str(RECIPE), "--output-dir", str(out), *override], capsys)
     assert code == 2
