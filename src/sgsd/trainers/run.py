@@ -197,6 +197,9 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
         top_p=cfg.generation.top_p,
         top_k=cfg.generation.top_k,
         use_vllm=cfg.generation.use_vllm,
+        # only GRPO's clipped surrogate uses importance weights; for SGSD/OPSD TRL's correction would
+        # cost one more student forward per rollout for nothing
+        vllm_importance_sampling_correction=cfg.method == "grpo",
         vllm_mode=cfg.generation.vllm_mode,
         vllm_gpu_memory_utilization=cfg.generation.vllm_gpu_memory_utilization,
         **({"vllm_server_base_url": cfg.generation.vllm_server_base_url} if cfg.generation.vllm_server_base_url else {}),
