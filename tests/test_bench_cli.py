@@ -42,13 +42,18 @@ def test_step_prints_json_with_positive_time_and_memory(capsys):
 
 
 def test_compare_reports_the_three_ratios(capsys):
-    out = _json(capsys, ["bench", "compare", "--teachers", "2", *TINY, "--rounds", "2", "--json"])
-    assert set(out["summary"]) == {"scaling", "time_vs_naive", "memory_vs_naive"}
+    out = _json(capsys, ["bench", "compare", "--teachers", "2", *TINY, "--rounds", "2", "--with-lean", "--json"])
+    assert set(out["summary"]) == {"scaling", "time_vs_naive", "memory_vs_naive", "lean_scaling",
+                                   "lean_time_vs_naive", "lean_memory_vs_naive", "lean_time_vs_scoring"}
     assert len(out["rounds"]) == 2
     for key, ratio in out["summary"].items():
         assert len(ratio["values"]) == 2 and all(v > 0 for v in ratio["values"]), key
         assert ratio["min"] <= ratio["median"] <= ratio["max"]
+        if "memory" not in key:
+            assert ratio["pooled_median"] > 0 and ratio["pooled_min"] > 0
     first, second = out["rounds"]
+    assert first["lean_k"]["lean_head"] and not first["real_k"]["lean_head"]
+    assert abs(first["lean_k"]["loss"] - first["real_k"]["loss"]) < 1e-5
     assert first["real_k1"]["teachers"] == 1 and first["naive_k"]["path"] == "naive"
     assert second["naive_k"]["peak_mem_mb"] == first["naive_k"]["peak_mem_mb"]  # measured once
     assert main(["bench", "compare", "--teachers", "2", *TINY, "--rounds", "1"]) == 0
@@ -70,8 +75,11 @@ def test_paper_scale_estimate_matches_the_spec(capsys):
     assert 2.7 <= out["naive_over_real"] <= 2.9
     assert 13 <= out["naive_logits_gb"] <= 17.5
     assert out["teachers_tflop"] > out["student_tflop"]  # K = 8 teacher forwards dominate the real path
-    # B x K x T x V x 4 bytes: one fp32 [8, 1024, 151936] tensor is 4.98 GB
-    assert paper_scale_estimate(chunk_tokens=8192).chunked_logits_gb == pytest.approx(2 * 8192 * 151936 * 4 / 1e9)
+    # one fp32 [chunk, V] buffer; the teachers' 8 x 1024 rows cap the chunk at 8192, the student's at 1024
+    est = paper_scale_estimate(chunk_tokens=16384)
+    assert est.teacher_chunk_buffer_gb == pytest.approx(8192 * 151936 * 4 / 1e9)  # 4.98 GB = B K T V x 4 B
+    assert est.student_chunk_buffer_gb == pytest.approx(1024 * 151936 * 4 / 1e9)
+    assert est.lean_chunk_gb == est.teacher_chunk_buffer_gb < est.scoring_chunk_gb
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -84,9 +84,14 @@ class PaperScaleEstimate:
     real_tflop: float
     naive_tflop: float
     naive_over_real: float
-    naive_logits_gb: float  # full-vocabulary fp32 tensors of the naive path (list in `logit_tensors`)
-    chunked_logits_gb: float  # one chunk of fp32 logits (+ its exp/softmax temporary) in the real path
+    naive_logits_gb: float  # full-vocabulary tensors of the naive path (list in `logit_tensors`)
     logit_tensors: Sequence[str]
+    teacher_chunk_buffer_gb: float  # one fp32 [chunk, V] buffer of the real path's teacher scoring
+    student_chunk_buffer_gb: float  # the same for the student's chunk (min(chunk, B x T) rows)
+    scoring_chunk_gb: float  # scoring.py today: 3 teacher buffers / 5 student-backward buffers, the larger
+    lean_chunk_gb: float  # the lean head: one buffer
+    real_activations_gb: float  # decoder activations kept for the student backward: B rows
+    naive_activations_gb: float  # the same for B x K student rows
 
 
 def paper_scale_estimate(*, teachers: int = 8, completion_tokens: int = 1024, student_prompt: int = 300,
@@ -98,7 +103,12 @@ def paper_scale_estimate(*, teachers: int = 8, completion_tokens: int = 1024, st
     FLOPs are those of full fine-tuning (with LoRA the weight-gradient half of the backward mostly
     disappears, for both paths alike). Naive memory: the model's logits in `logit_bytes` (2: bf16, the
     paper's precision) and the fp32 log-softmax of the completion positions, student and teacher rows.
-    Real path: one chunk of `chunk_tokens` fp32 logits plus the same-sized temporary of logsumexp.
+    Real path: `chunk_tokens` rows of fp32 logits at a time; `sgsd.scoring.token_logprobs` holds about 3
+    such buffers without gradient (logits and logsumexp temporaries) and 5 in the student's backward
+    (measured on CPU, tests/test_bench_lean_head.py), the lean head one.
+    Activations saved for the backward: 34 x hidden bytes per token and layer (16-bit, fused attention,
+    no recomputation; Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+    Models", section 4.1), for the student rows only (teachers run without gradient).
     """
     layer_params = shape.layers * (shape.hidden * head_dim * (2 * shape.heads + 2 * shape.kv_heads)
                                    + 3 * shape.hidden * shape.intermediate)
@@ -122,9 +132,15 @@ def paper_scale_estimate(*, teachers: int = 8, completion_tokens: int = 1024, st
         f"teacher log-softmax fp32 [B K, T, V] = {b * k} x {t} x {shape.vocab} x 4 B",
     ]
     naive_bytes = b * k * (vl * (student_prompt + t + teacher_prompt + t) + v4 * 2 * t)
-    chunk = min(chunk_tokens, b * k * t)
+    teacher_buffer = min(chunk_tokens, b * k * t) * v4
+    student_buffer = min(chunk_tokens, b * t) * v4
+    activations_per_row = 34.0 * shape.hidden * shape.layers * (student_prompt + t)
     return PaperScaleEstimate(
         student_tflop=student / 1e12, teachers_tflop=teacher / 1e12, real_tflop=(student + teacher) / 1e12,
         naive_tflop=naive / 1e12, naive_over_real=naive / (student + teacher),
-        naive_logits_gb=naive_bytes / 1e9, chunked_logits_gb=2 * chunk * v4 / 1e9, logit_tensors=tensors,
+        naive_logits_gb=naive_bytes / 1e9, logit_tensors=tensors, teacher_chunk_buffer_gb=teacher_buffer / 1e9,
+        student_chunk_buffer_gb=student_buffer / 1e9,
+        scoring_chunk_gb=max(3 * teacher_buffer, 5 * student_buffer) / 1e9,
+        lean_chunk_gb=max(teacher_buffer, student_buffer) / 1e9,
+        real_activations_gb=b * activations_per_row / 1e9, naive_activations_gb=b * k * activations_per_row / 1e9,
     )

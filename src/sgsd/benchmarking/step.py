@@ -127,27 +127,35 @@ class StepBench:
         )
 
 
+# ratio name -> (numerator run, denominator run, measured quantity, issue-7 target or None)
+RATIOS: dict[str, tuple[str, str, str, float | None]] = {
+    "scaling": ("real_k", "real_k1", "loss_phase_s", TARGET_SCALING),
+    "time_vs_naive": ("real_k", "naive_k", "loss_phase_s", TARGET_TIME_VS_NAIVE),
+    "memory_vs_naive": ("real_k", "naive_k", "peak_mem_mb", TARGET_MEMORY_VS_NAIVE),
+    "lean_scaling": ("lean_k", "lean_k1", "loss_phase_s", TARGET_SCALING),
+    "lean_time_vs_naive": ("lean_k", "naive_k", "loss_phase_s", TARGET_TIME_VS_NAIVE),
+    "lean_memory_vs_naive": ("lean_k", "naive_k", "peak_mem_mb", TARGET_MEMORY_VS_NAIVE),
+    "lean_time_vs_scoring": ("lean_k", "real_k", "loss_phase_s", None),
+}
+
+
 @dataclass(frozen=True)
 class CompareRound:
-    real_k1: StepBenchResult
-    real_k: StepBenchResult
-    naive_k: StepBenchResult
+    """The runs of one round: real_k1, real_k, naive_k (and lean_k1, lean_k with the lean head)."""
 
-    @property
-    def scaling(self) -> float:
-        return self.real_k.loss_phase_s / self.real_k1.loss_phase_s
+    runs: dict[str, StepBenchResult]
 
-    @property
-    def time_vs_naive(self) -> float:
-        return self.real_k.loss_phase_s / self.naive_k.loss_phase_s
-
-    @property
-    def memory_vs_naive(self) -> float:
-        return self.real_k.peak_mem_mb / self.naive_k.peak_mem_mb
+    def ratio(self, name: str) -> float | None:
+        top, bottom, key, _ = RATIOS[name]
+        if top not in self.runs or bottom not in self.runs:
+            return None
+        return getattr(self.runs[top], key) / getattr(self.runs[bottom], key)
 
 
-def compare(config: StepBenchConfig, *, rounds: int = 5, progress: Any = None) -> list[CompareRound]:
-    """Real K=1, real K, naive K (K = config.batch.teachers) on one model, `rounds` times interleaved.
+def compare(config: StepBenchConfig, *, rounds: int = 5, progress: Any = None, lean: bool = False
+            ) -> list[CompareRound]:
+    """Real K=1, real K, naive K (K = config.batch.teachers) on one model, `rounds` times interleaved;
+    with `lean`, also the real path with the lean head at K=1 and K.
 
     Warm-up runs and the peak-memory run (deterministic) happen in the first round only; every round
     times `config.repeats` runs of each path, so a burst of load on a shared machine hits one round.
@@ -155,33 +163,46 @@ def compare(config: StepBenchConfig, *, rounds: int = 5, progress: Any = None) -
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     bench = StepBench(config.model, device=config.device, seed=config.batch.seed)
-    one = replace(config, batch=replace(config.batch, teachers=1), naive=False)
-    configs = (one, replace(config, naive=False), replace(config, naive=True))
+    real = replace(config, naive=False, settings=replace(config.settings, lean_head=False))
+    configs = {"real_k1": replace(real, batch=replace(config.batch, teachers=1)), "real_k": real,
+               "naive_k": replace(config, naive=True)}
+    if lean:
+        lean_settings = replace(config.settings, lean_head=True)
+        configs["lean_k1"] = replace(configs["real_k1"], settings=lean_settings)
+        configs["lean_k"] = replace(real, settings=lean_settings)
     out: list[CompareRound] = []
     for index in range(rounds):
-        results = []
-        for position, cfg in enumerate(configs):
+        runs = {}
+        for name, cfg in configs.items():
             if index == 0:
                 result = bench.measure(cfg)
             else:
                 result = bench.measure(replace(cfg, warmup=0), memory=False)
-                reference = (out[0].real_k1, out[0].real_k, out[0].naive_k)[position]
-                result = replace(result, peak_mem_mb=reference.peak_mem_mb, mem_method=reference.mem_method)
-            results.append(result)
+                first = out[0].runs[name]
+                result = replace(result, peak_mem_mb=first.peak_mem_mb, mem_method=first.mem_method)
+            runs[name] = result
             if progress is not None:
-                progress(index, result)
-        out.append(CompareRound(*results))
+                progress(index, name, result)
+        out.append(CompareRound(runs))
     return out
 
 
 def summarize(rounds: list[CompareRound]) -> dict[str, Any]:
-    """Per-ratio median / min / max over rounds and whether the issue-7 targets hold in every round."""
+    """Each ratio: per round (`values`: one ratio of medians per round; median / min / max over rounds;
+    whether the target holds in every round) and, for times, pooled over rounds (`pooled_median`: ratio
+    of the medians of all timed runs; `pooled_min`: ratio of the fastest runs, the least disturbed by load)."""
     summary: dict[str, Any] = {}
-    for name, target in (("scaling", TARGET_SCALING), ("time_vs_naive", TARGET_TIME_VS_NAIVE),
-                         ("memory_vs_naive", TARGET_MEMORY_VS_NAIVE)):
-        values = [getattr(r, name) for r in rounds]
-        summary[name] = {"median": statistics.median(values), "min": min(values), "max": max(values),
-                         "values": values, "target": target, "holds_every_round": all(v <= target for v in values)}
+    for name, (top, bottom, key, target) in RATIOS.items():
+        values = [r.ratio(name) for r in rounds]
+        if any(v is None for v in values):
+            continue
+        entry = {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values,
+                 "target": target, "holds_every_round": None if target is None else all(v <= target for v in values)}
+        if key == "loss_phase_s":
+            pooled = {run: [t for r in rounds for t in r.runs[run].repeats_s] for run in (top, bottom)}
+            entry["pooled_median"] = statistics.median(pooled[top]) / statistics.median(pooled[bottom])
+            entry["pooled_min"] = min(pooled[top]) / min(pooled[bottom])
+        summary[name] = entry
     return summary
 
 

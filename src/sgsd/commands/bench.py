@@ -75,6 +75,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     _shape_arguments(p, lists=False)
     p.add_argument("--rounds", type=int, default=5,
                    help="interleaved rounds of timed runs; the ratios of each round are reported (default 5)")
+    p.add_argument("--with-lean", action="store_true",
+                   help="also run the real path with the candidate lean LM head (K=1 and K) in every round")
     p.set_defaults(_bench_run=_compare)
 
     p = sub.add_parser("sweep", help="time and memory against K, T and V (tables of docs/performance.md)")
@@ -167,28 +169,31 @@ def _compare(args: argparse.Namespace) -> int:
         raise UserError("--teachers must be >= 2 for compare (it compares K with K=1)")
     config = _config(args, teachers=args.teachers, vocab=args.vocab, tokens=args.completion_tokens)
 
-    def progress(index: int, result: Any) -> None:
+    def progress(index: int, name: str, result: Any) -> None:
         if not args.json:
-            print(f"round {index + 1}: {result.path} K={result.teachers}: {result.loss_phase_s:.3f} s, "
-                  f"{result.peak_mem_mb:.1f} MB", file=sys.stderr, flush=True)
+            print(f"round {index + 1}: {name}: {result.loss_phase_s:.3f} s, {result.peak_mem_mb:.1f} MB",
+                  file=sys.stderr, flush=True)
 
-    rounds = compare(config, rounds=args.rounds, progress=progress)
+    rounds = compare(config, rounds=args.rounds, progress=progress, lean=args.with_lean)
     summary = summarize(rounds)
     if args.json:
         print(json.dumps({"summary": summary, "environment": environment(),
-                          "rounds": [{name: result_dict(getattr(r, name)) for name in ("real_k1", "real_k", "naive_k")}
-                                     for r in rounds]}))
+                          "rounds": [{name: result_dict(run) for name, run in r.runs.items()} for r in rounds]}))
         return 0
     k = args.teachers
-    print(_format_rows([res for r in rounds for res in (r.real_k1, r.real_k, r.naive_k)]))
+    print(_format_rows([run for r in rounds for run in r.runs.values()], names=[n for r in rounds for n in r.runs]))
     print()
-    names = {"scaling": f"time(K={k}) / time(K=1)", "time_vs_naive": f"time real / naive at K={k}",
-             "memory_vs_naive": f"peak memory real / naive at K={k}"}
-    print(f"{'ratio':<34} {'median':>7} {'min':>7} {'max':>7} {'target':>7}  every round")
-    for key, label in names.items():
-        s = summary[key]
-        print(f"{label:<34} {s['median']:7.3f} {s['min']:7.3f} {s['max']:7.3f} {s['target']:7.2f}  "
-              f"{'yes' if s['holds_every_round'] else 'NO'}")
+    labels = {"scaling": f"time(K={k}) / time(K=1)", "time_vs_naive": f"time real / naive at K={k}",
+              "memory_vs_naive": f"peak memory real / naive at K={k}", "lean_scaling": f"lean: time(K={k}) / time(K=1)",
+              "lean_time_vs_naive": f"lean: time / naive at K={k}", "lean_memory_vs_naive": f"lean: memory / naive at K={k}",
+              "lean_time_vs_scoring": f"lean / scoring.py head time, K={k}"}
+    print(f"{'ratio (per round)':<36} {'median':>7} {'min':>7} {'max':>7} {'target':>7}  {'every round':<11}  "
+          f"{'pooled median':>13} {'pooled min':>10}")
+    for key, s in summary.items():
+        target = f"{s['target']:7.2f}" if s["target"] is not None else f"{'-':>7}"
+        holds = "-" if s["holds_every_round"] is None else ("yes" if s["holds_every_round"] else "NO")
+        pooled = f"{s['pooled_median']:13.3f} {s['pooled_min']:10.3f}" if "pooled_median" in s else ""
+        print(f"{labels[key]:<36} {s['median']:7.3f} {s['min']:7.3f} {s['max']:7.3f} {target}  {holds:<11}  {pooled}")
     env = environment()
     print(f"\n{env['threads']} torch threads, {env['cpu_count']} CPUs, load average {env['load_average']}")
     return 0
@@ -213,14 +218,15 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _format_rows(results: list[Any], header: bool = True) -> str:
+def _format_rows(results: list[Any], header: bool = True, names: list[str] | None = None) -> str:
     lines = []
     if header:
-        lines.append(f"{'path':<6} {'K':>3} {'T':>5} {'V':>7} {'B':>3} {'time s':>8} {'min':>7} {'max':>7} "
+        lines.append(f"{'run':<8} {'K':>3} {'T':>5} {'V':>7} {'B':>3} {'time s':>8} {'min':>7} {'max':>7} "
                      f"{'peak MB':>9} {'RSS MB':>8} {'GFLOP':>8} {'GFLOP/s':>8}")
-    for r in results:
+    for index, r in enumerate(results):
         rss = f"{r.peak_rss_mb:8.1f}" if r.peak_rss_mb is not None else f"{'-':>8}"
-        lines.append(f"{r.path:<6} {r.teachers:>3} {r.completion_tokens:>5} {r.vocab:>7} {r.rollouts:>3} "
+        name = names[index] if names else r.path + ("+lean" if r.lean_head else "") + ("+skip" if r.skip_neutral_rows else "")
+        lines.append(f"{name:<8} {r.teachers:>3} {r.completion_tokens:>5} {r.vocab:>7} {r.rollouts:>3} "
                      f"{r.loss_phase_s:8.3f} {r.loss_phase_min_s:7.3f} {r.loss_phase_max_s:7.3f} "
                      f"{r.peak_mem_mb:9.1f} {rss} {r.estimated_gflop:8.1f} {r.achieved_gflops:8.1f}")
     return "\n".join(lines)
@@ -260,6 +266,9 @@ def _estimate(args: argparse.Namespace) -> int:
     print(f"  naive full-vocabulary tensors {est.naive_logits_gb:6.1f} GB:")
     for line in est.logit_tensors:
         print(f"    {line}")
-    print(f"  real path, one chunk of {args.chunk_tokens} token rows (logits + logsumexp temporary): "
-          f"{est.chunked_logits_gb:.2f} GB")
+    print(f"  real path, chunks of {args.chunk_tokens} token rows: one fp32 buffer {est.teacher_chunk_buffer_gb:.2f} GB "
+          f"(teachers), {est.student_chunk_buffer_gb:.2f} GB (student); peak of the chunked head: "
+          f"{est.scoring_chunk_gb:.2f} GB with scoring.py, {est.lean_chunk_gb:.2f} GB with the lean head")
+    print(f"  student activations kept for the backward: real {est.real_activations_gb:.1f} GB, "
+          f"naive {est.naive_activations_gb:.1f} GB (34 x hidden bytes per token and layer)")
     return 0
