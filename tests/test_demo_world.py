@@ -23,12 +23,12 @@ from sgsd.demo.world import (
 from sgsd.errors import ConfigError
 
 SMALL = WorldConfig(seed=3, num_train=300, num_test=60)
-LINE = re.compile(r"^(\d)\+(\d)(\+1)?=(\d+)$")
+LINE = re.compile(r"^(\d)\+(\d)\+([01])=(\d+)$")
 
 
 def _written_carries(text: str) -> int:
     """Column lines that add a carry (`d+d+1=s`)."""
-    return sum(1 for line in text.split("\n") if (m := LINE.match(line)) and m.group(3))
+    return sum(1 for line in text.split("\n") if (m := LINE.match(line)) and m.group(3) == "1")
 
 
 def test_world_is_deterministic_and_seed_dependent():
@@ -49,7 +49,7 @@ def test_splits_are_disjoint_even_up_to_operand_order():
 def test_problems_respect_the_config():
     world = make_world(SMALL)
     for p in world.train + world.test:
-        assert 100 <= p.a <= 9999 and 100 <= p.b <= 9999
+        assert 100 <= p.a <= 9999 and 100 <= p.b <= 9999 and len(str(p.a)) == len(str(p.b))
         assert p.num_carries >= SMALL.min_carries
         assert p.answer == str(p.a + p.b)
         assert str(p.a) in p.text and str(p.b) in p.text
@@ -75,8 +75,8 @@ def test_error_free_solutions_are_correct_and_follow_the_format():
         assert last == f"\\boxed{{{p.answer}}}"
         assert len(lines) == max(len(str(p.a)), len(str(p.b)))
         for line, col in zip(lines, columns(p.a, p.b)):
-            da, db, plus_one, total = LINE.match(line).groups()
-            assert (int(da), int(db), bool(plus_one)) == (col.digit_a, col.digit_b, bool(col.carry_in))
+            da, db, carry, total = LINE.match(line).groups()
+            assert (int(da), int(db), int(carry)) == (col.digit_a, col.digit_b, col.carry_in)
             assert int(total) == col.digit_a + col.digit_b + col.carry_in
 
 

@@ -1,23 +1,24 @@
 """The demo's synthetic math world: multi-digit addition solved column by column.
 
-A problem asks for the sum of two 3-4 digit numbers in plain words ("What is 4728 + 3594?"), so the
-project's student prompt (`sgsd.prompts.student_prompt`) wraps it unchanged. A worked solution adds
-one column per line, right to left, folding the carry of the previous column into the next sum, and
-ends with the final answer in a box::
+A problem asks for the sum of two numbers of the same length (3 or 4 digits) in plain words
+("What is 4728 + 3594?"), so the project's student prompt (`sgsd.prompts.student_prompt`) wraps it
+unchanged. A worked solution adds one column per line, right to left, each line written as
+`digit + digit + carry-in = sum`, and ends with the final answer in a box::
 
-    8+4=12
+    8+4+0=12
     2+9+1=12
     7+5+1=13
     4+3+1=8
     \\boxed{8322}
 
 The format is deliberately terse (about 40 counted tokens for four columns): SGSD's support is a
-mean over completion tokens, and a decision that a hint changes (here: whether the `+1` of a carry is
-written) must be a visible share of them (DEMO_NOTES: with a wordy format most teachers were
-neutral at theta = 0.05).
+mean over completion tokens, and a decision that a hint changes (here: the carry-in digit) must be a
+visible share of them (DEMO_NOTES: with a wordy format most teachers were neutral at theta = 0.05).
+It is also regular, so that a tiny model learns it in minutes on a CPU: equal-length operands and
+lines of fixed shape put the digits a line needs at nearly fixed distances from it.
 
 Two kinds of mistakes appear in the synthetic worked solutions that the warm-up imitates:
-- a forgotten carry (`2+9=11` above): its rate depends on the hint in the prompt - a helpful skill
+- a forgotten carry (`2+9+0=11` above): its rate depends on the hint in the prompt - a helpful skill
   lowers it, a misleading one raises it (see `sgsd.demo.bank`);
 - an arithmetic slip (a column sum off by one): no hint changes its rate; only a reference
   solution (the OPSD teacher's privileged information) does.
@@ -38,11 +39,10 @@ from typing import Sequence
 
 from sgsd.errors import ConfigError
 
+# Both templates put the operands at the same distance from the end of the prompt.
 PROBLEM_TEMPLATES = (
     "What is {a} + {b}?",
     "Compute {a} + {b}.",
-    "Find the sum of {a} and {b}.",
-    "Add {a} and {b}.",
 )
 
 
@@ -69,7 +69,7 @@ class MistakeRates:
 class WorldConfig:
     """Size and difficulty of the world.
 
-    min_digits / max_digits: operand lengths (each operand's length is drawn independently).
+    min_digits / max_digits: operand length range (both operands of a problem have the same length).
     min_carries: problems with fewer carries into a next column are redrawn, so that the carry skill
         matters in every problem.
     """
@@ -92,7 +92,7 @@ class WorldConfig:
             raise ConfigError(
                 f"WorldConfig.min_carries = {self.min_carries}: must be in [0, max_digits - 1 = {self.max_digits - 1}]"
             )
-        capacity = (10 ** self.max_digits) ** 2 // 4
+        capacity = (9 * 10 ** (self.max_digits - 1)) ** 2 // 4
         if self.num_train + self.num_test > capacity:
             raise ConfigError(f"WorldConfig: {self.num_train + self.num_test} problems do not fit in {self.max_digits}-digit operands")
 
@@ -163,9 +163,9 @@ def count_carries(a: int, b: int) -> int:
     return sum(1 for column in columns(a, b) if column.carry_in)
 
 
-def _draw_operand(rng: random.Random, config: WorldConfig) -> int:
+def _draw_operands(rng: random.Random, config: WorldConfig) -> tuple[int, int]:
     digits = rng.randint(config.min_digits, config.max_digits)
-    return rng.randint(10 ** (digits - 1), 10**digits - 1)
+    return rng.randint(10 ** (digits - 1), 10**digits - 1), rng.randint(10 ** (digits - 1), 10**digits - 1)
 
 
 def make_world(config: WorldConfig) -> World:
@@ -174,7 +174,7 @@ def make_world(config: WorldConfig) -> World:
     seen: set[tuple[int, int]] = set()
     problems: list[Problem] = []
     while len(problems) < config.num_train + config.num_test:
-        a, b = _draw_operand(rng, config), _draw_operand(rng, config)
+        a, b = _draw_operands(rng, config)
         # a + b and b + a are the same problem to a learner: keep them on one side of the split.
         key = (min(a, b), max(a, b))
         if key in seen or count_carries(a, b) < config.min_carries:
@@ -202,7 +202,7 @@ def worked_solution(problem: Problem, rates: MistakeRates, rng: random.Random) -
             # Off by one, staying a possible column sum (0..19).
             total = total + 1 if total == 0 else total - 1 if total == 19 else total + rng.choice((-1, 1))
             slips += 1
-        lines.append(f"{da}+{db}+1={total}" if carry else f"{da}+{db}={total}")
+        lines.append(f"{da}+{db}+{carry}={total}")
         if i == width - 1:
             written_digits.append(str(total))
         else:

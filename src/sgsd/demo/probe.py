@@ -1,0 +1,180 @@
+"""Measurements of a (warm) demo model: does it read hints, and what would SGSD's teachers say?
+
+- `hint_accuracy`: sampled accuracy on the same problems with no hint, with a helpful, an irrelevant
+  or a misleading (skill, mistake) pair in an SGSD teacher prompt, and with the OPSD reference
+  prompt. A model that reads hints orders them helpful > none ~ irrelevant > misleading.
+- `polarity_table`: on student rollouts (student prompt, temperature 1), score every completion under
+  one teacher per label (a pair of two items with that label, chosen per rollout) and under the OPSD
+  reference prompt, and report SGSD's support and polarity (SPEC section 4, `sgsd.objectives`) per
+  label, per outcome, for several thresholds theta. Shapes below: B rollouts, K teachers, T tokens.
+
+Teacher log-probs come from the same weights as the student (a live teacher at step 0), through
+the project's scoring code (`sgsd.scoring`), with the project's token mask m_t.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from sgsd.demo.bank import HELPFUL, IRRELEVANT, LABELS, MISLEADING, item_labels
+from sgsd.demo.evaluate import AccuracyEstimate, Rollouts, accuracy, sample, student_text
+from sgsd.demo.warmup import demo_chat_style, hint_prompt, reference_prompt
+from sgsd.demo.world import Problem, is_correct
+
+NO_HINT, REFERENCE = "none", "reference"
+TEACHER_KINDS = (HELPFUL, IRRELEVANT, MISLEADING, REFERENCE)
+
+
+def labelled_pair(bank: Any, label: str, key: str) -> tuple[Any, Any]:
+    """A (skill, mistake) pair whose two items both carry `label`, chosen deterministically from `key`."""
+    labels = item_labels()
+    skills = [s for s in bank.general_skills if labels.get(s.skill_id) == label]
+    mistakes = [m for m in bank.common_mistakes if labels.get(m.mistake_id) == label]
+    if not skills or not mistakes:
+        raise ValueError(f"seed bank has no {label} skill or mistake")
+    rng = random.Random(f"sgsd-demo-pair:{label}:{key}")
+    return rng.choice(skills), rng.choice(mistakes)
+
+
+def teacher_text(bank: Any, kind: str, problem: Problem, key: str) -> str:
+    """User text of a teacher of the given kind (a label, or "reference") for one rollout."""
+    if kind == REFERENCE:
+        return reference_prompt(problem)
+    return hint_prompt(problem, *labelled_pair(bank, kind, key))
+
+
+def hint_accuracy(model: Any, tokenizer: Any, problems: Sequence[Problem], bank: Any, *, k: int = 4,
+                  seed: int = 0) -> dict[str, AccuracyEstimate]:
+    """Sampled avg@k per prompt kind: "none", "helpful", "irrelevant", "misleading", "reference"."""
+    prompts: dict[str, Callable[[Problem], str]] = {NO_HINT: student_text}
+    for kind in TEACHER_KINDS:
+        prompts[kind] = lambda p, kind=kind: teacher_text(bank, kind, p, p.problem_id)
+    return {name: accuracy(model, tokenizer, problems, k=k, prompt=fn, seed=seed) for name, fn in prompts.items()}
+
+
+@dataclass(frozen=True)
+class PolarityRow:
+    """SGSD statistics of one teacher kind at one threshold, over B rollouts.
+
+    positive / neutral / negative: fractions of rollouts with rho = +1 / 0 / -1.
+    *_success / *_failure: the same fractions among successful / failed rollouts (NaN when none).
+    support_success / support_failure: mean clipped support among successful / failed rollouts.
+    """
+
+    teacher: str
+    theta: float
+    rollouts: int
+    positive: float
+    neutral: float
+    negative: float
+    positive_success: float
+    negative_success: float
+    positive_failure: float
+    negative_failure: float
+    support_success: float
+    support_failure: float
+
+
+@dataclass(frozen=True)
+class PolarityReport:
+    """Polarity rows plus what the completions look like (counted tokens, success rate, where d sits).
+
+    support: [B, K] clipped support per rollout and teacher kind (order `TEACHER_KINDS`), detached.
+    rewards: [B] 1.0 for a correct rollout, else 0.0.
+    rollouts: the B student rollouts that were scored.
+    """
+
+    rows: tuple[PolarityRow, ...]
+    support: Any
+    rewards: Any
+    rollouts: Rollouts
+    success_rate: float
+    mean_counted_tokens: float
+    top3_share: dict[str, float]  # per teacher kind: share of sum |d| carried by each rollout's 3 largest |d|
+
+
+def _fraction(values: Any, selector: Any) -> float:
+    return float(values[selector].float().mean()) if bool(selector.any()) else float("nan")
+
+
+def polarity_table(model: Any, tokenizer: Any, problems: Sequence[Problem], bank: Any, *,
+                   thetas: Sequence[float] = (0.05, 0.02, 0.01), clip_delta: float = 3.0,
+                   max_new_tokens: int = 64, seed: int = 0) -> PolarityReport:
+    """Sample one student rollout per problem, score it under each teacher kind, tabulate SGSD polarity."""
+    import torch
+
+    from sgsd.objectives import teacher_polarity
+    from sgsd.prompts import render_chat
+    from sgsd.scoring import completion_logprobs, countable_token_table, counted_mask, left_pad, score_teachers
+
+    rollouts = sample(model, tokenizer, [student_text(p) for p in problems], max_new_tokens=max_new_tokens, seed=seed)
+    rewards = torch.tensor([float(is_correct(text, p)) for text, p in zip(rollouts.texts, problems)])
+    style = demo_chat_style()
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(render_chat(tokenizer, text, style), add_special_tokens=False).input_ids
+
+    completion_ids, completion_mask = rollouts.completion_ids, rollouts.completion_mask
+    with torch.no_grad():
+        prompt_ids, prompt_mask = left_pad([ids(student_text(p)) for p in problems], tokenizer.pad_token_id)
+        student_logps = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)  # [B, T]
+        teacher_ids = [[ids(teacher_text(bank, kind, p, f"{p.problem_id}:{seed}")) for kind in TEACHER_KINDS]
+                       for p in problems]
+        teacher_logps = score_teachers(model, teacher_ids, completion_ids, completion_mask,
+                                       pad_id=tokenizer.pad_token_id)  # [B, K, T]
+    mask = counted_mask(completion_ids, completion_mask, countable_token_table(tokenizer))  # [B, T] m_t
+    weights = torch.full((len(problems), len(TEACHER_KINDS)), 1.0 / len(TEACHER_KINDS))
+    success = rewards > 0
+
+    rows = []
+    support = teacher_polarity(student_logps, teacher_logps, mask, rewards, weights, clip_delta=clip_delta)[0]
+    for theta in thetas:
+        rho = teacher_polarity(student_logps, teacher_logps, mask, rewards, weights,
+                               clip_delta=clip_delta, confidence_threshold=theta)[1]
+        for k, kind in enumerate(TEACHER_KINDS):
+            r, s = rho[:, k], support[:, k]
+            rows.append(PolarityRow(
+                teacher=kind, theta=theta, rollouts=len(problems),
+                positive=float((r > 0).float().mean()), neutral=float((r == 0).float().mean()),
+                negative=float((r < 0).float().mean()),
+                positive_success=_fraction(r > 0, success), negative_success=_fraction(r < 0, success),
+                positive_failure=_fraction(r > 0, ~success), negative_failure=_fraction(r < 0, ~success),
+                support_success=float(s[success].mean()) if bool(success.any()) else float("nan"),
+                support_failure=float(s[~success].mean()) if bool((~success).any()) else float("nan"),
+            ))
+
+    d = (teacher_logps - student_logps[:, None, :]).abs() * mask[:, None, :]  # [B, K, T], 0 off the mask
+    top3 = d.topk(min(3, d.shape[-1]), dim=-1).values.sum(-1) / d.sum(-1).clamp_min(1e-9)  # [B, K]
+    return PolarityReport(
+        rows=tuple(rows),
+        support=support,
+        rewards=rewards,
+        rollouts=rollouts,
+        success_rate=float(rewards.mean()),
+        mean_counted_tokens=float(mask.sum(-1).float().mean()),
+        top3_share={kind: float(top3[:, k].mean()) for k, kind in enumerate(TEACHER_KINDS)},
+    )
+
+
+def format_polarity(report: PolarityReport) -> str:
+    """A plain-text table of `polarity_table` (for logs and the report)."""
+    lines = [
+        f"rollouts: success rate {report.success_rate:.2f}, {report.mean_counted_tokens:.1f} counted tokens on average",
+        f"{'teacher':<11} {'theta':>5} {'rho+':>5} {'rho0':>5} {'rho-':>5} | {'succ+':>5} {'succ-':>5} "
+        f"{'fail+':>5} {'fail-':>5} | {'sup_s':>6} {'sup_f':>6}",
+    ]
+    for r in report.rows:
+        lines.append(
+            f"{r.teacher:<11} {r.theta:>5.2f} {r.positive:>5.2f} {r.neutral:>5.2f} {r.negative:>5.2f} | "
+            f"{r.positive_success:>5.2f} {r.negative_success:>5.2f} {r.positive_failure:>5.2f} "
+            f"{r.negative_failure:>5.2f} | {r.support_success:>6.3f} {r.support_failure:>6.3f}"
+        )
+    lines.append("share of |d| on the 3 largest tokens: " +
+                 ", ".join(f"{k} {v:.2f}" for k, v in report.top3_share.items()))
+    return "\n".join(lines)
+
+
+__all__ = ["LABELS", "NO_HINT", "REFERENCE", "TEACHER_KINDS", "PolarityReport", "PolarityRow", "format_polarity",
+           "hint_accuracy", "labelled_pair", "polarity_table", "teacher_text"]

@@ -1,0 +1,345 @@
+"""Warm start for the demo: a tiny Qwen3 model taught the addition world by a short supervised phase.
+
+Simplified on purpose (nanochat-style): a plain torch loop on CPU, seeded, over synthetic worked
+solutions generated on the fly (`sgsd.demo.world.worked_solution`). The prompt of each example is
+rendered with the project's own chat path (`sgsd.prompts.render_chat`, non-thinking mode), exactly as
+the trainers render theirs, in one of three kinds:
+
+- plain: `student_prompt(problem)`; carries are forgotten at the base rate;
+- hint: an SGSD teacher prompt `teacher_prompt(render_guidance([skill], [mistake]), problem)` for a
+  random (skill, mistake) pair of the seed bank; the forgotten-carry rate depends on the pair's net
+  effect (`sgsd.demo.bank.hint_effect`): helpful items lower it, misleading items raise it,
+  irrelevant items leave it at the base rate;
+- reference: the OPSD teacher prompt with the final answer as reference solution (as on DAPO); both
+  mistake kinds are rare, so an OPSD teacher knows something a skill cannot tell.
+
+Arithmetic slips happen at the same rate whatever the hint. The model therefore learns to read
+hints, and a held-out student prompt gets base-rate mistakes of both kinds.
+
+The result is cached (model and tokenizer via `save_pretrained`, plus `warmup.json`) under a
+directory named by a hash of everything that determines it, so later runs reuse it. Each batch holds
+one prompt kind: hint prompts are ~3x longer than plain ones, and mixing them would pad every plain
+example to the hint length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from sgsd.demo.bank import hint_effect, seed_bank
+from sgsd.demo.world import MistakeRates, Problem, World, WorldConfig, make_world, worked_solution
+from sgsd.errors import ConfigError
+
+# Bump when the meaning of a cached checkpoint changes (data generation, loss, prompt kinds).
+WARMUP_FORMAT_VERSION = 1
+PLAIN, HINT, REFERENCE = "plain", "hint", "reference"
+PROMPT_KINDS = (PLAIN, HINT, REFERENCE)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Size of the tiny Qwen3 model (`sgsd.tiny.build_tiny_model`) and of its BPE vocabulary."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    vocab_size: int = 512
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    """Everything that determines the warm-start checkpoint (its cache key hashes all of it).
+
+    forget_by_effect: forgotten-carry rate for a prompt whose net hint effect is -2, -1, 0, +1, +2
+        (#helpful - #misleading items; plain prompts have effect 0). One helpful item is enough to
+        make carries reliable, so that a teacher built from a mixed pair still knows better.
+    slip: per-column arithmetic-slip rate of plain and hint prompts (no hint changes it).
+    reference_rates: mistake rates under the OPSD reference prompt.
+    kind_mix: probability of a batch of each kind (plain, hint, reference).
+    batch_sizes: examples per batch of each kind (plain, hint, reference): about equal tokens per
+        batch, since hint prompts are ~3x longer than plain ones.
+    plain_steps: the first steps use plain prompts only: the arithmetic is learned on short prompts
+        (hint prompts are ~3x longer, so ~3x costlier per step), hint reading afterwards.
+    """
+
+    world: WorldConfig = field(default_factory=WorldConfig)
+    model: ModelShape = field(default_factory=ModelShape)
+    steps: int = 500
+    batch_sizes: tuple[int, int, int] = (64, 24, 40)
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.2
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    forget_by_effect: tuple[float, ...] = (0.9, 0.75, 0.3, 0.03, 0.01)
+    slip: float = 0.04
+    reference_rates: MistakeRates = field(default_factory=lambda: MistakeRates(forget_carry=0.02, slip=0.01))
+    kind_mix: tuple[float, float, float] = (0.2, 0.55, 0.25)
+    plain_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or len(self.batch_sizes) != 3 or min(self.batch_sizes) < 1:
+            raise ConfigError(
+                f"WarmupConfig: need steps >= 1 and 3 batch sizes >= 1, got {self.steps}, {self.batch_sizes}"
+            )
+        if len(self.forget_by_effect) != 5:
+            raise ConfigError("WarmupConfig.forget_by_effect: need 5 rates, for net hint effects -2..+2")
+        for rate in self.forget_by_effect:
+            MistakeRates(rate, self.slip)  # range check with the usual message
+        if len(self.kind_mix) != 3 or min(self.kind_mix) < 0 or not math.isclose(sum(self.kind_mix), 1.0):
+            raise ConfigError(f"WarmupConfig.kind_mix = {self.kind_mix}: need 3 non-negative probabilities summing to 1")
+
+    def rates_for_effect(self, effect: int) -> MistakeRates:
+        return MistakeRates(self.forget_by_effect[max(-2, min(2, effect)) + 2], self.slip)
+
+    def digest(self) -> str:
+        """Hash of the config, the seed bank and the prompt texts: the cache key."""
+        from sgsd import prompts, tiny
+
+        payload = {
+            "version": WARMUP_FORMAT_VERSION,
+            "config": asdict(self),
+            "bank": seed_bank(),
+            "prompts": [prompts.INSTRUCTION, prompts.GUIDANCE_PREAMBLE, prompts.OPSD_INSTRUCTION, tiny.CHAT_TEMPLATE],
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class WarmupReport:
+    """What the warm-up did: per-step losses (mean completion-token cross-entropy), time, cache use."""
+
+    digest: str
+    losses: tuple[float, ...]
+    seconds: float
+    num_parameters: int
+
+
+@dataclass
+class WarmStart:
+    """A warmed-up model, its tokenizer, the world it was trained on, and where it is cached."""
+
+    model: Any
+    tokenizer: Any
+    world: World
+    config: WarmupConfig
+    path: Path
+    from_cache: bool
+    report: WarmupReport
+
+
+def demo_chat_style() -> Any:
+    from sgsd.prompts import ChatStyle
+
+    return ChatStyle(enable_thinking=False)
+
+
+def hint_prompt(problem: Problem, skill: Any, mistake: Any) -> str:
+    """An SGSD teacher prompt with one (skill, mistake) pair: the user text, before the chat template."""
+    from sgsd.prompts import render_guidance, teacher_prompt
+
+    return teacher_prompt(render_guidance([skill], [mistake]), problem.text)
+
+
+def reference_prompt(problem: Problem) -> str:
+    """The OPSD teacher prompt with the final answer as reference (SPEC section 2)."""
+    from sgsd.prompts import opsd_teacher_prompt, reference_from_answer
+
+    return opsd_teacher_prompt(problem.text, reference_from_answer(problem.answer))
+
+
+def load_seed_bank() -> Any:
+    """The seed bank as a `sgsd.skills.SkillBank` (typed items with the fields `render_guidance` reads)."""
+    from sgsd.skills.bank import parse_bank
+
+    return parse_bank(seed_bank(), source="sgsd.demo seed bank")
+
+
+def sample_example(problem: Problem, kind: str, config: WarmupConfig, bank: Any, rng: random.Random) -> tuple[str, str]:
+    """(user text, worked solution text) of one warm-up example of the given prompt kind."""
+    from sgsd.prompts import student_prompt
+
+    if kind == PLAIN:
+        text, rates = student_prompt(problem.text), config.rates_for_effect(0)
+    elif kind == HINT:
+        skill = bank.general_skills[rng.randrange(len(bank.general_skills))]
+        mistake = bank.common_mistakes[rng.randrange(len(bank.common_mistakes))]
+        text = hint_prompt(problem, skill, mistake)
+        rates = config.rates_for_effect(hint_effect([skill.skill_id, mistake.mistake_id]))
+    elif kind == REFERENCE:
+        text, rates = reference_prompt(problem), config.reference_rates
+    else:
+        raise ValueError(f"unknown prompt kind {kind!r}; expected one of {PROMPT_KINDS}")
+    return text, worked_solution(problem, rates, rng).text
+
+
+def tokenizer_corpus(world: World, bank: Any, size: int = 200) -> list[str]:
+    """Texts the demo tokenizer's BPE merges are learned from (deterministic)."""
+    from sgsd.prompts import student_prompt
+
+    rng = random.Random(f"sgsd-demo-corpus:{world.config.seed}")
+    problems = list(world.train[:size])
+    texts = [student_prompt(p.text) for p in problems] + [reference_prompt(p) for p in problems[:20]]
+    texts += [worked_solution(p, MistakeRates(0.3, 0.05), rng).text for p in problems]
+    texts += [hint_prompt(problems[0], s, m) for s in bank.general_skills for m in bank.common_mistakes]
+    return texts
+
+
+def encode_batch(tokenizer: Any, prompts: Sequence[str], completions: Sequence[str]) -> tuple[Any, Any, Any]:
+    """Right-padded (input_ids, attention_mask, labels) [N, L]; labels are -100 outside completions.
+
+    Each prompt is a user text, rendered with the chat template; each completion is followed by the
+    end-of-turn token so that the model learns to stop.
+    """
+    import torch
+
+    from sgsd.prompts import render_chat
+
+    style = demo_chat_style()
+    prompt_ids = tokenizer([render_chat(tokenizer, p, style) for p in prompts], add_special_tokens=False).input_ids
+    completion_ids = tokenizer([c + tokenizer.eos_token for c in completions], add_special_tokens=False).input_ids
+    length = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids))
+    input_ids = torch.full((len(prompts), length), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    labels = torch.full((len(prompts), length), -100, dtype=torch.long)
+    for row, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        ids = torch.tensor(p + c)
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+        labels[row, len(p) : len(ids)] = ids[len(p) :]
+    return input_ids, attention_mask, labels
+
+
+def _learning_rate(config: WarmupConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * learning_rate."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+    floor = config.min_lr_ratio
+    return config.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def build_demo_tokenizer(config: WarmupConfig, world: World, bank: Any) -> Any:
+    from sgsd.tiny import build_tokenizer
+
+    return build_tokenizer(tokenizer_corpus(world, bank), vocab_size=config.model.vocab_size)
+
+
+def build_untrained(config: WarmupConfig) -> tuple[Any, Any, World, Any]:
+    """(model, tokenizer, world, seed bank) before the warm-up; deterministic given `config`."""
+    from sgsd.tiny import build_tiny_model
+
+    world = make_world(config.world)
+    bank = load_seed_bank()
+    tokenizer = build_demo_tokenizer(config, world, bank)
+    shape = config.model
+    model = build_tiny_model(
+        tokenizer, seed=config.seed, hidden_size=shape.hidden_size, num_layers=shape.num_layers,
+        num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads, intermediate_size=shape.intermediate_size,
+    )
+    return model, tokenizer, world, bank
+
+
+def run_warmup(model: Any, tokenizer: Any, world: World, bank: Any, config: WarmupConfig, *,
+               progress: Callable[[int, float], None] | None = None) -> WarmupReport:
+    """The supervised warm-up loop (in place). progress(step, loss) is called after every optimizer step.
+
+    Loss: mean cross-entropy over the completion tokens of the batch (prompt tokens are not trained).
+    """
+    import torch
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    rng = random.Random(f"sgsd-demo-warmup:{config.seed}")
+    losses: list[float] = []
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        for step in range(config.steps):
+            kind = PLAIN if step < config.plain_steps else rng.choices(PROMPT_KINDS, weights=config.kind_mix)[0]
+            size = config.batch_sizes[PROMPT_KINDS.index(kind)]
+            problems = [world.train[rng.randrange(len(world.train))] for _ in range(size)]
+            prompts, completions = zip(*(sample_example(p, kind, config, bank, rng) for p in problems))
+            input_ids, attention_mask, labels = encode_batch(tokenizer, prompts, completions)
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(config, step)
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if progress is not None:
+                progress(step, losses[-1])
+    model.eval()
+    return WarmupReport(
+        digest=config.digest(), losses=tuple(losses), seconds=time.perf_counter() - start,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+    )
+
+
+def default_cache_root() -> Path:
+    """`$SGSD_CACHE_DIR/demo`, else `$XDG_CACHE_HOME/sgsd/demo`, else `~/.cache/sgsd/demo`."""
+    if os.environ.get("SGSD_CACHE_DIR"):
+        return Path(os.environ["SGSD_CACHE_DIR"]).expanduser() / "demo"
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "sgsd" / "demo"
+
+
+def _save(model: Any, tokenizer: Any, config: WarmupConfig, report: WarmupReport, target: Path) -> None:
+    """Write the checkpoint into a temporary sibling folder, then rename it into place (atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        record = {"config": asdict(config), "report": asdict(report)}
+        (tmp / "warmup.json").write_text(json.dumps(record, indent=2) + "\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "warmup.json").exists():  # not a concurrent writer that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load(path: Path, config: WarmupConfig) -> WarmStart:
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    record = json.loads((path / "warmup.json").read_text())
+    report = WarmupReport(**{**record["report"], "losses": tuple(record["report"]["losses"])})
+    model = Qwen3ForCausalLM.from_pretrained(path)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    return WarmStart(model, tokenizer, make_world(config.world), config, path, from_cache=True, report=report)
+
+
+def warm_start(config: WarmupConfig, *, cache_root: str | Path | None = None,
+               progress: Callable[[int, float], None] | None = None) -> WarmStart:
+    """The warm-start model for `config`: loaded from the cache, or trained and cached.
+
+    The checkpoint lives in `<cache_root>/<config.digest()>/` (model, tokenizer, warmup.json); it is a
+    normal Hugging Face model directory, so trainers can start from its path.
+    """
+    path = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
+    path = path / config.digest()
+    if (path / "warmup.json").exists():
+        return _load(path, config)
+    model, tokenizer, world, bank = build_untrained(config)
+    report = run_warmup(model, tokenizer, world, bank, config, progress=progress)
+    _save(model, tokenizer, config, report, path)
+    return WarmStart(model, tokenizer, world, config, path, from_cache=False, report=report)

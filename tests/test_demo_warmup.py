@@ -1,0 +1,170 @@
+"""The demo's warm-up, cache, evaluation and probes, on a very small model (seconds, not minutes)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from sgsd.demo.evaluate import accuracy, bootstrap_interval, estimate, sample, student_text
+from sgsd.demo.warmup import (
+    HINT,
+    PLAIN,
+    REFERENCE,
+    ModelShape,
+    WarmupConfig,
+    encode_batch,
+    load_seed_bank,
+    sample_example,
+    warm_start,
+)
+from sgsd.demo.world import WorldConfig
+from sgsd.errors import ConfigError
+
+TINY = WarmupConfig(
+    world=WorldConfig(seed=1, num_train=200, num_test=12, min_digits=3, max_digits=3),
+    model=ModelShape(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, vocab_size=400),
+    steps=40, batch_sizes=(8, 4, 4), learning_rate=5e-3, warmup_steps=5,
+)
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    import torch
+
+    # One thread: a model this small gains nothing from two, and on a busy machine the second
+    # thread's barriers make every op several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield warm_start(TINY, cache_root=tmp_path_factory.mktemp("demo-cache"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_warmup_lowers_the_loss_and_caches(warm, tmp_path_factory):
+    losses = warm.report.losses
+    assert len(losses) == TINY.steps and all(math.isfinite(x) for x in losses)
+    # From ~ln(vocab) = 6 at initialisation; 40 steps on the highly regular solutions must at least
+    # halve it (measured: ~6.0 -> ~2.0).
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    assert not warm.from_cache and (warm.path / "warmup.json").exists() and warm.path.name == TINY.digest()
+    again = warm_start(TINY, cache_root=warm.path.parent)
+    assert again.from_cache and again.report == warm.report
+    assert again.tokenizer.padding_side == "left" and len(again.tokenizer) == len(warm.tokenizer)
+    import torch
+
+    for mine, cached in zip(warm.model.state_dict().values(), again.model.state_dict().values()):
+        assert torch.equal(mine, cached)
+
+
+def test_config_digest_changes_with_the_config():
+    from dataclasses import replace
+
+    assert TINY.digest() == replace(TINY).digest()
+    assert TINY.digest() != replace(TINY, steps=41).digest()
+    assert TINY.digest() != replace(TINY, world=replace(TINY.world, seed=2)).digest()
+    with pytest.raises(ConfigError, match="kind_mix"):
+        replace(TINY, kind_mix=(0.5, 0.5, 0.5))
+
+
+def test_examples_use_the_project_prompts_and_hint_dependent_rates():
+    from sgsd.demo.world import make_world
+    from sgsd.prompts import GUIDANCE_PREAMBLE, OPSD_INSTRUCTION, student_prompt
+
+    world, bank = make_world(TINY.world), load_seed_bank()
+    rng = random.Random(0)
+    problem = world.train[0]
+    text, solution = sample_example(problem, PLAIN, TINY, bank, rng)
+    assert text == student_prompt(problem.text) and solution.endswith("}")
+    text, _ = sample_example(problem, HINT, TINY, bank, rng)
+    assert text.startswith(GUIDANCE_PREAMBLE) and text.endswith(student_prompt(problem.text))
+    text, _ = sample_example(problem, REFERENCE, TINY, bank, rng)
+    assert OPSD_INSTRUCTION in text and f"\\boxed{{{problem.answer}}}" in text
+    # Helpful pairs make fewer forgotten carries than misleading pairs (rates 0.02 vs 0.85).
+    assert TINY.rates_for_effect(2).forget_carry < TINY.rates_for_effect(0).forget_carry < TINY.rates_for_effect(-2).forget_carry
+
+
+def test_encode_batch_trains_only_on_completions(warm):
+    tok = warm.tokenizer
+    input_ids, attention_mask, labels = encode_batch(tok, ["Problem: What is 1 + 2?", "x"], ["1+2=3\n\\boxed{3}", "a"])
+    for row in range(2):
+        trained = labels[row] != -100
+        text = tok.decode(input_ids[row][trained])
+        assert text == ["1+2=3\n\\boxed{3}", "a"][row] + tok.eos_token
+        assert attention_mask[row].sum() == (input_ids[row] != tok.pad_token_id).sum()
+
+
+def test_left_padded_batched_greedy_equals_one_by_one(warm):
+    texts = [student_text(p) for p in warm.world.test[:4]] + ["Problem: Add 5 and 7.\n\nshort"]
+    batched = sample(warm.model, warm.tokenizer, texts, greedy=True, max_new_tokens=12)
+    for i, text in enumerate(texts):
+        alone = sample(warm.model, warm.tokenizer, [text], greedy=True, max_new_tokens=12)
+        assert alone.texts[0] == batched.texts[i]
+    assert batched.completion_ids.shape == batched.completion_mask.shape
+
+
+def test_sampling_is_seeded(warm):
+    texts = [student_text(p) for p in warm.world.test[:3]]
+    a = sample(warm.model, warm.tokenizer, texts, num_samples=2, max_new_tokens=10, seed=5)
+    b = sample(warm.model, warm.tokenizer, texts, num_samples=2, max_new_tokens=10, seed=5)
+    assert a.texts == b.texts and len(a.texts) == 6
+
+
+def test_accuracy_estimate_and_interval(warm):
+    result = accuracy(warm.model, warm.tokenizer, warm.world.test, k=2, max_new_tokens=40)
+    assert result.num_problems == len(warm.world.test) and result.samples_per_problem == 2
+    assert result.ci_low <= result.mean <= result.ci_high
+    assert all(v in (0.0, 0.5, 1.0) for v in result.per_problem)
+
+
+def test_bootstrap_interval_matches_the_normal_approximation():
+    rng = random.Random(0)
+    values = [float(rng.random() < 0.4) for _ in range(400)]
+    mean = sum(values) / len(values)
+    low, high = bootstrap_interval(values, resamples=4000)
+    half = 1.96 * math.sqrt(mean * (1 - mean) / len(values))  # ~0.048
+    # Percentile bootstrap and Wald agree to within Monte-Carlo error (~0.003) at n = 400.
+    assert abs((mean - low) - half) < 0.008 and abs((high - mean) - half) < 0.008
+    assert bootstrap_interval([0.5] * 10) == (0.5, 0.5)
+    est = estimate([1.0, 0.0, 1.0, 1.0], 1)
+    assert est.mean == 0.75 and est.ci_low <= 0.75 <= est.ci_high
+
+
+def test_polarity_support_matches_a_plain_forward(warm):
+    import torch
+
+    from sgsd.demo.probe import REFERENCE as REF, TEACHER_KINDS, polarity_table, teacher_text
+    from sgsd.demo.warmup import demo_chat_style
+    from sgsd.prompts import render_chat
+    from sgsd.scoring import countable_token_table
+
+    problems = list(warm.world.test[:5])
+    bank = load_seed_bank()
+    report = polarity_table(warm.model, warm.tokenizer, problems, bank, thetas=(0.05, 0.0), max_new_tokens=30)
+    assert len(report.rows) == 2 * len(TEACHER_KINDS)
+    for row in report.rows:
+        assert math.isclose(row.positive + row.neutral + row.negative, 1.0, abs_tol=1e-6)  # float32 fractions
+    # theta = 0: every teacher with nonzero support is polarised.
+    assert all(r.neutral == pytest.approx(float((report.support[:, TEACHER_KINDS.index(r.teacher)] == 0).float().mean()))
+               for r in report.rows if r.theta == 0.0)
+
+    # Reference: one rollout, unpadded, full-vocabulary log-softmax.
+    tok, model, style = warm.tokenizer, warm.model, demo_chat_style()
+    rollouts = report.rollouts
+    completion = rollouts.completion_ids[0][rollouts.completion_mask[0].bool()]
+    table = countable_token_table(tok)
+
+    def logps(user_text: str) -> torch.Tensor:
+        prompt = torch.tensor(tok(render_chat(tok, user_text, style), add_special_tokens=False).input_ids)
+        ids = torch.cat([prompt, completion])[None]
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+        return logits.log_softmax(-1).gather(-1, completion[:, None])[:, 0]
+
+    k = TEACHER_KINDS.index(REF)
+    d = (logps(teacher_text(bank, REF, problems[0], "")) - logps(student_text(problems[0]))).clamp(-3, 3)
+    expected = d[table[completion]].sum() / max(int(table[completion].sum()), 1)
+    # Same rollout, same weights, no padding: fp32 log-probs summed over < 40 tokens agree to 1e-4.
+    assert float(report.support[0, k]) == pytest.approx(float(expected), abs=1e-4)
