@@ -126,6 +126,20 @@ def test_training_problems_conversion():
     ]
 
 
+def test_written_problems_load_with_the_project_loader(tmp_path):
+    from sgsd.data import load_problems
+    from sgsd.demo.world import write_problems
+
+    world = make_world(SMALL)
+    path = tmp_path / "train.jsonl"
+    write_problems(world.train[:20], str(path))
+    loaded, report = load_problems(str(path))
+    assert [(p.problem_id, p.problem, p.answer) for p in loaded] == [
+        (p.problem_id, p.text, p.answer) for p in world.train[:20]
+    ]
+    assert report.kept == 20
+
+
 def test_bad_world_config_is_a_config_error():
     with pytest.raises(ConfigError, match="digits"):
         WorldConfig(min_digits=5, max_digits=3)

@@ -26,12 +26,22 @@ from sgsd.demo.warmup import (
     reference_prompt,
     warm_start,
 )
-from sgsd.demo.world import MistakeRates, Problem, World, WorldConfig, boxed_integer, is_correct, make_world, to_training_problems
+from sgsd.demo.world import (
+    MistakeRates,
+    Problem,
+    World,
+    WorldConfig,
+    boxed_integer,
+    is_correct,
+    make_world,
+    to_training_problems,
+    write_problems,
+)
 
 __all__ = [
     "DEMO_PRESETS", "LABELS", "AccuracyEstimate", "MistakeRates", "ModelShape", "Problem", "Rollouts", "WarmStart",
     "WarmupConfig", "WarmupReport", "World", "WorldConfig", "accuracy", "bootstrap_interval", "boxed_integer",
     "default_cache_root", "hint_effect", "hint_prompt", "is_correct", "item_labels", "load_seed_bank", "make_world",
     "reference_prompt", "sample", "seed_bank", "student_text", "subset", "to_training_problems", "warm_start",
-    "write_seed_bank",
+    "write_problems", "write_seed_bank",
 ]

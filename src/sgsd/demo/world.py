@@ -231,3 +231,10 @@ def to_training_problems(problems: Sequence[Problem]) -> list:
     from sgsd.data import Problem as TrainingProblem
 
     return [TrainingProblem(p.problem_id, p.text, p.answer) for p in problems]
+
+
+def write_problems(problems: Sequence[Problem], path: str) -> None:
+    """Write problems as JSONL (`id`, `problem`, `answer`), the format `sgsd.data.load_problems` reads (atomic)."""
+    from sgsd.skills.storage import atomic_write_jsonl
+
+    atomic_write_jsonl(path, ({"id": p.problem_id, "problem": p.text, "answer": p.answer} for p in problems))
