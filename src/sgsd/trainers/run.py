@@ -232,6 +232,10 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
     trainer = _make_trainer(cfg, common, bank, retriever, out)
     timer.trainer = ema_step.trainer = trainer
     trainer.add_callback(_completion_marker(trainer, cfg.training.save_total_limit))
+    if not progress:  # HF prints every log dict when its progress bar is off; metrics.jsonl has them
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
 
     _, broken = complete_checkpoints(out)
     if resume_from is not None:
