@@ -145,11 +145,13 @@ def _findings(methods: dict[str, dict[str, Any]], attribution: dict[str, Any]) -
             f"ones {h['harmful_fraction']:.0%} of their uses; misleading items {m['helpful_fraction']:.0%} and "
             f"{m['harmful_fraction']:.0%} (neutral {h['neutral_fraction']:.0%} / {m['neutral_fraction']:.0%}).")
         flipped = m["harmful_fraction"] > m["helpful_fraction"] and h["helpful_fraction"] > h["harmful_fraction"]
-        lines.append("- SGSD's polarity " + ("did" if flipped else "did not") + " separate misleading from helpful "
-                     "items here (misleading mostly pushed away, helpful mostly pulled toward)." if flipped else
-                     "- SGSD's polarity did not cleanly separate misleading from helpful items in this run: a teacher "
-                     "pairs one skill with one mistake, so labels mix within a teacher, and many teachers are "
-                     "neutral at this threshold.")
+        if flipped:
+            lines.append("- SGSD's polarity did separate misleading from helpful items here (misleading mostly "
+                         "pushed away, helpful mostly pulled toward).")
+        else:
+            lines.append("- SGSD's polarity did not cleanly separate misleading from helpful items in this run: a "
+                         "teacher pairs one skill with one mistake, so labels mix within a teacher, and the outcome "
+                         "(success or failure) flips every teacher's polarity together.")
     return lines
 
 

@@ -60,12 +60,6 @@ class MethodRun:
     seconds: float = 0.0
 
 
-def write_problems(problems: Any, path: Path) -> Path:
-    from sgsd.skills.storage import atomic_write_jsonl
-
-    return atomic_write_jsonl(path, ({"id": p.problem_id, "problem": p.text, "answer": p.answer} for p in problems))
-
-
 def method_config(method: str, plan: DemoPlan, model_dir: Path, data: Path, bank: Path, seed: int) -> RunConfig:
     """The demo's recipe: one shared block, the method section differs (a controlled comparison)."""
     from sgsd.config import load_config
@@ -125,11 +119,13 @@ def run_demo(output_dir: str | Path, *, quick: bool = False, seeds: int | None =
     bar = tqdm(total=1 + len(plan.seeds) * len(METHODS) + 1, desc="sgsd demo", disable=not progress)
 
     from sgsd.demo.warmup import warm_start
+    from sgsd.demo.world import write_problems
 
     bar.set_postfix_str("warm start")
     warm = warm_start(DEMO_PRESETS[plan.preset], cache_root=cache_root)
     bar.update()
-    data = write_problems(warm.world.train, out / "data" / "train.jsonl")
+    data = out / "data" / "train.jsonl"
+    write_problems(warm.world.train, data)
     bank = write_seed_bank(out / "seed_bank.json")
     test = subset(warm.world.test, plan.eval_problems, seed=0)
     curve_set = subset(warm.world.test, plan.curve_problems, seed=1)

@@ -1,0 +1,58 @@
+"""The demo report's logic on hand-made inputs: pooled intervals, findings that follow the numbers,
+attribution grouped by label."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from sgsd.demo.evaluate import estimate
+from sgsd.demo.report import _findings, _pooled, attribution_by_label
+
+
+def _run(method, seed, per_problem, seconds=1.0):
+    return SimpleNamespace(method=method, seed=seed, final=estimate(per_problem, 2), seconds=seconds)
+
+
+def test_pooled_averages_seeds_per_problem():
+    runs = [_run("sgsd", 0, [1.0, 0.0, 0.5, 0.5]), _run("sgsd", 1, [0.0, 0.0, 0.5, 1.0])]
+    pooled = _pooled(runs, "sgsd")
+    assert pooled["mean"] == (0.5 + 0.0 + 0.5 + 0.75) / 4  # per-problem means over seeds, then over problems
+    assert pooled["per_seed"] == [0.5, 0.375] and pooled["seeds"] == 2
+    assert pooled["ci_low"] <= pooled["mean"] <= pooled["ci_high"]
+
+
+def _method(mean, low, high):
+    return {"mean": mean, "ci_low": low, "ci_high": high}
+
+
+def test_findings_do_not_rank_overlapping_methods():
+    methods = {"base": _method(0.4, 0.3, 0.5), "grpo": _method(0.45, 0.35, 0.55), "opsd": _method(0.5, 0.4, 0.6),
+               "sgsd": _method(0.52, 0.42, 0.62)}
+    text = "\n".join(_findings(methods, {}))
+    assert "does not rank them" in text and "within the uncertainty of Base" in text
+
+
+def test_findings_report_a_separated_winner():
+    methods = {"base": _method(0.2, 0.15, 0.25), "grpo": _method(0.3, 0.25, 0.35), "opsd": _method(0.5, 0.45, 0.55),
+               "sgsd": _method(0.8, 0.75, 0.85)}
+    text = "\n".join(_findings(methods, {}))
+    assert "SGSD is ahead of OPSD" in text and "(above Base)" in text
+
+
+def test_attribution_grouped_by_label(tmp_path):
+    state = {"rollouts": 3, "items": [
+        {"kind": "skill", "id": "gen_001", "uses": 4, "helpful": 3, "harmful": 1, "neutral": 0, "support_sum": 0.2,
+         "weight_sum": 1.0},
+        {"kind": "mistake", "id": "err_006", "uses": 2, "helpful": 0, "harmful": 2, "neutral": 0, "support_sum": -0.1,
+         "weight_sum": 0.5},
+    ]}
+    run = tmp_path / "sgsd-seed0"
+    run.mkdir()
+    (run / "attribution.json").write_text(json.dumps(state))
+    out = attribution_by_label([Path(run)], {"gen_001": "helpful", "err_006": "misleading"})
+    assert out["by_label"]["helpful"] == {"uses": 4, "helpful_fraction": 0.75, "harmful_fraction": 0.25,
+                                          "neutral_fraction": 0.0}
+    assert out["by_label"]["misleading"]["harmful_fraction"] == 1.0
+    text = "\n".join(_findings({"base": _method(0.1, 0, 0.2), "grpo": _method(0.1, 0, 0.2),
+                                "opsd": _method(0.1, 0, 0.2), "sgsd": _method(0.1, 0, 0.2)}, out))
+    assert "did separate misleading from helpful" in text
