@@ -1,0 +1,31 @@
+"""`sgsd demo --quick` end to end, offline: report, plots and results are written and agree."""
+
+import json
+
+import pytest
+
+from sgsd.cli import main
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_report_plots_and_results(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--quick", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"base", "grpo", "opsd", "sgsd"}
+    for name, m in results["methods"].items():
+        assert 0.0 <= m["ci_low"] <= m["mean"] <= m["ci_high"] <= 1.0, name
+    for plot in ("accuracy_over_steps.png", "polarity_over_steps.png", "attribution_by_item.png"):
+        assert (out / plot).stat().st_size > 1000
+    report = (out / "report.md").read_text()
+    for name in ("GRPO", "OPSD", "SGSD", "Base"):
+        assert f"| {name} | {results['methods'][name.lower()]['mean']:.3f} |" in report
+    assert "What these numbers mean and do not mean" in report
+    # polarity fractions recorded for every SGSD step, and each step's classes sum to one
+    series = results["sgsd_polarity_over_steps"]
+    steps = [s for s, _ in series["helpful"]]
+    assert steps == list(range(1, results["plan"]["steps"] + 1))
+    for (_, h), (_, m), (_, n) in zip(series["helpful"], series["harmful"], series["neutral"]):
+        assert h + m + n == pytest.approx(1.0, abs=1e-6)
+    assert "report:" in capsys.readouterr().out
