@@ -54,6 +54,18 @@ def _sgsd_groups(batch: SyntheticBatch, *, teacher_batch_rows: int, skip_neutral
     return groups, max(len(p) for p in batch.student_prompt_ids), lengths
 
 
+def teacher_padding_fraction(batch: SyntheticBatch, *, teacher_batch_rows: int = 16,
+                             skip_neutral_rows: bool = False) -> float:
+    """Share of the token slots of the real path's teacher forwards that are padding: the most a
+    padding-free (packed) teacher batch could save of the teacher cost."""
+    groups, _, lengths = _sgsd_groups(batch, teacher_batch_rows=teacher_batch_rows, skip_neutral_rows=skip_neutral_rows)
+    real = sum(len(p) + lengths[i] for i, rows in enumerate(batch.teacher_prompt_ids) for p in rows)
+    if skip_neutral_rows:
+        real += sum(len(p) + lengths[i] for i, p in enumerate(batch.student_prompt_ids))
+    slots = sum(g.rows * g.length for g in groups)
+    return 1.0 - real / slots if slots else 0.0
+
+
 def phase_flops(shape: ModelShape, batch: SyntheticBatch, *, naive: bool, teacher_batch_rows: int = 16,
                 active_rollouts: int | None = None, skip_neutral_rows: bool = False) -> float:
     """Matmul FLOPs of one loss phase on `batch` (module docstring)."""

@@ -16,7 +16,7 @@ import statistics
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from sgsd.benchmarking.cost import phase_flops
+from sgsd.benchmarking.cost import phase_flops, teacher_padding_fraction
 from sgsd.benchmarking.phases import LossSettings, naive_loss_phase, real_loss_phase
 from sgsd.benchmarking.synthetic import BatchShape, ModelShape, build_model, make_batch, max_sequence_length
 
@@ -57,6 +57,7 @@ class StepBenchResult:
     peak_rss_mb: float | None  # resident-set growth during a timed repeat (median), Linux CPU only
     gradients_mb: float  # size of the parameter gradients, part of peak_mem_mb in both paths
     estimated_gflop: float  # matmul FLOPs of the phase (`sgsd.benchmarking.cost`)
+    teacher_padding_fraction: float  # real path: share of teacher token slots that are padding
     achieved_gflops: float
     loss: float
     active_rollouts: int
@@ -120,6 +121,9 @@ class StepBench:
             repeats_s=timing.repeats, peak_mem_mb=peak.peak_mb if peak else float("nan"),
             mem_method=peak.method if peak else "not measured",
             peak_rss_mb=timing.rss_peak_mb, gradients_mb=grads / 2**20, estimated_gflop=flops / 1e9,
+            teacher_padding_fraction=teacher_padding_fraction(
+                batch, teacher_batch_rows=config.settings.teacher_batch_rows,
+                skip_neutral_rows=config.settings.skip_neutral_rows),
             achieved_gflops=flops / 1e9 / timing.median_s, loss=float(out.loss), active_rollouts=out.active_rollouts,
             chunk_tokens=config.settings.chunk_tokens, lean_head=config.settings.lean_head and not config.naive,
             skip_neutral_rows=config.settings.skip_neutral_rows and not config.naive,
@@ -189,8 +193,10 @@ def compare(config: StepBenchConfig, *, rounds: int = 5, progress: Any = None, l
 
 def summarize(rounds: list[CompareRound]) -> dict[str, Any]:
     """Each ratio: per round (`values`: one ratio of medians per round; median / min / max over rounds;
-    whether the target holds in every round) and, for times, pooled over rounds (`pooled_median`: ratio
-    of the medians of all timed runs; `pooled_min`: ratio of the fastest runs, the least disturbed by load)."""
+    whether the target holds in every round) and, for times, `pooled_min`: the ratio of the fastest
+    runs of all rounds (the least disturbed by load). The per-round ratios are the headline: the paths of
+    one round run back to back, so a change of load between rounds cancels; a ratio of medians pooled
+    over rounds would mix differently loaded moments."""
     summary: dict[str, Any] = {}
     for name, (top, bottom, key, target) in RATIOS.items():
         values = [r.ratio(name) for r in rounds]
@@ -200,7 +206,6 @@ def summarize(rounds: list[CompareRound]) -> dict[str, Any]:
                  "target": target, "holds_every_round": None if target is None else all(v <= target for v in values)}
         if key == "loss_phase_s":
             pooled = {run: [t for r in rounds for t in r.runs[run].repeats_s] for run in (top, bottom)}
-            entry["pooled_median"] = statistics.median(pooled[top]) / statistics.median(pooled[bottom])
             entry["pooled_min"] = min(pooled[top]) / min(pooled[bottom])
         summary[name] = entry
     return summary

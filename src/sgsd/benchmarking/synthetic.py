@@ -50,9 +50,10 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class BatchShape:
-    """B rollouts, K teachers each, T completion tokens (the longest completion)."""
+    """B rollouts (default 1: the paper's micro-batch per device), K teachers each, T completion tokens
+    (the longest completion)."""
 
-    rollouts: int = 2
+    rollouts: int = 1
     teachers: int = 8
     completion_tokens: int = 128
     seed: int = 0

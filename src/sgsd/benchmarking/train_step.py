@@ -11,9 +11,11 @@ calls, grader import) and is reported apart from the steady-state mean.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -101,8 +103,10 @@ def profile_training(config_path: str, *, steps: int = 4, overrides: Sequence[st
     temporary = output_dir is None
     out = Path(tempfile.mkdtemp(prefix="sgsd-bench-")) if temporary else Path(output_dir)
     try:
-        train(cfg, out / "run" if temporary else out, resume=False, reward_funcs=[timed_reward(accuracy_reward, grading)],
-              max_steps=steps, progress=False)
+        # the HF Trainer prints its log dicts to stdout without a progress bar: keep stdout for our output
+        with contextlib.redirect_stdout(sys.stderr):
+            train(cfg, out / "run" if temporary else out, resume=False,
+                  reward_funcs=[timed_reward(accuracy_reward, grading)], max_steps=steps, progress=False)
         metrics = (out / "run" if temporary else out) / "metrics.jsonl"
         records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     finally:
