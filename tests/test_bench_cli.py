@@ -89,6 +89,7 @@ def test_paper_scale_estimate_matches_the_spec(capsys):
     (["bench", "compare", "--teachers", "1"], "--teachers"),
     (["bench", "step", "--repeats", "0"], "--repeats"),
     (["bench", "train-step", "--steps", "1"], "--steps"),
+    (["bench", "step", "--completion-tokens", "6000"], "--completion-tokens"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, argv, needle):
     assert main(argv) == 2
@@ -153,3 +154,19 @@ def test_timed_reward_keeps_name_and_records_each_call():
     wrapped = timed_reward(accuracy_reward, seconds)
     assert wrapped.__name__ == "accuracy_reward"  # TRL names its reward metrics after the function
     assert wrapped(["p"], ["c", "d"], answer=["1", "2"]) == [1.0, 1.0] and len(seconds) == 1
+
+
+@pytest.mark.slow
+def test_train_step_on_the_tiny_recipe_prints_clean_json(capsys):
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "sgsd.yaml"
+    out = _json(capsys, ["bench", "train-step", "--config", str(config), "--steps", "2", "--json"])
+    assert [s["step"] for s in out["steps"]] == [1, 2]
+    for step in out["steps"]:
+        assert step["step_s"] > 0 and step["teacher_s"] > 0 and step["generate_s"] > 0 and step["grade_s"] >= 0
+        parts = step["generate_s"] + step["grade_s"] + step["teacher_s"] + step["update_s"]
+        # update_s is the rest of StepTimer's window; step_s is TRL's own step_time (a slightly different
+        # window, a few ms apart): the stages must account for the step, not match it to the microsecond
+        assert parts == pytest.approx(step["step_s"], rel=0.25)
+    assert out["steady_fraction"]["step_s"] == pytest.approx(1.0)

@@ -14,7 +14,7 @@ import os
 import platform
 import statistics
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 from sgsd.benchmarking.cost import phase_flops, teacher_padding_fraction
 from sgsd.benchmarking.phases import LossSettings, naive_loss_phase, real_loss_phase
@@ -68,7 +68,7 @@ class StepBenchResult:
     threads: int
 
 
-def _phase_fn(naive: bool):
+def _phase_fn(naive: bool) -> Callable[..., Any]:
     return naive_loss_phase if naive else real_loss_phase
 
 
