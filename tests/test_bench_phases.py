@@ -104,7 +104,7 @@ def test_lean_head_leaves_the_loss_and_gradient_unchanged(model, batch):
     import sgsd.scoring
     from sgsd.benchmarking import lean_head
 
-    assert sgsd.scoring.token_logprobs is not lean_head.token_logprobs  # swapped back after the phase
+    assert sgsd.scoring.token_logprobs is lean_head.token_logprobs  # adopted: scoring uses the lean head
     assert torch.equal(base.polarity, lean.polarity)
     assert abs(float(base.loss) - float(lean.loss)) < 1e-6  # same fp32 log-softmax, other summation order
     for name, grad in base_grads.items():

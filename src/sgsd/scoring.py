@@ -4,10 +4,9 @@ SPEC sections 4 and 9 (defects 1-3, 8). The student is run ONCE per rollout (wit
 loss phase); the K teachers of every rollout are run here without gradient, flattened into rows of
 (rollout, teacher), sorted by length and batched, each row = [teacher prompt ; student completion].
 
-- Log-probs of the sampled tokens are computed from the final hidden states in chunks of token rows:
-  logits of one chunk (fp32) -> logsumexp -> gather. With gradient, each chunk is checkpointed, so the
-  backward recomputes its logits instead of keeping them: peak memory holds one chunk of V logits,
-  not T x V per row.
+- Log-probs of the sampled tokens are computed from the final hidden states in chunks of token rows
+  (`sgsd.lm_head.token_logprobs`): one fp32 [chunk, V] buffer at a time, recomputed in the backward,
+  never T x V per row.
 - Prompts are left-padded and position ids come from the attention mask (cumsum - 1), so the
   completion follows its prompt with no rotary gap, whatever the padding.
 - Completions are trimmed to the longest completion of each teacher batch (no compute on the
@@ -21,6 +20,8 @@ from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from sgsd.lm_head import token_logprobs  # noqa: F401 - part of this module's interface
 
 
 def lm_parts(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -63,46 +64,6 @@ def hidden_for_completion(model: Any, input_ids: torch.Tensor, attention_mask: t
     finally:
         handle.remove()
     return captured[-1][:, -num_completion_tokens - 1 : -1]
-
-
-def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = torch.nn.functional.linear(hidden, weight, bias).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    lse = torch.logsumexp(logits, dim=-1)
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():  # token entropy, a diagnostic: H = lse - sum p * z
-        entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    return picked - lse, entropy
-
-
-def token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, target_ids: torch.Tensor, *,
-                   chunk_tokens: int = 4096, temperature: float = 1.0, return_entropy: bool = False
-                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """log softmax(lm_head(hidden) / temperature)[target] in fp32, chunked over token rows.
-
-    hidden [N, T, H], target_ids [N, T] -> [N, T] fp32 (and the detached token entropy [N, T] with
-    `return_entropy`). With gradient enabled each chunk is checkpointed: its logits are recomputed in
-    the backward rather than stored, so memory holds one chunk of V logits at a time.
-    """
-    n, t, h = hidden.shape
-    flat_hidden = hidden.reshape(n * t, h)
-    flat_targets = target_ids.reshape(n * t)
-    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
-    needs_grad = torch.is_grad_enabled() and (flat_hidden.requires_grad or weight.requires_grad)
-    logps, entropies = [], []
-    for start in range(0, n * t, max(int(chunk_tokens), 1)):
-        sl = slice(start, start + chunk_tokens)
-        args = (flat_hidden[sl], weight, bias, flat_targets[sl], temperature)
-        piece, entropy = checkpoint(_chunk_logps, *args, use_reentrant=False) if needs_grad else _chunk_logps(*args)
-        logps.append(piece)
-        entropies.append(entropy)
-    if not logps:
-        empty = hidden.new_zeros((n, t), dtype=torch.float32)
-        return (empty, empty) if return_entropy else empty
-    out = torch.cat(logps).reshape(n, t)
-    return (out, torch.cat(entropies).reshape(n, t)) if return_entropy else out
 
 
 def completion_logprobs(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
