@@ -114,7 +114,10 @@ class SGSDSettings:
     teacher: Literal["live", "base", "ema"] = "live"
     ema_decay: float = 0.99
     teacher_batch_size: int = 16  # rows per teacher forward (rollouts x teachers are flattened)
-    logprob_chunk_tokens: int = 4096  # token rows per chunk of the LM head log-softmax
+    # token rows per chunk of the LM head log-softmax; 0: as many as fit one fp32 [chunk, V] buffer of
+    # `logprob_chunk_mb` (Qwen3's V = 151,936: 1 GiB -> ~1,177 rows)
+    logprob_chunk_tokens: int = 0
+    logprob_chunk_mb: int = 1024
     skip_neutral_rows: bool = False  # skip the student backward of rollouts whose teachers are all neutral
 
 

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from sgsd.config import SGSDSettings
+from sgsd.lm_head import chunk_tokens_for_budget
 from sgsd.objectives import masked_mean, sgsd_loss, teacher_polarity
 from sgsd.prompts import ChatStyle, render_chat, teacher_prompt
 from sgsd.scoring import (
@@ -80,6 +81,9 @@ class SGSDTrainer(HookedGRPOTrainer):
         self.student_style, self.teacher_style = student_style, teacher_style
         self.observers = list(observers)  # attribution, online skill updates: see `observe`
         self.count_table = countable_token_table(self.processing_class)
+        vocab = lm_parts(self.model)[1].weight.size(0)
+        self.chunk_tokens = settings.logprob_chunk_tokens or chunk_tokens_for_budget(
+            vocab, settings.logprob_chunk_mb * 2**20)
         model = self.unwrapped_model
         self.ema = EMAWeights(model, settings.ema_decay) if settings.teacher == "ema" else None
         self.frozen = FrozenCopy(model) if settings.teacher == "base" and not is_peft(model) else None
@@ -113,7 +117,7 @@ class SGSDTrainer(HookedGRPOTrainer):
                 prompt_ids[row].append(self.processing_class(plain, add_special_tokens=False)["input_ids"])
         scoring_model = self.frozen.model if self.frozen is not None else self.model
         scoring = dict(pad_id=self.processing_class.pad_token_id, batch_rows=self.settings.teacher_batch_size,
-                       chunk_tokens=self.settings.logprob_chunk_tokens, teacher_context=self.teacher_context)
+                       chunk_tokens=self.chunk_tokens, teacher_context=self.teacher_context)
         local: dict[str, torch.Tensor] = {}
         if self.settings.local_support_top_k > 0:
             logps, local["teacher_top_logps"], local["teacher_top_ids"] = score_teachers_local(
@@ -163,11 +167,11 @@ class SGSDTrainer(HookedGRPOTrainer):
             student_logps, teacher_logps, divergence = local_support_student_terms(
                 hidden, lm_parts(model)[1], comp_ids, teacher_logps,
                 inputs["teacher_top_logps"][run_rows, :, :length], inputs["teacher_top_ids"][run_rows, :, :length],
-                top_k=self.settings.local_support_top_k, chunk_tokens=self.settings.logprob_chunk_tokens,
+                top_k=self.settings.local_support_top_k, chunk_tokens=self.chunk_tokens,
             )
         else:
             student_logps, entropy = completion_logprobs(model, prompt_ids, prompt_mask, comp_ids, comp_mask,
-                                                         chunk_tokens=self.settings.logprob_chunk_tokens,
+                                                         chunk_tokens=self.chunk_tokens,
                                                          return_entropy=True)
             counted = inputs["sgsd_mask"][run_rows, :length]
             present = inputs["teacher_weights"][run_rows] > 0
