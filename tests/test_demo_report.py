@@ -56,3 +56,11 @@ def test_attribution_grouped_by_label(tmp_path):
     text = "\n".join(_findings({"base": _method(0.1, 0, 0.2), "grpo": _method(0.1, 0, 0.2),
                                 "opsd": _method(0.1, 0, 0.2), "sgsd": _method(0.1, 0, 0.2)}, out))
     assert "did separate misleading from helpful" in text
+
+
+def test_findings_flag_an_uninformative_warm_start():
+    methods = {"base": _method(0.005, 0.0, 0.015), "grpo": _method(0.005, 0.0, 0.015),
+               "opsd": _method(0.0, 0.0, 0.0), "sgsd": _method(0.005, 0.0, 0.015)}
+    assert "cannot show differences between methods" in "\n".join(_findings(methods, {}))
+    methods["base"] = _method(0.5, 0.4, 0.6)
+    assert "cannot show differences" not in "\n".join(_findings(methods, {}))
