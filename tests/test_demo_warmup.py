@@ -23,9 +23,9 @@ from sgsd.demo.world import WorldConfig
 from sgsd.errors import ConfigError
 
 TINY = WarmupConfig(
-    world=WorldConfig(seed=1, num_train=200, num_test=12, min_digits=3, max_digits=3),
+    world=WorldConfig(seed=1, num_train=200, num_test=12, min_terms=3, max_terms=4),
     model=ModelShape(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, vocab_size=400),
-    steps=40, batch_sizes=(8, 4, 4), learning_rate=5e-3, warmup_steps=5,
+    steps=40, early_steps=10, batch_sizes=(8, 4, 4), learning_rate=5e-3, warmup_steps=5,
 )
 
 

@@ -14,7 +14,7 @@ from sgsd.demo.world import (
     MistakeRates,
     WorldConfig,
     boxed_integer,
-    columns,
+    count_carries,
     is_correct,
     make_world,
     to_training_problems,
@@ -23,12 +23,12 @@ from sgsd.demo.world import (
 from sgsd.errors import ConfigError
 
 SMALL = WorldConfig(seed=3, num_train=300, num_test=60)
-LINE = re.compile(r"^(\d)\+(\d)\+([01])=(\d+)$")
+LINE = re.compile(r"^(\d+)\+(\d)=(\d+)$")
 
 
-def _written_carries(text: str) -> int:
-    """Column lines that add a carry (`d+d+1=s`)."""
-    return sum(1 for line in text.split("\n") if (m := LINE.match(line)) and m.group(3) == "1")
+def _lines(text: str) -> list[tuple[int, int, int]]:
+    """(total, term, new total) of each step line."""
+    return [tuple(int(x) for x in LINE.match(line).groups()) for line in text.split("\n")[:-1]]
 
 
 def test_world_is_deterministic_and_seed_dependent():
@@ -37,31 +37,27 @@ def test_world_is_deterministic_and_seed_dependent():
     assert [p.text for p in other.train] != [p.text for p in make_world(SMALL).train]
 
 
-def test_splits_are_disjoint_even_up_to_operand_order():
+def test_splits_are_disjoint():
     world = make_world(SMALL)
     assert len(world.train) == 300 and len(world.test) == 60
-    train = {frozenset((p.a, p.b)) for p in world.train}
-    test = {frozenset((p.a, p.b)) for p in world.test}
-    assert not train & test
+    assert not {p.terms for p in world.train} & {p.terms for p in world.test}
+    assert len({p.terms for p in world.train + world.test}) == 360
     assert len({p.problem_id for p in world.train + world.test}) == 360
 
 
 def test_problems_respect_the_config():
     world = make_world(SMALL)
     for p in world.train + world.test:
-        assert 100 <= p.a <= 9999 and 100 <= p.b <= 9999 and len(str(p.a)) == len(str(p.b))
+        assert SMALL.min_terms <= len(p.terms) <= SMALL.max_terms and all(1 <= t <= 9 for t in p.terms)
         assert p.num_carries >= SMALL.min_carries
-        assert p.answer == str(p.a + p.b)
-        assert str(p.a) in p.text and str(p.b) in p.text
+        assert p.answer == str(sum(p.terms))
+        assert " + ".join(map(str, p.terms)) in p.text
 
 
-def test_columns_reconstruct_the_sum():
-    rng = random.Random(0)
-    for _ in range(500):
-        a, b = rng.randint(0, 99999), rng.randint(0, 99999)
-        cols = columns(a, b)
-        total = sum(((c.digit_a + c.digit_b + c.carry_in) % 10) * 10**i for i, c in enumerate(cols))
-        assert total + cols[-1].carry_out * 10 ** len(cols) == a + b
+def test_count_carries_by_hand():
+    assert count_carries([7, 5, 8, 3, 9]) == 3  # 7+5=12, 12+8=20, 20+3=23 (no carry), 23+9=32
+    assert count_carries([1, 2, 3, 4]) == 1  # 6+4=10
+    assert count_carries([1, 1, 1]) == 0
 
 
 def test_error_free_solutions_are_correct_and_follow_the_format():
@@ -71,27 +67,34 @@ def test_error_free_solutions_are_correct_and_follow_the_format():
         sol = worked_solution(p, MistakeRates(0.0, 0.0), rng)
         assert sol.correct and sol.final_answer == p.answer
         assert is_correct(sol.text, p)
-        *lines, last = sol.text.split("\n")
-        assert last == f"\\boxed{{{p.answer}}}"
-        assert len(lines) == max(len(str(p.a)), len(str(p.b)))
-        for line, col in zip(lines, columns(p.a, p.b)):
-            da, db, carry, total = LINE.match(line).groups()
-            assert (int(da), int(db), int(carry)) == (col.digit_a, col.digit_b, col.carry_in)
-            assert int(total) == col.digit_a + col.digit_b + col.carry_in
+        assert sol.text.split("\n")[-1] == f"\\boxed{{{p.answer}}}"
+        steps = _lines(sol.text)
+        assert [term for _, term, _ in steps] == list(p.terms[1:])
+        assert steps[0][0] == p.terms[0]
+        for (total, term, new), following in zip(steps, steps[1:] + [(int(p.answer), 0, 0)]):
+            assert new == total + term and following[0] == new
 
 
 def test_mistakes_make_wrong_answers_and_are_counted():
     world = make_world(SMALL)
     rng = random.Random(1)
-    # Every problem has a carry, so forgetting all carries always gives a wrong answer.
+    # Every problem has a carry, so forgetting all carries always gives a wrong answer, 10 too
+    # small per carry forgotten; lines continue from the written total.
     for p in world.train[:100]:
         sol = worked_solution(p, MistakeRates(1.0, 0.0), rng)
         assert sol.forgotten_carries >= 1 and not is_correct(sol.text, p)
-        assert _written_carries(sol.text) == 0
-    # A slip in every column changes the units digit, so the answer is always wrong.
+        assert int(sol.final_answer) == sum(p.terms) - 10 * sol.forgotten_carries
+        for total, term, new in _lines(sol.text):
+            assert new == total + term - (10 if total % 10 + term >= 10 else 0)
+    # A slip in every line moves each total by one: the answer is wrong unless the slips cancel.
+    wrong = 0
     for p in world.train[:100]:
         sol = worked_solution(p, MistakeRates(0.0, 1.0), rng)
-        assert sol.slips == len(columns(p.a, p.b)) and not is_correct(sol.text, p)
+        assert sol.slips == len(p.terms) - 1
+        for total, term, new in _lines(sol.text):
+            assert abs(new - (total + term)) == 1
+        wrong += not is_correct(sol.text, p)
+    assert wrong >= 50
 
 
 def test_mistake_rates_are_close_to_the_requested_rates():
@@ -101,10 +104,10 @@ def test_mistake_rates_are_close_to_the_requested_rates():
     for p in world.train:
         sol = worked_solution(p, MistakeRates(0.3, 0.0), rng)
         forgotten += sol.forgotten_carries
-        # A forgotten carry can remove the next carry, so count the carries of the written solution.
-        carries += _written_carries(sol.text) + sol.forgotten_carries
-    # ~6000 carries: the binomial standard error of the rate is ~0.006; 0.03 is 5 standard errors.
-    assert abs(forgotten / carries - 0.3) < 0.03
+        # Carries of the written solution (a forgotten carry changes the later ones).
+        carries += sum(total % 10 + term >= 10 for total, term, _ in _lines(sol.text))
+    # ~5500 carries: the binomial standard error of the rate is ~0.006; 0.03 is 5 standard errors.
+    assert carries > 4000 and abs(forgotten / carries - 0.3) < 0.03
 
 
 def test_boxed_integer_and_grader_format():
@@ -141,8 +144,8 @@ def test_written_problems_load_with_the_project_loader(tmp_path):
 
 
 def test_bad_world_config_is_a_config_error():
-    with pytest.raises(ConfigError, match="digits"):
-        WorldConfig(min_digits=5, max_digits=3)
+    with pytest.raises(ConfigError, match="terms"):
+        WorldConfig(min_terms=5, max_terms=3)
     with pytest.raises(ConfigError, match="probability"):
         MistakeRates(forget_carry=1.5, slip=0.0)
 

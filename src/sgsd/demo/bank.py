@@ -1,4 +1,4 @@
-"""The demo's seed skill bank: helpful, irrelevant and misleading items for the addition world.
+"""The demo's seed skill bank: helpful, irrelevant and misleading items for the running-sum world.
 
 Written in the paper's JSON format (SPEC section 3) so that `sgsd.skills.load_bank` reads it like any
 bank. `metadata["labels"]` maps every item id to "helpful", "irrelevant" or "misleading": the labels
@@ -6,9 +6,9 @@ are for the report (does SGSD's polarity separate them?), never for training.
 
 In the toy world the labels are also the items' *effect* in the warm-up data (`hint_effect`): the
 forgotten-carry rate of a worked solution depends on the net number of helpful minus misleading
-items in its prompt. Irrelevant items include some that sound relevant ("check each column sum")
-but change nothing, as retrieved skills often do. No item addresses arithmetic slips in a way that
-works: no hint fixes them (see `sgsd.demo.world`).
+items in its prompt. Irrelevant items include some that sound relevant ("add carefully", "sums that
+are off by one") but change nothing, as retrieved skills often do: no hint fixes arithmetic slips
+(see `sgsd.demo.world`).
 """
 
 from __future__ import annotations
@@ -21,52 +21,52 @@ LABELS = (HELPFUL, IRRELEVANT, MISLEADING)
 
 # (skill_id, label, title, principle, when_to_apply)
 _SKILLS = (
-    ("gen_001", HELPFUL, "Carry the one",
-     "When a column sums to 10 or more, write its last digit and add 1 to the next column.",
-     "adding numbers column by column"),
-    ("gen_002", HELPFUL, "Track every carry",
-     "Before adding a column, check whether the previous column sum was 10 or more; if so, add 1 to this column.",
-     "multi-digit addition"),
+    ("gen_001", HELPFUL, "Carry into the tens",
+     "When the ones digits add up to 10 or more, increase the tens digit of the total by one.",
+     "adding a number to a running total"),
+    ("gen_002", HELPFUL, "Check for a carry at every step",
+     "Before writing a new total, check whether its ones digit wrapped past 9; if it did, the tens digit goes up.",
+     "adding several numbers one after another"),
     ("gen_003", IRRELEVANT, "Simplify fractions",
      "Divide the numerator and the denominator by their greatest common divisor.",
      "an answer is a fraction"),
-    ("gen_004", IRRELEVANT, "Check each column sum",
-     "Add the two digits of a column carefully and make sure the sum is right.",
-     "adding digits"),
+    ("gen_004", IRRELEVANT, "Add carefully",
+     "Add each number carefully and make sure every sum is right.",
+     "adding numbers"),
     ("gen_005", IRRELEVANT, "Draw a diagram",
      "Sketch the figure and label every length and angle you know.",
      "geometry problems"),
-    ("gen_006", MISLEADING, "Columns are independent",
-     "Add each column on its own: the sum of one column never changes the next column.",
-     "adding numbers column by column"),
-    ("gen_007", MISLEADING, "Keep only the last digit",
-     "When a column sums to 10 or more, keep its last digit and drop the rest.",
-     "multi-digit addition"),
+    ("gen_006", MISLEADING, "Only the ones digit changes",
+     "Adding a single digit changes only the ones digit of the total; keep the tens digit as it is.",
+     "adding a number to a running total"),
+    ("gen_007", MISLEADING, "Keep the tens digit",
+     "When the ones digits add up to 10 or more, keep the last digit and leave the tens digit unchanged.",
+     "adding several numbers one after another"),
 )
 
 # (mistake_id, label, description, why_it_happens, how_to_avoid)
 _MISTAKES = (
-    ("err_001", HELPFUL, "Forgetting to add the carry to the next column",
-     "The 1 from a column sum of 10 or more is easy to lose when moving left.",
-     "Whenever a column sums to 10 or more, add 1 to the next column."),
-    ("err_002", HELPFUL, "Adding the next column without its carry",
-     "The carry is not written down, so the next column is added as if it were alone.",
-     "Write +1 in the next column as soon as a column sum reaches 10."),
+    ("err_001", HELPFUL, "Forgetting to carry into the tens digit",
+     "When the ones digits pass 9 it is easy to write only the last digit.",
+     "Whenever the ones digits add up to 10 or more, add one to the tens digit."),
+    ("err_002", HELPFUL, "Writing a total that is 10 too small",
+     "The ten from the ones digits is dropped when the new total is written.",
+     "Check that the new total is larger than the old one by exactly the number added."),
     ("err_003", IRRELEVANT, "Sign errors when moving terms",
      "Terms change sign when moved across an equation and this is easy to miss.",
      "Flip the sign of every term you move to the other side."),
     ("err_004", IRRELEVANT, "Misreading the question",
      "Reading too fast can swap the quantity that is asked for.",
      "Read the question again before writing the final answer."),
-    ("err_005", IRRELEVANT, "Wrong digit sums",
-     "Adding small numbers quickly sometimes gives a sum that is off by one.",
-     "Double-check every digit sum."),
-    ("err_006", MISLEADING, "Adding a carry to the next column",
-     "A column sum of 10 or more tempts you to change the next column.",
-     "Never add anything to a column except its own two digits."),
-    ("err_007", MISLEADING, "Writing two digits for one column",
-     "A column sum of 10 or more seems to need two places.",
-     "Write only the last digit of every column sum and move on."),
+    ("err_005", IRRELEVANT, "Sums that are off by one",
+     "Adding small numbers quickly sometimes gives a total that is one too large or too small.",
+     "Double-check every sum."),
+    ("err_006", MISLEADING, "Changing the tens digit",
+     "A large ones digit tempts you to change the tens digit too.",
+     "Never change the tens digit when you add a single digit."),
+    ("err_007", MISLEADING, "Carrying too often",
+     "Carries look necessary more often than they are.",
+     "Write only the last digit of the ones sum and keep the tens digit as it was."),
 )
 
 
@@ -84,7 +84,7 @@ def seed_bank() -> dict[str, Any]:
             for mid, _, desc, why, how in _MISTAKES
         ],
         "metadata": {
-            "source": "sgsd.demo.bank: hand-written seed bank for the demo's addition world",
+            "source": "sgsd.demo.bank: hand-written seed bank for the demo's running-sum world",
             "labels": labels,
             "label_note": "labels are for the demo report only; training never reads them",
         },

@@ -1,48 +1,49 @@
-"""The demo's synthetic math world: multi-digit addition solved column by column.
+"""The demo's synthetic math world: multi-step addition of single digits, one running total per line.
 
-A problem asks for the sum of two numbers of the same length (3 or 4 digits) in plain words
-("What is 4728 + 3594?"), so the project's student prompt (`sgsd.prompts.student_prompt`) wraps it
-unchanged. A worked solution adds one column per line, right to left, each line written as
-`digit + digit + carry-in = sum`, and ends with the final answer in a box::
+A problem asks for the sum of 4-5 single-digit numbers in plain words ("What is 7 + 5 + 8 + 3 + 9?"),
+so the project's student prompt (`sgsd.prompts.student_prompt`) wraps it unchanged. A worked
+solution adds the numbers left to right, one step per line, and ends with the answer in a box::
 
-    8+4+0=12
-    2+9+1=12
-    7+5+1=13
-    4+3+1=8
-    \\boxed{8322}
+    7+5=12
+    12+8=20
+    20+3=23
+    23+9=32
+    \\\\boxed{32}
 
-The format is deliberately terse (about 40 counted tokens for four columns): SGSD's support is a
-mean over completion tokens, and a decision that a hint changes (here: the carry-in digit) must be a
-visible share of them (DEMO_NOTES: with a wordy format most teachers were neutral at theta = 0.05).
-It is also regular, so that a tiny model learns it in minutes on a CPU: equal-length operands and
-lines of fixed shape put the digits a line needs at nearly fixed distances from it.
+Why this shape:
+- Every step is local: the total comes from the line above, the next number from the problem just
+  after the previous one. A 0.7 M-parameter model learns it in minutes on a CPU, whatever text
+  surrounds the problem (a skill block before it, a reference answer after it). Column addition of
+  3-4 digit numbers, tried first, needs right-to-left digit look-ups that the model learned as
+  "distance from the end of the prompt", which broke under the OPSD reference prompt.
+- Carries are frequent (about 1.8 per problem) and each is one decision, the tens digit of the new
+  total: the decision a hint can change is a visible share of the ~28 counted completion tokens
+  (DEMO_NOTES: with a wordy format most teachers were neutral at theta = 0.05).
 
 Two kinds of mistakes appear in the synthetic worked solutions that the warm-up imitates:
-- a forgotten carry (`2+9+0=11` above): its rate depends on the hint in the prompt - a helpful skill
-  lowers it, a misleading one raises it (see `sgsd.demo.bank`);
-- an arithmetic slip (a column sum off by one): no hint changes its rate; only a reference
-  solution (the OPSD teacher's privileged information) does.
-Later columns always follow the written line, so a mistake propagates like a real one.
+- a forgotten carry (`12+8=10`): the ones digits reach 10 but the tens digit is not increased. Its
+  rate depends on the hint in the prompt - a helpful skill lowers it, a misleading one raises it
+  (see `sgsd.demo.bank`);
+- an arithmetic slip (a total off by one): no hint changes its rate; only a reference answer (the
+  OPSD teacher's privileged information) does.
+Later lines always continue from the written total, so a mistake propagates like a real one.
 
-Everything is deterministic from `WorldConfig.seed`; train and test problems never share an
-(a, b) pair. Answers are integers written as strings, the format `sgsd.verify.grade` expects.
+Everything is deterministic from `WorldConfig.seed`; train and test problems never share a sequence
+of numbers. Answers are integers written as strings, the format `sgsd.verify.grade` expects.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from sgsd.errors import ConfigError
 
-# Both templates put the operands at the same distance from the end of the prompt.
 PROBLEM_TEMPLATES = (
-    "What is {a} + {b}?",
-    "Compute {a} + {b}.",
+    "What is {terms}?",
+    "Compute {terms}.",
 )
 
 
@@ -50,9 +51,9 @@ PROBLEM_TEMPLATES = (
 class MistakeRates:
     """Per-decision mistake probabilities of one kind of prompt.
 
-    forget_carry: probability that a carry (a column sum of 10 or more) is not added to the next
-        column. Applies to each carry separately.
-    slip: probability that a column sum is written off by one (up or down). Applies to each column.
+    forget_carry: probability that a carry (ones digits reaching 10) does not increase the tens
+        digit of the new total. Applies to each carry separately.
+    slip: probability that a new total is written off by one (up or down). Applies to each line.
     """
 
     forget_carry: float
@@ -69,60 +70,43 @@ class MistakeRates:
 class WorldConfig:
     """Size and difficulty of the world.
 
-    min_digits / max_digits: operand length range (both operands of a problem have the same length).
-    min_carries: problems with fewer carries into a next column are redrawn, so that the carry skill
-        matters in every problem.
+    min_terms / max_terms: how many numbers (each 1-9) a problem adds.
+    min_carries: problems with fewer carries are redrawn, so that the carry skill always matters.
     """
 
     seed: int = 0
     num_train: int = 4000
     num_test: int = 200
-    min_digits: int = 3
-    max_digits: int = 4
+    min_terms: int = 4
+    max_terms: int = 5
     min_carries: int = 1
 
     def __post_init__(self) -> None:
-        if not 1 <= self.min_digits <= self.max_digits <= 9:
+        if not 2 <= self.min_terms <= self.max_terms <= 12:
             raise ConfigError(
-                f"WorldConfig digits: need 1 <= min_digits <= max_digits <= 9, got {self.min_digits}..{self.max_digits}"
+                f"WorldConfig terms: need 2 <= min_terms <= max_terms <= 12, got {self.min_terms}..{self.max_terms}"
             )
         if self.num_train < 1 or self.num_test < 1:
             raise ConfigError(f"WorldConfig: num_train and num_test must be >= 1, got {self.num_train}, {self.num_test}")
-        if not 0 <= self.min_carries < self.max_digits:
-            raise ConfigError(
-                f"WorldConfig.min_carries = {self.min_carries}: must be in [0, max_digits - 1 = {self.max_digits - 1}]"
-            )
-        capacity = (9 * 10 ** (self.max_digits - 1)) ** 2 // 4
-        if self.num_train + self.num_test > capacity:
-            raise ConfigError(f"WorldConfig: {self.num_train + self.num_test} problems do not fit in {self.max_digits}-digit operands")
-
-    def digest(self) -> str:
-        """A short stable hash of the configuration (cache keys)."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        if not 0 <= self.min_carries < self.min_terms:
+            raise ConfigError(f"WorldConfig.min_carries = {self.min_carries}: must be in [0, min_terms - 1]")
+        # Loose bound (ignores the carry filter): the draw loop must be able to finish.
+        if 2 * (self.num_train + self.num_test) > 9**self.max_terms:
+            raise ConfigError(f"WorldConfig: {self.num_train + self.num_test} problems are too many for {self.max_terms} terms")
 
 
 @dataclass(frozen=True)
 class Problem:
-    """One addition problem. `answer` is the gold final answer as a string (for `sgsd.verify.grade`)."""
+    """One problem: the numbers to add. `answer` is the gold final answer as a string."""
 
     problem_id: str
     text: str
-    a: int
-    b: int
+    terms: tuple[int, ...]
     answer: str
 
     @property
     def num_carries(self) -> int:
-        """Carries into a next column (a carry out of the leftmost column is just written down)."""
-        return count_carries(self.a, self.b)
-
-
-@dataclass(frozen=True)
-class Column:
-    digit_a: int
-    digit_b: int
-    carry_in: int
-    carry_out: int
+        return count_carries(self.terms)
 
 
 @dataclass(frozen=True)
@@ -146,71 +130,57 @@ class WorkedSolution:
         return self.forgotten_carries == 0 and self.slips == 0
 
 
-def columns(a: int, b: int) -> list[Column]:
-    """The correct columns of a + b, ones first (a missing digit counts as 0)."""
-    out, carry = [], 0
-    width = max(len(str(a)), len(str(b)))
-    for i in range(width):
-        da, db = a // 10**i % 10, b // 10**i % 10
-        total = da + db + carry
-        out.append(Column(da, db, carry, total // 10))
-        carry = total // 10
-    return out
+def is_carry(total: int, term: int) -> bool:
+    """Adding `term` to `total` carries when the ones digits reach 10."""
+    return total % 10 + term >= 10
 
 
-def count_carries(a: int, b: int) -> int:
-    """Carries a solver must add to a next column: the decisions a forgotten carry can get wrong."""
-    return sum(1 for column in columns(a, b) if column.carry_in)
+def count_carries(terms: Sequence[int]) -> int:
+    """Carries of the correct running sum of `terms`."""
+    total, carries = terms[0], 0
+    for term in terms[1:]:
+        carries += is_carry(total, term)
+        total += term
+    return carries
 
 
-def _draw_operands(rng: random.Random, config: WorldConfig) -> tuple[int, int]:
-    digits = rng.randint(config.min_digits, config.max_digits)
-    return rng.randint(10 ** (digits - 1), 10**digits - 1), rng.randint(10 ** (digits - 1), 10**digits - 1)
+def problem_text(terms: Sequence[int], template: str) -> str:
+    return template.format(terms=" + ".join(str(t) for t in terms))
 
 
 def make_world(config: WorldConfig) -> World:
     """Draw `num_train + num_test` distinct problems; the first `num_test` drawn form the test split."""
     rng = random.Random(f"sgsd-demo-world:{config.seed}")
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple[int, ...]] = set()
     problems: list[Problem] = []
     while len(problems) < config.num_train + config.num_test:
-        a, b = _draw_operands(rng, config)
-        # a + b and b + a are the same problem to a learner: keep them on one side of the split.
-        key = (min(a, b), max(a, b))
-        if key in seen or count_carries(a, b) < config.min_carries:
+        terms = tuple(rng.randint(1, 9) for _ in range(rng.randint(config.min_terms, config.max_terms)))
+        if terms in seen or count_carries(terms) < config.min_carries:
             continue
-        seen.add(key)
-        template = PROBLEM_TEMPLATES[rng.randrange(len(PROBLEM_TEMPLATES))]
+        seen.add(terms)
+        text = problem_text(terms, PROBLEM_TEMPLATES[rng.randrange(len(PROBLEM_TEMPLATES))])
         split = "test" if len(problems) < config.num_test else "train"
         index = len(problems) if split == "test" else len(problems) - config.num_test
-        problems.append(Problem(f"{split}-{index:05d}", template.format(a=a, b=b), a, b, str(a + b)))
+        problems.append(Problem(f"{split}-{index:05d}", text, terms, str(sum(terms))))
     return World(config, train=tuple(problems[config.num_test:]), test=tuple(problems[: config.num_test]))
 
 
 def worked_solution(problem: Problem, rates: MistakeRates, rng: random.Random) -> WorkedSolution:
-    """A column-by-column solution with mistakes drawn at `rates` (see the module docstring)."""
-    width = max(len(str(problem.a)), len(str(problem.b)))
+    """A step-by-step solution with mistakes drawn at `rates` (see the module docstring)."""
+    total = problem.terms[0]
     lines: list[str] = []
-    written_digits: list[str] = []
-    carry = forgotten = slips = 0
-    for i in range(width):
-        da, db = problem.a // 10**i % 10, problem.b // 10**i % 10
-        if carry and rng.random() < rates.forget_carry:
-            carry, forgotten = 0, forgotten + 1
-        total = da + db + carry
+    forgotten = slips = 0
+    for term in problem.terms[1:]:
+        new = total + term
+        if is_carry(total, term) and rng.random() < rates.forget_carry:
+            new, forgotten = new - 10, forgotten + 1
         if rng.random() < rates.slip:
-            # Off by one, staying a possible column sum (0..19).
-            total = total + 1 if total == 0 else total - 1 if total == 19 else total + rng.choice((-1, 1))
+            new = new + 1 if new == 0 else new + rng.choice((-1, 1))
             slips += 1
-        lines.append(f"{da}+{db}+{carry}={total}")
-        if i == width - 1:
-            written_digits.append(str(total))
-        else:
-            written_digits.append(str(total % 10))
-            carry = total // 10
-    final = "".join(reversed(written_digits)).lstrip("0") or "0"
-    lines.append(f"\\boxed{{{final}}}")
-    return WorkedSolution("\n".join(lines), final, forgotten, slips)
+        lines.append(f"{total}+{term}={new}")
+        total = new
+    lines.append(f"\\boxed{{{total}}}")
+    return WorkedSolution("\n".join(lines), str(total), forgotten, slips)
 
 
 _BOXED = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
