@@ -2,6 +2,7 @@
 attribution grouped by label."""
 
 import json
+import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -64,3 +65,42 @@ def test_findings_flag_an_uninformative_warm_start():
     assert "cannot show differences between methods" in "\n".join(_findings(methods, {}))
     methods["base"] = _method(0.5, 0.4, 0.6)
     assert "cannot show differences" not in "\n".join(_findings(methods, {}))
+
+
+def test_paired_difference_cancels_shared_problem_difficulty():
+    from sgsd.demo.evaluate import bootstrap_interval, paired_difference
+
+    # Method b is method a plus exactly 0.1 on every problem; problems vary a lot in difficulty.
+    a = [0.0, 0.1, 0.3, 0.5, 0.8, 0.9] * 10
+    b = [x + 0.1 for x in a]
+    difference, low, high = paired_difference(b, a)
+    assert abs(difference - 0.1) < 1e-12 and abs(low - 0.1) < 1e-12 and abs(high - 0.1) < 1e-12
+    # Unpaired, the same data gives wide overlapping intervals: pairing is what separates them.
+    assert bootstrap_interval(b)[0] < bootstrap_interval(a)[1]
+
+
+def test_paired_difference_refuses_different_problem_sets():
+    import pytest
+
+    from sgsd.demo.evaluate import paired_difference
+
+    with pytest.raises(ValueError, match="same problems"):
+        paired_difference([1.0, 0.0], [1.0])
+
+
+def test_comparisons_and_findings_use_paired_intervals():
+    from sgsd.demo.report import comparisons
+
+    base = [0.0, 0.5, 1.0, 0.5] * 10
+    better = [min(1.0, x + 0.25) for x in base]  # ahead on every problem that is not already solved
+    runs = [_run("grpo", s, base) for s in (0, 1)] + [_run("opsd", s, base) for s in (0, 1)] + \
+        [_run("sgsd", 0, better), _run("sgsd", 1, base)]
+    per_problem = {"base": base, "grpo": base, "opsd": base, "sgsd": [(x + y) / 2 for x, y in zip(better, base)]}
+    compared = comparisons(per_problem, runs)
+    assert compared["grpo-base"]["difference"] == 0.0 and compared["grpo-base"]["ci_low"] == 0.0
+    sgsd_grpo = compared["sgsd-grpo"]
+    assert sgsd_grpo["ci_low"] > 0 and sgsd_grpo["seeds_ahead"] == 1 and sgsd_grpo["seeds"] == 2
+    methods = {name: {"mean": statistics.fmean(v), "ci_low": 0.0, "ci_high": 1.0} for name, v in per_problem.items()}
+    text = "\n".join(_findings(methods, {}, compared))
+    assert "SGSD is ahead of GRPO" in text and "SGSD was higher in 1 of 2 seeds" in text
+    assert "GRPO: 0.500 [0.000, 1.000], +0.000 vs Base, paired 95% interval [+0.000, +0.000] (not separated from Base)" in text

@@ -29,6 +29,14 @@ def test_quick_demo_writes_report_plots_and_results(tmp_path, capsys):
     for name in ("GRPO", "OPSD", "SGSD", "Base"):
         assert f"| {name} | {results['methods'][name.lower()]['mean']:.3f} |" in report
     assert "What these numbers mean and do not mean" in report
+    # every method is compared with Base on the same problems, and the report says so
+    for pair in ("grpo-base", "opsd-base", "sgsd-base", "sgsd-grpo", "sgsd-opsd"):
+        c = results["comparisons"][pair]
+        assert c["ci_low"] <= c["difference"] <= c["ci_high"], pair
+    sgsd, base = results["methods"]["sgsd"]["mean"], results["methods"]["base"]["mean"]
+    assert results["comparisons"]["sgsd-base"]["difference"] == pytest.approx(sgsd - base, abs=1e-9)
+    assert f"{sgsd - base:+.3f} vs Base, paired 95% interval" in report
+    assert "running total" in report
     # polarity fractions recorded for every SGSD step, and each step's classes sum to one
     series = results["sgsd_polarity_over_steps"]
     steps = [s for s, _ in series["helpful"]]

@@ -101,6 +101,21 @@ def bootstrap_interval(per_problem: Sequence[float], *, level: float = 0.95, res
     return float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
 
 
+def paired_difference(a: Sequence[float], b: Sequence[float], *, level: float = 0.95, resamples: int = 2000,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """(mean of a - b, low, high): percentile bootstrap of the mean per-problem difference.
+
+    `a` and `b` are per-problem accuracies on the same problems in the same order, so the interval is
+    paired: problem difficulty, shared by both, cancels out, and the interval is much narrower than
+    the gap between two unpaired intervals would suggest.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired_difference: {len(a)} and {len(b)} problems; need the same problems")
+    differences = [x - y for x, y in zip(a, b)]
+    low, high = bootstrap_interval(differences, level=level, resamples=resamples, seed=seed)
+    return sum(differences) / len(differences), low, high
+
+
 def estimate(per_problem: Sequence[float], samples_per_problem: int, *, seed: int = 0) -> AccuracyEstimate:
     low, high = bootstrap_interval(per_problem, seed=seed)
     mean = sum(per_problem) / len(per_problem)

@@ -24,7 +24,7 @@ def _pooled(runs: Sequence[Any], method: str) -> dict[str, Any]:
     finals = [r.final for r in runs if r.method == method]
     per_problem = [statistics.fmean(values) for values in zip(*(f.per_problem for f in finals))]
     pooled = estimate(per_problem, finals[0].samples_per_problem)
-    return {**pooled.to_json(), "seeds": len(finals), "per_seed": [f.mean for f in finals],
+    return {**pooled.to_json(), "per_problem": per_problem, "seeds": len(finals), "per_seed": [f.mean for f in finals],
             "train_seconds_mean": statistics.fmean(r.seconds for r in runs if r.method == method)}
 
 
@@ -108,8 +108,7 @@ def _plot(out: Path, curves: dict[str, list[tuple[int, float]]], fractions: dict
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("(helpful - harmful) / uses")
-    ax.set_title("SGSD attribution per item (colour = label: green helpful, grey irrelevant, red misleading)",
-                 fontsize=9)
+    ax.set_title("SGSD attribution per item\n(label: green helpful, grey irrelevant, red misleading)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "attribution_by_item.png", dpi=120)
     plt.close(fig)
@@ -121,25 +120,83 @@ def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a["ci_low"] <= b["ci_high"] and b["ci_low"] <= a["ci_high"]
 
 
-def _findings(methods: dict[str, dict[str, Any]], attribution: dict[str, Any]) -> list[str]:
+def comparisons(methods_per_problem: dict[str, Sequence[float]], runs: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """Paired differences on the same held-out problems: each method vs Base, and SGSD vs GRPO / OPSD.
+
+    difference / ci_low / ci_high: mean per-problem difference (pooled over seeds) with a paired
+    bootstrap interval over problems. seeds_ahead: in how many seeds the first method's avg@k was
+    higher (against Base, which is evaluated once, every seed is compared with that one value).
+    """
+    from sgsd.demo.evaluate import paired_difference
+
+    per_seed: dict[str, dict[int, float]] = {}
+    for run in runs:
+        per_seed.setdefault(run.method, {})[run.seed] = run.final.mean
+    pairs = [(m, "base") for m in ("grpo", "opsd", "sgsd")] + [("sgsd", "grpo"), ("sgsd", "opsd")]
+    out = {}
+    for first, second in pairs:
+        if first not in methods_per_problem or second not in methods_per_problem:
+            continue
+        difference, low, high = paired_difference(methods_per_problem[first], methods_per_problem[second])
+        seeds = sorted(per_seed.get(first, {}))
+        if second == "base":
+            base_mean = statistics.fmean(methods_per_problem["base"])
+            ahead = sum(per_seed[first][s] > base_mean for s in seeds)
+        else:
+            ahead = sum(per_seed[first][s] > per_seed[second].get(s, float("inf")) for s in seeds)
+        out[f"{first}-{second}"] = {"difference": difference, "ci_low": low, "ci_high": high,
+                                    "seeds_ahead": ahead, "seeds": len(seeds)}
+    return out
+
+
+def _verdict(c: dict[str, Any]) -> str:
+    if c["ci_low"] > 0:
+        return "ahead"
+    if c["ci_high"] < 0:
+        return "behind"
+    return "not separated"
+
+
+def _findings(methods: dict[str, dict[str, Any]], attribution: dict[str, Any],
+              compared: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """Sentences that follow the numbers. With `compared` (paired differences), verdicts come from the
+    paired intervals; without, from whether the unpaired intervals overlap (more conservative)."""
     lines = []
     base = methods["base"]
     if not 0.05 <= base["mean"] <= 0.95:
         lines.append(f"- The warm start solves {base['mean']:.1%} of held-out problems: almost every reward is the same, "
                      "so training gets almost no signal and this run cannot show differences between methods.")
+    compared = compared or {}
     for method in ("grpo", "opsd", "sgsd"):
         m = methods[method]
         delta = m["mean"] - base["mean"]
-        verdict = "within the uncertainty of" if _overlap(m, base) else ("above" if delta > 0 else "below")
-        lines.append(f"- {method.upper()}: {m['mean']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}], {delta:+.3f} vs "
-                     f"Base ({verdict} Base).")
-    ranked = sorted(("grpo", "opsd", "sgsd"), key=lambda name: -methods[name]["mean"])
-    best, second = ranked[0], ranked[1]
-    if _overlap(methods[best], methods[second]):
-        lines.append(f"- The best method ({best.upper()}) is not separated from the next ({second.upper()}): their "
-                     "intervals overlap, so this run does not rank them.")
-    else:
-        lines.append(f"- {best.upper()} is ahead of {second.upper()} with non-overlapping intervals in this run.")
+        c = compared.get(f"{method}-base")
+        if c is not None:
+            verdict = {"ahead": "above Base", "behind": "below Base",
+                       "not separated": "not separated from Base"}[_verdict(c)]
+            lines.append(f"- {method.upper()}: {m['mean']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}], {delta:+.3f} vs "
+                         f"Base, paired 95% interval [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] ({verdict}).")
+        else:
+            verdict = "within the uncertainty of" if _overlap(m, base) else ("above" if delta > 0 else "below")
+            lines.append(f"- {method.upper()}: {m['mean']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}], {delta:+.3f} vs "
+                         f"Base ({verdict} Base).")
+    for other in ("grpo", "opsd"):
+        c = compared.get(f"sgsd-{other}")
+        if c is None:
+            continue
+        verdict = {"ahead": f"SGSD is ahead of {other.upper()}", "behind": f"SGSD is behind {other.upper()}",
+                   "not separated": f"SGSD and {other.upper()} are not separated"}[_verdict(c)]
+        seeds = f"; SGSD was higher in {c['seeds_ahead']} of {c['seeds']} seeds" if c["seeds"] > 1 else ""
+        lines.append(f"- {verdict}: difference {c['difference']:+.3f}, paired 95% interval "
+                     f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]{seeds}.")
+    if not compared:
+        ranked = sorted(("grpo", "opsd", "sgsd"), key=lambda name: -methods[name]["mean"])
+        best, second = ranked[0], ranked[1]
+        if _overlap(methods[best], methods[second]):
+            lines.append(f"- The best method ({best.upper()}) is not separated from the next ({second.upper()}): their "
+                         "intervals overlap, so this run does not rank them.")
+        else:
+            lines.append(f"- {best.upper()} is ahead of {second.upper()} with non-overlapping intervals in this run.")
     by_label = attribution.get("by_label", {})
     if {"helpful", "misleading"} <= by_label.keys():
         h, m = by_label["helpful"], by_label["misleading"]
@@ -149,8 +206,8 @@ def _findings(methods: dict[str, dict[str, Any]], attribution: dict[str, Any]) -
             f"{m['harmful_fraction']:.0%} (neutral {h['neutral_fraction']:.0%} / {m['neutral_fraction']:.0%}).")
         flipped = m["harmful_fraction"] > m["helpful_fraction"] and h["helpful_fraction"] > h["harmful_fraction"]
         if flipped:
-            lines.append("- SGSD's polarity did separate misleading from helpful items here (misleading mostly "
-                         "pushed away, helpful mostly pulled toward).")
+            lines.append("- SGSD's polarity did separate misleading from helpful items here: misleading items were "
+                         "pushed away more often than pulled toward, helpful items the other way round.")
         else:
             lines.append("- SGSD's polarity did not cleanly separate misleading from helpful items in this run: a "
                          "teacher pairs one skill with one mistake, so labels mix within a teacher, and the outcome "
@@ -163,8 +220,11 @@ def write_report(out: Path, *, plan: Any, warm: Any, base: Any, runs: Sequence[A
     from sgsd.demo.bank import item_labels
 
     methods: dict[str, dict[str, Any]] = {"base": {**base.to_json(), "seeds": 1, "per_seed": [base.mean]}}
+    per_problem: dict[str, Sequence[float]] = {"base": base.per_problem}
     for method in ("grpo", "opsd", "sgsd"):
         methods[method] = _pooled(runs, method)
+        per_problem[method] = methods[method].pop("per_problem")
+    compared = comparisons(per_problem, runs)
     curves = {}
     for method in ("grpo", "opsd", "sgsd"):
         steps: dict[int, list[float]] = {}
@@ -179,6 +239,7 @@ def write_report(out: Path, *, plan: Any, warm: Any, base: Any, runs: Sequence[A
     plots = _plot(out, curves, fractions, attribution["items"])
     results = {
         "methods": methods,
+        "comparisons": compared,
         "k": plan.k,
         "plan": {k: v for k, v in vars(plan).items()},
         "warm_start": {"path": str(warm.path), "from_cache": warm.from_cache,
@@ -202,15 +263,17 @@ def _markdown(results: dict[str, Any], plan: Any) -> str:
     labels = "\n".join(
         f"| {label} | {v['uses']} | {v['helpful_fraction']:.2f} | {v['harmful_fraction']:.2f} | {v['neutral_fraction']:.2f} |"
         for label, v in results["attribution"]["by_label"].items())
-    findings = "\n".join(_findings(methods, results["attribution"]))
+    findings = "\n".join(_findings(methods, results["attribution"], results["comparisons"]))
     return f"""# SGSD demo report
 
 ## What was run
-A synthetic world of multi-digit additions written column by column, with a final answer in
-`\\boxed{{}}`. A tiny Qwen3-architecture model ({results['warm_start']['num_parameters']:,} parameters) was
-warmed up with supervised examples in which carries are forgotten often without a hint, rarely with a
-helpful hint and very often with a misleading one, plus arithmetic slips that no hint fixes; so it
-solves some problems, fails others, and reads hints.
+A synthetic world of single-digit sums ("What is 7 + 5 + 8 + 3 + 9?") solved as a running total, one
+line per step, with the final answer in `\\boxed{{}}`. A tiny Qwen3-architecture model
+({results['warm_start']['num_parameters']:,} parameters) was warmed up in-process
+({results['warm_start']['warmup_seconds']:.0f} s{', loaded from the cache this time' if results['warm_start']['from_cache'] else ''}) on synthetic worked
+solutions in which carries into the tens are forgotten at a base rate without a hint, rarely with a
+helpful hint and often with a misleading one, plus off-by-one slips that no hint fixes (only the OPSD
+reference answer does); so it solves some problems, fails others, and reads hints.
 From that one warm start, GRPO, OPSD and SGSD trained with the project's trainers (`sgsd train`'s code
 path) for {plan.steps} optimizer steps each, {plan.prompts_per_step} rollouts per step, learning rate
 {plan.learning_rate}, seeds {list(plan.seeds)}. SGSD used K = {plan.num_teachers} teachers per rollout from a

@@ -44,7 +44,7 @@ from sgsd.demo.world import MistakeRates, Problem, World, WorldConfig, make_worl
 from sgsd.errors import ConfigError
 
 # Bump when the meaning of a cached checkpoint changes (data generation, loss, prompt kinds).
-WARMUP_FORMAT_VERSION = 1
+WARMUP_FORMAT_VERSION = 2
 PLAIN, HINT, REFERENCE = "plain", "hint", "reference"
 PROMPT_KINDS = (PLAIN, HINT, REFERENCE)
 
@@ -206,6 +206,8 @@ def tokenizer_corpus(world: World, bank: Any, size: int = 200) -> list[str]:
     rng = random.Random(f"sgsd-demo-corpus:{world.config.seed}")
     problems = list(world.train[:size])
     texts = [student_prompt(p.text) for p in problems] + [reference_prompt(p) for p in problems]
+    # The chat roles as rendered, so that "user" and "assistant" become single tokens.
+    texts += ["<|im_start|>user\n", "<|im_start|>assistant\n"] * size
     texts += [worked_solution(p, MistakeRates(0.3, 0.05), rng).text for p in problems]
     texts += [hint_prompt(problems[0], s, m) for s in bank.general_skills for m in bank.common_mistakes]
     return texts
