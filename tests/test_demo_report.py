@@ -52,7 +52,7 @@ def test_attribution_grouped_by_label(tmp_path):
     (run / "attribution.json").write_text(json.dumps(state))
     out = attribution_by_label([Path(run)], {"gen_001": "helpful", "err_006": "misleading"})
     assert out["by_label"]["helpful"] == {"uses": 4, "helpful_fraction": 0.75, "harmful_fraction": 0.25,
-                                          "neutral_fraction": 0.0}
+                                          "neutral_fraction": 0.0, "net": 0.5}
     assert out["by_label"]["misleading"]["harmful_fraction"] == 1.0
     text = "\n".join(_findings({"base": _method(0.1, 0, 0.2), "grpo": _method(0.1, 0, 0.2),
                                 "opsd": _method(0.1, 0, 0.2), "sgsd": _method(0.1, 0, 0.2)}, out))
@@ -104,3 +104,16 @@ def test_comparisons_and_findings_use_paired_intervals():
     text = "\n".join(_findings(methods, {}, compared))
     assert "SGSD is ahead of GRPO" in text and "SGSD was higher in 1 of 2 seeds" in text
     assert "GRPO: 0.500 [0.000, 1.000], +0.000 vs Base, paired 95% interval [+0.000, +0.000] (not separated from Base)" in text
+
+
+def test_findings_rank_items_by_net_polarity():
+    methods = {name: _method(0.5, 0.4, 0.6) for name in ("base", "grpo", "opsd", "sgsd")}
+    items = {"gen_001": {"label": "helpful", "uses": 10, "helpful": 5, "harmful": 1, "neutral": 4},
+             "gen_006": {"label": "misleading", "uses": 10, "helpful": 1, "harmful": 3, "neutral": 6}}
+    by_label = {"helpful": {"helpful_fraction": 0.5, "harmful_fraction": 0.1, "neutral_fraction": 0.4},
+                "misleading": {"helpful_fraction": 0.1, "harmful_fraction": 0.3, "neutral_fraction": 0.6}}
+    text = "\n".join(_findings(methods, {"by_label": by_label, "items": items}))
+    assert "helpful items +0.400 to +0.400, misleading items -0.200 to -0.200" in text
+    assert "every helpful item ranks above every misleading one" in text
+    items["gen_006"].update(helpful=6, harmful=0)
+    assert "the two groups overlap" in "\n".join(_findings(methods, {"by_label": by_label, "items": items}))

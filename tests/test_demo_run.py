@@ -1,20 +1,15 @@
 """`sgsd demo --quick` end to end, offline: report, plots and results are written and agree."""
 
 import json
-import os
 
 import pytest
 
 from sgsd.cli import main
 
-# The quick demo does not yet fit its 5-minute budget on 2 cores (the cold warm-up alone took over 15
-# minutes on a loaded machine), so it would dominate CI: run it with SGSD_DEMO_TEST=1.
-needs_opt_in = pytest.mark.skipif(os.environ.get("SGSD_DEMO_TEST") != "1",
-                                  reason="sgsd demo --quick end to end: set SGSD_DEMO_TEST=1 (takes minutes)")
 
-
+# About 3 minutes on 2 cores, most of it the cold warm-up (the cache is a fresh tmp dir): the one
+# test that runs the whole demo, as a newcomer would.
 @pytest.mark.slow
-@needs_opt_in
 def test_quick_demo_writes_report_plots_and_results(tmp_path, capsys):
     out = tmp_path / "demo"
     code = main(["demo", "--quick", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
@@ -44,3 +39,25 @@ def test_quick_demo_writes_report_plots_and_results(tmp_path, capsys):
     for (_, h), (_, m), (_, n) in zip(series["helpful"], series["harmful"], series["neutral"]):
         assert h + m + n == pytest.approx(1.0, abs=1e-6)
     assert "report:" in capsys.readouterr().out
+
+
+def test_demo_refuses_an_output_dir_made_with_other_settings(tmp_path, capsys):
+    from sgsd.demo.run import FULL, PLAN_FILE, QUICK, plan_record
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / PLAN_FILE).write_text(json.dumps(plan_record(FULL)))
+    # --quick into a full demo's directory: its 30-step runs must not pass for 6-step ones.
+    code = main(["demo", "--quick", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds a demo made with other settings" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "cache").exists()  # refused before any work
+    # More seeds with the same settings is not a different plan: finished seeds are reused.
+    assert plan_record(QUICK) == plan_record(type(QUICK)(**{**vars(QUICK), "seeds": (0, 1, 2)}))
+
+
+def test_demo_refuses_runs_without_a_plan_record(tmp_path, capsys):
+    out = tmp_path / "demo"
+    (out / "runs" / "sgsd-seed0").mkdir(parents=True)
+    code = main(["demo", "--quick", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    assert code == 2 and "has runs/ but no demo_plan.json" in capsys.readouterr().err

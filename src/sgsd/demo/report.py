@@ -58,7 +58,8 @@ def attribution_by_label(run_dirs: Sequence[Path], labels: dict[str, str]) -> di
     out = {}
     for label, total in sorted(totals.items()):
         uses = max(total["uses"], 1)
-        out[label] = {"uses": int(total["uses"]), **{f"{k}_fraction": total[k] / uses for k in ("helpful", "harmful", "neutral")}}
+        out[label] = {"uses": int(total["uses"]), **{f"{k}_fraction": total[k] / uses for k in ("helpful", "harmful", "neutral")},
+                      "net": (total["helpful"] - total["harmful"]) / uses}
     items = {item_id: {"label": labels.get(item_id, "unlabelled"), **counts} for item_id, counts in sorted(per_item.items())}
     return {"by_label": out, "items": items}
 
@@ -204,6 +205,17 @@ def _findings(methods: dict[str, dict[str, Any]], attribution: dict[str, Any],
             f"- Polarity by label: helpful items were in helpful teachers {h['helpful_fraction']:.0%} and harmful "
             f"ones {h['harmful_fraction']:.0%} of their uses; misleading items {m['helpful_fraction']:.0%} and "
             f"{m['harmful_fraction']:.0%} (neutral {h['neutral_fraction']:.0%} / {m['neutral_fraction']:.0%}).")
+        net = {}
+        for stats in attribution.get("items", {}).values():
+            if stats["uses"]:
+                net.setdefault(stats["label"], []).append((stats["helpful"] - stats["harmful"]) / stats["uses"])
+        if net.get("helpful") and net.get("misleading"):
+            lowest, highest = min(net["helpful"]), max(net["misleading"])
+            lines.append(
+                f"- Per item, net (helpful - harmful) share of uses: helpful items {min(net['helpful']):+.3f} to "
+                f"{max(net['helpful']):+.3f}, misleading items {min(net['misleading']):+.3f} to {highest:+.3f}"
+                + (" - every helpful item ranks above every misleading one." if lowest > highest
+                   else " - the two groups overlap."))
         flipped = m["harmful_fraction"] > m["helpful_fraction"] and h["helpful_fraction"] > h["harmful_fraction"]
         if flipped:
             lines.append("- SGSD's polarity did separate misleading from helpful items here: misleading items were "
@@ -261,19 +273,26 @@ def _markdown(results: dict[str, Any], plan: Any) -> str:
         f"| {name.upper() if name != 'base' else 'Base'} | {m['mean']:.3f} | [{m['ci_low']:.3f}, {m['ci_high']:.3f}] | "
         f"{m['seeds']} | {', '.join(f'{v:.3f}' for v in m['per_seed'])} |" for name, m in methods.items())
     labels = "\n".join(
-        f"| {label} | {v['uses']} | {v['helpful_fraction']:.2f} | {v['harmful_fraction']:.2f} | {v['neutral_fraction']:.2f} |"
+        f"| {label} | {v['uses']} | {v['helpful_fraction']:.2f} | {v['harmful_fraction']:.2f} | {v['neutral_fraction']:.2f} | "
+        f"{v['net']:+.2f} |"
         for label, v in results["attribution"]["by_label"].items())
     findings = "\n".join(_findings(methods, results["attribution"], results["comparisons"]))
+    warm = results["warm_start"]
+    warmup = f"{warm['warmup_seconds']:.0f} s" + (", loaded from the cache this time" if warm["from_cache"] else "")
+    spread = "; ".join(
+        f"{name.upper()} {min(m['per_seed']):.3f}-{max(m['per_seed']):.3f}" for name, m in methods.items()
+        if name != "base" and m["seeds"] > 1)
+    seed_note = (f" They resample problems only: the spread between training seeds is in the per-seed column "
+                 f"({spread})." if spread else " With one training seed, seed-to-seed variation is not measured.")
     return f"""# SGSD demo report
 
 ## What was run
 A synthetic world of single-digit sums ("What is 7 + 5 + 8 + 3 + 9?") solved as a running total, one
 line per step, with the final answer in `\\boxed{{}}`. A tiny Qwen3-architecture model
-({results['warm_start']['num_parameters']:,} parameters) was warmed up in-process
-({results['warm_start']['warmup_seconds']:.0f} s{', loaded from the cache this time' if results['warm_start']['from_cache'] else ''}) on synthetic worked
-solutions in which carries into the tens are forgotten at a base rate without a hint, rarely with a
-helpful hint and often with a misleading one, plus off-by-one slips that no hint fixes (only the OPSD
-reference answer does); so it solves some problems, fails others, and reads hints.
+({results['warm_start']['num_parameters']:,} parameters) was warmed up in-process ({warmup}) on synthetic
+worked solutions in which carries into the tens are forgotten at a base rate without a hint, rarely
+with a helpful hint and often with a misleading one, plus off-by-one slips that no hint fixes (only the
+OPSD reference answer does); so it solves some problems, fails others, and reads hints.
 From that one warm start, GRPO, OPSD and SGSD trained with the project's trainers (`sgsd train`'s code
 path) for {plan.steps} optimizer steps each, {plan.prompts_per_step} rollouts per step, learning rate
 {plan.learning_rate}, seeds {list(plan.seeds)}. SGSD used K = {plan.num_teachers} teachers per rollout from a
@@ -295,16 +314,19 @@ Plots: `accuracy_over_steps.png` (held-out accuracy at each checkpoint, {plan.cu
 (per item: (helpful - harmful) / uses, coloured by label).
 
 ### SGSD polarity by item label
-| label | uses | helpful | harmful | neutral |
-| --- | --- | --- | --- | --- |
+| label | uses | helpful | harmful | neutral | net (helpful - harmful) |
+| --- | --- | --- | --- | --- | --- |
 {labels}
 
 ## What these numbers mean and do not mean
 - This is a toy world and a sub-million-parameter model trained for a few steps on a laptop. It shows
   the whole method running end to end and how teacher polarity behaves on labelled skills; it says
   nothing about AIME, HMMT or the paper's models, where `sgsd eval` on real checkpoints is the test.
-- Differences smaller than the intervals are noise. With {len(plan.seeds)} seed(s) and
-  {plan.eval_problems} problems, an interval of a few points is expected.
+- Intervals are 95% percentile bootstraps over the {plan.eval_problems} held-out problems; differences
+  are paired (same problems), which cancels problem difficulty.{seed_note}
+- The ordering of the methods is a property of this world and these settings ({plan.steps} steps,
+  learning rate {plan.learning_rate}, random retrieval, one (skill, mistake) pair per teacher); it is
+  evidence neither for nor against the paper's results.
 - In this world the helpful hint addresses exactly the dominant mistake, which favours any method
   that learns to carry; a real skill bank is noisier, which is what SGSD's gate and polarity are for.
 - Total time: {results['seconds']:.0f} s (warm start {'from cache' if results['warm_start']['from_cache'] else 'trained now'}).

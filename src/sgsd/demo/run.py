@@ -100,8 +100,56 @@ def evaluate_dir(path: Path, tokenizer: Any, problems: Any, plan: DemoPlan, *, k
                     grade=shared_grade)
 
 
+PLAN_FILE = "demo_plan.json"
+
+
+def plan_record(plan: DemoPlan) -> dict[str, Any]:
+    """What a run directory under runs/ depends on: the plan without its seed list, and the warm start."""
+    from dataclasses import asdict
+
+    from sgsd.demo.presets import DEMO_PRESETS
+
+    return {"plan": {k: v for k, v in asdict(plan).items() if k != "seeds"},
+            "warm_start": DEMO_PRESETS[plan.preset].digest()}
+
+
+def check_reusable(out: Path, plan: DemoPlan) -> None:
+    """Refuse an output directory whose runs were made with other settings (they would be reused as if
+    they were this plan's). Same settings: finished runs are reused and interrupted ones resume, so a
+    rerun after a crash, or with more --seeds, only does the missing work."""
+    from sgsd.errors import UserError
+
+    record = out / PLAN_FILE
+    if record.exists():
+        try:
+            saved = json.loads(record.read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"{record}: unreadable ({err}); choose another --output-dir") from None
+        if saved != json.loads(json.dumps(plan_record(plan))):
+            raise UserError(f"--output-dir {out}: holds a demo made with other settings (--quick or not, or an "
+                            "older version); choose another --output-dir or remove that one")
+    elif (out / "runs").exists() and any((out / "runs").iterdir()):
+        raise UserError(f"--output-dir {out}: has runs/ but no {PLAN_FILE}; choose another --output-dir")
+
+
 def run_demo(output_dir: str | Path, *, quick: bool = False, seeds: int | None = None,
              cache_root: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run the demo into `output_dir` and return what results.json holds (see the module docstring)."""
+    from transformers.utils import logging as hf_logging
+
+    # The demo's own bars say where it is; transformers' per-checkpoint "Writing model shards" bars
+    # would interleave with them dozens of times.
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _run_demo(output_dir, quick=quick, seeds=seeds, cache_root=cache_root, progress=progress)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _run_demo(output_dir: str | Path, *, quick: bool, seeds: int | None, cache_root: str | Path | None,
+              progress: bool) -> dict[str, Any]:
     import time
 
     from tqdm.auto import tqdm
@@ -110,12 +158,14 @@ def run_demo(output_dir: str | Path, *, quick: bool = False, seeds: int | None =
     from sgsd.demo.evaluate import accuracy, subset
     from sgsd.demo.presets import DEMO_PRESETS
     from sgsd.demo.report import write_report
+    from sgsd.skills.storage import atomic_write_json
     from sgsd.trainers.run import train
 
     plan = QUICK if quick else FULL
     if seeds is not None:
         plan = replace(plan, seeds=tuple(range(seeds)))
     out = Path(output_dir).expanduser()
+    check_reusable(out, plan)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     bar = tqdm(total=1 + len(plan.seeds) * len(METHODS) + 1, desc="sgsd demo", disable=not progress)
@@ -124,7 +174,17 @@ def run_demo(output_dir: str | Path, *, quick: bool = False, seeds: int | None =
     from sgsd.demo.world import write_problems
 
     bar.set_postfix_str("warm start")
-    warm = warm_start(DEMO_PRESETS[plan.preset], cache_root=cache_root)
+    config = DEMO_PRESETS[plan.preset]
+    warmup_bar = tqdm(total=config.steps, desc="warm-up (cached after the first run)", leave=False,
+                      disable=not progress)
+
+    def warmup_progress(step: int, loss: float) -> None:
+        warmup_bar.update()
+        if step % 10 == 0:
+            warmup_bar.set_postfix_str(f"loss {loss:.3f}")
+
+    warm = warm_start(config, cache_root=cache_root, progress=warmup_progress)
+    warmup_bar.close()
     bar.update()
     data = out / "data" / "train.jsonl"
     write_problems(warm.world.train, data)
@@ -137,6 +197,7 @@ def run_demo(output_dir: str | Path, *, quick: bool = False, seeds: int | None =
     base_curve = accuracy(warm.model, warm.tokenizer, curve_set, k=plan.k, max_new_tokens=plan.max_new_tokens,
                           seed=0, grade=shared_grade).mean
 
+    atomic_write_json(out / PLAN_FILE, plan_record(plan))
     runs: list[MethodRun] = []
     for seed in plan.seeds:
         for method in METHODS:
