@@ -191,3 +191,22 @@ def test_online_update_snapshots_attribution_and_resume(tmp_path):
     _restore_extra_state(FakeTrainer, out / "checkpoint-2")
     assert [m.mistake_id for m in FakeTrainer.teacher_source.bank.dynamic_mistakes] == \
         [m["mistake_id"] for m in latest["common_mistakes"] if m["mistake_id"].startswith("dyn_")]
+
+
+def test_resume_refuses_a_different_config_but_allows_more_steps(tmp_path, capsys):
+    from sgsd.config import dump_config
+    from sgsd.trainers.run import COMPLETE_MARKER, check_resume_config
+
+    out = tmp_path / "run"
+    (out / "checkpoint-1").mkdir(parents=True)
+    (out / "checkpoint-1" / COMPLETE_MARKER).write_text("{}")
+    started = load_config(RECIPE, ["training.learning_rate=0.001"])
+    (out / "resolved_config.yaml").write_text(dump_config(started) + "# provenance: {}\n")
+    # same settings, longer run and another save cadence: resumable
+    check_resume_config(out, load_config(RECIPE, ["training.learning_rate=0.001", "training.max_steps=50",
+                                                  "training.save_steps=7"]))
+    code = main(["train", "--config", str(RECIPE), "--output-dir", str(out), "--quiet", "training.learning_rate=0.002"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "holds a run started with another config (training.learning_rate: 0.001 -> 0.002)" in err
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "resolved_config.yaml"]  # nothing written

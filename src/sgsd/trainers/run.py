@@ -122,6 +122,47 @@ def check_output_dir(output_dir: Path, resume: bool) -> Path | None:
     return None
 
 
+# Settings a resumed run may change: how long it runs and how it saves and logs, not what it trains.
+RESUME_MAY_CHANGE = frozenset({"training.max_steps", "training.output_dir", "training.save_steps",
+                               "training.save_total_limit", "training.logging_steps", "training.report_to"})
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def check_resume_config(output_dir: Path, cfg: RunConfig) -> None:
+    """Refuse to resume a run under a config that differs from the one it was started with.
+
+    Compares with the run's resolved_config.yaml (keys a newer version added are not compared);
+    only the settings in RESUME_MAY_CHANGE may differ. Without this, resuming with another learning
+    rate, method or model would silently splice two experiments into one run.
+    """
+    import yaml
+
+    saved_path = output_dir / "resolved_config.yaml"
+    if not saved_path.exists():
+        return
+    try:
+        saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"{saved_path}: unreadable ({str(err).splitlines()[0]}); cannot check the run's config "
+                        "before resuming") from None
+    current = _flatten(yaml.safe_load(dump_config(cfg)))
+    changed = [key for key, value in current.items()
+               if key in saved and key not in RESUME_MAY_CHANGE and saved[key] != value]
+    if changed:
+        shown = "; ".join(f"{key}: {saved[key]!r} -> {current[key]!r}" for key in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise UserError(f"output directory {output_dir}: holds a run started with another config ({shown}{more}); "
+                        "resume it with its own settings or choose another --output-dir")
+
+
 def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool = True,
           reward_funcs: Sequence[Callable[..., list[float]]] | None = None, max_steps: int | None = None,
           progress: bool = True) -> TrainResult:
@@ -139,6 +180,8 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
         cfg.training.max_steps = max_steps
     cfg.validate()
     resume_from = check_output_dir(out, resume)
+    if resume_from is not None:
+        check_resume_config(out, cfg)
     use_cpu, bf16 = resolve_device(cfg)
     set_seed(cfg.training.seed)
     if not progress:
