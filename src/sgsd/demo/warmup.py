@@ -119,11 +119,18 @@ class WarmupConfig:
         return MistakeRates(self.forget_by_effect[max(-2, min(2, effect)) + 2], self.slip)
 
     def digest(self) -> str:
-        """Hash of the config, the seed bank and the prompt texts: the cache key."""
+        """Hash of the config, the seed bank, the prompt texts and the library versions: the cache key.
+
+        torch and tokenizers versions are part of it: another BPE trainer or other kernels give
+        another tokenizer or other weights, which must not be served under this key."""
+        import tokenizers
+        import torch
+
         from sgsd import prompts, tiny
 
         payload = {
             "version": WARMUP_FORMAT_VERSION,
+            "libraries": {"torch": torch.__version__, "tokenizers": tokenizers.__version__},
             "config": asdict(self),
             "bank": seed_bank(),
             "prompts": [prompts.INSTRUCTION, prompts.GUIDANCE_PREAMBLE, prompts.OPSD_INSTRUCTION, tiny.CHAT_TEMPLATE],
