@@ -61,3 +61,20 @@ def test_demo_refuses_runs_without_a_plan_record(tmp_path, capsys):
     (out / "runs" / "sgsd-seed0").mkdir(parents=True)
     code = main(["demo", "--quick", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
     assert code == 2 and "has runs/ but no demo_plan.json" in capsys.readouterr().err
+
+
+def test_demo_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    target = tmp_path / "not-a-dir"
+    target.write_text("keep me")
+    code = main(["demo", "--quick", "--output-dir", str(target), "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.endswith("exists and is not a directory") and "\n" not in err
+    assert target.read_text() == "keep me"
+
+
+def test_demo_unwritable_cache_is_refused_before_the_warm_up(tmp_path, capsys):
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache directory should be")
+    code = main(["demo", "--quick", "--output-dir", str(tmp_path / "out"), "--cache-dir", str(blocker), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "warm-start cache" in err and "not a writable directory" in err and "\n" not in err

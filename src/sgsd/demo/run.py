@@ -120,6 +120,8 @@ def check_reusable(out: Path, plan: DemoPlan) -> None:
     from sgsd.errors import UserError
 
     record = out / PLAN_FILE
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {out}: exists and is not a directory")
     if record.exists():
         try:
             saved = json.loads(record.read_text())
@@ -166,7 +168,12 @@ def _run_demo(output_dir: str | Path, *, quick: bool, seeds: int | None, cache_r
         plan = replace(plan, seeds=tuple(range(seeds)))
     out = Path(output_dir).expanduser()
     check_reusable(out, plan)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        from sgsd.errors import UserError
+
+        raise UserError(f"--output-dir {out}: cannot create it ({err.strerror or err})") from None
     started = time.perf_counter()
     bar = tqdm(total=1 + len(plan.seeds) * len(METHODS) + 1, desc="sgsd demo", disable=not progress)
 

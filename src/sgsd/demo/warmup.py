@@ -362,6 +362,14 @@ def warm_start(config: WarmupConfig, *, cache_root: str | Path | None = None,
     path = path / config.digest()
     if (path / "warmup.json").exists():
         return _load(path, config)
+    try:  # before minutes of training, not after
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as err:
+        from sgsd.errors import UserError
+
+        raise UserError(f"warm-start cache {path.parent}: not a writable directory ({err.strerror or err}); "
+                        "pass another --cache-dir or set SGSD_CACHE_DIR") from None
     model, tokenizer, world, bank = build_untrained(config)
     report = run_warmup(model, tokenizer, world, bank, config, progress=progress)
     _save(model, tokenizer, config, report, path)
