@@ -1,5 +1,5 @@
 """The offline demo's parts: a synthetic addition world, a warm-started tiny model, a labelled seed
-skill bank, fast evaluation and hint / polarity measurements (issue 6, phase 1).
+skill bank, fast evaluation and hint / polarity measurements.
 
 Light to import (torch and transformers are imported inside the functions that need them).
 
