@@ -190,7 +190,7 @@ def training_cost(run_dir: Path) -> tuple[int, float, float] | None:
 def write_report(out: Path, stages: Sequence[Stage], differences: Sequence[str]) -> str:
     """comparison.txt (avg@k table, training cost, differences) and comparison.png; returns the text."""
     from sgsd.evaluation.report import format_comparison, load_run, plot_comparison
-    from sgsd.skills.storage import atomic_write_text
+    from sgsd.storage import atomic_write_text
 
     runs = [load_run(stage.output, stage.label) for stage in stages if stage.kind == "eval"]
     lines = [format_comparison(runs), "", "training cost (from metrics.jsonl)"]
@@ -207,7 +207,7 @@ def write_report(out: Path, stages: Sequence[Stage], differences: Sequence[str])
 
 
 def run(args: argparse.Namespace) -> int:
-    from sgsd.skills.storage import atomic_write_json
+    from sgsd.storage import atomic_write_json
 
     stages, _, differences = plan(args)
     train_launcher, eval_launcher = _launcher(args.launcher), _launcher(args.eval_launcher or None)

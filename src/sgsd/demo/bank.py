@@ -99,6 +99,6 @@ def hint_effect(item_ids: Iterable[str]) -> int:
 
 def write_seed_bank(path: str | Path) -> Path:
     """Write the seed bank as JSON, atomically (a reader never sees half a file)."""
-    from sgsd.skills.storage import atomic_write_json
+    from sgsd.storage import atomic_write_json
 
     return atomic_write_json(path, seed_bank())

@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = measure(start, num_problems=args.problems, k=args.k, num_rollouts=args.rollouts)
     print(format_measurement(result))
     if args.json:
-        from sgsd.skills.storage import atomic_write_json
+        from sgsd.storage import atomic_write_json
 
         atomic_write_json(args.json, {"preset": args.preset, "path": str(start.path), **result.to_json()})
     return 0

@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-from sgsd.skills.storage import atomic_write_json, atomic_write_text
+from sgsd.storage import atomic_write_json, atomic_write_text
 
 COLORS = {"base": "#7f7f7f", "grpo": "#1f77b4", "opsd": "#2ca02c", "sgsd": "#d62728"}
 LABEL_COLORS = {"helpful": "#2ca02c", "irrelevant": "#7f7f7f", "misleading": "#d62728"}

@@ -160,7 +160,7 @@ def _run_demo(output_dir: str | Path, *, quick: bool, seeds: int | None, cache_r
     from sgsd.demo.evaluate import accuracy, subset
     from sgsd.demo.presets import DEMO_PRESETS
     from sgsd.demo.report import write_report
-    from sgsd.skills.storage import atomic_write_json
+    from sgsd.storage import atomic_write_json
     from sgsd.trainers.run import train
 
     plan = QUICK if quick else FULL

@@ -205,6 +205,6 @@ def to_training_problems(problems: Sequence[Problem]) -> list:
 
 def write_problems(problems: Sequence[Problem], path: str) -> None:
     """Write problems as JSONL (`id`, `problem`, `answer`), the format `sgsd.data.load_problems` reads (atomic)."""
-    from sgsd.skills.storage import atomic_write_jsonl
+    from sgsd.storage import atomic_write_jsonl
 
     atomic_write_jsonl(path, ({"id": p.problem_id, "problem": p.text, "answer": p.answer} for p in problems))

@@ -200,7 +200,7 @@ def run_evaluation(settings: EvalSettings, generator: Generator, tokenizer: Any,
     each one. Returns name -> result."""
     from tqdm.auto import tqdm
 
-    from sgsd.skills.storage import atomic_write_json, atomic_write_jsonl
+    from sgsd.storage import atomic_write_json, atomic_write_jsonl
 
     out = Path(output_dir)
     benchmarks = list(benchmarks) if benchmarks is not None else load_benchmarks(settings)

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from sgsd.errors import DataError
 from sgsd.skills.bank import SkillBank
-from sgsd.skills.storage import atomic_write_json
+from sgsd.storage import atomic_write_json
 
 KINDS = ("skill", "mistake")
 

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping
 
 from sgsd.errors import DataError
 from sgsd.skills.jsonscan import ends_inside_value
-from sgsd.skills.storage import atomic_write_json, stable_hash
+from sgsd.storage import atomic_write_json, stable_hash
 
 SCHEMA_VERSION = 1
 DYNAMIC_PREFIX = "dyn_"

@@ -26,7 +26,7 @@ from sgsd.skills.bank import SkillBank, load_bank, save_bank
 from sgsd.skills.extraction import MISTAKES, SKILLS, ItemKind, extraction_prompt, parse_reply
 from sgsd.skills.llm import LLMClient, chunks
 from sgsd.skills.merge import MergeConfig, hierarchical_merge, layers_metadata
-from sgsd.skills.storage import append_jsonl, read_jsonl
+from sgsd.storage import append_jsonl, read_jsonl
 
 
 @dataclass(frozen=True)

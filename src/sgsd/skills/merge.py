@@ -21,7 +21,7 @@ from typing import Sequence
 from sgsd.errors import ConfigError
 from sgsd.skills.extraction import ItemKind, deduplicate, merge_prompt, parse_reply
 from sgsd.skills.llm import LLMClient, chunks
-from sgsd.skills.storage import append_jsonl, read_jsonl, stable_hash
+from sgsd.storage import append_jsonl, read_jsonl, stable_hash
 
 Content = dict[str, str]
 

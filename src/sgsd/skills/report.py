@@ -42,7 +42,7 @@ def plot_attribution(tracker: AttributionTracker, path: str | Path, top: int = 3
     # A bare Figure renders with Agg and touches no global pyplot state (safe inside a trainer).
     from matplotlib.figure import Figure
 
-    from sgsd.skills.storage import atomic_write_bytes
+    from sgsd.storage import atomic_write_bytes
 
     per_kind = {kind: ranked_items(tracker, kind)[:top] for kind in KINDS}
     height = max(2.5, 0.28 * max(len(v) for v in per_kind.values()) + 1.5)

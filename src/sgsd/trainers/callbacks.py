@@ -41,7 +41,7 @@ class MetricsWriter(TrainerCallback):
         self.path = Path(path)
         self.records: list[dict[str, Any]] = []
         if self.path.exists():
-            from sgsd.skills.storage import read_jsonl
+            from sgsd.storage import read_jsonl
 
             self.records = list(read_jsonl(self.path))
 
@@ -61,7 +61,7 @@ class MetricsWriter(TrainerCallback):
         self._write()
 
     def _write(self) -> None:
-        from sgsd.skills.storage import atomic_write_text
+        from sgsd.storage import atomic_write_text
 
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records)
         atomic_write_text(self.path, text)

@@ -207,7 +207,7 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
 
     # -- the run directory --------------------------------------------------------------------
     out.mkdir(parents=True, exist_ok=True)
-    from sgsd.skills.storage import atomic_write_text
+    from sgsd.storage import atomic_write_text
 
     resolved = dump_config(cfg) + "\n# provenance\n" + json.dumps(
         {**provenance(), "data": report.__dict__}, indent=None) + "\n"
@@ -399,7 +399,7 @@ def _write_extra_state(trainer: Any, path: Path, state: Any) -> None:
 
     import torch
 
-    from sgsd.skills.storage import atomic_write_json
+    from sgsd.storage import atomic_write_json
 
     if not state.is_world_process_zero:
         return

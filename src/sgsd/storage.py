@@ -1,4 +1,4 @@
-"""Crash-safe file writing and stable hashing for skill-bank artifacts.
+"""Crash-safe file writing and stable hashing, used by training, evaluation, skill banks and the demo.
 
 Every file this package writes is either rewritten atomically (temporary file in the same folder,
 fsync, rename: a reader sees the old file or the new one, never half of one) or is JSONL appended one
