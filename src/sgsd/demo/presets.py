@@ -3,16 +3,18 @@
 One warm start for both, so a quick run warms the cache for the full one (and the other way round).
 Measured with `python -m sgsd.demo.measure` on an idle 2-core machine (torch 2.13 CPU, 2 threads):
 
-- warm-up 131 s (650 steps, ~0.2 s each), 0.72 M parameters; a cached warm start loads in ~1 s;
-- held-out accuracy: greedy 0.93, sampled (T = 1) avg@4 0.52 - solves some problems, not all;
-- sampled accuracy by prompt: no hint 0.52, helpful pair 0.62, irrelevant 0.46, misleading 0.16,
-  OPSD reference prompt 0.61 - hints measurably change what it writes;
-- SGSD polarity on its own rollouts at theta = 0.02: helpful teachers 28% helpful / 5% harmful,
-  misleading ones 27% / 59%, irrelevant ones 73% neutral.
+- warm-up 131-150 s (650 steps, ~0.2 s each), 0.72 M parameters; a cached warm start loads in ~1 s;
+- held-out accuracy (100 problems): greedy 0.70, sampled (T = 1) avg@4 0.30 - solves some, not all;
+- sampled accuracy by prompt: no hint 0.30, helpful pair 0.44, irrelevant 0.28, misleading 0.03,
+  OPSD reference prompt 0.46 - hints measurably change what it writes;
+- SGSD polarity on its own rollouts at theta = 0.02: helpful teachers 55% helpful / 12% harmful,
+  misleading ones 44% / 46% (harmful on every success), irrelevant ones 57% neutral.
+The same settings with a 100-problem test split gave a stronger start (no hint 0.52, helpful 0.62,
+misleading 0.16): the outcome is sensitive to the data order.
 
-Tried and rejected (same measurement): 800 steps (158 s) gave a stronger start (sampled 0.61) whose
-helpful hints changed less (+0.03); 500 steps, or 600 steps with 3/4 batches, did not learn to read
-hints (helpful hints lowered accuracy).
+Tried and rejected (same measurement, 100-problem test split): 800 steps (158 s) gave a stronger
+start (sampled 0.61) whose helpful hints changed less (+0.03); 500 steps, or 600 steps with 3/4
+batches, did not learn to read hints (helpful hints lowered accuracy).
 """
 
 from __future__ import annotations
