@@ -394,6 +394,16 @@ def _floatify(data: Any) -> Any:
     return data
 
 
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {dotted key: leaf}, the form overrides use ("training.learning_rate")."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
 def dump_config(cfg: RunConfig) -> str:
     import yaml
 

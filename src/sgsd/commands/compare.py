@@ -74,18 +74,11 @@ class Stage:
         return (self.output / "results.json").is_file()
 
 
-def _flatten(obj: Any, prefix: str) -> dict[str, Any]:
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
-        for key, value in obj.items():
-            out.update(_flatten(value, f"{prefix}.{key}"))
-        return out
-    return {prefix: obj}
-
-
 def config_differences(configs: dict[str, Any]) -> list[str]:
     """Settings outside the method sections on which the configs disagree, one line per key."""
-    flat = {label: {k: v for section in CONTROLLED_SECTIONS for k, v in _flatten(cfg.to_dict()[section], section).items()
+    from sgsd.config import flatten
+
+    flat = {label: {k: v for section in CONTROLLED_SECTIONS for k, v in flatten(cfg.to_dict()[section], section).items()
                     if k not in UNCONTROLLED_KEYS} for label, cfg in configs.items()}
     keys = sorted({k for values in flat.values() for k in values})
     lines = []

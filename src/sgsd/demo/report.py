@@ -38,6 +38,11 @@ def _metric_series(run_dirs: Sequence[Path], key: str) -> list[tuple[int, float]
     return sorted((step, statistics.fmean(values)) for step, values in by_step.items())
 
 
+def net_polarity(counts: dict[str, Any]) -> float:
+    """(helpful - harmful) / uses of an item or a label: > 0 pulled toward, < 0 pushed away (0 if unused)."""
+    return (counts["helpful"] - counts["harmful"]) / max(counts["uses"], 1)
+
+
 def attribution_by_label(run_dirs: Sequence[Path], labels: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Per label: uses and the fractions of helpful (+1), harmful (-1) and neutral (0) teacher outcomes."""
     from sgsd.skills.attribution import AttributionTracker
@@ -59,7 +64,7 @@ def attribution_by_label(run_dirs: Sequence[Path], labels: dict[str, str]) -> di
     for label, total in sorted(totals.items()):
         uses = max(total["uses"], 1)
         out[label] = {"uses": int(total["uses"]), **{f"{k}_fraction": total[k] / uses for k in ("helpful", "harmful", "neutral")},
-                      "net": (total["helpful"] - total["harmful"]) / uses}
+                      "net": net_polarity(total)}
     items = {item_id: {"label": labels.get(item_id, "unlabelled"), **counts} for item_id, counts in sorted(per_item.items())}
     return {"by_label": out, "items": items}
 
@@ -103,9 +108,7 @@ def _plot(out: Path, curves: dict[str, list[tuple[int, float]]], fractions: dict
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names)), 4))
     for i, name in enumerate(names):
         stats = items[name]
-        uses = max(stats["uses"], 1)
-        net = (stats["helpful"] - stats["harmful"]) / uses
-        ax.bar(i, net, color=LABEL_COLORS.get(stats["label"], "#bcbd22"))
+        ax.bar(i, net_polarity(stats), color=LABEL_COLORS.get(stats["label"], "#bcbd22"))
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("(helpful - harmful) / uses")
@@ -134,6 +137,7 @@ def comparisons(methods_per_problem: dict[str, Sequence[float]], runs: Sequence[
     for run in runs:
         per_seed.setdefault(run.method, {})[run.seed] = run.final.mean
     pairs = [(m, "base") for m in ("grpo", "opsd", "sgsd")] + [("sgsd", "grpo"), ("sgsd", "opsd")]
+    base_mean = statistics.fmean(methods_per_problem["base"]) if "base" in methods_per_problem else None
     out = {}
     for first, second in pairs:
         if first not in methods_per_problem or second not in methods_per_problem:
@@ -141,7 +145,6 @@ def comparisons(methods_per_problem: dict[str, Sequence[float]], runs: Sequence[
         difference, low, high = paired_difference(methods_per_problem[first], methods_per_problem[second])
         seeds = sorted(per_seed.get(first, {}))
         if second == "base":
-            base_mean = statistics.fmean(methods_per_problem["base"])
             ahead = sum(per_seed[first][s] > base_mean for s in seeds)
         else:
             ahead = sum(per_seed[first][s] > per_seed[second].get(s, float("inf")) for s in seeds)
@@ -208,7 +211,7 @@ def _findings(methods: dict[str, dict[str, Any]], attribution: dict[str, Any],
         net = {}
         for stats in attribution.get("items", {}).values():
             if stats["uses"]:
-                net.setdefault(stats["label"], []).append((stats["helpful"] - stats["harmful"]) / stats["uses"])
+                net.setdefault(stats["label"], []).append(net_polarity(stats))
         if net.get("helpful") and net.get("misleading"):
             lowest, highest = min(net["helpful"]), max(net["misleading"])
             lines.append(

@@ -114,21 +114,22 @@ def plan_record(plan: DemoPlan) -> dict[str, Any]:
             "warm_start": DEMO_PRESETS[plan.preset].digest()}
 
 
-def check_reusable(out: Path, plan: DemoPlan) -> None:
-    """Refuse an output directory whose runs were made with other settings (they would be reused as if
-    they were this plan's). Same settings: finished runs are reused and interrupted ones resume, so a
-    rerun after a crash, or with more --seeds, only does the missing work."""
+def check_reusable(out: Path, record: dict[str, Any]) -> None:
+    """Refuse an output directory whose runs were made with other settings than `record` (this run's
+    `plan_record`): they would be reused as if they were this plan's. Same settings: finished runs are
+    reused and interrupted ones resume, so a rerun after a crash, or with more --seeds, only does the
+    missing work."""
     from sgsd.errors import UserError
 
-    record = out / PLAN_FILE
+    record_path = out / PLAN_FILE
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out}: exists and is not a directory")
-    if record.exists():
+    if record_path.exists():
         try:
-            saved = json.loads(record.read_text())
+            saved = json.loads(record_path.read_text())
         except (OSError, ValueError) as err:
-            raise UserError(f"{record}: unreadable ({err}); choose another --output-dir") from None
-        if saved != json.loads(json.dumps(plan_record(plan))):
+            raise UserError(f"{record_path}: unreadable ({err}); choose another --output-dir") from None
+        if saved != json.loads(json.dumps(record)):
             raise UserError(f"--output-dir {out}: holds a demo made with other settings (--quick or not, or an "
                             "older version); choose another --output-dir or remove that one")
     elif (out / "runs").exists() and any((out / "runs").iterdir()):
@@ -168,7 +169,8 @@ def _run_demo(output_dir: str | Path, *, quick: bool, seeds: int | None, cache_r
     if seeds is not None:
         plan = replace(plan, seeds=tuple(range(seeds)))
     out = Path(output_dir).expanduser()
-    check_reusable(out, plan)
+    record = plan_record(plan)
+    check_reusable(out, record)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -205,7 +207,7 @@ def _run_demo(output_dir: str | Path, *, quick: bool, seeds: int | None, cache_r
     base_curve = accuracy(warm.model, warm.tokenizer, curve_set, k=plan.k, max_new_tokens=plan.max_new_tokens,
                           seed=0, grade=shared_grade).mean
 
-    atomic_write_json(out / PLAN_FILE, plan_record(plan))
+    atomic_write_json(out / PLAN_FILE, record)
     runs: list[MethodRun] = []
     for seed in plan.seeds:
         for method in METHODS:

@@ -322,8 +322,8 @@ def default_cache_root() -> Path:
 
 
 def _save(model: Any, tokenizer: Any, config: WarmupConfig, report: WarmupReport, target: Path) -> None:
-    """Write the checkpoint into a temporary sibling folder, then rename it into place (atomic)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Write the checkpoint into a temporary sibling folder, then rename it into place (atomic).
+    `warm_start` has made and checked target's parent before training."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model.save_pretrained(tmp)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from sgsd.config import RunConfig, dump_config
+from sgsd.config import RunConfig, dump_config, flatten
 from sgsd.errors import ConfigError, DataError, UserError
 from sgsd.prompts import ChatStyle, render_chat, student_prompt
 from sgsd.provenance import provenance
@@ -127,15 +127,6 @@ RESUME_MAY_CHANGE = frozenset({"training.max_steps", "training.output_dir", "tra
                                "training.save_total_limit", "training.logging_steps", "training.report_to"})
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
 def check_resume_config(output_dir: Path, cfg: RunConfig) -> None:
     """Refuse to resume a run under a config that differs from the one it was started with.
 
@@ -149,11 +140,11 @@ def check_resume_config(output_dir: Path, cfg: RunConfig) -> None:
     if not saved_path.exists():
         return
     try:
-        saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
+        saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
     except (OSError, yaml.YAMLError) as err:
         raise UserError(f"{saved_path}: unreadable ({str(err).splitlines()[0]}); cannot check the run's config "
                         "before resuming") from None
-    current = _flatten(yaml.safe_load(dump_config(cfg)))
+    current = flatten(yaml.safe_load(dump_config(cfg)))
     changed = [key for key, value in current.items()
                if key in saved and key not in RESUME_MAY_CHANGE and saved[key] != value]
     if changed:
