@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except UserError as err:
-        print(f"sgsd: error: {err}", file=sys.stderr)
+        if not getattr(err, "same_on_every_rank", False):
+            print(f"sgsd: error{_rank_tag()}: {err}", file=sys.stderr)
+        elif os.environ.get("RANK", "0") == "0":  # an input error every rank raised alike: printed once
+            print(f"sgsd: error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `sgsd skills show F | head`: the reader left; not an error of ours
         try:
@@ -70,8 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - last resort: one line unless SGSD_DEBUG is set
         if os.environ.get("SGSD_DEBUG"):
             raise
-        print(f"sgsd: internal error: {type(err).__name__}: {err} (set SGSD_DEBUG=1 for a traceback)", file=sys.stderr)
+        print(f"sgsd: internal error{_rank_tag()}: {type(err).__name__}: {err} (set SGSD_DEBUG=1 for a traceback)",
+              file=sys.stderr)
         return 1
+
+
+def _rank_tag() -> str:
+    """" (rank R)" in a launch of several processes (torchrun / accelerate set WORLD_SIZE), else ""."""
+    return f" (rank {os.environ.get('RANK', '0')})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
 if __name__ == "__main__":

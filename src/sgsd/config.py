@@ -81,6 +81,11 @@ class GenerationSettings:
 
 @dataclass
 class OnlineUpdateSettings:
+    """Online skill-bank updates during SGSD training (SPEC section 3 (4); paper: every 25 steps when the
+    success rate is below 0.8). The updater LLM (`llm`: the policy itself, or an OpenAI-compatible URL)
+    answers with thinking off by default (`enable_thinking`; None: the chat template's default), so its
+    JSON is not lost inside an unfinished `<think>` block, within `max_tokens` (the reference's 2048)."""
+
     enabled: bool = False
     every_steps: int = 25
     success_threshold: float = 0.8
@@ -89,7 +94,8 @@ class OnlineUpdateSettings:
     capacity: int = 30
     llm: str = "policy"  # "policy" or an OpenAI-compatible base URL
     llm_model: str | None = None
-    max_tokens: int = 1024
+    max_tokens: int = 2048
+    enable_thinking: bool | None = False
 
 
 @dataclass

@@ -14,6 +14,11 @@ three seams in `GRPOTrainer`, and only this module opens them:
   OPSD do not), so `make_grpo_config` validates with 2 and then sets 1. The trainer's own runtime
   handles 1 (its std falls back to zeros for groups of one).
 
+- Several CPU processes: accelerate names each process's device `cpu:0`, and the Trainer loads the
+  optimizer state with `map_location=args.device` when world_size > 1; torch cannot map storages to
+  "cpu:0" and resuming crashed. `_indexed_cpu_location` teaches torch's (public) location
+  registry that "cpu:N" is the CPU.
+
 `check_trl_contract()` compares the signatures this module relies on with the installed TRL;
 the trainers call it at construction and `tests/test_trl_adapter.py` pins it, so a TRL change fails
 loudly instead of silently training something else.
@@ -49,6 +54,18 @@ ATTRIBUTES = ("_metrics", "accelerator", "current_gradient_accumulation_steps", 
 
 class TRLContractError(RuntimeError):
     pass
+
+
+def _indexed_cpu_location(storage: Any, location: str) -> Any:
+    """torch.load deserializer for locations "cpu:N" (several CPU processes): the CPU; None otherwise."""
+    if location.startswith("cpu:") and location[4:].isdigit():
+        return storage
+    return None
+
+
+# once per process (this module is imported once); priority 11: after torch's own "cpu" (10), before
+# the device backends, none of which claims "cpu:N"
+torch.serialization.register_package(11, lambda obj: None, _indexed_cpu_location)
 
 
 def check_trl_contract() -> list[str]:
@@ -138,6 +155,11 @@ class HookedGRPOTrainer(GRPOTrainer):
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._local_rewards = local_rewards(self, rewards_per_func, len(prompts))
+        # why rewards are 0: grader failures of this generation batch, summed over ranks
+        for func in self.reward_funcs:
+            failures = getattr(func, "last_failures", None)
+            if failures:
+                self.record_counts({f"reward/{kind}": count for kind, count in failures.items()})
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
@@ -180,6 +202,16 @@ class HookedGRPOTrainer(GRPOTrainer):
         gathered = self.accelerator.gather(local.unsqueeze(0)).reshape(-1, len(values))
         buffer = self._metrics["train" if self.model.training else "eval"]
         for name, value in zip(values, gathered.nanmean(dim=0).tolist()):
+            buffer[name].append(float(value))
+
+    def record_counts(self, values: dict[str, float | int]) -> None:
+        """Like `record_metrics`, for counts: summed over ranks instead of averaged."""
+        if not values:
+            return
+        local = torch.tensor([float(v) for v in values.values()], dtype=torch.float32, device=self.accelerator.device)
+        gathered = self.accelerator.gather(local.unsqueeze(0)).reshape(-1, len(values))
+        buffer = self._metrics["train" if self.model.training else "eval"]
+        for name, value in zip(values, gathered.sum(dim=0).tolist()):
             buffer[name].append(float(value))
 
     def skip_nonfinite_step(self, model: Any) -> torch.Tensor:

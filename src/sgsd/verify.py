@@ -473,7 +473,25 @@ def accuracy_reward(prompts: Sequence[Any], completions: Sequence[Any], answer: 
 
     Signature as TRL calls reward functions (`prompts`, `completions`, dataset columns as keywords);
     the dataset needs an `answer` column. Failures (no box, timeout, ...) score 0.0; use `grade_batch`
-    when they must be counted. Same grader as `sgsd eval`.
+    when they must be counted (or `AccuracyReward`). Same grader as `sgsd eval`.
     """
-    texts = [completion_text(c) for c in completions]
-    return [1.0 if r.correct else 0.0 for r in grade_batch(texts, list(answer))]
+    return AccuracyReward()(prompts, completions, answer)
+
+
+class AccuracyReward:
+    """`accuracy_reward` that also keeps, per call, how many completions failed and why.
+
+    `last_failures` maps every FAILURE_KINDS entry to its count in the last call's completions (this
+    rank's), so the trainer can log why rewards are 0 (`reward/no_answer`, ...). One instance per run.
+    """
+
+    __name__ = "accuracy_reward"  # TRL names reward metrics after the function
+
+    def __init__(self) -> None:
+        self.last_failures: dict[str, int] = dict.fromkeys(FAILURE_KINDS, 0)
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], answer: Sequence[Any],
+                 **kwargs: Any) -> list[float]:
+        results = grade_batch([completion_text(c) for c in completions], list(answer))
+        self.last_failures = {kind: sum(r.failure == kind for r in results) for kind in FAILURE_KINDS}
+        return [1.0 if r.correct else 0.0 for r in results]

@@ -29,6 +29,10 @@ def run(args: argparse.Namespace) -> int:
 
     result = train(cfg, args.output_dir, resume=not args.no_resume, max_steps=args.max_steps,
                    progress=not args.quiet)
+    from sgsd.distributed import is_main_process
+
+    if not is_main_process():  # what a user reads comes once, from the main process
+        return 0
     if result.ignored_checkpoints:
         print(f"sgsd: ignored incomplete checkpoints: {', '.join(result.ignored_checkpoints)}", file=sys.stderr)
     if result.resumed_from:

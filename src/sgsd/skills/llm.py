@@ -6,7 +6,9 @@
   updater), batched `generate` through `sgsd.evaluation.generation.HFGenerator`.
 
 Each prompt is one user turn; each reply is the assistant's text (thinking blocks included when the
-model writes them: the JSON scanner removes them).
+model writes them: the JSON scanner removes them). After `complete`, both clients say in
+`last_truncated` ([bool] per prompt) which replies were cut by `max_tokens`, the usual cause of a
+reply that does not parse.
 """
 
 from __future__ import annotations
@@ -57,12 +59,15 @@ class OpenAIClient:
         self._httpx = httpx
 
     def complete(self, prompts: list[str], *, max_tokens: int, temperature: float) -> list[str]:
+        self.last_truncated: list[bool] = []
         if not prompts:
             return []
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts))) as pool:
-            return list(pool.map(lambda p: self._one(p, max_tokens, temperature), prompts))
+            replies = list(pool.map(lambda p: self._one(p, max_tokens, temperature), prompts))
+        self.last_truncated = [truncated for _, truncated in replies]
+        return [text for text, _ in replies]
 
-    def _one(self, prompt: str, max_tokens: int, temperature: float) -> str:
+    def _one(self, prompt: str, max_tokens: int, temperature: float) -> tuple[str, bool]:
         body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
                 "max_tokens": max_tokens, "temperature": temperature, **self.extra_body}
         for attempt in range(self.retries + 1):
@@ -84,15 +89,18 @@ class OpenAIClient:
         self._http.close()
 
 
-def _reply_text(response: Any, url: str) -> str:
+def _reply_text(response: Any, url: str) -> tuple[str, bool]:
+    """(the reply's text, whether the server stopped it at max_tokens)."""
     try:
-        message = response.json()["choices"][0]["message"]
+        choice = response.json()["choices"][0]
+        message = choice["message"]
     except (ValueError, KeyError, IndexError, TypeError):
         raise LLMError(f"{url}: reply is not a chat completion: {response.text[:200]!r}") from None
     content = message.get("content") or ""
     # vLLM's reasoning parsers put the thinking in a separate field; keep it in front, as the model wrote it.
     reasoning = message.get("reasoning_content") or message.get("reasoning")
-    return f"<think>{reasoning}</think>{content}" if reasoning else content
+    text = f"<think>{reasoning}</think>{content}" if reasoning else content
+    return text, choice.get("finish_reason") == "length"
 
 
 class HFClient:
@@ -117,6 +125,7 @@ class HFClient:
     def complete(self, prompts: list[str], *, max_tokens: int, temperature: float) -> list[str]:
         from sgsd.evaluation.generation import SamplingConfig
 
+        self.last_truncated: list[bool] = []
         if not prompts:
             return []
         rendered = [render_chat(self.tokenizer, p, self.chat_style) for p in prompts]
@@ -127,9 +136,11 @@ class HFClient:
         model = self._generator.model
         was_training = model.training  # HFGenerator switches to eval mode; the trainer's mode is restored
         try:
-            return [c[0].text for c in self._generator.generate(rendered, 1, sampling)]
+            completions = [c[0] for c in self._generator.generate(rendered, 1, sampling)]
         finally:
             model.train(was_training)
+        self.last_truncated = [c.truncated for c in completions]
+        return [c.text for c in completions]
 
 
 def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:

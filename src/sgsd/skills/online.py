@@ -46,7 +46,7 @@ class OnlineUpdateConfig:
     max_memories: int = 32  # rollouts sent to extraction per update
     max_items_per_memory: int = 3
     max_completion_chars: int = 8000
-    extract_max_tokens: int = 2048
+    extract_max_tokens: int = 2048  # the reference's budget; thinking-off replies fit well within it
     merge_max_tokens: int = 4096
     temperature: float = 0.0
     group_size: int = 32
@@ -102,9 +102,18 @@ class OnlineSkillUpdater:
         self.window.extend(Rollout(step, p, c, float(r), a) for p, c, r, a in zip(problems, completions, rewards, answers))
         self.window = [r for r in self.window if r.step > step - self.config.window_steps]
 
+    def is_due(self, step: int) -> bool:
+        """Whether `maybe_update(step, ...)` checks the window (every `every_n_steps` steps, once per step)."""
+        return step > 0 and step % self.config.every_n_steps == 0 and step > self.last_checked_step
+
     def maybe_update(self, step: int, bank: SkillBank, llm: LLMClient) -> SkillBank | None:
-        """The updated bank when an update is due and made at `step`, else None (see module docstring)."""
-        if step <= 0 or step % self.config.every_n_steps or step <= self.last_checked_step:
+        """The updated bank when an update is due and made at `step`, else None (see module docstring).
+
+        The history entry of an update counts the replies that failed to parse (`parse_failures`) and
+        those the LLM client reports as cut by the token limit (`truncated`; clients that cannot tell
+        report none), the usual reason for parse failures.
+        """
+        if not self.is_due(step):
             return None
         self.last_checked_step = step
         window = [r for r in self.window if r.step > step - self.config.window_steps]
@@ -120,6 +129,7 @@ class OnlineSkillUpdater:
                                      max_items=self.config.max_items_per_memory,
                                      max_completion_chars=self.config.max_completion_chars) for r in memories]
         replies = llm.complete(prompts, max_tokens=self.config.extract_max_tokens, temperature=self.config.temperature)
+        truncated = sum(bool(t) for t in getattr(llm, "last_truncated", None) or [])
         new: dict[str, list[dict]] = {SKILLS.list_key: [], MISTAKES.list_key: []}
         parse_failures = 0
         for rollout, reply in zip(memories, replies):
@@ -128,10 +138,10 @@ class OnlineSkillUpdater:
             parse_failures += parsed.failure is not None
             new[kind.list_key].extend(parsed.items)
         lists = {kind.list_key: self._update_list(kind, bank, new[kind.list_key], llm) for kind in (SKILLS, MISTAKES)}
-        entry.update(updated=True, memories=len(memories), parse_failures=parse_failures,
+        entry.update(updated=True, memories=len(memories), parse_failures=parse_failures, truncated=truncated,
                      added={k: [i.item_id for i in v[1]] for k, v in lists.items()})
         metadata = {**bank.metadata, "online_update": {"run_id": self.run_id, "step": step, "success_rate": success_rate,
-                                                       "parse_failures": parse_failures}}
+                                                       "parse_failures": parse_failures, "truncated": truncated}}
         updated = bank.with_dynamic(lists[SKILLS.list_key][0], lists[MISTAKES.list_key][0], metadata)
         self.dynamic = {SKILLS.list_key: [s.to_json() for s in updated.dynamic_skills],
                         MISTAKES.list_key: [m.to_json() for m in updated.dynamic_mistakes]}

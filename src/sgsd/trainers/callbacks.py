@@ -1,9 +1,10 @@
-"""Trainer callbacks: metrics.jsonl, per-step timing, EMA updates, skill-bank observers' checkpoints."""
+"""Trainer callbacks: metrics.jsonl, per-step timing, EMA updates, fault injection for tests."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ class MetricsWriter(TrainerCallback):
     """One JSON object per logged step in `path`, with `step`; the file is rewritten atomically.
 
     On resume, records after the resumed step are dropped, so a restarted run's file equals that of
-    an uninterrupted run.
+    an uninterrupted run. Every rank keeps the records; only the main process writes the file.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -61,8 +62,11 @@ class MetricsWriter(TrainerCallback):
         self._write()
 
     def _write(self) -> None:
+        from sgsd.distributed import is_main_process
         from sgsd.storage import atomic_write_text
 
+        if not is_main_process():
+            return
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records)
         atomic_write_text(self.path, text)
 
@@ -95,3 +99,34 @@ class EMAStep(TrainerCallback):
         step = getattr(self.trainer, "ema_step", None)
         if step is not None:
             step()
+
+
+class FaultInjection(TrainerCallback):
+    """Test-only: raise on one rank at the start of one optimizer step, to check that a failure on a
+    single rank ends the whole run (nothing hangs in a collective) and leaves the last complete
+    checkpoint intact. Enabled by `SGSD_FAULT_INJECT="rank=R,step=S"` (S counts from 1); never otherwise.
+    """
+
+    ENV = "SGSD_FAULT_INJECT"
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    @classmethod
+    def from_env(cls) -> "FaultInjection | None":
+        spec = os.environ.get(cls.ENV)
+        if not spec:
+            return None
+        try:
+            fields = dict(part.split("=", 1) for part in spec.split(","))
+            return cls(int(fields["rank"]), int(fields["step"]))
+        except (KeyError, ValueError):
+            from sgsd.errors import ConfigError
+
+            raise ConfigError(f"{cls.ENV}={spec!r}: expected rank=R,step=S") from None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        from sgsd.distributed import rank
+
+        if rank() == self.rank and state.global_step + 1 == self.step:
+            raise RuntimeError(f"fault injected by {self.ENV} on rank {self.rank} at step {self.step}")

@@ -134,19 +134,16 @@ class OPSDTrainer(HookedGRPOTrainer):
         return {"opsd_teacher_prompt_ids": prompt_ids, "opsd_teacher_prompt_mask": prompt_mask}
 
     # -- loss phase -----------------------------------------------------------------------------
-    def _teacher_model(self, device: torch.device) -> Any:
-        if self.frozen is None:
-            return self.model
-        if next(self.frozen.model.parameters()).device != device:  # e.g. DeepSpeed moves the policy late
-            self.frozen.model.to(device)
-        return self.frozen.model
+    def _teacher_model(self) -> Any:
+        # DeepSpeed moves and casts the policy after the frozen copy was made: follow it
+        return self.model if self.frozen is None else self.frozen.placed_like(self.unwrapped_model)
 
     def method_loss(self, model, inputs):
         completion_mask = inputs["completion_mask"]
         length = int(completion_mask.sum(-1).max().clamp(min=1))  # trim the padding of this micro-batch
         completion_ids, completion_mask = inputs["completion_ids"][:, :length], completion_mask[:, :length]
         started = time.perf_counter()
-        teacher_model = self._teacher_model(completion_ids.device)
+        teacher_model = self._teacher_model()
         _, teacher_lm_head = lm_parts(teacher_model)
         with torch.no_grad(), self.teacher_context():
             teacher_hidden = hidden_for_completion(

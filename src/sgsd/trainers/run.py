@@ -156,12 +156,53 @@ def check_resume_config(output_dir: Path, cfg: RunConfig) -> None:
 
 def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool = True,
           reward_funcs: Sequence[Callable[..., list[float]]] | None = None, max_steps: int | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, rollout_func: Callable[..., dict[str, Any]] | None = None) -> TrainResult:
+    """Train `cfg` into `output_dir` (resuming its latest complete checkpoint unless `resume=False`).
+
+    Every process of a distributed launch (torchrun, accelerate) runs this same function. The checks
+    before training read only, on every rank, and raise the same error on every rank (marked
+    `same_on_every_rank`, so the CLI prints it once); the run directory is written by the main
+    process after all ranks have passed them.
+    rollout_func: TRL's (experimental) custom rollout hook, passed through: `(prompts, trainer) ->
+    {"prompt_ids", "completion_ids", "logprobs"}`; the tests use it to train on fixed completions.
+    """
+    with same_on_every_rank():
+        return _train(cfg, output_dir, resume=resume, reward_funcs=reward_funcs, max_steps=max_steps,
+                      progress=progress, rollout_func=rollout_func)
+
+
+@contextmanager
+def same_on_every_rank() -> Iterator[None]:
+    """UserErrors raised inside are deterministic input errors, identical on every rank, until
+    `rank_local()` says otherwise (training has begun): mark them so the CLI prints them once."""
+    try:
+        yield
+    except UserError as err:
+        if not getattr(err, "rank_local", False):
+            err.same_on_every_rank = True  # type: ignore[attr-defined]
+        raise
+
+
+@contextmanager
+def rank_local() -> Iterator[None]:
+    """Errors raised inside may happen on one rank only (training, saving): every rank reports its own."""
+    try:
+        yield
+    except UserError as err:
+        err.rank_local = True  # type: ignore[attr-defined]
+        raise
+
+
+def _train(cfg: RunConfig, output_dir: str | Path | None, *, resume: bool,
+           reward_funcs: Sequence[Callable[..., list[float]]] | None, max_steps: int | None, progress: bool,
+           rollout_func: Callable[..., dict[str, Any]] | None) -> TrainResult:
     from transformers import set_seed
+
+    from sgsd.distributed import is_main_process
 
     from sgsd.data import load_problems
     from sgsd.models import load_model, load_tokenizer
-    from sgsd.trainers.callbacks import EMAStep, MetricsWriter, StepTimer
+    from sgsd.trainers.callbacks import EMAStep, FaultInjection, MetricsWriter, StepTimer
     from sgsd.trl_adapter import make_grpo_config
 
     out = Path(output_dir or cfg.training.output_dir or "").expanduser()
@@ -195,14 +236,6 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
     prompt_skills = cfg.method == "grpo" and cfg.grpo.skills_in_prompt or cfg.method == "opsd" and cfg.opsd.skills
     blocks = _skill_block(cfg, bank, retriever, [p.problem for p in problems]) if prompt_skills else None
     dataset = build_dataset(cfg, tokenizer, problems, blocks)
-
-    # -- the run directory --------------------------------------------------------------------
-    out.mkdir(parents=True, exist_ok=True)
-    from sgsd.storage import atomic_write_text
-
-    resolved = dump_config(cfg) + "\n# provenance\n" + json.dumps(
-        {**provenance(), "data": report.__dict__}, indent=None) + "\n"
-    atomic_write_text(out / "resolved_config.yaml", _comment_block(resolved))
 
     num_generations = cfg.grpo.num_generations if cfg.method == "grpo" else 1
     args = make_grpo_config(
@@ -246,7 +279,20 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
         disable_tqdm=not progress,
         deepspeed=cfg.training.deepspeed,
         shuffle_dataset=True,
+        # every parameter takes part in every loss (empty micro-batches and skipped steps included: see
+        # SGSDTrainer.method_loss and skip_nonfinite_step), so DDP needs no extra graph traversal
+        ddp_find_unused_parameters=False,
     )
+    # -- the run directory: written by the main process once every rank has passed the checks above
+    # (the process group exists now: the GRPOConfig set it up)
+    args.distributed_state.wait_for_everyone()
+    if is_main_process():
+        from sgsd.storage import atomic_write_text
+
+        out.mkdir(parents=True, exist_ok=True)
+        resolved = dump_config(cfg) + "\n# provenance\n" + json.dumps(
+            {**provenance(), "data": report.__dict__}, indent=None) + "\n"
+        atomic_write_text(out / "resolved_config.yaml", _comment_block(resolved))
     peft_config = None
     if cfg.model.lora.enabled:
         from peft import LoraConfig
@@ -255,14 +301,19 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
                                  lora_dropout=cfg.model.lora.dropout, target_modules=cfg.model.lora.target_modules,
                                  task_type="CAUSAL_LM")
     if reward_funcs is None:
-        from sgsd.verify import accuracy_reward
+        from sgsd.verify import AccuracyReward
 
-        reward_funcs = [accuracy_reward]
+        reward_funcs = [AccuracyReward()]
 
     metrics = MetricsWriter(out / "metrics.jsonl")
     timer, ema_step = StepTimer(), EMAStep()
+    callbacks: list[Any] = [metrics, timer, ema_step]
+    fault = FaultInjection.from_env()
+    if fault is not None:
+        callbacks.append(fault)
     common = dict(model=model, reward_funcs=list(reward_funcs), args=args, train_dataset=dataset,
-                  processing_class=tokenizer, peft_config=peft_config, callbacks=[metrics, timer, ema_step])
+                  processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
+                  **({"rollout_func": rollout_func} if rollout_func is not None else {}))
     trainer = _make_trainer(cfg, common, bank, retriever, out)
     timer.trainer = ema_step.trainer = trainer
     trainer.add_callback(_completion_marker(trainer, cfg.training.save_total_limit))
@@ -277,17 +328,20 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
         _restore_extra_state(trainer, resume_from)
     elif metrics.records:
         metrics.truncate_after(0)
-    with _storage_errors(out):
+    with rank_local(), _storage_errors(out):
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         final = out / "final"
         staging = out / "final.tmp"
-        if staging.exists():
+        if trainer.accelerator.is_main_process and staging.exists():
             shutil.rmtree(staging)
-        trainer.save_model(str(staging))
-        tokenizer.save_pretrained(str(staging))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        trainer.accelerator.wait_for_everyone()
+        trainer.save_model(str(staging))  # every rank calls it (ZeRO-3 gathers); the main process writes
+        if trainer.accelerator.is_main_process:
+            tokenizer.save_pretrained(str(staging))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+        trainer.accelerator.wait_for_everyone()
     return TrainResult(out, final, trainer.state.global_step, str(resume_from) if resume_from else None,
                        [str(p) for p in broken])
 

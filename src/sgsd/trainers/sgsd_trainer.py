@@ -8,8 +8,9 @@ Per generation batch (TRL generates and grades; the seams are in `sgsd.trl_adapt
    selected teacher weights (live / base / EMA), storing [B, K, T] log-probs with the batch;
 4. in the loss phase, one student forward with gradient gives p_t [B, T]; `sgsd_loss` does the rest.
 Rollouts whose K teachers are all neutral can skip the student forward and backward
-(`skip_neutral_rows`): their polarity is decided from a gradient-free student pass scored with the
-teachers, at the cost of that one extra forward.
+(`skip_neutral_rows`): their polarity is decided from a gradient-free pass of the student (its own
+weights and prompt, whatever the teacher weights are) at generation time, at the cost of that one
+extra forward.
 """
 
 from __future__ import annotations
@@ -110,12 +111,7 @@ class SGSDTrainer(HookedGRPOTrainer):
                 weights[row, col] = teacher.weight
         prompt_ids = [self._teacher_prompt_ids(p, t) for p, t in zip(problems, teachers)]
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
-        if self.settings.skip_neutral_rows:
-            # the plain student prompt as one more row: p_t without gradient, to decide polarity now
-            for row, x in enumerate(inputs):
-                plain = render_chat(self.processing_class, x["student_prompt"], self.student_style)
-                prompt_ids[row].append(self.processing_class(plain, add_special_tokens=False)["input_ids"])
-        scoring_model = self.frozen.model if self.frozen is not None else self.model
+        scoring_model = self.frozen.placed_like(self.unwrapped_model) if self.frozen is not None else self.model
         scoring = dict(pad_id=self.processing_class.pad_token_id, batch_rows=self.settings.teacher_batch_size,
                        chunk_tokens=self.chunk_tokens, teacher_context=self.teacher_context)
         local: dict[str, torch.Tensor] = {}
@@ -136,8 +132,13 @@ class SGSDTrainer(HookedGRPOTrainer):
         extras = {"rewards": rewards, "teacher_logps": logps[:, :k], "teacher_weights": weights,
                   "sgsd_mask": mask, "rollout_uid": uids, **local}
         if self.settings.skip_neutral_rows:
+            # p_t without gradient, with the STUDENT's weights on the student's own prompt (not inside the
+            # teacher context, not on a frozen copy), to decide polarity now
+            with torch.no_grad():
+                student_logps = completion_logprobs(self.model, output["prompt_ids"], output["prompt_mask"],
+                                                    completion_ids, completion_mask, chunk_tokens=self.chunk_tokens)
             _, polarity = teacher_polarity(
-                logps[:, k], logps[:, :k], mask, rewards, weights,
+                student_logps, logps[:, :k], mask, rewards, weights,
                 clip_delta=self.settings.clip_delta, confidence_threshold=self.settings.confidence_threshold,
             )
             extras["sgsd_active"] = polarity.ne(0).any(dim=-1)
@@ -185,6 +186,8 @@ class SGSDTrainer(HookedGRPOTrainer):
             self.record_metrics({**dict.fromkeys(self._log_keys(), float("nan")), "train/nonfinite_skipped": 1.0})
             for uid in inputs["rollout_uid"].tolist():
                 self.records.pop(uid, None)
+            empty = inputs["teacher_weights"][:0].detach().cpu()
+            self._observe_polarity([], empty.long(), empty, empty)  # other ranks' observers gather now
             return self.skip_nonfinite_step(model)
         out = sgsd_loss(
             student_logps, teacher_logps, inputs["sgsd_mask"][run_rows, :length],
@@ -223,9 +226,14 @@ class SGSDTrainer(HookedGRPOTrainer):
         self.record_metrics({**{key: values[key] for key in self._log_keys()}, "train/nonfinite_skipped": 0.0})
         uids = inputs["rollout_uid"].tolist()
         records = [self.records.pop(uid) for uid in uids]
+        self._observe_polarity(records, polarity.detach().cpu(), support.detach().cpu(),
+                               inputs["teacher_weights"].detach().cpu())
+
+    def _observe_polarity(self, records: list[RolloutRecord], polarity: torch.Tensor, support: torch.Tensor,
+                          weights: torch.Tensor) -> None:
+        """Every rank, every loss step, even with no rows: the observers gather over ranks."""
         for observer in self.observers:
-            observer.on_polarity(self, records, polarity.detach().cpu(), support.detach().cpu(),
-                                 inputs["teacher_weights"].detach().cpu())
+            observer.on_polarity(self, records, polarity, support, weights)
 
     # -- optimizer step -------------------------------------------------------------------------
     def ema_step(self) -> None:

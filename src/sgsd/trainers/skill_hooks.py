@@ -1,22 +1,48 @@
 """Skill-bank bookkeeping during SGSD training: attribution and online updates (SPEC section 3 (4)).
 
-Observers receive two events from `SGSDTrainer`:
+Observers receive two events from `SGSDTrainer`, on EVERY rank, in the same order:
 - `on_rollouts(trainer, problems, completions, rewards, answers)` once per generation batch;
-- `on_polarity(trainer, records, polarity [B, K], support [B, K], weights [B, K])` once per loss step.
+- `on_polarity(trainer, records, polarity [B, K], support [B, K], weights [B, K])` once per loss step
+  (B may be 0 on a rank whose micro-batch was skipped; the call still happens, it holds a collective).
 Each has a `name`, `state_dict()` and `load_state_dict()`; their state goes into every checkpoint
 (`sgsd_state.pt`) so a resumed run continues with the same bank and statistics.
+
+Several processes: what one rank sees is gathered from all ranks (`sgsd.distributed`), so every
+rank holds the same global state, as one process given the whole batch would; decisions that cost
+something (an online update's extraction and merge) are made once, on the main process, and
+broadcast. Files are written by the main process only.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sgsd.config import RunConfig
+from sgsd.distributed import broadcast_object, gather_objects, is_main_process
+
+
+class SkillObserver(Protocol):
+    """What `SGSDTrainer` calls; see the module docstring for when."""
+
+    name: str
+
+    def on_rollouts(self, trainer: Any, problems: list[str], completions: list[str], rewards: Any,
+                    answers: list[str] | None = None) -> None: ...
+
+    def on_polarity(self, trainer: Any, records: list[Any], polarity: Any, support: Any, weights: Any) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any], trainer: Any = None) -> None: ...
 
 
 class AttributionObserver:
-    """Per skill and per mistake: how often its teacher was helpful / harmful / neutral, mean support."""
+    """Per skill and per mistake: how often its teacher was helpful / harmful / neutral, mean support.
+
+    Counts the rollouts of all ranks (gathered in rank order), so the totals equal those of one
+    process given the whole batch; the main process writes `attribution.json`.
+    """
 
     name = "attribution"
 
@@ -31,20 +57,30 @@ class AttributionObserver:
         pass
 
     def on_polarity(self, trainer: Any, records: list[Any], polarity: Any, support: Any, weights: Any) -> None:
-        self.tracker.update([r.skill_ids for r in records], [r.mistake_ids for r in records], polarity, support,
-                            weights)
-        self.tracker.save(self.run_dir)
+        local = ([r.skill_ids for r in records], [r.mistake_ids for r in records],
+                 polarity.tolist(), support.tolist(), weights.tolist())
+        for skill_ids, mistake_ids, rank_polarity, rank_support, rank_weights in gather_objects(local):
+            if skill_ids:
+                self.tracker.update(skill_ids, mistake_ids, rank_polarity, rank_support, rank_weights)
+        if is_main_process():
+            self.tracker.save(self.run_dir)
 
     def state_dict(self) -> dict[str, Any]:
         return self.tracker.state_dict()
 
     def load_state_dict(self, state: dict[str, Any], trainer: Any = None) -> None:
         self.tracker.load_state_dict(state)
-        self.tracker.save(self.run_dir)
+        if is_main_process():
+            self.tracker.save(self.run_dir)
 
 
 class OnlineUpdateObserver:
-    """Extract skills from recent rollouts every N steps when the success rate is low; swap the bank in."""
+    """Extract skills from recent rollouts every N steps when the success rate is low; swap the bank in.
+
+    The rollout window holds the rollouts of all ranks. When an update is due, the main process runs
+    extraction and merge (one set of LLM calls, not one per rank) and writes the snapshots; the
+    resulting bank and updater state are broadcast, so every rank's teachers come from the same bank.
+    """
 
     name = "online_skills"
 
@@ -59,28 +95,46 @@ class OnlineUpdateObserver:
                                extract_max_tokens=online.max_tokens),
             run_dir=run_dir,
         )
-        self.trainer: Any = None
+        # every rank must agree on the run id that stamps the snapshots
+        self.updater.run_id = broadcast_object(self.updater.run_id)
         self._llm: Any = None
 
     def _client(self, trainer: Any) -> Any:
         if self._llm is None:
+            from sgsd.prompts import ChatStyle
             from sgsd.skills.llm import HFClient, OpenAIClient
 
             online = self.cfg.skills.online
             if online.llm == "policy":  # the shared policy model serves as the updater
-                self._llm = HFClient(trainer.unwrapped_model, trainer.processing_class, name="policy")
+                self._llm = HFClient(trainer.unwrapped_model, trainer.processing_class, name="policy",
+                                     chat_style=ChatStyle(online.enable_thinking))
             else:
-                self._llm = OpenAIClient(online.llm, model=online.llm_model or self.cfg.model.name_or_path)
+                extra = ({"chat_template_kwargs": {"enable_thinking": online.enable_thinking}}
+                         if online.enable_thinking is not None else None)
+                self._llm = OpenAIClient(online.llm, model=online.llm_model or self.cfg.model.name_or_path,
+                                         extra_body=extra)
         return self._llm
 
     def on_rollouts(self, trainer: Any, problems: list[str], completions: list[str], rewards: Any,
                     answers: list[str] | None = None) -> None:
-        self.trainer = trainer
         step = trainer.state.global_step + 1  # the optimizer step these rollouts train
-        self.updater.record(step, problems, completions, [float(r) for r in rewards.tolist()], answers)
-        bank = self.updater.maybe_update(step, trainer.teacher_source.bank, self._client(trainer))
+        local = (list(problems), list(completions), [float(r) for r in rewards.tolist()], answers)
+        for rank_problems, rank_completions, rank_rewards, rank_answers in gather_objects(local):
+            self.updater.record(step, rank_problems, rank_completions, rank_rewards, rank_answers)
+        if not self.updater.is_due(step):
+            return
+        bank = None
+        if is_main_process():
+            bank = self.updater.maybe_update(step, trainer.teacher_source.bank, self._client(trainer))
+        bank, state = broadcast_object((bank, self.updater.state_dict()))
+        self.updater.load_state_dict(state)
         if bank is not None:  # teachers of the next generation batch come from the updated bank
             trainer.teacher_source.set_bank(bank)
+        entry = self.updater.history[-1] if self.updater.history and self.updater.history[-1]["step"] == step else None
+        if entry is not None and entry.get("updated"):
+            trainer.record_metrics({"skills/online_memories": float(entry["memories"]),
+                                    "skills/online_parse_failures": float(entry["parse_failures"]),
+                                    "skills/online_truncated": float(entry["truncated"])})
 
     def on_polarity(self, trainer: Any, records: list[Any], polarity: Any, support: Any, weights: Any) -> None:
         pass
@@ -94,10 +148,11 @@ class OnlineUpdateObserver:
             trainer.teacher_source.set_bank(self.updater.current_bank(trainer.teacher_source.bank))
 
 
-def make_observers(cfg: RunConfig, run_dir: Path) -> list[Any]:
-    observers: list[Any] = []
+def make_observers(cfg: RunConfig, run_dir: Path) -> list[SkillObserver]:
+    observers: list[SkillObserver] = []
     if cfg.skills.attribution:
         observers.append(AttributionObserver(run_dir))
     if cfg.skills.online.enabled:
         observers.append(OnlineUpdateObserver(cfg, run_dir))
     return observers
+

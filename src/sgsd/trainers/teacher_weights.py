@@ -16,19 +16,30 @@ import torch
 
 
 class EMAWeights:
-    """EMA of the trainable parameters: ema <- decay * ema + (1 - decay) * theta after each optimizer step."""
+    """EMA of the trainable parameters: ema <- decay * ema + (1 - decay) * theta after each optimizer step.
+
+    The shadow is kept in fp32 whatever the parameters' dtype: it is built when the trainer is, before
+    DeepSpeed may cast the module to bf16 (while PEFT keeps LoRA weights in fp32), so parameter dtypes
+    can change under it; and a bf16 shadow would round away most steps of (1 - decay) * (theta - ema)
+    (bf16 resolves 1 part in 256 near 1.0: with decay 0.99 a step below ~0.8 is lost entirely).
+    Swapped in, the shadow is cast to each parameter's current dtype.
+    """
 
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema decay must be in [0, 1), got {decay}")
         self.decay = decay
-        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        self.shadow = {n: p.detach().to(torch.float32, copy=True) for n, p in model.named_parameters()
+                       if p.requires_grad}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         for name, param in model.named_parameters():
             if name in self.shadow:
-                self.shadow[name].lerp_(param.detach(), 1.0 - self.decay)
+                shadow = self.shadow[name]
+                if shadow.device != param.device:  # the module moved after the EMA was built
+                    shadow = self.shadow[name] = shadow.to(param.device)
+                shadow.lerp_(param.detach().to(torch.float32), 1.0 - self.decay)
 
     @contextmanager
     def swapped_in(self, model: torch.nn.Module) -> Iterator[None]:
@@ -37,7 +48,7 @@ class EMAWeights:
         try:
             with torch.no_grad():
                 for name, param in params.items():
-                    param.copy_(self.shadow[name])
+                    param.copy_(self.shadow[name])  # copy_ casts fp32 -> the parameter's dtype and device
             yield
         finally:
             with torch.no_grad():
@@ -53,7 +64,7 @@ class EMAWeights:
             raise ValueError(f"EMA state does not match the model's trainable parameters: {sorted(missing)[:3]}")
         self.decay = float(state["decay"])
         for name, value in state["shadow"].items():
-            self.shadow[name].copy_(value)
+            self.shadow[name].copy_(value.to(torch.float32))
 
 
 def is_peft(model: Any) -> bool:
@@ -61,13 +72,25 @@ def is_peft(model: Any) -> bool:
 
 
 class FrozenCopy:
-    """Initial weights for a `base` teacher under full fine-tuning (a second copy of the model)."""
+    """Initial weights for a `base` teacher under full fine-tuning (a second copy of the model).
+
+    The copy is made when the trainer is built; DeepSpeed or accelerate may move and cast the policy
+    later. `placed_like(policy)` returns the copy on the policy's device and in its dtype (moved once,
+    when they differ), which is where and how the teacher must score.
+    """
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         # TRL/accelerate may have replaced `model.forward` by an instance attribute whose closure points
         # at the live model; a deep copy would carry it over and run the student. Use the class forward.
         self.model.__dict__.pop("forward", None)
+
+    def placed_like(self, policy: torch.nn.Module) -> torch.nn.Module:
+        target = next(p for p in policy.parameters() if p.is_floating_point())
+        current = next(p for p in self.model.parameters() if p.is_floating_point())
+        if (current.device, current.dtype) != (target.device, target.dtype):
+            self.model.to(device=target.device, dtype=target.dtype)
+        return self.model
 
 
 def teacher_context_factory(kind: str, model_getter: Callable[[], Any], *, ema: EMAWeights | None = None

@@ -1,0 +1,69 @@
+"""What several processes need to agree on, in one place: rank queries, gather and broadcast of objects.
+
+Every training process runs the same code; state that one rank sees (its rollouts, its polarity
+counts, a skill bank its extraction produced) is gathered to all ranks, decided once, and broadcast,
+so all ranks hold identical state and the checkpoint written by the main process is the global one.
+Files are written by the main process only.
+
+The functions work with or without an initialized `torch.distributed` process group (one process:
+gather returns `[obj]`, broadcast returns `obj`), so single-process code paths stay the same. They
+use `torch.distributed`'s object collectives, which pickle: meant for small state (strings, counts,
+a skill bank), not tensors of a batch. Every rank must call each of them, in the same order.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    if _initialized():
+        import torch.distributed as dist
+
+        return dist.get_world_size()
+    return 1
+
+
+def rank() -> int:
+    """This process's global rank: from the process group when it exists, else from the launcher's
+    `RANK` (set by torchrun / accelerate before the group is created), else 0."""
+    if _initialized():
+        import torch.distributed as dist
+
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def gather_objects(obj: T) -> list[T]:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (`[obj]` in one process)."""
+    if world_size() == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank `src`'s `obj` on every rank (`obj` itself in one process)."""
+    if world_size() == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
