@@ -167,8 +167,9 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
     {"prompt_ids", "completion_ids", "logprobs"}`; the tests use it to train on fixed completions.
     """
     with same_on_every_rank():
-        return _train(cfg, output_dir, resume=resume, reward_funcs=reward_funcs, max_steps=max_steps,
-                      progress=progress, rollout_func=rollout_func)
+        run = prepare_run(cfg, output_dir, resume=resume, reward_funcs=reward_funcs, max_steps=max_steps,
+                          progress=progress, rollout_func=rollout_func)
+    return run.train()
 
 
 @contextmanager
@@ -193,9 +194,40 @@ def rank_local() -> Iterator[None]:
         raise
 
 
-def _train(cfg: RunConfig, output_dir: str | Path | None, *, resume: bool,
-           reward_funcs: Sequence[Callable[..., list[float]]] | None, max_steps: int | None, progress: bool,
-           rollout_func: Callable[..., dict[str, Any]] | None) -> TrainResult:
+@dataclass
+class PreparedRun:
+    """A trainer built and restored to where the run directory left off, ready to `train()`."""
+
+    trainer: Any
+    output_dir: Path
+    tokenizer: Any
+    resume_from: Path | None
+    broken: list[Path]
+
+    def train(self) -> TrainResult:
+        trainer, out, resume_from = self.trainer, self.output_dir, self.resume_from
+        final = out / "final"
+        with rank_local(), _storage_errors(out):
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            staging = out / "final.tmp"
+            if trainer.accelerator.is_main_process and staging.exists():
+                shutil.rmtree(staging)
+            trainer.accelerator.wait_for_everyone()
+            trainer.save_model(str(staging))  # every rank calls it (ZeRO-3 gathers); the main process writes
+            if trainer.accelerator.is_main_process:
+                self.tokenizer.save_pretrained(str(staging))
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(staging, final)
+            trainer.accelerator.wait_for_everyone()
+        return TrainResult(out, final, trainer.state.global_step, str(resume_from) if resume_from else None,
+                           [str(p) for p in self.broken])
+
+
+def prepare_run(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool = True,
+                reward_funcs: Sequence[Callable[..., list[float]]] | None = None, max_steps: int | None = None,
+                progress: bool = True, rollout_func: Callable[..., dict[str, Any]] | None = None) -> PreparedRun:
+    """Everything `train` does before the first step: checks, run directory, trainer, restored state."""
     from transformers import set_seed
 
     from sgsd.distributed import is_main_process
@@ -328,22 +360,7 @@ def _train(cfg: RunConfig, output_dir: str | Path | None, *, resume: bool,
         _restore_extra_state(trainer, resume_from)
     elif metrics.records:
         metrics.truncate_after(0)
-    with rank_local(), _storage_errors(out):
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        final = out / "final"
-        staging = out / "final.tmp"
-        if trainer.accelerator.is_main_process and staging.exists():
-            shutil.rmtree(staging)
-        trainer.accelerator.wait_for_everyone()
-        trainer.save_model(str(staging))  # every rank calls it (ZeRO-3 gathers); the main process writes
-        if trainer.accelerator.is_main_process:
-            tokenizer.save_pretrained(str(staging))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
-        trainer.accelerator.wait_for_everyone()
-    return TrainResult(out, final, trainer.state.global_step, str(resume_from) if resume_from else None,
-                       [str(p) for p in broken])
+    return PreparedRun(trainer, out, tokenizer, resume_from, broken)
 
 
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES}
