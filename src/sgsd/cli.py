@@ -73,9 +73,30 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - last resort: one line unless SGSD_DEBUG is set
         if os.environ.get("SGSD_DEBUG"):
             raise
+        if _rank_tag() and _secondary_failure(err):
+            print(f"sgsd: error{_rank_tag()}: another process of the run stopped (its error says why)", file=sys.stderr)
+            return 1
         print(f"sgsd: internal error{_rank_tag()}: {type(err).__name__}: {err} (set SGSD_DEBUG=1 for a traceback)",
               file=sys.stderr)
         return 1
+
+
+# After another rank fails, the launcher stops the rest within its monitor interval (torchrun: 0.1 s).
+PEER_FAILURE_GRACE_S = 10.0
+
+
+def _secondary_failure(err: Exception) -> bool:
+    """A lost peer is the consequence of another rank's failure, which that rank reports: wait for the
+    launcher to stop this process quietly; only if it does not (the peer vanished without an error
+    of its own, e.g. killed) report the loss in one line."""
+    import time
+
+    from sgsd.distributed import is_peer_loss
+
+    if not is_peer_loss(err):
+        return False
+    time.sleep(PEER_FAILURE_GRACE_S)
+    return True
 
 
 def _rank_tag() -> str:

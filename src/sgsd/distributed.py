@@ -67,3 +67,18 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     box = [obj if dist.get_rank() == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+# How another process's death shows up in this one: gloo closes the connection, NCCL aborts or times out.
+_PEER_LOSS_MARKERS = ("closed by peer", "reset by peer", "Connection refused", "Broken pipe", "NCCL communicator",
+                      "collective operation timeout", "ProcessGroupNCCL", "ProcessGroupGloo")
+
+
+def is_peer_loss(err: BaseException) -> bool:
+    """Whether `err` says that ANOTHER process of the run stopped (a consequence, not the cause)."""
+    import torch.distributed as dist
+
+    if isinstance(err, getattr(dist, "DistError", ())) and not isinstance(err, getattr(dist, "DistStoreError", ())):
+        return True
+    text = str(err)
+    return any(marker in text for marker in _PEER_LOSS_MARKERS)

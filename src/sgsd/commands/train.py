@@ -24,8 +24,10 @@ def run(args: argparse.Namespace) -> int:
     from sgsd.config import load_config
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg = load_config(args.config, args.overrides)
-    from sgsd.trainers.run import train
+    from sgsd.trainers.run import same_on_every_rank, train
+
+    with same_on_every_rank():  # a bad config is found alike by every rank: printed once
+        cfg = load_config(args.config, args.overrides)
 
     result = train(cfg, args.output_dir, resume=not args.no_resume, max_steps=args.max_steps,
                    progress=not args.quiet)
