@@ -20,7 +20,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         content = self.server.reply(body["messages"][-1]["content"])
         reply = {"id": "x", "object": "chat.completion", "model": body["model"],
-                 "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}]}
+                 "choices": [{"index": 0, "finish_reason": self.server.finish_reason, "message": {"role": "assistant", "content": content}}]}
         data = json.dumps(reply).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -34,9 +34,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 @contextmanager
 def fake_llm_server(reply: Callable[[str], str]) -> Iterator[ThreadingHTTPServer]:
-    """Serve `reply(last user message)`; `.requests` records bodies, `.fail_next = n` answers 503 n times."""
+    """Serve `reply(last user message)`; `.requests` records bodies, `.fail_next = n` answers 503 n times,
+    `.finish_reason` is what every reply says (default "stop"; "length": cut at max_tokens)."""
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.requests, httpd.fail_next, httpd.reply = [], 0, reply
+    httpd.requests, httpd.fail_next, httpd.reply, httpd.finish_reason = [], 0, reply, "stop"
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:

@@ -159,6 +159,9 @@ def test_online_update_snapshots_attribution_and_resume(tmp_path):
         out = tmp_path / "run"
         _train(out, *overrides, steps=2)
         assert server.requests, "the updater was never asked"
+    update_step = next(r for r in _metrics(out) if r["step"] == 2)  # what the update did, per update
+    assert update_step["skills/online_memories"] > 0
+    assert update_step["skills/online_parse_failures"] == 0 and update_step["skills/online_truncated"] == 0
     snapshots = sorted((out / "skills").glob("bank_step_*.json"))
     assert [p.name for p in snapshots] == ["bank_step_000002.json"]
     latest = json.loads((out / "skills" / "latest.json").read_text())

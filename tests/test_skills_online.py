@@ -183,3 +183,62 @@ def test_report_command_prints_table_writes_png_and_prunes(tmp_path, capsys):
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     assert [s.skill_id for s in load_bank(tmp_path / "pruned.json").general_skills] == ["gen_002"]
     assert main(["skills", "report", str(tmp_path / "nothing")]) == 2
+
+
+# -- the updater's LLM settings and what an update reports (issue 12, defect 6) ----------------------------
+
+
+def test_policy_updater_answers_with_thinking_off_and_the_reference_token_budget(tmp_path, tiny_model, tiny_tokenizer):
+    from pathlib import Path
+
+    from sgsd.config import load_config
+    from sgsd.trainers.skill_hooks import OnlineUpdateObserver
+
+    recipe = Path(__file__).resolve().parents[1] / "configs/tiny/sgsd.yaml"
+    observer = OnlineUpdateObserver(load_config(recipe, ["skills.online.enabled=true"]), tmp_path)
+    assert observer.updater.config.extract_max_tokens == 2048  # the reference's budget, not 1024
+
+    class Trainer:
+        unwrapped_model, processing_class = tiny_model, tiny_tokenizer
+
+    client = observer._client(Trainer())
+    assert client.chat_style.enable_thinking is False
+    # configurable: None leaves the template's default
+    observer = OnlineUpdateObserver(load_config(recipe, ["skills.online.enabled=true",
+                                                         "skills.online.enable_thinking=null"]), tmp_path)
+    assert observer._client(Trainer()).chat_style.enable_thinking is None
+
+
+def test_update_reports_parse_failures_and_truncated_replies(tmp_path):
+    class CutLLM(FakeLLM):
+        """The first extraction reply is cut at the token limit (unparsable), as a client reports it."""
+
+        def complete(self, prompts, *, max_tokens, temperature):
+            replies = super().complete(prompts, max_tokens=max_tokens, temperature=temperature)
+            extraction = "Merge them into a smaller set" not in prompts[0]
+            self.last_truncated = [extraction and i == 0 for i in range(len(prompts))]
+            if extraction:
+                replies[0] = replies[0][: len(replies[0]) // 2]
+            return replies
+
+    updater = OnlineSkillUpdater(OnlineUpdateConfig(every_n_steps=1, success_threshold=1.0), run_dir=tmp_path)
+    updater.record(1, ["p1", "p2", "p3"], ["c1", "c2", "c3"], [0.0, 1.0, 0.0])
+    assert updater.maybe_update(1, STATIC, CutLLM()) is not None
+    entry = updater.history[-1]
+    assert (entry["memories"], entry["parse_failures"], entry["truncated"]) == (3, 1, 1)
+    assert load_bank(tmp_path / "skills" / "latest.json").metadata["online_update"]["truncated"] == 1
+
+
+def test_clients_say_which_replies_hit_the_token_limit(tiny_model, tiny_tokenizer):
+    from fake_llm_server import base_url, fake_llm_server
+
+    from sgsd.skills.llm import HFClient, OpenAIClient
+
+    client = HFClient(tiny_model, tiny_tokenizer)
+    client.complete(["Say something long."], max_tokens=2, temperature=0.0)
+    assert client.last_truncated == [True]  # 2 tokens of a random model: no end-of-turn token in them
+    with fake_llm_server(lambda prompt: "x") as server:
+        server.finish_reason = "length"
+        remote = OpenAIClient(base_url(server), model="fake")
+        assert remote.complete(["a", "b"], max_tokens=4, temperature=0.0) == ["x", "x"]
+        assert remote.last_truncated == [True, True]
