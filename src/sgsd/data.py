@@ -195,3 +195,31 @@ def tiny_math_problems(count: int = 64, seed: int = 0) -> list[Problem]:
             seen.add(problem)
             out.append(Problem(f"tiny-{len(out):03d}", problem, str(fn(a, b))))
     return out
+
+
+def training_dataset(problems: list[Problem], tokenizer: Any, *, enable_thinking: bool | None, max_prompt_tokens: int,
+                     skill_blocks: list[str] | None = None, source: str = "data") -> Any:
+    """The rows a trainer reads (a `datasets.Dataset`): `prompt` (the chat list TRL renders),
+    `problem`, `answer`, `problem_id`, `student_prompt` (SPEC section 2) and `skill_block` (the "+Skill"
+    block prefixed to the student prompt, "" without; OPSD+Skill gives it to the teacher too).
+
+    A prompt longer than `max_prompt_tokens` after the chat template is refused, naming the problem.
+    """
+    from datasets import Dataset
+
+    from sgsd.prompts import ChatStyle, render_chat, student_prompt
+
+    style = ChatStyle(enable_thinking)
+    rows = []
+    for index, item in enumerate(problems):
+        text = student_prompt(item.problem)
+        if skill_blocks is not None:
+            text = f"{skill_blocks[index]}\n\n{text}"
+        length = len(tokenizer(render_chat(tokenizer, text, style), add_special_tokens=False)["input_ids"])
+        if length > max_prompt_tokens:
+            raise DataError(f"{source}: problem {item.problem_id}: prompt is {length} tokens, longer than "
+                            f"prompt.max_prompt_tokens={max_prompt_tokens}")
+        rows.append({"prompt": [{"role": "user", "content": text}], "problem": item.problem, "answer": item.answer,
+                     "problem_id": item.problem_id, "student_prompt": text,
+                     "skill_block": skill_blocks[index] if skill_blocks is not None else ""})
+    return Dataset.from_list(rows)

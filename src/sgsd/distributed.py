@@ -14,7 +14,10 @@ a skill bank), not tensors of a batch. Every rank must call each of them, in the
 from __future__ import annotations
 
 import os
-from typing import Any, TypeVar
+from contextlib import contextmanager
+from typing import Any, Iterator, TypeVar
+
+from sgsd.errors import UserError
 
 T = TypeVar("T")
 
@@ -82,3 +85,25 @@ def is_peer_loss(err: BaseException) -> bool:
         return True
     text = str(err)
     return any(marker in text for marker in _PEER_LOSS_MARKERS)
+
+
+@contextmanager
+def same_on_every_rank() -> Iterator[None]:
+    """UserErrors raised inside are deterministic input errors, identical on every rank, unless
+    `rank_local()` marked them (training has begun): mark them so the CLI prints them once."""
+    try:
+        yield
+    except UserError as err:
+        if not getattr(err, "rank_local", False):
+            err.same_on_every_rank = True  # type: ignore[attr-defined]
+        raise
+
+
+@contextmanager
+def rank_local() -> Iterator[None]:
+    """Errors raised inside may happen on one rank only (training, saving): every rank reports its own."""
+    try:
+        yield
+    except UserError as err:
+        err.rank_local = True  # type: ignore[attr-defined]
+        raise

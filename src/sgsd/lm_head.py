@@ -144,3 +144,11 @@ def chunk_tokens_for_budget(vocab_size: int, budget_bytes: int, *, minimum: int 
         raise ValueError(f"vocab_size and budget_bytes must be positive, got {vocab_size}, {budget_bytes}")
     per_row = vocab_size * (4 + 2)
     return int(min(max(budget_bytes // per_row, minimum), maximum))
+
+
+def resolve_chunk_tokens(chunk_tokens: int, budget_mb: int, vocab_size: int) -> int:
+    """A `logprob_chunk_tokens` setting as every method reads it: a row count, or 0 for as many rows as
+    fit one fp32 [chunk, V] buffer of `budget_mb` MiB (`logprob_chunk_mb`)."""
+    if chunk_tokens < 0:
+        raise ValueError(f"logprob_chunk_tokens={chunk_tokens}: must be >= 0 (0 = from the memory budget)")
+    return chunk_tokens or chunk_tokens_for_budget(vocab_size, budget_mb * 2**20)

@@ -22,7 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from sgsd.config import SGSDSettings
+
 LN2 = math.log(2.0)
+# The paper's values (SPEC section 4), defined once in `SGSDSettings`: the config's defaults and these
+# functions' keyword defaults cannot drift apart.
+GATE_TAU = SGSDSettings.gate_tau
+CLIP_DELTA = SGSDSettings.clip_delta
+CONFIDENCE_THRESHOLD = SGSDSettings.confidence_threshold
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -44,7 +51,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, 
     return total / count
 
 
-def gate(d: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+def gate(d: torch.Tensor, tau: float = GATE_TAU) -> torch.Tensor:
     """SGSD gate l(d) = ln 2 - softplus(-d^2 / (2 tau)) (SPEC section 4), elementwise.
 
     Even, l(0) = 0, increasing in |d| towards ln 2 (never reached). dl/dd = sigmoid(-d^2/2tau) * d/tau,
@@ -150,8 +157,8 @@ def teacher_polarity(
     rewards: torch.Tensor,
     teacher_weights: torch.Tensor,
     *,
-    clip_delta: float = 3.0,
-    confidence_threshold: float = 0.05,
+    clip_delta: float = CLIP_DELTA,
+    confidence_threshold: float = CONFIDENCE_THRESHOLD,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped support and polarity of each teacher (SPEC section 4), without gradient.
 
@@ -176,9 +183,9 @@ def sgsd_loss(
     rewards: torch.Tensor,
     teacher_weights: torch.Tensor,
     *,
-    gate_tau: float = 1.0,
-    clip_delta: float = 3.0,
-    confidence_threshold: float = 0.05,
+    gate_tau: float = GATE_TAU,
+    clip_delta: float = CLIP_DELTA,
+    confidence_threshold: float = CONFIDENCE_THRESHOLD,
     token_divergence: torch.Tensor | None = None,
 ) -> SGSDLossOutput:
     """SGSD objective (SPEC section 4; Huang et al., arXiv 2605.28791).

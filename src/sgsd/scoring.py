@@ -16,12 +16,15 @@ loss phase); the K teachers of every rollout are run here without gradient, flat
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from sgsd.lm_head import token_logprobs  # noqa: F401 - part of this module's interface
+from sgsd.objectives import OPSDLossOutput, opsd_loss
 
 
 def lm_parts(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -244,3 +247,69 @@ def counted_mask(completion_ids: torch.Tensor, completion_mask: torch.Tensor, ta
     table = table.to(completion_ids.device)
     safe = completion_ids.clamp(0, table.numel() - 1)
     return completion_mask.bool() & table[safe]
+
+
+# -- OPSD: full-vocabulary divergence from final hidden states (SPEC section 5) -----------------------
+
+
+def _chunk_jsd(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, beta, temperature):
+    student_logits = F.linear(student_hidden, weight, bias)
+    with torch.no_grad():
+        teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)
+    rows = student_hidden.size(0)
+    out = opsd_loss(student_logits[None], teacher_logits[None], student_hidden.new_ones((1, rows), dtype=torch.bool),
+                    beta=beta, temperature=temperature, chunk_size=rows)
+    metrics = out.metrics
+    return out.loss, metrics["divergence_mean"], metrics["student_entropy_mean"], metrics["teacher_entropy_mean"]
+
+
+@dataclass(frozen=True)
+class HeadWeights:
+    """A detached LM head (weight [V, H], bias [V] or None); usable wherever `lm_head.weight/.bias` is read."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, head: torch.nn.Module, *, copy: bool = False) -> "HeadWeights":
+        bias = getattr(head, "bias", None)
+        weight, bias = head.weight.detach(), bias.detach() if bias is not None else None
+        if copy:
+            weight, bias = weight.clone(), bias.clone() if bias is not None else None
+        return cls(weight, bias)
+
+
+def opsd_loss_from_hidden(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, lm_head: torch.nn.Module, *,
+                          beta: float, temperature: float, chunk_tokens: int = 1024,
+                          teacher_head: HeadWeights | None = None) -> OPSDLossOutput:
+    """`opsd_loss` over N completion tokens given final hidden states, in chunks of `chunk_tokens`.
+
+    student_hidden [N, H] (gradient flows), teacher_hidden [N, H] (detached): one row per completion
+    token that counts (padding already removed). Logits come from `lm_head` for the student and from
+    `teacher_head` (default: the same head, detached) for the teacher.
+    Equal in value and gradient to `opsd_loss(head(student_hidden)[None], head(teacher_hidden)[None],
+    ones)`: the mean over N of per-chunk means weighted by chunk size. Each chunk is checkpointed, so
+    fp32 [chunk_tokens, V] logits exist for one chunk at a time, in the forward and in the backward.
+    Metrics: divergence_mean, student_entropy_mean, teacher_entropy_mean (detached, token means; 0 when N = 0).
+    """
+    if student_hidden.dim() != 2 or student_hidden.shape != teacher_hidden.shape:
+        raise ValueError(f"hidden states must both be [N, H], got {tuple(student_hidden.shape)} and "
+                         f"{tuple(teacher_hidden.shape)}")
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    teacher_head = teacher_head or HeadWeights.of(lm_head)
+    teacher_hidden = teacher_hidden.detach()
+    total = student_hidden.size(0)
+    needs_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or weight.requires_grad)
+    sums = [student_hidden.new_zeros((), dtype=torch.float32) for _ in range(4)]
+    sums[0] = sums[0] + 0.0 * student_hidden.sum()  # N = 0: a zero loss still connected to the graph (DDP, GA)
+    step = max(int(chunk_tokens), 1)
+    for start in range(0, total, step):
+        args = (student_hidden[start : start + step], teacher_hidden[start : start + step], weight, bias,
+                teacher_head.weight, teacher_head.bias, beta, temperature)
+        parts = checkpoint(_chunk_jsd, *args, use_reentrant=False) if needs_grad else _chunk_jsd(*args)
+        share = args[0].size(0) / total
+        sums = [acc + part.float() * share for acc, part in zip(sums, parts)]
+    loss, divergence, student_entropy, teacher_entropy = sums
+    metrics = {"divergence_mean": divergence.detach(), "student_entropy_mean": student_entropy.detach(),
+               "teacher_entropy_mean": teacher_entropy.detach()}
+    return OPSDLossOutput(loss=loss, metrics=metrics)

@@ -24,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from sgsd.config import load_config
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from sgsd.trainers.run import same_on_every_rank, train
+    from sgsd.distributed import same_on_every_rank
+    from sgsd.trainers.run import train
 
     with same_on_every_rank():  # a bad config is found alike by every rank: printed once
         cfg = load_config(args.config, args.overrides)

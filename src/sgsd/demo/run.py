@@ -70,7 +70,7 @@ def method_config(method: str, plan: DemoPlan, model_dir: Path, data: Path, bank
     prompts = plan.prompts_per_step // plan.grpo_generations if method == "grpo" else plan.prompts_per_step
     overrides = [
         f"method={method}", f"model.name_or_path={model_dir}", f"data.path={data}", f"skills.bank={bank}",
-        "skills.retrieval=random", f"skills.num_teachers={plan.num_teachers}",
+        "skills.retrieval=random", f"sgsd.num_teachers={plan.num_teachers}",
         "prompt.enable_thinking=false", f"generation.max_new_tokens={plan.max_new_tokens}",
         "generation.temperature=1.0", "generation.top_p=1.0", "generation.top_k=0",
         f"training.max_steps={plan.steps}", f"training.learning_rate={plan.learning_rate}",

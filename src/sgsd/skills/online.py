@@ -1,6 +1,7 @@
 """Online skill-bank update during SGSD training (SPEC section 3 (4)).
 
-Every `every_n_steps` steps (paper: 25), if the success rate of the rollouts of the last
+Settings: `sgsd.config.OnlineUpdateSettings` (the `skills.online` section of a run config).
+Every `every_steps` steps (paper: 25), if the success rate of the rollouts of the last
 `window_steps` steps is below `success_threshold` (paper: 0.8), up to `max_memories` of those
 rollouts (the most recent, half successes and half failures when both exist) go through extraction;
 the new items are merged with the existing `dyn_` items of their list by the LLM; at most `max_new`
@@ -27,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from sgsd.config import OnlineUpdateSettings
 from sgsd.errors import ConfigError, DataError
 from sgsd.skills.bank import SkillBank, is_dynamic, load_bank, save_bank
 from sgsd.skills.extraction import MISTAKES, SKILLS, ItemKind, dedup_key, extraction_prompt, parse_reply
@@ -34,31 +36,6 @@ from sgsd.skills.llm import LLMClient
 from sgsd.skills.merge import MergeConfig, hierarchical_merge
 
 STATE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class OnlineUpdateConfig:
-    every_n_steps: int = 25
-    success_threshold: float = 0.8  # update only when the window's success rate is below this
-    window_steps: int = 25  # rollouts of the last N steps are candidates
-    max_new: int = 5  # new dynamic items per list per update
-    capacity: int = 30  # dynamic items per list
-    max_memories: int = 32  # rollouts sent to extraction per update
-    max_items_per_memory: int = 3
-    max_completion_chars: int = 8000
-    extract_max_tokens: int = 2048  # the reference's budget; thinking-off replies fit well within it
-    merge_max_tokens: int = 4096
-    temperature: float = 0.0
-    group_size: int = 32
-
-    def __post_init__(self) -> None:
-        if self.every_n_steps < 1 or self.window_steps < 1:
-            raise ConfigError("online update: every_n_steps and window_steps must be at least 1")
-        if not 0.0 < self.success_threshold <= 1.0:
-            raise ConfigError(f"online update: success_threshold={self.success_threshold} must be in (0, 1]")
-        if self.max_new < 0 or self.capacity < self.max_new or self.max_memories < 1:
-            raise ConfigError("online update: need 0 <= max_new <= capacity and max_memories >= 1 "
-                              f"(got max_new={self.max_new}, capacity={self.capacity}, max_memories={self.max_memories})")
 
 
 @dataclass(frozen=True)
@@ -76,7 +53,7 @@ class Rollout:
 
 @dataclass
 class OnlineSkillUpdater:
-    config: OnlineUpdateConfig
+    config: OnlineUpdateSettings
     run_dir: Path
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     window: list[Rollout] = field(default_factory=list)
@@ -87,6 +64,9 @@ class OnlineSkillUpdater:
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
+        problems = self.config.problems("online update")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
     @property
     def skills_dir(self) -> Path:
@@ -103,8 +83,8 @@ class OnlineSkillUpdater:
         self.window = [r for r in self.window if r.step > step - self.config.window_steps]
 
     def is_due(self, step: int) -> bool:
-        """Whether `maybe_update(step, ...)` checks the window (every `every_n_steps` steps, once per step)."""
-        return step > 0 and step % self.config.every_n_steps == 0 and step > self.last_checked_step
+        """Whether `maybe_update(step, ...)` checks the window (every `every_steps` steps, once per step)."""
+        return step > 0 and step % self.config.every_steps == 0 and step > self.last_checked_step
 
     def maybe_update(self, step: int, bank: SkillBank, llm: LLMClient) -> SkillBank | None:
         """The updated bank when an update is due and made at `step`, else None (see module docstring).
@@ -128,7 +108,7 @@ class OnlineSkillUpdater:
         prompts = [extraction_prompt(r.problem, r.completion, r.answer, r.success,
                                      max_items=self.config.max_items_per_memory,
                                      max_completion_chars=self.config.max_completion_chars) for r in memories]
-        replies = llm.complete(prompts, max_tokens=self.config.extract_max_tokens, temperature=self.config.temperature)
+        replies = llm.complete(prompts, max_tokens=self.config.max_tokens, temperature=self.config.temperature)
         truncated = sum(bool(t) for t in getattr(llm, "last_truncated", None) or [])
         new: dict[str, list[dict]] = {SKILLS.list_key: [], MISTAKES.list_key: []}
         parse_failures = 0

@@ -2,7 +2,7 @@
 
 G completions per prompt (`grpo.num_generations`), group-normalised rewards, PPO-clipped surrogate
 (`grpo.epsilon`), KL coefficient `grpo.beta` (0: none, as in the paper); the loss is TRL's own.
-GRPO+Skill differs only in the rollout prompt (retrieved skill block), built in `run.build_dataset`.
+GRPO+Skill differs only in the rollout prompt (retrieved skill block), built by `sgsd.data.training_dataset`.
 Additions: `train/reward_mean` under the project's key, and two group diagnostics under `grpo/`:
 - `grpo/zero_advantage_fraction`: rollouts whose advantage is 0 (their group's rewards are all equal,
   so they carry no gradient: with a binary grader, every group all-right or all-wrong);

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from sgsd.config import SGSDSettings
-from sgsd.lm_head import chunk_tokens_for_budget
+from sgsd.lm_head import resolve_chunk_tokens
 from sgsd.objectives import masked_mean, sgsd_loss, teacher_polarity
 from sgsd.prompts import ChatStyle, render_chat, teacher_prompt
 from sgsd.scoring import (
@@ -34,7 +34,7 @@ from sgsd.scoring import (
     score_teachers,
     score_teachers_local,
 )
-from sgsd.trainers.teacher_weights import EMAWeights, FrozenCopy, is_peft, teacher_context_factory
+from sgsd.trainers.teacher_weights import SelfTeacher
 from sgsd.trl_adapter import HookedGRPOTrainer
 
 
@@ -71,7 +71,7 @@ class RolloutRecord:
     mistake_ids: list[str]
 
 
-class SGSDTrainer(HookedGRPOTrainer):
+class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
     has_method_loss = True
 
     def __init__(self, *, teacher_source: TeacherSource, settings: SGSDSettings, student_style: ChatStyle,
@@ -83,12 +83,8 @@ class SGSDTrainer(HookedGRPOTrainer):
         self.observers = list(observers)  # attribution, online skill updates: see `observe`
         self.count_table = countable_token_table(self.processing_class)
         vocab = lm_parts(self.model)[1].weight.size(0)
-        self.chunk_tokens = settings.logprob_chunk_tokens or chunk_tokens_for_budget(
-            vocab, settings.logprob_chunk_mb * 2**20)
-        model = self.unwrapped_model
-        self.ema = EMAWeights(model, settings.ema_decay) if settings.teacher == "ema" else None
-        self.frozen = FrozenCopy(model) if settings.teacher == "base" and not is_peft(model) else None
-        self.teacher_context = teacher_context_factory(settings.teacher, lambda: self.unwrapped_model, ema=self.ema)
+        self.chunk_tokens = resolve_chunk_tokens(settings.logprob_chunk_tokens, settings.logprob_chunk_mb, vocab)
+        self.setup_teacher(settings.teacher, settings.ema_decay)
         self.records: dict[int, RolloutRecord] = {}
         self._next_uid = 0
 
@@ -111,7 +107,7 @@ class SGSDTrainer(HookedGRPOTrainer):
                 weights[row, col] = teacher.weight
         prompt_ids = [self._teacher_prompt_ids(p, t) for p, t in zip(problems, teachers)]
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
-        scoring_model = self.frozen.placed_like(self.unwrapped_model) if self.frozen is not None else self.model
+        scoring_model = self.teacher_scoring_model()
         scoring = dict(pad_id=self.processing_class.pad_token_id, batch_rows=self.settings.teacher_batch_size,
                        chunk_tokens=self.chunk_tokens, teacher_context=self.teacher_context)
         local: dict[str, torch.Tensor] = {}
@@ -234,8 +230,3 @@ class SGSDTrainer(HookedGRPOTrainer):
         """Every rank, every loss step, even with no rows: the observers gather over ranks."""
         for observer in self.observers:
             observer.on_polarity(self, records, polarity, support, weights)
-
-    # -- optimizer step -------------------------------------------------------------------------
-    def ema_step(self) -> None:
-        if self.ema is not None:
-            self.ema.update(self.unwrapped_model)

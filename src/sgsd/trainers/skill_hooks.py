@@ -85,16 +85,10 @@ class OnlineUpdateObserver:
     name = "online_skills"
 
     def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
-        from sgsd.skills.online import OnlineSkillUpdater, OnlineUpdateConfig
+        from sgsd.skills.online import OnlineSkillUpdater
 
-        online = cfg.skills.online
         self.cfg = cfg
-        self.updater = OnlineSkillUpdater(
-            OnlineUpdateConfig(every_n_steps=online.every_steps, success_threshold=online.success_threshold,
-                               window_steps=online.window_steps, max_new=online.max_new, capacity=online.capacity,
-                               extract_max_tokens=online.max_tokens),
-            run_dir=run_dir,
-        )
+        self.updater = OnlineSkillUpdater(cfg.skills.online, run_dir=run_dir)
         # every rank must agree on the run id that stamps the snapshots
         self.updater.run_id = broadcast_object(self.updater.run_id)
         self._llm: Any = None

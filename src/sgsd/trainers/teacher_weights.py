@@ -117,3 +117,33 @@ def teacher_context_factory(kind: str, model_getter: Callable[[], Any], *, ema: 
             raise ValueError("teacher 'ema' needs EMA weights")
         return lambda: ema.swapped_in(model_getter())
     raise ValueError(f"unknown teacher weights {kind!r} (live, base or ema)")
+
+
+class SelfTeacher:
+    """The teacher-weights setup shared by every method whose teacher is the model itself (SGSD, OPSD).
+
+    A trainer mixin: `setup_teacher(kind, ema_decay)` after the trainer is built gives `self.ema`
+    (EMAWeights or None), `self.frozen` (FrozenCopy or None: a `base` teacher under full fine-tuning),
+    `self.teacher_context` (a factory of contexts that put the teacher's weights in place) and
+    `teacher_scoring_model()` (the module to call for teacher scores: the policy, or the frozen copy
+    placed like it); `ema_step()` runs after every optimizer step (`callbacks.EMAStep`).
+    """
+
+    ema: EMAWeights | None = None
+    frozen: FrozenCopy | None = None
+
+    def setup_teacher(self, kind: str, ema_decay: float) -> None:
+        model = self.unwrapped_model  # type: ignore[attr-defined]
+        self.ema = EMAWeights(model, ema_decay) if kind == "ema" else None
+        self.frozen = FrozenCopy(model) if kind == "base" and not is_peft(model) else None
+        self.teacher_context = teacher_context_factory(kind, lambda: self.unwrapped_model, ema=self.ema)  # type: ignore[attr-defined]
+
+    def teacher_scoring_model(self) -> Any:
+        # DeepSpeed moves and casts the policy after the frozen copy was made: the copy follows it
+        if self.frozen is None:
+            return self.model  # type: ignore[attr-defined]
+        return self.frozen.placed_like(self.unwrapped_model)  # type: ignore[attr-defined]
+
+    def ema_step(self) -> None:
+        if self.ema is not None:
+            self.ema.update(self.unwrapped_model)  # type: ignore[attr-defined]
