@@ -27,16 +27,19 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:
     from sgsd.config import RunConfig
+    from sgsd.prompts import ChatStyle
+    from sgsd.skills.bank import SkillBank
+    from sgsd.skills.retrieval import Retriever
 
 
 @dataclass(frozen=True)
 class TrainerContext:
     """What a method's `trainer_kwargs` may use besides the config (loaded once by the orchestrator)."""
 
-    bank: Any  # sgsd.skills.bank.SkillBank | None
-    retriever: Any  # sgsd.skills.retrieval.Retriever | None
-    student_style: Any  # sgsd.prompts.ChatStyle
-    teacher_style: Any  # sgsd.prompts.ChatStyle
+    bank: "SkillBank | None"
+    retriever: "Retriever | None"
+    student_style: "ChatStyle"
+    teacher_style: "ChatStyle"
     output_dir: Path
 
 

@@ -16,7 +16,7 @@ extra forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -37,21 +37,27 @@ from sgsd.scoring import (
 from sgsd.trainers.teacher_weights import SelfTeacher
 from sgsd.trl_adapter import HookedGRPOTrainer
 
+if TYPE_CHECKING:
+    from sgsd.skills.bank import SkillBank
+    from sgsd.skills.retrieval import Retriever
+    from sgsd.skills.teachers import Teacher
+    from sgsd.trainers.skill_hooks import SkillObserver
+
 
 class TeacherSource:
     """Problems -> their K teachers (`sgsd.skills.teachers.Teacher`), cached per bank version."""
 
-    def __init__(self, bank: Any, retriever: Any, num_teachers: int) -> None:
+    def __init__(self, bank: "SkillBank", retriever: "Retriever", num_teachers: int) -> None:
         self.bank, self.retriever, self.num_teachers = bank, retriever, num_teachers
-        self._cache: dict[tuple[str, str], list[Any]] = {}
+        self._cache: dict[tuple[str, str], list["Teacher"]] = {}
 
-    def set_bank(self, bank: Any) -> None:
+    def set_bank(self, bank: "SkillBank") -> None:
         """Use an updated bank (online skill update); cached teachers of the old bank are dropped."""
         self.bank = bank
         self.retriever = self.retriever.rebind(bank)
         self._cache.clear()
 
-    def teachers_for(self, problems: Sequence[str]) -> list[list[Any]]:
+    def teachers_for(self, problems: Sequence[str]) -> list[list["Teacher"]]:
         from sgsd.skills.teachers import build_teachers
 
         version = self.bank.version
@@ -75,7 +81,7 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
     has_method_loss = True
 
     def __init__(self, *, teacher_source: TeacherSource, settings: SGSDSettings, student_style: ChatStyle,
-                 teacher_style: ChatStyle, observers: Sequence[Any] = (), **kwargs: Any) -> None:
+                 teacher_style: ChatStyle, observers: Sequence["SkillObserver"] = (), **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.teacher_source = teacher_source
         self.settings = settings
@@ -89,7 +95,7 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
         self._next_uid = 0
 
     # -- generation phase -----------------------------------------------------------------------
-    def _teacher_prompt_ids(self, problem: str, teachers: list[Any]) -> list[list[int] | None]:
+    def _teacher_prompt_ids(self, problem: str, teachers: list["Teacher"]) -> list[list[int] | None]:
         ids: list[list[int] | None] = []
         for teacher in teachers[: self.teacher_source.num_teachers]:
             text = render_chat(self.processing_class, teacher_prompt(teacher.guidance, problem), self.teacher_style)
