@@ -92,7 +92,7 @@ def test_dry_run_prints_every_command_and_writes_nothing(capsys, tmp_path):
     models = [argv[argv.index("--model") + 1] for argv in evals]
     assert models[:2] == ["Qwen/Qwen3-1.7B"] * 2
     assert models[2:] == [str(out / "runs" / f"qwen3-1.7b-{n}") for n in ("sgsd", "grpo", "opsd")]
-    assert "--skills" in evals[1] and all("--skills" not in argv for argv in evals[2:])  # +Skill only for Base+Skill
+    assert "--bank" in evals[1] and all("--bank" not in argv for argv in evals[2:])  # +Skill only for Base+Skill
     assert all(argv[-3:] == ["--k", "12", "--thinking"] for argv in evals)  # one evaluation setting for all
 
 

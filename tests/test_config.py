@@ -62,7 +62,7 @@ def test_invalid_yaml_and_missing_file(tmp_path):
     path.write_text("method: [sgsd\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(path)
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match="config file: no such file or directory: .*missing.yaml"):
         load_config(tmp_path / "missing.yaml")
 
 

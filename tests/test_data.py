@@ -30,7 +30,7 @@ def test_bad_rows_skipped_and_counted_or_refused(tmp_path):
     path = _write_jsonl(tmp_path / "d.jsonl", rows)
     problems, report = load_problems(path)
     assert [p.answer for p in problems] == ["2"] and report.skipped_missing == 3
-    with pytest.raises(DataError, match=r"d.jsonl: row 1: no answer"):
+    with pytest.raises(DataError, match=r"d.jsonl: row 2: no answer"):
         load_problems(path, bad_rows="error")
 
 
@@ -39,8 +39,10 @@ def test_invalid_inputs_give_one_line_errors(tmp_path):
     bad.write_text('{"problem": "a", "answer": 1}\n{"problem": \n')
     with pytest.raises(DataError, match=r"bad.jsonl: line 2: invalid JSON"):
         load_problems(str(bad))
-    with pytest.raises(DataError, match="not a file"):
+    with pytest.raises(DataError, match="dataset: no such file or directory: .*missing.jsonl"):
         load_problems(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(DataError, match="not a file"):
+        load_problems(str(tmp_path))
     empty = _write_jsonl(tmp_path / "empty.jsonl", [{"x": 1}])
     with pytest.raises(DataError, match="no usable rows"):
         load_problems(empty)

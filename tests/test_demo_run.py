@@ -12,7 +12,7 @@ from sgsd.cli import main
 @pytest.mark.slow
 def test_quick_demo_writes_report_plots_and_results(tmp_path, capsys):
     out = tmp_path / "demo"
-    code = main(["demo", "--quick", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    code = main(["demo", "--quick", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"base", "grpo", "opsd", "sgsd"}
@@ -48,7 +48,7 @@ def test_demo_refuses_an_output_dir_made_with_other_settings(tmp_path, capsys):
     out.mkdir()
     (out / PLAN_FILE).write_text(json.dumps(plan_record(FULL)))
     # --quick into a full demo's directory: its 30-step runs must not pass for 6-step ones.
-    code = main(["demo", "--quick", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    code = main(["demo", "--quick", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "holds a demo made with other settings" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "cache").exists()  # refused before any work
@@ -59,14 +59,14 @@ def test_demo_refuses_an_output_dir_made_with_other_settings(tmp_path, capsys):
 def test_demo_refuses_runs_without_a_plan_record(tmp_path, capsys):
     out = tmp_path / "demo"
     (out / "runs" / "sgsd-seed0").mkdir(parents=True)
-    code = main(["demo", "--quick", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    code = main(["demo", "--quick", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet"])
     assert code == 2 and "has runs/ but no demo_plan.json" in capsys.readouterr().err
 
 
 def test_demo_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     target = tmp_path / "not-a-dir"
     target.write_text("keep me")
-    code = main(["demo", "--quick", "--output-dir", str(target), "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    code = main(["demo", "--quick", "--output-dir", str(target), "--cache-dir", str(tmp_path / "cache"), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.endswith("exists and is not a directory") and "\n" not in err
     assert target.read_text() == "keep me"
@@ -75,6 +75,6 @@ def test_demo_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
 def test_demo_unwritable_cache_is_refused_before_the_warm_up(tmp_path, capsys):
     blocker = tmp_path / "cache"
     blocker.write_text("a file where the cache directory should be")
-    code = main(["demo", "--quick", "--output-dir", str(tmp_path / "out"), "--cache-dir", str(blocker), "--no-progress"])
+    code = main(["demo", "--quick", "--output-dir", str(tmp_path / "out"), "--cache-dir", str(blocker), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "warm-start cache" in err and "not a writable directory" in err and "\n" not in err

@@ -204,7 +204,7 @@ def test_cli_eval_tiny_on_local_aime24(tmp_path, capsys):
     data_dir = require_shared(BENCHMARKS)
     out = tmp_path / "eval"
     code = main(["eval", "--model", "tiny", "--benchmarks", "aime24", "--data-dir", str(data_dir), "--limit", "2",
-                 "--k", "2", "--max-new-tokens", "8", "--batch-size", "4", "--output-dir", str(out), "--no-progress"])
+                 "--k", "2", "--max-new-tokens", "8", "--batch-size", "4", "--output-dir", str(out), "--quiet"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "aime24" in printed and "avg@k" in printed
@@ -236,8 +236,9 @@ def test_compare_table_and_plot(tmp_path, tiny_tokenizer, capsys):
     table = format_comparison(runs)
     assert table.splitlines()[0].split() == ["run", "toy", "mean"]
     assert "58.3 [" in table and "83.3 [" in table  # (1/4 + 1/2 + 1) / 3 and (1 + 1/2 + 1) / 3
-    png = tmp_path / "cmp.png"
-    assert main(["eval", "compare", str(tmp_path / "base"), str(tmp_path / "trained"), "--plot", str(png)]) == 0
+    png = tmp_path / "cmp" / "compare.png"
+    assert main(["eval", "compare", str(tmp_path / "base"), str(tmp_path / "trained"), "--output-dir",
+                 str(tmp_path / "cmp")]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "trained" in capsys.readouterr().out
     assert plot_comparison(runs, tmp_path / "again.png").exists()

@@ -107,23 +107,23 @@ def test_validate_command_exit_codes(tmp_path, capsys):
     good, bad = tmp_path / "good.json", tmp_path / "bad.json"
     good.write_text(json.dumps(_good()))
     bad.write_text(BROKEN["duplicate_id"][0])
-    assert main(["skills", "validate", str(good)]) == 0
+    assert main(["skills", "validate", "--bank", str(good)]) == 0
     assert "valid skill bank (2 general skills, 1 common mistakes" in capsys.readouterr().out
-    assert main(["skills", "validate", str(bad)]) == 2
+    assert main(["skills", "validate", "--bank", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "duplicate id 'gen_001'" in err and "Traceback" not in err
-    assert main(["skills", "validate", str(tmp_path / "absent.json")]) == 2
+    assert main(["skills", "validate", "--bank", str(tmp_path / "absent.json")]) == 2
     assert "no such file" in capsys.readouterr().err
 
 
 def test_validate_command_accepts_every_reference_bank(capsys):
     for name in [m[0] for m in MERGED] + RAW:
-        assert main(["skills", "validate", str(require_shared(REFERENCE_BANKS) / name)]) == 0
+        assert main(["skills", "validate", "--bank", str(require_shared(REFERENCE_BANKS) / name)]) == 0
 
 
 def test_show_prints_counts_provenance_and_items(capsys):
     path = require_shared(REFERENCE_BANKS) / "qwen3_4b_skill_bank.json"
-    assert main(["skills", "show", str(path)]) == 0
+    assert main(["skills", "show", "--bank", str(path)]) == 0
     out = capsys.readouterr().out
     assert "general skills:    24" in out and "common mistakes:   15" in out
     assert "using vllm:Qwen/Qwen3-4B" in out and "root_group_reached" in out

@@ -195,10 +195,10 @@ def test_cli_build_runs_against_the_local_server(server, tmp_path, capsys):
     problems = tmp_path / "problems.jsonl"
     problems.write_text("".join(json.dumps({"problem": p.problem, "answer": p.answer}) + "\n" for p in PROBLEMS[:6]))
     url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    argv = ["skills", "build", "--problems", str(problems), "--out", str(tmp_path / "out"),
+    argv = ["skills", "build", "--problems", str(problems), "--output-dir", str(tmp_path / "out"),
             "--policy-url", url, "--policy-model", "fake-qwen", "--group-size", "4"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "6 memories (3 correct, 3 wrong)" in out and "skill_bank.json" in out
-    assert main(["skills", "validate", str(tmp_path / "out" / "skill_bank.json")]) == 0
+    assert main(["skills", "validate", "--bank", str(tmp_path / "out" / "skill_bank.json")]) == 0
     assert len(server.requests) == 6 + 6 + 2  # attempts, extractions, one merge call per list

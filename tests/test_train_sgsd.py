@@ -69,8 +69,8 @@ def _run_cli(args, capsys):
 
 @pytest.mark.parametrize("override, message", [
     (["skills.bank=/nonexistent/bank.json"], "bank.json"),
-    (["model.name_or_path=/nonexistent/model"], "/nonexistent/model: no such directory"),
-    (["data.path=/nonexistent/data.jsonl"], "not a file"),
+    (["model.name_or_path=/nonexistent/model"], "model: no such file or directory: /nonexistent/model"),
+    (["data.path=/nonexistent/data.jsonl"], "dataset: no such file or directory: /nonexistent/data.jsonl"),
     (["prompt.max_prompt_tokens=8"], "longer than prompt.max_prompt_tokens=8"),
     (["sgsd.gate_tau=0"], "sgsd.gate_tau: must be > 0"),
     (["skills.bank=BROKEN"], "broken_bank.json"),

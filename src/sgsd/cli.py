@@ -1,8 +1,10 @@
 """The `sgsd` command line: one entry point, one sub-command per module.
 
 Sub-command modules are imported only when their command runs, so `sgsd --help` stays fast.
-Each module exposes `configure(parser)` (adds its arguments) and `run(args) -> int`.
+Each module exposes `configure(parser)` (adds its arguments) and `run(args) -> int`, and may set
+`RESUMABLE = True` when rerunning the same command continues an interrupted one (said on Ctrl-C).
 A `UserError` from any command is printed as one line (`sgsd: error: ...`) with exit status 2.
+Help pages show every default (`sgsd.commands.options`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import importlib
 import os
 import sys
 
+from sgsd.commands.options import SgsdArgumentParser
 from sgsd.errors import UserError
 
 # (command, module, help). Nested groups ("skills validate") are handled by the module itself.
@@ -26,7 +29,7 @@ COMMANDS: list[tuple[str, str, str]] = [
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SgsdArgumentParser(
         prog="sgsd",
         description="Skill-Conditioned Gated Self-Distillation: training, skill banks and math evaluation.",
     )
@@ -49,7 +52,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version (0) or a usage error (2, already printed in one line)
+        return int(done.code or 0)
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0 if not argv else 2
@@ -68,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return 0
     except KeyboardInterrupt:
-        print("sgsd: interrupted", file=sys.stderr)
+        module = sys.modules.get(getattr(args._run, "__module__", ""))
+        again = "; run the same command again to resume" if getattr(module, "RESUMABLE", False) else ""
+        print(f"sgsd: interrupted{again}", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - last resort: one line unless SGSD_DEBUG is set
         if os.environ.get("SGSD_DEBUG"):

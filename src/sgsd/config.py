@@ -398,8 +398,8 @@ def _merge_into(obj: Any, data: dict[str, Any], prefix: str, source: str, root: 
                 _merge_into(root, _nest(new_key, new_value), "", source)
             continue
         if key not in types:
-            hint = difflib.get_close_matches(str(key), list(types), n=1)
-            suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
+            hints = _suggestions(str(key), prefix, list(types))
+            suggestion = f" (did you mean {' or '.join(repr(h) for h in hints)}?)" if hints else ""
             raise ConfigError(f"{source}: unknown config key '{where}'{suggestion}")
         tp = types[key]
         if _is_dataclass_type(tp):
@@ -410,6 +410,21 @@ def _merge_into(obj: Any, data: dict[str, Any], prefix: str, source: str, root: 
             setattr(obj, key, _coerce(value, tp, f"{source}: {where}"))
 
 
+def _suggestions(key: str, prefix: str, siblings: list[str]) -> list[str]:
+    """Keys the user may have meant: settings of that exact leaf name in another section
+    ('save_steps' -> 'training.save_steps', 'sgsd.num_teachers' -> 'skills.num_teachers'), else a
+    close sibling ('training.save_step' -> 'training.save_steps'), else close leaf names anywhere."""
+    leaves: dict[str, list[str]] = {}
+    for dotted in flatten(RunConfig().to_dict()):
+        leaves.setdefault(dotted.rsplit(".", 1)[-1], []).append(dotted)
+    if key in leaves:
+        return leaves[key][:3]
+    close = difflib.get_close_matches(key, siblings, n=1)
+    if close:
+        return [prefix + close[0]]
+    return [leaves[leaf][0] for leaf in difflib.get_close_matches(key, list(leaves), n=2, cutoff=0.8)]
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict[str, Any], str]]:
     import yaml
 
@@ -417,7 +432,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict[str, 
     if path in seen:
         raise ConfigError(f"{path}: circular 'inherit'")
     if not path.is_file():
-        raise ConfigError(f"config file {path}: not found")
+        raise ConfigError(f"config file: no such file or directory: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -495,6 +510,20 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in tree.items():
         flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return flat
+
+
+def setting_differences(flat_by_label: dict[str, dict[str, Any]]) -> list[str]:
+    """Dotted keys on which flattened settings disagree, one line each: "key: a=1, b=2" (a key absent
+    from one side counts as None)."""
+    import json
+
+    keys = sorted({k for values in flat_by_label.values() for k in values})
+    lines = []
+    for key in keys:
+        seen = {label: values.get(key) for label, values in flat_by_label.items()}
+        if len({json.dumps(v, sort_keys=True) for v in seen.values()}) > 1:
+            lines.append(f"{key}: " + ", ".join(f"{label}={value!r}" for label, value in seen.items()))
+    return lines
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -5,7 +5,8 @@ Every source becomes a list of `Problem(problem_id, problem, answer)`. Field nam
 DAPO's `prompt` is a chat list whose last user message wraps the problem in an "Answer: $Answer"
 instruction: the wrapper is removed so the project's own prompt (SPEC section 2) is used. The public
 DAPO file repeats each problem 100 times: rows are deduplicated by problem text.
-Rows without a problem or answer are skipped and counted, or refused (`bad_rows: error`).
+Rows without a problem or answer are skipped and counted (`LoadReport.skipped_note` names the first
+few, 1-based), or refused (`bad_rows: error`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class Problem:
     answer: str
 
 
+SHOWN_SKIPPED_ROWS = 5  # row numbers named in the skipped-rows note; the count covers all
+
+
 @dataclass(frozen=True)
 class LoadReport:
     source: str
@@ -41,6 +45,16 @@ class LoadReport:
     kept: int
     skipped_missing: int
     duplicates: int
+    skipped_rows: tuple[int, ...] = ()  # 1-based numbers of the first skipped rows (at most SHOWN_SKIPPED_ROWS)
+
+    def skipped_note(self) -> str | None:
+        """One line naming the rows dropped for lack of a problem or answer, or None when none were."""
+        if not self.skipped_missing:
+            return None
+        shown = ", ".join(map(str, self.skipped_rows))
+        more = ", ..." if self.skipped_missing > len(self.skipped_rows) else ""
+        return (f"{self.source}: skipped {self.skipped_missing} of {self.rows} rows without a problem or answer "
+                f"(row {shown}{more}; data.bad_rows=error refuses them instead)")
 
 
 def problem_hash(text: str) -> str:
@@ -110,8 +124,11 @@ def read_rows(path: str, split: str = "train") -> Iterable[dict[str, Any]]:
             yield from pq.read_table(local).to_pylist()
             return
         raise DataError(f"{local}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
-    if local.exists() or path.startswith((".", "/", "~")):
+    if local.exists():
         raise DataError(f"dataset {path}: not a file")
+    from sgsd.paths import check_local_path
+
+    check_local_path(path, "dataset", DataError)  # not a hub id: no offline-mode network error
     import datasets
 
     try:
@@ -136,6 +153,7 @@ def load_problems(path: str, *, split: str = "train", problem_field: str | None 
     problems: list[Problem] = []
     seen: set[str] = set()
     rows = skipped = duplicates = 0
+    skipped_rows: list[int] = []
     p_field = a_field = None
     for index, row in enumerate(read_rows(path, split)):
         rows += 1
@@ -148,9 +166,11 @@ def load_problems(path: str, *, split: str = "train", problem_field: str | None 
         if problem is None or answer is None:
             missing = "problem" if problem is None else "answer"
             if bad_rows == "error":
-                raise DataError(f"{path}: row {index}: no {missing} (fields tried: "
+                raise DataError(f"{path}: row {index + 1}: no {missing} (fields tried: "
                                 f"{p_field or ', '.join(PROBLEM_FIELDS)} / {a_field or ', '.join(ANSWER_FIELDS)})")
             skipped += 1
+            if len(skipped_rows) < SHOWN_SKIPPED_ROWS:
+                skipped_rows.append(index + 1)
             continue
         key = problem_hash(problem)
         if deduplicate and key in seen:
@@ -162,7 +182,7 @@ def load_problems(path: str, *, split: str = "train", problem_field: str | None 
             break
     if not problems:
         raise DataError(f"{path}: no usable rows ({rows} read, {skipped} without a problem or answer)")
-    return problems, LoadReport(path, rows, len(problems), skipped, duplicates)
+    return problems, LoadReport(path, rows, len(problems), skipped, duplicates, tuple(skipped_rows))
 
 
 def _builtin(name: str, max_problems: int | None) -> tuple[list[Problem], LoadReport]:

@@ -41,9 +41,13 @@ def resolve_model_path(model_spec: str) -> str:
                 return str(path / "final")
             raise UserError(f"model {model_spec}: directory has no config.json, adapter_config.json or final/")
         return str(path)
-    looks_local = model_spec.startswith((".", "/", "~")) or model_spec.count("/") > 1 or path.suffix
-    if looks_local or path.exists():
-        raise UserError(f"model {model_spec}: no such directory")
+    if path.exists():
+        raise UserError(f"model {model_spec}: not a directory (expected a model folder, a run directory or a hub id)")
+    from sgsd.paths import check_local_path
+
+    check_local_path(model_spec, "model")
+    if model_spec.count("/") > 1:
+        raise UserError(f"model {model_spec}: neither a local directory nor a hub id (owner/name)")
     return model_spec
 
 

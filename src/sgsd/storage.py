@@ -29,6 +29,23 @@ def stable_seed(*parts: str) -> int:
     return int(hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:16], 16) >> 1
 
 
+def check_writable_dir(path: str | os.PathLike, what: str) -> None:
+    """Raise a one-line `UserError` when `path` cannot become a directory we write into: it is a file,
+    or its nearest existing ancestor is a file or not writable. Creates nothing."""
+    from sgsd.errors import UserError
+
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path}: exists and is not a directory")
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{what} {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: {ancestor} is not writable")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write `text` (UTF-8) to `path` atomically; see `atomic_write_bytes`."""
     return atomic_write_bytes(path, text.encode("utf-8"))

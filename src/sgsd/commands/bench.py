@@ -97,11 +97,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(_bench_run=_train_step)
 
     p = sub.add_parser("estimate", help="paper-scale FLOPs and logit memory (Qwen3-1.7B), real vs naive")
-    p.add_argument("--teachers", type=int, default=8)
-    p.add_argument("--completion-tokens", type=int, default=1024)
-    p.add_argument("--student-prompt", type=int, default=300)
-    p.add_argument("--teacher-prompt", type=int, default=500)
-    p.add_argument("--chunk-tokens", type=int, default=4096)
+    p.add_argument("--teachers", type=int, default=8, help="K teachers per rollout")
+    p.add_argument("--completion-tokens", type=int, default=1024, help="T, completion tokens of the rollout")
+    p.add_argument("--student-prompt", type=int, default=300, help="tokens of the student prompt")
+    p.add_argument("--teacher-prompt", type=int, default=500, help="tokens of a teacher prompt (with its skills)")
+    p.add_argument("--chunk-tokens", type=int, default=4096, help="token rows per LM-head chunk")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(_bench_run=_estimate)
 

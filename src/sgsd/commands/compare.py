@@ -34,7 +34,8 @@ from sgsd.errors import ConfigError, UserError
 CONTROLLED_SECTIONS = ("model", "data", "prompt", "generation", "training")
 UNCONTROLLED_KEYS = {"training.output_dir"}
 RESERVED_LABELS = ("base", "base+skill")
-FORBIDDEN_EVAL_ARGS = ("--model", "--output-dir", "--skills")
+FORBIDDEN_EVAL_ARGS = ("--model", "--output-dir", "--bank", "--skills")
+RESUMABLE = True  # finished stages are skipped when the same command is run again
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -44,18 +45,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", action="store_true", help="also evaluate the start model (Base)")
     parser.add_argument("--base-skill", action="store_true",
                         help="also evaluate the start model with skills in the prompt (Base+Skill; the configs' bank)")
-    parser.add_argument("--max-steps", type=int, help="override training.max_steps of every config")
-    parser.add_argument("--eval-args", default="", help="arguments given to every `sgsd eval` (quoted string)")
+    parser.add_argument("--max-steps", type=int,
+                        help="override training.max_steps of every config (default: each config's own)")
+    parser.add_argument("--eval-args", default="",
+                        help="arguments given to every `sgsd eval`, as one quoted string (default: none, eval's defaults)")
     parser.add_argument("--launcher", default=None,
                         help="command that runs `sgsd` for training (default: this Python's `-m sgsd.cli`)")
-    parser.add_argument("--eval-launcher", default=None, help="command that runs `sgsd` for evaluation")
+    parser.add_argument("--eval-launcher", default=None,
+                        help="command that runs `sgsd` for evaluation (default: this Python's `-m sgsd.cli`)")
     parser.add_argument("--allow-differences", action="store_true",
                         help="accept configs that differ outside their method section (not a controlled comparison)")
     parser.add_argument("--in-process", action="store_true",
                         help="run every stage in this process (tiny CPU runs; not for vLLM or several GPUs)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bars in the stages")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every config")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides applied to every config (default: none)")
 
 
 @dataclass(frozen=True)
@@ -76,17 +81,11 @@ class Stage:
 
 def config_differences(configs: dict[str, Any]) -> list[str]:
     """Settings outside the method sections on which the configs disagree, one line per key."""
-    from sgsd.config import flatten
+    from sgsd.config import flatten, setting_differences
 
     flat = {label: {k: v for section in CONTROLLED_SECTIONS for k, v in flatten(cfg.to_dict()[section], section).items()
                     if k not in UNCONTROLLED_KEYS} for label, cfg in configs.items()}
-    keys = sorted({k for values in flat.values() for k in values})
-    lines = []
-    for key in keys:
-        seen = {label: values.get(key) for label, values in flat.items()}
-        if len({json.dumps(v, sort_keys=True) for v in seen.values()}) > 1:
-            lines.append(f"{key}: " + ", ".join(f"{label}={value!r}" for label, value in seen.items()))
-    return lines
+    return setting_differences(flat)
 
 
 def _labels(args: argparse.Namespace) -> list[str]:
@@ -127,7 +126,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Stage], dict[str, Any], list[st
     if clash:
         raise UserError(f"compare: --eval-args must not set {', '.join(clash)} (compare sets the model, output and skills)")
     out = Path(args.output_dir)
-    quiet_train, quiet_eval = (["--quiet"], ["--no-progress"]) if args.quiet else ([], [])
+    quiet_train, quiet_eval = (["--quiet"], ["--quiet"]) if args.quiet else ([], [])
     stages: list[Stage] = []
     for label, path in zip(labels, args.configs):
         steps = ["--max-steps", str(args.max_steps)] if args.max_steps is not None else []
@@ -143,7 +142,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Stage], dict[str, Any], list[st
         bank = _shared(configs, lambda c: c.skills.bank, "skill bank (skills.bank)")
         retrieval = _shared(configs, lambda c: c.skills.retrieval, "retrieval mode (skills.retrieval)")
         embedder = next(iter(configs.values())).skills.embedder if retrieval == "embedding" else None
-        evals.append(("base+skill", ["--model", start, "--skills", bank, "--retrieval", retrieval,
+        evals.append(("base+skill", ["--model", start, "--bank", bank, "--retrieval", retrieval,
                                      *(["--embedder", embedder] if embedder else [])]))
     evals.extend((label, ["--model", str(out / "runs" / label)]) for label in labels)
     for label, model_args in evals:

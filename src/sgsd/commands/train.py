@@ -1,20 +1,29 @@
-"""`sgsd train --config FILE [--output-dir DIR] [--max-steps N] [--no-resume] [key=value ...]`."""
+"""`sgsd train --config FILE [--output-dir DIR] [--max-steps N] [--no-resume] [--quiet] [key=value ...]`.
+
+Rerunning the same command resumes an interrupted run, and does nothing for a finished one."""
 
 from __future__ import annotations
 
 import argparse
 
+from sgsd.commands.options import add_quiet
+
+RESUMABLE = True  # rerunning the same command resumes from the newest complete checkpoint
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML recipe (e.g. configs/tiny/sgsd.yaml)")
     parser.add_argument("--output-dir", help="run directory (default: training.output_dir of the config)")
-    parser.add_argument("--max-steps", type=int, help="override training.max_steps")
+    parser.add_argument("--max-steps", type=int,
+                        help="train to this step (default: training.max_steps of the config); on a finished run a "
+                             "larger value continues it, the same value does nothing, a smaller one is refused")
     parser.add_argument("--no-resume", action="store_true",
                         help="start fresh (only into an empty directory); by default the latest complete checkpoint "
                              "in the output directory is resumed")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(parser, "no progress bar (the one-line summary of each logging step is still printed)", old=None)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides with dotted keys, e.g. training.learning_rate=1e-5 sgsd.teacher=ema")
+                        help="config overrides with dotted keys, e.g. training.learning_rate=1e-5 sgsd.teacher=ema "
+                             "(default: none)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,6 +47,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if result.ignored_checkpoints:
         print(f"sgsd: ignored incomplete checkpoints: {', '.join(result.ignored_checkpoints)}", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) != 0:  # one report per run, from the main process
+        return 0
+    if result.already_complete:
+        print(f"sgsd: {result.output_dir}: complete at step {result.global_step}; nothing to do "
+              f"(a larger --max-steps continues it)")
+        return 0
     if result.resumed_from:
         print(f"sgsd: resumed from {result.resumed_from}")
     print(f"sgsd: trained {result.global_step} steps; final model in {result.final_dir}")

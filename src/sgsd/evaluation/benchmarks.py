@@ -3,6 +3,7 @@
 A benchmark is a list of `Problem`s (id, problem text, gold answer). `load_benchmark(spec)` accepts
 - a registered name (`aime24`, `aime25`, `hmmt25`, `math500`, `gsm8k`): read from the Hugging Face hub,
   or, with `data_dir`, from the local JSONL file of that name (the layout of `../shared/benchmarks/`);
+- `builtin:tiny-math`, the arithmetic problems of the tiny training recipes (offline, for a smoke test);
 - a path to any `.jsonl`, `.json` or `.parquet` file whose rows have a problem field (`problem` or
   `question`) and an answer field (`answer`); ids come from `id`, `problem_idx` or `unique_id`, else the
   row number.
@@ -15,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from sgsd.data import Problem
+from sgsd.data import BUILTIN_PREFIX, Problem, load_problems
 from sgsd.data import read_rows as read_file_rows  # .jsonl / .json / .parquet, shared with training data
 from sgsd.errors import DataError, UserError
+from sgsd.paths import check_local_path
 
 PROBLEM_FIELDS = ("problem", "question", "Problem", "Question")
 ANSWER_FIELDS = ("answer", "Answer", "final_answer", "gold")
@@ -55,9 +57,14 @@ def load_benchmark(spec: str, *, data_dir: str | Path | None = None, limit: int 
     """Load a registered benchmark (hub, or `data_dir`) or a JSONL/JSON/parquet file; first `limit` problems."""
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: expected a positive number of problems")
+    if spec.startswith(BUILTIN_PREFIX):
+        problems, report = load_problems(spec)
+        return Benchmark(spec[len(BUILTIN_PREFIX):], report.source, tuple(problems[:limit] if limit else problems))
     if spec in BENCHMARKS:
         source = BENCHMARKS[spec]
         if data_dir is not None:
+            if not Path(data_dir).expanduser().is_dir():
+                raise UserError(f"--data-dir: no such file or directory: {data_dir}")
             path = Path(data_dir) / source.local_file
             if not path.is_file():
                 raise DataError(f"benchmark {spec}: {path} not found (--data-dir must hold {source.local_file})")
@@ -69,7 +76,8 @@ def load_benchmark(spec: str, *, data_dir: str | Path | None = None, limit: int 
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
-            known = ", ".join(BENCHMARKS)
+            check_local_path(spec, "benchmark")
+            known = ", ".join([*BENCHMARKS, BUILTIN_PREFIX + "tiny-math"])
             raise UserError(f"benchmark {spec!r}: not a registered name ({known}) nor an existing file")
         problems, origin, name = rows_to_problems(read_file_rows(str(path), "train"), str(path)), str(path), path.stem
     if not problems:

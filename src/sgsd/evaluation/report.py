@@ -80,6 +80,13 @@ def format_comparison(runs: Sequence[EvalRun]) -> str:
     return _table(["run", *names, "mean"], rows) + "\n" + note
 
 
+def percent_axis(highest: Sequence[float]) -> tuple[float, float]:
+    """y-range of a percentage chart: from 0 to a little above the highest bar or interval, at least 0-10 %
+    (all-zero scores would otherwise get matplotlib's -0.04..0.04 range), at most 0-100 %."""
+    top = max([0.0, *highest])
+    return 0.0, min(100.0, max(10.0, 1.15 * top))
+
+
 def plot_comparison(runs: Sequence[EvalRun], png_path: str | Path) -> Path:
     """Grouped bars of avg@k per benchmark (one bar per run) with the intervals; written atomically."""
     import matplotlib
@@ -102,7 +109,9 @@ def plot_comparison(runs: Sequence[EvalRun], png_path: str | Path) -> Path:
         ax.bar(x + (index - (len(runs) - 1) / 2) * width, means, width, yerr=errors, capsize=3, label=run.label)
     ax.set_xticks(x, names)
     ax.set_ylabel("avg@k (%)")
-    ax.set_title("avg@k with 95% bootstrap intervals")
+    ks = sorted({run.benchmarks[n].k for run in runs for n in names})
+    ax.set_title(f"avg@k (k = {', '.join(map(str, ks))}) with 95% bootstrap intervals over problems")
+    ax.set_ylim(*percent_axis([100 * run.benchmarks[n].avg_ci[1] for run in runs for n in names]))
     ax.legend(fontsize="small")
     fig.tight_layout()
     path = Path(png_path)

@@ -160,7 +160,7 @@ def load_bank(path: str | Path) -> SkillBank:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise DataError(f"{where}: no such file") from None
+        raise DataError(f"skill bank: no such file or directory: {path}") from None
     except IsADirectoryError:
         raise DataError(f"{where}: is a directory, expected a JSON file") from None
     except OSError as err:

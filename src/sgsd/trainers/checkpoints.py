@@ -47,11 +47,7 @@ def check_output_dir(output_dir: Path, resume: bool) -> Path | None:
                             "directory (choose another --output-dir or drop --no-resume to resume)")
         return None
     complete, _ = complete_checkpoints(output_dir)
-    if complete:
-        return complete[-1]
-    if (output_dir / "final").exists():
-        raise UserError(f"output directory {output_dir}: already holds a finished run (final/); use another directory")
-    return None
+    return complete[-1] if complete else None  # a finished run (final/): see preflight.plan_rerun
 
 
 # Settings a resumed run may change: how long it runs and how it saves and logs, not what it trains.

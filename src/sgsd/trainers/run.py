@@ -3,10 +3,13 @@
 The orchestrator knows no method by name: the method's registry entry (`sgsd.methods`) says whether
 it needs a skill bank, whether retrieved skills go into the rollout prompt, which GRPOConfig settings
 it fixes and how its trainer is built. Everything the user gave is checked before the output
-directory is touched (config, data, skill bank, model, prompt lengths), so bad input leaves nothing
-half-written. The checkpoint and resume lifecycle is `sgsd.trainers.checkpoints`.
+directory is touched (config, data, skill bank, model, prompt lengths, enough problems for one step),
+so bad input leaves nothing half-written; what a rerun into an existing directory does (nothing, for a
+finished run) is decided first (`sgsd.trainers.preflight`). The checkpoint and resume lifecycle is
+`sgsd.trainers.checkpoints`.
 
-The run directory holds `resolved_config.yaml` (with the git revision and package versions),
+The run directory holds the files of `sgsd.run_dir.RUN_FILES`: `README.md` (the model card,
+`sgsd.trainers.model_card`), `resolved_config.yaml` (with the git revision and package versions),
 `metrics.jsonl`, `checkpoint-<step>/` directories, skill-bank snapshots and attribution when enabled,
 and `final/` (the model or LoRA adapter and tokenizer in Hugging Face format), written to a temporary
 name and renamed when complete.
@@ -36,6 +39,8 @@ from sgsd.trainers.checkpoints import (
     restore_extra_state,
     storage_errors,
 )
+from sgsd.trainers.preflight import (Rerun, announce, check_problems_per_step, check_trained, mark_final, plan_rerun,
+                                     write_final_from_checkpoint)
 
 __all__ = ["COMPLETE_MARKER", "PreparedRun", "TrainResult", "prepare_run", "resolve_device", "train"]
 
@@ -47,6 +52,7 @@ class TrainResult:
     global_step: int
     resumed_from: str | None = None
     ignored_checkpoints: list[str] = field(default_factory=list)
+    already_complete: bool = False  # final/ was at max_steps already: nothing was trained or written
 
 
 def resolve_device(cfg: RunConfig) -> tuple[bool, bool]:
@@ -90,19 +96,27 @@ class PreparedRun:
     tokenizer: Any
     resume_from: Path | None
     broken: list[Path]
+    rerun: Rerun | None = None  # a run already at max_steps (`complete`, `finish`): no trainer
 
     def train(self) -> TrainResult:
+        if self.rerun is not None and self.rerun.action in ("complete", "finish"):
+            return _finish_without_training(self.output_dir, self.rerun)
         trainer, out, resume_from = self.trainer, self.output_dir, self.resume_from
         final = out / "final"
         with rank_local(), storage_errors(out):
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            check_trained(trainer.state.global_step, int(resume_from.name.split("-")[-1]) if resume_from else 0)
             staging = out / "final.tmp"
             if trainer.accelerator.is_main_process and staging.exists():
                 shutil.rmtree(staging)
             trainer.accelerator.wait_for_everyone()
             trainer.save_model(str(staging))  # every rank calls it (ZeRO-3 gathers); the main process writes
             if trainer.accelerator.is_main_process:
+                from sgsd.trainers.model_card import write_model_card
+
                 self.tokenizer.save_pretrained(str(staging))
+                mark_final(staging, trainer.state.global_step)
+                write_model_card(out, trainer.state.global_step, staging)
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(staging, final)
@@ -129,8 +143,11 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path | None = None, *, resume:
     cfg.validate()
     spec = method_spec(cfg.method)
     resume_from = check_output_dir(out, resume)
-    if resume_from is not None:
+    rerun = plan_rerun(out, cfg.training.max_steps, resume_from) if resume else Rerun("start")
+    if rerun.action != "start":
         check_resume_config(out, cfg)
+    if rerun.action in ("complete", "finish"):  # nothing to train: PreparedRun.train only reports or saves
+        return PreparedRun(None, out, None, rerun.checkpoint, [], rerun)
     use_cpu, bf16 = resolve_device(cfg)
     set_seed(cfg.training.seed)
     if not progress:
@@ -143,6 +160,12 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path | None = None, *, resume:
         cfg.data.path, split=cfg.data.split, problem_field=cfg.data.problem_field, answer_field=cfg.data.answer_field,
         deduplicate=cfg.data.deduplicate, max_problems=cfg.data.max_problems, bad_rows=cfg.data.bad_rows,
     )
+    if report.skipped_note():
+        announce(report.skipped_note())
+    check_problems_per_step(cfg, len(problems))
+    if rerun.finished_step is not None:
+        announce(f"continuing {out} from {resume_from.name} (complete at step {rerun.finished_step}) to step "
+                 f"{cfg.training.max_steps}; the learning-rate schedule follows max_steps={cfg.training.max_steps}")
     bank, retriever = _load_skills(cfg) if spec.needs_bank(cfg) else (None, None)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     model = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype, tokenizer=tokenizer)
@@ -183,10 +206,11 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path | None = None, *, resume:
         **({"rollout_func": rollout_func} if rollout_func is not None else {}), **spec.trainer_kwargs(cfg, context))
     timer.trainer = ema_step.trainer = trainer
     trainer.add_callback(completion_marker(trainer, cfg.training.save_total_limit))
-    if not progress:  # HF prints every log dict when its progress bar is off; metrics.jsonl has them
-        from transformers.trainer_callback import PrinterCallback
+    from sgsd.trainers.console import use_step_lines
+    from sgsd.trainers.model_card import ModelCardWriter
 
-        trainer.remove_callback(PrinterCallback)
+    use_step_lines(trainer, progress)  # one line per logging step; every key is in metrics.jsonl
+    trainer.add_callback(ModelCardWriter(out))  # replaces TRL's generic README.md after each checkpoint
 
     _, broken = complete_checkpoints(out)
     if resume_from is not None:
@@ -195,6 +219,28 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path | None = None, *, resume:
     elif metrics.records:
         metrics.truncate_after(0)
     return PreparedRun(trainer, out, tokenizer, resume_from, broken)
+
+
+def _finish_without_training(out: Path, rerun: Rerun) -> TrainResult:
+    """A run already at max_steps: nothing to do (`complete`), or only final/ to write from its newest
+    checkpoint (`finish`: interrupted after that checkpoint was saved)."""
+    if rerun.action == "complete":
+        return TrainResult(out, out / "final", int(rerun.finished_step or 0), already_complete=True)
+    assert rerun.checkpoint is not None
+    step = int(rerun.checkpoint.name.split("-")[-1])
+    if not is_main_process():  # no collectives here: the main process alone writes final/
+        return TrainResult(out, out / "final", step, str(rerun.checkpoint))
+    from sgsd.trainers.model_card import write_model_card
+
+    with storage_errors(out):
+        staging = out / "final.tmp"
+        if staging.exists():
+            shutil.rmtree(staging)
+        write_final_from_checkpoint(rerun.checkpoint, staging)
+        mark_final(staging, step)
+        write_model_card(out, step, staging)
+        os.replace(staging, out / "final")
+    return TrainResult(out, out / "final", step, str(rerun.checkpoint))
 
 
 def _load_skills(cfg: RunConfig) -> tuple[Any, Any]:

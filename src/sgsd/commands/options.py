@@ -1,0 +1,100 @@
+"""One vocabulary and one help style for every `sgsd` command.
+
+- `SgsdArgumentParser`: every parser and sub-parser (nested ones inherit the class) formats help with
+  `DefaultsHelpFormatter`, which appends "(default: X)" to an option whose help does not already say
+  what happens by default, and reports usage errors in one line.
+- The shared spellings: `--output-dir` for every output directory, `--bank` for a skill bank,
+  `--teachers` for the number of teachers, `--quiet` for progress output (`add_quiet`).
+- `add_deprecated`: an old spelling that still works, prints one deprecation line on stderr and is
+  hidden from the help.
+- `required_group`: options a command needs, shown under "required arguments" even where argparse
+  cannot require them (a sub-command such as `sgsd eval compare` does without them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+DEPRECATION = "sgsd: warning: {old} is deprecated and will be removed; use {new}"
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" where the help text does not already describe the default.
+
+    Left alone: switches (`store_true`), options without a default (None: their help says what
+    omitting them means) and help texts that mention "default" themselves.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text.lower() or default is None or default is argparse.SUPPRESS or default is False
+                or isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction, argparse._VersionAction))):
+            return text
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
+
+
+class SgsdArgumentParser(argparse.ArgumentParser):
+    """ArgumentParser whose help shows defaults and whose usage errors are one line (`sgsd: error: ...`,
+    exit 2, as every other error); sub-parsers created from it are of the same class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"sgsd: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+class _DeprecatedAlias(argparse.Action):
+    def __init__(self, option_strings: list[str], dest: str, replacement: str = "", **kwargs: Any) -> None:
+        self.replacement = replacement
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        old = option_string or f"the positional argument {self.metavar}"
+        print(DEPRECATION.format(old=old, new=self.replacement), file=sys.stderr)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+
+def add_deprecated(parser: argparse.ArgumentParser, old: str, new: str, dest: str, *, flag: bool = False,
+                   **kwargs: Any) -> None:
+    """`old` keeps working as a hidden alias of `new` (storing into `dest`), with a deprecation line.
+    `flag`: the old spelling takes no value (like `store_true`). A positional `old` (no leading dash)
+    is an optional positional argument."""
+    if flag:
+        kwargs.update(nargs=0, const=True)
+    if old.startswith("-"):
+        parser.add_argument(old, dest=dest, action=_DeprecatedAlias, replacement=new, default=argparse.SUPPRESS,
+                            help=argparse.SUPPRESS, **kwargs)
+    else:  # a positional: argparse names it by dest; it stores into `dest` itself
+        parser.add_argument(dest, action=_DeprecatedAlias, replacement=new, nargs="?", default=argparse.SUPPRESS,
+                            metavar=old, help=argparse.SUPPRESS, **kwargs)
+
+
+def add_quiet(parser: argparse.ArgumentParser, what: str = "no progress bars", *,
+              old: str | None = "--no-progress") -> None:
+    """`--quiet` (dest `quiet`), with `old` as its deprecated spelling."""
+    parser.add_argument("--quiet", action="store_true", help=what)
+    if old:
+        add_deprecated(parser, old, "--quiet", "quiet", flag=True)
+
+
+def required_group(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The "required arguments" section of a command's help."""
+    return parser.add_argument_group("required arguments")
+
+
+def require(args: argparse.Namespace, command: str, *names: str) -> None:
+    """Refuse a missing option that argparse could not require (see `required_group`)."""
+    from sgsd.errors import UserError
+
+    missing = ["--" + name.replace("_", "-") for name in names if getattr(args, name, None) in (None, "")]
+    if missing:
+        raise UserError(f"{command}: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required "
+                        f"(see `{command} --help`)")
