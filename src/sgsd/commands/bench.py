@@ -54,7 +54,8 @@ def _shape_arguments(p: argparse.ArgumentParser, *, lists: bool) -> None:
     p.add_argument("--lean-head", action="store_true",
                    help="real path: the candidate sgsd.benchmarking.lean_head.token_logprobs (one [chunk, V] buffer)")
     p.add_argument("--chunk-budget-mb", type=int, default=None,
-                   help="choose --chunk-tokens so one fp32 [chunk, V] buffer fits this many MB")
+                   help="choose --chunk-tokens so one fp32 [chunk, V] buffer fits this many MB "
+                        "(default: use --chunk-tokens as given)")
     p.add_argument("--skip-neutral", action="store_true",
                    help="real path: the trainer's sgsd.skip_neutral_rows (one more gradient-free row per rollout)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported (default 3)")
