@@ -45,8 +45,9 @@ def finished_run(tmp_path_factory):
 
     stdout = io.StringIO()
     capture.setattr(sys, "stdout", stdout)
-    try:
-        code = _train(out, "--max-steps", "2")
+    try:  # not --quiet: the console shows a progress bar and one line per logging step
+        code = main(["train", "--config", str(RECIPE), "--output-dir", str(out), "training.save_steps=1",
+                     "--max-steps", "2"])
     finally:
         capture.undo()
     assert code == 0
@@ -113,6 +114,8 @@ def test_run_directory_readme_is_the_sgsd_model_card(finished_run):
     listed = [name for name in RUN_FILES if f"- `{name}`" in card]
     assert listed == list(RUN_FILES)
     assert (out / "final" / "README.md").read_text() == card
+    readme = (ROOT / "README.md").read_text()
+    assert [name for name in RUN_FILES if f"`{name}`" not in readme] == []  # the README lists every file
 
 
 @pytest.mark.slow

@@ -1,8 +1,8 @@
 """The `sgsd` command line: one entry point, one sub-command per module.
 
 Sub-command modules are imported only when their command runs, so `sgsd --help` stays fast.
-Each module exposes `configure(parser)` (adds its arguments) and `run(args) -> int`, and may set
-`RESUMABLE = True` when rerunning the same command continues an interrupted one (said on Ctrl-C).
+Each module exposes `configure(parser)` (adds its arguments) and `run(args) -> int`; a parser whose
+command continues an interrupted run when rerun sets the default `_resumable=True` (said on Ctrl-C).
 A `UserError` from any command is printed as one line (`sgsd: error: ...`) with exit status 2.
 Help pages show every default (`sgsd.commands.options`).
 """
@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return 0
     except KeyboardInterrupt:
-        module = sys.modules.get(getattr(args._run, "__module__", ""))
-        again = "; run the same command again to resume" if getattr(module, "RESUMABLE", False) else ""
+        again = "; run the same command again to resume" if getattr(args, "_resumable", False) else ""
         print(f"sgsd: interrupted{again}", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - last resort: one line unless SGSD_DEBUG is set

@@ -35,7 +35,6 @@ CONTROLLED_SECTIONS = ("model", "data", "prompt", "generation", "training")
 UNCONTROLLED_KEYS = {"training.output_dir"}
 RESERVED_LABELS = ("base", "base+skill")
 FORBIDDEN_EVAL_ARGS = ("--model", "--output-dir", "--bank", "--skills")
-RESUMABLE = True  # finished stages are skipped when the same command is run again
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="run every stage in this process (tiny CPU runs; not for vLLM or several GPUs)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bars in the stages")
+    parser.set_defaults(_resumable=True)  # finished stages are skipped when the same command runs again
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides applied to every config (default: none)")
 

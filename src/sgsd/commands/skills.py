@@ -20,8 +20,6 @@ import sys
 from sgsd.commands.options import add_deprecated, require, required_group
 from sgsd.errors import UserError
 
-RESUMABLE = True  # `skills build` resumes from its stage files; the other actions are quick reads
-
 
 def _bank_option(p: argparse.ArgumentParser) -> None:
     """`--bank BANK` (required), also accepted as the old positional argument."""
@@ -94,7 +92,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=32, help="items per merge call (paper: 32)")
     p.add_argument("--patience", type=int, default=3, help="non-shrinking merge layers before stopping")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per LLM call")
-    p.set_defaults(_skills_run=_build)
+    p.set_defaults(_skills_run=_build, _resumable=True)  # resumes from its stage files
 
     p = sub.add_parser("report", help="per-item helpful/harmful/neutral table and PNG from a training run",
                        description="Per skill-bank item: uses and helpful / harmful / neutral teacher outcomes "

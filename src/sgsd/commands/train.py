@@ -8,8 +8,6 @@ import argparse
 
 from sgsd.commands.options import add_quiet
 
-RESUMABLE = True  # rerunning the same command resumes from the newest complete checkpoint
-
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML recipe (e.g. configs/tiny/sgsd.yaml)")
@@ -20,7 +18,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-resume", action="store_true",
                         help="start fresh (only into an empty directory); by default the latest complete checkpoint "
                              "in the output directory is resumed")
-    add_quiet(parser, "no progress bar (the one-line summary of each logging step is still printed)", old=None)
+    add_quiet(parser, "no progress bar and no line per logging step (metrics.jsonl has every step)", old=None)
+    parser.set_defaults(_resumable=True)  # the same command resumes from the newest complete checkpoint
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides with dotted keys, e.g. training.learning_rate=1e-5 sgsd.teacher=ema "
                              "(default: none)")

@@ -99,18 +99,19 @@ def plot_comparison(runs: Sequence[EvalRun], png_path: str | Path) -> Path:
     if not names:
         raise DataError("eval compare: the runs share no benchmark")
     width = 0.8 / len(runs)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(names) * max(1, len(runs)) ** 0.5), 4.0))
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.6 * len(names) * max(1, len(runs)) ** 0.5), 4.5))
     x = np.arange(len(names))
     for index, run in enumerate(runs):
         results = [run.benchmarks[n] for n in names]
         means = np.array([100 * r.avg_at_k for r in results])
         errors = np.array([[100 * (r.avg_at_k - r.avg_ci[0]) for r in results],
                            [100 * (r.avg_ci[1] - r.avg_at_k) for r in results]])
-        ax.bar(x + (index - (len(runs) - 1) / 2) * width, means, width, yerr=errors, capsize=3, label=run.label)
+        bars = ax.bar(x + (index - (len(runs) - 1) / 2) * width, means, width, yerr=errors, capsize=3, label=run.label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)  # the value, readable even for a zero bar
     ax.set_xticks(x, names)
     ax.set_ylabel("avg@k (%)")
     ks = sorted({run.benchmarks[n].k for run in runs for n in names})
-    ax.set_title(f"avg@k (k = {', '.join(map(str, ks))}) with 95% bootstrap intervals over problems")
+    ax.set_title(f"avg@k (k = {', '.join(map(str, ks))}), 95% bootstrap intervals over problems", fontsize=10)
     ax.set_ylim(*percent_axis([100 * run.benchmarks[n].avg_ci[1] for run in runs for n in names]))
     ax.legend(fontsize="small")
     fig.tight_layout()

@@ -73,9 +73,10 @@ class _BarOnly(ProgressCallback):
 
 
 def use_step_lines(trainer: Any, progress: bool) -> None:
-    """Replace the trainer's dict printing (ProgressCallback's or PrinterCallback's) with step lines."""
+    """Replace the trainer's dict printing (ProgressCallback's or PrinterCallback's) with step lines
+    above the progress bar; without progress (`--quiet`, the demo, benchmarks) nothing is printed."""
     trainer.remove_callback(PrinterCallback)
     if progress:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_BarOnly())
-    trainer.add_callback(StepLinePrinter(progress))
+        trainer.add_callback(StepLinePrinter(progress))
