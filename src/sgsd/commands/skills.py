@@ -238,6 +238,9 @@ def _build(args: argparse.Namespace) -> int:
     from sgsd.skills.merge import MergeConfig
 
     require(args, "sgsd skills build", "output_dir")
+    from sgsd.storage import check_writable_dir
+
+    check_writable_dir(args.output_dir, "skills build: output directory")  # before any model is loaded
     problems, load_report = load_problems(args.problems, problem_field=args.problem_field,
                                           answer_field=args.answer_field, max_problems=args.max_problems)
     if load_report.skipped_note():
