@@ -46,8 +46,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if result.ignored_checkpoints:
         print(f"sgsd: ignored incomplete checkpoints: {', '.join(result.ignored_checkpoints)}", file=sys.stderr)
-    if int(os.environ.get("RANK", "0")) != 0:  # one report per run, from the main process
-        return 0
     if result.already_complete:
         print(f"sgsd: {result.output_dir}: complete at step {result.global_step}; nothing to do "
               f"(a larger --max-steps continues it)")

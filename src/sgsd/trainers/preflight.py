@@ -123,5 +123,7 @@ def check_trained(global_step: int, start_step: int) -> None:
 
 def announce(message: str) -> None:
     """One `sgsd: ...` line on stderr, from the main process only."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    from sgsd.distributed import is_main_process
+
+    if is_main_process():
         print(f"sgsd: {message}", file=sys.stderr, flush=True)
