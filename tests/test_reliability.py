@@ -168,7 +168,7 @@ def test_online_update_snapshots_attribution_and_resume(tmp_path):
     assert any(m["mistake_id"].startswith("dyn_") for m in latest["common_mistakes"])
     attribution = json.loads((out / "attribution.json").read_text())
     assert attribution  # per-item counts were recorded
-    assert main(["skills", "report", str(out), "--png", str(tmp_path / "attribution.png")]) == 0
+    assert main(["skills", "report", str(out), "--output-dir", str(tmp_path)]) == 0
     assert (tmp_path / "attribution.png").stat().st_size > 0
     state = torch.load(out / "checkpoint-2" / "sgsd_state.pt", weights_only=False)
     assert state["online_skills"]["dynamic"]["common_mistakes"] and "attribution" in state
