@@ -107,7 +107,7 @@ def test_run_directory_readme_is_the_sgsd_model_card(finished_run):
     assert "SGSD on tiny" in card and "base model | `tiny`" in card
     assert "`builtin:tiny-math`: 64 problems used of 64 rows" in card
     assert "skill_bank.json` (4 skills, 4 mistakes" in card
-    assert "| `skills.num_teachers` | 3 |" in card
+    assert "| `sgsd.num_teachers` | 3 |" in card
     assert "## Final metrics" in card and "`sgsd/helpful_fraction`" in card
     from sgsd.run_dir import RUN_FILES
 
@@ -314,8 +314,8 @@ def test_missing_local_paths_are_one_line_errors(tmp_path, monkeypatch, capsys, 
 
 @pytest.mark.parametrize("override, hint", [
     ("save_steps=2", "did you mean 'training.save_steps'?"),
-    ("sgsd.num_teachers=3", "did you mean 'skills.num_teachers'?"),
-    ("teacher_batch_size=4", "did you mean 'sgsd.teacher_batch_size' or 'opsd.teacher_batch_size'?"),
+    ("generation.learning_rate=1e-5", "did you mean 'training.learning_rate'?"),
+    ("beta=0.1", "did you mean 'grpo.beta' or 'opsd.beta'?"),
     ("training.save_step=2", "did you mean 'training.save_steps'?"),
     ("learning_rat=1e-5", "did you mean 'training.learning_rate'?"),
 ])

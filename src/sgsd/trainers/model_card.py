@@ -26,7 +26,7 @@ METHOD_LINES = {
 }
 # settings shown per method, besides the shared ones (dotted keys of the resolved config)
 METHOD_SETTINGS = {
-    "sgsd": ("skills.num_teachers", "skills.retrieval", "sgsd.teacher", "sgsd.gate_tau", "sgsd.clip_delta",
+    "sgsd": ("sgsd.num_teachers", "skills.retrieval", "sgsd.teacher", "sgsd.gate_tau", "sgsd.clip_delta",
              "sgsd.confidence_threshold", "sgsd.local_support_top_k", "skills.online.enabled"),
     "grpo": ("grpo.num_generations", "grpo.epsilon", "grpo.beta", "grpo.loss_type", "grpo.skills_in_prompt"),
     "opsd": ("opsd.teacher", "opsd.beta", "opsd.sampled_token", "opsd.skills"),
