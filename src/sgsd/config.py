@@ -133,6 +133,10 @@ class SkillSettings:
     online: OnlineUpdateSettings = field(default_factory=OnlineUpdateSettings)
 
 
+# how a teacher's sign is decided (`sgsd.objectives.sgsd_loss`): the paper's |support| > theta, or a z test
+PolarityTest = Literal["threshold", "z"]
+
+
 @dataclass
 class SGSDSettings:
     """SPEC section 4 (paper values). `num_teachers`: K rank-aligned (skill, mistake) teachers per
@@ -143,6 +147,10 @@ class SGSDSettings:
     gate_tau: float = 1.0
     clip_delta: float = 3.0
     confidence_threshold: float = 0.05
+    # "threshold": |mean clipped d| > confidence_threshold (paper). "z": |mean| / standard error over the
+    # counted tokens > polarity_z (two-sided 5% for 1.96), which does not depend on the completion length
+    polarity_test: PolarityTest = "threshold"
+    polarity_z: float = 1.96
     local_support_top_k: int = 0  # 0: full vocabulary (paper); k' > 0: local-support variant
     teacher: Literal["live", "base", "ema"] = "live"
     ema_decay: float = 0.99

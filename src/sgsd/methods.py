@@ -118,6 +118,8 @@ def _sgsd_problems(cfg: "RunConfig") -> Iterator[str]:
         yield "sgsd.clip_delta: must be > 0"
     if s.confidence_threshold < 0:
         yield "sgsd.confidence_threshold: must be >= 0"
+    if not s.polarity_z > 0:
+        yield "sgsd.polarity_z: must be > 0 (1.96: two-sided 5% test)"
     if s.local_support_top_k < 0:
         yield "sgsd.local_support_top_k: must be >= 0 (0 = full vocabulary)"
     if s.local_support_top_k > 0 and s.skip_neutral_rows:

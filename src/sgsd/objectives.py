@@ -16,13 +16,14 @@ Metrics are detached 0-d float tensors.
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sgsd.config import SGSDSettings
+from sgsd.config import PolarityTest, SGSDSettings
 
 LN2 = math.log(2.0)
 # The paper's values (SPEC section 4), defined once in `SGSDSettings`: the config's defaults and these
@@ -30,6 +31,9 @@ LN2 = math.log(2.0)
 GATE_TAU = SGSDSettings.gate_tau
 CLIP_DELTA = SGSDSettings.clip_delta
 CONFIDENCE_THRESHOLD = SGSDSettings.confidence_threshold
+POLARITY_TEST = SGSDSettings.polarity_test
+POLARITY_Z = SGSDSettings.polarity_z
+POLARITY_TESTS = typing.get_args(PolarityTest)
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -135,19 +139,58 @@ def _support(d: torch.Tensor, mask: torch.Tensor, clip_delta: float) -> torch.Te
     return masked_mean(d.clamp(-clip_delta, clip_delta), mask[:, None, :], dim=-1)
 
 
-def _polarity(support, rewards, present, confidence_threshold):
-    """(sign_k, rho_k) as int64 [B, K]; both 0 for absent teachers. Strict threshold |support| > theta."""
-    sign = torch.where(support.abs() > confidence_threshold, torch.sign(support), torch.zeros_like(support))
+def support_z(d: torch.Tensor, mask: torch.Tensor, clip_delta: float) -> torch.Tensor:
+    """z statistic of each teacher's clipped support, [B, K], detached: |mean| / (s / sqrt(n)).
+
+    d [B, K, T] (zero outside the valid tokens, as `_disagreement` returns it), mask [B, T] (m_t);
+    mean and s are the mean and the sample standard deviation (n - 1 in the denominator) of
+    clip(d_kt, -C, C) over the n counted tokens. m tokens that disagree by a among n otherwise agreeing
+    ones give z = sqrt(m (n - 1) / (n - m)) >= sqrt(m), whatever n is, where the mean a m / n shrinks
+    with n. Edge cases, chosen so that no sign is decided without evidence:
+    - n < 2 (no or one counted token): the spread is unknown, z = 0 (neutral);
+    - mean exactly 0: z = 0;
+    - zero spread with a non-zero mean (every counted token has the same clipped d, e.g. all clipped at
+      +C): z = +inf, the sign counts.
+    """
+    with torch.no_grad():
+        clipped = d.clamp(-clip_delta, clip_delta)
+        counted = mask[:, None, :]
+        n = counted.sum(dim=-1).to(clipped.dtype)  # [B, 1]
+        mean = masked_mean(clipped, counted, dim=-1)  # [B, K]
+        deviation = torch.where(counted, clipped - mean[..., None], clipped.new_zeros(()))
+        variance = deviation.square().sum(dim=-1) / (n - 1).clamp_min(1)
+        z = mean.abs() / (variance / n.clamp_min(1)).sqrt()  # +inf when variance = 0 < |mean|, NaN for 0/0
+        zero = torch.zeros_like(z)
+        return torch.where((n >= 2) & (mean != 0), z, zero)
+
+
+def _polarity(support, rewards, present, confident):
+    """(sign_k, rho_k) as int64 [B, K]: sign(support) where `confident` [B, K] bool, else 0; both 0 for
+    absent teachers."""
+    sign = torch.where(confident, torch.sign(support), torch.zeros_like(support))
     sign = torch.where(present, sign, torch.zeros_like(sign)).long()
     outcome = torch.where(rewards > 0, 1, -1).to(sign.device)
     return sign, outcome[:, None] * sign
 
 
-def _check_hyper(clip_delta: float, confidence_threshold: float) -> None:
+def _confidence(d, mask, support, *, clip_delta, confidence_threshold, polarity_test, polarity_z):
+    """[B, K] bool: whether each teacher's sign counts. threshold: |support| > theta (strict, the paper's
+    rule); z: `support_z` > polarity_z (strict; theta is not used)."""
+    if polarity_test == "z":
+        return support_z(d, mask, clip_delta) > polarity_z
+    return support.abs() > confidence_threshold
+
+
+def _check_hyper(clip_delta: float, confidence_threshold: float, polarity_test: str = POLARITY_TEST,
+                 polarity_z: float = POLARITY_Z) -> None:
     if not clip_delta > 0:
         raise ValueError(f"clip_delta must be > 0, got {clip_delta}")
     if not confidence_threshold >= 0:
         raise ValueError(f"confidence_threshold must be >= 0, got {confidence_threshold}")
+    if polarity_test not in POLARITY_TESTS:
+        raise ValueError(f"polarity_test must be one of {', '.join(POLARITY_TESTS)}, got {polarity_test!r}")
+    if not polarity_z > 0:
+        raise ValueError(f"polarity_z must be > 0, got {polarity_z}")
 
 
 def teacher_polarity(
@@ -159,20 +202,26 @@ def teacher_polarity(
     *,
     clip_delta: float = CLIP_DELTA,
     confidence_threshold: float = CONFIDENCE_THRESHOLD,
+    polarity_test: PolarityTest = POLARITY_TEST,
+    polarity_z: float = POLARITY_Z,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped support and polarity of each teacher (SPEC section 4), without gradient.
 
     Args: student_logps [B, T] (or [B, K, T] local-support log-probs), teacher_logps [B, K, T],
     completion_mask [B, T] (m_t), rewards [B] (success iff > 0), teacher_weights [B, K] (<= 0 = absent).
+    polarity_test, polarity_z: which rule decides a sign (see `sgsd_loss`).
     Returns (support [B, K] float, polarity [B, K] int64 in {-1, 0, +1}), both detached. The trainer
     can call this before the student backward and skip rollouts whose polarity row is all zero.
     """
     _check_sgsd_shapes(student_logps, teacher_logps, completion_mask, rewards, teacher_weights)
-    _check_hyper(clip_delta, confidence_threshold)
+    _check_hyper(clip_delta, confidence_threshold, polarity_test, polarity_z)
     with torch.no_grad():
+        mask = completion_mask.bool()
         d, _, present = _disagreement(student_logps, teacher_logps, completion_mask, teacher_weights)
-        support = _support(d, completion_mask.bool(), clip_delta)
-        _, rho = _polarity(support, rewards, present, confidence_threshold)
+        support = _support(d, mask, clip_delta)
+        confident = _confidence(d, mask, support, clip_delta=clip_delta, confidence_threshold=confidence_threshold,
+                                polarity_test=polarity_test, polarity_z=polarity_z)
+        _, rho = _polarity(support, rewards, present, confident)
     return support, rho
 
 
@@ -186,12 +235,14 @@ def sgsd_loss(
     gate_tau: float = GATE_TAU,
     clip_delta: float = CLIP_DELTA,
     confidence_threshold: float = CONFIDENCE_THRESHOLD,
+    polarity_test: PolarityTest = POLARITY_TEST,
+    polarity_z: float = POLARITY_Z,
     token_divergence: torch.Tensor | None = None,
 ) -> SGSDLossOutput:
     """SGSD objective (SPEC section 4; Huang et al., arXiv 2605.28791).
 
     d_kt = q_kt - p_t; n = max(sum_t m_t, 1); support_k = (1/n) sum_t m_t clip(d_kt, -C, C);
-    sign_k = sign(support_k) if |support_k| > theta else 0; rho_k = (+1 if reward > 0 else -1) * sign_k;
+    sign_k = sign(support_k) if the polarity test passes else 0; rho_k = (+1 if reward > 0 else -1) * sign_k;
     row_k = (1/n) sum_t m_t l(d_kt) with the gate l on the UNclipped d;
     L = sum_k a_k rho_k row_k per rollout; loss = mean over the B rollouts.
 
@@ -204,6 +255,11 @@ def sgsd_loss(
         teacher_weights: [B, K] a_k; a_k <= 0 (or NaN) marks an absent teacher (polarity 0, no loss,
             left out of the fractions; its teacher_logps are never read).
         gate_tau, clip_delta, confidence_threshold: tau, C, theta.
+        polarity_test: "threshold" (the paper's rule): |support_k| > theta. "z": support_z > polarity_z,
+            with support_z = |mean| / (s / sqrt(n)) of the clipped d over the n counted tokens
+            (`support_z`; n < 2 is neutral), so a disagreement of m tokens keeps z ~ sqrt(m) however
+            long the completion is, where the mean shrinks as m / n; theta is then not used.
+            The metric `below_threshold_fraction` counts the teachers whose test did not pass.
         token_divergence: optional [B, K, T] (local-support D_kt) that replaces d inside the gate;
             gradient flows through it. With it, the loss does not depend on student_logps, which then
             only decide the polarity.
@@ -211,7 +267,7 @@ def sgsd_loss(
     zero gradient. |loss| <= ln 2 * max_b sum_k a_bk.
     """
     _check_sgsd_shapes(student_logps, teacher_logps, completion_mask, rewards, teacher_weights)
-    _check_hyper(clip_delta, confidence_threshold)
+    _check_hyper(clip_delta, confidence_threshold, polarity_test, polarity_z)
     if token_divergence is not None and tuple(token_divergence.shape) != tuple(teacher_logps.shape):
         raise ValueError(
             f"token_divergence must have the shape of teacher_logps {tuple(teacher_logps.shape)}, "
@@ -222,7 +278,11 @@ def sgsd_loss(
     dtype = d.dtype
     with torch.no_grad():
         support = _support(d, mask, clip_delta)
-        sign, rho = _polarity(support, rewards, present, confidence_threshold)
+        confident = _confidence(d, mask, support, clip_delta=clip_delta, confidence_threshold=confidence_threshold,
+                                polarity_test=polarity_test, polarity_z=polarity_z)
+        sign, rho = _polarity(support, rewards, present, confident)
+        # threshold: the expression of the paper's rule as it always was (NaN support counts as not below)
+        below = support.abs() <= confidence_threshold if polarity_test == "threshold" else ~confident
 
     if token_divergence is None:
         gate_input = d
@@ -233,20 +293,18 @@ def sgsd_loss(
     loss = (coefficient * rows).sum(dim=-1).mean()
 
     with torch.no_grad():
-        metrics = _sgsd_metrics(
-            d, valid, mask, present, support, rows, sign, rho, rewards, clip_delta, confidence_threshold
-        )
+        metrics = _sgsd_metrics(d, valid, mask, present, support, rows, sign, rho, rewards, clip_delta, below)
     return SGSDLossOutput(loss=loss, polarity=rho, support=support.detach(), metrics=metrics)
 
 
-def _sgsd_metrics(d, valid, mask, present, support, rows, sign, rho, rewards, clip_delta, confidence_threshold):
+def _sgsd_metrics(d, valid, mask, present, support, rows, sign, rho, rewards, clip_delta, below):
     """SPEC section 4 diagnostics; fractions are over present teachers (0 when there are none)."""
     success = (rewards > 0)[:, None].expand_as(present)
     fraction = {
         "helpful_fraction": rho > 0,
         "harmful_fraction": rho < 0,
         "neutral_fraction": rho == 0,
-        "below_threshold_fraction": support.abs() <= confidence_threshold,
+        "below_threshold_fraction": below,
         "quadrant_helpful": success & (sign > 0),
         "quadrant_over_suppressive": success & (sign < 0),
         "quadrant_misleading": ~success & (sign > 0),

@@ -94,6 +94,13 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
         self.records: dict[int, RolloutRecord] = {}
         self._next_uid = 0
 
+    @property
+    def polarity_options(self) -> dict[str, Any]:
+        """The keyword arguments that decide a teacher's polarity, the same in the skip decision and the loss."""
+        s = self.settings
+        return {"clip_delta": s.clip_delta, "confidence_threshold": s.confidence_threshold,
+                "polarity_test": s.polarity_test, "polarity_z": s.polarity_z}
+
     # -- generation phase -----------------------------------------------------------------------
     def _teacher_prompt_ids(self, problem: str, teachers: list["Teacher"]) -> list[list[int] | None]:
         ids: list[list[int] | None] = []
@@ -139,10 +146,7 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
             with torch.no_grad():
                 student_logps = completion_logprobs(self.model, output["prompt_ids"], output["prompt_mask"],
                                                     completion_ids, completion_mask, chunk_tokens=self.chunk_tokens)
-            _, polarity = teacher_polarity(
-                student_logps, logps[:, :k], mask, rewards, weights,
-                clip_delta=self.settings.clip_delta, confidence_threshold=self.settings.confidence_threshold,
-            )
+            _, polarity = teacher_polarity(student_logps, logps[:, :k], mask, rewards, weights, **self.polarity_options)
             extras["sgsd_active"] = polarity.ne(0).any(dim=-1)
         completions = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
         for observer in self.observers:
@@ -194,8 +198,7 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
         out = sgsd_loss(
             student_logps, teacher_logps, inputs["sgsd_mask"][run_rows, :length],
             inputs["rewards"][run_rows], inputs["teacher_weights"][run_rows],
-            gate_tau=self.settings.gate_tau, clip_delta=self.settings.clip_delta,
-            confidence_threshold=self.settings.confidence_threshold, token_divergence=divergence,
+            gate_tau=self.settings.gate_tau, token_divergence=divergence, **self.polarity_options,
         )
         loss = out.loss * (rows.numel() / batch)
         polarity = torch.zeros_like(inputs["teacher_weights"], dtype=torch.long)
