@@ -1,7 +1,7 @@
 """Run configuration: dataclasses hold every default, YAML files and `key=value` overrides change them.
 
 A YAML file mirrors `RunConfig` (sections `model`, `data`, `prompt`, `generation`, `skills`, `sgsd`,
-`grpo`, `opsd`, `training`, and the top-level `method`). `inherit: other.yaml` (relative to the file)
+`grpo`, `opsd`, `sgsd_pg`, `training`, and the top-level `method`). `inherit: other.yaml` (relative to the file)
 loads a base file first, so recipes of several methods can share one data, prompt and generation
 block. Unknown keys are refused with a message naming the key and file; inconsistent settings are
 refused by `validate()` with a message that says how to fix them.
@@ -194,6 +194,15 @@ class OPSDSettings:
     logprob_chunk_mb: int = 1024
 
 
+@dataclass
+class SGSDPGSettings:
+    """sgsd-pg (SGSD + policy gradient): loss = GRPO loss + `lambda_sgsd` x SGSD loss on the same rollouts.
+    The GRPO part takes the `grpo` section (num_generations G >= 2, epsilon, beta, loss_type), the SGSD
+    part the `sgsd` section."""
+
+    lambda_sgsd: float = 1.0
+
+
 # transformers' schedulers that need no extra arguments (tests/test_trl_adapter.py pins both lists)
 Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                     "inverse_sqrt"]
@@ -234,7 +243,7 @@ class TrainingSettings:
 
 @dataclass
 class RunConfig:
-    """A training run. `method`: a registered method (`sgsd.methods`: sgsd, grpo, opsd, or one that a
+    """A training run. `method`: a registered method (`sgsd.methods`: sgsd, grpo, opsd, sgsd-pg, or one that a
     module in `plugins` registers when imported, see docs/extending.md)."""
 
     method: str = "sgsd"
@@ -247,6 +256,7 @@ class RunConfig:
     sgsd: SGSDSettings = field(default_factory=SGSDSettings)
     grpo: GRPOSettings = field(default_factory=GRPOSettings)
     opsd: OPSDSettings = field(default_factory=OPSDSettings)
+    sgsd_pg: SGSDPGSettings = field(default_factory=SGSDPGSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
 
     def validate(self) -> "RunConfig":

@@ -15,12 +15,13 @@ A `MethodSpec` gives:
 - `online_updates`: whether online skill-bank updates (`skills.online`) apply to it.
 
 Adding a method is one file that defines its trainer and calls `register_method` (see
-`docs/extending.md`, whose example the tests run). Built-in methods: `sgsd`, `grpo`, `opsd`.
+`docs/extending.md`, whose example the tests run). Built-in methods: `sgsd`, `grpo`, `opsd`, `sgsd-pg`.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -132,6 +133,21 @@ def _grpo_problems(cfg: "RunConfig") -> Iterator[str]:
         yield "grpo.num_generations: GRPO needs at least 2 completions per prompt to form a group"
 
 
+def _grpo_overrides(cfg: "RunConfig") -> dict[str, Any]:
+    """G completions per prompt, KL beta, and vLLM's importance-sampling correction (the clipped surrogate uses it)."""
+    return {"num_generations": cfg.grpo.num_generations, "beta": cfg.grpo.beta,
+            "vllm_importance_sampling_correction": True}
+
+
+def _sgsd_pg_problems(cfg: "RunConfig") -> Iterator[str]:
+    yield from _sgsd_problems(cfg)
+    yield from _grpo_problems(cfg)
+    if not (math.isfinite(cfg.sgsd_pg.lambda_sgsd) and cfg.sgsd_pg.lambda_sgsd >= 0):
+        yield "sgsd_pg.lambda_sgsd: must be a number >= 0 (0: GRPO alone, with SGSD's metrics)"
+    if cfg.grpo.skills_in_prompt:
+        yield "grpo.skills_in_prompt: sgsd-pg gives the skills to its teachers, not to the rollout prompt; set it to false"
+
+
 def _opsd_problems(cfg: "RunConfig") -> Iterator[str]:
     if not 0.0 <= cfg.opsd.beta <= 1.0:
         yield "opsd.beta: must be in [0, 1]"
@@ -145,13 +161,18 @@ register_method(MethodSpec(
 register_method(MethodSpec(
     name="grpo", settings="grpo", trainer="sgsd.trainers.grpo_trainer:GRPOBaselineTrainer",
     needs_bank=lambda cfg: cfg.grpo.skills_in_prompt, prompt_skills=lambda cfg: cfg.grpo.skills_in_prompt,
-    grpo_overrides=lambda cfg: {"num_generations": cfg.grpo.num_generations, "beta": cfg.grpo.beta,
-                                "vllm_importance_sampling_correction": True},
-    validate=_grpo_problems, description="TRL's GRPO (SPEC section 5); +Skill with grpo.skills_in_prompt",
+    grpo_overrides=_grpo_overrides, validate=_grpo_problems, description="TRL's GRPO (SPEC section 5); +Skill with grpo.skills_in_prompt",
 ))
 register_method(MethodSpec(
     name="opsd", settings="opsd", trainer="sgsd.trainers.opsd_trainer:OPSDTrainer",
     needs_bank=lambda cfg: cfg.opsd.skills, prompt_skills=lambda cfg: cfg.opsd.skills,
     trainer_kwargs=lambda cfg, context: {"settings": cfg.opsd, "teacher_style": context.teacher_style},
     validate=_opsd_problems, description="on-policy self-distillation from the reference answer (SPEC section 5)",
+))
+register_method(MethodSpec(
+    name="sgsd-pg", settings="sgsd_pg", trainer="sgsd.trainers.sgsd_pg_trainer:SGSDPGTrainer",
+    needs_bank=lambda cfg: True, grpo_overrides=_grpo_overrides,
+    trainer_kwargs=lambda cfg, context: {**_sgsd_kwargs(cfg, context), "lambda_sgsd": cfg.sgsd_pg.lambda_sgsd},
+    validate=_sgsd_pg_problems,
+    description="GRPO's loss plus lambda x the SGSD loss on the same rollouts (issue 14; grpo, sgsd, sgsd_pg sections)",
 ))

@@ -10,6 +10,8 @@ three seams in `GRPOTrainer`, and only this module opens them:
   method's tensors ([B, ...] leading batch dimension, so TRL's shuffle and split carry them).
 - `compute_loss`: replaced by `method_loss(model, inputs)` when a method defines one, scaled for
   gradient accumulation as TRL's own `_compute_loss` does.
+- `_compute_loss`: TRL's GRPO loss itself, offered to methods that add to it as `grpo_loss(model,
+  inputs)` (sgsd-pg).
 - One rollout per prompt: `GRPOConfig` refuses `num_generations < 2` (GRPO needs groups; SGSD and
   OPSD do not), so `make_grpo_config` validates with 2 and then sets 1. The trainer's own runtime
   handles 1 (its std falls back to zeros for groups of one).
@@ -45,6 +47,7 @@ PRIVATE_HOOKS: dict[str, tuple[str, ...]] = {
         "self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
     ),
     "compute_loss": ("self", "model", "inputs", "return_outputs", "num_items_in_batch"),
+    "_compute_loss": ("self", "model", "inputs"),
 }
 # keys of `_generate_and_score_completions`' output the methods read
 OUTPUT_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
@@ -183,6 +186,13 @@ class HookedGRPOTrainer(GRPOTrainer):
         return loss
 
     # -- helpers for methods ------------------------------------------------------------------
+    def grpo_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        """TRL's own GRPO loss of one micro-batch (`GRPOTrainer._compute_loss`), exactly as TRL's trainer
+        returns it: clipped surrogate of the batch's group advantages, KL term when beta > 0, TRL's
+        `loss_type` normalisation, ALREADY divided by the gradient-accumulation steps in training.
+        Logs TRL's own GRPO metrics (entropy, clip ratios, kl) as a GRPO run does."""
+        return GRPOTrainer._compute_loss(self, model, inputs)
+
     def record_metric(self, name: str, value: float | torch.Tensor) -> None:
         """Append one scalar to TRL's metric buffer (see `record_metrics`)."""
         self.record_metrics({name: value})

@@ -155,6 +155,12 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
 
     # -- loss phase ---------------------------------------------------------------------------
     def method_loss(self, model, inputs):
+        loss = self.sgsd_part(model, inputs)
+        return self.skip_nonfinite_step(model) if loss is None else loss
+
+    def sgsd_part(self, model, inputs) -> torch.Tensor | None:
+        """The SGSD loss of one micro-batch (not scaled for accumulation), its metrics logged; None when the
+        log-probs are not finite (the skip is logged; the caller returns `skip_nonfinite_step`)."""
         batch = inputs["completion_ids"].size(0)
         if "sgsd_active" in inputs:
             rows = inputs["sgsd_active"].nonzero().squeeze(-1)
@@ -194,7 +200,7 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
                 self.records.pop(uid, None)
             empty = inputs["teacher_weights"][:0].detach().cpu()
             self._observe_polarity([], empty.long(), empty, empty)  # other ranks' observers gather now
-            return self.skip_nonfinite_step(model)
+            return None
         out = sgsd_loss(
             student_logps, teacher_logps, inputs["sgsd_mask"][run_rows, :length],
             inputs["rewards"][run_rows], inputs["teacher_weights"][run_rows],
