@@ -182,7 +182,8 @@ def test_online_update_and_attribution_see_every_rank(equivalent_runs, other):
 # -- every tiny recipe on two processes, with resume ---------------------------------------------------
 
 
-@pytest.mark.parametrize("recipe", ["sgsd.yaml", "grpo.yaml", "grpo-skill.yaml", "opsd.yaml", "opsd-skill.yaml"])
+@pytest.mark.parametrize("recipe", ["sgsd.yaml", "grpo.yaml", "grpo-skill.yaml", "opsd.yaml", "opsd-skill.yaml",
+                                    "sgsd-pg.yaml"])
 def test_tiny_recipe_trains_and_resumes_on_two_processes(tmp_path, recipe):
     out = tmp_path / "run"
     first = _ok(_run(_cli(2, recipe, out, "--max-steps", "1", "training.save_steps=1")))
@@ -193,7 +194,11 @@ def test_tiny_recipe_trains_and_resumes_on_two_processes(tmp_path, recipe):
     records = _metrics(out)
     assert [r["step"] for r in records] == [1, 2]
     # why rewards are 0: the random tiny model never writes a box; counts are summed over both ranks
-    rollouts = 8 * (4 if "grpo" in recipe else 1)
+    from sgsd.config import load_config
+    from sgsd.methods import method_spec
+
+    cfg = load_config(TINY / recipe)
+    rollouts = 8 * method_spec(cfg.method).grpo_settings(cfg)["num_generations"]  # 2 ranks x 4 prompts x G
     assert all(r["reward/no_answer"] == rollouts and 0.0 < r["train/completion_clipped_ratio"] <= 1.0 for r in records)
 
 

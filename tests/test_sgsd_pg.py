@@ -151,7 +151,7 @@ def _records(run: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_recipe_trains_through_the_cli_and_resumes_to_the_same_result(tmp_path):
+def test_recipe_trains_through_the_cli_and_resumes_to_the_same_result(tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file
 
     from sgsd.cli import main
@@ -159,17 +159,24 @@ def test_recipe_trains_through_the_cli_and_resumes_to_the_same_result(tmp_path):
 
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert main(["train", "--config", str(RECIPE), "--output-dir", str(whole), "--quiet"]) == 0
-    assert main(["train", "--config", str(RECIPE), "--output-dir", str(split), "--max-steps", "2", "--quiet"]) == 0
-    assert main(["train", "--config", str(RECIPE), "--output-dir", str(split), "--quiet"]) == 0  # resumes at 2
+    # interrupted at the start of step 3 (after checkpoint-2), same settings (the LR schedule depends on
+    # max_steps), then started again: it resumes from checkpoint-2
+    monkeypatch.setenv("SGSD_FAULT_INJECT", "rank=0,step=3")
+    assert main(["train", "--config", str(RECIPE), "--output-dir", str(split), "--quiet"]) != 0
+    assert [r["step"] for r in _records(split)] == [1, 2]
+    monkeypatch.delenv("SGSD_FAULT_INJECT")
+    assert main(["train", "--config", str(RECIPE), "--output-dir", str(split), "--quiet"]) == 0
+    assert "resumed from" in capsys.readouterr().out
     records = _records(whole)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     keys = ("train/loss", "train/grad_norm", "train/reward_mean", "sgsd_pg/pg_loss", "sgsd_pg/sgsd_loss",
-            "sgsd/helpful_fraction", "sgsd/support_mean", "entropy")
+            "sgsd/helpful_fraction", "sgsd/support_mean", "train/entropy", "clip_ratio/region_mean",
+            "grpo/zero_advantage_fraction")
     for record in records:
         assert all(math.isfinite(record[k]) for k in keys), record
         # the random tiny model never answers: rewards 0, every group's advantage 0, so the GRPO part is 0
         # and the step's loss is lambda (1) x the SGSD part (the parity test covers a non-zero GRPO part)
-        assert record["sgsd_pg/pg_loss"] == 0.0
+        assert record["sgsd_pg/pg_loss"] == 0.0 and record["grpo/zero_advantage_fraction"] == 1.0
         assert record["train/loss"] == pytest.approx(record["sgsd_pg/sgsd_loss"], rel=1e-6, abs=1e-9)
     assert all(r["train/grad_norm"] > 0 for r in records)
     assert "method: sgsd-pg" in (whole / "resolved_config.yaml").read_text()

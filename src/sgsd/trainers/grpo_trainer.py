@@ -12,7 +12,16 @@ TRL's own GRPO metrics (`clip_ratio/*`, `frac_reward_zero_std`, `kl` when beta >
 
 from __future__ import annotations
 
+import torch
+
 from sgsd.trl_adapter import HookedGRPOTrainer
+
+
+def record_group_diagnostics(trainer: HookedGRPOTrainer, advantages: torch.Tensor) -> None:
+    """The two `grpo/` diagnostics above, of this rank's advantages [B] (also logged by sgsd-pg)."""
+    advantages = advantages.float()
+    trainer.record_metric("grpo/zero_advantage_fraction", advantages.eq(0).float().mean())
+    trainer.record_metric("grpo/advantage_abs_mean", advantages.abs().mean())
 
 
 class GRPOBaselineTrainer(HookedGRPOTrainer):
@@ -20,7 +29,5 @@ class GRPOBaselineTrainer(HookedGRPOTrainer):
 
     def rollout_extras(self, inputs, output, rewards):
         self.record_metric("train/reward_mean", rewards.float().mean())
-        advantages = output["advantages"].float()
-        self.record_metric("grpo/zero_advantage_fraction", advantages.eq(0).float().mean())
-        self.record_metric("grpo/advantage_abs_mean", advantages.abs().mean())
+        record_group_diagnostics(self, output["advantages"])
         return {}

@@ -16,8 +16,9 @@ Cost per step over GRPO: the K teacher forwards of every rollout at generation t
 student forward and backward per micro-batch (TRL's loss and the SGSD loss each run their own forward,
 so neither's code is copied); see docs/methods.md for measured times.
 
-Logged besides GRPO's and SGSD's own metrics: `sgsd_pg/pg_loss` and `sgsd_pg/sgsd_loss` (the two parts,
-before lambda and before the accumulation scaling), `train/reward_mean`.
+Logged: `sgsd_pg/pg_loss` and `sgsd_pg/sgsd_loss` (the two parts, before lambda and before the
+accumulation scaling), TRL's GRPO metrics (`clip_ratio/*`, `train/entropy`, `kl` when beta > 0), the
+`grpo/` group diagnostics of `GRPOBaselineTrainer`, and every `sgsd/` metric of SGSDTrainer.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 
+from sgsd.trainers.grpo_trainer import record_group_diagnostics
 from sgsd.trainers.sgsd_trainer import SGSDTrainer
 
 
@@ -33,6 +35,10 @@ class SGSDPGTrainer(SGSDTrainer):
     def __init__(self, *, lambda_sgsd: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.lambda_sgsd = lambda_sgsd
+
+    def rollout_extras(self, inputs, output, rewards):
+        record_group_diagnostics(self, output["advantages"])
+        return super().rollout_extras(inputs, output, rewards)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
