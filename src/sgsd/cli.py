@@ -24,6 +24,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("skills", "sgsd.commands.skills", "validate, show, retrieve from, build and report on skill banks"),
     ("compare", "sgsd.commands.compare", "train several methods from one start and evaluate them into one table"),
     ("bench", "sgsd.commands.bench", "benchmark the loss phase and training step"),
+    ("models", "sgsd.commands.models", "import models: a GGUF checkpoint as a Hugging Face directory"),
     ("demo", "sgsd.commands.demo", "run the offline demo: SGSD vs GRPO vs OPSD in a small synthetic world"),
 ]
 
