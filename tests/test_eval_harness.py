@@ -13,8 +13,8 @@ from sgsd.errors import DataError, UserError
 from sgsd.evaluation.benchmarks import BENCHMARKS as REGISTRY
 from sgsd.evaluation.benchmarks import load_benchmark
 from sgsd.evaluation.generation import Completion, HFGenerator, SamplingConfig
-from sgsd.evaluation.report import format_comparison, load_run, plot_comparison
-from sgsd.evaluation.runner import EvalSettings, run_evaluation
+from sgsd.evaluation.report import format_comparison, format_results, load_run, plot_comparison
+from sgsd.evaluation.runner import BenchmarkResult, EvalSettings, run_evaluation
 from sgsd.prompts import INSTRUCTION, ChatStyle, render_chat, student_prompt
 
 # ------------------------------------------------------------------------------------------ benchmarks
@@ -160,9 +160,35 @@ def test_runner_metrics_and_files(tmp_path, tiny_tokenizer):
     records = [json.loads(line) for line in (tmp_path / "out" / "samples" / "toy.jsonl").read_text().splitlines()]
     assert len(records) == 12
     assert records[0] == {"benchmark": "toy", "problem_id": "p1", "sample": 0, "gold": "025", "completion": "\\boxed{25}",
-                          "extracted": "25", "correct": True, "failure": None, "num_tokens": 10, "truncated": False}
+                          "extracted": "25", "correct": True, "failure": None, "num_tokens": 10, "truncated": False,
+                          "flexible_extracted": "25", "flexible_correct": True}
     assert records[3]["failure"] == "no_answer"
     assert not list((tmp_path / "out").glob(".*tmp"))  # no temporary files left behind
+    # every completion has a box or no number at all: flexible grading agrees with strict here
+    assert result.flexible.avg_at_k == result.avg_at_k and entry["avg@k_flexible"] == result.avg_at_k
+
+
+UNBOXED_SCRIPT = {
+    "p1": ["So the answer is 25.", "#### 24", "\\boxed{25}", "3 + 22 = 25, so the answer is 24."],  # gold 025
+    "p2": ["\\boxed{0.5}", "The answer is 1/2", "Half: 0.5", "nothing"],  # gold \frac12
+    "p3": ["It is 7"] * 4,  # gold 7
+}
+
+
+def test_strict_and_flexible_scores_side_by_side(tmp_path, tiny_tokenizer):
+    result, _ = scripted_run(tmp_path, tiny_tokenizer, script=UNBOXED_SCRIPT)
+    # hand-computed: strict p1 [F,F,T,F] p2 [T,F,F,F] p3 [F]*4; flexible p1 [T,F,T,F] p2 [T,T,T,F] p3 [T]*4
+    assert result.avg_at_k == pytest.approx((1 / 4 + 1 / 4 + 0) / 3, abs=1e-12)
+    assert result.flexible.avg_at_k == pytest.approx((2 / 4 + 3 / 4 + 1) / 3, abs=1e-12)
+    assert result.flexible.pass_at_k == 1.0 and result.pass_at_k == pytest.approx(2 / 3, abs=1e-12)
+    assert result.flexible.avg_ci[0] <= result.flexible.avg_at_k <= result.flexible.avg_ci[1]
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())["benchmarks"]["toy"]
+    assert saved["avg@k"] == result.avg_at_k and saved["avg@k_flexible"] == result.flexible.avg_at_k
+    assert saved["maj@k_flexible"] == result.flexible.maj_at_k and len(saved["avg@k_flexible_ci"]) == 2
+    table = format_results({"toy": result})
+    assert "flexible avg@k" in table and "75.0" in table
+    reloaded = BenchmarkResult.from_json("toy", saved)
+    assert reloaded.flexible == result.flexible
 
 
 def test_answer_classes_merge_equivalent_wrong_answers():

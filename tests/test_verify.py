@@ -18,6 +18,7 @@ from sgsd.verify import (
     GradeResult,
     accuracy_reward,
     check_equivalent,
+    extract_answer,
     extract_boxed,
     grade,
     grade_batch,
@@ -273,3 +274,47 @@ def test_a_grader_that_cannot_start_is_an_error_not_a_wrong_answer(monkeypatch):
     finally:
         monkeypatch.undo()
     warm()  # the pool recovers once the environment is fixed
+
+
+# ---------------------------------------------------------------------------------------------- flexible
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("So, the answer is 3.", "3"),
+    ("She makes 9 * 2 = $18 every day.\n#### 18", "18"),
+    ("The answer is 15,000 dollars, since 3 * 5 = 15.", "15000"),  # the statement, not the later 15
+    ("First 4 + 4 = 8. The final answer is: **12**. Check: 12 - 4 = 8.", "12"),
+    ("Answer: $7.50", "7.50"),
+    ("2 + 3 = 5, then 5 * 2 = 10", "10"),  # no statement: the last number
+    ("\\boxed{7} but the answer is 3", "7"),  # a box wins over a statement
+    ("The answer is 4. Wait, the answer is 6.", "6"),  # the last statement
+    ("-3 degrees at night, the answer is -3", "-3"),
+])
+def test_flexible_extraction(completion, expected):
+    assert extract_answer(completion, extract="flexible") == (expected, None)
+
+
+def test_flexible_without_any_number_is_a_typed_failure():
+    assert extract_answer("I do not know.", extract="flexible") == (None, "no_answer")
+    assert grade("I do not know.", "3", extract="flexible").failure == "no_answer"
+
+
+def test_boxed_stays_the_default_and_ignores_stated_answers():
+    assert grade("So, the answer is 3.", "3").failure == "no_answer"
+    assert grade("So, the answer is 3.", "3", extract="flexible").correct
+    assert grade_batch(["#### 18", "\\boxed{18}"], ["18", "18"], extract="flexible")[0].correct
+
+
+def test_flexible_accuracy_reward_keeps_the_reward_name():
+    from sgsd.verify import AccuracyReward
+
+    flexible = AccuracyReward(extract="flexible")
+    assert flexible.__name__ == "accuracy_reward"  # TRL's reward metric keys stay the same
+    completions = [[{"role": "assistant", "content": "The answer is 12."}], "\\boxed{12}", "no idea"]
+    answers = ["12", "12", "12"]
+    assert flexible(prompts=["p"] * 3, completions=completions, answer=answers) == [1.0, 1.0, 0.0]
+    assert flexible.last_failures["no_answer"] == 1
+    assert AccuracyReward()(prompts=["p"] * 3, completions=completions, answer=answers) == [0.0, 1.0, 0.0]
+    assert accuracy_reward(prompts=["p"] * 3, completions=completions, answer=answers, extract="flexible") == [1.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="extract="):
+        AccuracyReward(extract="lenient")

@@ -1,9 +1,9 @@
 """Run configuration: dataclasses hold every default, YAML files and `key=value` overrides change them.
 
 A YAML file mirrors `RunConfig` (sections `model`, `data`, `prompt`, `generation`, `skills`, `sgsd`,
-`grpo`, `opsd`, `sgsd_pg`, `training`, and the top-level `method`). `inherit: other.yaml` (relative to the file)
-loads a base file first, so recipes of several methods can share one data, prompt and generation
-block. Unknown keys are refused with a message naming the key and file; inconsistent settings are
+`grpo`, `opsd`, `sgsd_pg`, `reward`, `training`, and the top-level `method`). `inherit: other.yaml`
+(relative to the file) loads a base file first, so recipes of several methods can share one data,
+prompt and generation block. Unknown keys are refused with a message naming the key and file; inconsistent settings are
 refused by `validate()` with a message that says how to fix them.
 """
 
@@ -209,6 +209,15 @@ Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "c
 
 
 @dataclass
+class RewardSettings:
+    """How the verifier finds a completion's answer (`sgsd.verify.extract_answer`): "boxed", the last
+    `\\boxed{}` only (the paper's), or "flexible" (the last box, else a stated answer, else the last
+    number) for models that do not write boxes."""
+
+    extract: Literal["boxed", "flexible"] = "boxed"
+
+
+@dataclass
 class TrainingSettings:
     """Optimisation and bookkeeping (paper values in configs/paper/common.yaml).
 
@@ -257,6 +266,7 @@ class RunConfig:
     grpo: GRPOSettings = field(default_factory=GRPOSettings)
     opsd: OPSDSettings = field(default_factory=OPSDSettings)
     sgsd_pg: SGSDPGSettings = field(default_factory=SGSDPGSettings)
+    reward: RewardSettings = field(default_factory=RewardSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
 
     def validate(self) -> "RunConfig":

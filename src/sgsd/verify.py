@@ -2,9 +2,12 @@
 
 A completion is graded in two separate steps (as in `verifiers`: extraction apart from scoring):
 
-1. `extract_boxed(text)`: the content of the LAST brace-matched `\\boxed{...}` / `\\fbox{...}` anywhere in
-   the text (the public code looked only at the last 100 characters, SPEC section 9 defect 5), or, with
-   `after_think=True`, only in the text after the last `</think>`.
+1. `extract_answer(text, extract=...)`. "boxed" (strict, the paper's): `extract_boxed(text)`, the content
+   of the LAST brace-matched `\\boxed{...}` / `\\fbox{...}` anywhere in the text (the public code looked
+   only at the last 100 characters, SPEC section 9 defect 5), or, with `after_think=True`, only in the
+   text after the last `</think>`. "flexible" (for models that never write a box, as lm-eval's
+   flexible GSM8K score): the last box if there is one, else the last answer stated in words or after
+   `####` ("the answer is 15,000", "#### 18"), else the last number.
 2. Equivalence with the gold answer: integers are compared in-process (AIME's zero-padded "025" equals
    25); everything else goes to math-verify with the gold parsed first,
    `verify(parse("\\boxed{gold}"), parse("\\boxed{pred}"))`. Both sides are wrapped in `\\boxed{}`
@@ -26,7 +29,7 @@ dies), `timeout`.
 
 One module, a little long, because the parts only make sense together: extraction, the checks and the
 grader processes that bound their time (kept private: the public surface is `extract_boxed`, `grade`,
-`grade_batch`, `accuracy_reward`, `GradeResult`).
+`extract_answer`, `grade`, `grade_batch`, `accuracy_reward`, `AccuracyReward`, `GradeResult`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ from typing import Any, Literal, Sequence
 
 FailureKind = Literal["no_answer", "unbalanced", "parse_error", "timeout"]
 FAILURE_KINDS: tuple[str, ...] = ("no_answer", "unbalanced", "parse_error", "timeout")
+ExtractMode = Literal["boxed", "flexible"]
+EXTRACT_MODES: tuple[str, ...] = ("boxed", "flexible")
 
 DEFAULT_TIMEOUT_S = 5.0
 # A fresh worker imports math-verify and sympy (1-2 s on an idle core, more on a loaded machine).
@@ -53,6 +58,12 @@ _BOX_START = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)
 # Plain integers are compared without sympy; 40 digits keeps int() far from Python's 4300-digit limit.
 _INTEGER = re.compile(r"[+-]?\d{1,40}")
+# A number as models write one in prose: thousands separators, decimals, a simple fraction ("3/4").
+_NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?"
+_NUMBER_RE = re.compile(r"(?<![\w.])" + _NUMBER)
+# A stated final answer: "#### 18", "the answer is 15,000", "Final answer: $18", "answer = **3**".
+_STATED = re.compile(r"(?:####|\banswer\b(?:\s+(?:is|would\s+be|will\s+be|of))?\s*[:=]?)\s*(?:\*\*)?\s*\\?\$?\s*"
+                     r"(" + _NUMBER + r")", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -108,6 +119,41 @@ def extract_boxed(text: str, *, after_think: bool = False) -> tuple[str | None, 
                 answer = _clean_answer(text[last.end():token.start()])
                 return (answer, None) if answer else ("", "no_answer")
     return None, "unbalanced"
+
+
+def extract_answer(text: str, *, extract: ExtractMode = "boxed", after_think: bool = False
+                   ) -> tuple[str | None, FailureKind | None]:
+    """The answer of a completion and a failure kind, by `extract` mode (see the module docstring).
+
+    "boxed": `extract_boxed`. "flexible": the last complete box; otherwise the LAST stated answer
+    ("the answer is 15,000", "#### 18"), so that a number of the reasoning before or after the statement
+    is not taken; otherwise the last number of the text; (None, "no_answer") when there is no number at all.
+    Numbers lose their thousands separators ("15,000" -> "15000"). `after_think` limits every mode to
+    the text after the last `</think>`.
+    """
+    if extract not in EXTRACT_MODES:
+        raise ValueError(f"extract={extract!r}: expected one of {', '.join(EXTRACT_MODES)}")
+    answer, failure = extract_boxed(text, after_think=after_think)
+    if extract == "boxed" or failure is None:
+        return answer, failure
+    text = "" if text is None else str(text)
+    if after_think:
+        end = text.rfind("</think>")
+        if end >= 0:
+            text = text[end + len("</think>"):]
+        elif "<think>" in text:
+            return None, "no_answer"
+    stated = None
+    for stated in _STATED.finditer(text):
+        pass
+    if stated is not None:
+        return stated.group(1).replace(",", ""), None
+    number = None
+    for number in _NUMBER_RE.finditer(text):
+        pass
+    if number is not None:
+        return number.group().replace(",", ""), None
+    return None, "no_answer"
 
 
 def _clean_answer(answer: str) -> str:
@@ -392,20 +438,25 @@ atexit.register(shutdown)
 # ---------------------------------------------------------------------------------------------- grading
 
 
-def grade(completion: str, gold: Any, *, after_think: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> GradeResult:
+def grade(completion: str, gold: Any, *, after_think: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
+          extract: ExtractMode = "boxed") -> GradeResult:
     """Grade one completion against a gold answer; never raises on any input.
 
-    after_think: look for the box only after the last `</think>` (see `extract_boxed`).
+    extract: "boxed" (the last box only, the paper's) or "flexible" (see `extract_answer`).
+    after_think: look for the answer only after the last `</think>` (see `extract_boxed`).
     timeout_s: wall-clock bound on the symbolic check (the worker is killed and restarted past it).
     Thread-safe; usable in worker processes. Raises GraderUnavailable only if no grader process starts.
     """
-    return grade_batch([completion], [gold], workers=1, after_think=after_think, timeout_s=timeout_s)[0]
+    return grade_batch([completion], [gold], workers=1, after_think=after_think, timeout_s=timeout_s,
+                       extract=extract)[0]
 
 
 def grade_batch(completions: Sequence[str], golds: Sequence[Any], *, workers: int | None = None,
-                after_think: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[GradeResult]:
+                after_think: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
+                extract: ExtractMode = "boxed") -> list[GradeResult]:
     """Grade completions[i] against golds[i] with up to `workers` grader processes in parallel.
 
+    extract: how the answer is found, as in `grade`.
     Extraction and integer comparison run in this process; only the symbolic checks are sent out,
     each bounded by `timeout_s`. workers: default min(4, CPU count).
     """
@@ -414,7 +465,7 @@ def grade_batch(completions: Sequence[str], golds: Sequence[Any], *, workers: in
     results: list[GradeResult | None] = [None] * len(completions)
     symbolic: list[tuple[int, str, str]] = []
     for i, (completion, gold) in enumerate(zip(completions, golds)):
-        answer, failure = extract_boxed(completion, after_think=after_think)
+        answer, failure = extract_answer(completion, extract=extract, after_think=after_think)
         if failure is not None or answer is None:
             results[i] = GradeResult(False, answer, failure)
             continue
@@ -468,30 +519,36 @@ def completion_text(completion: Any) -> str:
     return "" if completion is None else str(completion)
 
 
-def accuracy_reward(prompts: Sequence[Any], completions: Sequence[Any], answer: Sequence[Any], **kwargs: Any) -> list[float]:
-    """TRL reward function: 1.0 when the completion's last box is equivalent to `answer`, else 0.0.
+def accuracy_reward(prompts: Sequence[Any], completions: Sequence[Any], answer: Sequence[Any], *,
+                    extract: ExtractMode = "boxed", **kwargs: Any) -> list[float]:
+    """TRL reward function: 1.0 when the completion's answer is equivalent to `answer`, else 0.0.
 
     Signature as TRL calls reward functions (`prompts`, `completions`, dataset columns as keywords);
-    the dataset needs an `answer` column. Failures (no box, timeout, ...) score 0.0; use `grade_batch`
-    when they must be counted (or `AccuracyReward`). Same grader as `sgsd eval`.
+    the dataset needs an `answer` column. extract: "boxed" (the last box, the paper's) or "flexible"
+    (`extract_answer`). Failures (no answer, timeout, ...) score 0.0; use `grade_batch` when they must
+    be counted (or `AccuracyReward`). Same grader as `sgsd eval`.
     """
-    return AccuracyReward()(prompts, completions, answer)
+    return AccuracyReward(extract=extract)(prompts, completions, answer)
 
 
 class AccuracyReward:
     """`accuracy_reward` that also keeps, per call, how many completions failed and why.
 
+    extract: how the answer is found (the config's `reward.extract`; see `extract_answer`).
     `last_failures` maps every FAILURE_KINDS entry to its count in the last call's completions (this
     rank's), so the trainer can log why rewards are 0 (`reward/no_answer`, ...). One instance per run.
     """
 
     __name__ = "accuracy_reward"  # TRL names reward metrics after the function
 
-    def __init__(self) -> None:
+    def __init__(self, extract: ExtractMode = "boxed") -> None:
+        if extract not in EXTRACT_MODES:
+            raise ValueError(f"extract={extract!r}: expected one of {', '.join(EXTRACT_MODES)}")
+        self.extract = extract
         self.last_failures: dict[str, int] = dict.fromkeys(FAILURE_KINDS, 0)
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], answer: Sequence[Any],
                  **kwargs: Any) -> list[float]:
-        results = grade_batch([completion_text(c) for c in completions], list(answer))
+        results = grade_batch([completion_text(c) for c in completions], list(answer), extract=self.extract)
         self.last_failures = {kind: sum(r.failure == kind for r in results) for kind in FAILURE_KINDS}
         return [1.0 if r.correct else 0.0 for r in results]

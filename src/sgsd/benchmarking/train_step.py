@@ -96,7 +96,7 @@ def profile_training(config_path: str, *, steps: int = 4, overrides: Sequence[st
     """Train `steps` steps of the recipe into `output_dir` (default: a temporary directory, removed) and profile."""
     from sgsd.config import load_config
     from sgsd.trainers.run import train
-    from sgsd.verify import accuracy_reward
+    from sgsd.verify import AccuracyReward
 
     cfg = load_config(config_path, list(overrides))
     grading: list[float] = []
@@ -105,8 +105,8 @@ def profile_training(config_path: str, *, steps: int = 4, overrides: Sequence[st
     try:
         # the HF Trainer prints its log dicts to stdout without a progress bar: keep stdout for our output
         with contextlib.redirect_stdout(sys.stderr):
-            train(cfg, out / "run" if temporary else out, resume=False,
-                  reward_funcs=[timed_reward(accuracy_reward, grading)], max_steps=steps, progress=False)
+            train(cfg, out / "run" if temporary else out, resume=False, max_steps=steps, progress=False,
+                  reward_funcs=[timed_reward(AccuracyReward(extract=cfg.reward.extract), grading)])
         metrics = (out / "run" if temporary else out) / "metrics.jsonl"
         records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     finally:

@@ -54,11 +54,22 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def format_results(results: dict[str, BenchmarkResult]) -> str:
-    """One run: a row per benchmark (percentages; CI = 95% bootstrap interval of avg@k over problems)."""
+    """One run: a row per benchmark (percentages; CI = 95% bootstrap interval of avg@k over problems;
+    strict avg@k grades the last box, flexible also takes a stated answer or the last number)."""
     rows = [[name, str(r.num_problems), str(r.k), _pct(r.avg_at_k), f"[{_pct(r.avg_ci[0])}, {_pct(r.avg_ci[1])}]",
-             _pct(r.pass_at_k), _pct(r.maj_at_k), _pct(r.format_failure_rate), f"{r.mean_length:.0f}"]
+             *_flexible_cells(r), _pct(r.pass_at_k), _pct(r.maj_at_k), _pct(r.format_failure_rate),
+             f"{r.mean_length:.0f}"]
             for name, r in results.items()]
-    return _table(["benchmark", "n", "k", "avg@k", "CI", "pass@k", "maj@k", "format fail %", "mean tokens"], rows)
+    return _table(["benchmark", "n", "k", "avg@k", "CI", "flexible avg@k", "flexible CI", "pass@k", "maj@k",
+                   "format fail %", "mean tokens"], rows)
+
+
+def _flexible_cells(result: BenchmarkResult) -> list[str]:
+    """Flexible avg@k and its interval ("-" for results written before flexible scores existed)."""
+    flexible = result.flexible
+    if flexible is None:
+        return ["-", "-"]
+    return [_pct(flexible.avg_at_k), f"[{_pct(flexible.avg_ci[0])}, {_pct(flexible.avg_ci[1])}]"]
 
 
 def common_benchmarks(runs: Sequence[EvalRun]) -> list[str]:

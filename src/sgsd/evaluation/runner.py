@@ -3,7 +3,9 @@
 For each benchmark: render every problem with the student prompt (`Problem: ...` + instruction) through
 the chat template and thinking mode asked for, or, for Base+Skill, with the top-k retrieved skills and
 mistakes first (`teacher_prompt(render_guidance(...), problem)`); sample k completions; grade them with
-`sgsd.verify` (the grader training rewards use); summarise. Outputs (atomic writes, so a reader never
+`sgsd.verify` (the grader training rewards use) twice: strict (the last `\\boxed{}`, the paper's
+score, keys `avg@k`, ...) and flexible (the last box, else a stated answer, else the last number; keys
+`avg@k_flexible`, ...), side by side as lm-eval reports GSM8K; summarise. Outputs (atomic writes, so a reader never
 sees half a file): `OUT/results.json` (settings, versions, one entry per finished benchmark, rewritten
 after each) and `OUT/samples/<benchmark>.jsonl` (one record per sample).
 """
@@ -66,11 +68,24 @@ class SampleRecord:
     failure: str | None
     num_tokens: int
     truncated: bool
+    flexible_extracted: str | None = None  # the answer `extract="flexible"` finds
+    flexible_correct: bool = False
+
+
+@dataclass(frozen=True)
+class AccuracyScores:
+    """avg@k, pass@k, maj@k and the avg@k interval of one grading (strict or flexible)."""
+
+    avg_at_k: float
+    pass_at_k: float
+    maj_at_k: float
+    avg_ci: tuple[float, float]
 
 
 @dataclass(frozen=True)
 class BenchmarkResult:
-    """One benchmark's summary. JSON keys: avg@k, pass@k, maj@k, avg@k_ci (low, high), ..."""
+    """One benchmark's summary. JSON keys: avg@k, pass@k, maj@k, avg@k_ci (low, high), ... (strict:
+    the last box), and avg@k_flexible, pass@k_flexible, maj@k_flexible, avg@k_flexible_ci."""
 
     name: str
     source: str
@@ -84,18 +99,27 @@ class BenchmarkResult:
     failures: dict[str, int] = field(default_factory=dict)
     mean_length: float = 0.0  # generated tokens per sample
     truncation_rate: float = 0.0
+    flexible: AccuracyScores | None = None  # None in results written before flexible scores existed
 
     def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "num_problems": self.num_problems, "k": self.k, "avg@k": self.avg_at_k,
-                "pass@k": self.pass_at_k, "maj@k": self.maj_at_k, "avg@k_ci": list(self.avg_ci),
-                "format_failure_rate": self.format_failure_rate, "failures": dict(self.failures),
-                "mean_length": self.mean_length, "truncation_rate": self.truncation_rate}
+        out = {"source": self.source, "num_problems": self.num_problems, "k": self.k, "avg@k": self.avg_at_k,
+               "pass@k": self.pass_at_k, "maj@k": self.maj_at_k, "avg@k_ci": list(self.avg_ci),
+               "format_failure_rate": self.format_failure_rate, "failures": dict(self.failures),
+               "mean_length": self.mean_length, "truncation_rate": self.truncation_rate}
+        if self.flexible is not None:
+            out.update({"avg@k_flexible": self.flexible.avg_at_k, "pass@k_flexible": self.flexible.pass_at_k,
+                        "maj@k_flexible": self.flexible.maj_at_k, "avg@k_flexible_ci": list(self.flexible.avg_ci)})
+        return out
 
     @classmethod
     def from_json(cls, name: str, obj: dict[str, Any]) -> "BenchmarkResult":
+        flexible = None
+        if "avg@k_flexible" in obj:
+            flexible = AccuracyScores(obj["avg@k_flexible"], obj["pass@k_flexible"], obj["maj@k_flexible"],
+                                      tuple(obj["avg@k_flexible_ci"]))
         return cls(name, obj["source"], obj["num_problems"], obj["k"], obj["avg@k"], obj["pass@k"], obj["maj@k"],
                    tuple(obj["avg@k_ci"]), obj["format_failure_rate"], dict(obj.get("failures", {})),
-                   obj.get("mean_length", 0.0), obj.get("truncation_rate", 0.0))
+                   obj.get("mean_length", 0.0), obj.get("truncation_rate", 0.0), flexible)
 
 
 def build_prompts(problems: Sequence[Problem], tokenizer: Any, style: ChatStyle,
@@ -151,23 +175,35 @@ def answer_classes(grades: Sequence[GradeResult], *, timeout_s: float, workers: 
     return [root(k) if isinstance(k, str) and k in parent else k for k in keys]
 
 
-def summarize(benchmark: Benchmark, records: Sequence[SampleRecord], classes: Sequence[Sequence[Hashable | None]],
-              settings: EvalSettings) -> BenchmarkResult:
+def _scores(benchmark: Benchmark, records: Sequence[SampleRecord], classes: Sequence[Sequence[Hashable | None]],
+            settings: EvalSettings, flexible: bool) -> AccuracyScores:
+    """avg@k, pass@k, maj@k and the avg@k interval of strict (`correct`) or flexible grades."""
     by_problem: dict[str, list[bool]] = defaultdict(list)
     for record in records:
-        by_problem[record.problem_id].append(record.correct)
+        by_problem[record.problem_id].append(record.flexible_correct if flexible else record.correct)
     correct = [by_problem[p.problem_id] for p in benchmark.problems]
-    failures = {kind: sum(r.failure == kind for r in records) for kind in FAILURE_KINDS}
-    k = settings.k
-    return BenchmarkResult(
-        name=benchmark.name, source=benchmark.source, num_problems=len(benchmark.problems), k=k,
-        avg_at_k=avg_at_k(correct), pass_at_k=mean_pass_at_k(correct, k),
+    return AccuracyScores(
+        avg_at_k=avg_at_k(correct), pass_at_k=mean_pass_at_k(correct, settings.k),
         maj_at_k=float(sum(majority_correct(keys, ok) for keys, ok in zip(classes, correct)) / len(correct)),
         avg_ci=bootstrap_ci(per_problem_accuracy(correct), confidence=settings.ci_confidence,
                             resamples=settings.ci_resamples, seed=settings.sampling.seed),
+    )
+
+
+def summarize(benchmark: Benchmark, records: Sequence[SampleRecord], classes: Sequence[Sequence[Hashable | None]],
+              settings: EvalSettings,
+              flexible_classes: Sequence[Sequence[Hashable | None]] | None = None) -> BenchmarkResult:
+    """The benchmark's summary; flexible scores only when `flexible_classes` are given."""
+    strict = _scores(benchmark, records, classes, settings, flexible=False)
+    failures = {kind: sum(r.failure == kind for r in records) for kind in FAILURE_KINDS}
+    return BenchmarkResult(
+        name=benchmark.name, source=benchmark.source, num_problems=len(benchmark.problems), k=settings.k,
+        avg_at_k=strict.avg_at_k, pass_at_k=strict.pass_at_k, maj_at_k=strict.maj_at_k, avg_ci=strict.avg_ci,
         format_failure_rate=sum(failures.values()) / len(records), failures=failures,
         mean_length=sum(r.num_tokens for r in records) / len(records),
         truncation_rate=sum(r.truncated for r in records) / len(records),
+        flexible=None if flexible_classes is None else _scores(benchmark, records, flexible_classes, settings,
+                                                               flexible=True),
     )
 
 
@@ -179,14 +215,20 @@ def evaluate_benchmark(benchmark: Benchmark, generator: Generator, tokenizer: An
     prompts = build_prompts(problems, tokenizer, ChatStyle(enable_thinking=settings.thinking), guidance)
     completions: list[list[Completion]] = generator.generate(prompts, settings.k, settings.sampling, on_progress)
     flat = [(p, j, c) for p, row in zip(problems, completions) for j, c in enumerate(row)]
-    grades = grade_batch([c.text for _, _, c in flat], [p.answer for p, _, _ in flat], workers=settings.grade_workers,
-                         after_think=settings.after_think, timeout_s=settings.grade_timeout_s)
+    texts, golds = [c.text for _, _, c in flat], [p.answer for p, _, _ in flat]
+    grading = dict(workers=settings.grade_workers, after_think=settings.after_think, timeout_s=settings.grade_timeout_s)
+    grades = grade_batch(texts, golds, **grading)
+    flexible = grade_batch(texts, golds, extract="flexible", **grading)
     records = [SampleRecord(benchmark.name, p.problem_id, j, p.answer, c.text, g.extracted, g.correct, g.failure,
-                            c.num_tokens, c.truncated) for (p, j, c), g in zip(flat, grades)]
+                            c.num_tokens, c.truncated, f.extracted, f.correct)
+               for (p, j, c), g, f in zip(flat, grades, flexible)]
     k = settings.k
-    classes = [answer_classes(grades[i * k:(i + 1) * k], timeout_s=settings.grade_timeout_s,
-                              workers=settings.grade_workers) for i in range(len(problems))]
-    return summarize(benchmark, records, classes, settings), records
+
+    def classes_of(results: Sequence[GradeResult]) -> list[list[Hashable | None]]:
+        return [answer_classes(results[i * k:(i + 1) * k], timeout_s=settings.grade_timeout_s,
+                               workers=settings.grade_workers) for i in range(len(problems))]
+
+    return summarize(benchmark, records, classes_of(grades), settings, classes_of(flexible)), records
 
 
 def load_benchmarks(settings: EvalSettings) -> list[Benchmark]:

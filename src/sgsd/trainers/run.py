@@ -191,7 +191,7 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path | None = None, *, resume:
     if reward_funcs is None:
         from sgsd.verify import AccuracyReward
 
-        reward_funcs = [AccuracyReward()]
+        reward_funcs = [AccuracyReward(extract=cfg.reward.extract)]
     metrics = MetricsWriter(out / "metrics.jsonl")
     timer, ema_step = StepTimer(), EMAStep()
     callbacks: list[Any] = [metrics, timer, ema_step]
