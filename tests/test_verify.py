@@ -289,6 +289,7 @@ def test_a_grader_that_cannot_start_is_an_error_not_a_wrong_answer(monkeypatch):
     ("\\boxed{7} but the answer is 3", "7"),  # a box wins over a statement
     ("The answer is 4. Wait, the answer is 6.", "6"),  # the last statement
     ("-3 degrees at night, the answer is -3", "-3"),
+    ("The answer is 40 - 5 = 25. Then 25 - 4 = 21", "25"),  # a stated calculation: its result
 ])
 def test_flexible_extraction(completion, expected):
     assert extract_answer(completion, extract="flexible") == (expected, None)
@@ -315,6 +316,37 @@ def test_flexible_accuracy_reward_keeps_the_reward_name():
     assert flexible(prompts=["p"] * 3, completions=completions, answer=answers) == [1.0, 1.0, 0.0]
     assert flexible.last_failures["no_answer"] == 1
     assert AccuracyReward()(prompts=["p"] * 3, completions=completions, answer=answers) == [0.0, 1.0, 0.0]
-    assert accuracy_reward(prompts=["p"] * 3, completions=completions, answer=answers, extract="flexible") == [1.0, 1.0, 0.0]
+    flexible_rewards = accuracy_reward(prompts=["p"] * 3, completions=completions, answer=answers, extract="flexible")
+    assert flexible_rewards == [1.0, 1.0, 0.0]
     with pytest.raises(ValueError, match="extract="):
         AccuracyReward(extract="lenient")
+
+
+REAL_COMPLETIONS = Path(__file__).parent / "data" / "smollm2_gsm8k_completions.json"
+
+
+def _real_completions():
+    import json
+
+    return json.loads(REAL_COMPLETIONS.read_text())["completions"]
+
+
+@pytest.mark.parametrize("row", _real_completions(), ids=lambda row: f"gsm8k-{row['problem_id']}")
+def test_flexible_extraction_on_real_completions(row):
+    """Completions of SmolLM2-135M-Instruct on GSM8K (none writes a box), answers read by hand."""
+    assert extract_boxed(row["completion"]) == (None, "no_answer")
+    assert extract_answer(row["completion"], extract="flexible") == (row["expected_flexible"], None)
+    result = grade(row["completion"], row["gold"], extract="flexible")
+    assert result.correct == (row["expected_flexible"] == row["gold"])
+    assert grade(row["completion"], row["gold"]).failure == "no_answer"
+
+
+def test_real_completion_stating_the_answer_is_right_only_under_flexible_grading():
+    rows = {row["problem_id"]: row for row in _real_completions()}
+    blue_fiber = rows["1"]  # "So, the answer is 3." with gold 3 (the issue's example)
+    assert blue_fiber["gold"] == "3" and grade(blue_fiber["completion"], "3", extract="flexible").correct
+    assert not grade(blue_fiber["completion"], "3").correct
+    # a number after the final statement (and one mid-reasoning) is not the answer
+    eggs = rows["18"]["completion"]
+    assert eggs.rstrip().endswith("So, the final answer is 36 * 18 =")
+    assert extract_answer(eggs, extract="flexible")[0] == "36"

@@ -64,6 +64,8 @@ _NUMBER_RE = re.compile(r"(?<![\w.])" + _NUMBER)
 # A stated final answer: "#### 18", "the answer is 15,000", "Final answer: $18", "answer = **3**".
 _STATED = re.compile(r"(?:####|\banswer\b(?:\s+(?:is|would\s+be|will\s+be|of))?\s*[:=]?)\s*(?:\*\*)?\s*\\?\$?\s*"
                      r"(" + _NUMBER + r")", re.IGNORECASE)
+# A stated answer written as a calculation ("the answer is 40 - 5 = 25"): its result is the answer.
+_CALCULATION = re.compile(r"(?:\s*[-+*/x\u00d7]\s*\$?" + _NUMBER + r")+\s*=\s*\$?(" + _NUMBER + r")")
 
 
 @dataclass(frozen=True)
@@ -126,8 +128,8 @@ def extract_answer(text: str, *, extract: ExtractMode = "boxed", after_think: bo
     """The answer of a completion and a failure kind, by `extract` mode (see the module docstring).
 
     "boxed": `extract_boxed`. "flexible": the last complete box; otherwise the LAST stated answer
-    ("the answer is 15,000", "#### 18"), so that a number of the reasoning before or after the statement
-    is not taken; otherwise the last number of the text; (None, "no_answer") when there is no number at all.
+    ("the answer is 15,000", "#### 18"; the result of a stated calculation, "the answer is 40 - 5 = 25"),
+    so that a number of the reasoning before or after the statement is not taken; otherwise the last number of the text; (None, "no_answer") when there is no number at all.
     Numbers lose their thousands separators ("15,000" -> "15000"). `after_think` limits every mode to
     the text after the last `</think>`.
     """
@@ -147,7 +149,9 @@ def extract_answer(text: str, *, extract: ExtractMode = "boxed", after_think: bo
     for stated in _STATED.finditer(text):
         pass
     if stated is not None:
-        return stated.group(1).replace(",", ""), None
+        calculation = _CALCULATION.match(text, stated.end())
+        answer = calculation.group(1) if calculation else stated.group(1)
+        return answer.replace(",", ""), None
     number = None
     for number in _NUMBER_RE.finditer(text):
         pass
