@@ -97,14 +97,9 @@ def extract_boxed(text: str, *, after_think: bool = False) -> tuple[str | None, 
     (None, "unbalanced") when the last box is never closed (a truncated completion). Linear in len(text).
     The answer is stripped of surrounding whitespace and `$`, and of a trailing period (`\\boxed{12.}`).
     """
-    if not isinstance(text, str):
-        text = "" if text is None else str(text)
-    if after_think:
-        end = text.rfind("</think>")
-        if end >= 0:
-            text = text[end + len("</think>"):]
-        elif "<think>" in text:
-            return None, "no_answer"
+    text = _answer_region(text, after_think)
+    if text is None:
+        return None, "no_answer"
     last = None
     for last in _BOX_START.finditer(text):
         pass
@@ -123,14 +118,27 @@ def extract_boxed(text: str, *, after_think: bool = False) -> tuple[str | None, 
     return None, "unbalanced"
 
 
+def _answer_region(text: Any, after_think: bool) -> str | None:
+    """The text an answer is looked for in: all of it, or with `after_think` what follows the last
+    `</think>` (None when a `<think>` block is never closed: the model did not reach an answer)."""
+    text = text if isinstance(text, str) else ("" if text is None else str(text))
+    if after_think:
+        end = text.rfind("</think>")
+        if end >= 0:
+            return text[end + len("</think>"):]
+        if "<think>" in text:
+            return None
+    return text
+
+
 def extract_answer(text: str, *, extract: ExtractMode = "boxed", after_think: bool = False
                    ) -> tuple[str | None, FailureKind | None]:
     """The answer of a completion and a failure kind, by `extract` mode (see the module docstring).
 
     "boxed": `extract_boxed`. "flexible": the last complete box; otherwise the LAST stated answer
     ("the answer is 15,000", "#### 18"; the result of a stated calculation, "the answer is 40 - 5 = 25"),
-    so that a number of the reasoning before or after the statement is not taken; otherwise the last number of the text; (None, "no_answer") when there is no number at all.
-    Numbers lose their thousands separators ("15,000" -> "15000"). `after_think` limits every mode to
+    so that a number of the reasoning before or after the statement is not taken; otherwise the last
+    number of the text; (None, "no_answer") when there is no number at all. Numbers lose their thousands separators ("15,000" -> "15000"). `after_think` limits every mode to
     the text after the last `</think>`.
     """
     if extract not in EXTRACT_MODES:
@@ -138,13 +146,9 @@ def extract_answer(text: str, *, extract: ExtractMode = "boxed", after_think: bo
     answer, failure = extract_boxed(text, after_think=after_think)
     if extract == "boxed" or failure is None:
         return answer, failure
-    text = "" if text is None else str(text)
-    if after_think:
-        end = text.rfind("</think>")
-        if end >= 0:
-            text = text[end + len("</think>"):]
-        elif "<think>" in text:
-            return None, "no_answer"
+    text = _answer_region(text, after_think)
+    if text is None:
+        return None, "no_answer"
     stated = None
     for stated in _STATED.finditer(text):
         pass
