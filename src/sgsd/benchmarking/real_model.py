@@ -10,11 +10,12 @@ Phases, each writing into OUTPUT_DIR and reusing what an earlier phase wrote:
    K = 8 teachers from the paper's bank (embedding retrieval, as the paper): per-teacher support and
    polarity at theta = 0.05 (`sgsd.objectives.teacher_polarity`), rewards from flexible grading ->
    polarity.json and a support histogram (polarity.png).
-3. `train`: a short SGSD run with LoRA and flexible rewards on problems the eval phase found solved and
-   unsolved (so that both success and failure rollouts occur), timing each phase of every step
-   (`sgsd.benchmarking.train_step`) -> train/metrics.jsonl, train.json.
+3. `train`: a short SGSD run with LoRA and flexible rewards on two problems the eval phase solved and
+   two it did not (so that both success and failure rollouts occur), sampling at temperature 0.3,
+   timing each phase of every step (`sgsd.benchmarking.train_step`) -> train/metrics.jsonl, train.json.
 What is simplified: greedy rollouts in the polarity phase (the paper samples at temperature 1.1; the
-training phase samples), 256-token completions (many are truncated), a handful of training steps on
+training phase samples, at 0.3 so that this weak model repeats a solution at all: at 0.7 and 128
+tokens it solved nothing in 4 steps), 256-token completions (many are truncated), a handful of training steps on
 test problems (it measures the machinery and its costs, not learning).
 """
 
@@ -62,7 +63,7 @@ def _samples(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_polarity(model_dir: Path, out: Path, *, data_dir: str, num_teachers: int = 8) -> dict[str, Any]:
+def run_polarity(model_dir: Path, out: Path, *, data_dir: str, rollouts: int, num_teachers: int = 8) -> dict[str, Any]:
     import torch
 
     from sgsd.evaluation.benchmarks import load_benchmark
@@ -74,7 +75,7 @@ def run_polarity(model_dir: Path, out: Path, *, data_dir: str, num_teachers: int
     from sgsd.skills.retrieval import make_retriever
     from sgsd.trainers.sgsd_trainer import TeacherSource
 
-    samples = _samples(out)
+    samples = _samples(out)[:rollouts]
     problems = {p.problem_id: p.problem for p in load_benchmark("gsm8k", data_dir=data_dir, limit=len(samples)).problems}
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir), tokenizer=tokenizer).eval()
@@ -105,6 +106,7 @@ def run_polarity(model_dir: Path, out: Path, *, data_dir: str, num_teachers: int
         rows.append({"problem_id": sample["problem_id"], "success": bool(reward.item() > 0),
                      "support": support[0].tolist(), "polarity": polarity[0].tolist(),
                      "skills": [t.skill.skill_id for t in teachers]})
+        print(f"  polarity: {len(rows)}/{len(samples)} rollouts, {time.perf_counter() - start:.0f} s", flush=True)
     summary = polarity_summary(rows)
     summary["seconds"] = time.perf_counter() - start
     atomic_write_json(out / "polarity.json", {"summary": summary, "rollouts": rows})
@@ -163,8 +165,8 @@ def plot_support(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def run_train(model_dir: Path, out: Path, *, data_dir: str, steps: int, max_new_tokens: int,
-              num_teachers: int) -> dict[str, Any]:
+def run_train(model_dir: Path, out: Path, *, data_dir: str, steps: int, max_new_tokens: int, num_teachers: int,
+              temperature: float) -> dict[str, Any]:
     from sgsd.benchmarking.train_step import profile_training
     from sgsd.evaluation.benchmarks import load_benchmark
 
@@ -173,7 +175,7 @@ def run_train(model_dir: Path, out: Path, *, data_dir: str, steps: int, max_new_
     unsolved = [s for s in samples if not s["flexible_correct"]]
     if not solved:
         raise SystemExit("the eval phase solved no problem: no success rollouts to expect; run more problems")
-    chosen = solved[:4] + unsolved[:4]
+    chosen = solved[:2] + unsolved[:2]  # every step sees all four: two solvable, two not
     problems = {s["problem_id"] for s in chosen}
     data = out / "train_problems.jsonl"
     rows = [p for p in load_benchmark("gsm8k", data_dir=data_dir, limit=len(samples)).problems
@@ -183,7 +185,8 @@ def run_train(model_dir: Path, out: Path, *, data_dir: str, steps: int, max_new_
     overrides = [f"model.name_or_path={model_dir}", f"data.path={data}", f"skills.bank={PAPER_BANK}",
                  f"skills.num_teachers={num_teachers}", "skills.retrieval=embedding", "model.lora.enabled=true",
                  "model.lora.r=16", "model.lora.alpha=32", f"generation.max_new_tokens={max_new_tokens}",
-                 "generation.temperature=1.0", "sgsd.confidence_threshold=0.05", "reward.extract=flexible",
+                 f"generation.temperature={temperature}", f"sgsd.confidence_threshold={THETA}",
+                 "reward.extract=flexible",
                  "training.learning_rate=1e-4", "training.prompts_per_device=4", f"training.save_steps={steps}",
                  "training.deterministic=false"]
     run_dir = out / "train"
@@ -209,8 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--problems", type=int, default=50)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--polarity-rollouts", type=int, default=50, help="eval completions scored (the first N)")
+    parser.add_argument("--polarity-teachers", type=int, default=8, help="teachers per rollout (paper: 8)")
     parser.add_argument("--train-steps", type=int, default=4)
-    parser.add_argument("--train-max-new-tokens", type=int, default=128)
+    parser.add_argument("--train-max-new-tokens", type=int, default=192)
+    parser.add_argument("--train-temperature", type=float, default=0.3,
+                        help="sampling temperature of the training run (low: the model must repeat a solution)")
     parser.add_argument("--train-teachers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default; 1 is far faster on a machine shared with others)")
@@ -231,10 +238,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run_eval(model_dir, out, data_dir=args.data_dir, problems=args.problems,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
         elif phase == "polarity":
-            result = run_polarity(model_dir, out, data_dir=args.data_dir)
+            result = run_polarity(model_dir, out, data_dir=args.data_dir, rollouts=args.polarity_rollouts,
+                                  num_teachers=args.polarity_teachers)
         elif phase == "train":
             result = run_train(model_dir, out, data_dir=args.data_dir, steps=args.train_steps, max_new_tokens=args.train_max_new_tokens,
-                               num_teachers=args.train_teachers)
+                               num_teachers=args.train_teachers, temperature=args.train_temperature)
         else:
             raise SystemExit(f"unknown phase {phase!r} (choose from {', '.join(PHASES)})")
         shown = {k: v for k, v in result.items() if k not in ("steps", "times", "table")}
