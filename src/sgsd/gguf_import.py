@@ -116,7 +116,8 @@ def gguf_architecture(path: Path) -> str:
         value = reader.get_field("general.architecture")
         architecture = value.contents() if value is not None else None
     except Exception as err:  # noqa: BLE001 - any reader failure means an unusable file: one line
-        raise UserError(f"{path}: unreadable GGUF file ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise UserError(f"{path}: unreadable GGUF file ({type(err).__name__}: {first_line})") from None
     if not isinstance(architecture, str) or not architecture:
         raise UserError(f"{path}: GGUF file without general.architecture metadata")
     return architecture

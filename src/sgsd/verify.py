@@ -138,7 +138,8 @@ def extract_answer(text: str, *, extract: ExtractMode = "boxed", after_think: bo
     "boxed": `extract_boxed`. "flexible": the last complete box; otherwise the LAST stated answer
     ("the answer is 15,000", "#### 18"; the result of a stated calculation, "the answer is 40 - 5 = 25"),
     so that a number of the reasoning before or after the statement is not taken; otherwise the last
-    number of the text; (None, "no_answer") when there is no number at all. Numbers lose their thousands separators ("15,000" -> "15000"). `after_think` limits every mode to
+    number of the text; (None, "no_answer") when there is no number at all. Numbers lose their
+    thousands separators ("15,000" -> "15000"). `after_think` limits every mode to
     the text after the last `</think>`.
     """
     if extract not in EXTRACT_MODES:

@@ -76,7 +76,8 @@ def run_polarity(model_dir: Path, out: Path, *, data_dir: str, rollouts: int, nu
     from sgsd.trainers.sgsd_trainer import TeacherSource
 
     samples = _samples(out)[:rollouts]
-    problems = {p.problem_id: p.problem for p in load_benchmark("gsm8k", data_dir=data_dir, limit=len(samples)).problems}
+    benchmark = load_benchmark("gsm8k", data_dir=data_dir, limit=len(samples))
+    problems = {p.problem_id: p.problem for p in benchmark.problems}
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir), tokenizer=tokenizer).eval()
     bank = load_bank(PAPER_BANK)
@@ -88,7 +89,9 @@ def run_polarity(model_dir: Path, out: Path, *, data_dir: str, rollouts: int, nu
     rows: list[dict[str, Any]] = []
     for sample in samples:
         problem = problems[sample["problem_id"]]
-        ids = tokenizer(sample["completion"], add_special_tokens=False)["input_ids"] + ([] if sample["truncated"] else [eos])
+        # the completion text re-tokenized (samples keep text, not ids), with the eos it ended on
+        ids = tokenizer(sample["completion"], add_special_tokens=False)["input_ids"]
+        ids += [] if sample["truncated"] else [eos]
         completion = torch.tensor([ids])
         mask = torch.ones_like(completion)
         teachers = source.teachers_for([problem])[0]
@@ -241,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run_polarity(model_dir, out, data_dir=args.data_dir, rollouts=args.polarity_rollouts,
                                   num_teachers=args.polarity_teachers)
         elif phase == "train":
-            result = run_train(model_dir, out, data_dir=args.data_dir, steps=args.train_steps, max_new_tokens=args.train_max_new_tokens,
+            result = run_train(model_dir, out, data_dir=args.data_dir, steps=args.train_steps,
+                               max_new_tokens=args.train_max_new_tokens,
                                num_teachers=args.train_teachers, temperature=args.train_temperature)
         else:
             raise SystemExit(f"unknown phase {phase!r} (choose from {', '.join(PHASES)})")
