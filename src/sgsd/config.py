@@ -3,8 +3,8 @@
 A YAML file mirrors `RunConfig` (sections `model`, `data`, `prompt`, `generation`, `skills`, `sgsd`,
 `grpo`, `opsd`, `sgsd_pg`, `reward`, `training`, and the top-level `method`). `inherit: other.yaml`
 (relative to the file) loads a base file first, so recipes of several methods can share one data,
-prompt and generation block. Unknown keys are refused with a message naming the key and file; inconsistent settings are
-refused by `validate()` with a message that says how to fix them.
+prompt and generation block. Unknown keys are refused with a message naming the key and file;
+inconsistent settings are refused by `validate()` with a message that says how to fix them.
 """
 
 from __future__ import annotations
