@@ -8,8 +8,8 @@ Phases, each writing into OUTPUT_DIR and reusing what an earlier phase wrote:
    flexible, with 95% bootstrap intervals (`sgsd eval` underneath) -> eval/results.json, samples.
 2. `polarity`: the eval phase's completions as rollouts, scored by the student (plain prompt) and by
    K = 8 teachers from the paper's bank (embedding retrieval, as the paper): per-teacher support and
-   polarity at theta = 0.05 (`sgsd.objectives.teacher_polarity`), rewards from flexible grading ->
-   polarity.json and a support histogram (polarity.png).
+   polarity at theta = 0.05 and under the length-free z test (`sgsd.objectives.teacher_polarity`),
+   rewards from flexible grading -> polarity.json and a support histogram (polarity.png).
 3. `train`: a short SGSD run with LoRA and flexible rewards on two problems the eval phase solved and
    two it did not (so that both success and failure rollouts occur), sampling at temperature 0.3,
    timing each phase of every step (`sgsd.benchmarking.train_step`) -> train/metrics.jsonl, train.json.
@@ -34,6 +34,7 @@ PAPER_BANK = ROOT / "configs/paper/qwen3_1b_skill_bank.json"
 SGSD_RECIPE = ROOT / "configs/tiny/sgsd.yaml"
 PHASES = ("eval", "polarity", "train")
 THETA = 0.05  # the paper's confidence threshold
+Z = 1.96  # the length-free test's default (two-sided 5%)
 CLIP_DELTA = 3.0
 
 
@@ -104,10 +105,15 @@ def run_polarity(model_dir: Path, out: Path, *, data_dir: str, rollouts: int, nu
             student_logps = completion_logprobs(model, plain, torch.ones_like(plain), completion, mask)
         reward = torch.tensor([1.0 if sample["flexible_correct"] else 0.0])
         weights = torch.tensor([[t.weight for t in teachers]])
-        support, polarity = teacher_polarity(student_logps, teacher_logps, counted_mask(completion, mask, table),
-                                             reward, weights, clip_delta=CLIP_DELTA, confidence_threshold=THETA)
+        counted = counted_mask(completion, mask, table)
+        support, polarity = teacher_polarity(student_logps, teacher_logps, counted, reward, weights,
+                                             clip_delta=CLIP_DELTA, confidence_threshold=THETA)
+        # the length-free test: a sign counts when |mean| / standard error over the counted tokens > 1.96
+        _, polarity_z = teacher_polarity(student_logps, teacher_logps, counted, reward, weights,
+                                         clip_delta=CLIP_DELTA, polarity_test="z", polarity_z=Z)
         rows.append({"problem_id": sample["problem_id"], "success": bool(reward.item() > 0),
                      "support": support[0].tolist(), "polarity": polarity[0].tolist(),
+                     "polarity_z": polarity_z[0].tolist(), "counted_tokens": int(counted.sum()),
                      "skills": [t.skill.skill_id for t in teachers]})
         print(f"  polarity: {len(rows)}/{len(samples)} rollouts, {time.perf_counter() - start:.0f} s", flush=True)
     summary = polarity_summary(rows)
@@ -118,28 +124,33 @@ def run_polarity(model_dir: Path, out: Path, *, data_dir: str, rollouts: int, nu
 
 
 def polarity_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Fractions of teachers by polarity and by (outcome, sign of support) quadrant; support quantiles."""
+    """Fractions of teachers by polarity and by (outcome, sign of support) quadrant under the theta test
+    and the z test; support quantiles."""
     import numpy as np
 
     support = np.array([s for r in rows for s in r["support"]])
-    polarity = np.array([p for r in rows for p in r["polarity"]])
     success = np.array([r["success"] for r in rows for _ in r["support"]])
-    active = np.abs(support) > THETA
 
     def fraction(flags: Any) -> float:
         return float(flags.mean()) if flags.size else float("nan")
 
+    def by_test(key: str) -> dict[str, Any]:
+        polarity = np.array([p for r in rows for p in r[key]])
+        signed = polarity != 0
+        return {
+            "helpful_fraction": fraction(polarity > 0), "harmful_fraction": fraction(polarity < 0),
+            "neutral_fraction": fraction(polarity == 0),
+            # the paper's names: success & q > p helpful, success & q < p over-suppressive,
+            # failure & q > p misleading, failure & q < p warning (teachers whose sign counts)
+            "quadrants": {"helpful": fraction(success & signed & (support > 0)),
+                          "over_suppressive": fraction(success & signed & (support < 0)),
+                          "misleading": fraction(~success & signed & (support > 0)),
+                          "warning": fraction(~success & signed & (support < 0))},
+        }
+
     return {
         "rollouts": len(rows), "teachers": int(support.size), "successes": int(sum(r["success"] for r in rows)),
-        "helpful_fraction": fraction(polarity > 0), "harmful_fraction": fraction(polarity < 0),
-        "neutral_fraction": fraction(polarity == 0),
-        # the paper's names: success & q > p helpful, success & q < p over-suppressive,
-        # failure & q > p misleading, failure & q < p warning (counted only past theta)
-        "quadrants": {"helpful": fraction(success & (support > THETA)),
-                      "over_suppressive": fraction(success & (support < -THETA)),
-                      "misleading": fraction(~success & (support > THETA)),
-                      "warning": fraction(~success & (support < -THETA))},
-        "active_fraction": fraction(active),
+        "theta_test": by_test("polarity"), "z_test": by_test("polarity_z"),
         "support_quantiles": {str(q): float(np.quantile(support, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
         "support_abs_mean": float(np.abs(support).mean()),
     }
