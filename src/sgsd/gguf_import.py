@@ -20,6 +20,7 @@ transformers cannot read, a non-empty output directory) is a `UserError`, raised
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -232,8 +233,6 @@ def load_from_gguf(path: Path) -> tuple[Any, Any]:
 def plain_copy(model: Any) -> Any:
     """A fresh model of the same config without the GGUF quantization record, holding the same weights
     (`save_pretrained` refuses the GGUF-loaded model itself)."""
-    import copy
-
     from transformers import AutoModelForCausalLM
 
     config = copy.deepcopy(model.config)
@@ -303,7 +302,7 @@ def import_gguf(source: str, output: str | os.PathLike, *, log: Callable[[str], 
     log(f"loading {path} ({architecture}, dequantized to fp32)")
     gguf_tokenizer, gguf_model = load_from_gguf(path)
     model = plain_copy(gguf_model)
-    tokenizer = _copy_tokenizer(gguf_tokenizer)
+    tokenizer = copy.deepcopy(gguf_tokenizer)  # corrected below; the GGUF's own stays the reference
     corrections = correct_special_tokens(tokenizer, model)
     for line in corrections:
         log(f"corrected {line}")
@@ -322,12 +321,6 @@ def import_gguf(source: str, output: str | os.PathLike, *, log: Callable[[str], 
         os.replace(staging, out)
     log(f"verified: logits equal the GGUF-loaded model's on {report.verified_prompts} chat prompts")
     return report
-
-
-def _copy_tokenizer(tokenizer: Any) -> Any:
-    import copy
-
-    return copy.deepcopy(tokenizer)
 
 
 def _check_written_tokens(written_tokenizer: Any, written_model: Any, corrected: Any) -> None:
