@@ -100,9 +100,7 @@ def extract_boxed(text: str, *, after_think: bool = False) -> tuple[str | None, 
     text = _answer_region(text, after_think)
     if text is None:
         return None, "no_answer"
-    last = None
-    for last in _BOX_START.finditer(text):
-        pass
+    last = _last_match(_BOX_START, text)
     if last is None:
         return None, "no_answer"
     depth = 1
@@ -116,6 +114,13 @@ def extract_boxed(text: str, *, after_think: bool = False) -> tuple[str | None, 
                 answer = _clean_answer(text[last.end():token.start()])
                 return (answer, None) if answer else ("", "no_answer")
     return None, "unbalanced"
+
+
+def _last_match(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
+    last = None
+    for last in pattern.finditer(text):
+        pass
+    return last
 
 
 def _answer_region(text: Any, after_think: bool) -> str | None:
@@ -150,16 +155,12 @@ def extract_answer(text: str, *, extract: ExtractMode = "boxed", after_think: bo
     text = _answer_region(text, after_think)
     if text is None:
         return None, "no_answer"
-    stated = None
-    for stated in _STATED.finditer(text):
-        pass
+    stated = _last_match(_STATED, text)
     if stated is not None:
         calculation = _CALCULATION.match(text, stated.end())
         answer = calculation.group(1) if calculation else stated.group(1)
         return answer.replace(",", ""), None
-    number = None
-    for number in _NUMBER_RE.finditer(text):
-        pass
+    number = _last_match(_NUMBER_RE, text)
     if number is not None:
         return number.group().replace(",", ""), None
     return None, "no_answer"
