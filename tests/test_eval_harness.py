@@ -12,9 +12,9 @@ from sgsd.cli import main
 from sgsd.errors import DataError, UserError
 from sgsd.evaluation.benchmarks import BENCHMARKS as REGISTRY
 from sgsd.evaluation.benchmarks import load_benchmark
-from sgsd.evaluation.generation import Completion, HFGenerator, SamplingConfig
 from sgsd.evaluation.report import format_comparison, format_results, load_run, plot_comparison
 from sgsd.evaluation.runner import BenchmarkResult, EvalSettings, run_evaluation
+from sgsd.generation import Completion, HFGenerator, SamplingConfig
 from sgsd.prompts import INSTRUCTION, ChatStyle, render_chat, student_prompt
 
 # ------------------------------------------------------------------------------------------ benchmarks
@@ -276,7 +276,7 @@ def test_cli_skill_retriever_and_backend_choice():
 
     from sgsd.commands.evaluate import _retriever
     from sgsd.errors import ConfigError
-    from sgsd.evaluation.generation import choose_backend, vllm_usable
+    from sgsd.generation import choose_backend, vllm_usable
 
     bank = require_shared(REFERENCE_BANKS) / "qwen3_1b_skill_bank.json"
     retriever = _retriever(argparse.Namespace(skills=str(bank), retrieval="bm25", embedder=None))

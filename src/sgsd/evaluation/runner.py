@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Hashable, Sequence
 
 from sgsd.evaluation.benchmarks import Benchmark, Problem, load_benchmark
-from sgsd.evaluation.generation import Completion, Generator, SamplingConfig
+from sgsd.generation import Completion, Generator, SamplingConfig
 from sgsd.evaluation.metrics import avg_at_k, bootstrap_ci, majority_correct, mean_pass_at_k, per_problem_accuracy
 from sgsd.prompts import ChatStyle, render_chat, render_guidance, student_prompt, teacher_prompt
 from sgsd.verify import FAILURE_KINDS, GradeResult, grade_batch
