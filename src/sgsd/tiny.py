@@ -107,11 +107,3 @@ def build_tiny_model(tokenizer: Any, *, seed: int = 0, **config_kwargs: Any) -> 
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
 
-
-def save_tiny(directory: str, *, seed: int = 0, extra_corpus: Iterable[str] = (), **config_kwargs: Any) -> str:
-    """Build a tiny model and tokenizer and save both in Hugging Face format under `directory`."""
-    tokenizer = build_tokenizer(extra_corpus)
-    model = build_tiny_model(tokenizer, seed=seed, **config_kwargs)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory

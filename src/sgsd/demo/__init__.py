@@ -5,8 +5,8 @@ Light to import (torch and transformers are imported inside the functions that n
 
 Typical use (what `sgsd demo` does before training)::
 
-    from sgsd.demo import DEMO_PRESETS, warm_start, write_seed_bank, accuracy
-    config = DEMO_PRESETS["quick"]
+    from sgsd.demo import DEMO_WARMUP, warm_start, write_seed_bank, accuracy
+    config = DEMO_WARMUP
     start = warm_start(config)                        # cached under ~/.cache/sgsd/demo/<hash>
     write_seed_bank(out / "seed_bank.json")           # loads with sgsd.skills.load_bank
     base = accuracy(start.model, start.tokenizer, start.world.test, k=4)
@@ -14,7 +14,7 @@ Typical use (what `sgsd demo` does before training)::
 
 from sgsd.demo.bank import LABELS, hint_effect, item_labels, seed_bank, write_seed_bank
 from sgsd.demo.evaluate import AccuracyEstimate, Rollouts, accuracy, bootstrap_interval, sample, student_text, subset
-from sgsd.demo.presets import DEMO_PRESETS
+from sgsd.demo.presets import DEMO_WARMUP
 from sgsd.demo.warmup import (
     ModelShape,
     WarmStart,
@@ -39,7 +39,7 @@ from sgsd.demo.world import (
 )
 
 __all__ = [
-    "DEMO_PRESETS", "LABELS", "AccuracyEstimate", "MistakeRates", "ModelShape", "Problem", "Rollouts", "WarmStart",
+    "DEMO_WARMUP", "LABELS", "AccuracyEstimate", "MistakeRates", "ModelShape", "Problem", "Rollouts", "WarmStart",
     "WarmupConfig", "WarmupReport", "World", "WorldConfig", "accuracy", "bootstrap_interval", "boxed_integer",
     "default_cache_root", "hint_effect", "hint_prompt", "is_correct", "item_labels", "load_seed_bank", "make_world",
     "reference_prompt", "sample", "seed_bank", "student_text", "subset", "to_training_problems", "warm_start",

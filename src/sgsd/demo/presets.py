@@ -1,4 +1,4 @@
-"""The demo's warm-up preset, sized for a 2-core CPU; `sgsd demo` and `sgsd demo --quick` share it.
+"""The demo's warm-up settings, sized for a 2-core CPU; `sgsd demo` and `sgsd demo --quick` share them.
 
 One warm start for both, so a quick run warms the cache for the full one (and the other way round).
 Measured with `python -m sgsd.demo.measure` on an idle 2-core machine (torch 2.13 CPU, 2 threads):
@@ -23,5 +23,3 @@ from sgsd.demo.warmup import WarmupConfig
 from sgsd.demo.world import WorldConfig
 
 DEMO_WARMUP = WarmupConfig(world=WorldConfig(seed=0, num_train=3000, num_test=200), steps=650, early_steps=120)
-
-DEMO_PRESETS: dict[str, WarmupConfig] = {"quick": DEMO_WARMUP, "full": DEMO_WARMUP}

@@ -108,10 +108,10 @@ def plan_record(plan: DemoPlan) -> dict[str, Any]:
     """What a run directory under runs/ depends on: the plan without its seed list, and the warm start."""
     from dataclasses import asdict
 
-    from sgsd.demo.presets import DEMO_PRESETS
+    from sgsd.demo.presets import DEMO_WARMUP
 
     return {"plan": {k: v for k, v in asdict(plan).items() if k != "seeds"},
-            "warm_start": DEMO_PRESETS[plan.preset].digest()}
+            "warm_start": DEMO_WARMUP.digest()}
 
 
 def check_reusable(out: Path, record: dict[str, Any]) -> None:
@@ -160,7 +160,7 @@ def _run_demo(output_dir: str | Path, *, quick: bool, seeds: int | None, cache_r
 
     from sgsd.demo.bank import write_seed_bank
     from sgsd.demo.evaluate import accuracy, subset
-    from sgsd.demo.presets import DEMO_PRESETS
+    from sgsd.demo.presets import DEMO_WARMUP
     from sgsd.demo.report import write_report
     from sgsd.storage import atomic_write_json
     from sgsd.trainers.run import train
@@ -184,7 +184,7 @@ def _run_demo(output_dir: str | Path, *, quick: bool, seeds: int | None, cache_r
     from sgsd.demo.world import write_problems
 
     bar.set_postfix_str("warm start")
-    config = DEMO_PRESETS[plan.preset]
+    config = DEMO_WARMUP
     warmup_bar = tqdm(total=config.steps, desc="warm-up (cached after the first run)", leave=False,
                       disable=not progress)
 
@@ -234,6 +234,3 @@ def _run_demo(output_dir: str | Path, *, quick: bool, seeds: int | None, cache_r
     bar.close()
     return results
 
-
-def load_results(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
