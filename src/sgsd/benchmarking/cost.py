@@ -100,8 +100,7 @@ class PaperScaleEstimate:
     logit_tensors: Sequence[str]
     teacher_chunk_buffer_gb: float  # one fp32 [chunk, V] buffer of the real path's teacher scoring
     student_chunk_buffer_gb: float  # the same for the student's chunk (min(chunk, B x T) rows)
-    scoring_chunk_gb: float  # scoring.py today: 3 teacher buffers / 5 student-backward buffers, the larger
-    lean_chunk_gb: float  # the lean head: one buffer
+    head_peak_gb: float  # the chunked LM head (`sgsd.lm_head`) holds one buffer at a time: the larger one
     real_activations_gb: float  # decoder activations kept for the student backward: B rows
     naive_activations_gb: float  # the same for B x K student rows
 
@@ -115,9 +114,8 @@ def paper_scale_estimate(*, teachers: int = 8, completion_tokens: int = 1024, st
     FLOPs are those of full fine-tuning (with LoRA the weight-gradient half of the backward mostly
     disappears, for both paths alike). Naive memory: the model's logits in `logit_bytes` (2: bf16, the
     paper's precision) and the fp32 log-softmax of the completion positions, student and teacher rows.
-    Real path: `chunk_tokens` rows of fp32 logits at a time; `sgsd.scoring.token_logprobs` holds about 3
-    such buffers without gradient (logits and logsumexp temporaries) and 5 in the student's backward
-    (measured on CPU, tests/test_bench_lean_head.py), the lean head one.
+    Real path: `chunk_tokens` rows of fp32 logits at a time; `sgsd.lm_head.token_logprobs` holds one
+    such buffer, with and without gradient (measured on CPU, tests/test_lm_head.py).
     Activations saved for the backward: 34 x hidden bytes per token and layer (16-bit, fused attention,
     no recomputation; Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
     Models", section 4.1), for the student rows only (teachers run without gradient).
@@ -152,7 +150,6 @@ def paper_scale_estimate(*, teachers: int = 8, completion_tokens: int = 1024, st
         naive_tflop=naive / 1e12, naive_over_real=naive / (student + teacher),
         naive_logits_gb=naive_bytes / 1e9, logit_tensors=tensors, teacher_chunk_buffer_gb=teacher_buffer / 1e9,
         student_chunk_buffer_gb=student_buffer / 1e9,
-        scoring_chunk_gb=max(3 * teacher_buffer, 5 * student_buffer) / 1e9,
-        lean_chunk_gb=max(teacher_buffer, student_buffer) / 1e9,
+        head_peak_gb=max(teacher_buffer, student_buffer) / 1e9,
         real_activations_gb=b * activations_per_row / 1e9, naive_activations_gb=b * k * activations_per_row / 1e9,
     )

@@ -62,7 +62,6 @@ class StepBenchResult:
     loss: float
     active_rollouts: int
     chunk_tokens: int
-    lean_head: bool
     skip_neutral_rows: bool
     device: str
     threads: int
@@ -125,7 +124,7 @@ class StepBench:
                 batch, teacher_batch_rows=config.settings.teacher_batch_rows,
                 skip_neutral_rows=config.settings.skip_neutral_rows),
             achieved_gflops=flops / 1e9 / timing.median_s, loss=float(out.loss), active_rollouts=out.active_rollouts,
-            chunk_tokens=config.settings.chunk_tokens, lean_head=config.settings.lean_head and not config.naive,
+            chunk_tokens=config.settings.chunk_tokens,
             skip_neutral_rows=config.settings.skip_neutral_rows and not config.naive,
             device=str(self.device), threads=torch.get_num_threads(),
         )
@@ -136,16 +135,12 @@ RATIOS: dict[str, tuple[str, str, str, float | None]] = {
     "scaling": ("real_k", "real_k1", "loss_phase_s", TARGET_SCALING),
     "time_vs_naive": ("real_k", "naive_k", "loss_phase_s", TARGET_TIME_VS_NAIVE),
     "memory_vs_naive": ("real_k", "naive_k", "peak_mem_mb", TARGET_MEMORY_VS_NAIVE),
-    "lean_scaling": ("lean_k", "lean_k1", "loss_phase_s", TARGET_SCALING),
-    "lean_time_vs_naive": ("lean_k", "naive_k", "loss_phase_s", TARGET_TIME_VS_NAIVE),
-    "lean_memory_vs_naive": ("lean_k", "naive_k", "peak_mem_mb", TARGET_MEMORY_VS_NAIVE),
-    "lean_time_vs_scoring": ("lean_k", "real_k", "loss_phase_s", None),
 }
 
 
 @dataclass(frozen=True)
 class CompareRound:
-    """The runs of one round: real_k1, real_k, naive_k (and lean_k1, lean_k with the lean head)."""
+    """The runs of one round: real_k1, real_k, naive_k."""
 
     runs: dict[str, StepBenchResult]
 
@@ -156,10 +151,8 @@ class CompareRound:
         return getattr(self.runs[top], key) / getattr(self.runs[bottom], key)
 
 
-def compare(config: StepBenchConfig, *, rounds: int = 5, progress: Any = None, lean: bool = False
-            ) -> list[CompareRound]:
-    """Real K=1, real K, naive K (K = config.batch.teachers) on one model, `rounds` times interleaved;
-    with `lean`, also the real path with the lean head at K=1 and K.
+def compare(config: StepBenchConfig, *, rounds: int = 5, progress: Any = None) -> list[CompareRound]:
+    """Real K=1, real K, naive K (K = config.batch.teachers) on one model, `rounds` times interleaved.
 
     Warm-up runs and the peak-memory run (deterministic) happen in the first round only; every round
     times `config.repeats` runs of each path, so a burst of load on a shared machine hits one round.
@@ -167,13 +160,9 @@ def compare(config: StepBenchConfig, *, rounds: int = 5, progress: Any = None, l
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     bench = StepBench(config.model, device=config.device, seed=config.batch.seed)
-    real = replace(config, naive=False, settings=replace(config.settings, lean_head=False))
+    real = replace(config, naive=False)
     configs = {"real_k1": replace(real, batch=replace(config.batch, teachers=1)), "real_k": real,
                "naive_k": replace(config, naive=True)}
-    if lean:
-        lean_settings = replace(config.settings, lean_head=True)
-        configs["lean_k1"] = replace(configs["real_k1"], settings=lean_settings)
-        configs["lean_k"] = replace(real, settings=lean_settings)
     out: list[CompareRound] = []
     for index in range(rounds):
         runs = {}
