@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sgsd.benchmarking.cost import paper_scale_estimate, phase_flops, teacher_padding_fraction
-from sgsd.benchmarking.synthetic import ModelShape, SyntheticBatch
+from sgsd.benchmarking.synthetic import SyntheticBatch
+from sgsd.tiny import ModelShape
 from sgsd.benchmarking.train_step import profile_from_records, timed_reward
 from sgsd.cli import main
 
@@ -95,7 +96,7 @@ def test_bad_input_is_one_line_exit_2(capsys, argv, needle):
 
 
 def test_flops_against_a_hand_count():
-    shape = ModelShape(vocab=16, hidden=4, layers=1, heads=1, kv_heads=1, intermediate=4)
+    shape = ModelShape(hidden_size=4, num_layers=1, num_heads=1, num_kv_heads=1, intermediate_size=4, vocab_size=16)
     # layer weights: attention 4 x 4 x (2 + 2) = 64, MLP 3 x 4 x 4 = 48 -> 112; head 4 x 16 = 64
     assert shape.parameter_counts() == (112, 64)
     batch = SyntheticBatch(student_prompt_ids=[[1, 2]], teacher_prompt_ids=[[[3, 1, 2]]],

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from sgsd.benchmarking.phases import LossSettings, naive_loss_phase, real_loss_phase
-from sgsd.benchmarking.synthetic import BatchShape, ModelShape, SyntheticBatch, build_model, make_batch
+from sgsd.benchmarking.synthetic import BatchShape, SyntheticBatch, build_model, make_batch
+from sgsd.tiny import ModelShape
 
-SHAPE = ModelShape(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64)
+SHAPE = ModelShape(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, vocab_size=64)
 # theta = 0: a random model's |support| is far below the paper's 0.05 (every teacher would be neutral,
 # the loss 0 and the gradient comparison empty).
 SETTINGS = LossSettings(confidence_threshold=0.0)
@@ -36,7 +37,7 @@ def model():
 @pytest.fixture(scope="module")
 def batch():
     # 3 rollouts of different completion lengths, 4 teachers with prompts of different lengths
-    return make_batch(BatchShape(rollouts=3, teachers=4, completion_tokens=12, seed=1), SHAPE.vocab)
+    return make_batch(BatchShape(rollouts=3, teachers=4, completion_tokens=12, seed=1), SHAPE.vocab_size)
 
 
 def _run(phase, model, batch, **kwargs):
@@ -129,7 +130,13 @@ def test_synthetic_batch_is_seeded():
     assert int(a.completion_ids.max()) < 100 and int(a.completion_ids[a.completion_mask.bool()].min()) >= 1
 
 
-@pytest.mark.parametrize("bad", [dict(hidden=30, heads=4), dict(vocab=8), dict(heads=4, kv_heads=3)])
+@pytest.mark.parametrize("bad", [dict(hidden_size=30, num_heads=4), dict(vocab_size=0),
+                                 dict(num_heads=4, num_kv_heads=3)])
 def test_model_shape_rejects_inconsistent_sizes(bad):
     with pytest.raises(ValueError):
         ModelShape(**bad)
+
+
+def test_synthetic_batch_needs_room_for_the_pad_id():
+    with pytest.raises(ValueError, match="vocab must be at least 16"):
+        make_batch(BatchShape(), 8)

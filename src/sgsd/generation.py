@@ -49,6 +49,9 @@ class Completion:
     text: str
     num_tokens: int  # generated tokens, end-of-sequence token excluded
     truncated: bool  # stopped by max_new_tokens before an end-of-sequence token
+    # the generated ids up to and including the end-of-sequence token when there is one (what a trainer
+    # scores: TRL's completion mask counts it); empty where a backend does not report ids
+    token_ids: tuple[int, ...] = ()
 
 
 class Generator(Protocol):
@@ -75,13 +78,21 @@ class HFGenerator:
 
     def generate(self, prompts: Sequence[str], n: int, sampling: SamplingConfig,
                  on_progress: Callable[[int], None] | None = None) -> list[list[Completion]]:
+        was_training = self.model.training  # generation runs in eval mode; the caller's mode is restored
+        self.model.eval()
+        try:
+            return self._generate(prompts, n, sampling, on_progress)
+        finally:
+            self.model.train(was_training)
+
+    def _generate(self, prompts: Sequence[str], n: int, sampling: SamplingConfig,
+                  on_progress: Callable[[int], None] | None) -> list[list[Completion]]:
         import torch
 
         encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
         results: list[list[Completion | None]] = [[None] * n for _ in prompts]
         device = next(self.model.parameters()).device
-        self.model.eval()
         for batch_index, start in enumerate(range(0, len(jobs), self.batch_size)):
             batch = jobs[start:start + self.batch_size]
             width = max(len(encoded[i]) for i, _ in batch)
@@ -109,7 +120,9 @@ class HFGenerator:
         end = next((t for t, token in enumerate(new_ids) if token in self.eos_ids), None)
         kept = new_ids if end is None else new_ids[:end]
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        return Completion(text, len(kept), truncated=end is None and len(new_ids) >= max_new_tokens)
+        scored = kept if end is None else new_ids[: end + 1]
+        return Completion(text, len(kept), truncated=end is None and len(new_ids) >= max_new_tokens,
+                          token_ids=tuple(scored))
 
 
 def _sampling_kwargs(sampling: SamplingConfig) -> dict[str, Any]:
@@ -150,8 +163,8 @@ class VLLMGenerator:
             max_tokens=sampling.max_new_tokens, seed=sampling.seed,
         )
         outputs = self.llm.generate(list(prompts), params, lora_request=self.lora_request, use_tqdm=False)
-        results = [[Completion(o.text, len(o.token_ids), o.finish_reason == "length") for o in out.outputs]
-                   for out in outputs]
+        results = [[Completion(o.text, len(o.token_ids), o.finish_reason == "length", tuple(o.token_ids))
+                    for o in out.outputs] for out in outputs]
         if on_progress is not None:
             on_progress(len(prompts) * n)
         return results

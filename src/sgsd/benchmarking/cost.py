@@ -14,10 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from sgsd.benchmarking.synthetic import ModelShape, SyntheticBatch
+from sgsd.benchmarking.synthetic import SyntheticBatch
+from sgsd.tiny import ModelShape
 
 # Qwen3-1.7B (config.json of Qwen/Qwen3-1.7B): tied embeddings, so its LM head is the embedding matrix.
-QWEN3_1_7B = ModelShape(vocab=151936, hidden=2048, layers=28, heads=16, kv_heads=8, intermediate=6144)
+QWEN3_1_7B = ModelShape(hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8, intermediate_size=6144,
+                        vocab_size=151936)
 QWEN3_1_7B_HEAD_DIM = 128  # Qwen3 uses head_dim 128 (q width 2048 = 16 x 128)
 
 
@@ -32,9 +34,10 @@ class RowGroup:
 
 def _forward_flops(shape: ModelShape, group: RowGroup, *, head_positions: int | None = None) -> float:
     layer_params, head_params = shape.parameter_counts()
-    q_width = shape.hidden  # tiny_qwen3_config: head_dim = hidden / heads
+    q_width = shape.hidden_size  # tiny_qwen3_config: head_dim = hidden / heads
     tokens = group.rows * group.length
-    attention = 2.0 * shape.layers * q_width * group.length * group.length * group.rows  # causal: QK and AV, half
+    # causal: QK and AV, half of the square
+    attention = 2.0 * shape.num_layers * q_width * group.length * group.length * group.rows
     head = 2.0 * head_params * group.rows * (group.scored if head_positions is None else head_positions)
     return 2.0 * layer_params * tokens + attention + head
 
@@ -120,13 +123,13 @@ def paper_scale_estimate(*, teachers: int = 8, completion_tokens: int = 1024, st
     no recomputation; Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
     Models", section 4.1), for the student rows only (teachers run without gradient).
     """
-    layer_params = shape.layers * (shape.hidden * head_dim * (2 * shape.heads + 2 * shape.kv_heads)
-                                   + 3 * shape.hidden * shape.intermediate)
-    head_params = shape.hidden * shape.vocab
-    q_width = head_dim * shape.heads
+    attention_params = shape.hidden_size * head_dim * (2 * shape.num_heads + 2 * shape.num_kv_heads)
+    layer_params = shape.num_layers * (attention_params + 3 * shape.hidden_size * shape.intermediate_size)
+    head_params = shape.hidden_size * shape.vocab_size
+    q_width = head_dim * shape.num_heads
 
     def forward(rows: int, length: int, scored: int) -> float:
-        attention = 2.0 * shape.layers * q_width * length * length * rows
+        attention = 2.0 * shape.num_layers * q_width * length * length * rows
         return 2.0 * layer_params * rows * length + attention + 2.0 * head_params * rows * scored
 
     t, b, k = completion_tokens, rollouts, teachers
@@ -134,17 +137,17 @@ def paper_scale_estimate(*, teachers: int = 8, completion_tokens: int = 1024, st
     teacher = forward(b * k, teacher_prompt + t, t)
     naive = 3.0 * forward(b * k, student_prompt + t, student_prompt + t) + forward(
         b * k, teacher_prompt + t, teacher_prompt + t)
-    v4, vl = shape.vocab * 4.0, shape.vocab * float(logit_bytes)
+    v4, vl = shape.vocab_size * 4.0, shape.vocab_size * float(logit_bytes)
     tensors = [
-        f"student logits [B K, P_s + T, V] = {b * k} x {student_prompt + t} x {shape.vocab} x {logit_bytes} B",
-        f"student log-softmax fp32 [B K, T, V] (saved for backward) = {b * k} x {t} x {shape.vocab} x 4 B",
-        f"teacher logits [B K, P_t + T, V] = {b * k} x {teacher_prompt + t} x {shape.vocab} x {logit_bytes} B",
-        f"teacher log-softmax fp32 [B K, T, V] = {b * k} x {t} x {shape.vocab} x 4 B",
+        f"student logits [B K, P_s + T, V] = {b * k} x {student_prompt + t} x {shape.vocab_size} x {logit_bytes} B",
+        f"student log-softmax fp32 [B K, T, V] (saved for backward) = {b * k} x {t} x {shape.vocab_size} x 4 B",
+        f"teacher logits [B K, P_t + T, V] = {b * k} x {teacher_prompt + t} x {shape.vocab_size} x {logit_bytes} B",
+        f"teacher log-softmax fp32 [B K, T, V] = {b * k} x {t} x {shape.vocab_size} x 4 B",
     ]
     naive_bytes = b * k * (vl * (student_prompt + t + teacher_prompt + t) + v4 * 2 * t)
     teacher_buffer = min(chunk_tokens, b * k * t) * v4
     student_buffer = min(chunk_tokens, b * t) * v4
-    activations_per_row = 34.0 * shape.hidden * shape.layers * (student_prompt + t)
+    activations_per_row = 34.0 * shape.hidden_size * shape.num_layers * (student_prompt + t)
     return PaperScaleEstimate(
         student_tflop=student / 1e12, teachers_tflop=teacher / 1e12, real_tflop=(student + teacher) / 1e12,
         naive_tflop=naive / 1e12, naive_over_real=naive / (student + teacher),

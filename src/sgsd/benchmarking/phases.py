@@ -32,10 +32,13 @@ defect) and the loss equals the real path's; the compute is the same whichever p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sgsd.benchmarking.synthetic import PAD_ID, SyntheticBatch
 from sgsd.config import SGSDSettings
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,8 @@ class LossSettings:
 class PhaseOutput:
     """loss: detached 0-d; polarity: [B, K] int64 rho; active_rollouts: rollouts that got a student backward."""
 
-    loss: Any
-    polarity: Any
+    loss: torch.Tensor
+    polarity: torch.Tensor
     active_rollouts: int
 
 

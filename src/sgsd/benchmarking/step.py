@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 from sgsd.benchmarking.cost import phase_flops, teacher_padding_fraction
 from sgsd.benchmarking.phases import LossSettings, naive_loss_phase, real_loss_phase
-from sgsd.benchmarking.synthetic import BatchShape, ModelShape, build_model, make_batch, max_sequence_length
+from sgsd.benchmarking.synthetic import BENCH_MODEL, BatchShape, build_model, make_batch, max_sequence_length
+from sgsd.tiny import ModelShape
 
 # issue 7 targets (ratios measured in one run)
 TARGET_SCALING = 3.2  # time(K) / time(K=1), floor about 2.75 at K = 8
@@ -28,7 +29,7 @@ TARGET_MEMORY_VS_NAIVE = 0.4
 
 @dataclass(frozen=True)
 class StepBenchConfig:
-    model: ModelShape = field(default_factory=ModelShape)
+    model: ModelShape = BENCH_MODEL
     batch: BatchShape = field(default_factory=BatchShape)
     settings: LossSettings = field(default_factory=LossSettings)
     naive: bool = False
@@ -90,7 +91,7 @@ class StepBench:
 
         if config.model != self.model_shape:
             raise ValueError("StepBench.measure: config.model differs from the model this bench was built with")
-        batch = make_batch(config.batch, config.model.vocab).to(self.device)
+        batch = make_batch(config.batch, config.model.vocab_size).to(self.device)
         if max_sequence_length(batch) > self.model.config.max_position_embeddings:
             raise ValueError(f"sequences of {max_sequence_length(batch)} tokens exceed the model's "
                              f"{self.model.config.max_position_embeddings} positions")
@@ -115,7 +116,7 @@ class StepBench:
         return StepBenchResult(
             path="naive" if config.naive else "real", teachers=config.batch.teachers,
             rollouts=config.batch.rollouts, completion_tokens=config.batch.completion_tokens,
-            vocab=config.model.vocab, hidden=config.model.hidden, layers=config.model.layers,
+            vocab=config.model.vocab_size, hidden=config.model.hidden_size, layers=config.model.num_layers,
             loss_phase_s=timing.median_s, loss_phase_min_s=timing.min_s, loss_phase_max_s=timing.max_s,
             repeats_s=timing.repeats, peak_mem_mb=peak.peak_mb if peak else float("nan"),
             mem_method=peak.method if peak else "not measured",
@@ -151,7 +152,8 @@ class CompareRound:
         return getattr(self.runs[top], key) / getattr(self.runs[bottom], key)
 
 
-def compare(config: StepBenchConfig, *, rounds: int = 5, progress: Any = None) -> list[CompareRound]:
+def compare(config: StepBenchConfig, *, rounds: int = 5,
+            progress: Callable[[int, str, StepBenchResult], None] | None = None) -> list[CompareRound]:
     """Real K=1, real K, naive K (K = config.batch.teachers) on one model, `rounds` times interleaved.
 
     Warm-up runs and the peak-memory run (deterministic) happen in the first round only; every round

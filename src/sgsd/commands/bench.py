@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace, *, teachers: int, vocab: int, tokens: int, naive: bool = False) -> Any:
     from sgsd.benchmarking.phases import LossSettings
     from sgsd.benchmarking.step import StepBenchConfig
-    from sgsd.benchmarking.synthetic import BatchShape, ModelShape
+    from sgsd.benchmarking.synthetic import MIN_VOCAB, BatchShape
+    from sgsd.tiny import ModelShape
 
     if args.repeats < 1 or args.warmup < 0:
         raise UserError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
@@ -131,8 +132,11 @@ def _config(args: argparse.Namespace, *, teachers: int, vocab: int, tokens: int,
         raise UserError(f"--completion-tokens {tokens}: at most {MAX_COMPLETION_TOKENS} (prompts add up to 0.6 T and the "
                         "benchmark model has 8192 positions)")
     try:
-        model = ModelShape(vocab=vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
-                           kv_heads=max(args.heads // 2, 1), intermediate=args.intermediate or 3 * args.hidden)
+        if vocab < MIN_VOCAB:
+            raise ValueError(f"--vocab must be at least {MIN_VOCAB} (synthetic token ids avoid the pad id), got {vocab}")
+        model = ModelShape(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                           num_kv_heads=max(args.heads // 2, 1), intermediate_size=args.intermediate or 3 * args.hidden,
+                           vocab_size=vocab)
         batch = BatchShape(rollouts=args.rollouts, teachers=teachers, completion_tokens=tokens, seed=args.seed)
     except ValueError as err:
         raise UserError(f"sgsd bench: {err}") from None

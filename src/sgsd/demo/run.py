@@ -20,9 +20,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from sgsd.config import RunConfig
+
+if TYPE_CHECKING:
+    from sgsd.data import Problem
+    from sgsd.demo.evaluate import AccuracyEstimate
 
 METHODS = ("grpo", "opsd", "sgsd")
 
@@ -58,7 +62,7 @@ class MethodRun:
     method: str
     seed: int
     run_dir: Path
-    final: Any  # AccuracyEstimate
+    final: AccuracyEstimate
     curve: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -84,21 +88,14 @@ def method_config(method: str, plan: DemoPlan, model_dir: Path, data: Path, bank
     return load_config(None, overrides)
 
 
-def shared_grade(completion: str, problem: Any) -> bool:
-    """The project's one grader (`sgsd.verify.grade`), as used for training rewards."""
-    from sgsd.verify import grade
-
-    return grade(completion, problem.answer).correct
-
-
-def evaluate_dir(path: Path, tokenizer: Any, problems: Any, plan: DemoPlan, *, k: int, seed: int) -> Any:
+def evaluate_dir(path: Path, tokenizer: Any, problems: Sequence[Problem], plan: DemoPlan, *, k: int,
+                 seed: int) -> AccuracyEstimate:
     from transformers import AutoModelForCausalLM
 
     from sgsd.demo.evaluate import accuracy
 
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    return accuracy(model, tokenizer, problems, k=k, max_new_tokens=plan.max_new_tokens, seed=seed,
-                    grade=shared_grade)
+    return accuracy(model, tokenizer, problems, k=k, max_new_tokens=plan.max_new_tokens, seed=seed)
 
 
 PLAN_FILE = "demo_plan.json"
@@ -202,10 +199,9 @@ def _run_demo(output_dir: str | Path, *, quick: bool, seeds: int | None, cache_r
     test = subset(warm.world.test, plan.eval_problems, seed=0)
     curve_set = subset(warm.world.test, plan.curve_problems, seed=1)
     warm.model.eval()
-    base = accuracy(warm.model, warm.tokenizer, test, k=plan.k, max_new_tokens=plan.max_new_tokens, seed=0,
-                    grade=shared_grade)
+    base = accuracy(warm.model, warm.tokenizer, test, k=plan.k, max_new_tokens=plan.max_new_tokens, seed=0)
     base_curve = accuracy(warm.model, warm.tokenizer, curve_set, k=plan.k, max_new_tokens=plan.max_new_tokens,
-                          seed=0, grade=shared_grade).mean
+                          seed=0).mean
 
     atomic_write_json(out / PLAN_FILE, record)
     runs: list[MethodRun] = []

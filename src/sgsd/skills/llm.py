@@ -133,12 +133,7 @@ class HFClient:
         sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=temperature, top_p=self.top_p,
                                   seed=self.seed + self._calls)
         self._calls += 1
-        model = self._generator.model
-        was_training = model.training  # HFGenerator switches to eval mode; the trainer's mode is restored
-        try:
-            completions = [c[0] for c in self._generator.generate(rendered, 1, sampling)]
-        finally:
-            model.train(was_training)
+        completions = [c[0] for c in self._generator.generate(rendered, 1, sampling)]  # the model's mode is kept
         self.last_truncated = [c.truncated for c in completions]
         return [c.text for c in completions]
 
