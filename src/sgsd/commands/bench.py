@@ -131,9 +131,10 @@ def _config(args: argparse.Namespace, *, teachers: int, vocab: int, tokens: int,
     if tokens > MAX_COMPLETION_TOKENS:
         raise UserError(f"--completion-tokens {tokens}: at most {MAX_COMPLETION_TOKENS} (prompts add up to 0.6 T and the "
                         "benchmark model has 8192 positions)")
+    if vocab < MIN_VOCAB:
+        raise UserError(f"sgsd bench: --vocab must be at least {MIN_VOCAB} (synthetic token ids avoid the pad id), "
+                        f"got {vocab}")
     try:
-        if vocab < MIN_VOCAB:
-            raise ValueError(f"--vocab must be at least {MIN_VOCAB} (synthetic token ids avoid the pad id), got {vocab}")
         model = ModelShape(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
                            num_kv_heads=max(args.heads // 2, 1), intermediate_size=args.intermediate or 3 * args.hidden,
                            vocab_size=vocab)
