@@ -5,7 +5,7 @@ the benchmark (`sgsd.benchmarking.phases.real_loss_phase`), so what is timed is 
 Shapes: B rollouts, K teachers, T completion tokens (the batch's padded length), k' local-support
 top-k. The teacher side was computed earlier without gradient (`sgsd.scoring.score_teachers` or
 `score_teachers_local`, in the generation phase). Rows of rollouts whose teachers are all neutral can be
-left out (`active`, decided before the student pass by `active_rollouts`); the phase then runs only the
+left out (`active`, decided at generation time by `active_rollouts`); the phase then runs only the
 active rows, trimmed to their longest completion, and scales the loss by the active fraction so that a
 skipped rollout counts as a zero-loss row of the mean.
 """
@@ -57,16 +57,20 @@ class SGSDLossPhase:
     student_entropy: torch.Tensor | None
 
 
-def active_rollouts(plain_logps: torch.Tensor, teacher_logps: torch.Tensor, counted_mask: torch.Tensor,
-                    rewards: torch.Tensor, teacher_weights: torch.Tensor, *, clip_delta: float,
-                    confidence_threshold: float) -> torch.Tensor:
-    """[B] bool: rollouts with at least one non-neutral teacher, decided from a gradient-free student pass.
+def active_rollouts(model: Any, *, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                    completion_ids: torch.Tensor, completion_mask: torch.Tensor, counted_mask: torch.Tensor,
+                    rewards: torch.Tensor, teacher_weights: torch.Tensor, teacher_logps: torch.Tensor,
+                    clip_delta: float, confidence_threshold: float, chunk_tokens: int) -> torch.Tensor:
+    """[B] bool: rollouts with at least one non-neutral teacher (`skip_neutral_rows`).
 
-    plain_logps [B, T]: the student's log-probs scored like a teacher (no gradient); teacher_logps
-    [B, K, T]; counted_mask [B, T] m_t; rewards [B]; teacher_weights [B, K]. Same polarity rule as
-    `sgsd_loss`, so skipping the other rows changes no gradient (`skip_neutral_rows`).
+    Decided from one gradient-free pass of the student (`model` with its own weights, on its own
+    prompts: tensors as for `sgsd_loss_phase`) and the same polarity rule as `sgsd_loss`, so leaving the
+    other rollouts out of the loss phase changes no gradient while the weights stay the same.
     """
-    _, polarity = teacher_polarity(plain_logps, teacher_logps, counted_mask, rewards, teacher_weights,
+    with torch.no_grad():
+        student_logps = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                            chunk_tokens=chunk_tokens)
+    _, polarity = teacher_polarity(student_logps, teacher_logps, counted_mask, rewards, teacher_weights,
                                    clip_delta=clip_delta, confidence_threshold=confidence_threshold)
     return polarity.ne(0).any(dim=-1)
 

@@ -42,13 +42,11 @@ def _forward_flops(shape: ModelShape, group: RowGroup, *, head_positions: int | 
     return 2.0 * layer_params * tokens + attention + head
 
 
-def _sgsd_groups(batch: SyntheticBatch, *, teacher_batch_rows: int, skip_neutral_rows: bool
-                 ) -> tuple[list[RowGroup], int, list[int]]:
+def _sgsd_groups(batch: SyntheticBatch, *, teacher_batch_rows: int) -> tuple[list[RowGroup], int, list[int]]:
     """Teacher row groups as `score_teachers` batches them; (groups, student prompt width, completion lengths)."""
     lengths = batch.completion_mask.long().sum(-1).tolist()
-    prompts = [list(rows) + ([batch.student_prompt_ids[i]] if skip_neutral_rows else [])
-               for i, rows in enumerate(batch.teacher_prompt_ids)]
-    rows = sorted(((len(p) + lengths[i], len(p), lengths[i]) for i, row in enumerate(prompts) for p in row))
+    rows = sorted(((len(p) + lengths[i], len(p), lengths[i]) for i, row in enumerate(batch.teacher_prompt_ids)
+                   for p in row))
     groups = []
     for start in range(0, len(rows), max(teacher_batch_rows, 1)):
         chunk = rows[start : start + teacher_batch_rows]
@@ -57,14 +55,11 @@ def _sgsd_groups(batch: SyntheticBatch, *, teacher_batch_rows: int, skip_neutral
     return groups, max(len(p) for p in batch.student_prompt_ids), lengths
 
 
-def teacher_padding_fraction(batch: SyntheticBatch, *, teacher_batch_rows: int = 16,
-                             skip_neutral_rows: bool = False) -> float:
+def teacher_padding_fraction(batch: SyntheticBatch, *, teacher_batch_rows: int = 16) -> float:
     """Share of the token slots of the real path's teacher forwards that are padding: the most a
     padding-free (packed) teacher batch could save of the teacher cost."""
-    groups, _, lengths = _sgsd_groups(batch, teacher_batch_rows=teacher_batch_rows, skip_neutral_rows=skip_neutral_rows)
+    groups, _, lengths = _sgsd_groups(batch, teacher_batch_rows=teacher_batch_rows)
     real = sum(len(p) + lengths[i] for i, rows in enumerate(batch.teacher_prompt_ids) for p in rows)
-    if skip_neutral_rows:
-        real += sum(len(p) + lengths[i] for i, p in enumerate(batch.student_prompt_ids))
     slots = sum(g.rows * g.length for g in groups)
     return 1.0 - real / slots if slots else 0.0
 
@@ -79,9 +74,10 @@ def phase_flops(shape: ModelShape, batch: SyntheticBatch, *, naive: bool, teache
         student = RowGroup(b * k, student_width + t, student_width + t)
         teacher = RowGroup(b * k, teacher_width + t, teacher_width + t)
         return 3.0 * _forward_flops(shape, student) + _forward_flops(shape, teacher)
-    groups, student_width, lengths = _sgsd_groups(batch, teacher_batch_rows=teacher_batch_rows,
-                                                  skip_neutral_rows=skip_neutral_rows)
+    groups, student_width, lengths = _sgsd_groups(batch, teacher_batch_rows=teacher_batch_rows)
     teachers = sum(_forward_flops(shape, g) for g in groups)
+    if skip_neutral_rows:  # `active_rollouts`: one gradient-free student pass over every rollout, full T
+        teachers += _forward_flops(shape, RowGroup(b, student_width + t, t))
     active = b if active_rollouts is None else max(active_rollouts, 1)
     completion = max(sorted(lengths)[-active:])  # upper bound when not every rollout is active
     student = RowGroup(active, student_width + completion, completion)

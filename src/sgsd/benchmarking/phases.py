@@ -67,34 +67,24 @@ def real_loss_phase(model: Any, batch: SyntheticBatch, settings: LossSettings = 
     """Teacher scoring + one student forward/backward per rollout, through the trainer's own calls; calls backward.
 
     The generation phase of `SGSDTrainer.rollout_extras` (`score_teachers`, and with `skip_neutral_rows`
-    the plain student prompt as one more gradient-free row deciding `active_rollouts`), then the loss
-    phase of `SGSDTrainer.method_loss` (`sgsd.loss_phase.sgsd_loss_phase`, full-vocabulary mode).
+    one gradient-free student pass deciding `sgsd.loss_phase.active_rollouts`), then the loss phase of
+    `SGSDTrainer.method_loss` (`sgsd.loss_phase.sgsd_loss_phase`, full-vocabulary mode).
     """
     from sgsd.loss_phase import active_rollouts, sgsd_loss_phase
     from sgsd.scoring import left_pad, score_teachers
 
-    device = batch.completion_ids.device
-    k = batch.num_teachers
-    prompts: list[list[Any]] = [list(rows) for rows in batch.teacher_prompt_ids]
-    if settings.skip_neutral_rows:
-        for row, student in zip(prompts, batch.student_prompt_ids):
-            row.append(student)
     logps = score_teachers(
-        model, prompts, batch.completion_ids, batch.completion_mask, pad_id=PAD_ID,
+        model, batch.teacher_prompt_ids, batch.completion_ids, batch.completion_mask, pad_id=PAD_ID,
         batch_rows=settings.teacher_batch_rows, chunk_tokens=settings.chunk_tokens,
     )
-    active = None
-    if settings.skip_neutral_rows:
-        active = active_rollouts(logps[:, k], logps[:, :k], batch.counted_mask, batch.rewards, batch.teacher_weights,
-                                 clip_delta=settings.clip_delta, confidence_threshold=settings.confidence_threshold)
-    prompt_ids, prompt_mask = left_pad(batch.student_prompt_ids, PAD_ID, device)
-    phase = sgsd_loss_phase(
-        model, prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=batch.completion_ids,
-        completion_mask=batch.completion_mask, counted_mask=batch.counted_mask, rewards=batch.rewards,
-        teacher_weights=batch.teacher_weights, teacher_logps=logps[:, :k], active=active,
-        gate_tau=settings.gate_tau, clip_delta=settings.clip_delta,
-        confidence_threshold=settings.confidence_threshold, chunk_tokens=settings.chunk_tokens,
-    )
+    prompt_ids, prompt_mask = left_pad(batch.student_prompt_ids, PAD_ID, batch.completion_ids.device)
+    tensors = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=batch.completion_ids,
+                   completion_mask=batch.completion_mask, counted_mask=batch.counted_mask, rewards=batch.rewards,
+                   teacher_weights=batch.teacher_weights, teacher_logps=logps)
+    hyper = dict(clip_delta=settings.clip_delta, confidence_threshold=settings.confidence_threshold,
+                 chunk_tokens=settings.chunk_tokens)
+    active = active_rollouts(model, **tensors, **hyper) if settings.skip_neutral_rows else None
+    phase = sgsd_loss_phase(model, **tensors, **hyper, active=active, gate_tau=settings.gate_tau)
     if phase.loss is None:
         raise FloatingPointError("real_loss_phase: non-finite student or teacher log-probs")
     phase.loss.backward()

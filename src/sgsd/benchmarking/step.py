@@ -122,8 +122,7 @@ class StepBench:
             mem_method=peak.method if peak else "not measured",
             peak_rss_mb=timing.rss_peak_mb, gradients_mb=grads / 2**20, estimated_gflop=flops / 1e9,
             teacher_padding_fraction=teacher_padding_fraction(
-                batch, teacher_batch_rows=config.settings.teacher_batch_rows,
-                skip_neutral_rows=config.settings.skip_neutral_rows),
+                batch, teacher_batch_rows=config.settings.teacher_batch_rows),
             achieved_gflops=flops / 1e9 / timing.median_s, loss=float(out.loss), active_rollouts=out.active_rollouts,
             chunk_tokens=config.settings.chunk_tokens,
             skip_neutral_rows=config.settings.skip_neutral_rows and not config.naive,
