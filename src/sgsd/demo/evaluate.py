@@ -21,8 +21,9 @@ from sgsd.data import Problem
 if TYPE_CHECKING:
     import torch
 
-# Sequences per `generate` call: the demo's model is tiny, so the fewer calls the better (measured on
-# 2 cores: 800 samples of <= 64 tokens in batches of 256 take about a third of the time of batches of 16).
+# Sequences per `generate` call: the demo's model is tiny, so the fewer calls the better (measured on the
+# demo's warm start, 2 loaded cores: 800 samples of <= 64 tokens took 68-123 s in batches of 256, 318 s in
+# batches of 16, HFGenerator's default).
 SAMPLE_BATCH = 256
 
 
