@@ -60,18 +60,21 @@ class SGSDLossPhase:
 def active_rollouts(model: Any, *, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                     completion_ids: torch.Tensor, completion_mask: torch.Tensor, counted_mask: torch.Tensor,
                     rewards: torch.Tensor, teacher_weights: torch.Tensor, teacher_logps: torch.Tensor,
-                    clip_delta: float, confidence_threshold: float, chunk_tokens: int) -> torch.Tensor:
+                    chunk_tokens: int, clip_delta: float = CLIP_DELTA,
+                    confidence_threshold: float = CONFIDENCE_THRESHOLD, polarity_test: PolarityTest = POLARITY_TEST,
+                    polarity_z: float = POLARITY_Z) -> torch.Tensor:
     """[B] bool: rollouts with at least one non-neutral teacher (`skip_neutral_rows`).
 
     Decided from one gradient-free pass of the student (`model` with its own weights, on its own
-    prompts: tensors as for `sgsd_loss_phase`) and the same polarity rule as `sgsd_loss`, so leaving the
-    other rollouts out of the loss phase changes no gradient while the weights stay the same.
+    prompts: tensors as for `sgsd_loss_phase`) and the same polarity rule and keywords as `sgsd_loss`, so
+    leaving the other rollouts out of the loss phase changes no gradient while the weights stay the same.
     """
     with torch.no_grad():
         student_logps = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                                             chunk_tokens=chunk_tokens)
     _, polarity = teacher_polarity(student_logps, teacher_logps, counted_mask, rewards, teacher_weights,
-                                   clip_delta=clip_delta, confidence_threshold=confidence_threshold)
+                                   clip_delta=clip_delta, confidence_threshold=confidence_threshold,
+                                   polarity_test=polarity_test, polarity_z=polarity_z)
     return polarity.ne(0).any(dim=-1)
 
 
@@ -79,18 +82,18 @@ def sgsd_loss_phase(model: Any, *, prompt_ids: torch.Tensor, prompt_mask: torch.
                     completion_ids: torch.Tensor, completion_mask: torch.Tensor, counted_mask: torch.Tensor,
                     rewards: torch.Tensor, teacher_weights: torch.Tensor, teacher_logps: torch.Tensor,
                     active: torch.Tensor | None = None, teacher_top_logps: torch.Tensor | None = None,
-                    teacher_top_ids: torch.Tensor | None = None, local_support_top_k: int = 0,
+                    teacher_top_ids: torch.Tensor | None = None, local_support_top_k: int = 0, chunk_tokens: int,
                     gate_tau: float = GATE_TAU, clip_delta: float = CLIP_DELTA,
                     confidence_threshold: float = CONFIDENCE_THRESHOLD, polarity_test: PolarityTest = POLARITY_TEST,
-                    polarity_z: float = POLARITY_Z,
-                    chunk_tokens: int) -> SGSDLossPhase:
+                    polarity_z: float = POLARITY_Z) -> SGSDLossPhase:
     """The student pass and the SGSD loss of one batch; does not call backward.
 
     prompt_ids / prompt_mask [B, P] left-padded student prompts; completion_ids / completion_mask
     [B, T] right-padded; counted_mask [B, T] bool m_t; rewards [B]; teacher_weights [B, K] (<= 0:
     absent); teacher_logps [B, K, T] (detached); active [B] bool or None (every rollout); with
     `local_support_top_k` k' > 0, teacher_top_logps / teacher_top_ids [B, K, T, k'] from
-    `score_teachers_local`. `chunk_tokens`: token rows per LM-head chunk.
+    `score_teachers_local`. `chunk_tokens`: token rows per LM-head chunk. The hyper-parameters are
+    `sgsd_loss`'s (SPEC section 4), with its defaults.
     """
     batch = completion_ids.size(0)
     if active is not None:
@@ -122,8 +125,7 @@ def sgsd_loss_phase(model: Any, *, prompt_ids: torch.Tensor, prompt_mask: torch.
     out = sgsd_loss(
         student_logps, teacher_logps, counted_mask[run_rows, :length], rewards[run_rows], teacher_weights[run_rows],
         gate_tau=gate_tau, clip_delta=clip_delta, confidence_threshold=confidence_threshold,
-        polarity_test=polarity_test, polarity_z=polarity_z,
-        token_divergence=divergence,
+        polarity_test=polarity_test, polarity_z=polarity_z, token_divergence=divergence,
     )
     loss = out.loss * (rows.numel() / batch)
     polarity = torch.zeros_like(teacher_weights, dtype=torch.long)
