@@ -3,7 +3,6 @@ the naive path reproduces the public code's rotary gap on request, and the real 
 loss phase (the function `SGSDTrainer.method_loss` calls), not a copy of it."""
 
 import dataclasses
-import inspect
 
 import pytest
 import torch
@@ -115,9 +114,33 @@ def test_real_path_runs_the_trainers_loss_phase(model, batch, monkeypatch):
     monkeypatch.setattr(sgsd.loss_phase, "sgsd_loss_phase", recording)
     _run(real_loss_phase, model, batch, settings=SETTINGS)
     assert len(calls) == 1 and calls[0]["teacher_logps"].shape == (3, 4, 12) and calls[0]["active"] is None
-    from sgsd.trainers.sgsd_trainer import SGSDTrainer
 
-    assert "sgsd_loss_phase(" in inspect.getsource(SGSDTrainer.method_loss)  # ... and so does the trainer
+
+def test_the_trainers_loss_is_the_same_function(monkeypatch):
+    """... and so does SGSDTrainer's loss phase, with the batch's tensors and its settings."""
+    from types import SimpleNamespace
+
+    import sgsd.trainers.sgsd_trainer as trainer_module
+    from sgsd.config import SGSDSettings
+
+    class Called(Exception):
+        pass
+
+    def stub(model, **kwargs):
+        raise Called(model, kwargs)
+
+    monkeypatch.setattr(trainer_module, "sgsd_loss_phase", stub)
+    settings = SGSDSettings(gate_tau=0.5, confidence_threshold=0.01)
+    trainer = SimpleNamespace(settings=settings, chunk_tokens=7,
+                              polarity_options={"clip_delta": 2.0, "confidence_threshold": 0.01})
+    inputs = {name: torch.zeros(2, 3) for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask",
+                                                   "sgsd_mask", "rewards", "teacher_weights", "teacher_logps")}
+    with pytest.raises(Called) as called:
+        trainer_module.SGSDTrainer.sgsd_part(trainer, "model", inputs)
+    model, kwargs = called.value.args
+    assert model == "model" and kwargs["teacher_logps"] is inputs["teacher_logps"]
+    assert kwargs["counted_mask"] is inputs["sgsd_mask"] and kwargs["active"] is None
+    assert (kwargs["gate_tau"], kwargs["clip_delta"], kwargs["chunk_tokens"]) == (0.5, 2.0, 7)
 
 
 def test_synthetic_batch_is_seeded():
