@@ -11,19 +11,12 @@ from sgsd.benchmarking.phases import LossSettings, naive_loss_phase, real_loss_p
 from sgsd.benchmarking.synthetic import BatchShape, SyntheticBatch, build_model, make_batch
 from sgsd.tiny import ModelShape
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SHAPE = ModelShape(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, vocab_size=64)
 # theta = 0: a random model's |support| is far below the paper's 0.05 (every teacher would be neutral,
 # the loss 0 and the gradient comparison empty).
 SETTINGS = LossSettings(confidence_threshold=0.0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors: one thread avoids OpenMP barriers, which dominate on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

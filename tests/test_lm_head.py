@@ -8,13 +8,7 @@ import torch
 from sgsd.benchmarking.measure import peak_memory, time_phase
 from sgsd.lm_head import chunk_tokens_for_budget, token_logprobs
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _head(vocab, hidden, bias, dtype=torch.float64, seed=0):

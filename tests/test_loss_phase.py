@@ -10,16 +10,10 @@ from sgsd.loss_phase import active_rollouts, sgsd_loss_phase
 from sgsd.scoring import completion_logprobs, left_pad, score_teachers
 from sgsd.tiny import ModelShape
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SHAPE = ModelShape(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, vocab_size=64)
 HYPER = dict(gate_tau=1.0, clip_delta=3.0, confidence_threshold=0.0, chunk_tokens=7)  # 7: several chunks
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
