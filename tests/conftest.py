@@ -29,6 +29,18 @@ def require_shared(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small tensors: one thread avoids OpenMP barriers, which dominate on a shared 2-core machine. A module
+    uses it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from sgsd.tiny import build_tokenizer

@@ -12,6 +12,7 @@ import pytest
 
 from sgsd.cli import main
 from sgsd.config import load_config
+from sgsd.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "configs/paper"
@@ -113,3 +114,16 @@ def test_bad_arguments_are_one_line_errors(capsys, tmp_path, extra, message):
 def test_missing_config_is_a_one_line_error(capsys, tmp_path):
     code = main(["compare", "--configs", str(tmp_path / "nope.yaml"), "--output-dir", str(tmp_path / "o"), "--dry-run"])
     assert code == 2 and "nope.yaml" in capsys.readouterr().err
+
+
+def test_an_in_process_stage_that_fails_names_the_stage_and_its_reason(capsys, tmp_path):
+    from sgsd.commands.compare import Stage, run_stage
+
+    missing = tmp_path / "no-such-benchmark.jsonl"
+    stage = Stage("eval", "base", ("eval", "--model", "tiny", "--benchmarks", str(missing), "--output-dir",
+                                   str(tmp_path / "e")), tmp_path / "e")
+    with pytest.raises(UserError) as err:
+        run_stage(stage, launcher=[], in_process=True)
+    message = str(err.value)
+    assert message.startswith("compare: eval of base failed: ") and str(missing) in message
+    assert "rerun the same `sgsd compare` command" in message and "\n" not in message

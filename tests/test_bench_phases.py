@@ -1,5 +1,6 @@
 """The benchmark's two loss phases compute the same SGSD loss and gradient (what makes timing them fair),
-the naive path reproduces the public code's rotary gap on request, and the lean head matches scoring.py."""
+the naive path reproduces the public code's rotary gap on request, and the real path is the trainer's own
+loss phase (the function `SGSDTrainer.method_loss` calls), not a copy of it."""
 
 import dataclasses
 
@@ -7,21 +8,15 @@ import pytest
 import torch
 
 from sgsd.benchmarking.phases import LossSettings, naive_loss_phase, real_loss_phase
-from sgsd.benchmarking.synthetic import BatchShape, ModelShape, SyntheticBatch, build_model, make_batch
+from sgsd.benchmarking.synthetic import BatchShape, SyntheticBatch, build_model, make_batch
+from sgsd.tiny import ModelShape
 
-SHAPE = ModelShape(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SHAPE = ModelShape(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, vocab_size=64)
 # theta = 0: a random model's |support| is far below the paper's 0.05 (every teacher would be neutral,
 # the loss 0 and the gradient comparison empty).
 SETTINGS = LossSettings(confidence_threshold=0.0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors: one thread avoids OpenMP barriers, which dominate on a shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +29,7 @@ def model():
 @pytest.fixture(scope="module")
 def batch():
     # 3 rollouts of different completion lengths, 4 teachers with prompts of different lengths
-    return make_batch(BatchShape(rollouts=3, teachers=4, completion_tokens=12, seed=1), SHAPE.vocab)
+    return make_batch(BatchShape(rollouts=3, teachers=4, completion_tokens=12, seed=1), SHAPE.vocab_size)
 
 
 def _run(phase, model, batch, **kwargs):
@@ -98,17 +93,47 @@ def test_skip_neutral_rows_as_the_trainer_does(model, batch):
     assert none_grads and all(g.abs().max() == 0 for g in none_grads.values())
 
 
-def test_lean_head_leaves_the_loss_and_gradient_unchanged(model, batch):
-    base, base_grads = _run(real_loss_phase, model, batch, settings=SETTINGS)
-    lean, lean_grads = _run(real_loss_phase, model, batch, settings=dataclasses.replace(SETTINGS, lean_head=True))
-    import sgsd.scoring
-    from sgsd.benchmarking import lean_head
+def test_real_path_runs_the_trainers_loss_phase(model, batch, monkeypatch):
+    """Replacing `sgsd.loss_phase.sgsd_loss_phase` changes what the benchmark measures: it calls that function."""
+    import sgsd.loss_phase
 
-    assert sgsd.scoring.token_logprobs is lean_head.token_logprobs  # adopted: scoring uses the lean head
-    assert torch.equal(base.polarity, lean.polarity)
-    assert abs(float(base.loss) - float(lean.loss)) < 1e-6  # same fp32 log-softmax, other summation order
-    for name, grad in base_grads.items():
-        torch.testing.assert_close(lean_grads[name], grad, atol=1e-4 * float(grad.abs().max()), rtol=0, msg=name)
+    calls = []
+    original = sgsd.loss_phase.sgsd_loss_phase
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sgsd.loss_phase, "sgsd_loss_phase", recording)
+    _run(real_loss_phase, model, batch, settings=SETTINGS)
+    assert len(calls) == 1 and calls[0]["teacher_logps"].shape == (3, 4, 12) and calls[0]["active"] is None
+
+
+def test_the_trainers_loss_is_the_same_function(monkeypatch):
+    """... and so does SGSDTrainer's loss phase, with the batch's tensors and its settings."""
+    from types import SimpleNamespace
+
+    import sgsd.trainers.sgsd_trainer as trainer_module
+    from sgsd.config import SGSDSettings
+
+    class Called(Exception):
+        pass
+
+    def stub(model, **kwargs):
+        raise Called(model, kwargs)
+
+    monkeypatch.setattr(trainer_module, "sgsd_loss_phase", stub)
+    settings = SGSDSettings(gate_tau=0.5, confidence_threshold=0.01)
+    trainer = SimpleNamespace(settings=settings, chunk_tokens=7,
+                              polarity_options={"clip_delta": 2.0, "confidence_threshold": 0.01})
+    inputs = {name: torch.zeros(2, 3) for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask",
+                                                   "sgsd_mask", "rewards", "teacher_weights", "teacher_logps")}
+    with pytest.raises(Called) as called:
+        trainer_module.SGSDTrainer.sgsd_part(trainer, "model", inputs)
+    model, kwargs = called.value.args
+    assert model == "model" and kwargs["teacher_logps"] is inputs["teacher_logps"]
+    assert kwargs["counted_mask"] is inputs["sgsd_mask"] and kwargs["active"] is None
+    assert (kwargs["gate_tau"], kwargs["clip_delta"], kwargs["chunk_tokens"]) == (0.5, 2.0, 7)
 
 
 def test_synthetic_batch_is_seeded():
@@ -121,7 +146,13 @@ def test_synthetic_batch_is_seeded():
     assert int(a.completion_ids.max()) < 100 and int(a.completion_ids[a.completion_mask.bool()].min()) >= 1
 
 
-@pytest.mark.parametrize("bad", [dict(hidden=30, heads=4), dict(vocab=8), dict(heads=4, kv_heads=3)])
+@pytest.mark.parametrize("bad", [dict(hidden_size=30, num_heads=4), dict(vocab_size=0),
+                                 dict(num_heads=4, num_kv_heads=3)])
 def test_model_shape_rejects_inconsistent_sizes(bad):
     with pytest.raises(ValueError):
         ModelShape(**bad)
+
+
+def test_synthetic_batch_needs_room_for_the_pad_id():
+    with pytest.raises(ValueError, match="vocab must be at least 16"):
+        make_batch(BatchShape(), 8)

@@ -195,8 +195,8 @@ def test_a_run_that_takes_no_step_is_an_error_not_trained_0_steps(tmp_path, caps
 
 
 def _evaluation(path: Path, *, model: str, k: int = 4, temperature: float = 1.0, seed: int = 0) -> Path:
-    from sgsd.evaluation.generation import SamplingConfig
     from sgsd.evaluation.runner import BenchmarkResult, EvalSettings
+    from sgsd.generation import SamplingConfig
 
     settings = EvalSettings(model=model, benchmarks=("toy",), k=k, sampling=SamplingConfig(temperature=temperature,
                                                                                             seed=seed))

@@ -68,7 +68,8 @@ def test_findings_flag_an_uninformative_warm_start():
 
 
 def test_paired_difference_cancels_shared_problem_difficulty():
-    from sgsd.demo.evaluate import bootstrap_interval, paired_difference
+    from sgsd.demo.evaluate import paired_difference
+    from sgsd.evaluation.metrics import bootstrap_ci
 
     # Method b is method a plus exactly 0.1 on every problem; problems vary a lot in difficulty.
     a = [0.0, 0.1, 0.3, 0.5, 0.8, 0.9] * 10
@@ -76,7 +77,7 @@ def test_paired_difference_cancels_shared_problem_difficulty():
     difference, low, high = paired_difference(b, a)
     assert abs(difference - 0.1) < 1e-12 and abs(low - 0.1) < 1e-12 and abs(high - 0.1) < 1e-12
     # Unpaired, the same data gives wide overlapping intervals: pairing is what separates them.
-    assert bootstrap_interval(b)[0] < bootstrap_interval(a)[1]
+    assert bootstrap_ci(b)[0] < bootstrap_ci(a)[1]
 
 
 def test_paired_difference_refuses_different_problem_sets():

@@ -7,12 +7,11 @@ import random
 
 import pytest
 
-from sgsd.demo.evaluate import accuracy, bootstrap_interval, estimate, sample, student_text
+from sgsd.demo.evaluate import accuracy, estimate, sample, student_text
 from sgsd.demo.warmup import (
     HINT,
     PLAIN,
     REFERENCE,
-    ModelShape,
     WarmupConfig,
     encode_batch,
     load_seed_bank,
@@ -21,6 +20,7 @@ from sgsd.demo.warmup import (
 )
 from sgsd.demo.world import WorldConfig
 from sgsd.errors import ConfigError
+from sgsd.tiny import ModelShape
 
 TINY = WarmupConfig(
     world=WorldConfig(seed=1, num_train=200, num_test=12, min_terms=3, max_terms=4),
@@ -77,9 +77,9 @@ def test_examples_use_the_project_prompts_and_hint_dependent_rates():
     rng = random.Random(0)
     problem = world.train[0]
     text, solution = sample_example(problem, PLAIN, TINY, bank, rng)
-    assert text == student_prompt(problem.text) and solution.endswith("}")
+    assert text == student_prompt(problem.problem) and solution.endswith("}")
     text, _ = sample_example(problem, HINT, TINY, bank, rng)
-    assert text.startswith(GUIDANCE_PREAMBLE) and text.endswith(student_prompt(problem.text))
+    assert text.startswith(GUIDANCE_PREAMBLE) and text.endswith(student_prompt(problem.problem))
     text, _ = sample_example(problem, REFERENCE, TINY, bank, rng)
     assert OPSD_INSTRUCTION in text and f"\\boxed{{{problem.answer}}}" in text
     # Helpful pairs make fewer forgotten carries than misleading pairs (rates 0.02 vs 0.85).
@@ -96,20 +96,21 @@ def test_encode_batch_trains_only_on_completions(warm):
         assert attention_mask[row].sum() == (input_ids[row] != tok.pad_token_id).sum()
 
 
-def test_left_padded_batched_greedy_equals_one_by_one(warm):
-    texts = [student_text(p) for p in warm.world.test[:4]] + ["Problem: Add 5 and 7.\n\nshort"]
-    batched = sample(warm.model, warm.tokenizer, texts, greedy=True, max_new_tokens=12)
-    for i, text in enumerate(texts):
-        alone = sample(warm.model, warm.tokenizer, [text], greedy=True, max_new_tokens=12)
-        assert alone.texts[0] == batched.texts[i]
-    assert batched.completion_ids.shape == batched.completion_mask.shape
-
-
-def test_sampling_is_seeded(warm):
+def test_sampled_rollouts_hold_what_the_backend_generated(warm):
+    """The backend's batching and seeding are tested in tests/test_eval_harness.py; here: the [N, T] layout
+    the polarity probe scores (ids up to and including the end-of-turn token, right-padded)."""
+    tok = warm.tokenizer
     texts = [student_text(p) for p in warm.world.test[:3]]
-    a = sample(warm.model, warm.tokenizer, texts, num_samples=2, max_new_tokens=10, seed=5)
-    b = sample(warm.model, warm.tokenizer, texts, num_samples=2, max_new_tokens=10, seed=5)
-    assert a.texts == b.texts and len(a.texts) == 6
+    rollouts = sample(warm.model, tok, texts, num_samples=2, max_new_tokens=10, seed=5)
+    assert len(rollouts.texts) == 6 and rollouts.completion_ids.shape == rollouts.completion_mask.shape
+    assert rollouts.texts == sample(warm.model, tok, texts, num_samples=2, max_new_tokens=10, seed=5).texts
+    for text, ids, mask in zip(rollouts.texts, rollouts.completion_ids, rollouts.completion_mask):
+        kept = ids[mask.bool()].tolist()
+        assert mask.tolist() == sorted(mask.tolist(), reverse=True)  # ones, then padding
+        assert (ids[~mask.bool()] == tok.pad_token_id).all()
+        ended = kept[-1] == tok.eos_token_id
+        assert tok.decode(kept[:-1] if ended else kept, skip_special_tokens=True) == text
+        assert ended or len(kept) == 10  # no end-of-turn token only when cut at max_new_tokens
 
 
 def test_accuracy_estimate_and_interval(warm):
@@ -119,17 +120,11 @@ def test_accuracy_estimate_and_interval(warm):
     assert all(v in (0.0, 0.5, 1.0) for v in result.per_problem)
 
 
-def test_bootstrap_interval_matches_the_normal_approximation():
-    rng = random.Random(0)
-    values = [float(rng.random() < 0.4) for _ in range(400)]
-    mean = sum(values) / len(values)
-    low, high = bootstrap_interval(values, resamples=4000)
-    half = 1.96 * math.sqrt(mean * (1 - mean) / len(values))  # ~0.048
-    # Percentile bootstrap and Wald agree to within Monte-Carlo error (~0.003) at n = 400.
-    assert abs((mean - low) - half) < 0.008 and abs((high - mean) - half) < 0.008
-    assert bootstrap_interval([0.5] * 10) == (0.5, 0.5)
-    est = estimate([1.0, 0.0, 1.0, 1.0], 1)
-    assert est.mean == 0.75 and est.ci_low <= 0.75 <= est.ci_high
+def test_estimate_is_the_mean_with_the_harness_interval():
+    from sgsd.evaluation.metrics import bootstrap_ci
+
+    est = estimate([1.0, 0.0, 1.0, 1.0], 1, seed=3)
+    assert est.mean == 0.75 and (est.ci_low, est.ci_high) == bootstrap_ci([1.0, 0.0, 1.0, 1.0], seed=3)
 
 
 def test_polarity_support_matches_a_plain_forward(warm):

@@ -10,16 +10,9 @@ import re
 import pytest
 
 from sgsd.demo.bank import HELPFUL, IRRELEVANT, MISLEADING, hint_effect, item_labels, seed_bank, write_seed_bank
-from sgsd.demo.world import (
-    MistakeRates,
-    WorldConfig,
-    boxed_integer,
-    count_carries,
-    is_correct,
-    make_world,
-    to_training_problems,
-    worked_solution,
-)
+from sgsd.data import Problem
+from sgsd.demo.evaluate import is_correct
+from sgsd.demo.world import MistakeRates, WorldConfig, count_carries, make_world, problem_terms, worked_solution
 from sgsd.errors import ConfigError
 
 SMALL = WorldConfig(seed=3, num_train=300, num_test=60)
@@ -34,24 +27,27 @@ def _lines(text: str) -> list[tuple[int, int, int]]:
 def test_world_is_deterministic_and_seed_dependent():
     assert make_world(SMALL) == make_world(SMALL)
     other = make_world(WorldConfig(seed=4, num_train=300, num_test=60))
-    assert [p.text for p in other.train] != [p.text for p in make_world(SMALL).train]
+    assert [p.problem for p in other.train] != [p.problem for p in make_world(SMALL).train]
 
 
 def test_splits_are_disjoint():
     world = make_world(SMALL)
     assert len(world.train) == 300 and len(world.test) == 60
-    assert not {p.terms for p in world.train} & {p.terms for p in world.test}
-    assert len({p.terms for p in world.train + world.test}) == 360
+    terms = {split: {problem_terms(p) for p in getattr(world, split)} for split in ("train", "test")}
+    assert not terms["train"] & terms["test"]
+    assert len(terms["train"] | terms["test"]) == 360
     assert len({p.problem_id for p in world.train + world.test}) == 360
 
 
 def test_problems_respect_the_config():
     world = make_world(SMALL)
     for p in world.train + world.test:
-        assert SMALL.min_terms <= len(p.terms) <= SMALL.max_terms and all(1 <= t <= 9 for t in p.terms)
-        assert p.num_carries >= SMALL.min_carries
-        assert p.answer == str(sum(p.terms))
-        assert " + ".join(map(str, p.terms)) in p.text
+        terms = problem_terms(p)
+        assert isinstance(p, Problem)  # the trainers' problem type
+        assert SMALL.min_terms <= len(terms) <= SMALL.max_terms and all(1 <= t <= 9 for t in terms)
+        assert count_carries(terms) >= SMALL.min_carries
+        assert p.answer == str(sum(terms))
+        assert " + ".join(map(str, terms)) in p.problem
 
 
 def test_count_carries_by_hand():
@@ -69,8 +65,8 @@ def test_error_free_solutions_are_correct_and_follow_the_format():
         assert is_correct(sol.text, p)
         assert sol.text.split("\n")[-1] == f"\\boxed{{{p.answer}}}"
         steps = _lines(sol.text)
-        assert [term for _, term, _ in steps] == list(p.terms[1:])
-        assert steps[0][0] == p.terms[0]
+        assert [term for _, term, _ in steps] == list(problem_terms(p)[1:])
+        assert steps[0][0] == problem_terms(p)[0]
         for (total, term, new), following in zip(steps, steps[1:] + [(int(p.answer), 0, 0)]):
             assert new == total + term and following[0] == new
 
@@ -83,14 +79,14 @@ def test_mistakes_make_wrong_answers_and_are_counted():
     for p in world.train[:100]:
         sol = worked_solution(p, MistakeRates(1.0, 0.0), rng)
         assert sol.forgotten_carries >= 1 and not is_correct(sol.text, p)
-        assert int(sol.final_answer) == sum(p.terms) - 10 * sol.forgotten_carries
+        assert int(sol.final_answer) == sum(problem_terms(p)) - 10 * sol.forgotten_carries
         for total, term, new in _lines(sol.text):
             assert new == total + term - (10 if total % 10 + term >= 10 else 0)
     # A slip in every line moves each total by one: the answer is wrong unless the slips cancel.
     wrong = 0
     for p in world.train[:100]:
         sol = worked_solution(p, MistakeRates(0.0, 1.0), rng)
-        assert sol.slips == len(p.terms) - 1
+        assert sol.slips == len(problem_terms(p)) - 1
         for total, term, new in _lines(sol.text):
             assert abs(new - (total + term)) == 1
         wrong += not is_correct(sol.text, p)
@@ -110,23 +106,18 @@ def test_mistake_rates_are_close_to_the_requested_rates():
     assert carries > 4000 and abs(forgotten / carries - 0.3) < 0.03
 
 
-def test_boxed_integer_and_grader_format():
-    assert boxed_integer("4+5=9\n\\boxed{123}") == "123"
-    assert boxed_integer("\\boxed{1} then \\boxed{ 0042 }") == "42"
-    assert boxed_integer("no box") is None
+def test_the_project_grader_reads_the_worlds_solutions():
     world = make_world(SMALL)
-    sol = worked_solution(world.test[0], MistakeRates(0.0, 0.0), random.Random(0))
-    from sgsd.verify import grade
+    problem = world.test[0]
+    assert is_correct(worked_solution(problem, MistakeRates(0.0, 0.0), random.Random(0)).text, problem)
+    assert not is_correct("no box", problem) and not is_correct(f"\\boxed{{{int(problem.answer) + 1}}}", problem)
+    assert is_correct(f"1+1=2\n\\boxed{{ 0{problem.answer} }}", problem)  # leading zero: the same integer
 
-    assert grade(sol.text, world.test[0].answer).correct
 
-
-def test_training_problems_conversion():
-    world = make_world(SMALL)
-    converted = to_training_problems(world.test[:3])
-    assert [(c.problem_id, c.problem, c.answer) for c in converted] == [
-        (p.problem_id, p.text, p.answer) for p in world.test[:3]
-    ]
+def test_numbers_are_read_back_from_the_problem_text():
+    assert problem_terms(Problem("x", "What is 7 + 5 + 18?", "30")) == (7, 5, 18)
+    with pytest.raises(ValueError, match="not an addition"):
+        problem_terms(Problem("y", "What is the answer?", "1"))
 
 
 def test_written_problems_load_with_the_project_loader(tmp_path):
@@ -138,7 +129,7 @@ def test_written_problems_load_with_the_project_loader(tmp_path):
     write_problems(world.train[:20], str(path))
     loaded, report = load_problems(str(path))
     assert [(p.problem_id, p.problem, p.answer) for p in loaded] == [
-        (p.problem_id, p.text, p.answer) for p in world.train[:20]
+        (p.problem_id, p.problem, p.answer) for p in world.train[:20]
     ]
     assert report.kept == 20
 

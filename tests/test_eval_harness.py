@@ -12,9 +12,9 @@ from sgsd.cli import main
 from sgsd.errors import DataError, UserError
 from sgsd.evaluation.benchmarks import BENCHMARKS as REGISTRY
 from sgsd.evaluation.benchmarks import load_benchmark
-from sgsd.evaluation.generation import Completion, HFGenerator, SamplingConfig
 from sgsd.evaluation.report import format_comparison, format_results, load_run, plot_comparison
 from sgsd.evaluation.runner import BenchmarkResult, EvalSettings, run_evaluation
+from sgsd.generation import Completion, HFGenerator, SamplingConfig
 from sgsd.prompts import INSTRUCTION, ChatStyle, render_chat, student_prompt
 
 # ------------------------------------------------------------------------------------------ benchmarks
@@ -93,8 +93,22 @@ def test_completion_length_and_truncation(tiny_model, tiny_tokenizer):
     ids = tiny_tokenizer("\\boxed{7}", add_special_tokens=False)["input_ids"]
     finished = generator._completion(ids + [eos, eos], max_new_tokens=len(ids) + 2)
     assert (finished.text, finished.num_tokens, finished.truncated) == ("\\boxed{7}", len(ids), False)
+    assert finished.token_ids == (*ids, eos)  # what a trainer scores: up to and including the end token
     cut = generator._completion(ids, max_new_tokens=len(ids))
-    assert cut.truncated and cut.num_tokens == len(ids)
+    assert cut.truncated and cut.num_tokens == len(ids) and cut.token_ids == tuple(ids)
+
+
+def test_hf_generator_restores_the_models_mode(tiny_model, tiny_tokenizer):
+    prompt = render_chat(tiny_tokenizer, student_prompt("What is 2 + 3?"))
+    generator = HFGenerator(tiny_model, tiny_tokenizer)
+    original = tiny_model.training  # a shared fixture: leave it as found
+    try:
+        for mode in (True, False):
+            tiny_model.train(mode)
+            generator.generate([prompt], 1, SamplingConfig(max_new_tokens=2))
+            assert tiny_model.training is mode
+    finally:
+        tiny_model.train(original)
 
 
 # ------------------------------------------------------------------------------------------ runner
@@ -276,7 +290,7 @@ def test_cli_skill_retriever_and_backend_choice():
 
     from sgsd.commands.evaluate import _retriever
     from sgsd.errors import ConfigError
-    from sgsd.evaluation.generation import choose_backend, vllm_usable
+    from sgsd.generation import choose_backend, vllm_usable
 
     bank = require_shared(REFERENCE_BANKS) / "qwen3_1b_skill_bank.json"
     retriever = _retriever(argparse.Namespace(skills=str(bank), retrieval="bm25", embedder=None))

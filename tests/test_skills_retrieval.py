@@ -17,8 +17,7 @@ from sgsd.errors import ConfigError
 from sgsd.prompts import render_guidance
 from sgsd.skills.bank import CommonMistake, GeneralSkill, SkillBank, load_bank
 from sgsd.skills.retrieval import Retrieval, Scored, make_retriever
-from sgsd.skills.teachers import (build_teachers, load_teacher_cache, pair_weights, precompute_teachers,
-                                  problem_key)
+from sgsd.skills.teachers import build_teachers, pair_weights
 
 PROBLEM = "Find the number of ordered pairs (x, y) of positive integers with x + y = 20 and gcd(x, y) = 1."
 
@@ -203,30 +202,3 @@ def test_unknown_mode_and_bad_top_k_are_user_errors(bank_1b):
         make_retriever("dense", bank_1b)
     with pytest.raises(ConfigError, match="top_k"):
         make_retriever("bm25", bank_1b).retrieve(PROBLEM, 0)
-
-
-# ---- precomputation -------------------------------------------------------------------------------
-
-class _CountingRetriever:
-    def __init__(self, inner):
-        self.inner, self.calls = inner, []
-        self.mode, self.bank, self.key = inner.mode, inner.bank, inner.key
-
-    def retrieve_many(self, problems, top_k):
-        self.calls.append(list(problems))
-        return self.inner.retrieve_many(problems, top_k)
-
-
-def test_precomputed_teachers_are_stored_and_reused(bank_1b, tmp_path):
-    cache = tmp_path / "teachers.jsonl"
-    problems = [PROBLEM, "Solve x^2 = 4.", PROBLEM]
-    counting = _CountingRetriever(make_retriever("bm25", bank_1b))
-    first = precompute_teachers(bank_1b, counting, problems, 8, cache_path=cache, batch_size=1)
-    assert counting.calls == [[PROBLEM], ["Solve x^2 = 4."]]  # the repeated problem is retrieved once
-    assert first[0] == first[2] == build_teachers(make_retriever("bm25", bank_1b).retrieve(PROBLEM, 8), 8)
-    again = _CountingRetriever(make_retriever("bm25", bank_1b))
-    assert precompute_teachers(bank_1b, again, problems, 8, cache_path=cache) == first and again.calls == []
-    # Another k is another key: recomputed, and the k = 8 records are kept.
-    assert len(precompute_teachers(bank_1b, again, problems, 4, cache_path=cache)[0]) == 4 and len(again.calls) == 1
-    assert set(load_teacher_cache(cache, bank_1b, "bm25", 8)) == {problem_key(PROBLEM), problem_key("Solve x^2 = 4.")}
-    assert load_teacher_cache(cache, bank_1b, "random:seed=0", 8) == {}

@@ -14,19 +14,9 @@ import importlib
 import os
 import sys
 
+from sgsd.commands import COMMANDS
 from sgsd.commands.options import SgsdArgumentParser
 from sgsd.errors import UserError
-
-# (command, module, help). Nested groups ("skills validate") are handled by the module itself.
-COMMANDS: list[tuple[str, str, str]] = [
-    ("train", "sgsd.commands.train", "train a model with SGSD, GRPO or OPSD from a YAML config"),
-    ("eval", "sgsd.commands.evaluate", "evaluate a model (avg@k, pass@k, maj@k) or compare evaluations"),
-    ("skills", "sgsd.commands.skills", "validate, show, retrieve from, build and report on skill banks"),
-    ("compare", "sgsd.commands.compare", "train several methods from one start and evaluate them into one table"),
-    ("bench", "sgsd.commands.bench", "benchmark the loss phase and training step"),
-    ("models", "sgsd.commands.models", "import models: a GGUF checkpoint as a Hugging Face directory"),
-    ("demo", "sgsd.commands.demo", "run the offline demo: SGSD vs GRPO vs OPSD in a small synthetic world"),
-]
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:

@@ -30,6 +30,22 @@ def _parse_tiny(spec: str) -> dict[str, int]:
     return options
 
 
+def _tiny_shape(spec: str, options: dict[str, int]) -> Any:
+    from dataclasses import fields
+
+    from sgsd.tiny import ModelShape
+
+    known = [f.name for f in fields(ModelShape) if f.name != "vocab_size"]  # the tokenizer decides V
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise UserError(f"model spec {spec!r}: unknown key {unknown[0]!r}; expected seed, max_positions or "
+                        f"{', '.join(known)}")
+    try:
+        return ModelShape(**options)
+    except ValueError as err:
+        raise UserError(f"model spec {spec!r}: {err}") from None
+
+
 def resolve_model_path(model_spec: str) -> str:
     """Map a run directory to its `final/`; check local paths exist; leave hub ids alone."""
     if model_spec == TINY_PREFIX or model_spec.startswith(TINY_PREFIX + ":"):
@@ -78,8 +94,9 @@ def load_model(model_spec: str, *, dtype: str = "auto", tokenizer: Any = None, t
         from sgsd.tiny import build_tiny_model
 
         options = _parse_tiny(path)
-        seed = options.pop("seed", 0)
-        return build_tiny_model(tokenizer if tokenizer is not None else load_tokenizer(path), seed=seed, **options)
+        seed, max_positions = options.pop("seed", 0), options.pop("max_positions", 2048)
+        return build_tiny_model(tokenizer if tokenizer is not None else load_tokenizer(path), seed=seed,
+                                shape=_tiny_shape(model_spec, options), max_positions=max_positions)
     torch_dtype = {"auto": "auto", "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                    "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}.get(dtype)
     if torch_dtype is None:

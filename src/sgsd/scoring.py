@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sgsd.lm_head import token_logprobs  # noqa: F401 - part of this module's interface
+from sgsd.lm_head import token_logprobs
 from sgsd.objectives import OPSDLossOutput, opsd_loss
 
 

@@ -10,6 +10,7 @@ merges learned from a fixed corpus, so it is deterministic.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields, replace
 from typing import Any, Iterable
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
@@ -71,19 +72,52 @@ def build_tokenizer(extra_corpus: Iterable[str] = (), vocab_size: int = 512) -> 
     return fast
 
 
-def tiny_qwen3_config(vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-                      num_kv_heads: int = 2, intermediate_size: int = 128, max_positions: int = 2048,
-                      pad_token_id: int = 0, eos_token_id: int | None = None) -> Any:
+@dataclass(frozen=True)
+class ModelShape:
+    """Sizes of a Qwen3 decoder built from a config (`tiny_qwen3_config`); one description for the tiny
+    recipes (the defaults: model `tiny`), the demo's warm start and the benchmark model.
+
+    vocab_size: the model's vocabulary V; with a tokenizer (`build_tiny_model`) the tokenizer's length
+    decides it and this is the size its BPE is trained to (`build_tokenizer`). head_dim = hidden / heads.
+    Qwen3-1.7B: hidden 2048, 28 layers, 16 / 8 heads, intermediate 6144, vocabulary 151,936.
+    """
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    vocab_size: int = 512
+
+    def __post_init__(self) -> None:
+        sizes = {f.name: getattr(self, f.name) for f in fields(self)}
+        if min(sizes.values()) < 1:
+            raise ValueError(f"model sizes must be positive: {sizes}")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}) "
+                             f"and num_heads by num_kv_heads ({self.num_kv_heads})")
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(decoder-layer parameters, LM-head parameters): the matmul weights each token passes through."""
+        head_dim = self.hidden_size // self.num_heads
+        attention = self.hidden_size * head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        return self.num_layers * (attention + mlp), self.hidden_size * self.vocab_size
+
+
+def tiny_qwen3_config(shape: ModelShape = ModelShape(), *, max_positions: int = 2048, pad_token_id: int = 0,
+                      eos_token_id: int | None = None) -> Any:
+    """A `Qwen3Config` of `shape` (untied LM head, no BOS token)."""
     from transformers import Qwen3Config
 
     return Qwen3Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        head_dim=hidden_size // num_heads,
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        head_dim=shape.hidden_size // shape.num_heads,
         max_position_embeddings=max_positions,
         tie_word_embeddings=False,
         pad_token_id=pad_token_id,
@@ -92,26 +126,17 @@ def tiny_qwen3_config(vocab_size: int, *, hidden_size: int = 64, num_layers: int
     )
 
 
-def build_tiny_model(tokenizer: Any, *, seed: int = 0, **config_kwargs: Any) -> Any:
-    """A randomly initialised Qwen3ForCausalLM sized for CPU tests, deterministic given `seed`."""
+def build_tiny_model(tokenizer: Any, *, seed: int = 0, shape: ModelShape = ModelShape(), max_positions: int = 2048
+                     ) -> Any:
+    """A randomly initialised Qwen3ForCausalLM of `shape` (vocabulary: the tokenizer's), deterministic given `seed`."""
     import torch
     from transformers import Qwen3ForCausalLM
 
-    config = tiny_qwen3_config(
-        len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **config_kwargs
-    )
+    config = tiny_qwen3_config(replace(shape, vocab_size=len(tokenizer)), max_positions=max_positions,
+                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen3ForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
-
-
-def save_tiny(directory: str, *, seed: int = 0, extra_corpus: Iterable[str] = (), **config_kwargs: Any) -> str:
-    """Build a tiny model and tokenizer and save both in Hugging Face format under `directory`."""
-    tokenizer = build_tokenizer(extra_corpus)
-    model = build_tiny_model(tokenizer, seed=seed, **config_kwargs)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory

@@ -14,10 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from sgsd.benchmarking.synthetic import ModelShape, SyntheticBatch
+from sgsd.benchmarking.synthetic import SyntheticBatch
+from sgsd.tiny import ModelShape
 
 # Qwen3-1.7B (config.json of Qwen/Qwen3-1.7B): tied embeddings, so its LM head is the embedding matrix.
-QWEN3_1_7B = ModelShape(vocab=151936, hidden=2048, layers=28, heads=16, kv_heads=8, intermediate=6144)
+QWEN3_1_7B = ModelShape(hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8, intermediate_size=6144,
+                        vocab_size=151936)
 QWEN3_1_7B_HEAD_DIM = 128  # Qwen3 uses head_dim 128 (q width 2048 = 16 x 128)
 
 
@@ -32,20 +34,19 @@ class RowGroup:
 
 def _forward_flops(shape: ModelShape, group: RowGroup, *, head_positions: int | None = None) -> float:
     layer_params, head_params = shape.parameter_counts()
-    q_width = shape.hidden  # tiny_qwen3_config: head_dim = hidden / heads
+    q_width = shape.hidden_size  # tiny_qwen3_config: head_dim = hidden / heads
     tokens = group.rows * group.length
-    attention = 2.0 * shape.layers * q_width * group.length * group.length * group.rows  # causal: QK and AV, half
+    # causal: QK and AV, half of the square
+    attention = 2.0 * shape.num_layers * q_width * group.length * group.length * group.rows
     head = 2.0 * head_params * group.rows * (group.scored if head_positions is None else head_positions)
     return 2.0 * layer_params * tokens + attention + head
 
 
-def _sgsd_groups(batch: SyntheticBatch, *, teacher_batch_rows: int, skip_neutral_rows: bool
-                 ) -> tuple[list[RowGroup], int, list[int]]:
+def _sgsd_groups(batch: SyntheticBatch, *, teacher_batch_rows: int) -> tuple[list[RowGroup], int, list[int]]:
     """Teacher row groups as `score_teachers` batches them; (groups, student prompt width, completion lengths)."""
     lengths = batch.completion_mask.long().sum(-1).tolist()
-    prompts = [list(rows) + ([batch.student_prompt_ids[i]] if skip_neutral_rows else [])
-               for i, rows in enumerate(batch.teacher_prompt_ids)]
-    rows = sorted(((len(p) + lengths[i], len(p), lengths[i]) for i, row in enumerate(prompts) for p in row))
+    rows = sorted(((len(p) + lengths[i], len(p), lengths[i]) for i, row in enumerate(batch.teacher_prompt_ids)
+                   for p in row))
     groups = []
     for start in range(0, len(rows), max(teacher_batch_rows, 1)):
         chunk = rows[start : start + teacher_batch_rows]
@@ -54,14 +55,11 @@ def _sgsd_groups(batch: SyntheticBatch, *, teacher_batch_rows: int, skip_neutral
     return groups, max(len(p) for p in batch.student_prompt_ids), lengths
 
 
-def teacher_padding_fraction(batch: SyntheticBatch, *, teacher_batch_rows: int = 16,
-                             skip_neutral_rows: bool = False) -> float:
+def teacher_padding_fraction(batch: SyntheticBatch, *, teacher_batch_rows: int = 16) -> float:
     """Share of the token slots of the real path's teacher forwards that are padding: the most a
     padding-free (packed) teacher batch could save of the teacher cost."""
-    groups, _, lengths = _sgsd_groups(batch, teacher_batch_rows=teacher_batch_rows, skip_neutral_rows=skip_neutral_rows)
+    groups, _, lengths = _sgsd_groups(batch, teacher_batch_rows=teacher_batch_rows)
     real = sum(len(p) + lengths[i] for i, rows in enumerate(batch.teacher_prompt_ids) for p in rows)
-    if skip_neutral_rows:
-        real += sum(len(p) + lengths[i] for i, p in enumerate(batch.student_prompt_ids))
     slots = sum(g.rows * g.length for g in groups)
     return 1.0 - real / slots if slots else 0.0
 
@@ -76,9 +74,10 @@ def phase_flops(shape: ModelShape, batch: SyntheticBatch, *, naive: bool, teache
         student = RowGroup(b * k, student_width + t, student_width + t)
         teacher = RowGroup(b * k, teacher_width + t, teacher_width + t)
         return 3.0 * _forward_flops(shape, student) + _forward_flops(shape, teacher)
-    groups, student_width, lengths = _sgsd_groups(batch, teacher_batch_rows=teacher_batch_rows,
-                                                  skip_neutral_rows=skip_neutral_rows)
+    groups, student_width, lengths = _sgsd_groups(batch, teacher_batch_rows=teacher_batch_rows)
     teachers = sum(_forward_flops(shape, g) for g in groups)
+    if skip_neutral_rows:  # `active_rollouts`: one gradient-free student pass over every rollout, full T
+        teachers += _forward_flops(shape, RowGroup(b, student_width + t, t))
     active = b if active_rollouts is None else max(active_rollouts, 1)
     completion = max(sorted(lengths)[-active:])  # upper bound when not every rollout is active
     student = RowGroup(active, student_width + completion, completion)
@@ -100,8 +99,7 @@ class PaperScaleEstimate:
     logit_tensors: Sequence[str]
     teacher_chunk_buffer_gb: float  # one fp32 [chunk, V] buffer of the real path's teacher scoring
     student_chunk_buffer_gb: float  # the same for the student's chunk (min(chunk, B x T) rows)
-    scoring_chunk_gb: float  # scoring.py today: 3 teacher buffers / 5 student-backward buffers, the larger
-    lean_chunk_gb: float  # the lean head: one buffer
+    head_peak_gb: float  # the chunked LM head (`sgsd.lm_head`) holds one buffer at a time: the larger one
     real_activations_gb: float  # decoder activations kept for the student backward: B rows
     naive_activations_gb: float  # the same for B x K student rows
 
@@ -115,20 +113,19 @@ def paper_scale_estimate(*, teachers: int = 8, completion_tokens: int = 1024, st
     FLOPs are those of full fine-tuning (with LoRA the weight-gradient half of the backward mostly
     disappears, for both paths alike). Naive memory: the model's logits in `logit_bytes` (2: bf16, the
     paper's precision) and the fp32 log-softmax of the completion positions, student and teacher rows.
-    Real path: `chunk_tokens` rows of fp32 logits at a time; `sgsd.scoring.token_logprobs` holds about 3
-    such buffers without gradient (logits and logsumexp temporaries) and 5 in the student's backward
-    (measured on CPU, tests/test_bench_lean_head.py), the lean head one.
+    Real path: `chunk_tokens` rows of fp32 logits at a time; `sgsd.lm_head.token_logprobs` holds one
+    such buffer, with and without gradient (measured on CPU, tests/test_lm_head.py).
     Activations saved for the backward: 34 x hidden bytes per token and layer (16-bit, fused attention,
     no recomputation; Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
     Models", section 4.1), for the student rows only (teachers run without gradient).
     """
-    layer_params = shape.layers * (shape.hidden * head_dim * (2 * shape.heads + 2 * shape.kv_heads)
-                                   + 3 * shape.hidden * shape.intermediate)
-    head_params = shape.hidden * shape.vocab
-    q_width = head_dim * shape.heads
+    attention_params = shape.hidden_size * head_dim * (2 * shape.num_heads + 2 * shape.num_kv_heads)
+    layer_params = shape.num_layers * (attention_params + 3 * shape.hidden_size * shape.intermediate_size)
+    head_params = shape.hidden_size * shape.vocab_size
+    q_width = head_dim * shape.num_heads
 
     def forward(rows: int, length: int, scored: int) -> float:
-        attention = 2.0 * shape.layers * q_width * length * length * rows
+        attention = 2.0 * shape.num_layers * q_width * length * length * rows
         return 2.0 * layer_params * rows * length + attention + 2.0 * head_params * rows * scored
 
     t, b, k = completion_tokens, rollouts, teachers
@@ -136,23 +133,22 @@ def paper_scale_estimate(*, teachers: int = 8, completion_tokens: int = 1024, st
     teacher = forward(b * k, teacher_prompt + t, t)
     naive = 3.0 * forward(b * k, student_prompt + t, student_prompt + t) + forward(
         b * k, teacher_prompt + t, teacher_prompt + t)
-    v4, vl = shape.vocab * 4.0, shape.vocab * float(logit_bytes)
+    v4, vl = shape.vocab_size * 4.0, shape.vocab_size * float(logit_bytes)
     tensors = [
-        f"student logits [B K, P_s + T, V] = {b * k} x {student_prompt + t} x {shape.vocab} x {logit_bytes} B",
-        f"student log-softmax fp32 [B K, T, V] (saved for backward) = {b * k} x {t} x {shape.vocab} x 4 B",
-        f"teacher logits [B K, P_t + T, V] = {b * k} x {teacher_prompt + t} x {shape.vocab} x {logit_bytes} B",
-        f"teacher log-softmax fp32 [B K, T, V] = {b * k} x {t} x {shape.vocab} x 4 B",
+        f"student logits [B K, P_s + T, V] = {b * k} x {student_prompt + t} x {shape.vocab_size} x {logit_bytes} B",
+        f"student log-softmax fp32 [B K, T, V] (saved for backward) = {b * k} x {t} x {shape.vocab_size} x 4 B",
+        f"teacher logits [B K, P_t + T, V] = {b * k} x {teacher_prompt + t} x {shape.vocab_size} x {logit_bytes} B",
+        f"teacher log-softmax fp32 [B K, T, V] = {b * k} x {t} x {shape.vocab_size} x 4 B",
     ]
     naive_bytes = b * k * (vl * (student_prompt + t + teacher_prompt + t) + v4 * 2 * t)
     teacher_buffer = min(chunk_tokens, b * k * t) * v4
     student_buffer = min(chunk_tokens, b * t) * v4
-    activations_per_row = 34.0 * shape.hidden * shape.layers * (student_prompt + t)
+    activations_per_row = 34.0 * shape.hidden_size * shape.num_layers * (student_prompt + t)
     return PaperScaleEstimate(
         student_tflop=student / 1e12, teachers_tflop=teacher / 1e12, real_tflop=(student + teacher) / 1e12,
         naive_tflop=naive / 1e12, naive_over_real=naive / (student + teacher),
         naive_logits_gb=naive_bytes / 1e9, logit_tensors=tensors, teacher_chunk_buffer_gb=teacher_buffer / 1e9,
         student_chunk_buffer_gb=student_buffer / 1e9,
-        scoring_chunk_gb=max(3 * teacher_buffer, 5 * student_buffer) / 1e9,
-        lean_chunk_gb=max(teacher_buffer, student_buffer) / 1e9,
+        head_peak_gb=max(teacher_buffer, student_buffer) / 1e9,
         real_activations_gb=b * activations_per_row / 1e9, naive_activations_gb=b * k * activations_per_row / 1e9,
     )

@@ -4,12 +4,12 @@ Both functions take the same model and `SyntheticBatch`, compute the same SGSD l
 identical hyper-parameters) and leave the same gradient in the model's `.grad` (up to float summation
 order: `tests/test_bench_phases.py` checks it), so timing one against the other is a fair comparison.
 
-`real_loss_phase` is the project's path: K teacher forwards without gradient through
-`sgsd.scoring.score_teachers` (rows of (rollout, teacher) flattened, sorted by length, batched, left
-padded, trimmed to each batch's longest completion, log-probs of the sampled token from chunked
-logsumexp), then ONE student forward and backward per rollout through `completion_logprobs` (chunked,
-checkpointed LM head), exactly the calls of `SGSDTrainer.rollout_extras` + `method_loss` (full-vocabulary
-mode), with `skip_neutral_rows` when asked.
+`real_loss_phase` is the project's path, the trainer's own functions: K teacher forwards without
+gradient through `sgsd.scoring.score_teachers` (rows of (rollout, teacher) flattened, sorted by length,
+batched, left padded, trimmed to each batch's longest completion, log-probs of the sampled token from
+chunked logsumexp), as `SGSDTrainer.rollout_extras` calls it, then ONE student forward and backward per
+rollout through `sgsd.loss_phase.sgsd_loss_phase` (chunked LM head), the function `SGSDTrainer.method_loss`
+calls (full-vocabulary mode), with `skip_neutral_rows` when asked.
 
 `naive_loss_phase` mirrors the public code's pattern (SPEC section 9):
 - item 1: every (rollout, teacher) pair is one row holding BOTH the student input and the teacher input;
@@ -31,104 +31,64 @@ defect) and the loss equals the real path's; the compute is the same whichever p
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from sgsd.benchmarking.synthetic import PAD_ID, SyntheticBatch
+from sgsd.config import SGSDSettings
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
 class LossSettings:
-    """SPEC section 4 hyper-parameters and the trainer's batching knobs (`SGSDSettings` defaults)."""
+    """SPEC section 4 hyper-parameters and the trainer's batching knobs, with the trainer's defaults
+    (`SGSDSettings`); `chunk_tokens` is a plain count here (the trainer may derive it from a budget)."""
 
-    gate_tau: float = 1.0
-    clip_delta: float = 3.0
-    confidence_threshold: float = 0.05
-    teacher_batch_rows: int = 16
+    gate_tau: float = SGSDSettings.gate_tau
+    clip_delta: float = SGSDSettings.clip_delta
+    confidence_threshold: float = SGSDSettings.confidence_threshold
+    teacher_batch_rows: int = SGSDSettings.teacher_batch_size
     chunk_tokens: int = 4096
     skip_neutral_rows: bool = False
-    lean_head: bool = False  # real path: `sgsd.benchmarking.lean_head.token_logprobs` in place of scoring's
 
 
 @dataclass(frozen=True)
 class PhaseOutput:
     """loss: detached 0-d; polarity: [B, K] int64 rho; active_rollouts: rollouts that got a student backward."""
 
-    loss: Any
-    polarity: Any
+    loss: torch.Tensor
+    polarity: torch.Tensor
     active_rollouts: int
 
 
-@contextmanager
-def _head_implementation(lean: bool) -> Iterator[None]:
-    """Swap `sgsd.scoring.token_logprobs` (looked up at call time by `score_teachers` and
-    `completion_logprobs`) for the lean candidate, for the duration of one phase: what switching over
-    in scoring.py would do, measured without editing it."""
-    import sgsd.scoring as scoring
-
-    if not lean:
-        yield
-        return
-    from sgsd.benchmarking.lean_head import token_logprobs
-
-    original = scoring.token_logprobs
-    scoring.token_logprobs = token_logprobs
-    try:
-        yield
-    finally:
-        scoring.token_logprobs = original
-
-
 def real_loss_phase(model: Any, batch: SyntheticBatch, settings: LossSettings = LossSettings()) -> PhaseOutput:
-    """Teacher scoring + one student forward/backward per rollout, as `SGSDTrainer` does; calls backward."""
-    with _head_implementation(settings.lean_head):
-        return _real_loss_phase(model, batch, settings)
+    """Teacher scoring + one student forward/backward per rollout, through the trainer's own calls; calls backward.
 
+    The generation phase of `SGSDTrainer.rollout_extras` (`score_teachers`, and with `skip_neutral_rows`
+    one gradient-free student pass deciding `sgsd.loss_phase.active_rollouts`), then the loss phase of
+    `SGSDTrainer.method_loss` (`sgsd.loss_phase.sgsd_loss_phase`, full-vocabulary mode).
+    """
+    from sgsd.loss_phase import active_rollouts, sgsd_loss_phase
+    from sgsd.scoring import left_pad, score_teachers
 
-def _real_loss_phase(model: Any, batch: SyntheticBatch, settings: LossSettings) -> PhaseOutput:
-    import torch
-
-    from sgsd.objectives import sgsd_loss, teacher_polarity
-    from sgsd.scoring import completion_logprobs, left_pad, score_teachers
-
-    device = batch.completion_ids.device
-    k = batch.num_teachers
-    prompts: list[list[Any]] = [list(rows) for rows in batch.teacher_prompt_ids]
-    if settings.skip_neutral_rows:  # SGSDTrainer: the plain student prompt as one more gradient-free row
-        for row, student in zip(prompts, batch.student_prompt_ids):
-            row.append(student)
     logps = score_teachers(
-        model, prompts, batch.completion_ids, batch.completion_mask, pad_id=PAD_ID,
+        model, batch.teacher_prompt_ids, batch.completion_ids, batch.completion_mask, pad_id=PAD_ID,
         batch_rows=settings.teacher_batch_rows, chunk_tokens=settings.chunk_tokens,
     )
-    teacher_logps = logps[:, :k]
-    rows = torch.arange(batch.num_rollouts, device=device)
-    if settings.skip_neutral_rows:
-        _, polarity = teacher_polarity(
-            logps[:, k], teacher_logps, batch.counted_mask, batch.rewards, batch.teacher_weights,
-            clip_delta=settings.clip_delta, confidence_threshold=settings.confidence_threshold,
-        )
-        rows = polarity.ne(0).any(dim=-1).nonzero().squeeze(-1)
-    run_rows = rows if rows.numel() else rows.new_zeros(1)  # the trainer keeps the graph connected
-    prompt_ids, prompt_mask = left_pad(batch.student_prompt_ids, PAD_ID, device)
-    length = int(batch.completion_mask[run_rows].sum(-1).max().clamp(min=1))
-    student_logps = completion_logprobs(
-        model, prompt_ids[run_rows], prompt_mask[run_rows], batch.completion_ids[run_rows, :length],
-        batch.completion_mask[run_rows, :length], chunk_tokens=settings.chunk_tokens,
-    )
-    counted = batch.counted_mask[run_rows, :length]
-    out = sgsd_loss(
-        student_logps, teacher_logps[run_rows, :, :length], counted,
-        batch.rewards[run_rows], batch.teacher_weights[run_rows], gate_tau=settings.gate_tau,
-        clip_delta=settings.clip_delta, confidence_threshold=settings.confidence_threshold,
-    )
-    loss = out.loss * (rows.numel() / batch.num_rollouts)
-    loss.backward()
-    polarity = torch.zeros_like(batch.teacher_weights, dtype=torch.long)
-    if rows.numel():
-        polarity[rows] = out.polarity
-    return PhaseOutput(loss.detach(), polarity, int(rows.numel()))
+    prompt_ids, prompt_mask = left_pad(batch.student_prompt_ids, PAD_ID, batch.completion_ids.device)
+    tensors = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=batch.completion_ids,
+                   completion_mask=batch.completion_mask, counted_mask=batch.counted_mask, rewards=batch.rewards,
+                   teacher_weights=batch.teacher_weights, teacher_logps=logps)
+    hyper = dict(clip_delta=settings.clip_delta, confidence_threshold=settings.confidence_threshold,
+                 chunk_tokens=settings.chunk_tokens)
+    active = active_rollouts(model, **tensors, **hyper) if settings.skip_neutral_rows else None
+    phase = sgsd_loss_phase(model, **tensors, **hyper, active=active, gate_tau=settings.gate_tau)
+    if phase.loss is None:
+        raise FloatingPointError("real_loss_phase: non-finite student or teacher log-probs")
+    phase.loss.backward()
+    return PhaseOutput(phase.loss.detach(), phase.polarity, int(phase.rows.numel()))
 
 
 def right_pad_rows(sequences: list[list[int]], device: Any) -> tuple[Any, Any]:

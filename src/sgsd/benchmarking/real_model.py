@@ -40,8 +40,8 @@ CLIP_DELTA = 3.0
 
 def run_eval(model_dir: Path, out: Path, *, data_dir: str, problems: int, max_new_tokens: int,
              batch_size: int) -> dict[str, Any]:
-    from sgsd.evaluation.generation import HFGenerator, SamplingConfig
     from sgsd.evaluation.runner import EvalSettings, run_evaluation
+    from sgsd.generation import HFGenerator, SamplingConfig
     from sgsd.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(str(model_dir))

@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 from sgsd.benchmarking.cost import phase_flops, teacher_padding_fraction
 from sgsd.benchmarking.phases import LossSettings, naive_loss_phase, real_loss_phase
-from sgsd.benchmarking.synthetic import BatchShape, ModelShape, build_model, make_batch, max_sequence_length
+from sgsd.benchmarking.synthetic import BENCH_MODEL, BatchShape, build_model, make_batch, max_sequence_length
+from sgsd.tiny import ModelShape
 
 # issue 7 targets (ratios measured in one run)
 TARGET_SCALING = 3.2  # time(K) / time(K=1), floor about 2.75 at K = 8
@@ -28,7 +29,7 @@ TARGET_MEMORY_VS_NAIVE = 0.4
 
 @dataclass(frozen=True)
 class StepBenchConfig:
-    model: ModelShape = field(default_factory=ModelShape)
+    model: ModelShape = BENCH_MODEL
     batch: BatchShape = field(default_factory=BatchShape)
     settings: LossSettings = field(default_factory=LossSettings)
     naive: bool = False
@@ -62,7 +63,6 @@ class StepBenchResult:
     loss: float
     active_rollouts: int
     chunk_tokens: int
-    lean_head: bool
     skip_neutral_rows: bool
     device: str
     threads: int
@@ -91,7 +91,7 @@ class StepBench:
 
         if config.model != self.model_shape:
             raise ValueError("StepBench.measure: config.model differs from the model this bench was built with")
-        batch = make_batch(config.batch, config.model.vocab).to(self.device)
+        batch = make_batch(config.batch, config.model.vocab_size).to(self.device)
         if max_sequence_length(batch) > self.model.config.max_position_embeddings:
             raise ValueError(f"sequences of {max_sequence_length(batch)} tokens exceed the model's "
                              f"{self.model.config.max_position_embeddings} positions")
@@ -116,16 +116,15 @@ class StepBench:
         return StepBenchResult(
             path="naive" if config.naive else "real", teachers=config.batch.teachers,
             rollouts=config.batch.rollouts, completion_tokens=config.batch.completion_tokens,
-            vocab=config.model.vocab, hidden=config.model.hidden, layers=config.model.layers,
+            vocab=config.model.vocab_size, hidden=config.model.hidden_size, layers=config.model.num_layers,
             loss_phase_s=timing.median_s, loss_phase_min_s=timing.min_s, loss_phase_max_s=timing.max_s,
             repeats_s=timing.repeats, peak_mem_mb=peak.peak_mb if peak else float("nan"),
             mem_method=peak.method if peak else "not measured",
             peak_rss_mb=timing.rss_peak_mb, gradients_mb=grads / 2**20, estimated_gflop=flops / 1e9,
             teacher_padding_fraction=teacher_padding_fraction(
-                batch, teacher_batch_rows=config.settings.teacher_batch_rows,
-                skip_neutral_rows=config.settings.skip_neutral_rows),
+                batch, teacher_batch_rows=config.settings.teacher_batch_rows),
             achieved_gflops=flops / 1e9 / timing.median_s, loss=float(out.loss), active_rollouts=out.active_rollouts,
-            chunk_tokens=config.settings.chunk_tokens, lean_head=config.settings.lean_head and not config.naive,
+            chunk_tokens=config.settings.chunk_tokens,
             skip_neutral_rows=config.settings.skip_neutral_rows and not config.naive,
             device=str(self.device), threads=torch.get_num_threads(),
         )
@@ -136,16 +135,12 @@ RATIOS: dict[str, tuple[str, str, str, float | None]] = {
     "scaling": ("real_k", "real_k1", "loss_phase_s", TARGET_SCALING),
     "time_vs_naive": ("real_k", "naive_k", "loss_phase_s", TARGET_TIME_VS_NAIVE),
     "memory_vs_naive": ("real_k", "naive_k", "peak_mem_mb", TARGET_MEMORY_VS_NAIVE),
-    "lean_scaling": ("lean_k", "lean_k1", "loss_phase_s", TARGET_SCALING),
-    "lean_time_vs_naive": ("lean_k", "naive_k", "loss_phase_s", TARGET_TIME_VS_NAIVE),
-    "lean_memory_vs_naive": ("lean_k", "naive_k", "peak_mem_mb", TARGET_MEMORY_VS_NAIVE),
-    "lean_time_vs_scoring": ("lean_k", "real_k", "loss_phase_s", None),
 }
 
 
 @dataclass(frozen=True)
 class CompareRound:
-    """The runs of one round: real_k1, real_k, naive_k (and lean_k1, lean_k with the lean head)."""
+    """The runs of one round: real_k1, real_k, naive_k."""
 
     runs: dict[str, StepBenchResult]
 
@@ -156,10 +151,9 @@ class CompareRound:
         return getattr(self.runs[top], key) / getattr(self.runs[bottom], key)
 
 
-def compare(config: StepBenchConfig, *, rounds: int = 5, progress: Any = None, lean: bool = False
-            ) -> list[CompareRound]:
-    """Real K=1, real K, naive K (K = config.batch.teachers) on one model, `rounds` times interleaved;
-    with `lean`, also the real path with the lean head at K=1 and K.
+def compare(config: StepBenchConfig, *, rounds: int = 5,
+            progress: Callable[[int, str, StepBenchResult], None] | None = None) -> list[CompareRound]:
+    """Real K=1, real K, naive K (K = config.batch.teachers) on one model, `rounds` times interleaved.
 
     Warm-up runs and the peak-memory run (deterministic) happen in the first round only; every round
     times `config.repeats` runs of each path, so a burst of load on a shared machine hits one round.
@@ -167,13 +161,9 @@ def compare(config: StepBenchConfig, *, rounds: int = 5, progress: Any = None, l
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     bench = StepBench(config.model, device=config.device, seed=config.batch.seed)
-    real = replace(config, naive=False, settings=replace(config.settings, lean_head=False))
+    real = replace(config, naive=False)
     configs = {"real_k1": replace(real, batch=replace(config.batch, teachers=1)), "real_k": real,
                "naive_k": replace(config, naive=True)}
-    if lean:
-        lean_settings = replace(config.settings, lean_head=True)
-        configs["lean_k1"] = replace(configs["real_k1"], settings=lean_settings)
-        configs["lean_k"] = replace(real, settings=lean_settings)
     out: list[CompareRound] = []
     for index in range(rounds):
         runs = {}

@@ -14,38 +14,20 @@ fp32 logits per token weigh about as much as the saved activations per token.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from sgsd.tiny import ModelShape
+
+if TYPE_CHECKING:
+    import torch
 
 PAD_ID = 0
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """Qwen3 decoder sizes of the benchmark model. Qwen3-1.7B: hidden 2048, 28 layers, 16/8 heads,
-    intermediate 6144, vocabulary 151,936."""
-
-    vocab: int = 8192
-    hidden: int = 512
-    layers: int = 4
-    heads: int = 8
-    kv_heads: int = 4
-    intermediate: int = 1536
-
-    def __post_init__(self) -> None:
-        if min(self.vocab, self.hidden, self.layers, self.heads, self.kv_heads, self.intermediate) < 1:
-            raise ValueError(f"model sizes must be positive: {self}")
-        if self.vocab < 16:
-            raise ValueError(f"vocab must be at least 16 (synthetic token ids avoid the pad id), got {self.vocab}")
-        if self.hidden % self.heads or self.heads % self.kv_heads:
-            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads}) and heads by "
-                             f"kv_heads ({self.kv_heads})")
-
-    def parameter_counts(self) -> tuple[int, int]:
-        """(decoder-layer parameters, LM-head parameters): the matmul weights each token passes through."""
-        head_dim = self.hidden // self.heads
-        attention = self.hidden * head_dim * (2 * self.heads + 2 * self.kv_heads)
-        mlp = 3 * self.hidden * self.intermediate
-        return self.layers * (attention + mlp), self.hidden * self.vocab
+# The benchmark model (`sgsd.tiny.ModelShape`): see the module docstring.
+BENCH_MODEL = ModelShape(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=1536,
+                         vocab_size=8192)
+MIN_VOCAB = 16  # synthetic token ids are drawn from [1, V): V must leave room next to the pad id
 
 
 @dataclass(frozen=True)
@@ -75,11 +57,11 @@ class SyntheticBatch:
 
     student_prompt_ids: list[list[int]]
     teacher_prompt_ids: list[list[list[int]]]
-    completion_ids: Any
-    completion_mask: Any
-    counted_mask: Any
-    rewards: Any
-    teacher_weights: Any
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    counted_mask: torch.Tensor
+    rewards: torch.Tensor
+    teacher_weights: torch.Tensor
 
     @property
     def num_rollouts(self) -> int:
@@ -101,6 +83,8 @@ def make_batch(shape: BatchShape, vocab: int) -> SyntheticBatch:
     """The seeded synthetic batch of `shape` with token ids in [1, vocab) (0 is the pad id)."""
     import torch
 
+    if vocab < MIN_VOCAB:
+        raise ValueError(f"vocab must be at least {MIN_VOCAB} (synthetic token ids avoid the pad id), got {vocab}")
     g = torch.Generator().manual_seed(shape.seed)
     t = shape.completion_tokens
 
@@ -140,11 +124,7 @@ def build_model(shape: ModelShape, *, max_positions: int, seed: int = 0, dtype: 
 
     from sgsd.tiny import tiny_qwen3_config
 
-    config = tiny_qwen3_config(
-        shape.vocab, hidden_size=shape.hidden, num_layers=shape.layers, num_heads=shape.heads,
-        num_kv_heads=shape.kv_heads, intermediate_size=shape.intermediate, max_positions=max_positions,
-        pad_token_id=PAD_ID,
-    )
+    config = tiny_qwen3_config(shape, max_positions=max_positions, pad_token_id=PAD_ID)
     config.initializer_range = init_std
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

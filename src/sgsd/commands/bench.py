@@ -51,8 +51,6 @@ def _shape_arguments(p: argparse.ArgumentParser, *, lists: bool) -> None:
     p.add_argument("--confidence-threshold", type=float, default=0.0,
                    help="theta (SPEC section 4; default 0 here: on a random model every |support| is below the "
                         "paper's 0.05, which would make every teacher neutral and the loss 0)")
-    p.add_argument("--lean-head", action="store_true",
-                   help="real path: the candidate sgsd.benchmarking.lean_head.token_logprobs (one [chunk, V] buffer)")
     p.add_argument("--chunk-budget-mb", type=int, default=None,
                    help="choose --chunk-tokens so one fp32 [chunk, V] buffer fits this many MB "
                         "(default: use --chunk-tokens as given)")
@@ -79,8 +77,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     _shape_arguments(p, lists=False)
     p.add_argument("--rounds", type=int, default=5,
                    help="interleaved rounds of timed runs; the ratios of each round are reported (default 5)")
-    p.add_argument("--with-lean", action="store_true",
-                   help="also run the real path with the candidate lean LM head (K=1 and K) in every round")
     p.set_defaults(_bench_run=_compare)
 
     p = sub.add_parser("sweep", help="time and memory against K, T and V (tables of docs/performance.md)")
@@ -120,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace, *, teachers: int, vocab: int, tokens: int, naive: bool = False) -> Any:
     from sgsd.benchmarking.phases import LossSettings
     from sgsd.benchmarking.step import StepBenchConfig
-    from sgsd.benchmarking.synthetic import BatchShape, ModelShape
+    from sgsd.benchmarking.synthetic import MIN_VOCAB, BatchShape
+    from sgsd.tiny import ModelShape
 
     if args.repeats < 1 or args.warmup < 0:
         raise UserError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
@@ -134,21 +131,25 @@ def _config(args: argparse.Namespace, *, teachers: int, vocab: int, tokens: int,
     if tokens > MAX_COMPLETION_TOKENS:
         raise UserError(f"--completion-tokens {tokens}: at most {MAX_COMPLETION_TOKENS} (prompts add up to 0.6 T and the "
                         "benchmark model has 8192 positions)")
+    if vocab < MIN_VOCAB:
+        raise UserError(f"sgsd bench: --vocab must be at least {MIN_VOCAB} (synthetic token ids avoid the pad id), "
+                        f"got {vocab}")
     try:
-        model = ModelShape(vocab=vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
-                           kv_heads=max(args.heads // 2, 1), intermediate=args.intermediate or 3 * args.hidden)
+        model = ModelShape(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                           num_kv_heads=max(args.heads // 2, 1), intermediate_size=args.intermediate or 3 * args.hidden,
+                           vocab_size=vocab)
         batch = BatchShape(rollouts=args.rollouts, teachers=teachers, completion_tokens=tokens, seed=args.seed)
     except ValueError as err:
         raise UserError(f"sgsd bench: {err}") from None
     chunk = args.chunk_tokens
     if args.chunk_budget_mb is not None:
-        from sgsd.benchmarking.lean_head import chunk_tokens_for_budget
+        from sgsd.lm_head import chunk_tokens_for_budget
 
         if args.chunk_budget_mb < 1:
             raise UserError(f"--chunk-budget-mb must be >= 1, got {args.chunk_budget_mb}")
         chunk = chunk_tokens_for_budget(vocab, args.chunk_budget_mb * 2**20)
     settings = LossSettings(confidence_threshold=args.confidence_threshold, teacher_batch_rows=args.teacher_batch_rows,
-                            chunk_tokens=chunk, skip_neutral_rows=args.skip_neutral, lean_head=args.lean_head)
+                            chunk_tokens=chunk, skip_neutral_rows=args.skip_neutral)
     return StepBenchConfig(model=model, batch=batch, settings=settings, naive=naive, repeats=args.repeats,
                            warmup=args.warmup, device=args.device)
 
@@ -181,7 +182,7 @@ def _compare(args: argparse.Namespace) -> int:
             print(f"round {index + 1}: {name}: {result.loss_phase_s:.3f} s, {result.peak_mem_mb:.1f} MB",
                   file=sys.stderr, flush=True)
 
-    rounds = compare(config, rounds=args.rounds, progress=progress, lean=args.with_lean)
+    rounds = compare(config, rounds=args.rounds, progress=progress)
     summary = summarize(rounds)
     if args.json:
         print(json.dumps({"summary": summary, "environment": environment(),
@@ -191,9 +192,7 @@ def _compare(args: argparse.Namespace) -> int:
     print(_format_rows([run for r in rounds for run in r.runs.values()], names=[n for r in rounds for n in r.runs]))
     print()
     labels = {"scaling": f"time(K={k}) / time(K=1)", "time_vs_naive": f"time real / naive at K={k}",
-              "memory_vs_naive": f"peak memory real / naive at K={k}", "lean_scaling": f"lean: time(K={k}) / time(K=1)",
-              "lean_time_vs_naive": f"lean: time / naive at K={k}", "lean_memory_vs_naive": f"lean: memory / naive at K={k}",
-              "lean_time_vs_scoring": f"lean / scoring.py head time, K={k}"}
+              "memory_vs_naive": f"peak memory real / naive at K={k}"}
     print(f"{'ratio (per round)':<36} {'median':>7} {'min':>7} {'max':>7} {'target':>7}  {'every round':<11}  "
           f"{'fastest runs':>12}")
     for key, s in summary.items():
@@ -232,7 +231,7 @@ def _format_rows(results: list[Any], header: bool = True, names: list[str] | Non
                      f"{'peak MB':>9} {'RSS MB':>8} {'GFLOP':>8} {'GFLOP/s':>8}")
     for index, r in enumerate(results):
         rss = f"{r.peak_rss_mb:8.1f}" if r.peak_rss_mb is not None else f"{'-':>8}"
-        name = names[index] if names else r.path + ("+lean" if r.lean_head else "") + ("+skip" if r.skip_neutral_rows else "")
+        name = names[index] if names else r.path + ("+skip" if r.skip_neutral_rows else "")
         lines.append(f"{name:<8} {r.teachers:>3} {r.completion_tokens:>5} {r.vocab:>7} {r.rollouts:>3} "
                      f"{r.loss_phase_s:8.3f} {r.loss_phase_min_s:7.3f} {r.loss_phase_max_s:7.3f} "
                      f"{r.peak_mem_mb:9.1f} {rss} {r.estimated_gflop:8.1f} {r.achieved_gflops:8.1f}")
@@ -274,8 +273,8 @@ def _estimate(args: argparse.Namespace) -> int:
     for line in est.logit_tensors:
         print(f"    {line}")
     print(f"  real path, chunks of {args.chunk_tokens} token rows: one fp32 buffer {est.teacher_chunk_buffer_gb:.2f} GB "
-          f"(teachers), {est.student_chunk_buffer_gb:.2f} GB (student); peak of the chunked head: "
-          f"{est.scoring_chunk_gb:.2f} GB with scoring.py, {est.lean_chunk_gb:.2f} GB with the lean head")
+          f"(teachers), {est.student_chunk_buffer_gb:.2f} GB (student); the chunked head holds one at a time: "
+          f"{est.head_peak_gb:.2f} GB at its peak")
     print(f"  student activations kept for the backward: real {est.real_activations_gb:.1f} GB, "
           f"naive {est.naive_activations_gb:.1f} GB (34 x hidden bytes per token and layer)")
     return 0

@@ -157,15 +157,18 @@ def _launcher(text: str | None) -> list[str]:
 
 
 def run_stage(stage: Stage, launcher: Sequence[str], in_process: bool) -> None:
+    rerun = "fix it and rerun the same `sgsd compare` command: finished stages are skipped"
     if in_process:
-        from sgsd.cli import main
+        from sgsd.commands import run_in_process
 
-        code = main(list(stage.argv))
+        try:
+            code = run_in_process(stage.argv)
+        except UserError as err:
+            raise UserError(f"compare: {stage.kind} of {stage.label} failed: {err}; {rerun}") from None
     else:
         code = subprocess.run([*launcher, *stage.argv], check=False).returncode
     if code != 0:
-        raise UserError(f"compare: {stage.kind} of {stage.label} failed (exit {code}); fix it and rerun the same "
-                        "`sgsd compare` command: finished stages are skipped")
+        raise UserError(f"compare: {stage.kind} of {stage.label} failed (exit {code}); {rerun}")
 
 
 def training_cost(run_dir: Path) -> tuple[int, float, float] | None:

@@ -121,7 +121,7 @@ def run_compare(paths: list[str], output_dir: str = ".", *, plot: str | None = N
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from sgsd.evaluation.generation import SamplingConfig, choose_backend
+    from sgsd.generation import SamplingConfig, choose_backend
     from sgsd.evaluation.report import format_results
     from sgsd.evaluation.runner import EvalSettings, load_benchmarks, run_evaluation
     from sgsd.models import resolve_model_path
@@ -171,7 +171,7 @@ def _retriever(args: argparse.Namespace) -> Any:
 
 
 def _generator(settings: Any, args: argparse.Namespace) -> tuple[Any, Any]:
-    from sgsd.evaluation.generation import HFGenerator, VLLMGenerator
+    from sgsd.generation import HFGenerator, VLLMGenerator
     from sgsd.models import load_model, load_tokenizer, resolve_model_path
 
     tokenizer = load_tokenizer(settings.model)

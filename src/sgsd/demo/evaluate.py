@@ -1,8 +1,9 @@
-"""Fast evaluation for the demo: batched sampling, avg@k with a bootstrap interval, greedy accuracy.
+"""Evaluation for the demo: sampled rollouts, avg@k with a bootstrap interval, greedy accuracy.
 
-Generation is Hugging Face `generate` on left-padded prompts with the KV cache, at temperature 1
-over the full vocabulary (no top-k / top-p), which is what avg@k means in SPEC section 7. Answers are
-graded by `sgsd.demo.world.is_correct` (the integer in the last \\boxed{}) unless a grader is given.
+Built from the project's parts: sampling through its generation backend (`sgsd.generation.HFGenerator`:
+left-padded batches, the KV cache, seeded per batch) at temperature 1 over the full vocabulary (no top-k
+/ top-p), which is what avg@k means in SPEC section 7; grading by its grader (`sgsd.verify.grade`, as for
+training rewards and `sgsd eval`); intervals by `sgsd.evaluation.metrics.bootstrap_ci`.
 
 The interval is a percentile bootstrap over problems (problems are resampled, each with its k
 samples), so it reflects which problems were drawn, the dominant source of noise with 100-200
@@ -13,9 +14,17 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from sgsd.demo.world import Problem, is_correct
+from sgsd.data import Problem
+
+if TYPE_CHECKING:
+    import torch
+
+# Sequences per `generate` call: the demo's model is tiny, so the fewer calls the better (measured on the
+# demo's warm start, 2 loaded cores: 800 samples of <= 64 tokens took 68-123 s in batches of 256, 318 s in
+# batches of 16, HFGenerator's default).
+SAMPLE_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -28,8 +37,8 @@ class Rollouts:
     """
 
     texts: tuple[str, ...]
-    completion_ids: Any
-    completion_mask: Any
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -50,59 +59,38 @@ class AccuracyEstimate:
         }
 
 
-def sample(model: Any, tokenizer: Any, user_texts: Sequence[str], *, num_samples: int = 1, temperature: float = 1.0,
-           greedy: bool = False, max_new_tokens: int = 64, batch_size: int = 256, seed: int = 0) -> Rollouts:
-    """Sample `num_samples` completions per user text (rendered with the demo's chat style)."""
+def sample(model: Any, tokenizer: Any, user_texts: Sequence[str], *, num_samples: int = 1, greedy: bool = False,
+           max_new_tokens: int = 64, batch_size: int = SAMPLE_BATCH, seed: int = 0) -> Rollouts:
+    """`num_samples` completions per user text (rendered with the demo's chat style), temperature 1 or greedy."""
     import torch
 
     from sgsd.demo.warmup import demo_chat_style
+    from sgsd.generation import HFGenerator, SamplingConfig
     from sgsd.prompts import render_chat
 
     style = demo_chat_style()
-    rendered = [render_chat(tokenizer, text, style) for text in user_texts for _ in range(num_samples)]
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    pieces: list[torch.Tensor] = []
-    was_training = model.training
-    model.eval()
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        for start in range(0, len(rendered), batch_size):
-            enc = tokenizer(rendered[start : start + batch_size], return_tensors="pt", padding=True,
-                            padding_side="left", add_special_tokens=False)
-            out = model.generate(
-                **enc, do_sample=not greedy, temperature=temperature if not greedy else None,
-                top_k=0 if not greedy else None, top_p=1.0 if not greedy else None,
-                max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
-            )
-            pieces.append(out[:, enc["input_ids"].shape[1] :])
-    model.train(was_training)
-    width = max(p.shape[1] for p in pieces)
-    ids = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad_id) for p in pieces])
-    # Keep tokens up to and including the first end-of-turn token; the rest is padding.
-    is_eos = ids == eos_id
-    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-    mask = (~after_eos).long()
-    ids = ids.masked_fill(after_eos, pad_id)
-    texts = tuple(tokenizer.batch_decode(ids, skip_special_tokens=True))
-    return Rollouts(texts, ids, mask)
+    rendered = [render_chat(tokenizer, text, style) for text in user_texts]
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0 if greedy else 1.0, top_p=1.0, top_k=0,
+                              seed=seed)
+    generator = HFGenerator(model, tokenizer, batch_size=batch_size)
+    completions = [c for row in generator.generate(rendered, num_samples, sampling) for c in row]
+    width = max(len(c.token_ids) for c in completions)
+    ids = torch.full((len(completions), width), generator.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(completions), width), dtype=torch.long)
+    for row, completion in enumerate(completions):
+        ids[row, : len(completion.token_ids)] = torch.tensor(completion.token_ids, dtype=torch.long)
+        mask[row, : len(completion.token_ids)] = 1
+    return Rollouts(tuple(c.text for c in completions), ids, mask)
 
 
-def bootstrap_interval(per_problem: Sequence[float], *, level: float = 0.95, resamples: int = 2000,
-                       seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `per_problem` (resampling problems)."""
-    import numpy as np
+def is_correct(completion: str, problem: Problem) -> bool:
+    """The project's grader (`sgsd.verify.grade`) on the problem's gold answer."""
+    from sgsd.verify import grade
 
-    values = np.asarray(per_problem, dtype=np.float64)
-    if values.size == 0:
-        raise ValueError("bootstrap_interval: no values")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
-    tail = (1.0 - level) / 2.0
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
+    return grade(completion, problem.answer).correct
 
 
-def paired_difference(a: Sequence[float], b: Sequence[float], *, level: float = 0.95, resamples: int = 2000,
-                      seed: int = 0) -> tuple[float, float, float]:
+def paired_difference(a: Sequence[float], b: Sequence[float], *, seed: int = 0) -> tuple[float, float, float]:
     """(mean of a - b, low, high): percentile bootstrap of the mean per-problem difference.
 
     `a` and `b` are per-problem accuracies on the same problems in the same order, so the interval is
@@ -111,13 +99,18 @@ def paired_difference(a: Sequence[float], b: Sequence[float], *, level: float = 
     """
     if len(a) != len(b):
         raise ValueError(f"paired_difference: {len(a)} and {len(b)} problems; need the same problems")
+    from sgsd.evaluation.metrics import bootstrap_ci
+
     differences = [x - y for x, y in zip(a, b)]
-    low, high = bootstrap_interval(differences, level=level, resamples=resamples, seed=seed)
+    low, high = bootstrap_ci(differences, seed=seed)
     return sum(differences) / len(differences), low, high
 
 
 def estimate(per_problem: Sequence[float], samples_per_problem: int, *, seed: int = 0) -> AccuracyEstimate:
-    low, high = bootstrap_interval(per_problem, seed=seed)
+    """Mean and 95% percentile-bootstrap interval (`bootstrap_ci`, resampling problems) of per-problem accuracy."""
+    from sgsd.evaluation.metrics import bootstrap_ci
+
+    low, high = bootstrap_ci(per_problem, seed=seed)
     mean = sum(per_problem) / len(per_problem)
     return AccuracyEstimate(mean, low, high, len(per_problem), samples_per_problem, tuple(per_problem))
 
@@ -125,22 +118,20 @@ def estimate(per_problem: Sequence[float], samples_per_problem: int, *, seed: in
 def student_text(problem: Problem) -> str:
     from sgsd.prompts import student_prompt
 
-    return student_prompt(problem.text)
+    return student_prompt(problem.problem)
 
 
 def accuracy(model: Any, tokenizer: Any, problems: Sequence[Problem], *, k: int = 4, greedy: bool = False,
-             prompt: Callable[[Problem], str] = student_text, grade: Callable[[str, Problem], bool] = is_correct,
-             max_new_tokens: int = 64, batch_size: int = 256, seed: int = 0) -> AccuracyEstimate:
+             prompt: Callable[[Problem], str] = student_text, max_new_tokens: int = 64, batch_size: int = SAMPLE_BATCH, seed: int = 0) -> AccuracyEstimate:
     """avg@k (k samples per problem at temperature 1), or greedy accuracy (k is then 1).
 
-    prompt(problem) gives the user text (default: the student prompt); grade(completion, problem)
-    decides correctness (default: exact integer in the last box).
+    prompt(problem) gives the user text (default: the student prompt); `is_correct` grades.
     """
     k = 1 if greedy else k
     rollouts = sample(model, tokenizer, [prompt(p) for p in problems], num_samples=k, greedy=greedy,
                       max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
     per_problem = [
-        sum(grade(rollouts.texts[i * k + j], problem) for j in range(k)) / k for i, problem in enumerate(problems)
+        sum(is_correct(rollouts.texts[i * k + j], problem) for j in range(k)) / k for i, problem in enumerate(problems)
     ]
     return estimate(per_problem, k, seed=seed)
 

@@ -1,16 +1,17 @@
-"""The demo's warm-up preset, sized for a 2-core CPU; `sgsd demo` and `sgsd demo --quick` share it.
+"""The demo's warm-up settings, sized for a 2-core CPU; `sgsd demo` and `sgsd demo --quick` share them.
 
 One warm start for both, so a quick run warms the cache for the full one (and the other way round).
-Measured with `python -m sgsd.demo.measure` on an idle 2-core machine (torch 2.13 CPU, 2 threads):
+Warm-up on an idle 2-core machine (torch 2.13 CPU, 2 threads): 131-150 s (650 steps, ~0.2 s each),
+0.72 M parameters; a cached warm start loads in ~1 s. Measured with `python -m sgsd.demo.measure`:
 
-- warm-up 131-150 s (650 steps, ~0.2 s each), 0.72 M parameters; a cached warm start loads in ~1 s;
-- held-out accuracy (100 problems): greedy 0.70, sampled (T = 1) avg@4 0.30 - solves some, not all;
-- sampled accuracy by prompt: no hint 0.30, helpful pair 0.44, irrelevant 0.28, misleading 0.03,
-  OPSD reference prompt 0.46 - hints measurably change what it writes;
-- SGSD polarity on its own rollouts at theta = 0.02: helpful teachers 55% helpful / 12% harmful,
-  misleading ones 44% / 46% (harmful on every success), irrelevant ones 57% neutral.
-The same settings with a 100-problem test split gave a stronger start (no hint 0.52, helpful 0.62,
-misleading 0.16): the outcome is sensitive to the data order.
+- held-out accuracy (100 problems): greedy 0.59, sampled (T = 1) avg@4 0.26 - solves some, not all;
+- sampled accuracy by prompt: no hint 0.26, helpful pair 0.48, irrelevant 0.23, misleading 0.01,
+  OPSD reference prompt 0.47 - hints measurably change what it writes;
+- SGSD polarity on its own rollouts at theta = 0.02: helpful teachers 67% helpful / 9% harmful,
+  misleading ones 47% / 45% (harmful on every success), irrelevant ones 48% neutral.
+An earlier warm start under the same cache key (other weights: greedy 0.70) gave no hint 0.30, helpful
+0.44, misleading 0.03. The same settings with a 100-problem test split gave a stronger start (no hint
+0.52, helpful 0.62, misleading 0.16): the outcome is sensitive to the data order.
 
 Tried and rejected (same measurement, 100-problem test split): 800 steps (158 s) gave a stronger
 start (sampled 0.61) whose helpful hints changed less (+0.03); 500 steps, or 600 steps with 3/4
@@ -23,5 +24,3 @@ from sgsd.demo.warmup import WarmupConfig
 from sgsd.demo.world import WorldConfig
 
 DEMO_WARMUP = WarmupConfig(world=WorldConfig(seed=0, num_train=3000, num_test=200), steps=650, early_steps=120)
-
-DEMO_PRESETS: dict[str, WarmupConfig] = {"quick": DEMO_WARMUP, "full": DEMO_WARMUP}

@@ -16,18 +16,22 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from sgsd.data import Problem
 from sgsd.demo.bank import HELPFUL, IRRELEVANT, LABELS, MISLEADING, item_labels
-from sgsd.demo.evaluate import AccuracyEstimate, Rollouts, accuracy, sample, student_text
+from sgsd.demo.evaluate import AccuracyEstimate, Rollouts, accuracy, is_correct, sample, student_text
 from sgsd.demo.warmup import demo_chat_style, hint_prompt, reference_prompt
-from sgsd.demo.world import Problem, is_correct
+from sgsd.skills.bank import CommonMistake, GeneralSkill, SkillBank
+
+if TYPE_CHECKING:
+    import torch
 
 NO_HINT, REFERENCE = "none", "reference"
 TEACHER_KINDS = (HELPFUL, IRRELEVANT, MISLEADING, REFERENCE)
 
 
-def labelled_pair(bank: Any, label: str, key: str) -> tuple[Any, Any]:
+def labelled_pair(bank: SkillBank, label: str, key: str) -> tuple[GeneralSkill, CommonMistake]:
     """A (skill, mistake) pair whose two items both carry `label`, chosen deterministically from `key`."""
     labels = item_labels()
     skills = [s for s in bank.general_skills if labels.get(s.skill_id) == label]
@@ -38,14 +42,14 @@ def labelled_pair(bank: Any, label: str, key: str) -> tuple[Any, Any]:
     return rng.choice(skills), rng.choice(mistakes)
 
 
-def teacher_text(bank: Any, kind: str, problem: Problem, key: str) -> str:
+def teacher_text(bank: SkillBank, kind: str, problem: Problem, key: str) -> str:
     """User text of a teacher of the given kind (a label, or "reference") for one rollout."""
     if kind == REFERENCE:
         return reference_prompt(problem)
     return hint_prompt(problem, *labelled_pair(bank, kind, key))
 
 
-def hint_accuracy(model: Any, tokenizer: Any, problems: Sequence[Problem], bank: Any, *, k: int = 4,
+def hint_accuracy(model: Any, tokenizer: Any, problems: Sequence[Problem], bank: SkillBank, *, k: int = 4,
                   seed: int = 0) -> dict[str, AccuracyEstimate]:
     """Sampled avg@k per prompt kind: "none", "helpful", "irrelevant", "misleading", "reference"."""
     prompts: dict[str, Callable[[Problem], str]] = {NO_HINT: student_text}
@@ -87,19 +91,19 @@ class PolarityReport:
     """
 
     rows: tuple[PolarityRow, ...]
-    support: Any
-    rewards: Any
+    support: torch.Tensor
+    rewards: torch.Tensor
     rollouts: Rollouts
     success_rate: float
     mean_counted_tokens: float
     top3_share: dict[str, float]  # per teacher kind: share of sum |d| carried by each rollout's 3 largest |d|
 
 
-def _fraction(values: Any, selector: Any) -> float:
+def _fraction(values: torch.Tensor, selector: torch.Tensor) -> float:
     return float(values[selector].float().mean()) if bool(selector.any()) else float("nan")
 
 
-def polarity_table(model: Any, tokenizer: Any, problems: Sequence[Problem], bank: Any, *,
+def polarity_table(model: Any, tokenizer: Any, problems: Sequence[Problem], bank: SkillBank, *,
                    thetas: Sequence[float] = (0.05, 0.02, 0.01), clip_delta: float = 3.0,
                    max_new_tokens: int = 64, seed: int = 0) -> PolarityReport:
     """Sample one student rollout per problem, score it under each teacher kind, tabulate SGSD polarity."""

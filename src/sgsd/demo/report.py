@@ -9,15 +9,20 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from sgsd.storage import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from sgsd.demo.evaluate import AccuracyEstimate
+    from sgsd.demo.run import DemoPlan, MethodRun
+    from sgsd.demo.warmup import WarmStart
 
 COLORS = {"base": "#7f7f7f", "grpo": "#1f77b4", "opsd": "#2ca02c", "sgsd": "#d62728"}
 LABEL_COLORS = {"helpful": "#2ca02c", "irrelevant": "#7f7f7f", "misleading": "#d62728"}
 
 
-def _pooled(runs: Sequence[Any], method: str) -> dict[str, Any]:
+def _pooled(runs: Sequence[MethodRun], method: str) -> dict[str, Any]:
     """avg@k of one method: per-problem accuracy averaged over seeds, bootstrap over problems."""
     from sgsd.demo.evaluate import estimate
 
@@ -124,7 +129,7 @@ def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a["ci_low"] <= b["ci_high"] and b["ci_low"] <= a["ci_high"]
 
 
-def comparisons(methods_per_problem: dict[str, Sequence[float]], runs: Sequence[Any]) -> dict[str, dict[str, Any]]:
+def comparisons(methods_per_problem: dict[str, Sequence[float]], runs: Sequence[MethodRun]) -> dict[str, dict[str, Any]]:
     """Paired differences on the same held-out problems: each method vs Base, and SGSD vs GRPO / OPSD.
 
     difference / ci_low / ci_high: mean per-problem difference (pooled over seeds) with a paired
@@ -230,8 +235,8 @@ def _findings(methods: dict[str, dict[str, Any]], attribution: dict[str, Any],
     return lines
 
 
-def write_report(out: Path, *, plan: Any, warm: Any, base: Any, runs: Sequence[Any], bank_path: Path,
-                 seconds: float) -> dict[str, Any]:
+def write_report(out: Path, *, plan: DemoPlan, warm: WarmStart, base: AccuracyEstimate, runs: Sequence[MethodRun],
+                 bank_path: Path, seconds: float) -> dict[str, Any]:
     from sgsd.demo.bank import item_labels
 
     methods: dict[str, dict[str, Any]] = {"base": {**base.to_json(), "seeds": 1, "per_seed": [base.mean]}}

@@ -20,9 +20,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from sgsd.config import RunConfig
+
+if TYPE_CHECKING:
+    from sgsd.data import Problem
+    from sgsd.demo.evaluate import AccuracyEstimate
 
 METHODS = ("grpo", "opsd", "sgsd")
 
@@ -58,7 +62,7 @@ class MethodRun:
     method: str
     seed: int
     run_dir: Path
-    final: Any  # AccuracyEstimate
+    final: AccuracyEstimate
     curve: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -84,21 +88,14 @@ def method_config(method: str, plan: DemoPlan, model_dir: Path, data: Path, bank
     return load_config(None, overrides)
 
 
-def shared_grade(completion: str, problem: Any) -> bool:
-    """The project's one grader (`sgsd.verify.grade`), as used for training rewards."""
-    from sgsd.verify import grade
-
-    return grade(completion, problem.answer).correct
-
-
-def evaluate_dir(path: Path, tokenizer: Any, problems: Any, plan: DemoPlan, *, k: int, seed: int) -> Any:
+def evaluate_dir(path: Path, tokenizer: Any, problems: Sequence[Problem], plan: DemoPlan, *, k: int,
+                 seed: int) -> AccuracyEstimate:
     from transformers import AutoModelForCausalLM
 
     from sgsd.demo.evaluate import accuracy
 
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    return accuracy(model, tokenizer, problems, k=k, max_new_tokens=plan.max_new_tokens, seed=seed,
-                    grade=shared_grade)
+    return accuracy(model, tokenizer, problems, k=k, max_new_tokens=plan.max_new_tokens, seed=seed)
 
 
 PLAN_FILE = "demo_plan.json"
@@ -108,10 +105,10 @@ def plan_record(plan: DemoPlan) -> dict[str, Any]:
     """What a run directory under runs/ depends on: the plan without its seed list, and the warm start."""
     from dataclasses import asdict
 
-    from sgsd.demo.presets import DEMO_PRESETS
+    from sgsd.demo.presets import DEMO_WARMUP
 
     return {"plan": {k: v for k, v in asdict(plan).items() if k != "seeds"},
-            "warm_start": DEMO_PRESETS[plan.preset].digest()}
+            "warm_start": DEMO_WARMUP.digest()}
 
 
 def check_reusable(out: Path, record: dict[str, Any]) -> None:
@@ -160,7 +157,7 @@ def _run_demo(output_dir: str | Path, *, quick: bool, seeds: int | None, cache_r
 
     from sgsd.demo.bank import write_seed_bank
     from sgsd.demo.evaluate import accuracy, subset
-    from sgsd.demo.presets import DEMO_PRESETS
+    from sgsd.demo.presets import DEMO_WARMUP
     from sgsd.demo.report import write_report
     from sgsd.storage import atomic_write_json
     from sgsd.trainers.run import train
@@ -184,7 +181,7 @@ def _run_demo(output_dir: str | Path, *, quick: bool, seeds: int | None, cache_r
     from sgsd.demo.world import write_problems
 
     bar.set_postfix_str("warm start")
-    config = DEMO_PRESETS[plan.preset]
+    config = DEMO_WARMUP
     warmup_bar = tqdm(total=config.steps, desc="warm-up (cached after the first run)", leave=False,
                       disable=not progress)
 
@@ -202,10 +199,9 @@ def _run_demo(output_dir: str | Path, *, quick: bool, seeds: int | None, cache_r
     test = subset(warm.world.test, plan.eval_problems, seed=0)
     curve_set = subset(warm.world.test, plan.curve_problems, seed=1)
     warm.model.eval()
-    base = accuracy(warm.model, warm.tokenizer, test, k=plan.k, max_new_tokens=plan.max_new_tokens, seed=0,
-                    grade=shared_grade)
+    base = accuracy(warm.model, warm.tokenizer, test, k=plan.k, max_new_tokens=plan.max_new_tokens, seed=0)
     base_curve = accuracy(warm.model, warm.tokenizer, curve_set, k=plan.k, max_new_tokens=plan.max_new_tokens,
-                          seed=0, grade=shared_grade).mean
+                          seed=0).mean
 
     atomic_write_json(out / PLAN_FILE, record)
     runs: list[MethodRun] = []
@@ -234,6 +230,3 @@ def _run_demo(output_dir: str | Path, *, quick: bool, seeds: int | None, cache_r
     bar.close()
     return results
 
-
-def load_results(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())

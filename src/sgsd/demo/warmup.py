@@ -37,11 +37,17 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from sgsd.data import Problem
 from sgsd.demo.bank import hint_effect, seed_bank
-from sgsd.demo.world import MistakeRates, Problem, World, WorldConfig, make_world, worked_solution
+from sgsd.demo.world import MistakeRates, World, WorldConfig, make_world, worked_solution
 from sgsd.errors import ConfigError
+from sgsd.tiny import ModelShape
+
+if TYPE_CHECKING:
+    from sgsd.prompts import ChatStyle
+    from sgsd.skills.bank import CommonMistake, GeneralSkill, SkillBank
 
 # Bump when the meaning of a cached checkpoint changes (data generation, loss, prompt kinds).
 WARMUP_FORMAT_VERSION = 2
@@ -49,16 +55,9 @@ PLAIN, HINT, REFERENCE = "plain", "hint", "reference"
 PROMPT_KINDS = (PLAIN, HINT, REFERENCE)
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """Size of the tiny Qwen3 model (`sgsd.tiny.build_tiny_model`) and of its BPE vocabulary."""
-
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 256
-    vocab_size: int = 512
+# The demo model (`sgsd.tiny.ModelShape`): 0.72 M parameters with the demo's 512-token BPE vocabulary.
+DEMO_MODEL = ModelShape(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=256,
+                        vocab_size=512)
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ class WarmupConfig:
     """
 
     world: WorldConfig = field(default_factory=WorldConfig)
-    model: ModelShape = field(default_factory=ModelShape)
+    model: ModelShape = DEMO_MODEL
     steps: int = 800
     batch_sizes: tuple[int, int, int] = (32, 12, 20)
     learning_rate: float = 3e-3
@@ -161,39 +160,39 @@ class WarmStart:
     report: WarmupReport
 
 
-def demo_chat_style() -> Any:
+def demo_chat_style() -> ChatStyle:
     from sgsd.prompts import ChatStyle
 
     return ChatStyle(enable_thinking=False)
 
 
-def hint_prompt(problem: Problem, skill: Any, mistake: Any) -> str:
+def hint_prompt(problem: Problem, skill: GeneralSkill, mistake: CommonMistake) -> str:
     """An SGSD teacher prompt with one (skill, mistake) pair: the user text, before the chat template."""
     from sgsd.prompts import render_guidance, teacher_prompt
 
-    return teacher_prompt(render_guidance([skill], [mistake]), problem.text)
+    return teacher_prompt(render_guidance([skill], [mistake]), problem.problem)
 
 
 def reference_prompt(problem: Problem) -> str:
     """The OPSD teacher prompt with the final answer as reference (SPEC section 2)."""
     from sgsd.prompts import opsd_teacher_prompt, reference_from_answer
 
-    return opsd_teacher_prompt(problem.text, reference_from_answer(problem.answer))
+    return opsd_teacher_prompt(problem.problem, reference_from_answer(problem.answer))
 
 
-def load_seed_bank() -> Any:
+def load_seed_bank() -> SkillBank:
     """The seed bank as a `sgsd.skills.SkillBank` (typed items with the fields `render_guidance` reads)."""
     from sgsd.skills.bank import parse_bank
 
     return parse_bank(seed_bank(), source="sgsd.demo seed bank")
 
 
-def sample_example(problem: Problem, kind: str, config: WarmupConfig, bank: Any, rng: random.Random) -> tuple[str, str]:
+def sample_example(problem: Problem, kind: str, config: WarmupConfig, bank: SkillBank, rng: random.Random) -> tuple[str, str]:
     """(user text, worked solution text) of one warm-up example of the given prompt kind."""
     from sgsd.prompts import student_prompt
 
     if kind == PLAIN:
-        text, rates = student_prompt(problem.text), config.rates_for_effect(0)
+        text, rates = student_prompt(problem.problem), config.rates_for_effect(0)
     elif kind == HINT:
         skill = bank.general_skills[rng.randrange(len(bank.general_skills))]
         mistake = bank.common_mistakes[rng.randrange(len(bank.common_mistakes))]
@@ -206,13 +205,13 @@ def sample_example(problem: Problem, kind: str, config: WarmupConfig, bank: Any,
     return text, worked_solution(problem, rates, rng).text
 
 
-def tokenizer_corpus(world: World, bank: Any, size: int = 200) -> list[str]:
+def tokenizer_corpus(world: World, bank: SkillBank, size: int = 200) -> list[str]:
     """Texts the demo tokenizer's BPE merges are learned from (deterministic)."""
     from sgsd.prompts import student_prompt
 
     rng = random.Random(f"sgsd-demo-corpus:{world.config.seed}")
     problems = list(world.train[:size])
-    texts = [student_prompt(p.text) for p in problems] + [reference_prompt(p) for p in problems]
+    texts = [student_prompt(p.problem) for p in problems] + [reference_prompt(p) for p in problems]
     # The chat roles as rendered, so that "user" and "assistant" become single tokens.
     texts += ["<|im_start|>user\n", "<|im_start|>assistant\n"] * size
     texts += [worked_solution(p, MistakeRates(0.3, 0.05), rng).text for p in problems]
@@ -254,28 +253,24 @@ def _learning_rate(config: WarmupConfig, step: int) -> float:
     return config.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def build_demo_tokenizer(config: WarmupConfig, world: World, bank: Any) -> Any:
+def build_demo_tokenizer(config: WarmupConfig, world: World, bank: SkillBank) -> Any:
     from sgsd.tiny import build_tokenizer
 
     return build_tokenizer(tokenizer_corpus(world, bank), vocab_size=config.model.vocab_size)
 
 
-def build_untrained(config: WarmupConfig) -> tuple[Any, Any, World, Any]:
+def build_untrained(config: WarmupConfig) -> tuple[Any, Any, World, SkillBank]:
     """(model, tokenizer, world, seed bank) before the warm-up; deterministic given `config`."""
     from sgsd.tiny import build_tiny_model
 
     world = make_world(config.world)
     bank = load_seed_bank()
     tokenizer = build_demo_tokenizer(config, world, bank)
-    shape = config.model
-    model = build_tiny_model(
-        tokenizer, seed=config.seed, hidden_size=shape.hidden_size, num_layers=shape.num_layers,
-        num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads, intermediate_size=shape.intermediate_size,
-    )
+    model = build_tiny_model(tokenizer, seed=config.seed, shape=config.model)
     return model, tokenizer, world, bank
 
 
-def run_warmup(model: Any, tokenizer: Any, world: World, bank: Any, config: WarmupConfig, *,
+def run_warmup(model: Any, tokenizer: Any, world: World, bank: SkillBank, config: WarmupConfig, *,
                progress: Callable[[int, float], None] | None = None) -> WarmupReport:
     """The supervised warm-up loop (in place). progress(step, loss) is called after every optimizer step.
 

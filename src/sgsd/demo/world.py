@@ -29,7 +29,8 @@ Two kinds of mistakes appear in the synthetic worked solutions that the warm-up 
 Later lines always continue from the written total, so a mistake propagates like a real one.
 
 Everything is deterministic from `WorldConfig.seed`; train and test problems never share a sequence
-of numbers. Answers are integers written as strings, the format `sgsd.verify.grade` expects.
+of numbers. Problems are the trainers' `sgsd.data.Problem` (id, text, answer); their numbers are read
+back from the text (`problem_terms`). Answers are integers written as strings, graded by `sgsd.verify.grade`.
 """
 
 from __future__ import annotations
@@ -39,12 +40,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from sgsd.data import Problem
 from sgsd.errors import ConfigError
 
 PROBLEM_TEMPLATES = (
     "What is {terms}?",
     "Compute {terms}.",
 )
+_NUMBER = re.compile(r"\d+")
 
 
 @dataclass(frozen=True)
@@ -96,20 +99,6 @@ class WorldConfig:
 
 
 @dataclass(frozen=True)
-class Problem:
-    """One problem: the numbers to add. `answer` is the gold final answer as a string."""
-
-    problem_id: str
-    text: str
-    terms: tuple[int, ...]
-    answer: str
-
-    @property
-    def num_carries(self) -> int:
-        return count_carries(self.terms)
-
-
-@dataclass(frozen=True)
 class World:
     config: WorldConfig
     train: tuple[Problem, ...] = field(repr=False)
@@ -133,6 +122,14 @@ class WorkedSolution:
 def is_carry(total: int, term: int) -> bool:
     """Adding `term` to `total` carries when the ones digits reach 10."""
     return total % 10 + term >= 10
+
+
+def problem_terms(problem: Problem) -> tuple[int, ...]:
+    """The numbers a problem of this world adds, in order (its text names them and nothing else)."""
+    found = tuple(int(t) for t in _NUMBER.findall(problem.problem))
+    if len(found) < 2:
+        raise ValueError(f"problem {problem.problem_id!r} is not an addition of this world: {problem.problem!r}")
+    return found
 
 
 def count_carries(terms: Sequence[int]) -> int:
@@ -161,16 +158,17 @@ def make_world(config: WorldConfig) -> World:
         text = problem_text(terms, PROBLEM_TEMPLATES[rng.randrange(len(PROBLEM_TEMPLATES))])
         split = "test" if len(problems) < config.num_test else "train"
         index = len(problems) if split == "test" else len(problems) - config.num_test
-        problems.append(Problem(f"{split}-{index:05d}", text, terms, str(sum(terms))))
+        problems.append(Problem(f"{split}-{index:05d}", text, str(sum(terms))))
     return World(config, train=tuple(problems[config.num_test:]), test=tuple(problems[: config.num_test]))
 
 
 def worked_solution(problem: Problem, rates: MistakeRates, rng: random.Random) -> WorkedSolution:
     """A step-by-step solution with mistakes drawn at `rates` (see the module docstring)."""
-    total = problem.terms[0]
+    numbers = problem_terms(problem)
+    total = numbers[0]
     lines: list[str] = []
     forgotten = slips = 0
-    for term in problem.terms[1:]:
+    for term in numbers[1:]:
         new = total + term
         if is_carry(total, term) and rng.random() < rates.forget_carry:
             new, forgotten = new - 10, forgotten + 1
@@ -183,28 +181,8 @@ def worked_solution(problem: Problem, rates: MistakeRates, rng: random.Random) -
     return WorkedSolution("\n".join(lines), str(total), forgotten, slips)
 
 
-_BOXED = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
-
-
-def boxed_integer(completion: str) -> str | None:
-    """The integer in the last `\\boxed{...}` of a completion, or None (a quick exact check for the demo)."""
-    found = _BOXED.findall(completion)
-    return str(int(found[-1])) if found else None
-
-
-def is_correct(completion: str, problem: Problem) -> bool:
-    return boxed_integer(completion) == problem.answer
-
-
-def to_training_problems(problems: Sequence[Problem]) -> list:
-    """The problems as `sgsd.data.Problem(problem_id, problem, answer)`, the trainers' input type."""
-    from sgsd.data import Problem as TrainingProblem
-
-    return [TrainingProblem(p.problem_id, p.text, p.answer) for p in problems]
-
-
 def write_problems(problems: Sequence[Problem], path: str) -> None:
     """Write problems as JSONL (`id`, `problem`, `answer`), the format `sgsd.data.load_problems` reads (atomic)."""
     from sgsd.storage import atomic_write_jsonl
 
-    atomic_write_jsonl(path, ({"id": p.problem_id, "problem": p.text, "answer": p.answer} for p in problems))
+    atomic_write_jsonl(path, ({"id": p.problem_id, "problem": p.problem, "answer": p.answer} for p in problems))

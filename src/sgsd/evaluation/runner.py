@@ -17,13 +17,16 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
 from sgsd.evaluation.benchmarks import Benchmark, Problem, load_benchmark
-from sgsd.evaluation.generation import Completion, Generator, SamplingConfig
 from sgsd.evaluation.metrics import avg_at_k, bootstrap_ci, majority_correct, mean_pass_at_k, per_problem_accuracy
+from sgsd.generation import Completion, Generator, SamplingConfig
 from sgsd.prompts import ChatStyle, render_chat, render_guidance, student_prompt, teacher_prompt
 from sgsd.verify import FAILURE_KINDS, GradeResult, grade_batch
+
+if TYPE_CHECKING:  # numpy and bm25s come with the retrieval module: imported only where retrieval runs
+    from sgsd.skills.retrieval import Retriever
 
 RESULTS_FILE = "results.json"
 SAMPLES_DIR = "samples"
@@ -130,7 +133,7 @@ def build_prompts(problems: Sequence[Problem], tokenizer: Any, style: ChatStyle,
     return [render_chat(tokenizer, text, style) for text in texts]
 
 
-def skill_guidance(retriever: Any, problems: Sequence[Problem], top_k: int) -> list[str]:
+def skill_guidance(retriever: Retriever, problems: Sequence[Problem], top_k: int) -> list[str]:
     """Base+Skill: one block per problem with its top-k skills and top-k mistakes (SPEC section 2)."""
     retrievals = retriever.retrieve_many([p.problem for p in problems], top_k)
     return [render_guidance([s.item for s in r.skills], [m.item for m in r.mistakes]) for r in retrievals]
@@ -208,7 +211,7 @@ def summarize(benchmark: Benchmark, records: Sequence[SampleRecord], classes: Se
 
 
 def evaluate_benchmark(benchmark: Benchmark, generator: Generator, tokenizer: Any, settings: EvalSettings, *,
-                       retriever: Any = None, on_progress: Callable[[int], None] | None = None
+                       retriever: Retriever | None = None, on_progress: Callable[[int], None] | None = None
                        ) -> tuple[BenchmarkResult, list[SampleRecord]]:
     problems = benchmark.problems
     guidance = skill_guidance(retriever, problems, settings.skills_top_k) if retriever is not None else None
@@ -236,7 +239,7 @@ def load_benchmarks(settings: EvalSettings) -> list[Benchmark]:
 
 
 def run_evaluation(settings: EvalSettings, generator: Generator, tokenizer: Any, output_dir: str | Path, *,
-                   benchmarks: Sequence[Benchmark] | None = None, retriever: Any = None,
+                   benchmarks: Sequence[Benchmark] | None = None, retriever: Retriever | None = None,
                    progress: bool = True) -> dict[str, BenchmarkResult]:
     """Evaluate every benchmark of `settings` (or the given, already loaded ones), writing results after
     each one. Returns name -> result."""

@@ -12,11 +12,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, Union
 
 from sgsd.errors import DataError
 from sgsd.skills.bank import SkillBank
 from sgsd.storage import atomic_write_json
+
+if TYPE_CHECKING:
+    import torch
+
+# [B, K] per (rollout, teacher): a tensor on any device, or nested lists
+Matrix = Union["torch.Tensor", Sequence[Sequence[float]]]
 
 KINDS = ("skill", "mistake")
 
@@ -48,8 +54,8 @@ class AttributionTracker:
         self.items: dict[tuple[str, str], ItemStats] = {}
         self.rollouts = 0
 
-    def update(self, skill_ids: Sequence[Sequence[str]], mistake_ids: Sequence[Sequence[str]], polarity: Any,
-               support: Any, weights: Any) -> None:
+    def update(self, skill_ids: Sequence[Sequence[str]], mistake_ids: Sequence[Sequence[str]], polarity: Matrix,
+               support: Matrix, weights: Matrix) -> None:
         """Count one batch.
 
         skill_ids, mistake_ids: [B][K_b] ids of each rollout's teachers (K_b may vary per rollout).
@@ -131,7 +137,7 @@ def prune_bank(bank: SkillBank, tracker: AttributionTracker, min_uses: int) -> t
     return replace(bank, general_skills=skills, common_mistakes=mistakes, metadata=metadata), removed
 
 
-def _rows(values: Any) -> list[list[float]]:
+def _rows(values: Matrix) -> list[list[float]]:
     if hasattr(values, "detach"):
         values = values.detach().cpu().tolist()
     elif hasattr(values, "tolist"):

@@ -93,7 +93,7 @@ class SkillBank:
         """Content hash of the items (ids and text fields, in order); metadata does not count.
 
         Two banks with the same items have the same version in every process, so caches of item
-        embeddings and precomputed teachers can be keyed by it.
+        embeddings and retrieved teachers can be keyed by it.
         """
         content = {
             "general_skills": [[getattr(s, f) for f in SKILL_FIELDS] for s in self.general_skills],

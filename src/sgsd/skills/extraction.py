@@ -26,12 +26,12 @@ class ItemKind:
     label: str  # for prompts and messages
     fields: tuple[str, ...]  # content fields, in order
     static_prefix: str  # "gen" | "err"
-    item_class: type
+    item_class: type[GeneralSkill] | type[CommonMistake]
 
-    def make(self, item_id: str, content: dict[str, str]) -> Any:
+    def make(self, item_id: str, content: dict[str, str]) -> GeneralSkill | CommonMistake:
         return self.item_class(item_id, *(content[f] for f in self.fields))
 
-    def content(self, item: Any) -> dict[str, str]:
+    def content(self, item: GeneralSkill | CommonMistake) -> dict[str, str]:
         return {f: getattr(item, f) for f in self.fields}
 
 

@@ -3,7 +3,7 @@
 - `OpenAIClient`: any OpenAI-compatible chat-completions endpoint (a vLLM server, a hosted API),
   over plain `httpx`; prompts are sent concurrently (the server batches them).
 - `HFClient`: a local Hugging Face model and tokenizer (e.g. the policy being trained, shared as the
-  updater), batched `generate` through `sgsd.evaluation.generation.HFGenerator`.
+  updater), batched `generate` through `sgsd.generation.HFGenerator`.
 
 Each prompt is one user turn; each reply is the assistant's text (thinking blocks included when the
 model writes them: the JSON scanner removes them). After `complete`, both clients say in
@@ -112,7 +112,7 @@ class HFClient:
 
     def __init__(self, model: Any, tokenizer: Any, *, name: str = "hf", batch_size: int = 8,
                  chat_style: ChatStyle = ChatStyle(), top_p: float = 1.0, seed: int = 0):
-        from sgsd.evaluation.generation import HFGenerator
+        from sgsd.generation import HFGenerator
 
         self.name = name
         self.tokenizer = tokenizer
@@ -123,7 +123,7 @@ class HFClient:
         self._generator = HFGenerator(model, tokenizer, batch_size=batch_size)
 
     def complete(self, prompts: list[str], *, max_tokens: int, temperature: float) -> list[str]:
-        from sgsd.evaluation.generation import SamplingConfig
+        from sgsd.generation import SamplingConfig
 
         self.last_truncated: list[bool] = []
         if not prompts:
@@ -133,12 +133,7 @@ class HFClient:
         sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=temperature, top_p=self.top_p,
                                   seed=self.seed + self._calls)
         self._calls += 1
-        model = self._generator.model
-        was_training = model.training  # HFGenerator switches to eval mode; the trainer's mode is restored
-        try:
-            completions = [c[0] for c in self._generator.generate(rendered, 1, sampling)]
-        finally:
-            model.train(was_training)
+        completions = [c[0] for c in self._generator.generate(rendered, 1, sampling)]  # the model's mode is kept
         self.last_truncated = [c.truncated for c in completions]
         return [c.text for c in completions]
 

@@ -22,15 +22,14 @@ import torch
 
 from sgsd.config import SGSDSettings
 from sgsd.lm_head import resolve_chunk_tokens
-from sgsd.objectives import masked_mean, sgsd_loss, teacher_polarity
+from sgsd.loss_phase import sgsd_loss_phase
+from sgsd.objectives import masked_mean, teacher_polarity
 from sgsd.prompts import ChatStyle, render_chat, teacher_prompt
 from sgsd.scoring import (
     completion_logprobs,
     countable_token_table,
     counted_mask,
-    hidden_for_completion,
     lm_parts,
-    local_support_student_terms,
     score_teachers,
     score_teachers_local,
 )
@@ -161,39 +160,16 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
     def sgsd_part(self, model, inputs) -> torch.Tensor | None:
         """The SGSD loss of one micro-batch (not scaled for accumulation), its metrics logged; None when the
         log-probs are not finite (the skip is logged; the caller returns `skip_nonfinite_step`)."""
-        batch = inputs["completion_ids"].size(0)
-        if "sgsd_active" in inputs:
-            rows = inputs["sgsd_active"].nonzero().squeeze(-1)
-        else:
-            rows = torch.arange(batch, device=inputs["completion_ids"].device)
-        run_rows = rows if rows.numel() else rows.new_zeros(1)  # keep the graph connected (DDP, GA)
-        length = int(inputs["completion_mask"][run_rows].sum(-1).max().clamp(min=1))  # trim the padding
-        prompt_ids, prompt_mask = inputs["prompt_ids"][run_rows], inputs["prompt_mask"][run_rows]
-        comp_ids = inputs["completion_ids"][run_rows, :length]
-        comp_mask = inputs["completion_mask"][run_rows, :length]
-        teacher_logps = inputs["teacher_logps"][run_rows, :, :length]
-        divergence = None
-        entropies: dict[str, torch.Tensor] = {}
-        if self.settings.local_support_top_k > 0:
-            hidden = hidden_for_completion(model, torch.cat([prompt_ids, comp_ids], 1),
-                                           torch.cat([prompt_mask, comp_mask], 1), length)
-            student_logps, teacher_logps, divergence = local_support_student_terms(
-                hidden, lm_parts(model)[1], comp_ids, teacher_logps,
-                inputs["teacher_top_logps"][run_rows, :, :length], inputs["teacher_top_ids"][run_rows, :, :length],
-                top_k=self.settings.local_support_top_k, chunk_tokens=self.chunk_tokens,
-            )
-        else:
-            student_logps, entropy = completion_logprobs(model, prompt_ids, prompt_mask, comp_ids, comp_mask,
-                                                         chunk_tokens=self.chunk_tokens,
-                                                         return_entropy=True)
-            counted = inputs["sgsd_mask"][run_rows, :length]
-            present = inputs["teacher_weights"][run_rows] > 0
-            teacher_entropy = inputs["teacher_entropy"][run_rows, :, :length]
-            entropies = {"sgsd/student_entropy_mean": masked_mean(entropy, counted),
-                         "sgsd/teacher_entropy_mean": masked_mean(teacher_entropy,
-                                                                  counted[:, None, :] & present[:, :, None])}
-        values = [student_logps, teacher_logps] + ([divergence] if divergence is not None else [])
-        if not all(torch.isfinite(x).all() for x in values):
+        phase = sgsd_loss_phase(
+            model, prompt_ids=inputs["prompt_ids"], prompt_mask=inputs["prompt_mask"],
+            completion_ids=inputs["completion_ids"], completion_mask=inputs["completion_mask"],
+            counted_mask=inputs["sgsd_mask"], rewards=inputs["rewards"], teacher_weights=inputs["teacher_weights"],
+            teacher_logps=inputs["teacher_logps"], active=inputs.get("sgsd_active"),
+            teacher_top_logps=inputs.get("teacher_top_logps"), teacher_top_ids=inputs.get("teacher_top_ids"),
+            local_support_top_k=self.settings.local_support_top_k, chunk_tokens=self.chunk_tokens,
+            gate_tau=self.settings.gate_tau, **self.polarity_options,
+        )
+        if phase.output is None:
             # same keys as a normal step (all ranks gather the same list), NaN where undefined
             self.record_metrics({**dict.fromkeys(self._log_keys(), float("nan")), "train/nonfinite_skipped": 1.0})
             for uid in inputs["rollout_uid"].tolist():
@@ -201,18 +177,17 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
             empty = inputs["teacher_weights"][:0].detach().cpu()
             self._observe_polarity([], empty.long(), empty, empty)  # other ranks' observers gather now
             return None
-        out = sgsd_loss(
-            student_logps, teacher_logps, inputs["sgsd_mask"][run_rows, :length],
-            inputs["rewards"][run_rows], inputs["teacher_weights"][run_rows],
-            gate_tau=self.settings.gate_tau, token_divergence=divergence, **self.polarity_options,
-        )
-        loss = out.loss * (rows.numel() / batch)
-        polarity = torch.zeros_like(inputs["teacher_weights"], dtype=torch.long)
-        support = torch.zeros_like(inputs["teacher_weights"])
-        if rows.numel():
-            polarity[rows], support[rows] = out.polarity, out.support
-        self._log_step(inputs, out, polarity, support, rows.numel(), entropies)
-        return loss
+        entropies: dict[str, torch.Tensor] = {}
+        if phase.student_entropy is not None:
+            run_rows, length = phase.run_rows, phase.length
+            counted = inputs["sgsd_mask"][run_rows, :length]
+            present = inputs["teacher_weights"][run_rows] > 0
+            teacher_entropy = inputs["teacher_entropy"][run_rows, :, :length]
+            entropies = {"sgsd/student_entropy_mean": masked_mean(phase.student_entropy, counted),
+                         "sgsd/teacher_entropy_mean": masked_mean(teacher_entropy,
+                                                                  counted[:, None, :] & present[:, :, None])}
+        self._log_step(inputs, phase.output, phase.polarity, phase.support, phase.rows.numel(), entropies)
+        return phase.loss
 
     def _log_keys(self) -> list[str]:
         from sgsd.objectives import SGSD_METRIC_KEYS

@@ -1,0 +1,190 @@
+"""Generation backends: Hugging Face `generate` and vLLM, behind one small interface.
+
+Used by evaluation (`sgsd.evaluation.runner`), by skill building and online updates with a local
+model (`sgsd.skills.llm.HFClient`) and by the demo; it depends on nothing else of the project but
+`sgsd.errors`.
+
+A backend turns P rendered prompts (chat template already applied) into n sampled completions each.
+`HFGenerator` batches sequences with left padding (so every row's last prompt token sits at the same
+position and new tokens are appended after it) and the KV cache; it runs anywhere, including the
+tiny CPU model. `VLLMGenerator` is used when vLLM is installed and a CUDA device is present; it is
+imported only then.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+from sgsd.errors import ConfigError
+
+BACKENDS = ("auto", "hf", "vllm")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Sampling of evaluation completions. Paper (SPEC section 7): temperature 1.0, top-p 0.95,
+    up to 38,912 new tokens, thinking mode. temperature 0 means greedy; top_k 0 disables top-k."""
+
+    max_new_tokens: int = 38_912
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens}: must be at least 1")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature={self.temperature}: must be >= 0 (0 is greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p}: must be in (0, 1]")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k={self.top_k}: must be >= 0 (0 disables top-k)")
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    num_tokens: int  # generated tokens, end-of-sequence token excluded
+    truncated: bool  # stopped by max_new_tokens before an end-of-sequence token
+    # the generated ids up to and including the end-of-sequence token when there is one (what a trainer
+    # scores: TRL's completion mask counts it); empty where a backend does not report ids
+    token_ids: tuple[int, ...] = ()
+
+
+class Generator(Protocol):
+    name: str
+
+    def generate(self, prompts: Sequence[str], n: int, sampling: SamplingConfig,
+                 on_progress: Callable[[int], None] | None = None) -> list[list[Completion]]:
+        """[P][n] completions; `on_progress(m)` after each m finished sequences."""
+
+
+class HFGenerator:
+    """`model.generate` over batches of `batch_size` sequences (prompt i repeated n times)."""
+
+    name = "hf"
+
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 16) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size}: must be at least 1")
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        eos = model.generation_config.eos_token_id
+        eos = tokenizer.eos_token_id if eos is None else eos
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+
+    def generate(self, prompts: Sequence[str], n: int, sampling: SamplingConfig,
+                 on_progress: Callable[[int], None] | None = None) -> list[list[Completion]]:
+        was_training = self.model.training  # generation runs in eval mode; the caller's mode is restored
+        self.model.eval()
+        try:
+            return self._generate(prompts, n, sampling, on_progress)
+        finally:
+            self.model.train(was_training)
+
+    def _generate(self, prompts: Sequence[str], n: int, sampling: SamplingConfig,
+                  on_progress: Callable[[int], None] | None) -> list[list[Completion]]:
+        import torch
+
+        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
+        results: list[list[Completion | None]] = [[None] * n for _ in prompts]
+        device = next(self.model.parameters()).device
+        for batch_index, start in enumerate(range(0, len(jobs), self.batch_size)):
+            batch = jobs[start:start + self.batch_size]
+            width = max(len(encoded[i]) for i, _ in batch)
+            # Left padding: [pad ... pad, prompt tokens]; the mask hides the pads (positions follow it).
+            input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, (i, _) in enumerate(batch):
+                ids = encoded[i]
+                input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[row, width - len(ids):] = 1
+            torch.manual_seed(sampling.seed * 1_000_003 + batch_index)  # reproducible per batch
+            with torch.no_grad():
+                output = self.model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                    max_new_tokens=sampling.max_new_tokens, use_cache=True, pad_token_id=self.pad_id,
+                    eos_token_id=sorted(self.eos_ids), **_sampling_kwargs(sampling),
+                )
+            for row, (i, j) in enumerate(batch):
+                results[i][j] = self._completion(output[row, width:].tolist(), sampling.max_new_tokens)
+            if on_progress is not None:
+                on_progress(len(batch))
+        return results  # type: ignore[return-value]
+
+    def _completion(self, new_ids: list[int], max_new_tokens: int) -> Completion:
+        end = next((t for t, token in enumerate(new_ids) if token in self.eos_ids), None)
+        kept = new_ids if end is None else new_ids[:end]
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        scored = kept if end is None else new_ids[: end + 1]
+        return Completion(text, len(kept), truncated=end is None and len(new_ids) >= max_new_tokens,
+                          token_ids=tuple(scored))
+
+
+def _sampling_kwargs(sampling: SamplingConfig) -> dict[str, Any]:
+    # Explicit values override the checkpoint's generation_config (Qwen3 ships temperature 0.6, top-k 20).
+    if sampling.temperature == 0:
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k}
+
+
+class VLLMGenerator:
+    """vLLM offline engine. A PEFT adapter directory is served as a LoRA on its base model."""
+
+    name = "vllm"
+
+    def __init__(self, model_path: str, *, adapter_path: str | None = None, max_lora_rank: int = 64,
+                 dtype: str = "auto", gpu_memory_utilization: float = 0.9, max_model_len: int | None = None) -> None:
+        from vllm import LLM
+
+        options: dict[str, Any] = {"model": model_path, "dtype": dtype, "gpu_memory_utilization": gpu_memory_utilization}
+        if max_model_len is not None:
+            options["max_model_len"] = max_model_len
+        self.lora_request = None
+        if adapter_path is not None:
+            from vllm.lora.request import LoRARequest
+
+            options.update(enable_lora=True, max_lora_rank=max_lora_rank)
+            self.lora_request = LoRARequest("evaluated_adapter", 1, adapter_path)
+        self.llm = LLM(**options)
+
+    def generate(self, prompts: Sequence[str], n: int, sampling: SamplingConfig,
+                 on_progress: Callable[[int], None] | None = None) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        greedy = sampling.temperature == 0
+        params = SamplingParams(
+            n=n, temperature=sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
+            top_k=-1 if greedy or sampling.top_k == 0 else sampling.top_k,
+            max_tokens=sampling.max_new_tokens, seed=sampling.seed,
+        )
+        outputs = self.llm.generate(list(prompts), params, lora_request=self.lora_request, use_tqdm=False)
+        results = [[Completion(o.text, len(o.token_ids), o.finish_reason == "length", tuple(o.token_ids))
+                    for o in out.outputs] for out in outputs]
+        if on_progress is not None:
+            on_progress(len(prompts) * n)
+        return results
+
+
+def vllm_usable() -> bool:
+    """vLLM is installed and a CUDA device is visible."""
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def choose_backend(requested: str, model_spec: str) -> str:
+    """"auto" picks vLLM when usable (never for the in-process tiny model), else Hugging Face."""
+    if requested not in BACKENDS:
+        raise ConfigError(f"backend {requested!r}: expected one of {', '.join(BACKENDS)}")
+    if requested == "vllm" and not vllm_usable():
+        raise ConfigError("backend vllm: vLLM is not installed or no CUDA device is visible (pip install 'sgsd[vllm]')")
+    if requested == "auto":
+        return "vllm" if not model_spec.startswith("tiny") and vllm_usable() else "hf"
+    return requested
