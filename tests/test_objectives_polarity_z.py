@@ -173,6 +173,7 @@ def test_threshold_rule_is_bit_identical_to_the_recorded_implementation(options)
 
 
 def test_trainer_uses_the_z_test_in_the_skip_decision_and_in_the_loss(tmp_path, monkeypatch):
+    import sgsd.loss_phase
     import sgsd.trainers.sgsd_trainer as module
     from sgsd.trainers.run import train
 
@@ -187,7 +188,7 @@ def test_trainer_uses_the_z_test_in_the_skip_decision_and_in_the_loss(tmp_path, 
         return wrapped
 
     monkeypatch.setattr(module, "teacher_polarity", spy("teacher_polarity", teacher_polarity))
-    monkeypatch.setattr(module, "sgsd_loss", spy("sgsd_loss", sgsd_loss))
+    monkeypatch.setattr(sgsd.loss_phase, "sgsd_loss", spy("sgsd_loss", sgsd_loss))  # the trainer's loss phase
     cfg = load_config(ROOT / "configs/tiny/sgsd-z.yaml", ["sgsd.skip_neutral_rows=true", "sgsd.polarity_z=1.5",
                                                                    "skills.attribution=false"])
     train(cfg, tmp_path / "run", max_steps=1, progress=False)

@@ -117,9 +117,9 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tm
 
 @pytest.mark.slow
 def test_nan_logits_skip_the_step_and_training_continues(tmp_path, monkeypatch):
-    from sgsd.trainers import sgsd_trainer
+    from sgsd import loss_phase  # the trainer's loss phase
 
-    original = sgsd_trainer.completion_logprobs
+    original = loss_phase.completion_logprobs
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -129,7 +129,7 @@ def test_nan_logits_skip_the_step_and_training_continues(tmp_path, monkeypatch):
             return logps * float("nan"), entropy * float("nan")
         return logps, entropy
 
-    monkeypatch.setattr(sgsd_trainer, "completion_logprobs", poisoned)
+    monkeypatch.setattr(loss_phase, "completion_logprobs", poisoned)
     result = _train(tmp_path / "run", steps=3)
     records = _metrics(result.output_dir)
     assert records[0].get("train/nonfinite_skipped") == 1.0 and records[0]["train/grad_norm"] == 0.0
