@@ -174,7 +174,6 @@ def test_threshold_rule_is_bit_identical_to_the_recorded_implementation(options)
 
 def test_trainer_uses_the_z_test_in_the_skip_decision_and_in_the_loss(tmp_path, monkeypatch):
     import sgsd.loss_phase
-    import sgsd.trainers.sgsd_trainer as module
     from sgsd.trainers.run import train
 
     calls: dict[str, list] = {"teacher_polarity": [], "sgsd_loss": []}
@@ -187,7 +186,8 @@ def test_trainer_uses_the_z_test_in_the_skip_decision_and_in_the_loss(tmp_path, 
             return out
         return wrapped
 
-    monkeypatch.setattr(module, "teacher_polarity", spy("teacher_polarity", teacher_polarity))
+    # the trainer's skip decision (sgsd.loss_phase.active_rollouts)
+    monkeypatch.setattr(sgsd.loss_phase, "teacher_polarity", spy("teacher_polarity", teacher_polarity))
     monkeypatch.setattr(sgsd.loss_phase, "sgsd_loss", spy("sgsd_loss", sgsd_loss))  # the trainer's loss phase
     cfg = load_config(ROOT / "configs/tiny/sgsd-z.yaml", ["sgsd.skip_neutral_rows=true", "sgsd.polarity_z=1.5",
                                                                    "skills.attribution=false"])

@@ -204,6 +204,14 @@ class HookedGRPOTrainer(GRPOTrainer):
         NaN. Every rank must call with the same keys in the same order; a rank with nothing to report
         for a key passes NaN.
         """
+        self._record(values, lambda gathered: gathered.nanmean(dim=0))
+
+    def record_counts(self, values: dict[str, float | int]) -> None:
+        """Like `record_metrics`, for counts: summed over ranks instead of averaged."""
+        self._record(values, lambda gathered: gathered.sum(dim=0))
+
+    def _record(self, values: dict[str, Any], reduce: Any) -> None:
+        """Stack the values, gather them over ranks ([ranks, n]), `reduce` to [n], append to TRL's buffer."""
         if not values:
             return
         device = self.accelerator.device
@@ -211,17 +219,7 @@ class HookedGRPOTrainer(GRPOTrainer):
                              for v in values.values()])
         gathered = self.accelerator.gather(local.unsqueeze(0)).reshape(-1, len(values))
         buffer = self._metrics["train" if self.model.training else "eval"]
-        for name, value in zip(values, gathered.nanmean(dim=0).tolist()):
-            buffer[name].append(float(value))
-
-    def record_counts(self, values: dict[str, float | int]) -> None:
-        """Like `record_metrics`, for counts: summed over ranks instead of averaged."""
-        if not values:
-            return
-        local = torch.tensor([float(v) for v in values.values()], dtype=torch.float32, device=self.accelerator.device)
-        gathered = self.accelerator.gather(local.unsqueeze(0)).reshape(-1, len(values))
-        buffer = self._metrics["train" if self.model.training else "eval"]
-        for name, value in zip(values, gathered.sum(dim=0).tolist()):
+        for name, value in zip(values, reduce(gathered).tolist()):
             buffer[name].append(float(value))
 
     def skip_nonfinite_step(self, model: Any) -> torch.Tensor:

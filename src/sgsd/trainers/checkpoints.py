@@ -23,6 +23,18 @@ from sgsd.errors import UserError
 COMPLETE_MARKER = "sgsd_complete.json"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of `checkpoint-<step>`."""
+    return int(path.name.split("-")[-1])
+
+
+def write_complete_marker(path: Path, step: int) -> None:
+    """The marker written LAST into a checkpoint or final/'s staging folder: `{"step": step}`."""
+    from sgsd.storage import atomic_write_json
+
+    atomic_write_json(path / COMPLETE_MARKER, {"step": step})
+
+
 def complete_checkpoints(output_dir: Path) -> tuple[list[Path], list[Path]]:
     """(complete checkpoints sorted by step, incomplete ones). Complete = has the marker written last."""
     complete, broken = [], []
@@ -30,8 +42,7 @@ def complete_checkpoints(output_dir: Path) -> tuple[list[Path], list[Path]]:
         if not path.is_dir() or not path.name.split("-")[-1].isdigit():
             continue
         (complete if (path / COMPLETE_MARKER).exists() else broken).append(path)
-    key = lambda p: int(p.name.split("-")[-1])  # noqa: E731
-    return sorted(complete, key=key), sorted(broken, key=key)
+    return sorted(complete, key=checkpoint_step), sorted(broken, key=checkpoint_step)
 
 
 def check_output_dir(output_dir: Path, resume: bool) -> Path | None:
@@ -139,8 +150,8 @@ def rotate_checkpoints(output_dir: Path, limit: int | None) -> None:
     complete, broken = complete_checkpoints(output_dir)
     if not complete:
         return
-    newest = int(complete[-1].name.split("-")[-1])
-    stale = [p for p in broken if int(p.name.split("-")[-1]) < newest]
+    newest = checkpoint_step(complete[-1])
+    stale = [p for p in broken if checkpoint_step(p) < newest]
     if limit is not None and limit > 0:
         stale += complete[:-limit]
     for path in stale:
@@ -150,8 +161,6 @@ def rotate_checkpoints(output_dir: Path, limit: int | None) -> None:
 def write_extra_state(trainer: Any, path: Path, state: Any) -> None:
     """`sgsd_state.pt` (EMA, observers), then the completion marker, into checkpoint `path` (main process)."""
     import torch
-
-    from sgsd.storage import atomic_write_json
 
     if not state.is_world_process_zero:
         return
@@ -165,4 +174,4 @@ def write_extra_state(trainer: Any, path: Path, state: Any) -> None:
         staging = path / "sgsd_state.pt.tmp"
         torch.save(extra, staging)
         os.replace(staging, path / "sgsd_state.pt")
-    atomic_write_json(path / COMPLETE_MARKER, {"step": state.global_step})
+    write_complete_marker(path, state.global_step)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sgsd.errors import DataError, UserError
-from sgsd.trainers.checkpoints import COMPLETE_MARKER  # written last into each checkpoint and into final/
+from sgsd.trainers.checkpoints import COMPLETE_MARKER, checkpoint_step
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,6 @@ class Rerun:
     action: Literal["start", "resume", "finish", "complete"]
     checkpoint: Path | None = None
     finished_step: int | None = None  # the step final/ was saved at, when final/ exists
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(path.name.split("-")[-1])
 
 
 def final_step(output_dir: Path, newest_checkpoint: Path | None) -> int | None:
@@ -87,13 +83,6 @@ def write_final_from_checkpoint(checkpoint: Path, staging: Path) -> None:
     tokenizer = load_tokenizer(str(checkpoint))
     load_model(str(checkpoint), tokenizer=tokenizer).save_pretrained(str(staging))
     tokenizer.save_pretrained(str(staging))
-
-
-def mark_final(staging: Path, step: int) -> None:
-    """Written last into final/'s staging folder: the step the model was saved at."""
-    from sgsd.storage import atomic_write_json
-
-    atomic_write_json(staging / COMPLETE_MARKER, {"step": step})
 
 
 def prompts_per_step(cfg: Any, world_size: int) -> int:

@@ -33,13 +33,15 @@ from sgsd.provenance import provenance
 from sgsd.trainers.checkpoints import (
     COMPLETE_MARKER,
     check_output_dir,
+    checkpoint_step,
     check_resume_config,
     complete_checkpoints,
     completion_marker,
     restore_extra_state,
     storage_errors,
+    write_complete_marker,
 )
-from sgsd.trainers.preflight import (Rerun, announce, check_problems_per_step, check_trained, mark_final, plan_rerun,
+from sgsd.trainers.preflight import (Rerun, announce, check_problems_per_step, check_trained, plan_rerun,
                                      write_final_from_checkpoint)
 
 __all__ = ["COMPLETE_MARKER", "PreparedRun", "TrainResult", "prepare_run", "resolve_device", "train"]
@@ -105,21 +107,15 @@ class PreparedRun:
         final = out / "final"
         with rank_local(), storage_errors(out):
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-            check_trained(trainer.state.global_step, int(resume_from.name.split("-")[-1]) if resume_from else 0)
+            check_trained(trainer.state.global_step, checkpoint_step(resume_from) if resume_from else 0)
             staging = out / "final.tmp"
             if trainer.accelerator.is_main_process and staging.exists():
                 shutil.rmtree(staging)
             trainer.accelerator.wait_for_everyone()
             trainer.save_model(str(staging))  # every rank calls it (ZeRO-3 gathers); the main process writes
             if trainer.accelerator.is_main_process:
-                from sgsd.trainers.model_card import write_model_card
-
                 self.tokenizer.save_pretrained(str(staging))
-                mark_final(staging, trainer.state.global_step)
-                write_model_card(out, trainer.state.global_step, staging)
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(staging, final)
+                _publish_final(out, staging, trainer.state.global_step)
             trainer.accelerator.wait_for_everyone()
         return TrainResult(out, final, trainer.state.global_step, str(resume_from) if resume_from else None,
                            [str(p) for p in self.broken])
@@ -214,7 +210,7 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path | None = None, *, resume:
 
     _, broken = complete_checkpoints(out)
     if resume_from is not None:
-        metrics.truncate_after(int(resume_from.name.split("-")[-1]))
+        metrics.truncate_after(checkpoint_step(resume_from))
         restore_extra_state(trainer, resume_from)
     elif metrics.records:
         metrics.truncate_after(0)
@@ -227,20 +223,29 @@ def _finish_without_training(out: Path, rerun: Rerun) -> TrainResult:
     if rerun.action == "complete":
         return TrainResult(out, out / "final", int(rerun.finished_step or 0), already_complete=True)
     assert rerun.checkpoint is not None
-    step = int(rerun.checkpoint.name.split("-")[-1])
+    step = checkpoint_step(rerun.checkpoint)
     if not is_main_process():  # no collectives here: the main process alone writes final/
         return TrainResult(out, out / "final", step, str(rerun.checkpoint))
-    from sgsd.trainers.model_card import write_model_card
-
     with storage_errors(out):
         staging = out / "final.tmp"
         if staging.exists():
             shutil.rmtree(staging)
         write_final_from_checkpoint(rerun.checkpoint, staging)
-        mark_final(staging, step)
-        write_model_card(out, step, staging)
-        os.replace(staging, out / "final")
+        _publish_final(out, staging, step)
     return TrainResult(out, out / "final", step, str(rerun.checkpoint))
+
+
+def _publish_final(out: Path, staging: Path, step: int) -> None:
+    """Complete final/'s staging folder (the step marker last, then the model card) and move it into place
+    (main process)."""
+    from sgsd.trainers.model_card import write_model_card
+
+    write_complete_marker(staging, step)
+    write_model_card(out, step, staging)
+    final = out / "final"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
 
 
 def _load_skills(cfg: RunConfig) -> tuple[Any, Any]:

@@ -22,11 +22,10 @@ import torch
 
 from sgsd.config import SGSDSettings
 from sgsd.lm_head import resolve_chunk_tokens
-from sgsd.loss_phase import sgsd_loss_phase
-from sgsd.objectives import masked_mean, teacher_polarity
+from sgsd.loss_phase import active_rollouts, sgsd_loss_phase
+from sgsd.objectives import masked_mean
 from sgsd.prompts import ChatStyle, render_chat, teacher_prompt
 from sgsd.scoring import (
-    completion_logprobs,
     countable_token_table,
     counted_mask,
     lm_parts,
@@ -140,13 +139,13 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
         extras = {"rewards": rewards, "teacher_logps": logps[:, :k], "teacher_weights": weights,
                   "sgsd_mask": mask, "rollout_uid": uids, **local}
         if self.settings.skip_neutral_rows:
-            # p_t without gradient, with the STUDENT's weights on the student's own prompt (not inside the
-            # teacher context, not on a frozen copy), to decide polarity now
-            with torch.no_grad():
-                student_logps = completion_logprobs(self.model, output["prompt_ids"], output["prompt_mask"],
-                                                    completion_ids, completion_mask, chunk_tokens=self.chunk_tokens)
-            _, polarity = teacher_polarity(student_logps, logps[:, :k], mask, rewards, weights, **self.polarity_options)
-            extras["sgsd_active"] = polarity.ne(0).any(dim=-1)
+            # decided with the STUDENT's weights on the student's own prompt (not inside the teacher
+            # context, not on a frozen copy): one gradient-free pass
+            extras["sgsd_active"] = active_rollouts(
+                self.model, prompt_ids=output["prompt_ids"], prompt_mask=output["prompt_mask"],
+                completion_ids=completion_ids, completion_mask=completion_mask, counted_mask=mask, rewards=rewards,
+                teacher_weights=weights, teacher_logps=logps[:, :k], chunk_tokens=self.chunk_tokens,
+                **self.polarity_options)
         completions = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
         for observer in self.observers:
             observer.on_rollouts(self, problems, completions, rewards, [x["answer"] for x in inputs])
