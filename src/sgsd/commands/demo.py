@@ -1,4 +1,5 @@
-"""`sgsd demo [--quick] [--output-dir D] [--seeds N]`: SGSD vs GRPO vs OPSD in a small synthetic world."""
+"""`sgsd demo [--quick | --preset P] [--methods a,b,...] [--tune-lr] [--output-dir D] [--seeds N]`: the methods
+compared from one warm start in a small synthetic world."""
 
 from __future__ import annotations
 
@@ -8,7 +9,17 @@ from sgsd.commands.options import add_quiet
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="one seed, few steps (under 5 minutes on 2 cores)")
+    from sgsd.demo.run import DEFAULT_METHODS, DEMO_METHODS, PRESETS
+
+    parser.add_argument("--quick", action="store_true", help="one seed, few steps (the 'quick' preset)")
+    parser.add_argument("--preset", choices=tuple(PRESETS),
+                        help="full (3 seeds, 30 steps; the default), quick (= --quick) or smoke (checks that "
+                             "everything runs; its numbers mean nothing)")
+    parser.add_argument("--methods", help=f"comma-separated, from {', '.join(DEMO_METHODS)} "
+                                          f"(default {','.join(DEFAULT_METHODS)})")
+    parser.add_argument("--tune-lr", action="store_true",
+                        help="choose each method's learning rate from a small grid on validation problems held "
+                             "out of the training split, and report both the shared and the chosen rate")
     parser.add_argument("--output-dir", default="runs/demo", help="where the report, plots and runs go")
     parser.add_argument("--seeds", type=int, help="number of seeds (default: 1 with --quick, 3 otherwise)")
     parser.add_argument("--cache-dir", help="warm-start cache (default ~/.cache/sgsd/demo)")
@@ -23,13 +34,21 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.seeds is not None and args.seeds < 1:
         raise UserError("--seeds: must be at least 1")
-    from sgsd.demo.run import run_demo
+    if args.quick and args.preset not in (None, "quick"):
+        raise UserError(f"--quick and --preset {args.preset}: choose one")
+    from sgsd.demo.run import label, make_plan, parse_methods, run_demo
 
-    results = run_demo(args.output_dir, quick=args.quick, seeds=args.seeds, cache_root=args.cache_dir,
-                       progress=not args.quiet)
+    preset = args.preset or ("quick" if args.quick else "full")
+    methods = parse_methods(args.methods) if args.methods is not None else None
+    plan = make_plan(preset=preset, seeds=args.seeds, methods=methods, tune_lr=args.tune_lr)
+    results = run_demo(args.output_dir, plan=plan, cache_root=args.cache_dir, progress=not args.quiet)
     k = results["k"]
-    print(f"\n{'method':8} avg@{k:<3} 95% interval")
+    print(f"\n{'method':11} avg@{k:<3} 95% interval" + ("   tuned lr  avg@k" if results["tuned"] else ""))
     for name, m in results["methods"].items():
-        print(f"{name:8} {m['mean']:.3f}  [{m['ci_low']:.3f}, {m['ci_high']:.3f}]")
+        line = f"{label(name):11} {m['mean']:.3f}  [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+        if name in results["tuned"]:
+            t = results["tuned"][name]
+            line += f"   {t['learning_rate']:<9g} {t['mean']:.3f}"
+        print(line)
     print(f"\nreport: {os.path.join(args.output_dir, 'report.md')}")
     return 0

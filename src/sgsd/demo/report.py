@@ -18,7 +18,12 @@ if TYPE_CHECKING:
     from sgsd.demo.run import DemoPlan, MethodRun
     from sgsd.demo.warmup import WarmStart
 
-COLORS = {"base": "#7f7f7f", "grpo": "#1f77b4", "opsd": "#2ca02c", "sgsd": "#d62728"}
+COLORS = {"base": "#7f7f7f", "grpo": "#1f77b4", "opsd": "#2ca02c", "sgsd": "#d62728", "sgsd-z": "#ff7f0e",
+          "sgsd-pg": "#9467bd", "grpo-skill": "#17becf", "opsd-skill": "#8c564b"}
+REFERENCES = ("sgsd", "grpo")  # every other method is compared with these (issue 14)
+# Two-sided 95% quantiles of Student's t for 1-30 degrees of freedom (intervals over a few seeds).
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 LABEL_COLORS = {"helpful": "#2ca02c", "irrelevant": "#7f7f7f", "misleading": "#d62728"}
 
 
@@ -75,8 +80,10 @@ def attribution_by_label(run_dirs: Sequence[Path], labels: dict[str, str]) -> di
 
 
 def _plot(out: Path, curves: dict[str, list[tuple[int, float]]], fractions: dict[str, list[tuple[int, float]]],
-          items: dict[str, dict[str, Any]]) -> list[str]:
+          items: dict[str, dict[str, Any]], polarity_label: str = "SGSD") -> list[str]:
     import matplotlib
+
+    from sgsd.demo.run import label
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -85,7 +92,7 @@ def _plot(out: Path, curves: dict[str, list[tuple[int, float]]], fractions: dict
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, points in curves.items():
         if points:
-            ax.plot(*zip(*points), marker="o", label=method.upper(), color=COLORS.get(method))
+            ax.plot(*zip(*points), marker="o", label=label(method), color=COLORS.get(method))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("held-out accuracy (sampled, T=1)")
     ax.set_title("Accuracy over training steps (mean over seeds)")
@@ -102,7 +109,7 @@ def _plot(out: Path, curves: dict[str, list[tuple[int, float]]], fractions: dict
     ax.set_ylim(0, 1)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("fraction of teachers")
-    ax.set_title("SGSD teacher polarity over steps")
+    ax.set_title(f"{polarity_label} teacher polarity over steps")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "polarity_over_steps.png", dpi=120)
@@ -117,7 +124,7 @@ def _plot(out: Path, curves: dict[str, list[tuple[int, float]]], fractions: dict
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("(helpful - harmful) / uses")
-    ax.set_title("SGSD attribution per item\n(label: green helpful, grey irrelevant, red misleading)", fontsize=9)
+    ax.set_title(f"{polarity_label} attribution per item\n(label: green helpful, grey irrelevant, red misleading)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "attribution_by_item.png", dpi=120)
     plt.close(fig)
@@ -129,19 +136,34 @@ def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a["ci_low"] <= b["ci_high"] and b["ci_low"] <= a["ci_high"]
 
 
-def comparisons(methods_per_problem: dict[str, Sequence[float]], runs: Sequence[MethodRun]) -> dict[str, dict[str, Any]]:
-    """Paired differences on the same held-out problems: each method vs Base, and SGSD vs GRPO / OPSD.
+def comparison_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
+    """Which paired differences the report holds: every method vs Base, SGSD vs GRPO and OPSD, and every
+    other method vs SGSD and vs GRPO (those present)."""
+    pairs = [(m, "base") for m in names]
+    if "sgsd" in names:
+        pairs += [("sgsd", other) for other in ("grpo", "opsd") if other in names]
+    for m in names:
+        if m not in ("sgsd", "grpo", "opsd"):
+            pairs += [(m, ref) for ref in REFERENCES if ref in names]
+    return pairs
+
+
+def comparisons(methods_per_problem: dict[str, Sequence[float]], runs: Sequence[MethodRun],
+                pairs: Sequence[tuple[str, str]] | None = None) -> dict[str, dict[str, Any]]:
+    """Paired differences on the same held-out problems (`comparison_pairs` unless `pairs` is given).
 
     difference / ci_low / ci_high: mean per-problem difference (pooled over seeds) with a paired
     bootstrap interval over problems. seeds_ahead: in how many seeds the first method's avg@k was
     higher (against Base, which is evaluated once, every seed is compared with that one value).
+    Keys are "<first>-<second>"; `first` and `second` name the methods.
     """
     from sgsd.demo.evaluate import paired_difference
 
     per_seed: dict[str, dict[int, float]] = {}
     for run in runs:
         per_seed.setdefault(run.method, {})[run.seed] = run.final.mean
-    pairs = [(m, "base") for m in ("grpo", "opsd", "sgsd")] + [("sgsd", "grpo"), ("sgsd", "opsd")]
+    if pairs is None:
+        pairs = comparison_pairs([m for m in methods_per_problem if m != "base"])
     base_mean = statistics.fmean(methods_per_problem["base"]) if "base" in methods_per_problem else None
     out = {}
     for first, second in pairs:
@@ -153,9 +175,37 @@ def comparisons(methods_per_problem: dict[str, Sequence[float]], runs: Sequence[
             ahead = sum(per_seed[first][s] > base_mean for s in seeds)
         else:
             ahead = sum(per_seed[first][s] > per_seed[second].get(s, float("inf")) for s in seeds)
-        out[f"{first}-{second}"] = {"difference": difference, "ci_low": low, "ci_high": high,
-                                    "seeds_ahead": ahead, "seeds": len(seeds)}
+        out[f"{first}-{second}"] = {"first": first, "second": second, "difference": difference, "ci_low": low,
+                                    "ci_high": high, "seeds_ahead": ahead, "seeds": len(seeds)}
     return out
+
+
+def mean_interval(values: Sequence[float]) -> dict[str, Any]:
+    """Mean of a few per-seed values with a 95% Student-t interval (None with one value: not measured)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": mean, "ci_low": None, "ci_high": None, "n": len(values)}
+    half = T_975[min(len(values) - 1, len(T_975)) - 1] * statistics.stdev(values) / len(values) ** 0.5
+    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": len(values)}
+
+
+def polarity_separation(run_dirs: Sequence[Path], labels: dict[str, str]) -> dict[str, Any]:
+    """How well a polarity rule separates the seed bank's helpful items from its misleading ones.
+
+    Per seed (one run directory each): net polarity (helpful - harmful) / uses per label, the separation
+    net(helpful) - net(misleading), and the neutral share; then mean and 95% t-interval over seeds.
+    """
+    per_seed: dict[str, list[float]] = {}
+    for run_dir in run_dirs:
+        by_label = attribution_by_label([run_dir], labels)["by_label"]
+        for name, stats in by_label.items():
+            per_seed.setdefault(f"net_{name}", []).append(stats["net"])
+        if {"helpful", "misleading"} <= by_label.keys():
+            per_seed.setdefault("separation", []).append(by_label["helpful"]["net"] - by_label["misleading"]["net"])
+        uses = sum(v["uses"] for v in by_label.values())
+        neutral = sum(v["neutral_fraction"] * v["uses"] for v in by_label.values())
+        per_seed.setdefault("neutral_fraction", []).append(neutral / max(uses, 1))
+    return {key: {**mean_interval(values), "per_seed": values} for key, values in per_seed.items()}
 
 
 def _verdict(c: dict[str, Any]) -> str:
@@ -176,36 +226,41 @@ def _findings(methods: dict[str, dict[str, Any]], attribution: dict[str, Any],
         lines.append(f"- The warm start solves {base['mean']:.1%} of held-out problems: almost every reward is the same, "
                      "so training gets almost no signal and this run cannot show differences between methods.")
     compared = compared or {}
-    for method in ("grpo", "opsd", "sgsd"):
+    from sgsd.demo.run import label
+
+    names = [name for name in methods if name != "base"]
+    for method in names:
         m = methods[method]
         delta = m["mean"] - base["mean"]
         c = compared.get(f"{method}-base")
         if c is not None:
             verdict = {"ahead": "above Base", "behind": "below Base",
                        "not separated": "not separated from Base"}[_verdict(c)]
-            lines.append(f"- {method.upper()}: {m['mean']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}], {delta:+.3f} vs "
+            lines.append(f"- {label(method)}: {m['mean']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}], {delta:+.3f} vs "
                          f"Base, paired 95% interval [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] ({verdict}).")
         else:
             verdict = "within the uncertainty of" if _overlap(m, base) else ("above" if delta > 0 else "below")
-            lines.append(f"- {method.upper()}: {m['mean']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}], {delta:+.3f} vs "
+            lines.append(f"- {label(method)}: {m['mean']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}], {delta:+.3f} vs "
                          f"Base ({verdict} Base).")
-    for other in ("grpo", "opsd"):
-        c = compared.get(f"sgsd-{other}")
-        if c is None:
+    for c in compared.values():
+        first, second = c.get("first"), c.get("second")
+        if first is None or second == "base":
             continue
-        verdict = {"ahead": f"SGSD is ahead of {other.upper()}", "behind": f"SGSD is behind {other.upper()}",
-                   "not separated": f"SGSD and {other.upper()} are not separated"}[_verdict(c)]
-        seeds = f"; SGSD was higher in {c['seeds_ahead']} of {c['seeds']} seeds" if c["seeds"] > 1 else ""
+        a, b = label(first), label(second)
+        verdict = {"ahead": f"{a} is ahead of {b}", "behind": f"{a} is behind {b}",
+                   "not separated": f"{a} and {b} are not separated"}[_verdict(c)]
+        seeds = f"; {a} was higher in {c['seeds_ahead']} of {c['seeds']} seeds" if c["seeds"] > 1 else ""
         lines.append(f"- {verdict}: difference {c['difference']:+.3f}, paired 95% interval "
                      f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]{seeds}.")
     if not compared:
-        ranked = sorted(("grpo", "opsd", "sgsd"), key=lambda name: -methods[name]["mean"])
-        best, second = ranked[0], ranked[1]
-        if _overlap(methods[best], methods[second]):
-            lines.append(f"- The best method ({best.upper()}) is not separated from the next ({second.upper()}): their "
-                         "intervals overlap, so this run does not rank them.")
-        else:
-            lines.append(f"- {best.upper()} is ahead of {second.upper()} with non-overlapping intervals in this run.")
+        ranked = sorted(names, key=lambda name: -methods[name]["mean"])
+        if len(ranked) >= 2:
+            best, second = ranked[0], ranked[1]
+            if _overlap(methods[best], methods[second]):
+                lines.append(f"- The best method ({label(best)}) is not separated from the next ({label(second)}): "
+                             "their intervals overlap, so this run does not rank them.")
+            else:
+                lines.append(f"- {label(best)} is ahead of {label(second)} with non-overlapping intervals in this run.")
     by_label = attribution.get("by_label", {})
     if {"helpful", "misleading"} <= by_label.keys():
         h, m = by_label["helpful"], by_label["misleading"]
@@ -235,38 +290,83 @@ def _findings(methods: dict[str, dict[str, Any]], attribution: dict[str, Any],
     return lines
 
 
-def write_report(out: Path, *, plan: DemoPlan, warm: WarmStart, base: AccuracyEstimate, runs: Sequence[MethodRun],
-                 bank_path: Path, seconds: float) -> dict[str, Any]:
-    from sgsd.demo.bank import item_labels
+def _fmt_interval(v: dict[str, Any], sign: str = "+") -> str:
+    if v.get("ci_low") is None:
+        return "(one seed)"
+    return f"[{v['ci_low']:{sign}.3f}, {v['ci_high']:{sign}.3f}]"
 
+
+def write_report(out: Path, *, plan: DemoPlan, warm: WarmStart, base: AccuracyEstimate, runs: Sequence[MethodRun],
+                 bank_path: Path, seconds: float, lr_search: dict[str, Any] | None = None) -> dict[str, Any]:
+    """results.json, report.md and the plots. `runs` holds the shared-rate runs and, with a learning-rate
+    search (`lr_search`), the runs at each method's chosen rate (`tuned`)."""
+    from sgsd.demo.bank import item_labels
+    from sgsd.demo.run import DEMO_METHODS, label
+
+    names = [m for m in plan.methods if any(r.method == m for r in runs)]
+    untuned = [r for r in runs if not getattr(r, "tuned", False)]
+    tuned_runs = [r for r in runs if getattr(r, "tuned", False)]
     methods: dict[str, dict[str, Any]] = {"base": {**base.to_json(), "seeds": 1, "per_seed": [base.mean]}}
     per_problem: dict[str, Sequence[float]] = {"base": base.per_problem}
-    for method in ("grpo", "opsd", "sgsd"):
-        methods[method] = _pooled(runs, method)
+    for method in names:
+        methods[method] = _pooled(untuned, method)
         per_problem[method] = methods[method].pop("per_problem")
-    compared = comparisons(per_problem, runs)
+    compared = comparisons(per_problem, untuned)
+    tuned: dict[str, dict[str, Any]] = {}
+    tuned_compared: dict[str, dict[str, Any]] = {}
+    if tuned_runs:
+        tuned_problem: dict[str, Sequence[float]] = {"base": base.per_problem}
+        for method in names:
+            tuned[method] = {**_pooled(tuned_runs, method), "learning_rate": (lr_search or {})[method]["chosen"]}
+            tuned_problem[method] = tuned[method].pop("per_problem")
+        tuned_compared = comparisons(tuned_problem, tuned_runs)
+        # each method at its chosen rate against itself at the shared rate
+        from sgsd.demo.evaluate import paired_difference
+
+        for method in names:
+            difference, low, high = paired_difference(tuned_problem[method], per_problem[method])
+            shared = {r.seed: r.final.mean for r in untuned if r.method == method}
+            mine = {r.seed: r.final.mean for r in tuned_runs if r.method == method}
+            tuned_compared[f"{method}-untuned"] = {
+                "first": method, "second": f"{label(method)} at the shared rate", "difference": difference,
+                "ci_low": low, "ci_high": high, "seeds_ahead": sum(mine[s] > shared[s] for s in mine),
+                "seeds": len(mine)}
     curves = {}
-    for method in ("grpo", "opsd", "sgsd"):
+    for method in names:
         steps: dict[int, list[float]] = {}
-        for run in runs:
+        for run in untuned:
             if run.method == method:
                 for step, value in run.curve:
                     steps.setdefault(step, []).append(value)
         curves[method] = sorted((s, statistics.fmean(v)) for s, v in steps.items())
-    sgsd_dirs = [r.run_dir for r in runs if r.method == "sgsd"]
-    fractions = {name: _metric_series(sgsd_dirs, f"sgsd/{name}_fraction") for name in ("helpful", "harmful", "neutral")}
-    attribution = attribution_by_label(sgsd_dirs, item_labels())
-    plots = _plot(out, curves, fractions, attribution["items"])
+    polarity_methods = [m for m in names if DEMO_METHODS[m].polarity]
+    reference = "sgsd" if "sgsd" in polarity_methods else (polarity_methods[0] if polarity_methods else None)
+    ref_dirs = [r.run_dir for r in untuned if r.method == reference]
+    fractions = {name: _metric_series(ref_dirs, f"sgsd/{name}_fraction") for name in ("helpful", "harmful", "neutral")}
+    attribution = attribution_by_label(ref_dirs, item_labels()) if ref_dirs else {"by_label": {}, "items": {}}
+    rules: dict[str, dict[str, Any]] = {}
+    for method in polarity_methods:
+        rules[method] = {"untuned": polarity_separation([r.run_dir for r in untuned if r.method == method],
+                                                        item_labels())}
+        if tuned_runs:
+            rules[method]["tuned"] = polarity_separation([r.run_dir for r in tuned_runs if r.method == method],
+                                                         item_labels())
+    plots = _plot(out, curves, fractions, attribution["items"], label(reference) if reference else "SGSD")
     results = {
         "methods": methods,
         "comparisons": compared,
+        "tuned": tuned,
+        "tuned_comparisons": tuned_compared,
+        "lr_search": lr_search or {},
         "k": plan.k,
         "plan": {k: v for k, v in vars(plan).items()},
         "warm_start": {"path": str(warm.path), "from_cache": warm.from_cache,
                        "warmup_seconds": warm.report.seconds, "num_parameters": warm.report.num_parameters},
         "accuracy_over_steps": {m: [[s, v] for s, v in c] for m, c in curves.items()},
+        "polarity_method": reference,
         "sgsd_polarity_over_steps": {m: [[s, v] for s, v in c] for m, c in fractions.items()},
         "attribution": attribution,
+        "polarity_rules": rules,
         "seconds": seconds,
         "plots": plots,
     }
@@ -275,23 +375,111 @@ def write_report(out: Path, *, plan: DemoPlan, warm: WarmStart, base: AccuracyEs
     return results
 
 
-def _markdown(results: dict[str, Any], plan: Any) -> str:
-    methods, k = results["methods"], results["k"]
-    rows = "\n".join(
-        f"| {name.upper() if name != 'base' else 'Base'} | {m['mean']:.3f} | [{m['ci_low']:.3f}, {m['ci_high']:.3f}] | "
+def _result_rows(methods: dict[str, dict[str, Any]], *, with_lr: bool = False) -> str:
+    from sgsd.demo.run import label
+
+    return "\n".join(
+        f"| {label(name)} |" + (f" {m['learning_rate']:g} |" if with_lr else "")
+        + f" {m['mean']:.3f} | [{m['ci_low']:.3f}, {m['ci_high']:.3f}] | "
         f"{m['seeds']} | {', '.join(f'{v:.3f}' for v in m['per_seed'])} |" for name, m in methods.items())
+
+
+def _comparison_rows(compared: dict[str, dict[str, Any]]) -> str:
+    from sgsd.demo.run import label
+
+    def name(n: str) -> str:
+        return n if " " in n else label(n)
+
+    return "\n".join(
+        f"| {name(c['first'])} - {name(c['second'])} | {c['difference']:+.3f} | [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | "
+        f"{c['seeds_ahead']} of {c['seeds']} | {_verdict(c)} |" for c in compared.values())
+
+
+def _tuning_section(results: dict[str, Any]) -> str:
+    from sgsd.demo.run import label
+
+    search = results["lr_search"]
+    if not search:
+        return ""
+    k, plan = results["k"], results["plan"]
+    grid = [g["learning_rate"] for g in next(iter(search.values()))["grid"]]
+    header = " | ".join(f"lr {lr:g}" for lr in grid)
+    rows = "\n".join(
+        f"| {label(m)} | " + " | ".join(f"{g['mean']:.3f}" for g in v["grid"]) + f" | {v['chosen']:g} |"
+        for m, v in search.items())
+    return f"""
+## Learning rates chosen on validation problems (`--tune-lr`)
+Each method trained once per rate (training seed {plan['tuning_seed']}, not an evaluation seed) and was scored by
+avg@{k} on {plan['validation_problems']} validation problems held out of the training split (never the test
+problems); the best rate was chosen (a tie goes to the shared rate {plan['learning_rate']:g}).
+
+| method | {header} | chosen |
+| --- | {' | '.join('---' for _ in grid)} | --- |
+{rows}
+
+### Results at each method's chosen rate
+| method | learning rate | avg@{k} | 95% interval | seeds | per seed |
+| --- | --- | --- | --- | --- | --- |
+{_result_rows(results['tuned'], with_lr=True)}
+
+| paired difference (tuned) | difference | 95% interval | seeds ahead | verdict |
+| --- | --- | --- | --- | --- |
+{_comparison_rows(results['tuned_comparisons'])}
+"""
+
+
+def _polarity_section(results: dict[str, Any]) -> str:
+    from sgsd.demo.run import label
+
+    rules = results["polarity_rules"]
+    if not rules:
+        return ""
+    rows = []
+    for method, variants in rules.items():
+        for variant, v in variants.items():
+            if "separation" not in v:
+                continue
+            rows.append(
+                f"| {label(method)} ({variant}) | {v['net_helpful']['mean']:+.3f} | {v.get('net_irrelevant', {}).get('mean', 0.0):+.3f} | "
+                f"{v['net_misleading']['mean']:+.3f} | {v['separation']['mean']:+.3f} {_fmt_interval(v['separation'])} | "
+                f"{v['neutral_fraction']['mean']:.2f} |")
+    return f"""
+### Polarity rules: how well each separates helpful from misleading items
+Net polarity (helpful - harmful) / uses per label, separation = net(helpful) - net(misleading) with a
+95% t-interval over seeds, and the share of neutral teacher outcomes (mean over seeds).
+
+| method | net helpful | net irrelevant | net misleading | separation [95% over seeds] | neutral |
+| --- | --- | --- | --- | --- | --- |
+""" + "\n".join(rows) + "\n"
+
+
+def _markdown(results: dict[str, Any], plan: Any) -> str:
+    from sgsd.demo.run import DEMO_METHODS, label
+
+    methods, k = results["methods"], results["k"]
+    rows = _result_rows(methods)
     labels = "\n".join(
-        f"| {label} | {v['uses']} | {v['helpful_fraction']:.2f} | {v['harmful_fraction']:.2f} | {v['neutral_fraction']:.2f} | "
+        f"| {name} | {v['uses']} | {v['helpful_fraction']:.2f} | {v['harmful_fraction']:.2f} | {v['neutral_fraction']:.2f} | "
         f"{v['net']:+.2f} |"
-        for label, v in results["attribution"]["by_label"].items())
+        for name, v in results["attribution"]["by_label"].items())
     findings = "\n".join(_findings(methods, results["attribution"], results["comparisons"]))
     warm = results["warm_start"]
     warmup = f"{warm['warmup_seconds']:.0f} s" + (", loaded from the cache this time" if warm["from_cache"] else "")
     spread = "; ".join(
-        f"{name.upper()} {min(m['per_seed']):.3f}-{max(m['per_seed']):.3f}" for name, m in methods.items()
+        f"{label(name)} {min(m['per_seed']):.3f}-{max(m['per_seed']):.3f}" for name, m in methods.items()
         if name != "base" and m["seeds"] > 1)
     seed_note = (f" They resample problems only: the spread between training seeds is in the per-seed column "
                  f"({spread})." if spread else " With one training seed, seed-to-seed variation is not measured.")
+    names = [m for m in methods if m != "base"]
+    listed = ", ".join(label(m) for m in names)
+    described = "\n".join(f"- {label(m)}: {DEMO_METHODS[m].description}." for m in names)
+    reference = results.get("polarity_method")
+    polarity_table = "" if not reference else f"""
+### {label(reference)} polarity by item label
+| label | uses | helpful | harmful | neutral | net (helpful - harmful) |
+| --- | --- | --- | --- | --- | --- |
+{labels}
+"""
     return f"""# SGSD demo report
 
 ## What was run
@@ -301,31 +489,35 @@ line per step, with the final answer in `\\boxed{{}}`. A tiny Qwen3-architecture
 worked solutions in which carries into the tens are forgotten at a base rate without a hint, rarely
 with a helpful hint and often with a misleading one, plus off-by-one slips that no hint fixes (only the
 OPSD reference answer does); so it solves some problems, fails others, and reads hints.
-From that one warm start, GRPO, OPSD and SGSD trained with the project's trainers (`sgsd train`'s code
-path) for {plan.steps} optimizer steps each, {plan.prompts_per_step} rollouts per step, learning rate
-{plan.learning_rate}, seeds {list(plan.seeds)}. SGSD used K = {plan.num_teachers} teachers per rollout from a
-seed bank of helpful, irrelevant and misleading skills and mistakes (random retrieval; the labels are
-used only in this report), live-policy teacher, threshold {plan.confidence_threshold}. OPSD's teacher was the
-warm start given the reference answer. Evaluation: avg@{k} (temperature 1) on {plan.eval_problems}
-held-out problems, graded by the project's grader; 95% intervals by bootstrap over problems (per-problem
-accuracy averaged over seeds).
+From that one warm start, {listed} trained with the project's trainers (`sgsd train`'s code
+path) for {plan.steps} optimizer steps each, {plan.prompts_per_step} rollouts per step (G = {plan.grpo_generations}
+completions per prompt for the group-advantage methods), learning rate {plan.learning_rate}, seeds
+{list(plan.seeds)}:
 
-## Results
+{described}
+
+Skill teachers: K = {plan.num_teachers} per rollout from a seed bank of helpful, irrelevant and misleading
+skills and mistakes (random retrieval; the labels are used only in this report), live-policy teacher,
+threshold {plan.confidence_threshold}. OPSD's teacher was the warm start given the reference answer.
+Training used the world's training split less {plan.validation_problems} validation problems.
+Evaluation: avg@{k} (temperature 1) on {plan.eval_problems} held-out problems, graded by the project's
+grader; 95% intervals by bootstrap over problems (per-problem accuracy averaged over seeds).
+
+## Results (shared learning rate {plan.learning_rate:g})
 | method | avg@{k} | 95% interval | seeds | per seed |
 | --- | --- | --- | --- | --- |
 {rows}
 
 {findings}
 
+| paired difference | difference | 95% interval | seeds ahead | verdict |
+| --- | --- | --- | --- | --- |
+{_comparison_rows(results['comparisons'])}
+
 Plots: `accuracy_over_steps.png` (held-out accuracy at each checkpoint, {plan.curve_problems} problems),
-`polarity_over_steps.png` (SGSD helpful / harmful / neutral teacher fractions), `attribution_by_item.png`
+`polarity_over_steps.png` (helpful / harmful / neutral teacher fractions), `attribution_by_item.png`
 (per item: (helpful - harmful) / uses, coloured by label).
-
-### SGSD polarity by item label
-| label | uses | helpful | harmful | neutral | net (helpful - harmful) |
-| --- | --- | --- | --- | --- | --- |
-{labels}
-
+{polarity_table}{_polarity_section(results)}{_tuning_section(results)}
 ## What these numbers mean and do not mean
 - This is a toy world and a sub-million-parameter model trained for a few steps on a laptop. It shows
   the whole method running end to end and how teacher polarity behaves on labelled skills; it says

@@ -1,14 +1,20 @@
-"""`sgsd demo`: Base, GRPO, OPSD and SGSD from one warm start in the synthetic addition world.
+"""`sgsd demo`: Base and GRPO, OPSD, SGSD (or the methods `--methods` names) from one warm start in the
+synthetic addition world.
 
 What runs (all offline, on CPU):
 1. the warm start (`sgsd.demo.warmup`, cached after the first run): a tiny Qwen3 model that solves
    some problems, forgets carries often, and reads hints in its prompt;
-2. for each seed, GRPO, OPSD and SGSD train from that checkpoint with the project's own trainers
+2. with `--tune-lr`, each method trains once per learning rate of a small grid (tuning seed, not an
+   evaluation seed) and is scored on validation problems held out of the training split; the best
+   rate is its tuned one;
+3. for each seed, every method trains from that checkpoint with the project's own trainers
    (`sgsd.trainers.run.train`, the code path of `sgsd train`) on the same problems, with the same
-   rollout budget (prompts x completions per step) and the same number of steps;
-3. every checkpoint is evaluated on held-out problems (accuracy over steps), the final models with
-   avg@k and a bootstrap interval over problems, graded by the project's grader (`sgsd.verify`);
-4. `sgsd.demo.report` writes report.md, results.json and the plots.
+   rollout budget (prompts x completions per step) and the same number of steps, at the shared
+   learning rate and, when tuned to another one, at its own;
+4. every checkpoint of the shared-rate runs is evaluated on held-out problems (accuracy over steps), the
+   final models with avg@k and a bootstrap interval over problems, graded by the project's grader
+   (`sgsd.verify`);
+5. `sgsd.demo.report` writes report.md, results.json and the plots.
 
 What was simplified, and why: the world is a toy (running sums of single digits), the model has under a million
 parameters, and a handful of optimizer steps is all a laptop affords. It shows the machinery and the
@@ -28,7 +34,56 @@ if TYPE_CHECKING:
     from sgsd.data import Problem
     from sgsd.demo.evaluate import AccuracyEstimate
 
-METHODS = ("grpo", "opsd", "sgsd")
+@dataclass(frozen=True)
+class DemoMethod:
+    """One method the demo can train: a registered method (`sgsd.methods`) plus the recipe keys that make
+    the variant (e.g. `sgsd-z` is `method: sgsd` with `sgsd.polarity_test: z`)."""
+
+    name: str
+    method: str
+    overrides: tuple[str, ...] = ()
+    grouped: bool = False  # G completions per prompt: prompts per step = rollouts per step / G
+    polarity: bool = False  # scores rollouts with K skill teachers: logs polarity and attribution
+    label: str = ""  # how tables name it
+    description: str = ""
+
+
+DEMO_METHODS: dict[str, DemoMethod] = {m.name: m for m in (
+    DemoMethod("grpo", "grpo", grouped=True, label="GRPO", description="TRL's GRPO, G completions per prompt"),
+    DemoMethod("grpo-skill", "grpo", ("grpo.skills_in_prompt=true", "skills.prompt_top_k=1"), grouped=True,
+               label="GRPO+Skill", description="GRPO with one retrieved (skill, mistake) pair in the rollout prompt"),
+    DemoMethod("opsd", "opsd", label="OPSD", description="self-distillation from the reference-answer teacher"),
+    DemoMethod("opsd-skill", "opsd", ("opsd.skills=true", "skills.prompt_top_k=1"), label="OPSD+Skill",
+               description="OPSD with one retrieved (skill, mistake) pair in both prompts"),
+    DemoMethod("sgsd", "sgsd", polarity=True, label="SGSD",
+               description="the paper's method: K skill teachers, threshold polarity test"),
+    DemoMethod("sgsd-z", "sgsd", ("sgsd.polarity_test=z",), polarity=True, label="SGSD-z",
+               description="SGSD with the length-free polarity test (z = 1.96)"),
+    DemoMethod("sgsd-pg", "sgsd-pg", ("sgsd_pg.lambda_sgsd=1.0",), grouped=True, polarity=True, label="SGSD+PG",
+               description="GRPO's loss + 1.0 x SGSD's loss on the same rollouts"),
+)}
+DEFAULT_METHODS = ("grpo", "opsd", "sgsd")  # what fits the full demo's time budget
+METHODS = DEFAULT_METHODS  # the former name
+
+
+def label(name: str) -> str:
+    """How reports name a method ("base" -> Base, "sgsd-pg" -> SGSD+PG)."""
+    return "Base" if name == "base" else DEMO_METHODS[name].label if name in DEMO_METHODS else name.upper()
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """`--methods grpo,sgsd,...`: known names, each once, in the order given."""
+    from sgsd.errors import UserError
+
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise UserError("--methods: name at least one method")
+    unknown = [n for n in names if n not in DEMO_METHODS]
+    if unknown:
+        raise UserError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(DEMO_METHODS)}")
+    if len(set(names)) != len(names):
+        raise UserError(f"--methods: {text!r} names a method twice")
+    return names
 
 
 @dataclass(frozen=True)
@@ -36,13 +91,20 @@ class DemoPlan:
     preset: str
     steps: int
     eval_every: int
-    prompts_per_step: int  # rollouts per step = prompts_per_step (GRPO: prompts/G x G completions)
+    prompts_per_step: int  # rollouts per step (grouped methods: prompts_per_step / G prompts x G completions)
     grpo_generations: int
     eval_problems: int  # held-out problems for the final avg@k
     curve_problems: int  # held-out problems for the accuracy-over-steps curve
     k: int
     seeds: tuple[int, ...]
+    # Training problems kept out of every run's training data, for choosing learning rates (--tune-lr):
+    # held out whether or not this run tunes, so tuned and untuned runs train on the same problems.
+    validation_problems: int = 200
     learning_rate: float = 1e-4
+    lr_grid: tuple[float, ...] = (3e-5, 1e-4, 3e-4)
+    tuning_seed: int = 100  # the training seed of the --tune-lr runs: none of the evaluation seeds
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    tune_lr: bool = False
     num_teachers: int = 4
     # 0.02, not the trainers' 0.05: at 0.05 most of this tiny model's teachers are neutral (59-91% of
     # helpful and 88-96% of irrelevant ones in the warm starts measured; `python -m sgsd.demo.measure`
@@ -52,9 +114,14 @@ class DemoPlan:
 
 
 QUICK = DemoPlan(preset="quick", steps=6, eval_every=3, prompts_per_step=16, grpo_generations=4,
-                 eval_problems=100, curve_problems=40, k=2, seeds=(0,))
+                 eval_problems=100, curve_problems=40, k=2, seeds=(0,), validation_problems=100)
 FULL = DemoPlan(preset="full", steps=30, eval_every=6, prompts_per_step=32, grpo_generations=4,
-                eval_problems=200, curve_problems=60, k=4, seeds=(0, 1, 2))
+                eval_problems=200, curve_problems=60, k=4, seeds=(0, 1, 2), validation_problems=200)
+# Checks that every part runs (tests): its numbers mean nothing.
+SMOKE = DemoPlan(preset="smoke", steps=2, eval_every=2, prompts_per_step=8, grpo_generations=4,
+                 eval_problems=16, curve_problems=8, k=1, seeds=(0,), validation_problems=16,
+                 lr_grid=(1e-4, 3e-4), num_teachers=2, max_new_tokens=48)
+PRESETS = {plan.preset: plan for plan in (FULL, QUICK, SMOKE)}
 
 
 @dataclass
@@ -65,27 +132,46 @@ class MethodRun:
     final: AccuracyEstimate
     curve: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
+    learning_rate: float = 1e-4
+    tuned: bool = False  # the learning rate --tune-lr chose (which may be the default)
 
 
-def method_config(method: str, plan: DemoPlan, model_dir: Path, data: Path, bank: Path, seed: int) -> RunConfig:
+def method_config(method: str, plan: DemoPlan, model_dir: Path, data: Path, bank: Path, seed: int,
+                  learning_rate: float | None = None) -> RunConfig:
     """The demo's recipe: one shared block, the method section differs (a controlled comparison)."""
     from sgsd.config import load_config
 
-    prompts = plan.prompts_per_step // plan.grpo_generations if method == "grpo" else plan.prompts_per_step
+    spec = DEMO_METHODS[method]
+    prompts = plan.prompts_per_step // plan.grpo_generations if spec.grouped else plan.prompts_per_step
+    lr = plan.learning_rate if learning_rate is None else learning_rate
     overrides = [
-        f"method={method}", f"model.name_or_path={model_dir}", f"data.path={data}", f"skills.bank={bank}",
+        f"method={spec.method}", f"model.name_or_path={model_dir}", f"data.path={data}", f"skills.bank={bank}",
         "skills.retrieval=random", f"sgsd.num_teachers={plan.num_teachers}",
         "prompt.enable_thinking=false", f"generation.max_new_tokens={plan.max_new_tokens}",
         "generation.temperature=1.0", "generation.top_p=1.0", "generation.top_k=0",
-        f"training.max_steps={plan.steps}", f"training.learning_rate={plan.learning_rate}",
+        f"training.max_steps={plan.steps}", f"training.learning_rate={lr}",
         "training.max_grad_norm=1.0", f"training.prompts_per_device={prompts}",
         "training.gradient_accumulation_steps=1", f"training.save_steps={plan.eval_every}", "training.device=cpu",
         f"training.seed={seed}", "training.deterministic=true",
         f"grpo.num_generations={plan.grpo_generations}", "grpo.skills_in_prompt=false",
         f"sgsd.confidence_threshold={plan.confidence_threshold}", "sgsd.teacher=live",
-        "opsd.teacher=base",
+        "opsd.teacher=base", *spec.overrides,
     ]
     return load_config(None, overrides)
+
+
+def run_name(method: str, seed: int, learning_rate: float, plan: DemoPlan) -> str:
+    """runs/<method>-seed<S> at the plan's learning rate, runs/<method>-lr<LR>-seed<S> at another one."""
+    if learning_rate == plan.learning_rate:
+        return f"{method}-seed{seed}"
+    return f"{method}-lr{learning_rate:g}-seed{seed}"
+
+
+def choose_learning_rate(scores: dict[float, float], default: float) -> float:
+    """The grid point with the highest validation avg@k; a tie goes to the default, then to the smaller rate."""
+    best = max(scores.values())
+    tied = [lr for lr, score in scores.items() if score == best]
+    return default if default in tied else min(tied)
 
 
 def evaluate_dir(path: Path, tokenizer: Any, problems: Sequence[Problem], plan: DemoPlan, *, k: int,
@@ -102,12 +188,15 @@ PLAN_FILE = "demo_plan.json"
 
 
 def plan_record(plan: DemoPlan) -> dict[str, Any]:
-    """What a run directory under runs/ depends on: the plan without its seed list, and the warm start."""
+    """What a run directory under runs/ depends on: the plan without what only chooses which runs exist
+    (seeds, methods, whether and over which grid to tune: run directories are named by method, learning
+    rate and seed), and the warm start."""
     from dataclasses import asdict
 
     from sgsd.demo.presets import DEMO_WARMUP
 
-    return {"plan": {k: v for k, v in asdict(plan).items() if k != "seeds"},
+    choices = {"seeds", "methods", "tune_lr", "lr_grid", "tuning_seed"}
+    return {"plan": {k: v for k, v in asdict(plan).items() if k not in choices},
             "warm_start": DEMO_WARMUP.digest()}
 
 
@@ -133,23 +222,49 @@ def check_reusable(out: Path, record: dict[str, Any]) -> None:
         raise UserError(f"--output-dir {out}: has runs/ but no {PLAN_FILE}; choose another --output-dir")
 
 
+def make_plan(*, preset: str = "full", seeds: int | None = None, methods: Sequence[str] | None = None,
+              tune_lr: bool = False) -> DemoPlan:
+    """A preset (`full`, `quick`, `smoke`) with the command line's choices applied."""
+    plan = PRESETS[preset]
+    if seeds is not None:
+        plan = replace(plan, seeds=tuple(range(seeds)))
+    if methods is not None:
+        plan = replace(plan, methods=tuple(methods))
+    return replace(plan, tune_lr=tune_lr)
+
+
 def run_demo(output_dir: str | Path, *, quick: bool = False, seeds: int | None = None,
-             cache_root: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run the demo into `output_dir` and return what results.json holds (see the module docstring)."""
+             cache_root: str | Path | None = None, progress: bool = True, plan: DemoPlan | None = None) -> dict[str, Any]:
+    """Run the demo into `output_dir` and return what results.json holds (see the module docstring).
+
+    `plan` (from `make_plan`) chooses the preset, methods and learning-rate search; without it, the
+    full preset (or `quick`) with the default methods, `seeds` seeds and no search."""
     from transformers.utils import logging as hf_logging
 
+    if plan is None:
+        plan = make_plan(preset="quick" if quick else "full", seeds=seeds)
     # The demo's own bars say where it is; transformers' per-checkpoint "Writing model shards" bars
     # would interleave with them dozens of times.
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        return _run_demo(output_dir, quick=quick, seeds=seeds, cache_root=cache_root, progress=progress)
+        return _run_demo(output_dir, plan, cache_root=cache_root, progress=progress)
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
 
 
-def _run_demo(output_dir: str | Path, *, quick: bool, seeds: int | None, cache_root: str | Path | None,
+def split_validation(train: Sequence[Problem], size: int) -> tuple[list[Problem], list[Problem]]:
+    """(training problems, validation problems): a fixed random `size` of the world's training split is
+    held out for choosing learning rates; the held-out test problems are never used for that."""
+    from sgsd.demo.evaluate import subset
+
+    validation = subset(train, size, seed=2)
+    held_out = {p.problem_id for p in validation}
+    return [p for p in train if p.problem_id not in held_out], validation
+
+
+def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path | None,
               progress: bool) -> dict[str, Any]:
     import time
 
@@ -162,9 +277,6 @@ def _run_demo(output_dir: str | Path, *, quick: bool, seeds: int | None, cache_r
     from sgsd.storage import atomic_write_json
     from sgsd.trainers.run import train
 
-    plan = QUICK if quick else FULL
-    if seeds is not None:
-        plan = replace(plan, seeds=tuple(range(seeds)))
     out = Path(output_dir).expanduser()
     record = plan_record(plan)
     check_reusable(out, record)
@@ -175,7 +287,9 @@ def _run_demo(output_dir: str | Path, *, quick: bool, seeds: int | None, cache_r
 
         raise UserError(f"--output-dir {out}: cannot create it ({err.strerror or err})") from None
     started = time.perf_counter()
-    bar = tqdm(total=1 + len(plan.seeds) * len(METHODS) + 1, desc="sgsd demo", disable=not progress)
+    grid = plan.lr_grid if plan.tune_lr else ()
+    bar = tqdm(total=1 + len(plan.methods) * (len(grid) + len(plan.seeds) * (2 if grid else 1)) + 1,
+               desc="sgsd demo", disable=not progress)
 
     from sgsd.demo.warmup import warm_start
     from sgsd.demo.world import write_problems
@@ -194,7 +308,8 @@ def _run_demo(output_dir: str | Path, *, quick: bool, seeds: int | None, cache_r
     warmup_bar.close()
     bar.update()
     data = out / "data" / "train.jsonl"
-    write_problems(warm.world.train, data)
+    train_problems, validation = split_validation(warm.world.train, plan.validation_problems)
+    write_problems(train_problems, data)
     bank = write_seed_bank(out / "seed_bank.json")
     test = subset(warm.world.test, plan.eval_problems, seed=0)
     curve_set = subset(warm.world.test, plan.curve_problems, seed=1)
@@ -204,29 +319,56 @@ def _run_demo(output_dir: str | Path, *, quick: bool, seeds: int | None, cache_r
                           seed=0).mean
 
     atomic_write_json(out / PLAN_FILE, record)
+
+    def trained(method: str, seed: int, lr: float, run_dir: Path) -> float:
+        bar.set_postfix_str(f"{method} lr {lr:g} seed {seed}")
+        t0 = time.perf_counter()
+        if not (run_dir / "final").exists():
+            train(method_config(method, plan, warm.path, data, bank, seed, lr), run_dir, progress=False)
+        return time.perf_counter() - t0
+
+    # 1. Learning rates (--tune-lr): each method on each grid point with the tuning seed, scored by
+    #    avg@k on the validation problems (held out of the training data, never test problems).
+    lr_search: dict[str, dict[str, Any]] = {}
+    for method in plan.methods if grid else ():
+        scores: dict[float, dict[str, Any]] = {}
+        for lr in grid:
+            run_dir = out / "tune" / f"{method}-lr{lr:g}-seed{plan.tuning_seed}"
+            seconds = trained(method, plan.tuning_seed, lr, run_dir)
+            score = evaluate_dir(run_dir / "final", warm.tokenizer, validation, plan, k=plan.k, seed=plan.tuning_seed)
+            scores[lr] = {**score.to_json(), "train_seconds": seconds}
+            bar.update()
+        chosen = choose_learning_rate({lr: v["mean"] for lr, v in scores.items()}, plan.learning_rate)
+        lr_search[method] = {"grid": [{"learning_rate": lr, **v} for lr, v in scores.items()], "chosen": chosen}
+
+    # 2. Every evaluation seed at the plan's learning rate (curves on the curve problems) and, when
+    #    tuned to another rate, again at the chosen one; final avg@k on the held-out test problems.
     runs: list[MethodRun] = []
     for seed in plan.seeds:
-        for method in METHODS:
-            bar.set_postfix_str(f"{method} seed {seed}")
-            run_dir = out / "runs" / f"{method}-seed{seed}"
-            t0 = time.perf_counter()
-            cfg = method_config(method, plan, warm.path, data, bank, seed)
-            if not (run_dir / "final").exists():
-                train(cfg, run_dir, progress=False)
-            seconds = time.perf_counter() - t0
-            curve = [(0, base_curve)]
-            for step in range(plan.eval_every, plan.steps + 1, plan.eval_every):
-                checkpoint = run_dir / f"checkpoint-{step}"
-                if checkpoint.exists():
-                    curve.append((step, evaluate_dir(checkpoint, warm.tokenizer, curve_set, plan, k=plan.k,
-                                                     seed=seed).mean))
-            final = evaluate_dir(run_dir / "final", warm.tokenizer, test, plan, k=plan.k, seed=seed)
-            runs.append(MethodRun(method, seed, run_dir, final, curve, seconds))
-            bar.update()
+        for method in plan.methods:
+            rates = [plan.learning_rate] + ([lr_search[method]["chosen"]] if grid else [])
+            for index, lr in enumerate(rates):
+                run_dir = out / "runs" / run_name(method, seed, lr, plan)
+                reuse = index == 1 and lr == plan.learning_rate
+                if reuse:  # tuning chose the default: the tuned run is the untuned one
+                    runs.append(replace(runs[-1], tuned=True))
+                    bar.update()
+                    continue
+                seconds = trained(method, seed, lr, run_dir)
+                curve = [(0, base_curve)]
+                if index == 0:
+                    for step in range(plan.eval_every, plan.steps + 1, plan.eval_every):
+                        checkpoint = run_dir / f"checkpoint-{step}"
+                        if checkpoint.exists():
+                            curve.append((step, evaluate_dir(checkpoint, warm.tokenizer, curve_set, plan, k=plan.k,
+                                                             seed=seed).mean))
+                final = evaluate_dir(run_dir / "final", warm.tokenizer, test, plan, k=plan.k, seed=seed)
+                runs.append(MethodRun(method, seed, run_dir, final, curve if index == 0 else [], seconds, lr,
+                                      tuned=index == 1))
+                bar.update()
     bar.set_postfix_str("report")
     results = write_report(out, plan=plan, warm=warm, base=base, runs=runs, bank_path=bank,
-                           seconds=time.perf_counter() - started)
+                           seconds=time.perf_counter() - started, lr_search=lr_search)
     bar.update()
     bar.close()
     return results
-
