@@ -7,12 +7,19 @@ import pytest
 from sgsd.cli import main
 
 
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    """One fresh warm-start cache for this module's end-to-end runs: the first trains it (as on a
+    newcomer's machine), the next loads it."""
+    return tmp_path_factory.mktemp("demo-cache")
+
+
 # About 3 minutes on 2 cores, most of it the cold warm-up (the cache is a fresh tmp dir): the one
 # test that runs the whole demo, as a newcomer would.
 @pytest.mark.slow
-def test_quick_demo_writes_report_plots_and_results(tmp_path, capsys):
+def test_quick_demo_writes_report_plots_and_results(tmp_path, capsys, demo_cache):
     out = tmp_path / "demo"
-    code = main(["demo", "--quick", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    code = main(["demo", "--quick", "--output-dir", str(out), "--cache-dir", str(demo_cache), "--quiet"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"base", "grpo", "opsd", "sgsd"}
@@ -39,6 +46,60 @@ def test_quick_demo_writes_report_plots_and_results(tmp_path, capsys):
     for (_, h), (_, m), (_, n) in zip(series["helpful"], series["harmful"], series["neutral"]):
         assert h + m + n == pytest.approx(1.0, abs=1e-6)
     assert "report:" in capsys.readouterr().out
+
+
+# About 20 s with the warm start cached by the test above (2 minutes more when run alone).
+@pytest.mark.slow
+def test_demo_methods_and_learning_rate_search_end_to_end(tmp_path, capsys, demo_cache):
+    import yaml
+
+    out = tmp_path / "demo"
+    methods = ["grpo", "sgsd", "sgsd-z", "sgsd-pg"]
+    code = main(["demo", "--preset", "smoke", "--methods", ",".join(methods), "--tune-lr", "--output-dir", str(out),
+                 "--cache-dir", str(demo_cache), "--quiet"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    plan = results["plan"]
+    assert list(results["methods"]) == ["base", *methods] and list(results["tuned"]) == methods
+    # the search: every method on every grid point with the tuning seed, scored on validation problems
+    train_ids = {json.loads(line)["id"] for line in (out / "data" / "train.jsonl").read_text().splitlines()}
+    for method in methods:
+        search = results["lr_search"][method]
+        grid = {g["learning_rate"]: g["mean"] for g in search["grid"]}
+        assert list(grid) == plan["lr_grid"]
+        best = max(grid.values())
+        assert grid[search["chosen"]] == best
+        for lr in grid:
+            run = out / "tune" / f"{method}-lr{lr:g}-seed{plan['tuning_seed']}"
+            resolved = yaml.safe_load((run / "resolved_config.yaml").read_text())
+            assert resolved["training"]["learning_rate"] == lr and resolved["training"]["seed"] == plan["tuning_seed"]
+            assert resolved["data"]["path"] == str(out / "data" / "train.jsonl")
+        # the tuned run trains at the chosen rate (in the shared-rate run's directory when they agree)
+        chosen = search["chosen"]
+        name = f"{method}-seed0" if chosen == plan["learning_rate"] else f"{method}-lr{chosen:g}-seed0"
+        resolved = yaml.safe_load((out / "runs" / name / "resolved_config.yaml").read_text())
+        assert resolved["training"]["learning_rate"] == chosen and results["tuned"][method]["learning_rate"] == chosen
+        if chosen == plan["learning_rate"]:
+            assert results["tuned"][method]["per_seed"] == results["methods"][method]["per_seed"]
+    assert len(train_ids) == 3000 - plan["validation_problems"]  # the validation problems left the training data
+    # every other method against SGSD and GRPO, at the shared and at the chosen rates
+    for pair in ("sgsd-grpo", "sgsd-z-sgsd", "sgsd-z-grpo", "sgsd-pg-sgsd", "sgsd-pg-grpo"):
+        for table in ("comparisons", "tuned_comparisons"):
+            c = results[table][pair]
+            assert c["ci_low"] <= c["difference"] <= c["ci_high"], (table, pair)
+    for method in methods:
+        c = results["tuned_comparisons"][f"{method}-untuned"]
+        tuned, shared = results["tuned"][method]["mean"], results["methods"][method]["mean"]
+        assert c["difference"] == pytest.approx(tuned - shared, abs=1e-9)
+    # each polarity rule's separation of helpful from misleading items
+    assert set(results["polarity_rules"]) == {"sgsd", "sgsd-z", "sgsd-pg"}
+    for method, variants in results["polarity_rules"].items():
+        for v in variants.values():
+            assert v["separation"]["mean"] == pytest.approx(v["net_helpful"]["mean"] - v["net_misleading"]["mean"])
+    report = (out / "report.md").read_text()
+    assert "## Learning rates chosen on validation problems" in report and "| SGSD-z |" in report
+    assert "| SGSD+PG - GRPO |" in report and "how well each separates helpful from misleading" in report
+    assert "SGSD+PG" in capsys.readouterr().out
 
 
 def test_demo_refuses_an_output_dir_made_with_other_settings(tmp_path, capsys):

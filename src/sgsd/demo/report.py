@@ -34,17 +34,26 @@ def _pooled(runs: Sequence[MethodRun], method: str) -> dict[str, Any]:
     finals = [r.final for r in runs if r.method == method]
     per_problem = [statistics.fmean(values) for values in zip(*(f.per_problem for f in finals))]
     pooled = estimate(per_problem, finals[0].samples_per_problem)
-    return {**pooled.to_json(), "per_problem": per_problem, "seeds": len(finals), "per_seed": [f.mean for f in finals],
-            "train_seconds_mean": statistics.fmean(r.seconds for r in runs if r.method == method)}
+    return {**pooled.to_json(), "per_problem": per_problem, "seeds": len(finals), "per_seed": [f.mean for f in finals]}
 
 
-def _metric_series(run_dirs: Sequence[Path], key: str) -> list[tuple[int, float]]:
+def step_seconds(run_dirs: Sequence[Path]) -> float | None:
+    """Median seconds per optimizer step (the trainers' `time/step_s`) over every step of `run_dirs`:
+    read from the runs' metrics, so a run reused from an earlier invocation counts with its own time."""
+    values = [value for _, value in _metric_series(run_dirs, "time/step_s", mean=False)]
+    return statistics.median(values) if values else None
+
+
+def _metric_series(run_dirs: Sequence[Path], key: str, *, mean: bool = True) -> list[tuple[int, float]]:
+    """(step, value) of `key` in the runs' metrics.jsonl: the mean over runs per step, or every value."""
     by_step: dict[int, list[float]] = {}
     for run_dir in run_dirs:
         for line in (run_dir / "metrics.jsonl").read_text().splitlines():
             record = json.loads(line)
             if record.get(key) is not None:
                 by_step.setdefault(int(record["step"]), []).append(float(record[key]))
+    if not mean:
+        return sorted((step, value) for step, values in by_step.items() for value in values)
     return sorted((step, statistics.fmean(values)) for step, values in by_step.items())
 
 
@@ -310,6 +319,7 @@ def write_report(out: Path, *, plan: DemoPlan, warm: WarmStart, base: AccuracyEs
     per_problem: dict[str, Sequence[float]] = {"base": base.per_problem}
     for method in names:
         methods[method] = _pooled(untuned, method)
+        methods[method]["step_seconds_median"] = step_seconds([r.run_dir for r in untuned if r.method == method])
         per_problem[method] = methods[method].pop("per_problem")
     compared = comparisons(per_problem, untuned)
     tuned: dict[str, dict[str, Any]] = {}
@@ -375,13 +385,18 @@ def write_report(out: Path, *, plan: DemoPlan, warm: WarmStart, base: AccuracyEs
     return results
 
 
-def _result_rows(methods: dict[str, dict[str, Any]], *, with_lr: bool = False) -> str:
+def _result_rows(methods: dict[str, dict[str, Any]], *, with_lr: bool = False, timing: bool = False) -> str:
     from sgsd.demo.run import label
+
+    def seconds(m: dict[str, Any]) -> str:
+        value = m.get("step_seconds_median")
+        return f" {value:.2f} |" if value is not None else " |"
 
     return "\n".join(
         f"| {label(name)} |" + (f" {m['learning_rate']:g} |" if with_lr else "")
         + f" {m['mean']:.3f} | [{m['ci_low']:.3f}, {m['ci_high']:.3f}] | "
-        f"{m['seeds']} | {', '.join(f'{v:.3f}' for v in m['per_seed'])} |" for name, m in methods.items())
+        f"{m['seeds']} | {', '.join(f'{v:.3f}' for v in m['per_seed'])} |" + (seconds(m) if timing else "")
+        for name, m in methods.items())
 
 
 def _comparison_rows(compared: dict[str, dict[str, Any]]) -> str:
@@ -407,16 +422,11 @@ def _tuning_section(results: dict[str, Any]) -> str:
     rows = "\n".join(
         f"| {label(m)} | " + " | ".join(f"{g['mean']:.3f}" for g in v["grid"]) + f" | {v['chosen']:g} |"
         for m, v in search.items())
-    return f"""
-## Learning rates chosen on validation problems (`--tune-lr`)
-Each method trained once per rate (training seed {plan['tuning_seed']}, not an evaluation seed) and was scored by
-avg@{k} on {plan['validation_problems']} validation problems held out of the training split (never the test
-problems); the best rate was chosen (a tie goes to the shared rate {plan['learning_rate']:g}).
-
-| method | {header} | chosen |
-| --- | {' | '.join('---' for _ in grid)} | --- |
-{rows}
-
+    if all(v["chosen"] == plan["learning_rate"] for v in search.values()):
+        tuned = (f"\nEvery method chose the shared rate {plan['learning_rate']:g}: its results at the chosen rate are "
+                 "the shared-rate results above.\n")
+    else:
+        tuned = f"""
 ### Results at each method's chosen rate
 | method | learning rate | avg@{k} | 95% interval | seeds | per seed |
 | --- | --- | --- | --- | --- | --- |
@@ -426,6 +436,19 @@ problems); the best rate was chosen (a tie goes to the shared rate {plan['learni
 | --- | --- | --- | --- | --- |
 {_comparison_rows(results['tuned_comparisons'])}
 """
+    edge = [label(m) for m, v in search.items() if len(grid) > 1 and v["chosen"] in (min(grid), max(grid))]
+    edge_note = (f"\nChosen at an edge of the grid: {', '.join(edge)}; a wider grid might choose a rate further out.\n"
+                 if edge else "")
+    return f"""
+## Learning rates chosen on validation problems (`--tune-lr`)
+Each method trained once per rate (training seed {plan['tuning_seed']}, not an evaluation seed) and was scored by
+avg@{k} on {plan['validation_problems']} validation problems held out of the training split (never the test
+problems); the best rate was chosen (a tie goes to the shared rate {plan['learning_rate']:g}).
+
+| method | {header} | chosen |
+| --- | {' | '.join('---' for _ in grid)} | --- |
+{rows}
+{edge_note}{tuned}"""
 
 
 def _polarity_section(results: dict[str, Any]) -> str:
@@ -435,12 +458,15 @@ def _polarity_section(results: dict[str, Any]) -> str:
     if not rules:
         return ""
     rows = []
+    shared = results["plan"]["learning_rate"]
     for method, variants in rules.items():
         for variant, v in variants.items():
-            if "separation" not in v:
-                continue
+            chosen = results["lr_search"].get(method, {}).get("chosen", shared)
+            if "separation" not in v or (variant == "tuned" and chosen == shared):
+                continue  # a tuned row that is the shared-rate row again
+            rate = f"lr {shared:g}, shared" if variant == "untuned" else f"lr {chosen:g}, tuned"
             rows.append(
-                f"| {label(method)} ({variant}) | {v['net_helpful']['mean']:+.3f} | {v.get('net_irrelevant', {}).get('mean', 0.0):+.3f} | "
+                f"| {label(method)} ({rate}) | {v['net_helpful']['mean']:+.3f} | {v.get('net_irrelevant', {}).get('mean', 0.0):+.3f} | "
                 f"{v['net_misleading']['mean']:+.3f} | {v['separation']['mean']:+.3f} {_fmt_interval(v['separation'])} | "
                 f"{v['neutral_fraction']['mean']:.2f} |")
     return f"""
@@ -457,7 +483,7 @@ def _markdown(results: dict[str, Any], plan: Any) -> str:
     from sgsd.demo.run import DEMO_METHODS, label
 
     methods, k = results["methods"], results["k"]
-    rows = _result_rows(methods)
+    rows = _result_rows(methods, timing=True)
     labels = "\n".join(
         f"| {name} | {v['uses']} | {v['helpful_fraction']:.2f} | {v['harmful_fraction']:.2f} | {v['neutral_fraction']:.2f} | "
         f"{v['net']:+.2f} |"
@@ -504,8 +530,8 @@ Evaluation: avg@{k} (temperature 1) on {plan.eval_problems} held-out problems, g
 grader; 95% intervals by bootstrap over problems (per-problem accuracy averaged over seeds).
 
 ## Results (shared learning rate {plan.learning_rate:g})
-| method | avg@{k} | 95% interval | seeds | per seed |
-| --- | --- | --- | --- | --- |
+| method | avg@{k} | 95% interval | seeds | per seed | median s / step |
+| --- | --- | --- | --- | --- | --- |
 {rows}
 
 {findings}

@@ -59,6 +59,8 @@ DEMO_METHODS: dict[str, DemoMethod] = {m.name: m for m in (
                description="the paper's method: K skill teachers, threshold polarity test"),
     DemoMethod("sgsd-z", "sgsd", ("sgsd.polarity_test=z",), polarity=True, label="SGSD-z",
                description="SGSD with the length-free polarity test (z = 1.96)"),
+    DemoMethod("sgsd-z1", "sgsd", ("sgsd.polarity_test=z", "sgsd.polarity_z=1.0"), polarity=True, label="SGSD-z1",
+               description="SGSD with the length-free polarity test at z = 1.0 (a two-sided 32% level)"),
     DemoMethod("sgsd-pg", "sgsd-pg", ("sgsd_pg.lambda_sgsd=1.0",), grouped=True, polarity=True, label="SGSD+PG",
                description="GRPO's loss + 1.0 x SGSD's loss on the same rollouts"),
 )}
