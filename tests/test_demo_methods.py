@@ -34,7 +34,8 @@ def test_every_demo_method_is_a_valid_recipe_with_the_shared_budget(name):
     # the same rollouts per step for every method: grouped methods take fewer prompts, G completions each
     generations = FULL.grpo_generations if spec.grouped else 1
     assert cfg.training.prompts_per_device * generations == FULL.prompts_per_step
-    assert (cfg.sgsd.polarity_test == "z") == (name == "sgsd-z")
+    assert (cfg.sgsd.polarity_test == "z") == name.startswith("sgsd-z")
+    assert cfg.sgsd.polarity_z == {"sgsd-z1": 1.0}.get(name, 1.96)
     assert cfg.grpo.skills_in_prompt == (name == "grpo-skill") and cfg.opsd.skills == (name == "opsd-skill")
     # without a rate, the plan's shared one
     assert method_config(name, FULL, Path("/m"), Path("/d"), Path("/b"), 0).training.learning_rate == FULL.learning_rate
