@@ -436,7 +436,7 @@ def _tuning_section(results: dict[str, Any]) -> str:
 | --- | --- | --- | --- | --- |
 {_comparison_rows(results['tuned_comparisons'])}
 """
-    edge = [label(m) for m, v in search.items() if len(grid) > 1 and v["chosen"] in (min(grid), max(grid))]
+    edge = [label(m) for m, v in search.items() if len(grid) > 2 and v["chosen"] in (min(grid), max(grid))]
     edge_note = (f"\nChosen at an edge of the grid: {', '.join(edge)}; a wider grid might choose a rate further out.\n"
                  if edge else "")
     return f"""
