@@ -65,3 +65,33 @@ def test_builtin_tiny_math_is_deterministic_and_correct():
     left, right = first.problem.removeprefix("What is ").removesuffix("?").split(" + ")
     assert int(first.answer) == int(left) + int(right)
     assert problem_hash(" x ") == problem_hash("x")
+
+
+def test_gsm8k_worked_solutions_keep_only_the_gold(tmp_path):
+    rows = [
+        {"question": "Eggs?", "answer": "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 eggs.\nShe makes 9 * 2 = $<<9*2=18>>18.\n#### 18"},
+        {"question": "Big?", "answer": "It is 1000 + 234 = 1234.\n#### 1,234"},
+        {"question": "Plain?", "answer": "7"},
+        {"question": "Hash inside?", "answer": "x####y"},  # not a final '#### gold' line: kept as given
+        {"question": "Eggs?", "answer": "#### 18"},  # a duplicate problem: dropped, not counted
+    ]
+    problems, report = load_problems(_write_jsonl(tmp_path / "gsm8k.jsonl", rows))
+    assert [p.answer for p in problems] == ["18", "1234", "7", "x####y"]
+    assert report.gold_extracted == 2 and report.duplicates == 1
+    assert report.gold_note() == (f"{tmp_path / 'gsm8k.jsonl'}: 2 of 4 answers were worked solutions ending in "
+                                  "'#### <answer>'; only that answer is kept as the gold")
+    plain, plain_report = load_problems(_write_jsonl(tmp_path / "plain.jsonl", rows[2:4]))
+    assert plain_report.gold_note() is None and [p.answer for p in plain] == ["7", "x####y"]
+
+
+def test_real_gsm8k_rows_grade_against_their_gold():
+    from conftest import BENCHMARKS, require_shared
+
+    from sgsd.verify import grade
+
+    path = require_shared(BENCHMARKS / "gsm8k_test.jsonl")
+    problems, report = load_problems(str(path), max_problems=50)
+    assert report.gold_extracted == len(problems) == 50
+    assert all(p.answer.lstrip("-").replace(".", "", 1).isdigit() for p in problems)
+    # the first problem's gold is 18 (Janet's ducks); a completion stating it is graded correct
+    assert problems[0].answer == "18" and grade("She makes \\boxed{18} dollars.", problems[0].answer).correct

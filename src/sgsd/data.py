@@ -5,7 +5,9 @@ Every source becomes a list of `Problem(problem_id, problem, answer)`. Field nam
 DAPO's `prompt` is a chat list whose last user message wraps the problem in an "Answer: $Answer"
 instruction: the wrapper is removed so the project's own prompt (SPEC section 2) is used. The public
 DAPO file repeats each problem 100 times: rows are deduplicated by problem text.
-Rows without a problem or answer are skipped and counted (`LoadReport.skipped_note` names the first
+GSM8K-style answers (a worked solution whose last line is `#### <gold>`) keep only the gold, with
+thousands separators removed, as `sgsd eval` does for the GSM8K benchmark; `LoadReport.gold_note`
+says how many. Rows without a problem or answer are skipped and counted (`LoadReport.skipped_note` names the first
 few, 1-based), or refused (`bad_rows: error`).
 """
 
@@ -26,6 +28,8 @@ ANSWER_FIELDS = ("answer", "ground_truth", "reward_model.ground_truth", "Answer"
 
 _DAPO_HEAD = re.compile(r"^\s*Solve the following math problem step by step\..*?\n\n", re.S)
 _DAPO_TAIL = re.compile(r"\n\nRemember to put your answer on its own line after \"Answer:\"\.?\s*$", re.S)
+# A worked solution that ends in a "#### <gold>" line (GSM8K's answer field).
+_GOLD_LINE = re.compile(r"(?:^|\n)####[ \t]*(\S[^\n]*?)\s*$")
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,14 @@ class LoadReport:
     skipped_missing: int
     duplicates: int
     skipped_rows: tuple[int, ...] = ()  # 1-based numbers of the first skipped rows (at most SHOWN_SKIPPED_ROWS)
+    gold_extracted: int = 0  # answers that were worked solutions ending in "#### <gold>": only the gold was kept
+
+    def gold_note(self) -> str | None:
+        """One line saying how many answers were GSM8K-style worked solutions reduced to their gold."""
+        if not self.gold_extracted:
+            return None
+        return (f"{self.source}: {self.gold_extracted} of {self.kept} answers were worked solutions ending in "
+                "'#### <answer>'; only that answer is kept as the gold")
 
     def skipped_note(self) -> str | None:
         """One line naming the rows dropped for lack of a problem or answer, or None when none were."""
@@ -79,6 +91,16 @@ def _problem_text(value: Any) -> str | None:
         return None
     text = _DAPO_TAIL.sub("", _DAPO_HEAD.sub("", value))
     return text.strip()
+
+
+def split_gold(answer: str, marker: str) -> str:
+    """The gold after the last `marker` of a worked solution, without thousands separators ("1,000" -> "1000")."""
+    return answer.rsplit(marker, 1)[1].strip().replace(",", "")
+
+
+def worked_solution_gold(answer: str) -> str | None:
+    """The gold of a worked solution whose last line is `#### <gold>` (GSM8K), or None for any other answer."""
+    return split_gold(answer, "####") if _GOLD_LINE.search(answer) else None
 
 
 def _answer_text(value: Any) -> str | None:
@@ -152,7 +174,7 @@ def load_problems(path: str, *, split: str = "train", problem_field: str | None 
         return _builtin(path[len(BUILTIN_PREFIX):], max_problems)
     problems: list[Problem] = []
     seen: set[str] = set()
-    rows = skipped = duplicates = 0
+    rows = skipped = duplicates = golds = 0
     skipped_rows: list[int] = []
     p_field = a_field = None
     for index, row in enumerate(read_rows(path, split)):
@@ -172,17 +194,19 @@ def load_problems(path: str, *, split: str = "train", problem_field: str | None 
             if len(skipped_rows) < SHOWN_SKIPPED_ROWS:
                 skipped_rows.append(index + 1)
             continue
+        gold = worked_solution_gold(answer)
         key = problem_hash(problem)
         if deduplicate and key in seen:
             duplicates += 1
             continue
         seen.add(key)
-        problems.append(Problem(str(row.get("id", key)), problem, answer))
+        problems.append(Problem(str(row.get("id", key)), problem, answer if gold is None else gold))
+        golds += gold is not None
         if max_problems is not None and len(problems) >= max_problems:
             break
     if not problems:
         raise DataError(f"{path}: no usable rows ({rows} read, {skipped} without a problem or answer)")
-    return problems, LoadReport(path, rows, len(problems), skipped, duplicates, tuple(skipped_rows))
+    return problems, LoadReport(path, rows, len(problems), skipped, duplicates, tuple(skipped_rows), golds)
 
 
 def _builtin(name: str, max_problems: int | None) -> tuple[list[Problem], LoadReport]:

@@ -243,8 +243,9 @@ def _build(args: argparse.Namespace) -> int:
     check_writable_dir(args.output_dir, "skills build: output directory")  # before any model is loaded
     problems, load_report = load_problems(args.problems, problem_field=args.problem_field,
                                           answer_field=args.answer_field, max_problems=args.max_problems)
-    if load_report.skipped_note():
-        print(f"sgsd: {load_report.skipped_note()}", file=sys.stderr)
+    for note in (load_report.skipped_note(), load_report.gold_note()):
+        if note:
+            print(f"sgsd: {note}", file=sys.stderr)
     policy = _llm_client(args, args.policy, args.policy_url, args.policy_model, "policy")
     if args.updater is None and args.updater_url is None:
         updater = policy

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from sgsd.data import BUILTIN_PREFIX, Problem, load_problems
+from sgsd.data import BUILTIN_PREFIX, Problem, load_problems, split_gold
 from sgsd.data import read_rows as read_file_rows  # .jsonl / .json / .parquet, shared with training data
 from sgsd.errors import DataError, UserError
 from sgsd.paths import check_local_path
@@ -97,7 +97,7 @@ def rows_to_problems(rows: Iterable[Any], origin: str, *, gold_after: str | None
         if gold_after is not None:
             if gold_after not in answer:
                 raise DataError(f"{where}: answer has no {gold_after!r} marker before the gold")
-            answer = answer.rsplit(gold_after, 1)[1].strip().replace(",", "")
+            answer = split_gold(answer, gold_after)
         problem_id = next((str(row[f]) for f in ID_FIELDS if row.get(f) is not None), str(index))
         if problem_id in seen:
             raise DataError(f"{where}: duplicate problem id {problem_id!r}")

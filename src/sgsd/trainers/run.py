@@ -156,8 +156,9 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path | None = None, *, resume:
         cfg.data.path, split=cfg.data.split, problem_field=cfg.data.problem_field, answer_field=cfg.data.answer_field,
         deduplicate=cfg.data.deduplicate, max_problems=cfg.data.max_problems, bad_rows=cfg.data.bad_rows,
     )
-    if report.skipped_note():
-        announce(report.skipped_note())
+    for note in (report.skipped_note(), report.gold_note()):
+        if note:
+            announce(note)
     check_problems_per_step(cfg, len(problems))
     if rerun.finished_step is not None:
         announce(f"continuing {out} from {resume_from.name} (complete at step {rerun.finished_step}) to step "
