@@ -443,3 +443,28 @@ def test_usage_errors_are_one_line(capsys):
     assert main(["skills", "retrieve", "--bank"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and all(line.startswith("sgsd: error: sgsd ") for line in errors)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "training.deepspeed: ds.json: no such file"),
+    ('{"zero_optimization": {"stage": 2},', "training.deepspeed: ds.json: invalid JSON at line 1"),
+    ("[1, 2]", "training.deepspeed: ds.json: expected a JSON object (a DeepSpeed config), got list"),
+])
+def test_a_bad_deepspeed_config_is_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys, content, message):
+    monkeypatch.chdir(tmp_path)
+    if content is not None:
+        (tmp_path / "ds.json").write_text(content)
+    assert main(["train", "--config", str(RECIPE), "--output-dir", "out", "--quiet", "training.deepspeed=ds.json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_valid_deepspeed_config_passes_the_check(tmp_path):
+    from sgsd.trainers.preflight import check_deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}))
+    check_deepspeed_config(str(path))  # no error
+    check_deepspeed_config(None)
+    check_deepspeed_config(str(Path(__file__).resolve().parents[1] / "configs/paper/deepspeed-zero2.json"))

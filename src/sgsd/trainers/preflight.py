@@ -103,6 +103,25 @@ def check_problems_per_step(cfg: Any, num_problems: int) -> None:
                         "add problems or lower those settings")
 
 
+def check_deepspeed_config(path: str | None) -> None:
+    """`training.deepspeed` names a readable JSON object (checked before anything is written: Hugging Face
+    would read it only while building the trainer, after the model has loaded)."""
+    if not path:
+        return
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"training.deepspeed: {path}: {'not a file' if file.exists() else 'no such file'}")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"training.deepspeed: {path}: invalid JSON at line {err.lineno} ({err.msg})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"training.deepspeed: {path}: unreadable ({err})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"training.deepspeed: {path}: expected a JSON object (a DeepSpeed config), got "
+                        f"{type(config).__name__}")
+
+
 def check_trained(global_step: int, start_step: int) -> None:
     """A run that ended without a single optimizer step is an error, never "trained 0 steps"."""
     if global_step <= start_step:

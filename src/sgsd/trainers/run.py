@@ -41,7 +41,7 @@ from sgsd.trainers.checkpoints import (
     storage_errors,
     write_complete_marker,
 )
-from sgsd.trainers.preflight import (Rerun, announce, check_problems_per_step, check_trained, plan_rerun,
+from sgsd.trainers.preflight import (Rerun, announce, check_deepspeed_config, check_problems_per_step, check_trained, plan_rerun,
                                      write_final_from_checkpoint)
 
 __all__ = ["COMPLETE_MARKER", "PreparedRun", "TrainResult", "prepare_run", "resolve_device", "train"]
@@ -152,6 +152,7 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path | None = None, *, resume:
         hf_logging.disable_progress_bar()
 
     # -- everything the user gave, checked before writing anything ------------------------------
+    check_deepspeed_config(cfg.training.deepspeed)
     problems, report = load_problems(
         cfg.data.path, split=cfg.data.split, problem_field=cfg.data.problem_field, answer_field=cfg.data.answer_field,
         deduplicate=cfg.data.deduplicate, max_problems=cfg.data.max_problems, bad_rows=cfg.data.bad_rows,
