@@ -87,6 +87,23 @@ def test_hf_generator_sampling_is_seeded(tiny_model, tiny_tokenizer):
     assert first != other
 
 
+def test_hf_generator_leaves_the_callers_random_state_alone(tiny_model, tiny_tokenizer):
+    import torch
+
+    # The online skill updater samples with the training policy mid-run: its seeded batches must not
+    # reset the training process's random stream.
+    prompt = render_chat(tiny_tokenizer, student_prompt("What is 2 + 3?"))
+    generator = HFGenerator(tiny_model, tiny_tokenizer, batch_size=2)
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+    first = generator.generate([prompt], 3, SamplingConfig(max_new_tokens=8, seed=5))
+    assert torch.equal(torch.rand(4), expected)
+    # ...and its own stream is still the seeded one, whatever state the caller was in
+    torch.manual_seed(99)
+    assert generator.generate([prompt], 3, SamplingConfig(max_new_tokens=8, seed=5)) == first
+
+
 def test_completion_length_and_truncation(tiny_model, tiny_tokenizer):
     generator = HFGenerator(tiny_model, tiny_tokenizer)
     eos = tiny_tokenizer.eos_token_id

@@ -103,8 +103,16 @@ class HFGenerator:
                 ids = encoded[i]
                 input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
                 attention_mask[row, width - len(ids):] = 1
-            torch.manual_seed(sampling.seed * 1_000_003 + batch_index)  # reproducible per batch
-            with torch.no_grad():
+            # Reproducible per batch, and without touching the caller's random state: the seeded stream
+            # lives in a fork of the global generators (CPU, and the CUDA device generating).
+            seed = sampling.seed * 1_000_003 + batch_index
+            cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+                if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda), torch.no_grad():
+                torch.default_generator.manual_seed(seed)
+                for index in cuda:
+                    with torch.cuda.device(index):
+                        torch.cuda.manual_seed(seed)
                 output = self.model.generate(
                     input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                     max_new_tokens=sampling.max_new_tokens, use_cache=True, pad_token_id=self.pad_id,
