@@ -320,3 +320,21 @@ def test_cli_skill_retriever_and_backend_choice():
             choose_backend("vllm", "Qwen/Qwen3-1.7B")
     with pytest.raises(ConfigError):
         choose_backend("tgi", "tiny")
+
+
+def test_vllm_completions_count_tokens_without_the_end_token():
+    from types import SimpleNamespace
+
+    from sgsd.generation import vllm_completion
+
+    def out(ids, finish, stop=None):
+        return SimpleNamespace(text="x", token_ids=ids, finish_reason=finish, stop_reason=stop)
+
+    eos = vllm_completion(out([5, 6, 2], "stop"))  # the EOS: vLLM keeps it in token_ids
+    assert (eos.num_tokens, eos.truncated, eos.token_ids) == (2, False, (5, 6, 2))
+    extra_end = vllm_completion(out([5, 151645], "stop", 151645))  # a generation-config end token
+    assert extra_end.num_tokens == 1
+    cut = vllm_completion(out([5, 6, 7], "length"))
+    assert (cut.num_tokens, cut.truncated) == (3, True)
+    by_string = vllm_completion(out([5, 6], "stop", "</answer>"))  # a stop string is not in the ids
+    assert by_string.num_tokens == 2

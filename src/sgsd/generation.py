@@ -171,8 +171,7 @@ class VLLMGenerator:
             max_tokens=sampling.max_new_tokens, seed=sampling.seed,
         )
         outputs = self.llm.generate(list(prompts), params, lora_request=self.lora_request, use_tqdm=False)
-        results = [[Completion(o.text, len(o.token_ids), o.finish_reason == "length", tuple(o.token_ids))
-                    for o in out.outputs] for out in outputs]
+        results = [[vllm_completion(o) for o in out.outputs] for out in outputs]
         if on_progress is not None:
             on_progress(len(prompts) * n)
         return results
@@ -196,3 +195,13 @@ def choose_backend(requested: str, model_spec: str) -> str:
     if requested == "auto":
         return "vllm" if not model_spec.startswith("tiny") and vllm_usable() else "hf"
     return requested
+
+
+def vllm_completion(output: Any) -> Completion:
+    """A vLLM `CompletionOutput` as a `Completion`. vLLM keeps the end-of-sequence token in `token_ids`
+    when it stopped on one: the EOS (finish_reason "stop", stop_reason None) or a model's extra end token
+    from its generation config (stop_reason the token id); `num_tokens` leaves it out, as HFGenerator's does."""
+    ids = tuple(output.token_ids)
+    ended_on_token = output.finish_reason == "stop" and not isinstance(output.stop_reason, str)
+    return Completion(output.text, len(ids) - 1 if ended_on_token and ids else len(ids),
+                      output.finish_reason == "length", ids)
