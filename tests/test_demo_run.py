@@ -50,13 +50,14 @@ def test_quick_demo_writes_report_plots_and_results(tmp_path, capsys, demo_cache
 
 # About 20 s with the warm start cached by the test above (2 minutes more when run alone).
 @pytest.mark.slow
-def test_demo_methods_and_learning_rate_search_end_to_end(tmp_path, capsys, demo_cache):
+def test_demo_methods_and_learning_rate_search_end_to_end(tmp_path, capsys, demo_cache, monkeypatch):
     import yaml
 
     out = tmp_path / "demo"
     methods = ["grpo", "sgsd", "sgsd-z", "sgsd-pg"]
-    code = main(["demo", "--preset", "smoke", "--methods", ",".join(methods), "--tune-lr", "--output-dir", str(out),
-                 "--cache-dir", str(demo_cache), "--quiet"])
+    argv = ["demo", "--preset", "smoke", "--methods", ",".join(methods), "--tune-lr", "--output-dir", str(out),
+            "--cache-dir", str(demo_cache), "--quiet"]
+    code = main(argv)
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     plan = results["plan"]
@@ -100,6 +101,23 @@ def test_demo_methods_and_learning_rate_search_end_to_end(tmp_path, capsys, demo
     assert "## Learning rates chosen on validation problems" in report and "| SGSD-z |" in report
     assert "| SGSD+PG - GRPO |" in report and "how well each separates helpful from misleading" in report
     assert "SGSD+PG" in capsys.readouterr().out
+    # The same command again trains nothing and evaluates nothing but the warm start (base and curve
+    # start point): every checkpoint's evaluation comes from evaluations.json, with the same numbers.
+    import sgsd.demo.evaluate as evaluate_module
+
+    calls = []
+    real_accuracy = evaluate_module.accuracy
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[2]))
+        return real_accuracy(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "accuracy", counting)
+    assert main(argv) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert calls == [plan["eval_problems"], plan["curve_problems"]]
+    for key in ("methods", "tuned", "comparisons", "tuned_comparisons", "lr_search", "polarity_rules"):
+        assert again[key] == results[key], key
 
 
 def test_demo_refuses_an_output_dir_made_with_other_settings(tmp_path, capsys):

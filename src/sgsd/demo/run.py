@@ -177,13 +177,60 @@ def choose_learning_rate(scores: dict[float, float], default: float) -> float:
 
 
 def evaluate_dir(path: Path, tokenizer: Any, problems: Sequence[Problem], plan: DemoPlan, *, k: int,
-                 seed: int) -> AccuracyEstimate:
+                 seed: int, cache: EvaluationCache | None = None) -> AccuracyEstimate:
+    """avg@k of the model saved at `path` (from `cache` when this exact evaluation was done before)."""
     from transformers import AutoModelForCausalLM
 
     from sgsd.demo.evaluate import accuracy
 
+    key = cache.key(path, problems, k=k, seed=seed, max_new_tokens=plan.max_new_tokens) if cache else None
+    if cache is not None and (known := cache.get(key)) is not None:
+        return known
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    return accuracy(model, tokenizer, problems, k=k, max_new_tokens=plan.max_new_tokens, seed=seed)
+    estimate = accuracy(model, tokenizer, problems, k=k, max_new_tokens=plan.max_new_tokens, seed=seed)
+    if cache is not None:
+        cache.put(key, estimate)
+    return estimate
+
+
+class EvaluationCache:
+    """Evaluations of finished checkpoints, kept in `<output-dir>/evaluations.json`, so a rerun with more
+    methods or seeds only evaluates what is new. An entry is keyed by the checkpoint (its path under the
+    output directory and the size and modification time of its weights), the problems (ids), k, the
+    sampling seed and the token limit: sampling is seeded, so the same key gives the same numbers."""
+
+    FILE = "evaluations.json"
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.path = out / self.FILE
+        try:
+            self.entries: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        except (OSError, ValueError):
+            self.entries = {}  # a damaged cache only costs the evaluations again
+
+    def key(self, checkpoint: Path, problems: Sequence[Problem], *, k: int, seed: int, max_new_tokens: int) -> str:
+        import hashlib
+
+        weights = sorted(checkpoint.glob("*.safetensors"))
+        stamp = [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]
+        ids = hashlib.sha1("\n".join(p.problem_id for p in problems).encode()).hexdigest()[:16]
+        return json.dumps([str(checkpoint.relative_to(self.out)), stamp, ids, k, seed, max_new_tokens])
+
+    def get(self, key: str) -> AccuracyEstimate | None:
+        from sgsd.demo.evaluate import AccuracyEstimate
+
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        return AccuracyEstimate(entry["mean"], entry["ci_low"], entry["ci_high"], entry["num_problems"],
+                                entry["samples_per_problem"], tuple(entry["per_problem"]))
+
+    def put(self, key: str, value: AccuracyEstimate) -> None:
+        from sgsd.storage import atomic_write_json
+
+        self.entries[key] = {**value.to_json(), "per_problem": list(value.per_problem)}
+        atomic_write_json(self.path, self.entries)
 
 
 PLAN_FILE = "demo_plan.json"
@@ -275,7 +322,7 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
     from sgsd.demo.bank import write_seed_bank
     from sgsd.demo.evaluate import accuracy, subset
     from sgsd.demo.presets import DEMO_WARMUP
-    from sgsd.demo.report import write_report
+    from sgsd.demo.report import step_seconds, write_report
     from sgsd.storage import atomic_write_json
     from sgsd.trainers.run import train
 
@@ -321,6 +368,7 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
                           seed=0).mean
 
     atomic_write_json(out / PLAN_FILE, record)
+    cache = EvaluationCache(out)
 
     def trained(method: str, seed: int, lr: float, run_dir: Path) -> float:
         bar.set_postfix_str(f"{method} lr {lr:g} seed {seed}")
@@ -336,9 +384,10 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
         scores: dict[float, dict[str, Any]] = {}
         for lr in grid:
             run_dir = out / "tune" / f"{method}-lr{lr:g}-seed{plan.tuning_seed}"
-            seconds = trained(method, plan.tuning_seed, lr, run_dir)
-            score = evaluate_dir(run_dir / "final", warm.tokenizer, validation, plan, k=plan.k, seed=plan.tuning_seed)
-            scores[lr] = {**score.to_json(), "train_seconds": seconds}
+            trained(method, plan.tuning_seed, lr, run_dir)
+            score = evaluate_dir(run_dir / "final", warm.tokenizer, validation, plan, k=plan.k, seed=plan.tuning_seed,
+                                 cache=cache)
+            scores[lr] = {**score.to_json(), "step_seconds_median": step_seconds([run_dir])}
             bar.update()
         chosen = choose_learning_rate({lr: v["mean"] for lr, v in scores.items()}, plan.learning_rate)
         lr_search[method] = {"grid": [{"learning_rate": lr, **v} for lr, v in scores.items()], "chosen": chosen}
@@ -363,8 +412,8 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
                         checkpoint = run_dir / f"checkpoint-{step}"
                         if checkpoint.exists():
                             curve.append((step, evaluate_dir(checkpoint, warm.tokenizer, curve_set, plan, k=plan.k,
-                                                             seed=seed).mean))
-                final = evaluate_dir(run_dir / "final", warm.tokenizer, test, plan, k=plan.k, seed=seed)
+                                                             seed=seed, cache=cache).mean))
+                final = evaluate_dir(run_dir / "final", warm.tokenizer, test, plan, k=plan.k, seed=seed, cache=cache)
                 runs.append(MethodRun(method, seed, run_dir, final, curve if index == 0 else [], seconds, lr,
                                       tuned=index == 1))
                 bar.update()
