@@ -138,12 +138,15 @@ def test_polarity_support_matches_a_plain_forward(warm):
     problems = list(warm.world.test[:5])
     bank = load_seed_bank()
     report = polarity_table(warm.model, warm.tokenizer, problems, bank, thetas=(0.05, 0.0), max_new_tokens=30)
-    assert len(report.rows) == 2 * len(TEACHER_KINDS)
+    assert len(report.rows) == 4 * len(TEACHER_KINDS)  # two thresholds, and the z test at 1.96 and 1.0
     for row in report.rows:
         assert math.isclose(row.positive + row.neutral + row.negative, 1.0, abs_tol=1e-6)  # float32 fractions
     # theta = 0: every teacher with nonzero support is polarised.
     assert all(r.neutral == pytest.approx(float((report.support[:, TEACHER_KINDS.index(r.teacher)] == 0).float().mean()))
-               for r in report.rows if r.theta == 0.0)
+               for r in report.rows if r.test == "threshold" and r.theta == 0.0)
+    # a stricter z can only leave more teachers neutral
+    by_rule = {(r.rule, r.teacher): r for r in report.rows}
+    assert all(by_rule["z1.96", kind].neutral >= by_rule["z1", kind].neutral for kind in TEACHER_KINDS)
 
     # Reference: one rollout, unpadded, full-vocabulary log-softmax.
     tok, model, style = warm.tokenizer, warm.model, demo_chat_style()

@@ -60,7 +60,9 @@ def hint_accuracy(model: Any, tokenizer: Any, problems: Sequence[Problem], bank:
 
 @dataclass(frozen=True)
 class PolarityRow:
-    """SGSD statistics of one teacher kind at one threshold, over B rollouts.
+    """SGSD statistics of one teacher kind under one polarity rule, over B rollouts.
+
+    theta: the threshold of the paper's rule, or the z value when `test` is "z" (`sgsd.polarity_test`).
 
     positive / neutral / negative: fractions of rollouts with rho = +1 / 0 / -1.
     *_success / *_failure: the same fractions among successful / failed rollouts (NaN when none).
@@ -79,6 +81,12 @@ class PolarityRow:
     negative_failure: float
     support_success: float
     support_failure: float
+    test: str = "threshold"
+
+    @property
+    def rule(self) -> str:
+        """"t0.05" (threshold rule) or "z1.96" (z test)."""
+        return f"{'z' if self.test == 'z' else 't'}{self.theta:g}"
 
 
 @dataclass(frozen=True)
@@ -104,9 +112,10 @@ def _fraction(values: torch.Tensor, selector: torch.Tensor) -> float:
 
 
 def polarity_table(model: Any, tokenizer: Any, problems: Sequence[Problem], bank: SkillBank, *,
-                   thetas: Sequence[float] = (0.05, 0.02, 0.01), clip_delta: float = 3.0,
-                   max_new_tokens: int = 64, seed: int = 0) -> PolarityReport:
-    """Sample one student rollout per problem, score it under each teacher kind, tabulate SGSD polarity."""
+                   thetas: Sequence[float] = (0.05, 0.02, 0.01), z_values: Sequence[float] = (1.96, 1.0),
+                   clip_delta: float = 3.0, max_new_tokens: int = 64, seed: int = 0) -> PolarityReport:
+    """Sample one student rollout per problem, score it under each teacher kind, tabulate SGSD polarity
+    under the threshold rule at each of `thetas` and the z test at each of `z_values`."""
     import torch
 
     from sgsd.objectives import teacher_polarity
@@ -134,13 +143,14 @@ def polarity_table(model: Any, tokenizer: Any, problems: Sequence[Problem], bank
 
     rows = []
     support = teacher_polarity(student_logps, teacher_logps, mask, rewards, weights, clip_delta=clip_delta)[0]
-    for theta in thetas:
-        rho = teacher_polarity(student_logps, teacher_logps, mask, rewards, weights,
-                               clip_delta=clip_delta, confidence_threshold=theta)[1]
+    rules = [("threshold", theta, {"confidence_threshold": theta}) for theta in thetas]
+    rules += [("z", z, {"polarity_test": "z", "polarity_z": z}) for z in z_values]
+    for test, theta, rule in rules:
+        rho = teacher_polarity(student_logps, teacher_logps, mask, rewards, weights, clip_delta=clip_delta, **rule)[1]
         for k, kind in enumerate(TEACHER_KINDS):
             r, s = rho[:, k], support[:, k]
             rows.append(PolarityRow(
-                teacher=kind, theta=theta, rollouts=len(problems),
+                teacher=kind, theta=theta, rollouts=len(problems), test=test,
                 positive=float((r > 0).float().mean()), neutral=float((r == 0).float().mean()),
                 negative=float((r < 0).float().mean()),
                 positive_success=_fraction(r > 0, success), negative_success=_fraction(r < 0, success),
@@ -166,12 +176,12 @@ def format_polarity(report: PolarityReport) -> str:
     """A plain-text table of `polarity_table` (for logs and the report)."""
     lines = [
         f"rollouts: success rate {report.success_rate:.2f}, {report.mean_counted_tokens:.1f} counted tokens on average",
-        f"{'teacher':<11} {'theta':>5} {'rho+':>5} {'rho0':>5} {'rho-':>5} | {'succ+':>5} {'succ-':>5} "
+        f"{'teacher':<11} {'rule':>5} {'rho+':>5} {'rho0':>5} {'rho-':>5} | {'succ+':>5} {'succ-':>5} "
         f"{'fail+':>5} {'fail-':>5} | {'sup_s':>6} {'sup_f':>6}",
     ]
     for r in report.rows:
         lines.append(
-            f"{r.teacher:<11} {r.theta:>5.2f} {r.positive:>5.2f} {r.neutral:>5.2f} {r.negative:>5.2f} | "
+            f"{r.teacher:<11} {r.rule:>5} {r.positive:>5.2f} {r.neutral:>5.2f} {r.negative:>5.2f} | "
             f"{r.positive_success:>5.2f} {r.negative_success:>5.2f} {r.positive_failure:>5.2f} "
             f"{r.negative_failure:>5.2f} | {r.support_success:>6.3f} {r.support_failure:>6.3f}"
         )
