@@ -54,12 +54,24 @@ def test_parse_methods_keeps_order_and_refuses_unknown_or_repeated_names():
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "grpo,ppo"], "--methods: unknown ppo"),
     (["--quick", "--preset", "full"], "--quick and --preset full: choose one"),
+    (["--lr-grid", "1e-4,3e-4"], "--lr-grid: only with --tune-lr"),
+    (["--tune-lr", "--lr-grid", "1e-4,fast"], "--lr-grid: 'fast' is not a number"),
+    (["--tune-lr", "--lr-grid", "1e-4,-3e-4"], "--lr-grid: -3e-4 is not a positive learning rate"),
+    (["--tune-lr", "--lr-grid", "1e-4,1e-4"], "names a rate twice"),
 ])
 def test_demo_command_line_errors_are_one_line_before_any_work(tmp_path, capsys, argv, message):
     code = main(["demo", *argv, "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and "\n" not in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "c").exists()
+
+
+def test_lr_grid_is_sorted_and_reaches_the_plan():
+    from sgsd.demo.run import parse_lr_grid
+
+    assert parse_lr_grid("3e-4, 5e-5,1e-4") == (5e-5, 1e-4, 3e-4)
+    plan = make_plan(preset="full", tune_lr=True, lr_grid=(5e-5, 2e-4))
+    assert plan.lr_grid == (5e-5, 2e-4) and plan_record(plan) == plan_record(FULL)
 
 
 def test_learning_rate_choice_takes_the_best_and_breaks_ties_toward_the_shared_rate():

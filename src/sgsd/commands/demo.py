@@ -1,4 +1,4 @@
-"""`sgsd demo [--quick | --preset P] [--methods a,b,...] [--tune-lr] [--output-dir D] [--seeds N]`: the methods
+"""`sgsd demo [--quick | --preset P] [--methods a,b,...] [--tune-lr [--lr-grid a,b,...]] [--output-dir D] [--seeds N]`: the methods
 compared from one warm start in a small synthetic world."""
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune-lr", action="store_true",
                         help="choose each method's learning rate from a small grid on validation problems held "
                              "out of the training split, and report both the shared and the chosen rate")
+    parser.add_argument("--lr-grid", help="with --tune-lr: the learning rates to try, comma-separated "
+                                          "(default 3e-5,1e-4,3e-4; smoke: 1e-4,3e-4)")
     parser.add_argument("--output-dir", default="runs/demo", help="where the report, plots and runs go")
     parser.add_argument("--seeds", type=int, help="number of seeds (default: 1 with --quick, 3 otherwise)")
     parser.add_argument("--cache-dir", help="warm-start cache (default ~/.cache/sgsd/demo)")
@@ -36,11 +38,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--seeds: must be at least 1")
     if args.quick and args.preset not in (None, "quick"):
         raise UserError(f"--quick and --preset {args.preset}: choose one")
-    from sgsd.demo.run import label, make_plan, parse_methods, run_demo
+    from sgsd.demo.run import label, make_plan, parse_lr_grid, parse_methods, run_demo
 
+    if args.lr_grid is not None and not args.tune_lr:
+        raise UserError("--lr-grid: only with --tune-lr")
     preset = args.preset or ("quick" if args.quick else "full")
     methods = parse_methods(args.methods) if args.methods is not None else None
-    plan = make_plan(preset=preset, seeds=args.seeds, methods=methods, tune_lr=args.tune_lr)
+    grid = parse_lr_grid(args.lr_grid) if args.lr_grid is not None else None
+    plan = make_plan(preset=preset, seeds=args.seeds, methods=methods, tune_lr=args.tune_lr, lr_grid=grid)
     results = run_demo(args.output_dir, plan=plan, cache_root=args.cache_dir, progress=not args.quiet)
     k = results["k"]
     print(f"\n{'method':11} avg@{k:<3} 95% interval" + ("   tuned lr  avg@k" if results["tuned"] else ""))

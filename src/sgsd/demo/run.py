@@ -88,6 +88,26 @@ def parse_methods(text: str) -> tuple[str, ...]:
     return names
 
 
+def parse_lr_grid(text: str) -> tuple[float, ...]:
+    """`--lr-grid 3e-5,1e-4,3e-4`: positive, finite, distinct learning rates, in ascending order."""
+    import math
+
+    from sgsd.errors import UserError
+
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            value = float(part)
+        except ValueError:
+            raise UserError(f"--lr-grid: {part!r} is not a number") from None
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"--lr-grid: {part} is not a positive learning rate")
+        values.append(value)
+    if len(set(values)) != len(values):
+        raise UserError(f"--lr-grid: {text!r} names a rate twice")
+    return tuple(sorted(values))
+
+
 @dataclass(frozen=True)
 class DemoPlan:
     preset: str
@@ -272,9 +292,11 @@ def check_reusable(out: Path, record: dict[str, Any]) -> None:
 
 
 def make_plan(*, preset: str = "full", seeds: int | None = None, methods: Sequence[str] | None = None,
-              tune_lr: bool = False) -> DemoPlan:
+              tune_lr: bool = False, lr_grid: Sequence[float] | None = None) -> DemoPlan:
     """A preset (`full`, `quick`, `smoke`) with the command line's choices applied."""
     plan = PRESETS[preset]
+    if lr_grid is not None:
+        plan = replace(plan, lr_grid=tuple(lr_grid))
     if seeds is not None:
         plan = replace(plan, seeds=tuple(range(seeds)))
     if methods is not None:
