@@ -118,3 +118,15 @@ def test_findings_rank_items_by_net_polarity():
     assert "every helpful item ranks above every misleading one" in text
     items["gen_006"].update(helpful=6, harmful=0)
     assert "the two groups overlap" in "\n".join(_findings(methods, {"by_label": by_label, "items": items}))
+
+
+def test_without_skill_teachers_only_the_accuracy_plot_is_drawn(tmp_path):
+    from sgsd.demo.report import _plot
+
+    curves = {"grpo": [(0, 0.2), (2, 0.3)], "opsd": [(0, 0.2), (2, 0.25)]}
+    assert _plot(tmp_path, curves, {}, {}) == ["accuracy_over_steps.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy_over_steps.png"]
+    items = {"gen_001": {"label": "helpful", "uses": 4, "helpful": 3, "harmful": 1, "neutral": 0}}
+    fractions = {"helpful": [(1, 0.5)], "harmful": [(1, 0.2)], "neutral": [(1, 0.3)]}
+    assert _plot(tmp_path, curves, fractions, items, "SGSD-z") == [
+        "accuracy_over_steps.png", "polarity_over_steps.png", "attribution_by_item.png"]

@@ -110,6 +110,8 @@ def _plot(out: Path, curves: dict[str, list[tuple[int, float]]], fractions: dict
     fig.savefig(out / "accuracy_over_steps.png", dpi=120)
     plt.close(fig)
     written.append("accuracy_over_steps.png")
+    if not items:  # no method with skill teachers ran: nothing to show about polarity
+        return written
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, points in fractions.items():
@@ -500,6 +502,9 @@ def _markdown(results: dict[str, Any], plan: Any) -> str:
     listed = ", ".join(label(m) for m in names)
     described = "\n".join(f"- {label(m)}: {DEMO_METHODS[m].description}." for m in names)
     reference = results.get("polarity_method")
+    polarity_plots = ("" if "attribution_by_item.png" not in results["plots"] else
+                      f", `polarity_over_steps.png` ({label(reference)}'s helpful / harmful / neutral teacher fractions), "
+                      "`attribution_by_item.png` (per item: (helpful - harmful) / uses, coloured by label)")
     polarity_table = "" if not reference else f"""
 ### {label(reference)} polarity by item label
 | label | uses | helpful | harmful | neutral | net (helpful - harmful) |
@@ -540,9 +545,7 @@ grader; 95% intervals by bootstrap over problems (per-problem accuracy averaged 
 | --- | --- | --- | --- | --- |
 {_comparison_rows(results['comparisons'])}
 
-Plots: `accuracy_over_steps.png` (held-out accuracy at each checkpoint, {plan.curve_problems} problems),
-`polarity_over_steps.png` (helpful / harmful / neutral teacher fractions), `attribution_by_item.png`
-(per item: (helpful - harmful) / uses, coloured by label).
+Plots: `accuracy_over_steps.png` (held-out accuracy at each checkpoint, {plan.curve_problems} problems){polarity_plots}.
 {polarity_table}{_polarity_section(results)}{_tuning_section(results)}
 ## What these numbers mean and do not mean
 - This is a toy world and a sub-million-parameter model trained for a few steps on a laptop. It shows
