@@ -127,6 +127,18 @@ def test_the_extending_example_trains_through_the_orchestrator(rft_module, tmp_p
     assert "method: rft" in (result.output_dir / "resolved_config.yaml").read_text()
 
 
+def test_the_extending_example_joins_the_demo_with_one_entry(rft_module, monkeypatch):
+    from sgsd.demo import run as demo_run
+
+    monkeypatch.setitem(demo_run.DEMO_METHODS, "rft", demo_run.DemoMethod("rft", "rft", label="RFT",
+                                                                           description="rejection-sampling fine-tuning"))
+    assert demo_run.parse_methods("grpo,sgsd,rft") == ("grpo", "sgsd", "rft")
+    cfg = demo_run.method_config("rft", demo_run.FULL, Path("/m"), Path("/d.jsonl"), Path("/b.json"), seed=1)
+    cfg.validate()
+    assert cfg.method == "rft" and cfg.training.prompts_per_device == demo_run.FULL.prompts_per_step
+    assert demo_run.label("rft") == "RFT"
+
+
 # -- SGSDTrainer's loss path against an independent computation ---------------------------------------
 
 
