@@ -1,8 +1,8 @@
 """The demo's warm-up settings, sized for a 2-core CPU; `sgsd demo` and `sgsd demo --quick` share them.
 
 One warm start for both, so a quick run warms the cache for the full one (and the other way round).
-Warm-up on an idle 2-core machine (torch 2.13 CPU, 2 threads): 131-150 s (650 steps, ~0.2 s each),
-0.72 M parameters; a cached warm start loads in ~1 s. Measured with `python -m sgsd.demo.measure`:
+Warm-up on an idle 2-core machine (torch 2.13 CPU, 2 threads): 78 s in the latest measurement (650 steps,
+~0.12 s each; 131-150 s on busier days), 0.72 M parameters; a cached warm start loads in ~1 s. Measured with `python -m sgsd.demo.measure`:
 
 - held-out accuracy (100 problems): greedy 0.59, sampled (T = 1) avg@4 0.26 - solves some, not all;
 - sampled accuracy by prompt: no hint 0.26, helpful pair 0.48, irrelevant 0.23, misleading 0.01,
