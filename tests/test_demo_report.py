@@ -10,8 +10,8 @@ from sgsd.demo.evaluate import estimate
 from sgsd.demo.report import _findings, _pooled, attribution_by_label
 
 
-def _run(method, seed, per_problem, seconds=1.0):
-    return SimpleNamespace(method=method, seed=seed, final=estimate(per_problem, 2), seconds=seconds)
+def _run(method, seed, per_problem):
+    return SimpleNamespace(method=method, seed=seed, final=estimate(per_problem, 2))
 
 
 def test_pooled_averages_seeds_per_problem():

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from sgsd.storage import atomic_write_json
+from sgsd.storage import atomic_write_json, atomic_write_jsonl, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[3]
 PAPER_BANK = ROOT / "configs/paper/qwen3_1b_skill_bank.json"
@@ -61,7 +61,7 @@ def _samples(out: Path) -> list[dict[str, Any]]:
     path = out / "eval" / "samples" / "gsm8k.jsonl"
     if not path.exists():
         raise SystemExit(f"{path}: run the eval phase first")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return list(read_jsonl(path))
 
 
 def run_polarity(model_dir: Path, out: Path, *, data_dir: str, rollouts: int, num_teachers: int = 8) -> dict[str, Any]:
@@ -194,8 +194,7 @@ def run_train(model_dir: Path, out: Path, *, data_dir: str, steps: int, max_new_
     data = out / "train_problems.jsonl"
     rows = [p for p in load_benchmark("gsm8k", data_dir=data_dir, limit=len(samples)).problems
             if p.problem_id in problems]
-    data.write_text("".join(json.dumps({"id": p.problem_id, "question": p.problem, "answer": p.answer}) + "\n"
-                            for p in rows))
+    atomic_write_jsonl(data, ({"id": p.problem_id, "question": p.problem, "answer": p.answer} for p in rows))
     overrides = [f"model.name_or_path={model_dir}", f"data.path={data}", f"skills.bank={PAPER_BANK}",
                  f"skills.num_teachers={num_teachers}", "skills.retrieval=embedding", "model.lora.enabled=true",
                  "model.lora.r=16", "model.lora.alpha=32", f"generation.max_new_tokens={max_new_tokens}",
@@ -205,7 +204,7 @@ def run_train(model_dir: Path, out: Path, *, data_dir: str, steps: int, max_new_
                  "training.deterministic=false"]
     run_dir = out / "train"
     profile = profile_training(str(SGSD_RECIPE), steps=steps, overrides=overrides, output_dir=str(run_dir))
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = list(read_jsonl(run_dir / "metrics.jsonl"))
     keys = ("train/reward_mean", "sgsd/success_rate", "sgsd/helpful_fraction", "sgsd/harmful_fraction",
             "sgsd/neutral_fraction", "sgsd/quadrant_helpful", "sgsd/quadrant_over_suppressive",
             "sgsd/quadrant_misleading", "sgsd/quadrant_warning", "sgsd/support_mean", "loss")

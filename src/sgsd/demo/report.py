@@ -6,7 +6,6 @@ evaluations); the prose around them is conditional on what was measured, never f
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -46,10 +45,11 @@ def step_seconds(run_dirs: Sequence[Path]) -> float | None:
 
 def _metric_series(run_dirs: Sequence[Path], key: str, *, mean: bool = True) -> list[tuple[int, float]]:
     """(step, value) of `key` in the runs' metrics.jsonl: the mean over runs per step, or every value."""
+    from sgsd.storage import read_jsonl
+
     by_step: dict[int, list[float]] = {}
     for run_dir in run_dirs:
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            record = json.loads(line)
+        for record in read_jsonl(run_dir / "metrics.jsonl"):
             if record.get(key) is not None:
                 by_step.setdefault(int(record["step"]), []).append(float(record[key]))
     if not mean:
@@ -159,35 +159,42 @@ def comparison_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def comparisons(methods_per_problem: dict[str, Sequence[float]], runs: Sequence[MethodRun],
-                pairs: Sequence[tuple[str, str]] | None = None) -> dict[str, dict[str, Any]]:
-    """Paired differences on the same held-out problems (`comparison_pairs` unless `pairs` is given).
+def paired_comparison(first: str, second: str, a: Sequence[float], b: Sequence[float],
+                      first_per_seed: dict[int, float], second_per_seed: dict[int, float] | float) -> dict[str, Any]:
+    """One paired difference of per-problem accuracies `a` - `b` (same problems, same order) with its
+    bootstrap interval, and in how many of `first`'s seeds it was higher than `second` in the same seed
+    (or than one value, for Base, which is evaluated once)."""
+    from sgsd.demo.evaluate import paired_difference
+
+    difference, low, high = paired_difference(a, b)
+    if isinstance(second_per_seed, dict):
+        ahead = sum(v > second_per_seed.get(s, float("inf")) for s, v in first_per_seed.items())
+    else:
+        ahead = sum(v > second_per_seed for v in first_per_seed.values())
+    return {"first": first, "second": second, "difference": difference, "ci_low": low, "ci_high": high,
+            "seeds_ahead": ahead, "seeds": len(first_per_seed)}
+
+
+def comparisons(methods_per_problem: dict[str, Sequence[float]], runs: Sequence[MethodRun]) -> dict[str, dict[str, Any]]:
+    """Paired differences on the same held-out problems, for the pairs of `comparison_pairs`.
 
     difference / ci_low / ci_high: mean per-problem difference (pooled over seeds) with a paired
     bootstrap interval over problems. seeds_ahead: in how many seeds the first method's avg@k was
     higher (against Base, which is evaluated once, every seed is compared with that one value).
     Keys are "<first>-<second>"; `first` and `second` name the methods.
     """
-    from sgsd.demo.evaluate import paired_difference
-
     per_seed: dict[str, dict[int, float]] = {}
     for run in runs:
         per_seed.setdefault(run.method, {})[run.seed] = run.final.mean
-    if pairs is None:
-        pairs = comparison_pairs([m for m in methods_per_problem if m != "base"])
+    pairs = comparison_pairs([m for m in methods_per_problem if m != "base"])
     base_mean = statistics.fmean(methods_per_problem["base"]) if "base" in methods_per_problem else None
     out = {}
     for first, second in pairs:
         if first not in methods_per_problem or second not in methods_per_problem:
             continue
-        difference, low, high = paired_difference(methods_per_problem[first], methods_per_problem[second])
-        seeds = sorted(per_seed.get(first, {}))
-        if second == "base":
-            ahead = sum(per_seed[first][s] > base_mean for s in seeds)
-        else:
-            ahead = sum(per_seed[first][s] > per_seed[second].get(s, float("inf")) for s in seeds)
-        out[f"{first}-{second}"] = {"first": first, "second": second, "difference": difference, "ci_low": low,
-                                    "ci_high": high, "seeds_ahead": ahead, "seeds": len(seeds)}
+        against = base_mean if second == "base" else per_seed[second]
+        out[f"{first}-{second}"] = paired_comparison(first, second, methods_per_problem[first],
+                                                     methods_per_problem[second], per_seed.get(first, {}), against)
     return out
 
 
@@ -301,10 +308,10 @@ def _findings(methods: dict[str, dict[str, Any]], attribution: dict[str, Any],
     return lines
 
 
-def _fmt_interval(v: dict[str, Any], sign: str = "+") -> str:
+def _fmt_interval(v: dict[str, Any]) -> str:
     if v.get("ci_low") is None:
         return "(one seed)"
-    return f"[{v['ci_low']:{sign}.3f}, {v['ci_high']:{sign}.3f}]"
+    return f"[{v['ci_low']:+.3f}, {v['ci_high']:+.3f}]"
 
 
 def write_report(out: Path, *, plan: DemoPlan, warm: WarmStart, base: AccuracyEstimate, runs: Sequence[MethodRun],
@@ -315,8 +322,8 @@ def write_report(out: Path, *, plan: DemoPlan, warm: WarmStart, base: AccuracyEs
     from sgsd.demo.run import DEMO_METHODS, label
 
     names = [m for m in plan.methods if any(r.method == m for r in runs)]
-    untuned = [r for r in runs if not getattr(r, "tuned", False)]
-    tuned_runs = [r for r in runs if getattr(r, "tuned", False)]
+    untuned = [r for r in runs if not r.tuned]
+    tuned_runs = [r for r in runs if r.tuned]
     methods: dict[str, dict[str, Any]] = {"base": {**base.to_json(), "seeds": 1, "per_seed": [base.mean]}}
     per_problem: dict[str, Sequence[float]] = {"base": base.per_problem}
     for method in names:
@@ -333,16 +340,11 @@ def write_report(out: Path, *, plan: DemoPlan, warm: WarmStart, base: AccuracyEs
             tuned_problem[method] = tuned[method].pop("per_problem")
         tuned_compared = comparisons(tuned_problem, tuned_runs)
         # each method at its chosen rate against itself at the shared rate
-        from sgsd.demo.evaluate import paired_difference
-
         for method in names:
-            difference, low, high = paired_difference(tuned_problem[method], per_problem[method])
-            shared = {r.seed: r.final.mean for r in untuned if r.method == method}
-            mine = {r.seed: r.final.mean for r in tuned_runs if r.method == method}
-            tuned_compared[f"{method}-untuned"] = {
-                "first": method, "second": f"{label(method)} at the shared rate", "difference": difference,
-                "ci_low": low, "ci_high": high, "seeds_ahead": sum(mine[s] > shared[s] for s in mine),
-                "seeds": len(mine)}
+            tuned_compared[f"{method}-untuned"] = paired_comparison(
+                method, f"{label(method)} at the shared rate", tuned_problem[method], per_problem[method],
+                {r.seed: r.final.mean for r in tuned_runs if r.method == method},
+                {r.seed: r.final.mean for r in untuned if r.method == method})
     curves = {}
     for method in names:
         steps: dict[int, list[float]] = {}

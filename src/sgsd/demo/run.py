@@ -65,7 +65,6 @@ DEMO_METHODS: dict[str, DemoMethod] = {m.name: m for m in (
                description="GRPO's loss + 1.0 x SGSD's loss on the same rollouts"),
 )}
 DEFAULT_METHODS = ("grpo", "opsd", "sgsd")  # what fits the full demo's time budget
-METHODS = DEFAULT_METHODS  # the former name
 
 
 def label(name: str) -> str:
@@ -153,8 +152,6 @@ class MethodRun:
     run_dir: Path
     final: AccuracyEstimate
     curve: list[tuple[int, float]] = field(default_factory=list)
-    seconds: float = 0.0
-    learning_rate: float = 1e-4
     tuned: bool = False  # the learning rate --tune-lr chose (which may be the default)
 
 
@@ -392,12 +389,11 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
     atomic_write_json(out / PLAN_FILE, record)
     cache = EvaluationCache(out)
 
-    def trained(method: str, seed: int, lr: float, run_dir: Path) -> float:
+    def trained(method: str, seed: int, lr: float, run_dir: Path) -> None:
+        """Train `run_dir` unless it is finished (an interrupted run resumes)."""
         bar.set_postfix_str(f"{method} lr {lr:g} seed {seed}")
-        t0 = time.perf_counter()
         if not (run_dir / "final").exists():
             train(method_config(method, plan, warm.path, data, bank, seed, lr), run_dir, progress=False)
-        return time.perf_counter() - t0
 
     # 1. Learning rates (--tune-lr): each method on each grid point with the tuning seed, scored by
     #    avg@k on the validation problems (held out of the training data, never test problems).
@@ -427,7 +423,7 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
                     runs.append(replace(runs[-1], tuned=True))
                     bar.update()
                     continue
-                seconds = trained(method, seed, lr, run_dir)
+                trained(method, seed, lr, run_dir)
                 curve = [(0, base_curve)]
                 if index == 0:
                     for step in range(plan.eval_every, plan.steps + 1, plan.eval_every):
@@ -436,8 +432,7 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
                             curve.append((step, evaluate_dir(checkpoint, warm.tokenizer, curve_set, plan, k=plan.k,
                                                              seed=seed, cache=cache).mean))
                 final = evaluate_dir(run_dir / "final", warm.tokenizer, test, plan, k=plan.k, seed=seed, cache=cache)
-                runs.append(MethodRun(method, seed, run_dir, final, curve if index == 0 else [], seconds, lr,
-                                      tuned=index == 1))
+                runs.append(MethodRun(method, seed, run_dir, final, curve if index == 0 else [], tuned=index == 1))
                 bar.update()
     bar.set_postfix_str("report")
     results = write_report(out, plan=plan, warm=warm, base=base, runs=runs, bank_path=bank,
