@@ -72,7 +72,7 @@ def test_finished_run_rerun_does_nothing_larger_max_steps_continues_smaller_is_r
 
     assert _train(out, "--max-steps", "3") == 0  # continues to exactly step 3
     assert _steps(out) == [1, 2, 3]
-    assert json.loads((out / "final" / "sgsd_complete.json").read_text()) == {"step": 3}
+    assert json.loads((out / "final" / "sgsd_complete.json").read_text())["step"] == 3
     attribution = json.loads((out / "attribution.json").read_text())
     assert attribution["rollouts"] == 3 * 4  # 4 prompts per step (tiny recipe), counted once each
 
@@ -89,14 +89,16 @@ def test_finished_run_rerun_does_nothing_larger_max_steps_continues_smaller_is_r
 
 def test_plan_rerun_refuses_a_checkpoint_beyond_max_steps(tmp_path):
     from sgsd.errors import UserError
-    from sgsd.trainers.preflight import plan_rerun
+    from sgsd.run_dir import plan_rerun, write_complete_marker
 
     checkpoint = tmp_path / "checkpoint-4"
     checkpoint.mkdir()
-    assert plan_rerun(tmp_path, 6, checkpoint).action == "resume"
-    assert plan_rerun(tmp_path, 4, checkpoint).action == "finish"
+    (checkpoint / "rng_state.pth").write_bytes(b"rng")
+    write_complete_marker(checkpoint, 4, world_size=1)
+    assert plan_rerun(tmp_path, 6, 1).action == "resume"
+    assert plan_rerun(tmp_path, 4, 1).action == "finish"
     with pytest.raises(UserError, match="holds checkpoint-4, beyond max_steps 2"):
-        plan_rerun(tmp_path, 2, checkpoint)
+        plan_rerun(tmp_path, 2, 1)
 
 
 @pytest.mark.slow

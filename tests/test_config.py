@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from sgsd.methods import load_run_config
+
 from sgsd.config import RunConfig, dump_config, load_config
 from sgsd.errors import ConfigError
 
@@ -45,7 +47,7 @@ def test_overrides_are_typed(tmp_path):
 ])
 def test_bad_settings_are_refused_with_the_key(override, message):
     with pytest.raises(ConfigError) as err:
-        load_config(None, override)
+        load_run_config(None, override)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 

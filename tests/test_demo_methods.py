@@ -23,13 +23,14 @@ from sgsd.demo.run import (
     split_validation,
 )
 from sgsd.errors import UserError
+from sgsd.methods import check_run_config
 
 
 @pytest.mark.parametrize("name", sorted(DEMO_METHODS))
 def test_every_demo_method_is_a_valid_recipe_with_the_shared_budget(name):
     spec = DEMO_METHODS[name]
     cfg = method_config(name, FULL, Path("/m"), Path("/d.jsonl"), Path("/b.json"), seed=3, learning_rate=3e-4)
-    cfg.validate()
+    check_run_config(cfg)
     assert cfg.method == spec.method and cfg.training.learning_rate == 3e-4 and cfg.training.seed == 3
     # the same rollouts per step for every method: grouped methods take fewer prompts, G completions each
     generations = FULL.grpo_generations if spec.grouped else 1

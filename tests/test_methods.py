@@ -16,7 +16,7 @@ import torch
 
 from sgsd.config import load_config
 from sgsd.errors import ConfigError
-from sgsd.methods import method_names, method_spec
+from sgsd.methods import check_run_config, load_run_config, method_names, method_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny"
@@ -32,7 +32,7 @@ def test_builtin_methods_and_what_they_fix():
     assert method_spec("sgsd").needs_bank(sgsd) and not method_spec("grpo").needs_bank(grpo)
     assert method_spec("grpo").needs_bank(load_config(TINY / "grpo-skill.yaml"))
     with pytest.raises(ConfigError, match="method: expected one of .*sgsd.*got 'nope'"):
-        load_config(TINY / "sgsd.yaml", ["method=nope"])
+        load_run_config(TINY / "sgsd.yaml", ["method=nope"])
 
 
 def test_orchestrator_never_branches_on_a_method_name():
@@ -53,15 +53,15 @@ def test_resume_accepts_a_run_saved_with_the_old_key(tmp_path):
     import yaml
 
     from sgsd.config import dump_config
-    from sgsd.trainers.checkpoints import check_resume_config
+    from sgsd.run_dir import check_resume_config
 
     cfg = load_config(TINY / "sgsd.yaml")
     saved = yaml.safe_load(dump_config(cfg))
     saved["skills"]["num_teachers"] = saved["sgsd"].pop("num_teachers")  # as runs before the move wrote it
     (tmp_path / "resolved_config.yaml").write_text(yaml.safe_dump(saved))
-    check_resume_config(tmp_path, cfg)  # no error: the same settings
+    check_resume_config(tmp_path, dump_config(cfg))  # no error: the same settings
     with pytest.raises(Exception, match="sgsd.num_teachers: 3 -> 4"):
-        check_resume_config(tmp_path, load_config(TINY / "sgsd.yaml", ["sgsd.num_teachers=4"]))
+        check_resume_config(tmp_path, dump_config(load_config(TINY / "sgsd.yaml", ["sgsd.num_teachers=4"])))
 
 
 def test_behaviour_check_reports_a_changed_metric_and_weight(tmp_path):
@@ -134,7 +134,7 @@ def test_the_extending_example_joins_the_demo_with_one_entry(rft_module, monkeyp
                                                                            description="rejection-sampling fine-tuning"))
     assert demo_run.parse_methods("grpo,sgsd,rft") == ("grpo", "sgsd", "rft")
     cfg = demo_run.method_config("rft", demo_run.FULL, Path("/m"), Path("/d.jsonl"), Path("/b.json"), seed=1)
-    cfg.validate()
+    check_run_config(cfg)
     assert cfg.method == "rft" and cfg.training.prompts_per_device == demo_run.FULL.prompts_per_step
     assert demo_run.label("rft") == "RFT"
 

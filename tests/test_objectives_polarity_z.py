@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from sgsd.config import load_config
+from sgsd.methods import load_run_config
 from sgsd.errors import ConfigError
 from sgsd.objectives import sgsd_loss, support_z, teacher_polarity
 
@@ -132,9 +133,9 @@ def test_bad_polarity_options_are_refused():
     with pytest.raises(ValueError, match="polarity_z must be > 0"):
         _polarity(d, polarity_test="z", polarity_z=0.0)
     with pytest.raises(ConfigError, match="sgsd.polarity_z: must be > 0"):
-        load_config(ROOT / "configs/tiny/sgsd-z.yaml", ["sgsd.polarity_z=-1"])
+        load_run_config(ROOT / "configs/tiny/sgsd-z.yaml", ["sgsd.polarity_z=-1"])
     with pytest.raises(ConfigError, match="sgsd.polarity_test: expected one of 'threshold', 'z'"):
-        load_config(ROOT / "configs/tiny/sgsd.yaml", ["sgsd.polarity_test=t"])
+        load_run_config(ROOT / "configs/tiny/sgsd.yaml", ["sgsd.polarity_test=t"])
     cfg = load_config(ROOT / "configs/tiny/sgsd-z.yaml")
     assert (cfg.sgsd.polarity_test, cfg.sgsd.polarity_z) == ("z", 1.0)
 

@@ -170,7 +170,7 @@ def test_online_update_snapshots_attribution_and_resume(tmp_path):
     assert attribution  # per-item counts were recorded
     assert main(["skills", "report", str(out), "--output-dir", str(tmp_path)]) == 0
     assert (tmp_path / "attribution.png").stat().st_size > 0
-    state = torch.load(out / "checkpoint-2" / "sgsd_state.pt", weights_only=False)
+    state = torch.load(out / "checkpoint-2" / "sgsd_state.pt", weights_only=True)
     assert state["online_skills"]["dynamic"]["common_mistakes"] and "attribution" in state
 
     # resume: the trainer continues with the updated bank (dyn_ items retrievable) from the checkpoint
@@ -198,16 +198,17 @@ def test_online_update_snapshots_attribution_and_resume(tmp_path):
 
 def test_resume_refuses_a_different_config_but_allows_more_steps(tmp_path, capsys):
     from sgsd.config import dump_config
-    from sgsd.trainers.checkpoints import COMPLETE_MARKER, check_resume_config
+    from sgsd.run_dir import check_resume_config, write_complete_marker
 
     out = tmp_path / "run"
     (out / "checkpoint-1").mkdir(parents=True)
-    (out / "checkpoint-1" / COMPLETE_MARKER).write_text("{}")
+    (out / "checkpoint-1" / "rng_state.pth").write_bytes(b"rng")
+    write_complete_marker(out / "checkpoint-1", 1, world_size=1)
     started = load_config(RECIPE, ["training.learning_rate=0.001"])
     (out / "resolved_config.yaml").write_text(dump_config(started) + "# provenance: {}\n")
     # same settings, longer run and another save cadence: resumable
-    check_resume_config(out, load_config(RECIPE, ["training.learning_rate=0.001", "training.max_steps=50",
-                                                  "training.save_steps=7"]))
+    check_resume_config(out, dump_config(load_config(RECIPE, ["training.learning_rate=0.001",
+                                                              "training.max_steps=50", "training.save_steps=7"])))
     code = main(["train", "--config", str(RECIPE), "--output-dir", str(out), "--quiet", "training.learning_rate=0.002"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err

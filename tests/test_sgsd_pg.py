@@ -19,7 +19,7 @@ import torch
 
 from sgsd.config import load_config
 from sgsd.errors import ConfigError
-from sgsd.methods import method_spec
+from sgsd.methods import load_run_config, method_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs/tiny/sgsd-pg.yaml"
@@ -38,7 +38,7 @@ def test_registry_entry_takes_grpo_and_sgsd_settings():
         ("sgsd_pg.lambda=1", "unknown config key 'sgsd_pg.lambda'"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            load_config(RECIPE, [override])
+            load_run_config(RECIPE, [override])
 
 
 # -- parity on one fixed batch ---------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def test_trainer_variants(tmp_path):
 
     # EMA teacher: its state is checkpointed next to the weights and differs from both ends.
     result, records = _train(tmp_path / "ema", "sgsd.teacher=ema", "sgsd.ema_decay=0.5")
-    state = torch.load(result.output_dir / "checkpoint-2" / "sgsd_state.pt", weights_only=False)
+    state = torch.load(result.output_dir / "checkpoint-2" / "sgsd_state.pt", weights_only=True)
     name = "model.layers.0.self_attn.q_proj.weight"
     final = dict(AutoModelForCausalLM.from_pretrained(result.final_dir).named_parameters())
     shadow = state["ema"]["shadow"][name]

@@ -4,7 +4,8 @@ A YAML file mirrors `RunConfig` (sections `model`, `data`, `prompt`, `generation
 `grpo`, `opsd`, `sgsd_pg`, `reward`, `training`, and the top-level `method`). `inherit: other.yaml`
 (relative to the file) loads a base file first, so recipes of several methods can share one data,
 prompt and generation block. Unknown keys are refused with a message naming the key and file;
-inconsistent settings are refused by `validate()` with a message that says how to fix them.
+inconsistent settings are refused by `problems()` (each section's, and `sgsd.methods.check_run_config`
+for a method's own) with a message that says how to fix them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sgsd.errors import ConfigError
+from sgsd.loss_settings import PolarityTest, SGSDSettings
+
+__all__ = ["PolarityTest", "RunConfig", "SGSDSettings", "load_config"]
 
 
 @dataclass
@@ -39,6 +43,12 @@ class ModelSettings:
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
     lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def problems(self, where: str = "model") -> list[str]:
+        if self.lora.enabled and "lm_head" in self.lora.target_modules:
+            return [f"{where}.lora.target_modules: a LoRA adapter on lm_head is not supported (teacher log-probs need "
+                    "the shared head)"]
+        return []
 
 
 @dataclass
@@ -75,6 +85,14 @@ class GenerationSettings:
     vllm_mode: Literal["colocate", "server"] = "colocate"
     vllm_gpu_memory_utilization: float = 0.3
     vllm_server_base_url: str | None = None
+
+    def problems(self, where: str = "generation") -> list[str]:
+        out = []
+        if not 0 < self.top_p <= 1:
+            out.append(f"{where}.top_p: must be in (0, 1]")
+        if not self.temperature > 0:
+            out.append(f"{where}.temperature: must be > 0")
+        return out
 
 
 @dataclass
@@ -133,35 +151,6 @@ class SkillSettings:
     online: OnlineUpdateSettings = field(default_factory=OnlineUpdateSettings)
 
 
-# how a teacher's sign is decided (`sgsd.objectives.sgsd_loss`): the paper's |support| > theta, or a z test
-PolarityTest = Literal["threshold", "z"]
-
-
-@dataclass
-class SGSDSettings:
-    """SPEC section 4 (paper values). `num_teachers`: K rank-aligned (skill, mistake) teachers per
-    problem. `teacher`: which weights score as teacher (live policy = paper, base, or an EMA with
-    `ema_decay`). These are also the defaults of `sgsd.objectives.sgsd_loss` (one source)."""
-
-    num_teachers: int = 8
-    gate_tau: float = 1.0
-    clip_delta: float = 3.0
-    confidence_threshold: float = 0.05
-    # "threshold": |mean clipped d| > confidence_threshold (paper). "z": |mean| / standard error over the
-    # counted tokens > polarity_z (two-sided 5% for 1.96), which does not depend on the completion length
-    polarity_test: PolarityTest = "threshold"
-    polarity_z: float = 1.96
-    local_support_top_k: int = 0  # 0: full vocabulary (paper); k' > 0: local-support variant
-    teacher: Literal["live", "base", "ema"] = "live"
-    ema_decay: float = 0.99
-    teacher_batch_size: int = 16  # rows per teacher forward (rollouts x teachers are flattened)
-    # token rows per chunk of the LM head (0: as many as fit one fp32 [chunk, V] buffer of
-    # `logprob_chunk_mb`; Qwen3's V = 151,936: 1 GiB -> ~1,177 rows)
-    logprob_chunk_tokens: int = 0
-    logprob_chunk_mb: int = 1024
-    skip_neutral_rows: bool = False  # skip the student backward of rollouts whose teachers are all neutral
-
-
 # TRL 1.16's GRPO loss formulations
 LossType = Literal["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo"]
 
@@ -178,6 +167,11 @@ class GRPOSettings:
     loss_type: LossType = "grpo"
     skills_in_prompt: bool = False  # GRPO+Skill
 
+    def problems(self, where: str = "grpo") -> list[str]:
+        if self.num_generations < 2:
+            return [f"{where}.num_generations: GRPO needs at least 2 completions per prompt to form a group"]
+        return []
+
 
 @dataclass
 class OPSDSettings:
@@ -193,6 +187,11 @@ class OPSDSettings:
     logprob_chunk_tokens: int = 1024
     logprob_chunk_mb: int = 1024
 
+    def problems(self, where: str = "opsd") -> list[str]:
+        if not 0.0 <= self.beta <= 1.0:
+            return [f"{where}.beta: must be in [0, 1]"]
+        return []
+
 
 @dataclass
 class SGSDPGSettings:
@@ -201,6 +200,13 @@ class SGSDPGSettings:
     part the `sgsd` section."""
 
     lambda_sgsd: float = 1.0
+
+    def problems(self, where: str = "sgsd_pg") -> list[str]:
+        import math
+
+        if not (math.isfinite(self.lambda_sgsd) and self.lambda_sgsd >= 0):
+            return [f"{where}.lambda_sgsd: must be a number >= 0 (0: GRPO alone, with SGSD's metrics)"]
+        return []
 
 
 # transformers' schedulers that need no extra arguments (tests/test_trl_adapter.py pins both lists)
@@ -249,6 +255,14 @@ class TrainingSettings:
     deterministic: bool = False
     deepspeed: str | None = None
 
+    def problems(self, where: str = "training") -> list[str]:
+        out = []
+        if self.max_steps < 1:
+            out.append(f"{where}.max_steps: must be >= 1")
+        if self.save_steps < 1:
+            out.append(f"{where}.save_steps: must be >= 1")
+        return out
+
 
 @dataclass
 class RunConfig:
@@ -269,55 +283,20 @@ class RunConfig:
     reward: RewardSettings = field(default_factory=RewardSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
 
-    def validate(self) -> "RunConfig":
-        import_plugins(self.plugins)
-        problems = list(_inconsistencies(self))
-        if problems:
-            raise ConfigError("; ".join(problems))
-        return self
+    def problems(self) -> list[str]:
+        """What is wrong with the settings that hold for every method, one message each; a method's own
+        checks (its sections, whether it needs a bank) are the registry's (`sgsd.methods.check_run_config`)."""
+        out: list[str] = []
+        for section in (self.model, self.generation, self.training):
+            out += section.problems()
+        if self.skills.online.enabled:
+            out += self.skills.online.problems()
+        if self.generation.use_vllm and self.training.device == "cpu":
+            out.append("generation.use_vllm: vLLM needs a GPU; set training.device=auto/cuda or use_vllm=false")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def import_plugins(modules: list[str]) -> None:
-    """Import each module (its `register_method` calls add methods); a missing one is a ConfigError."""
-    import importlib
-
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError as err:
-            raise ConfigError(f"plugins: cannot import {name!r} ({err})") from None
-
-
-def _inconsistencies(cfg: RunConfig):
-    from sgsd.methods import method_names, method_spec
-
-    if cfg.method not in method_names():
-        yield f"method: expected one of {', '.join(method_names())}, got {cfg.method!r}"
-        return
-    spec = method_spec(cfg.method)
-    if spec.needs_bank(cfg) and not cfg.skills.bank:
-        yield f"skills.bank: method {cfg.method} with skills needs a skill bank file (set skills.bank=PATH)"
-    yield from spec.validate(cfg)
-    if cfg.skills.online.enabled:
-        if not spec.online_updates:
-            yield f"skills.online.enabled: online skill updates are part of SGSD, not of method {cfg.method}; " \
-                  "set method: sgsd or disable them"
-        yield from cfg.skills.online.problems()
-    if cfg.generation.use_vllm and cfg.training.device == "cpu":
-        yield "generation.use_vllm: vLLM needs a GPU; set training.device=auto/cuda or use_vllm=false"
-    if cfg.model.lora.enabled and "lm_head" in cfg.model.lora.target_modules:
-        yield "model.lora.target_modules: a LoRA adapter on lm_head is not supported (teacher log-probs need the shared head)"
-    if cfg.training.max_steps < 1:
-        yield "training.max_steps: must be >= 1"
-    if cfg.training.save_steps < 1:
-        yield "training.save_steps: must be >= 1"
-    if not 0 < cfg.generation.top_p <= 1:
-        yield "generation.top_p: must be in (0, 1]"
-    if cfg.generation.temperature <= 0:
-        yield "generation.temperature: must be > 0"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,11 +392,13 @@ def _deprecated(where: str, value: Any, source: str) -> dict[str, Any] | None:
     return {new: value}
 
 
-def _merge_into(obj: Any, data: dict[str, Any], prefix: str, source: str, root: Any = None) -> None:
+def _merge_into(obj: Any, data: dict[str, Any], prefix: str, source: str, root: Any = None) -> Any:
+    """`obj` with `data` merged in: changed in place, or for a frozen section (`SGSDSettings`) a changed copy."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {prefix or 'top level'}: expected a mapping, got {type(data).__name__}")
     root = obj if root is None else root
     types = _field_types(type(obj))
+    changes: dict[str, Any] = {}
     for key, value in data.items():
         where = f"{prefix}{key}"
         replacement = _deprecated(where, value, source)
@@ -431,11 +412,18 @@ def _merge_into(obj: Any, data: dict[str, Any], prefix: str, source: str, root: 
             raise ConfigError(f"{source}: unknown config key '{where}'{suggestion}")
         tp = types[key]
         if _is_dataclass_type(tp):
-            _merge_into(getattr(obj, key), value, f"{where}.", source, root)
+            changes[key] = _merge_into(getattr(obj, key), value, f"{where}.", source, root)
         else:
             if where in PATH_KEYS and source != "override":
                 value = _resolve_path(value, source)
-            setattr(obj, key, _coerce(value, tp, f"{source}: {where}"))
+            changes[key] = _coerce(value, tp, f"{source}: {where}")
+        if not _is_frozen(obj):
+            setattr(obj, key, changes.pop(key))
+    return dataclasses.replace(obj, **changes) if changes else obj
+
+
+def _is_frozen(obj: Any) -> bool:
+    return bool(getattr(obj, "__dataclass_params__", None) and obj.__dataclass_params__.frozen)
 
 
 def _suggestions(key: str, prefix: str, siblings: list[str]) -> list[str]:
@@ -509,7 +497,10 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Defaults <- YAML (with `inherit`) <- `key=value` overrides; then validated."""
+    """Defaults <- YAML (with `inherit`) <- `key=value` overrides; each value type-checked, then the
+    settings every method shares checked (`RunConfig.problems`). The method's own checks, and the
+    plugins that register methods, are `sgsd.methods.check_run_config`, which every command that
+    trains calls."""
     cfg = RunConfig()
     if path is not None:
         for data, source in _read_yaml(Path(path)):
@@ -517,7 +508,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for text in overrides:
         key, value = parse_override(text)
         _merge_into(cfg, _nest(key, value), "", "override")
-    return cfg.validate()
+    problems = cfg.problems()
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], source: str = "resolved config") -> RunConfig:
+    """A `RunConfig` from a nested dict such as a run's resolved_config.yaml (type-checked, not validated)."""
+    cfg = RunConfig()
+    _merge_into(cfg, _floatify(data), "", source)
+    return cfg
 
 
 def _floatify(data: Any) -> Any:

@@ -50,6 +50,22 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def launched_world_size() -> int:
+    """The number of processes of the launch (the process group's size once it exists, before that the
+    launcher's `WORLD_SIZE`, set by torchrun / accelerate), 1 without a launcher."""
+    if _initialized():
+        return world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def announce(message: str) -> None:
+    """One `sgsd: ...` line on stderr, from the main process only."""
+    import sys
+
+    if is_main_process():
+        print(f"sgsd: {message}", file=sys.stderr, flush=True)
+
+
 def gather_objects(obj: T) -> list[T]:
     """[obj of rank 0, obj of rank 1, ...] on every rank (`[obj]` in one process)."""
     if world_size() == 1:

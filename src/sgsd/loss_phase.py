@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from sgsd.config import PolarityTest
+from sgsd.loss_settings import PolarityTest
 from sgsd.objectives import (
     CLIP_DELTA,
     CONFIDENCE_THRESHOLD,

@@ -2,17 +2,20 @@
 what the orchestrator needs to know, so `sgsd.trainers.run` never branches on a method's name.
 
 A `MethodSpec` gives:
-- `settings`: the `RunConfig` section holding the method's settings (e.g. `sgsd`), or None;
-- `trainer`: its trainer class as "module:Class" (imported only when a run is built, so this module
-  and `sgsd.config` stay light);
+- `settings`: the `RunConfig` section holding the method's settings (e.g. `sgsd`), or None, and
+  `sections`: every section it reads, each checked with its own `problems()`;
+- `trainer`: its trainer class as "module:Class", and `trainer_kwargs`: the trainer's own constructor
+  arguments, `(cfg, context) -> dict` or "module:function" (imported only when a run is built, so the
+  registry never imports a trainer);
 - `needs_bank(cfg)`: whether a run needs a skill bank (teachers, or a "+Skill" block in prompts);
 - `prompt_skills(cfg)`: whether the retrieved "+Skill" block goes into the rollout prompt;
 - `grpo_overrides(cfg)`: `GRPOConfig` settings the method fixes (generations per prompt, KL beta,
   vLLM importance-sampling correction);
-- `trainer_kwargs(cfg, context)`: the method's own constructor arguments (`context` holds the loaded
-  bank, retriever, chat styles and run directory);
-- `validate(cfg)`: the method's own configuration problems, one message each;
-- `online_updates`: whether online skill-bank updates (`skills.online`) apply to it.
+- `problems(cfg)`: the method's own cross-section configuration problems, one message each
+  (`check_run_config` runs them with the sections' and the shared checks, after importing `plugins`);
+- `online_updates`: whether online skill-bank updates (`skills.online`) apply to it;
+- `description`, `label(cfg)`, `card_settings`: what the model card, the demo and `sgsd compare` say
+  about it (the registry is the only per-method table).
 
 Adding a method is one file that defines its trainer and calls `register_method` (see
 `docs/extending.md`, whose example the tests run). Built-in methods: `sgsd`, `grpo`, `opsd`, `sgsd-pg`.
@@ -21,10 +24,12 @@ Adding a method is one file that defines its trainer and calls `register_method`
 from __future__ import annotations
 
 import importlib
-import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from sgsd.errors import ConfigError
 
 if TYPE_CHECKING:
     from sgsd.config import RunConfig
@@ -56,14 +61,19 @@ def _no_kwargs(cfg: "RunConfig", context: TrainerContext) -> dict[str, Any]:
 class MethodSpec:
     name: str
     trainer: str
-    settings: str | None = None
+    settings: str | None = None  # the method's own config section, e.g. "sgsd"
+    sections: tuple[str, ...] = ()  # every config section it reads (checked with their `problems()`)
     needs_bank: Callable[["RunConfig"], bool] = lambda cfg: False
     prompt_skills: Callable[["RunConfig"], bool] = lambda cfg: False
     grpo_overrides: Callable[["RunConfig"], dict[str, Any]] = lambda cfg: {}
-    trainer_kwargs: Callable[["RunConfig", TrainerContext], dict[str, Any]] = _no_kwargs
-    validate: Callable[["RunConfig"], Iterator[str]] = _no_problems
+    # the trainer's own constructor arguments: a function (cfg, context) -> dict, or "module:function"
+    # (imported when a run is built, like `trainer`, so the registry does not import trainers)
+    trainer_kwargs: "str | Callable[[RunConfig, TrainerContext], dict[str, Any]]" = _no_kwargs
+    problems: Callable[["RunConfig"], Iterator[str]] = _no_problems
     online_updates: bool = False  # whether `skills.online` (online skill-bank updates) applies
-    description: str = ""
+    description: str = ""  # one paragraph: the model card's method text
+    label: Callable[["RunConfig"], str] = lambda cfg: ""  # display name ("GRPO+Skill"); "": the name upper-cased
+    card_settings: tuple[str, ...] = ()  # dotted keys the model card shows for this method
     # GRPOConfig settings every method gets unless it overrides them: one rollout per prompt, no KL,
     # no importance-sampling forward (only a clipped surrogate uses those weights)
     defaults: dict[str, Any] = field(default_factory=lambda: {
@@ -73,8 +83,25 @@ class MethodSpec:
         return {**self.defaults, **self.grpo_overrides(cfg)}
 
     def trainer_class(self) -> type:
-        module, _, name = self.trainer.partition(":")
-        return getattr(importlib.import_module(module), name)
+        return _resolve(self.trainer)
+
+    def constructor_kwargs(self, cfg: "RunConfig", context: TrainerContext) -> dict[str, Any]:
+        build = _resolve(self.trainer_kwargs) if isinstance(self.trainer_kwargs, str) else self.trainer_kwargs
+        return build(cfg, context)
+
+    def display_name(self, cfg: "RunConfig") -> str:
+        return self.label(cfg) or self.name.upper()
+
+    def config_problems(self, cfg: "RunConfig") -> Iterator[str]:
+        """The method's configuration problems: its sections' own bounds, then its cross-section checks."""
+        for section in self.sections:
+            yield from getattr(cfg, section).problems(section)
+        yield from self.problems(cfg)
+
+
+def _resolve(reference: str) -> Any:
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -97,40 +124,58 @@ def method_names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+def import_plugins(modules: list[str]) -> None:
+    """Import each module of `plugins:` (its `register_method` calls add methods); one that is not a
+    module name or cannot be imported is a one-line ConfigError."""
+    for name in modules:
+        if not _MODULE_NAME.fullmatch(name):
+            raise ConfigError(f"plugins: {name!r} is not a module name (dotted identifiers, e.g. my_methods.rft; put "
+                              "its folder on PYTHONPATH)")
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ConfigError(f"plugins: cannot import {name!r} ({err})") from None
+        except Exception as err:  # noqa: BLE001 - a plugin's own failure, named in one line
+            raise ConfigError(f"plugins: importing {name!r} failed: {type(err).__name__}: {err}") from None
+
+
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def check_run_config(cfg: "RunConfig") -> "RunConfig":
+    """`cfg`, or a ConfigError listing every problem: the plugins are imported, then the settings every
+    method shares (`RunConfig.problems`), the method's own (`MethodSpec.config_problems`) and what
+    depends on the method (a skill bank, online updates)."""
+    import_plugins(cfg.plugins)
+    problems = list(_run_problems(cfg))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return cfg
+
+
+def load_run_config(path: "str | Path | None" = None, overrides: "list[str] | tuple[str, ...]" = ()) -> "RunConfig":
+    """`sgsd.config.load_config` (defaults <- YAML <- overrides, type-checked), then `check_run_config`:
+    the config a training command runs."""
+    from sgsd.config import load_config
+
+    return check_run_config(load_config(path, overrides))
+
+
+def _run_problems(cfg: "RunConfig") -> Iterator[str]:
+    if cfg.method not in method_names():
+        yield f"method: expected one of {', '.join(method_names())}, got {cfg.method!r}"
+        return
+    spec = method_spec(cfg.method)
+    yield from cfg.problems()
+    if spec.needs_bank(cfg) and not cfg.skills.bank:
+        yield f"skills.bank: method {cfg.method} with skills needs a skill bank file (set skills.bank=PATH)"
+    yield from spec.config_problems(cfg)
+    if cfg.skills.online.enabled and not spec.online_updates:
+        yield f"skills.online.enabled: online skill updates are part of SGSD, not of method {cfg.method}; " \
+              "set method: sgsd or disable them"
+
+
 # -- built-in methods ---------------------------------------------------------------------------------
-
-
-def _sgsd_kwargs(cfg: "RunConfig", context: TrainerContext) -> dict[str, Any]:
-    from sgsd.trainers.sgsd_trainer import TeacherSource
-    from sgsd.trainers.skill_hooks import make_observers
-
-    return {"teacher_source": TeacherSource(context.bank, context.retriever, cfg.sgsd.num_teachers),
-            "settings": cfg.sgsd, "student_style": context.student_style, "teacher_style": context.teacher_style,
-            "observers": make_observers(cfg, context.output_dir)}
-
-
-def _sgsd_problems(cfg: "RunConfig") -> Iterator[str]:
-    s = cfg.sgsd
-    if s.num_teachers < 1:
-        yield "sgsd.num_teachers: must be at least 1"
-    if s.gate_tau <= 0:
-        yield "sgsd.gate_tau: must be > 0"
-    if s.clip_delta <= 0:
-        yield "sgsd.clip_delta: must be > 0"
-    if s.confidence_threshold < 0:
-        yield "sgsd.confidence_threshold: must be >= 0"
-    if not s.polarity_z > 0:
-        yield "sgsd.polarity_z: must be > 0 (1.96: two-sided 5% test)"
-    if s.local_support_top_k < 0:
-        yield "sgsd.local_support_top_k: must be >= 0 (0 = full vocabulary)"
-    if s.local_support_top_k > 0 and s.skip_neutral_rows:
-        yield ("sgsd.skip_neutral_rows: not available with the local-support variant (local_support_top_k > 0); "
-               "set skip_neutral_rows=false")
-
-
-def _grpo_problems(cfg: "RunConfig") -> Iterator[str]:
-    if cfg.grpo.num_generations < 2:
-        yield "grpo.num_generations: GRPO needs at least 2 completions per prompt to form a group"
 
 
 def _grpo_overrides(cfg: "RunConfig") -> dict[str, Any]:
@@ -140,39 +185,47 @@ def _grpo_overrides(cfg: "RunConfig") -> dict[str, Any]:
 
 
 def _sgsd_pg_problems(cfg: "RunConfig") -> Iterator[str]:
-    yield from _sgsd_problems(cfg)
-    yield from _grpo_problems(cfg)
-    if not (math.isfinite(cfg.sgsd_pg.lambda_sgsd) and cfg.sgsd_pg.lambda_sgsd >= 0):
-        yield "sgsd_pg.lambda_sgsd: must be a number >= 0 (0: GRPO alone, with SGSD's metrics)"
     if cfg.grpo.skills_in_prompt:
         yield "grpo.skills_in_prompt: sgsd-pg gives the skills to its teachers, not to the rollout prompt; set it to false"
 
 
-def _opsd_problems(cfg: "RunConfig") -> Iterator[str]:
-    if not 0.0 <= cfg.opsd.beta <= 1.0:
-        yield "opsd.beta: must be in [0, 1]"
-
+SGSD_CARD_SETTINGS = ("sgsd.num_teachers", "skills.retrieval", "sgsd.teacher", "sgsd.gate_tau", "sgsd.clip_delta",
+                      "sgsd.polarity_test", "sgsd.confidence_threshold", "sgsd.polarity_z", "sgsd.local_support_top_k",
+                      "skills.online.enabled")
+GRPO_CARD_SETTINGS = ("grpo.num_generations", "grpo.epsilon", "grpo.beta", "grpo.loss_type")
 
 register_method(MethodSpec(
-    name="sgsd", settings="sgsd", trainer="sgsd.trainers.sgsd_trainer:SGSDTrainer",
-    needs_bank=lambda cfg: True, trainer_kwargs=_sgsd_kwargs, validate=_sgsd_problems, online_updates=True,
-    description="skill-conditioned gated self-distillation (SPEC section 4)",
+    name="sgsd", settings="sgsd", sections=("sgsd",), trainer="sgsd.trainers.sgsd_trainer:SGSDTrainer",
+    trainer_kwargs="sgsd.trainers.sgsd_trainer:sgsd_trainer_kwargs",
+    needs_bank=lambda cfg: True, online_updates=True, card_settings=SGSD_CARD_SETTINGS,
+    description=("SGSD (Skill-Conditioned Gated Self-Distillation, arXiv 2605.28791; docs/spec.md section 4): the "
+                 "model, given K retrieved (skill, common mistake) pairs as privileged context, scores its own rollout "
+                 "as K teachers; the verifier's verdict and a bounded gate decide, token by token, which teachers it "
+                 "moves toward or away from."),
 ))
 register_method(MethodSpec(
-    name="grpo", settings="grpo", trainer="sgsd.trainers.grpo_trainer:GRPOBaselineTrainer",
+    name="grpo", settings="grpo", sections=("grpo",), trainer="sgsd.trainers.grpo_trainer:GRPOBaselineTrainer",
     needs_bank=lambda cfg: cfg.grpo.skills_in_prompt, prompt_skills=lambda cfg: cfg.grpo.skills_in_prompt,
-    grpo_overrides=_grpo_overrides, validate=_grpo_problems, description="TRL's GRPO (SPEC section 5); +Skill with grpo.skills_in_prompt",
+    grpo_overrides=_grpo_overrides, label=lambda cfg: "GRPO+Skill" if cfg.grpo.skills_in_prompt else "GRPO",
+    card_settings=(*GRPO_CARD_SETTINGS, "grpo.skills_in_prompt"),
+    description=("GRPO (group-relative policy optimization, TRL's GRPOTrainer; docs/spec.md section 5) with the "
+                 "verifier's 0/1 reward; +Skill: retrieved skills in the rollout prompt."),
 ))
 register_method(MethodSpec(
-    name="opsd", settings="opsd", trainer="sgsd.trainers.opsd_trainer:OPSDTrainer",
+    name="opsd", settings="opsd", sections=("opsd",), trainer="sgsd.trainers.opsd_trainer:OPSDTrainer",
+    trainer_kwargs="sgsd.trainers.opsd_trainer:opsd_trainer_kwargs",
     needs_bank=lambda cfg: cfg.opsd.skills, prompt_skills=lambda cfg: cfg.opsd.skills,
-    trainer_kwargs=lambda cfg, context: {"settings": cfg.opsd, "teacher_style": context.teacher_style},
-    validate=_opsd_problems, description="on-policy self-distillation from the reference answer (SPEC section 5)",
+    label=lambda cfg: "OPSD+Skill" if cfg.opsd.skills else "OPSD",
+    card_settings=("opsd.teacher", "opsd.beta", "opsd.sampled_token", "opsd.skills"),
+    description=("OPSD (on-policy self-distillation; docs/spec.md section 5): the same model given the reference "
+                 "answer is the teacher; the loss is a generalized JSD to it on the student's own rollouts."),
 ))
 register_method(MethodSpec(
-    name="sgsd-pg", settings="sgsd_pg", trainer="sgsd.trainers.sgsd_pg_trainer:SGSDPGTrainer",
-    needs_bank=lambda cfg: True, grpo_overrides=_grpo_overrides,
-    trainer_kwargs=lambda cfg, context: {**_sgsd_kwargs(cfg, context), "lambda_sgsd": cfg.sgsd_pg.lambda_sgsd},
-    validate=_sgsd_pg_problems,
-    description="GRPO's loss plus lambda x the SGSD loss on the same rollouts (issue 14; grpo, sgsd, sgsd_pg sections)",
+    name="sgsd-pg", settings="sgsd_pg", sections=("sgsd", "grpo", "sgsd_pg"),
+    trainer="sgsd.trainers.sgsd_pg_trainer:SGSDPGTrainer",
+    trainer_kwargs="sgsd.trainers.sgsd_pg_trainer:sgsd_pg_trainer_kwargs",
+    needs_bank=lambda cfg: True, grpo_overrides=_grpo_overrides, problems=_sgsd_pg_problems, label=lambda cfg: "SGSD+PG",
+    card_settings=("sgsd_pg.lambda_sgsd", *GRPO_CARD_SETTINGS, *SGSD_CARD_SETTINGS),
+    description=("SGSD+PG (docs/methods.md): GRPO's loss plus lambda_sgsd x the SGSD loss on the same rollouts; G "
+                 "completions per prompt, each scored by its problem's K skill teachers."),
 ))

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sgsd.config import PolarityTest, SGSDSettings
+from sgsd.loss_settings import PolarityTest, SGSDSettings
 
 LN2 = math.log(2.0)
 # The paper's values (SPEC section 4), defined once in `SGSDSettings`: the config's defaults and these

@@ -9,6 +9,7 @@ resumed stage skips what is already there. Hashes use SHA-256 of UTF-8 text, nev
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -44,6 +45,32 @@ def check_writable_dir(path: str | os.PathLike, what: str) -> None:
         raise UserError(f"{what} {path}: {ancestor} is a file, not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise UserError(f"{what} {path}: {ancestor} is not writable")
+
+
+# errno values that mean "the disk cannot take this write" (full, over quota, read-only, failing, no permission)
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES}
+# how writers that do not raise an OSError say the same: torch's zip writer ("[enforce fail at
+# inline_container.cc] ... file write failed"), safetensors' IoError (`StorageFull`), numpy, tokenizers
+_STORAGE_TEXT = (("No space left on device", "no space left on device"), ("StorageFull", "no space left on device"),
+                 ("Disk quota exceeded", "disk quota exceeded"), ("Read-only file system", "read-only file system"),
+                 ("file write failed", "the write failed (disk full?)"), ("unexpected pos", "the write failed (disk full?)"))
+
+
+def storage_failure(err: BaseException) -> tuple[str | None, str] | None:
+    """(file, reason) when `err` (or an exception it was raised from) says the disk could not take a
+    write, whichever library raised it; None for any other error."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in STORAGE_ERRNOS:
+            return current.filename, current.strerror or str(current)
+        text = str(current)
+        for needle, reason in _STORAGE_TEXT:
+            if needle in text:
+                return None, reason
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

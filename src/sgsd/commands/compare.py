@@ -108,10 +108,10 @@ def _shared(configs: dict[str, Any], getter: Any, what: str) -> Any:
 
 def plan(args: argparse.Namespace) -> tuple[list[Stage], dict[str, Any], list[str]]:
     """(stages in order, configs by label, differences outside the method sections)."""
-    from sgsd.config import load_config
+    from sgsd.methods import load_run_config
 
     labels = _labels(args)
-    configs = {label: load_config(path, args.overrides) for label, path in zip(labels, args.configs)}
+    configs = {label: load_run_config(path, args.overrides) for label, path in zip(labels, args.configs)}
     if args.max_steps is not None:
         if args.max_steps < 1:
             raise ConfigError(f"compare: --max-steps {args.max_steps}: must be >= 1")

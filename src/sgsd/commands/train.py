@@ -29,14 +29,14 @@ def run(args: argparse.Namespace) -> int:
     import os
     import sys
 
-    from sgsd.config import load_config
+    from sgsd.methods import load_run_config
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from sgsd.distributed import same_on_every_rank
     from sgsd.trainers.run import train
 
     with same_on_every_rank():  # a bad config is found alike by every rank: printed once
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_run_config(args.config, args.overrides)
 
     result = train(cfg, args.output_dir, resume=not args.no_resume, max_steps=args.max_steps,
                    progress=not args.quiet)

@@ -14,7 +14,7 @@ from sgsd.storage import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
     from sgsd.demo.evaluate import AccuracyEstimate
-    from sgsd.demo.run import DemoPlan, MethodRun
+    from sgsd.demo.plan import DemoPlan, MethodRun
     from sgsd.demo.warmup import WarmStart
 
 COLORS = {"base": "#7f7f7f", "grpo": "#1f77b4", "opsd": "#2ca02c", "sgsd": "#d62728", "sgsd-z": "#ff7f0e",
@@ -92,7 +92,7 @@ def _plot(out: Path, curves: dict[str, list[tuple[int, float]]], fractions: dict
           items: dict[str, dict[str, Any]], polarity_label: str = "SGSD") -> list[str]:
     import matplotlib
 
-    from sgsd.demo.run import label
+    from sgsd.demo.plan import label
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -244,7 +244,7 @@ def _findings(methods: dict[str, dict[str, Any]], attribution: dict[str, Any],
         lines.append(f"- The warm start solves {base['mean']:.1%} of held-out problems: almost every reward is the same, "
                      "so training gets almost no signal and this run cannot show differences between methods.")
     compared = compared or {}
-    from sgsd.demo.run import label
+    from sgsd.demo.plan import label
 
     names = [name for name in methods if name != "base"]
     for method in names:
@@ -319,7 +319,7 @@ def write_report(out: Path, *, plan: DemoPlan, warm: WarmStart, base: AccuracyEs
     """results.json, report.md and the plots. `runs` holds the shared-rate runs and, with a learning-rate
     search (`lr_search`), the runs at each method's chosen rate (`tuned`)."""
     from sgsd.demo.bank import item_labels
-    from sgsd.demo.run import DEMO_METHODS, label
+    from sgsd.demo.plan import DEMO_METHODS, label
 
     names = [m for m in plan.methods if any(r.method == m for r in runs)]
     untuned = [r for r in runs if not r.tuned]
@@ -390,7 +390,7 @@ def write_report(out: Path, *, plan: DemoPlan, warm: WarmStart, base: AccuracyEs
 
 
 def _result_rows(methods: dict[str, dict[str, Any]], *, with_lr: bool = False, timing: bool = False) -> str:
-    from sgsd.demo.run import label
+    from sgsd.demo.plan import label
 
     def seconds(m: dict[str, Any]) -> str:
         value = m.get("step_seconds_median")
@@ -404,7 +404,7 @@ def _result_rows(methods: dict[str, dict[str, Any]], *, with_lr: bool = False, t
 
 
 def _comparison_rows(compared: dict[str, dict[str, Any]]) -> str:
-    from sgsd.demo.run import label
+    from sgsd.demo.plan import label
 
     def name(n: str) -> str:
         return n if " " in n else label(n)
@@ -415,7 +415,7 @@ def _comparison_rows(compared: dict[str, dict[str, Any]]) -> str:
 
 
 def _tuning_section(results: dict[str, Any]) -> str:
-    from sgsd.demo.run import label
+    from sgsd.demo.plan import label
 
     search = results["lr_search"]
     if not search:
@@ -456,7 +456,7 @@ problems); the best rate was chosen (a tie goes to the shared rate {plan['learni
 
 
 def _polarity_section(results: dict[str, Any]) -> str:
-    from sgsd.demo.run import label
+    from sgsd.demo.plan import label
 
     rules = results["polarity_rules"]
     if not rules:
@@ -484,7 +484,7 @@ Net polarity (helpful - harmful) / uses per label, separation = net(helpful) - n
 
 
 def _markdown(results: dict[str, Any], plan: Any) -> str:
-    from sgsd.demo.run import DEMO_METHODS, label
+    from sgsd.demo.plan import DEMO_METHODS, label
 
     methods, k = results["methods"], results["k"]
     rows = _result_rows(methods, timing=True)

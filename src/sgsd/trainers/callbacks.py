@@ -102,15 +102,20 @@ class EMAStep(TrainerCallback):
 
 
 class FaultInjection(TrainerCallback):
-    """Test-only: raise on one rank at the start of one optimizer step, to check that a failure on a
-    single rank ends the whole run (nothing hangs in a collective) and leaves the last complete
-    checkpoint intact. Enabled by `SGSD_FAULT_INJECT="rank=R,step=S"` (S counts from 1); never otherwise.
+    """Test-only faults on one rank, enabled by `SGSD_FAULT_INJECT`; never otherwise.
+
+    - `rank=R,step=S`: raise at the start of optimizer step S (counting from 1), to check that a failure
+      on a single rank ends the whole run (nothing hangs in a collective) and leaves the last complete
+      checkpoint intact;
+    - `rank=R,save_delay=SEC`: after Hugging Face saved a checkpoint, that rank sleeps SEC seconds and
+      then writes `late_rank<R>.txt` into it, as a rank whose files take long to write would: the
+      completion marker must wait for it.
     """
 
     ENV = "SGSD_FAULT_INJECT"
 
-    def __init__(self, rank: int, step: int) -> None:
-        self.rank, self.step = rank, step
+    def __init__(self, rank: int, step: int | None = None, save_delay: float | None = None) -> None:
+        self.rank, self.step, self.save_delay = rank, step, save_delay
 
     @classmethod
     def from_env(cls) -> "FaultInjection | None":
@@ -119,14 +124,26 @@ class FaultInjection(TrainerCallback):
             return None
         try:
             fields = dict(part.split("=", 1) for part in spec.split(","))
-            return cls(int(fields["rank"]), int(fields["step"]))
+            step = int(fields["step"]) if "step" in fields else None
+            delay = float(fields["save_delay"]) if "save_delay" in fields else None
+            if (step is None) == (delay is None):
+                raise ValueError("one of step, save_delay")
+            return cls(int(fields["rank"]), step, delay)
         except (KeyError, ValueError):
             from sgsd.errors import ConfigError
 
-            raise ConfigError(f"{cls.ENV}={spec!r}: expected rank=R,step=S") from None
+            raise ConfigError(f"{cls.ENV}={spec!r}: expected rank=R,step=S or rank=R,save_delay=SECONDS") from None
 
     def on_step_begin(self, args, state, control, **kwargs):
         from sgsd.distributed import rank
 
-        if rank() == self.rank and state.global_step + 1 == self.step:
+        if self.step is not None and rank() == self.rank and state.global_step + 1 == self.step:
             raise RuntimeError(f"fault injected by {self.ENV} on rank {self.rank} at step {self.step}")
+
+    def on_save(self, args, state, control, **kwargs):
+        from sgsd.distributed import rank
+
+        if self.save_delay is not None and rank() == self.rank:
+            time.sleep(self.save_delay)
+            late = Path(args.output_dir) / f"checkpoint-{state.global_step}" / f"late_rank{self.rank}.txt"
+            late.write_text(f"written {self.save_delay} s after the save\n")

@@ -11,26 +11,16 @@ the settings that were used, not the ones a reader assumes. Written atomically, 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transformers import TrainerCallback
 
 from sgsd.run_dir import RUN_FILES, RunRecord, read_run_record
 
-METHOD_LINES = {
-    "sgsd": ("SGSD (Skill-Conditioned Gated Self-Distillation, arXiv 2605.28791): the model, given K retrieved "
-             "(skill, common mistake) pairs as privileged context, scores its own rollout as K teachers; the "
-             "verifier's verdict and a bounded gate decide, token by token, which teachers it moves toward or away from."),
-    "grpo": "GRPO (group-relative policy optimization, TRL's GRPOTrainer) with the verifier's 0/1 reward.",
-    "opsd": ("OPSD (on-policy self-distillation): the same model given the reference answer is the teacher; "
-             "the loss is a generalized JSD to it on the student's own rollouts."),
-}
-# settings shown per method, besides the shared ones (dotted keys of the resolved config)
-METHOD_SETTINGS = {
-    "sgsd": ("sgsd.num_teachers", "skills.retrieval", "sgsd.teacher", "sgsd.gate_tau", "sgsd.clip_delta",
-             "sgsd.confidence_threshold", "sgsd.local_support_top_k", "skills.online.enabled"),
-    "grpo": ("grpo.num_generations", "grpo.epsilon", "grpo.beta", "grpo.loss_type", "grpo.skills_in_prompt"),
-    "opsd": ("opsd.teacher", "opsd.beta", "opsd.sampled_token", "opsd.skills"),
-}
+if TYPE_CHECKING:
+    from sgsd.config import RunConfig
+    from sgsd.methods import MethodSpec
+
 SHARED_SETTINGS = ("training.max_steps", "training.learning_rate", "training.lr_scheduler",
                    "training.prompts_per_device", "training.gradient_accumulation_steps", "training.seed",
                    "generation.max_new_tokens", "generation.temperature", "generation.top_p",
@@ -45,19 +35,21 @@ def render_model_card(run_dir: Path, step: int, *, in_progress: bool = False) ->
     """Markdown model card of the run in `run_dir` at `step` (from its resolved config and metrics)."""
     record = read_run_record(run_dir) or RunRecord({})
     method = str(record.setting("method", "sgsd"))
+    spec, cfg = _registered(record, method)
+    name = spec.display_name(cfg) if spec and cfg else method.upper()
     base = str(record.setting("model.name_or_path", "?"))
     max_steps = record.setting("training.max_steps")
-    title = f"{run_dir.resolve().name}: {_method_name(record, method)} on {base}"
+    title = f"{run_dir.resolve().name}: {name} on {base}"
     status = f"in progress, step {step} of {max_steps}" if in_progress else f"complete at step {step}"
     lines = ["---", "library_name: transformers", *(["base_model: " + base] if _is_hub_id(base) else []),
              "tags:", *sorted({"- sgsd", f"- {method}"}), "- math-reasoning", "---", "", f"# {title}", "",
              f"Trained with `sgsd` {record.provenance.get('versions', {}).get('sgsd', '')} ({status}).", "",
-             METHOD_LINES.get(method, method), "", "| | |", "| --- | --- |",
-             f"| method | {_method_name(record, method)} |", f"| base model | `{base}` |",
-             f"| data | {_data_line(record)} |", f"| skill bank | {_bank_line(record, method, run_dir)} |",
+             (spec.description if spec and spec.description else method), "", "| | |", "| --- | --- |",
+             f"| method | {name} |", f"| base model | `{base}` |",
+             f"| data | {_data_line(record)} |", f"| skill bank | {_bank_line(record, run_dir)} |",
              f"| git revision | `{record.provenance.get('git_revision') or 'unknown'}` |", "",
              "## Key settings", "", "| setting | value |", "| --- | --- |"]
-    for key in (*METHOD_SETTINGS.get(method, ()), *SHARED_SETTINGS):
+    for key in (*(spec.card_settings if spec else ()), *SHARED_SETTINGS):
         lines.append(f"| `{key}` | {record.setting(key)!r} |")
     lines += ["", "Every setting: `resolved_config.yaml`.", "", *_metrics_section(run_dir / "metrics.jsonl", step, in_progress),
               "", "## Use", "", "```bash", f"sgsd eval --model {run_dir} --benchmarks aime24,aime25,hmmt25 "
@@ -87,11 +79,17 @@ class ModelCardWriter(TrainerCallback):
             write_model_card(self.run_dir, state.global_step, in_progress=True)
 
 
-def _method_name(record: RunRecord, method: str) -> str:
-    name = method.upper()
-    if (method == "grpo" and record.setting("grpo.skills_in_prompt")) or (method == "opsd" and record.setting("opsd.skills")):
-        name += "+Skill"
-    return name
+def _registered(record: RunRecord, method: str) -> "tuple[MethodSpec | None, RunConfig | None]":
+    """The run's registered method and its config rebuilt from the record (None, None for a method this
+    process does not know or a record it cannot read: the card then names the method as written)."""
+    from sgsd.config import config_from_dict
+    from sgsd.errors import UserError
+    from sgsd.methods import method_spec
+
+    try:
+        return method_spec(method), config_from_dict(record.config)
+    except (KeyError, UserError):
+        return None, None
 
 
 def _is_hub_id(spec: str) -> bool:
@@ -110,20 +108,15 @@ def _data_line(record: RunRecord) -> str:
             f"{report.get('duplicates', 0)} duplicates)")
 
 
-def _bank_line(record: RunRecord, method: str, run_dir: Path) -> str:
-    bank_path = record.setting("skills.bank")
-    uses_bank = method == "sgsd" or record.setting("grpo.skills_in_prompt") or record.setting("opsd.skills")
-    if not bank_path or not uses_bank:
+def _bank_line(record: RunRecord, run_dir: Path) -> str:
+    """The skill bank the run used, as recorded when it started (a bank file changed later does not
+    change the card); "none" for a run that used none."""
+    bank = (record.provenance.get("inputs") or {}).get("skill bank")
+    if not isinstance(bank, dict):
         return "none"
-    try:
-        from sgsd.skills.bank import load_bank
-
-        bank = load_bank(bank_path)
-        counts = f" ({len(bank.general_skills)} skills, {len(bank.common_mistakes)} mistakes, version {bank.version})"
-    except Exception:  # noqa: BLE001 - the card describes the run; a moved bank must not fail training
-        counts = " (file no longer readable)"
     online = "; updated online: skills/latest.json" if (run_dir / "skills" / "latest.json").exists() else ""
-    return f"`{bank_path}`{counts}{online}"
+    return (f"`{bank.get('source')}` ({bank.get('skills')} skills, {bank.get('mistakes')} mistakes, version "
+            f"{bank.get('version')}, sha256 {str(bank.get('sha256'))[:12]}){online}")
 
 
 def _metrics_section(path: Path, step: int, in_progress: bool) -> list[str]:

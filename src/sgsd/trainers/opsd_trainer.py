@@ -23,7 +23,7 @@ for a live or EMA teacher whatever `steps_per_generation` is.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,6 +34,10 @@ from sgsd.prompts import ChatStyle, opsd_teacher_prompt, reference_from_answer, 
 from sgsd.scoring import HeadWeights, hidden_for_completion, left_pad, lm_parts, opsd_loss_from_hidden, token_logprobs
 from sgsd.trainers.teacher_weights import SelfTeacher
 from sgsd.trl_adapter import HookedGRPOTrainer
+
+if TYPE_CHECKING:
+    from sgsd.config import RunConfig
+    from sgsd.methods import TrainerContext
 
 
 class OPSDTrainer(SelfTeacher, HookedGRPOTrainer):
@@ -107,3 +111,8 @@ class OPSDTrainer(SelfTeacher, HookedGRPOTrainer):
                 self.record_metric(f"opsd/{key}", value)
         self.record_metric("opsd/completion_tokens", completion_mask.sum(-1).float().mean())
         return out.loss
+
+
+def opsd_trainer_kwargs(cfg: "RunConfig", context: "TrainerContext") -> dict[str, Any]:
+    """OPSDTrainer's own constructor arguments (the registry names this function for `opsd`)."""
+    return {"settings": cfg.opsd, "teacher_style": context.teacher_style}

@@ -1,48 +1,60 @@
 """Build a trainer from a `RunConfig` and train: the one code path for the laptop and the GPU cluster.
 
-The orchestrator knows no method by name: the method's registry entry (`sgsd.methods`) says whether
-it needs a skill bank, whether retrieved skills go into the rollout prompt, which GRPOConfig settings
-it fixes and how its trainer is built. Everything the user gave is checked before the output
-directory is touched (config, data, skill bank, model, prompt lengths, enough problems for one step),
-so bad input leaves nothing half-written; what a rerun into an existing directory does (nothing, for a
-finished run) is decided first (`sgsd.trainers.preflight`). The checkpoint and resume lifecycle is
-`sgsd.trainers.checkpoints`.
-
-The run directory holds the files of `sgsd.run_dir.RUN_FILES`: `README.md` (the model card,
-`sgsd.trainers.model_card`), `resolved_config.yaml` (with the git revision and package versions),
-`metrics.jsonl`, `checkpoint-<step>/` directories, skill-bank snapshots and attribution when enabled,
-and `final/` (the model or LoRA adapter and tokenizer in Hugging Face format), written to a temporary
-name and renamed when complete.
+`train` reads top to bottom: plan what rerunning into the run directory means (`sgsd.run_dir`: start,
+resume from the newest intact checkpoint, only write `final/`, or nothing), check everything the user
+gave (config, data, skill bank and their content against a resumed run's, model, prompt lengths,
+enough problems for one step) before the directory is written, build the trainer, train, and publish
+`final/`. The main process holds the directory's lock the whole time, so no second command writes
+into it. The orchestrator knows no method by name: the method's registry entry (`sgsd.methods`) says
+whether it needs a skill bank, whether retrieved skills go into the rollout prompt, which GRPOConfig
+settings it fixes and how its trainer is built. The trainer's own state in a checkpoint is
+`sgsd.trainers.checkpoints`; the files of a run directory are listed in `sgsd.run_dir.RUN_FILES`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from sgsd.config import RunConfig, dump_config
-from sgsd.distributed import is_main_process, rank_local, same_on_every_rank
-from sgsd.errors import ConfigError
-from sgsd.methods import MethodSpec, TrainerContext, method_spec
+from sgsd.distributed import announce, is_main_process, launched_world_size, rank_local, same_on_every_rank
+from sgsd.errors import ConfigError, UserError
+from sgsd.methods import MethodSpec, TrainerContext, check_run_config, method_spec
 from sgsd.prompts import ChatStyle
 from sgsd.provenance import provenance
-from sgsd.trainers.checkpoints import (
+from sgsd.run_dir import (
     COMPLETE_MARKER,
+    RESOLVED_CONFIG,
+    Rerun,
+    check_inputs_unchanged,
     check_output_dir,
-    checkpoint_step,
     check_resume_config,
-    complete_checkpoints,
-    completion_marker,
-    restore_extra_state,
+    checkpoint_step,
+    fresh_staging,
+    locked,
+    plan_rerun,
+    publish_final,
+    resolved_config_text,
+    scan_checkpoints,
+    set_aside,
     storage_errors,
-    write_complete_marker,
 )
-from sgsd.trainers.preflight import (Rerun, announce, check_deepspeed_config, check_problems_per_step, check_trained, plan_rerun,
-                                     write_final_from_checkpoint)
+from sgsd.trainers.checkpoints import CompletionMarker, restore_extra_state, write_final_from_checkpoint
+from sgsd.trainers.preflight import check_deepspeed_config, check_problems_per_step
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from trl import GRPOConfig, GRPOTrainer
+
+    from sgsd.data import Problem
+    from sgsd.skills.bank import SkillBank
+    from sgsd.skills.retrieval import Retriever
 
 __all__ = ["COMPLETE_MARKER", "PreparedRun", "TrainResult", "prepare_run", "resolve_device", "train"]
 
@@ -74,76 +86,114 @@ def resolve_device(cfg: RunConfig) -> tuple[bool, bool]:
 def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool = True,
           reward_funcs: Sequence[Callable[..., list[float]]] | None = None, max_steps: int | None = None,
           progress: bool = True, rollout_func: Callable[..., dict[str, Any]] | None = None) -> TrainResult:
-    """Train `cfg` into `output_dir` (resuming its latest complete checkpoint unless `resume=False`).
+    """Train `cfg` into `output_dir` (resuming its newest intact checkpoint unless `resume=False`).
 
-    Every process of a distributed launch (torchrun, accelerate) runs this same function. The checks
-    before training read only, on every rank, and raise the same error on every rank (marked
-    `same_on_every_rank`, so the CLI prints it once); the run directory is written by the main
-    process after all ranks have passed them.
-    rollout_func: TRL's (experimental) custom rollout hook, passed through: `(prompts, trainer) ->
+    Reads top to bottom as plan, check, build, train, publish. Every process of a distributed launch
+    (torchrun, accelerate) runs this same function; the main process holds the directory's lock for
+    the whole run. The checks before training read only, on every rank, and raise the same error on
+    every rank (marked `same_on_every_rank`, so the CLI prints it once); the run directory is written
+    by the main process after all ranks have passed them. `cfg` is not changed (`max_steps` applies to a
+    copy). rollout_func: TRL's (experimental) custom rollout hook, passed through: `(prompts, trainer) ->
     {"prompt_ids", "completion_ids", "logprobs"}`; the tests use it to train on fixed completions.
     """
+    cfg = with_max_steps(cfg, max_steps)
+    out = output_directory(cfg, output_dir)
     with same_on_every_rank():
-        run = prepare_run(cfg, output_dir, resume=resume, reward_funcs=reward_funcs, max_steps=max_steps,
-                          progress=progress, rollout_func=rollout_func)
-    return run.train()
+        check_run_config(cfg)
+    with locked(out, holder=is_main_process()):
+        with same_on_every_rank():
+            rerun = plan_run(cfg, out, resume)
+        if rerun.action in ("complete", "finish"):
+            return _finish_without_training(out, rerun)
+        with same_on_every_rank():
+            run = _build(cfg, out, rerun, reward_funcs=reward_funcs, progress=progress, rollout_func=rollout_func)
+        return run.train()
+
+
+def with_max_steps(cfg: RunConfig, max_steps: int | None) -> RunConfig:
+    """`cfg` with `training.max_steps` replaced (a copy; `cfg` itself is unchanged)."""
+    if max_steps is None:
+        return cfg
+    return dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, max_steps=max_steps))
+
+
+def output_directory(cfg: RunConfig, output_dir: str | Path | None) -> Path:
+    out = Path(output_dir or cfg.training.output_dir or "").expanduser()
+    if not str(out) or str(out) == ".":
+        raise ConfigError("no output directory: pass --output-dir or set training.output_dir")
+    return out
+
+
+def plan_run(cfg: RunConfig, out: Path, resume: bool) -> Rerun:
+    """What this run does in `out` (start, resume, finish, complete), checked against the run it continues."""
+    check_output_dir(out, resume)
+    rerun = plan_rerun(out, cfg.training.max_steps, launched_world_size()) if resume else Rerun("start")
+    if rerun.action != "start":
+        check_resume_config(out, dump_config(cfg))
+    for skipped in rerun.skipped:
+        announce(f"{skipped}; not resumed from")
+    return rerun
 
 
 @dataclass
 class PreparedRun:
     """A trainer built and restored to where the run directory left off, ready to `train()`."""
 
-    trainer: Any
+    trainer: GRPOTrainer
     output_dir: Path
-    tokenizer: Any
-    resume_from: Path | None
+    tokenizer: PreTrainedTokenizerBase
+    rerun: Rerun
     broken: list[Path]
-    rerun: Rerun | None = None  # a run already at max_steps (`complete`, `finish`): no trainer
+
+    @property
+    def resume_from(self) -> Path | None:
+        return self.rerun.checkpoint if self.rerun.action == "resume" else None
 
     def train(self) -> TrainResult:
-        if self.rerun is not None and self.rerun.action in ("complete", "finish"):
-            return _finish_without_training(self.output_dir, self.rerun)
         trainer, out, resume_from = self.trainer, self.output_dir, self.resume_from
-        final = out / "final"
         with rank_local(), storage_errors(out):
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-            check_trained(trainer.state.global_step, checkpoint_step(resume_from) if resume_from else 0)
-            staging = out / "final.tmp"
-            if trainer.accelerator.is_main_process and staging.exists():
-                shutil.rmtree(staging)
+            start = checkpoint_step(resume_from) if resume_from else 0
+            if trainer.state.global_step <= start:
+                raise UserError(f"training ended at step {trainer.state.global_step} without taking a step (the "
+                                "data loader yielded no full batch); no final model was written")
+            main = trainer.accelerator.is_main_process
+            staging = fresh_staging(out) if main else out / "final.tmp"
             trainer.accelerator.wait_for_everyone()
             trainer.save_model(str(staging))  # every rank calls it (ZeRO-3 gathers); the main process writes
-            if trainer.accelerator.is_main_process:
+            if main:
                 self.tokenizer.save_pretrained(str(staging))
-                _publish_final(out, staging, trainer.state.global_step)
+                _publish(out, staging, trainer.state.global_step)
             trainer.accelerator.wait_for_everyone()
-        return TrainResult(out, final, trainer.state.global_step, str(resume_from) if resume_from else None,
+        return TrainResult(out, out / "final", trainer.state.global_step, str(resume_from) if resume_from else None,
                            [str(p) for p in self.broken])
 
 
 def prepare_run(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool = True,
                 reward_funcs: Sequence[Callable[..., list[float]]] | None = None, max_steps: int | None = None,
                 progress: bool = True, rollout_func: Callable[..., dict[str, Any]] | None = None) -> PreparedRun:
-    """Everything `train` does before the first step: checks, run directory, trainer, restored state."""
+    """Everything `train` does before the first step (without the lock): plan, checks, run directory,
+    trainer, restored state. For a run that has nothing left to train, a `UserError`."""
+    cfg = with_max_steps(cfg, max_steps)
+    out = output_directory(cfg, output_dir)
+    check_run_config(cfg)
+    rerun = plan_run(cfg, out, resume)
+    if rerun.action in ("complete", "finish"):
+        raise UserError(f"output directory {out}: nothing to train ({rerun.action}); `train` writes what is left")
+    return _build(cfg, out, rerun, reward_funcs=reward_funcs, progress=progress, rollout_func=rollout_func)
+
+
+def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Callable[..., list[float]]] | None,
+           progress: bool, rollout_func: Callable[..., dict[str, Any]] | None) -> PreparedRun:
+    """Check everything the user gave, then write the run's record and build the trainer."""
     from transformers import set_seed
 
     from sgsd.data import load_problems, training_dataset
     from sgsd.models import load_model, load_tokenizer
     from sgsd.trainers.callbacks import EMAStep, FaultInjection, MetricsWriter, StepTimer
 
-    out = Path(output_dir or cfg.training.output_dir or "").expanduser()
-    if not str(out) or str(out) == ".":
-        raise ConfigError("no output directory: pass --output-dir or set training.output_dir")
-    if max_steps is not None:
-        cfg.training.max_steps = max_steps
-    cfg.validate()
     spec = method_spec(cfg.method)
-    resume_from = check_output_dir(out, resume)
-    rerun = plan_rerun(out, cfg.training.max_steps, resume_from) if resume else Rerun("start")
-    if rerun.action != "start":
-        check_resume_config(out, cfg)
-    if rerun.action in ("complete", "finish"):  # nothing to train: PreparedRun.train only reports or saves
-        return PreparedRun(None, out, None, rerun.checkpoint, [], rerun)
+    resume_from = rerun.checkpoint if rerun.action == "resume" else None
     use_cpu, bf16 = resolve_device(cfg)
     set_seed(cfg.training.seed)
     if not progress:
@@ -161,10 +211,13 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path | None = None, *, resume:
         if note:
             announce(note)
     check_problems_per_step(cfg, len(problems))
-    if rerun.finished_step is not None:
+    bank, retriever = _load_skills(cfg) if spec.needs_bank(cfg) else (None, None)
+    inputs = input_identities(cfg.data.path, problems, cfg.skills.bank, bank)
+    if resume_from is not None:
+        check_inputs_unchanged(out, inputs)
+    if rerun.finished_step is not None and resume_from is not None:
         announce(f"continuing {out} from {resume_from.name} (complete at step {rerun.finished_step}) to step "
                  f"{cfg.training.max_steps}; the learning-rate schedule follows max_steps={cfg.training.max_steps}")
-    bank, retriever = _load_skills(cfg) if spec.needs_bank(cfg) else (None, None)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     model = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype, tokenizer=tokenizer)
     if cfg.model.attn_implementation:
@@ -182,9 +235,8 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path | None = None, *, resume:
         from sgsd.storage import atomic_write_text
 
         out.mkdir(parents=True, exist_ok=True)
-        resolved = dump_config(cfg) + "\n# provenance: " + json.dumps(
-            {**provenance(), "data": report.__dict__}, indent=None) + "\n"
-        atomic_write_text(out / "resolved_config.yaml", resolved)
+        record = {**provenance(), "world_size": args.world_size, "data": report.__dict__, "inputs": inputs}
+        atomic_write_text(out / RESOLVED_CONFIG, resolved_config_text(dump_config(cfg), record))
 
     if reward_funcs is None:
         from sgsd.verify import AccuracyReward
@@ -192,7 +244,7 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path | None = None, *, resume:
         reward_funcs = [AccuracyReward(extract=cfg.reward.extract)]
     metrics = MetricsWriter(out / "metrics.jsonl")
     timer, ema_step = StepTimer(), EMAStep()
-    callbacks: list[Any] = [metrics, timer, ema_step]
+    callbacks: list[TrainerCallback] = [metrics, timer, ema_step]
     fault = FaultInjection.from_env()
     if fault is not None:
         callbacks.append(fault)
@@ -201,22 +253,43 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path | None = None, *, resume:
     trainer = spec.trainer_class()(
         model=model, reward_funcs=list(reward_funcs), args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=_peft_config(cfg), callbacks=callbacks,
-        **({"rollout_func": rollout_func} if rollout_func is not None else {}), **spec.trainer_kwargs(cfg, context))
+        **({"rollout_func": rollout_func} if rollout_func is not None else {}), **spec.constructor_kwargs(cfg, context))
     timer.trainer = ema_step.trainer = trainer
-    trainer.add_callback(completion_marker(trainer, cfg.training.save_total_limit))
+    trainer.add_callback(CompletionMarker(trainer, cfg.training.save_total_limit))
     from sgsd.trainers.console import use_step_lines
     from sgsd.trainers.model_card import ModelCardWriter
 
     use_step_lines(trainer, progress)  # one line per logging step; every key is in metrics.jsonl
     trainer.add_callback(ModelCardWriter(out))  # replaces TRL's generic README.md after each checkpoint
 
-    _, broken = complete_checkpoints(out)
+    scan = scan_checkpoints(out)
+    if is_main_process():  # checkpoints newer than the resumed one were passed over: keep them aside
+        newer = [p for p in scan.complete if resume_from is not None and checkpoint_step(p) > checkpoint_step(resume_from)]
+        set_aside(newer)
     if resume_from is not None:
         metrics.truncate_after(checkpoint_step(resume_from))
         restore_extra_state(trainer, resume_from)
     elif metrics.records:
         metrics.truncate_after(0)
-    return PreparedRun(trainer, out, tokenizer, resume_from, broken)
+    return PreparedRun(trainer, out, tokenizer, rerun, scan.incomplete)
+
+
+def input_identities(data_source: str, problems: Sequence[Problem], bank_source: str | None,
+                     bank: SkillBank | None) -> dict[str, dict[str, Any]]:
+    """What the run trains on, by content: the data (its problems and answers, in order) and the skill
+    bank (its items), each with a SHA-256, recorded at the start and compared on resume."""
+    rows = [[p.problem_id, p.problem, p.answer] for p in problems]
+    inputs: dict[str, dict[str, Any]] = {"data": {
+        "source": data_source, "problems": len(rows),
+        "sha256": hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode("utf-8")).hexdigest()}}
+    if bank is not None:
+        items = bank.to_json()
+        content = {"general_skills": items["general_skills"], "common_mistakes": items["common_mistakes"]}
+        inputs["skill bank"] = {
+            "source": bank_source, "version": bank.version, "skills": len(bank.general_skills),
+            "mistakes": len(bank.common_mistakes),
+            "sha256": hashlib.sha256(json.dumps(content, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()}
+    return inputs
 
 
 def _finish_without_training(out: Path, rerun: Rerun) -> TrainResult:
@@ -229,28 +302,19 @@ def _finish_without_training(out: Path, rerun: Rerun) -> TrainResult:
     if not is_main_process():  # no collectives here: the main process alone writes final/
         return TrainResult(out, out / "final", step, str(rerun.checkpoint))
     with storage_errors(out):
-        staging = out / "final.tmp"
-        if staging.exists():
-            shutil.rmtree(staging)
+        staging = fresh_staging(out)
         write_final_from_checkpoint(rerun.checkpoint, staging)
-        _publish_final(out, staging, step)
+        _publish(out, staging, step)
     return TrainResult(out, out / "final", step, str(rerun.checkpoint))
 
 
-def _publish_final(out: Path, staging: Path, step: int) -> None:
-    """Complete final/'s staging folder (the step marker last, then the model card) and move it into place
-    (main process)."""
+def _publish(out: Path, staging: Path, step: int) -> None:
     from sgsd.trainers.model_card import write_model_card
 
-    write_complete_marker(staging, step)
-    write_model_card(out, step, staging)
-    final = out / "final"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    publish_final(out, staging, step, complete=lambda folder: write_model_card(out, step, folder))
 
 
-def _load_skills(cfg: RunConfig) -> tuple[Any, Any]:
+def _load_skills(cfg: RunConfig) -> tuple["SkillBank", "Retriever"]:
     from sgsd.skills.bank import load_bank
     from sgsd.skills.retrieval import make_retriever
 
@@ -259,7 +323,7 @@ def _load_skills(cfg: RunConfig) -> tuple[Any, Any]:
     return bank, retriever
 
 
-def _skill_blocks(cfg: RunConfig, retriever: Any, problems: Sequence[str]) -> list[str]:
+def _skill_blocks(cfg: RunConfig, retriever: "Retriever", problems: Sequence[str]) -> list[str]:
     """Top skills and top mistakes rendered as one guidance block per problem ("+Skill" variants)."""
     from sgsd.prompts import render_guidance
 
@@ -272,7 +336,7 @@ def _teacher_style(cfg: RunConfig) -> ChatStyle:
     return ChatStyle(cfg.prompt.enable_thinking if teacher_thinking is None else teacher_thinking)
 
 
-def _peft_config(cfg: RunConfig) -> Any:
+def _peft_config(cfg: RunConfig) -> "LoraConfig | None":
     if not cfg.model.lora.enabled:
         return None
     from peft import LoraConfig
@@ -282,7 +346,7 @@ def _peft_config(cfg: RunConfig) -> Any:
                       task_type="CAUSAL_LM")
 
 
-def _grpo_config(cfg: RunConfig, spec: MethodSpec, out: Path, *, use_cpu: bool, bf16: bool, progress: bool) -> Any:
+def _grpo_config(cfg: RunConfig, spec: MethodSpec, out: Path, *, use_cpu: bool, bf16: bool, progress: bool) -> "GRPOConfig":
     """TRL's GRPOConfig from the run config; the method fixes generations per prompt, beta and
     whether vLLM's importance-sampling correction runs (an extra forward that only GRPO uses)."""
     from sgsd.trl_adapter import make_grpo_config

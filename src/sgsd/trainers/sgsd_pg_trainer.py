@@ -23,12 +23,16 @@ accumulation scaling), TRL's GRPO metrics (`clip_ratio/*`, `train/entropy`, `kl`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sgsd.trainers.grpo_trainer import record_group_diagnostics
-from sgsd.trainers.sgsd_trainer import SGSDTrainer
+from sgsd.trainers.sgsd_trainer import SGSDTrainer, sgsd_trainer_kwargs
+
+if TYPE_CHECKING:
+    from sgsd.config import RunConfig
+    from sgsd.methods import TrainerContext
 
 
 class SGSDPGTrainer(SGSDTrainer):
@@ -54,3 +58,8 @@ class SGSDPGTrainer(SGSDTrainer):
         if not finite:
             return self.skip_nonfinite_step(model)
         return pg_loss + (self.lambda_sgsd / accumulation) * sgsd_loss
+
+
+def sgsd_pg_trainer_kwargs(cfg: "RunConfig", context: "TrainerContext") -> dict[str, Any]:
+    """SGSD's constructor arguments plus lambda_sgsd (the registry names this function for `sgsd-pg`)."""
+    return {**sgsd_trainer_kwargs(cfg, context), "lambda_sgsd": cfg.sgsd_pg.lambda_sgsd}

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from sgsd.config import SGSDSettings
+from sgsd.loss_settings import SGSDSettings
 from sgsd.lm_head import resolve_chunk_tokens
 from sgsd.loss_phase import active_rollouts, sgsd_loss_phase
 from sgsd.objectives import masked_mean
@@ -36,6 +36,8 @@ from sgsd.trainers.teacher_weights import SelfTeacher
 from sgsd.trl_adapter import HookedGRPOTrainer
 
 if TYPE_CHECKING:
+    from sgsd.config import RunConfig
+    from sgsd.methods import TrainerContext
     from sgsd.skills.bank import SkillBank
     from sgsd.skills.retrieval import Retriever
     from sgsd.skills.teachers import Teacher
@@ -219,3 +221,12 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
         """Every rank, every loss step, even with no rows: the observers gather over ranks."""
         for observer in self.observers:
             observer.on_polarity(self, records, polarity, support, weights)
+
+
+def sgsd_trainer_kwargs(cfg: "RunConfig", context: "TrainerContext") -> dict[str, Any]:
+    """SGSDTrainer's own constructor arguments (the registry names this function for `sgsd`)."""
+    from sgsd.trainers.skill_hooks import make_observers
+
+    return {"teacher_source": TeacherSource(context.bank, context.retriever, cfg.sgsd.num_teachers),
+            "settings": cfg.sgsd, "student_style": context.student_style, "teacher_style": context.teacher_style,
+            "observers": make_observers(cfg, context.output_dir)}

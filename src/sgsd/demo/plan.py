@@ -1,0 +1,134 @@
+"""The demo's vocabulary: which methods it can train (`DemoMethod`), how much it runs (`DemoPlan` and
+its presets), and what one training run produced (`MethodRun`). Shared by `sgsd.demo.run`, which runs
+the plan, and `sgsd.demo.report`, which writes what it found; neither imports the other's internals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sgsd.demo.evaluate import AccuracyEstimate
+
+
+@dataclass(frozen=True)
+class DemoMethod:
+    """One method the demo can train: a registered method (`sgsd.methods`) plus the recipe keys that make
+    the variant (e.g. `sgsd-z` is `method: sgsd` with `sgsd.polarity_test: z`)."""
+
+    name: str
+    method: str
+    overrides: tuple[str, ...] = ()
+    grouped: bool = False  # G completions per prompt: prompts per step = rollouts per step / G
+    polarity: bool = False  # scores rollouts with K skill teachers: logs polarity and attribution
+    label: str = ""  # how tables name it
+    description: str = ""
+
+
+DEMO_METHODS: dict[str, DemoMethod] = {m.name: m for m in (
+    DemoMethod("grpo", "grpo", grouped=True, label="GRPO", description="TRL's GRPO, G completions per prompt"),
+    DemoMethod("grpo-skill", "grpo", ("grpo.skills_in_prompt=true", "skills.prompt_top_k=1"), grouped=True,
+               label="GRPO+Skill", description="GRPO with one retrieved (skill, mistake) pair in the rollout prompt"),
+    DemoMethod("opsd", "opsd", label="OPSD", description="self-distillation from the reference-answer teacher"),
+    DemoMethod("opsd-skill", "opsd", ("opsd.skills=true", "skills.prompt_top_k=1"), label="OPSD+Skill",
+               description="OPSD with one retrieved (skill, mistake) pair in both prompts"),
+    DemoMethod("sgsd", "sgsd", polarity=True, label="SGSD",
+               description="the paper's method: K skill teachers, threshold polarity test"),
+    DemoMethod("sgsd-z", "sgsd", ("sgsd.polarity_test=z",), polarity=True, label="SGSD-z",
+               description="SGSD with the length-free polarity test (z = 1.96)"),
+    DemoMethod("sgsd-z1", "sgsd", ("sgsd.polarity_test=z", "sgsd.polarity_z=1.0"), polarity=True, label="SGSD-z1",
+               description="SGSD with the length-free polarity test at z = 1.0 (a two-sided 32% level)"),
+    DemoMethod("sgsd-pg", "sgsd-pg", ("sgsd_pg.lambda_sgsd=1.0",), grouped=True, polarity=True, label="SGSD+PG",
+               description="GRPO's loss + 1.0 x SGSD's loss on the same rollouts"),
+)}
+DEFAULT_METHODS = ("grpo", "opsd", "sgsd")  # what fits the full demo's time budget
+
+
+def label(name: str) -> str:
+    """How reports name a method ("base" -> Base, "sgsd-pg" -> SGSD+PG)."""
+    return "Base" if name == "base" else DEMO_METHODS[name].label if name in DEMO_METHODS else name.upper()
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """`--methods grpo,sgsd,...`: known names, each once, in the order given."""
+    from sgsd.errors import UserError
+
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise UserError("--methods: name at least one method")
+    unknown = [n for n in names if n not in DEMO_METHODS]
+    if unknown:
+        raise UserError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(DEMO_METHODS)}")
+    if len(set(names)) != len(names):
+        raise UserError(f"--methods: {text!r} names a method twice")
+    return names
+
+
+def parse_lr_grid(text: str) -> tuple[float, ...]:
+    """`--lr-grid 3e-5,1e-4,3e-4`: positive, finite, distinct learning rates, in ascending order."""
+    import math
+
+    from sgsd.errors import UserError
+
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            value = float(part)
+        except ValueError:
+            raise UserError(f"--lr-grid: {part!r} is not a number") from None
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"--lr-grid: {part} is not a positive learning rate")
+        values.append(value)
+    if len(set(values)) != len(values):
+        raise UserError(f"--lr-grid: {text!r} names a rate twice")
+    return tuple(sorted(values))
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    preset: str
+    steps: int
+    eval_every: int
+    prompts_per_step: int  # rollouts per step (grouped methods: prompts_per_step / G prompts x G completions)
+    grpo_generations: int
+    eval_problems: int  # held-out problems for the final avg@k
+    curve_problems: int  # held-out problems for the accuracy-over-steps curve
+    k: int
+    seeds: tuple[int, ...]
+    # Training problems kept out of every run's training data, for choosing learning rates (--tune-lr):
+    # held out whether or not this run tunes, so tuned and untuned runs train on the same problems.
+    validation_problems: int = 200
+    learning_rate: float = 1e-4
+    lr_grid: tuple[float, ...] = (3e-5, 1e-4, 3e-4)
+    tuning_seed: int = 100  # the training seed of the --tune-lr runs: none of the evaluation seeds
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    tune_lr: bool = False
+    num_teachers: int = 4
+    # 0.02, not the trainers' 0.05: at 0.05 most of this tiny model's teachers are neutral (59-91% of
+    # helpful and 88-96% of irrelevant ones in the warm starts measured; `python -m sgsd.demo.measure`
+    # prints the polarity table per threshold).
+    confidence_threshold: float = 0.02
+    max_new_tokens: int = 64
+
+
+QUICK = DemoPlan(preset="quick", steps=6, eval_every=3, prompts_per_step=16, grpo_generations=4,
+                 eval_problems=100, curve_problems=40, k=2, seeds=(0,), validation_problems=100)
+FULL = DemoPlan(preset="full", steps=30, eval_every=6, prompts_per_step=32, grpo_generations=4,
+                eval_problems=200, curve_problems=60, k=4, seeds=(0, 1, 2), validation_problems=200)
+# Checks that every part runs (tests): its numbers mean nothing.
+SMOKE = DemoPlan(preset="smoke", steps=2, eval_every=2, prompts_per_step=8, grpo_generations=4,
+                 eval_problems=16, curve_problems=8, k=1, seeds=(0,), validation_problems=16,
+                 lr_grid=(1e-4, 3e-4), num_teachers=2, max_new_tokens=48)
+PRESETS = {plan.preset: plan for plan in (FULL, QUICK, SMOKE)}
+
+
+@dataclass
+class MethodRun:
+    method: str
+    seed: int
+    run_dir: Path
+    final: AccuracyEstimate
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    tuned: bool = False  # the learning rate --tune-lr chose (which may be the default)

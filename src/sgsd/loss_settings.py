@@ -1,0 +1,77 @@
+"""The SGSD loss's settings, beside the math that reads them (`sgsd.objectives`): one frozen, torch-free
+object with the paper's defaults and the bounds that make them meaningful (docs/spec.md section 4).
+
+The YAML section `sgsd:` is this object (same keys, `sgsd.config` builds it), and `sgsd_loss`,
+`teacher_polarity`, the loss phase, the trainer, the benchmarks and the demo take it whole
+(`settings=`). `problems()` lists what is wrong with a value, one message each, in the form every
+settings section of the config uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+# how a teacher's sign is decided (`sgsd.objectives.teacher_polarity`): the paper's |support| > theta, or a z test
+PolarityTest = Literal["threshold", "z"]
+TeacherWeights = Literal["live", "base", "ema"]
+
+
+@dataclass(frozen=True)
+class SGSDSettings:
+    """docs/spec.md section 4 (paper values).
+
+    Loss: `gate_tau` (tau of the gate ln 2 - softplus(-d^2 / 2 tau)), `clip_delta` (C, the clip of d in
+    the support), `confidence_threshold` (theta: a teacher's sign counts when |support| > theta) or,
+    with `polarity_test: z`, `polarity_z` (|mean clipped d| / its standard error over the counted tokens,
+    which does not depend on the completion length), `local_support_top_k` (0: full vocabulary, the
+    paper; k' > 0: the local-support variant). Teachers: `num_teachers` (K rank-aligned (skill, mistake)
+    pairs per problem) and `teacher` (which weights score as teacher: the live policy = paper, the base
+    model, or an EMA with `ema_decay`). Cost: `teacher_batch_size` rows per teacher forward (rollouts x
+    teachers flattened), LM-head chunking (`logprob_chunk_tokens` rows; 0: as many as fit one fp32
+    [chunk, V] buffer of `logprob_chunk_mb`; Qwen3's V = 151,936: 1 GiB is ~1,177 rows), and
+    `skip_neutral_rows` (skip the student backward of rollouts whose teachers are all neutral).
+    """
+
+    num_teachers: int = 8
+    gate_tau: float = 1.0
+    clip_delta: float = 3.0
+    confidence_threshold: float = 0.05
+    polarity_test: PolarityTest = "threshold"
+    polarity_z: float = 1.96
+    local_support_top_k: int = 0
+    teacher: TeacherWeights = "live"
+    ema_decay: float = 0.99
+    teacher_batch_size: int = 16
+    logprob_chunk_tokens: int = 0
+    logprob_chunk_mb: int = 1024
+    skip_neutral_rows: bool = False
+
+    def problems(self, where: str = "sgsd") -> list[str]:
+        """What is wrong with these settings, one message each (empty: nothing)."""
+        out = []
+        if self.num_teachers < 1:
+            out.append(f"{where}.num_teachers: must be at least 1")
+        if not self.gate_tau > 0:
+            out.append(f"{where}.gate_tau: must be > 0")
+        if not self.clip_delta > 0:
+            out.append(f"{where}.clip_delta: must be > 0")
+        if not self.confidence_threshold >= 0:
+            out.append(f"{where}.confidence_threshold: must be >= 0")
+        if self.polarity_test not in ("threshold", "z"):
+            out.append(f"{where}.polarity_test: expected 'threshold' or 'z', got {self.polarity_test!r}")
+        if not self.polarity_z > 0:
+            out.append(f"{where}.polarity_z: must be > 0 (1.96: two-sided 5% test)")
+        if self.local_support_top_k < 0:
+            out.append(f"{where}.local_support_top_k: must be >= 0 (0 = full vocabulary)")
+        if self.local_support_top_k > 0 and self.skip_neutral_rows:
+            out.append(f"{where}.skip_neutral_rows: not available with the local-support variant "
+                       "(local_support_top_k > 0); set skip_neutral_rows=false")
+        return out
+
+    def check(self, where: str = "sgsd") -> "SGSDSettings":
+        """`self`, or a ValueError with every problem (for callers of the pure functions, outside a config)."""
+        problems = self.problems(where)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
