@@ -156,18 +156,18 @@ def _opsd_problems(cfg: "RunConfig") -> Iterator[str]:
 register_method(MethodSpec(
     name="sgsd", settings="sgsd", trainer="sgsd.trainers.sgsd_trainer:SGSDTrainer",
     needs_bank=lambda cfg: True, trainer_kwargs=_sgsd_kwargs, validate=_sgsd_problems, online_updates=True,
-    description="skill-conditioned gated self-distillation (SPEC section 4)",
+    description="skill-conditioned gated self-distillation (docs/spec.md section 4)",
 ))
 register_method(MethodSpec(
     name="grpo", settings="grpo", trainer="sgsd.trainers.grpo_trainer:GRPOBaselineTrainer",
     needs_bank=lambda cfg: cfg.grpo.skills_in_prompt, prompt_skills=lambda cfg: cfg.grpo.skills_in_prompt,
-    grpo_overrides=_grpo_overrides, validate=_grpo_problems, description="TRL's GRPO (SPEC section 5); +Skill with grpo.skills_in_prompt",
+    grpo_overrides=_grpo_overrides, validate=_grpo_problems, description="TRL's GRPO (docs/spec.md section 5); +Skill with grpo.skills_in_prompt",
 ))
 register_method(MethodSpec(
     name="opsd", settings="opsd", trainer="sgsd.trainers.opsd_trainer:OPSDTrainer",
     needs_bank=lambda cfg: cfg.opsd.skills, prompt_skills=lambda cfg: cfg.opsd.skills,
     trainer_kwargs=lambda cfg, context: {"settings": cfg.opsd, "teacher_style": context.teacher_style},
-    validate=_opsd_problems, description="on-policy self-distillation from the reference answer (SPEC section 5)",
+    validate=_opsd_problems, description="on-policy self-distillation from the reference answer (docs/spec.md section 5)",
 ))
 register_method(MethodSpec(
     name="sgsd-pg", settings="sgsd_pg", trainer="sgsd.trainers.sgsd_pg_trainer:SGSDPGTrainer",
