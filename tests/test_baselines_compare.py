@@ -30,7 +30,7 @@ def test_controlled_paper_recipes_differ_only_in_their_method():
     assert config_differences(configs) == []
     methods = {name: cfg.method for name, cfg in configs.items()}
     assert methods == {"sgsd": "sgsd", "grpo": "grpo", "grpo-skill": "grpo", "opsd": "opsd", "opsd-skill": "opsd"}
-    sgsd = configs["sgsd"]  # SPEC section 6
+    sgsd = configs["sgsd"]  # docs/spec.md section 6
     assert (sgsd.model.name_or_path, sgsd.model.lora.r, sgsd.model.lora.alpha) == ("Qwen/Qwen3-1.7B", 64, 128)
     assert len(sgsd.model.lora.target_modules) == 7 and sgsd.data.path == "BytedTsinghua-SIA/DAPO-Math-17k"
     assert (sgsd.generation.temperature, sgsd.generation.top_p, sgsd.generation.top_k,

@@ -68,7 +68,7 @@ def test_sweep_covers_every_point(capsys):
 
 def test_paper_scale_estimate_matches_the_spec(capsys):
     out = _json(capsys, ["bench", "estimate", "--json"])
-    # SPEC section 9: K student passes cost ~2.7-2.9x the necessary FLOPs at K = 8; the naive path's
+    # docs/spec.md section 9: K student passes cost ~2.7-2.9x the necessary FLOPs at K = 8; the naive path's
     # full-vocabulary logits and log-softmax take ~13-17 GB per micro-step at K = 8 and 1024 tokens
     assert 2.7 <= out["naive_over_real"] <= 2.9
     assert 13 <= out["naive_logits_gb"] <= 17.5

@@ -62,7 +62,7 @@ def test_naive_and_real_paths_give_the_same_loss_and_gradient(model, batch):
 
 
 def test_public_positions_shift_rotary_only_when_prompts_are_padded(model, batch):
-    """SPEC section 9 item 3: right padding + positions counted over all slots moves the completion."""
+    """docs/spec.md section 9 item 3: right padding + positions counted over all slots moves the completion."""
     plain, _ = _run(naive_loss_phase, model, batch, settings=SETTINGS)
     public, _ = _run(naive_loss_phase, model, batch, settings=SETTINGS, public_positions=True)
     # shifted positions change the teacher log-probs (here also some polarities): far above the ~1e-8

@@ -145,7 +145,7 @@ def test_the_extending_example_joins_the_demo_with_one_entry(rft_module, monkeyp
 def test_sgsd_trainer_loss_and_gradient_equal_an_unbatched_per_row_computation(tmp_path):
     """For a fixed batch of rollouts of different lengths, the trainer's loss (batched, padded, chunked
     LM head, teachers scored in flattened rows) and its gradient equal one unbatched forward per
-    (rollout, teacher) row and SPEC section 4's per-token formula written out here."""
+    (rollout, teacher) row and docs/spec.md section 4's per-token formula written out here."""
     from sgsd.prompts import ChatStyle, render_chat, student_prompt, teacher_prompt
     from sgsd.scoring import left_pad
     from sgsd.trainers.run import prepare_run

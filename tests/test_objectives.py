@@ -1,4 +1,4 @@
-"""SGSD objective (SPEC section 4): hand-computed values, a slow reference loop, invariances, gate, local support.
+"""SGSD objective (docs/spec.md section 4): hand-computed values, a slow reference loop, invariances, gate, local support.
 
 Tolerances: fp64 comparisons use atol 1e-12 (a few dozen roundings of values of order 1 stay far
 below it); fp32 comparisons use atol 1e-6 (fp32 epsilon 1.2e-7 times the handful of operations
@@ -35,7 +35,7 @@ def sigmoid_py(x: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Slow readable references (SPEC section 4 transcribed loop by loop)
+# Slow readable references (docs/spec.md section 4 transcribed loop by loop)
 
 
 def reference_sgsd(p, q, mask, rewards, weights, *, tau=1.0, clip_delta=3.0, theta=0.05, divergence=None):
@@ -421,7 +421,7 @@ def test_gate_gradient_formula_and_peak(tau):
     p = torch.zeros(4001, dtype=F64, requires_grad=True)
     d = torch.linspace(-6, 6, 4001, dtype=F64) * math.sqrt(tau) - p  # d = q - p, q the linspace
     (grad_p,) = torch.autograd.grad(gate(d, tau).sum(), p)
-    # SPEC: gradient w.r.t. the student log-prob is -sigmoid(-d^2/2tau) * d / tau (dl/dd has the other sign)
+    # docs/spec.md section 4: gradient w.r.t. the student log-prob is -sigmoid(-d^2/2tau) * d / tau (dl/dd has the other sign)
     expected = -torch.sigmoid(-d.detach().square() / (2 * tau)) * d.detach() / tau
     torch.testing.assert_close(grad_p, expected, atol=1e-14, rtol=0)
     peak = float(d.detach()[grad_p.abs().argmax()].abs())

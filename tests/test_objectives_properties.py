@@ -1,4 +1,4 @@
-"""Property tests of the SGSD objective (SPEC section 4) over generated batches (hypothesis).
+"""Property tests of the SGSD objective (docs/spec.md section 4) over generated batches (hypothesis).
 
 Log-probs are drawn on a grid of multiples of 1/8 so every support sum is exact in fp64: padding or a
 teacher permutation can then never flip a polarity by a rounding at the threshold, and hypothesis

@@ -1,4 +1,4 @@
-"""OPSD losses (SPEC section 5): generalized JSD vs TRL's GKD definition, chunking, the sampled-token estimator.
+"""OPSD losses (docs/spec.md section 5): generalized JSD vs TRL's GKD definition, chunking, the sampled-token estimator.
 
 Tolerances: fp64 comparisons use atol 1e-12 (sums over a vocabulary of ~10 terms of order 1, a few
 dozen roundings at 1.1e-16); fp32 ones use atol 1e-6 (same arithmetic at 6e-8 per rounding).

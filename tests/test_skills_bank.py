@@ -16,7 +16,7 @@ from sgsd.cli import main
 from sgsd.errors import DataError
 from sgsd.skills.bank import SCHEMA_VERSION, GeneralSkill, load_bank, parse_bank, save_bank
 
-# (file, general skills, common mistakes): the counts SPEC section 3 gives for the merged banks.
+# (file, general skills, common mistakes): the counts docs/spec.md section 3 gives for the merged banks.
 MERGED = [("qwen3_1b_skill_bank.json", 28, 98), ("qwen3_4b_skill_bank.json", 24, 15), ("qwen3_8b_skill_bank.json", 46, 8)]
 RAW = ["qwen3_1b_raw_candidates.json", "qwen3_4b_raw_candidates.json", "qwen3_8b_raw_candidates.json"]
 

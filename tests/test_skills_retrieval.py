@@ -1,4 +1,4 @@
-"""Retrieval (embedding, bm25, random) and teacher construction (SPEC section 3)."""
+"""Retrieval (embedding, bm25, random) and teacher construction (docs/spec.md section 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The grader (SPEC section 7): extraction, a table of tricky pairs, pathological inputs, threads and processes."""
+"""The grader (docs/spec.md section 7): extraction, a table of tricky pairs, pathological inputs, threads and processes."""
 
 from __future__ import annotations
 

@@ -97,7 +97,7 @@ class GenerationSettings:
 
 @dataclass
 class OnlineUpdateSettings:
-    """Online skill-bank updates during SGSD training (SPEC section 3 (4)); `sgsd.skills.online` reads
+    """Online skill-bank updates during SGSD training (docs/spec.md section 3 (4)); `sgsd.skills.online` reads
     these settings as they are.
 
     Every `every_steps` steps (paper: 25), if the success rate of the rollouts of the last
@@ -141,7 +141,7 @@ class OnlineUpdateSettings:
 
 @dataclass
 class SkillSettings:
-    """The skill bank and its retrieval (SPEC section 3), shared by SGSD and the "+Skill" variants."""
+    """The skill bank and its retrieval (docs/spec.md section 3), shared by SGSD and the "+Skill" variants."""
 
     bank: str | None = None  # path to a skill bank JSON (required for sgsd and "+Skill" variants)
     retrieval: Literal["embedding", "bm25", "random"] = "embedding"
@@ -157,7 +157,7 @@ LossType = Literal["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", 
 
 @dataclass
 class GRPOSettings:
-    """SPEC section 5: TRL's GRPO. `num_generations` completions per prompt form a group (paper 8);
+    """docs/spec.md section 5: TRL's GRPO. `num_generations` completions per prompt form a group (paper 8);
     PPO clip `epsilon`; KL coefficient `beta` (0: none, as in the paper); `loss_type`: TRL's
     normalisation of the surrogate; `skills_in_prompt`: GRPO+Skill (retrieved block in the prompt)."""
 
@@ -175,7 +175,7 @@ class GRPOSettings:
 
 @dataclass
 class OPSDSettings:
-    """SPEC section 5: teacher = same model given the reference answer; generalized JSD (beta=0 forward KL)."""
+    """docs/spec.md section 5: teacher = same model given the reference answer; generalized JSD (beta=0 forward KL)."""
 
     beta: float = 0.0
     teacher: Literal["live", "base", "ema"] = "base"

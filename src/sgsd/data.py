@@ -3,7 +3,7 @@
 Every source becomes a list of `Problem(problem_id, problem, answer)`. Field names are detected
 (`problem`/`question`/`prompt`, `answer`/`ground_truth`/`reward_model.ground_truth`) or given.
 DAPO's `prompt` is a chat list whose last user message wraps the problem in an "Answer: $Answer"
-instruction: the wrapper is removed so the project's own prompt (SPEC section 2) is used. The public
+instruction: the wrapper is removed so the project's own prompt (docs/spec.md section 2) is used. The public
 DAPO file repeats each problem 100 times: rows are deduplicated by problem text.
 GSM8K-style answers (a worked solution whose last line is `#### <gold>`) keep only the gold, with
 thousands separators removed, as `sgsd eval` does for the GSM8K benchmark; `LoadReport.gold_note`
@@ -244,7 +244,7 @@ def tiny_math_problems(count: int = 64, seed: int = 0) -> list[Problem]:
 def training_dataset(problems: list[Problem], tokenizer: Any, *, enable_thinking: bool | None, max_prompt_tokens: int,
                      skill_blocks: list[str] | None = None, source: str = "data") -> Any:
     """The rows a trainer reads (a `datasets.Dataset`): `prompt` (the chat list TRL renders),
-    `problem`, `answer`, `problem_id`, `student_prompt` (SPEC section 2) and `skill_block` (the "+Skill"
+    `problem`, `answer`, `problem_id`, `student_prompt` (docs/spec.md section 2) and `skill_block` (the "+Skill"
     block prefixed to the student prompt, "" without; OPSD+Skill gives it to the teacher too).
 
     A prompt longer than `max_prompt_tokens` after the chat template is refused, naming the problem.

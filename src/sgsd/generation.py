@@ -24,7 +24,7 @@ BACKENDS = ("auto", "hf", "vllm")
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Sampling of evaluation completions. Paper (SPEC section 7): temperature 1.0, top-p 0.95,
+    """Sampling of evaluation completions. Paper (docs/spec.md section 7): temperature 1.0, top-p 0.95,
     up to 38,912 new tokens, thinking mode. temperature 0 means greedy; top_k 0 disables top-k."""
 
     max_new_tokens: int = 38_912

@@ -1,6 +1,6 @@
 """Sampled-token log-probs from final hidden states, one [chunk, V] fp32 buffer at a time.
 
-log p(y_t) = z_y - logsumexp(z) (SPEC section 9 item 2): no full-vocabulary log-softmax of every row is
+log p(y_t) = z_y - logsumexp(z) (docs/spec.md section 9 item 2): no full-vocabulary log-softmax of every row is
 ever materialised. Per chunk of token rows ONE fp32 buffer of logits is formed; the logsumexp is done
 in place (max, subtract, exp, sum); the token entropy, when asked, comes from the same buffer:
 H = log S - sum(e log e) / S with e = exp(z - max), S = sum e. With gradient a custom autograd function

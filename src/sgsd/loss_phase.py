@@ -1,5 +1,5 @@
 """SGSD's loss phase on a batch of scored rollouts: ONE student forward with gradient per rollout and
-`sgsd.objectives.sgsd_loss` (SPEC sections 4 and 9). `SGSDTrainer.method_loss` calls it, and so does
+`sgsd.objectives.sgsd_loss` (docs/spec.md sections 4 and 9). `SGSDTrainer.method_loss` calls it, and so does
 the benchmark (`sgsd.benchmarking.phases.real_loss_phase`), so what is timed is what trains.
 
 Shapes: B rollouts, K teachers, T completion tokens (the batch's padded length), k' local-support
@@ -93,7 +93,7 @@ def sgsd_loss_phase(model: Any, *, prompt_ids: torch.Tensor, prompt_mask: torch.
     absent); teacher_logps [B, K, T] (detached); active [B] bool or None (every rollout); with
     `local_support_top_k` k' > 0, teacher_top_logps / teacher_top_ids [B, K, T, k'] from
     `score_teachers_local`. `chunk_tokens`: token rows per LM-head chunk. The hyper-parameters are
-    `sgsd_loss`'s (SPEC section 4), with its defaults.
+    `sgsd_loss`'s (docs/spec.md section 4), with its defaults.
     """
     batch = completion_ids.size(0)
     if active is not None:

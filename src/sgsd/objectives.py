@@ -1,4 +1,4 @@
-"""Pure loss functions: the SGSD objective (SPEC section 4) and the OPSD baseline losses (SPEC section 5).
+"""Pure loss functions: the SGSD objective (docs/spec.md section 4) and the OPSD baseline losses (docs/spec.md section 5).
 
 Every function maps tensors to tensors; hyper-parameters are keyword-only with the paper's defaults.
 Nothing here reads a config, logs, calls a model, synchronises with the host (`.item()`) or keeps
@@ -7,7 +7,7 @@ tensors (the style of verl's `core_algos.py` and torchtune's `rlhf/loss/ppo.py`)
 
 Shapes: B rollouts, K teachers, T completion tokens, V vocabulary. A completion mask is True for the
 tokens that count (the caller has already excluded padding, special, think-tag and newline-only
-tokens: it is SPEC's m_t). Arithmetic runs in float32, or float64 when the inputs are float64
+tokens: it is the m_t of docs/spec.md section 4). Arithmetic runs in float32, or float64 when the inputs are float64
 (bf16/fp16 inputs are upcast; gradients flow back in the input dtype). Values at masked-out positions
 and of absent teachers are never read (they may be garbage, even inf/NaN, in the log-prob inputs).
 Metrics are detached 0-d float tensors.
@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from sgsd.loss_settings import PolarityTest, SGSDSettings
 
 LN2 = math.log(2.0)
-# The paper's values (SPEC section 4), defined once in `SGSDSettings`: the config's defaults and these
+# The paper's values (docs/spec.md section 4), defined once in `SGSDSettings`: the config's defaults and these
 # functions' keyword defaults cannot drift apart.
 GATE_TAU = SGSDSettings.gate_tau
 CLIP_DELTA = SGSDSettings.clip_delta
@@ -56,7 +56,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, 
 
 
 def gate(d: torch.Tensor, tau: float = GATE_TAU) -> torch.Tensor:
-    """SGSD gate l(d) = ln 2 - softplus(-d^2 / (2 tau)) (SPEC section 4), elementwise.
+    """SGSD gate l(d) = ln 2 - softplus(-d^2 / (2 tau)) (docs/spec.md section 4), elementwise.
 
     Even, l(0) = 0, increasing in |d| towards ln 2 (never reached). dl/dd = sigmoid(-d^2/2tau) * d/tau,
     so the gradient w.r.t. the student log-prob p (d = q - p) is -sigmoid(-d^2/2tau) * d/tau: largest
@@ -205,7 +205,7 @@ def teacher_polarity(
     polarity_test: PolarityTest = POLARITY_TEST,
     polarity_z: float = POLARITY_Z,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped support and polarity of each teacher (SPEC section 4), without gradient.
+    """Clipped support and polarity of each teacher (docs/spec.md section 4), without gradient.
 
     Args: student_logps [B, T] (or [B, K, T] local-support log-probs), teacher_logps [B, K, T],
     completion_mask [B, T] (m_t), rewards [B] (success iff > 0), teacher_weights [B, K] (<= 0 = absent).
@@ -239,7 +239,7 @@ def sgsd_loss(
     polarity_z: float = POLARITY_Z,
     token_divergence: torch.Tensor | None = None,
 ) -> SGSDLossOutput:
-    """SGSD objective (SPEC section 4; Huang et al., arXiv 2605.28791).
+    """SGSD objective (docs/spec.md section 4; Huang et al., arXiv 2605.28791).
 
     d_kt = q_kt - p_t; n = max(sum_t m_t, 1); support_k = (1/n) sum_t m_t clip(d_kt, -C, C);
     sign_k = sign(support_k) if the polarity test passes else 0; rho_k = (+1 if reward > 0 else -1) * sign_k;
@@ -298,7 +298,7 @@ def sgsd_loss(
 
 
 def _sgsd_metrics(d, valid, mask, present, support, rows, sign, rho, rewards, clip_delta, below):
-    """SPEC section 4 diagnostics; fractions are over present teachers (0 when there are none)."""
+    """docs/spec.md section 4 diagnostics; fractions are over present teachers (0 when there are none)."""
     success = (rewards > 0)[:, None].expand_as(present)
     fraction = {
         "helpful_fraction": rho > 0,
@@ -329,7 +329,7 @@ def local_support_terms(
     *,
     top_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Local-support SGSD terms (SPEC section 4, option k' > 0).
+    """Local-support SGSD terms (docs/spec.md section 4, option k' > 0).
 
     Per position and teacher k the support set S_kt = teacher k's top-k' tokens plus the sampled token
     (counted once if already among them). Student and teacher logits are renormalised on S_kt in fp32
@@ -418,7 +418,7 @@ def opsd_loss(
     temperature: float = 1.0,
     chunk_size: int = 1024,
 ) -> OPSDLossOutput:
-    """OPSD full-vocabulary loss (SPEC section 5): generalized JSD, mean over the batch's completion tokens.
+    """OPSD full-vocabulary loss (docs/spec.md section 5): generalized JSD, mean over the batch's completion tokens.
 
     Exactly TRL's `GKDTrainer.generalized_jsd_loss` (Agarwal et al., GKD, arXiv 2306.13649, eq. 1) with
     labels = completion mask and reduction "batchmean", i.e. sum_t m_t JSD_beta(t) / max(sum m, 1), where
@@ -479,7 +479,7 @@ def opsd_sampled_token_loss(
     teacher_logps: torch.Tensor,
     completion_mask: torch.Tensor,
 ) -> OPSDLossOutput:
-    """OPSD sampled-token variant (SPEC section 5): per-token reverse KL as a policy-gradient signal.
+    """OPSD sampled-token variant (docs/spec.md section 5): per-token reverse KL as a policy-gradient signal.
 
     With y_t sampled from the student, r_t = log p(y_t) - log q(y_t) (teacher detached) is the single
     sample (k1) estimate of KL(student || teacher) at position t. The loss is

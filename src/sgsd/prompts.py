@@ -1,4 +1,4 @@
-"""Prompt texts of SPEC section 2: student, skill-conditioned teacher, OPSD teacher, "+Skill" blocks.
+"""Prompt texts of docs/spec.md section 2: student, skill-conditioned teacher, OPSD teacher, "+Skill" blocks.
 
 Everything here returns plain strings (the user turn); applying the chat template and the thinking
 mode is done by `render_chat` so that student and teacher are rendered the same way by default
@@ -38,7 +38,7 @@ class MistakeLike(Protocol):
 
 
 def student_prompt(problem: str) -> str:
-    """`Problem: {problem}\\n\\n{I}` (SPEC section 2)."""
+    """`Problem: {problem}\\n\\n{I}` (docs/spec.md section 2)."""
     return f"Problem: {problem}\n\n{INSTRUCTION}"
 
 
@@ -47,7 +47,7 @@ def render_skill(skill: SkillLike) -> str:
 
 
 def render_mistake(mistake: MistakeLike) -> str:
-    # `why_it_happens` is deliberately not shown (SPEC section 2).
+    # `why_it_happens` is deliberately not shown (docs/spec.md section 2).
     return f"Don't: {mistake.description}\nInstead: {mistake.how_to_avoid}"
 
 
@@ -66,7 +66,7 @@ def render_guidance(skills: Sequence[SkillLike], mistakes: Sequence[MistakeLike]
 
 
 def teacher_prompt(guidance: str, problem: str) -> str:
-    """`{guidance_k}\\n\\nProblem: {problem}\\n\\n{I}`: the skill text comes first (SPEC section 2)."""
+    """`{guidance_k}\\n\\nProblem: {problem}\\n\\n{I}`: the skill text comes first (docs/spec.md section 2)."""
     return f"{guidance}\n\n{student_prompt(problem)}"
 
 

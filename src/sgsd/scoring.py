@@ -1,6 +1,6 @@
 """Sampled-token log-probs without materialising full-vocabulary log-softmax, and K-teacher scoring.
 
-SPEC sections 4 and 9 (defects 1-3, 8). The student is run ONCE per rollout (with gradient, in the
+docs/spec.md sections 4 and 9 (defects 1-3, 8). The student is run ONCE per rollout (with gradient, in the
 loss phase); the K teachers of every rollout are run here without gradient, flattened into rows of
 (rollout, teacher), sorted by length and batched, each row = [teacher prompt ; student completion].
 
@@ -221,7 +221,7 @@ def local_support_student_terms(hidden: torch.Tensor, lm_head: torch.nn.Module, 
 
 
 def countable_token_table(tokenizer: Any) -> torch.Tensor:
-    """[V] bool: tokens that count in the SGSD mask m_t (SPEC section 4).
+    """[V] bool: tokens that count in the SGSD mask m_t (docs/spec.md section 4).
 
     Excluded: special tokens, think tags, and tokens that decode to whitespace only (newlines).
     """
@@ -249,7 +249,7 @@ def counted_mask(completion_ids: torch.Tensor, completion_mask: torch.Tensor, ta
     return completion_mask.bool() & table[safe]
 
 
-# -- OPSD: full-vocabulary divergence from final hidden states (SPEC section 5) -----------------------
+# -- OPSD: full-vocabulary divergence from final hidden states (docs/spec.md section 5) -----------------------
 
 
 def _chunk_jsd(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, beta, temperature):

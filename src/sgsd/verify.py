@@ -1,10 +1,10 @@
-"""The one grader: answer extraction and symbolic checking, for training rewards and evaluation (SPEC section 7).
+"""The one grader: answer extraction and symbolic checking, for training rewards and evaluation (docs/spec.md section 7).
 
 A completion is graded in two separate steps (as in `verifiers`: extraction apart from scoring):
 
 1. `extract_answer(text, extract=...)`. "boxed" (strict, the paper's): `extract_boxed(text)`, the content
    of the LAST brace-matched `\\boxed{...}` / `\\fbox{...}` anywhere in the text (the public code looked
-   only at the last 100 characters, SPEC section 9 defect 5), or, with `after_think=True`, only in the
+   only at the last 100 characters, docs/spec.md section 9 defect 5), or, with `after_think=True`, only in the
    text after the last `</think>`. "flexible" (for models that never write a box, as lm-eval's
    flexible GSM8K score): the last box if there is one, else the last answer stated in words or after
    `####` ("the answer is 15,000", "#### 18"), else the last number.

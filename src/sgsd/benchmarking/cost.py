@@ -88,7 +88,7 @@ def phase_flops(shape: ModelShape, batch: SyntheticBatch, *, naive: bool, teache
 
 @dataclass(frozen=True)
 class PaperScaleEstimate:
-    """One micro-step of one rollout at paper scale (SPEC section 6), FLOPs in TFLOP, memory in GB."""
+    """One micro-step of one rollout at paper scale (docs/spec.md section 6), FLOPs in TFLOP, memory in GB."""
 
     student_tflop: float  # one student forward + backward
     teachers_tflop: float  # K teacher forwards

@@ -1,4 +1,4 @@
-"""The SGSD loss phase, as the trainer runs it and as the paper's public code runs it (SPEC sections 4, 9).
+"""The SGSD loss phase, as the trainer runs it and as the paper's public code runs it (docs/spec.md sections 4, 9).
 
 Both functions take the same model and `SyntheticBatch`, compute the same SGSD loss (`sgsd_loss`,
 identical hyper-parameters) and leave the same gradient in the model's `.grad` (up to float summation
@@ -11,7 +11,7 @@ chunked logsumexp), as `SGSDTrainer.rollout_extras` calls it, then ONE student f
 rollout through `sgsd.loss_phase.sgsd_loss_phase` (chunked LM head), the function `SGSDTrainer.method_loss`
 calls (full-vocabulary mode), with `skip_neutral_rows` when asked.
 
-`naive_loss_phase` mirrors the public code's pattern (SPEC section 9):
+`naive_loss_phase` mirrors the public code's pattern (docs/spec.md section 9):
 - item 1: every (rollout, teacher) pair is one row holding BOTH the student input and the teacher input;
   the student forward runs on all B x K rows with gradient, so the backward also runs K times per
   rollout (K student passes where one is needed);
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class LossSettings:
-    """SPEC section 4 hyper-parameters and the trainer's batching knobs, with the trainer's defaults
+    """docs/spec.md section 4 hyper-parameters and the trainer's batching knobs, with the trainer's defaults
     (`SGSDSettings`); `chunk_tokens` is a plain count here (the trainer may derive it from a budget)."""
 
     gate_tau: float = SGSDSettings.gate_tau

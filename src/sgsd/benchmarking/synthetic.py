@@ -1,9 +1,9 @@
 """A fixed synthetic rollout batch and a benchmark model (Qwen3 architecture, random weights).
 
-The shapes imitate the paper's setting scaled down (SPEC section 6: ~300-token student prompts,
+The shapes imitate the paper's setting scaled down (docs/spec.md section 6: ~300-token student prompts,
 ~500-token teacher prompts, 1024 completion tokens, K = 8 teachers): for T completion tokens a student
 prompt has 0.25-0.35 T tokens, a teacher prompt is its own guidance (0.15-0.25 T tokens) followed by the
-student prompt (SPEC section 2: the skill text comes first), and completions have T/2..T tokens with
+student prompt (docs/spec.md section 2: the skill text comes first), and completions have T/2..T tokens with
 the first rollout at the full T (a truncated rollout, as in the paper where many hit the limit).
 
 The default model (hidden 512, 4 layers, V = 8192) keeps the paper model's balance at a size that

@@ -49,7 +49,7 @@ def _shape_arguments(p: argparse.ArgumentParser, *, lists: bool) -> None:
     p.add_argument("--chunk-tokens", type=int, default=4096, help="token rows per LM-head chunk (sgsd.logprob_chunk_tokens)")
     p.add_argument("--teacher-batch-rows", type=int, default=16, help="teacher rows per forward (sgsd.teacher_batch_size)")
     p.add_argument("--confidence-threshold", type=float, default=0.0,
-                   help="theta (SPEC section 4; default 0 here: on a random model every |support| is below the "
+                   help="theta (docs/spec.md section 4; default 0 here: on a random model every |support| is below the "
                         "paper's 0.05, which would make every teacher neutral and the loss 0)")
     p.add_argument("--chunk-budget-mb", type=int, default=None,
                    help="choose --chunk-tokens so one fp32 [chunk, V] buffer fits this many MB "

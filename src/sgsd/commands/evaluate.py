@@ -6,7 +6,7 @@
     sgsd eval --model tiny --benchmarks builtin:tiny-math --k 2 --max-new-tokens 16 --output-dir out/tiny  # offline
     sgsd eval compare out/base out/sgsd --output-dir out
 
-Defaults are the paper's (SPEC section 7): k = 12, temperature 1.0, top-p 0.95, 38,912 new tokens.
+Defaults are the paper's (docs/spec.md section 7): k = 12, temperature 1.0, top-p 0.95, 38,912 new tokens.
 Generation uses vLLM when installed with a CUDA device, Hugging Face generate otherwise. Everything
 that can be checked (options, output directory, model path, benchmarks, skill bank) is checked before
 the model is loaded. `eval compare` refuses evaluations made with different settings unless

@@ -1,6 +1,6 @@
 """The demo's seed skill bank: helpful, irrelevant and misleading items for the running-sum world.
 
-Written in the paper's JSON format (SPEC section 3) so that `sgsd.skills.load_bank` reads it like any
+Written in the paper's JSON format (docs/spec.md section 3) so that `sgsd.skills.load_bank` reads it like any
 bank. `metadata["labels"]` maps every item id to "helpful", "irrelevant" or "misleading": the labels
 are for the report (does SGSD's polarity separate them?), never for training.
 

@@ -2,7 +2,7 @@
 
 Built from the project's parts: sampling through its generation backend (`sgsd.generation.HFGenerator`:
 left-padded batches, the KV cache, seeded per batch) at temperature 1 over the full vocabulary (no top-k
-/ top-p), which is what avg@k means in SPEC section 7; grading by its grader (`sgsd.verify.grade`, as for
+/ top-p), which is what avg@k means in docs/spec.md section 7; grading by its grader (`sgsd.verify.grade`, as for
 training rewards and `sgsd eval`); intervals by `sgsd.evaluation.metrics.bootstrap_ci`.
 
 The interval is a percentile bootstrap over problems (problems are resampled, each with its k

@@ -5,7 +5,7 @@
   prompt. A model that reads hints orders them helpful > none ~ irrelevant > misleading.
 - `polarity_table`: on student rollouts (student prompt, temperature 1), score every completion under
   one teacher per label (a pair of two items with that label, chosen per rollout) and under the OPSD
-  reference prompt, and report SGSD's support and polarity (SPEC section 4, `sgsd.objectives`) per
+  reference prompt, and report SGSD's support and polarity (docs/spec.md section 4, `sgsd.objectives`) per
   label, per outcome, for several thresholds theta. Shapes below: B rollouts, K teachers, T tokens.
 
 Teacher log-probs come from the same weights as the student (a live teacher at step 0), through

@@ -174,7 +174,7 @@ def hint_prompt(problem: Problem, skill: GeneralSkill, mistake: CommonMistake) -
 
 
 def reference_prompt(problem: Problem) -> str:
-    """The OPSD teacher prompt with the final answer as reference (SPEC section 2)."""
+    """The OPSD teacher prompt with the final answer as reference (docs/spec.md section 2)."""
     from sgsd.prompts import opsd_teacher_prompt, reference_from_answer
 
     return opsd_teacher_prompt(problem.problem, reference_from_answer(problem.answer))

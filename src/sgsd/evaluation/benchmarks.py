@@ -1,4 +1,4 @@
-"""Benchmark registry and loading (SPEC section 7).
+"""Benchmark registry and loading (docs/spec.md section 7).
 
 A benchmark is a list of `Problem`s (id, problem text, gold answer). `load_benchmark(spec)` accepts
 - a registered name (`aime24`, `aime25`, `hmmt25`, `math500`, `gsm8k`): read from the Hugging Face hub,

@@ -1,4 +1,4 @@
-"""Sampling metrics over P problems with n samples each (SPEC section 7): pure functions, no I/O.
+"""Sampling metrics over P problems with n samples each (docs/spec.md section 7): pure functions, no I/O.
 
 - avg@k: mean over problems of the fraction of correct samples (k = n samples per problem): the
   paper's headline number, an estimate of pass@1.

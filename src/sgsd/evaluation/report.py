@@ -1,6 +1,6 @@
 """Tables and plots of evaluation results: one run's table, and a side-by-side comparison of runs.
 
-The comparison is laid out as the paper's results table (SPEC section 8): one row per run, one column
+The comparison is laid out as the paper's results table (docs/spec.md section 8): one row per run, one column
 per benchmark with avg@k and its 95% bootstrap interval, and the mean over the benchmarks every run
 has. The intervals matter: on 30 problems one problem is 3.3 points.
 """

@@ -1,4 +1,4 @@
-"""Evaluation: prompts -> k samples per problem -> grading -> metrics -> results.json and samples (SPEC section 7).
+"""Evaluation: prompts -> k samples per problem -> grading -> metrics -> results.json and samples (docs/spec.md section 7).
 
 For each benchmark: render every problem with the student prompt (`Problem: ...` + instruction) through
 the chat template and thinking mode asked for, or, for Base+Skill, with the top-k retrieved skills and
@@ -134,7 +134,7 @@ def build_prompts(problems: Sequence[Problem], tokenizer: Any, style: ChatStyle,
 
 
 def skill_guidance(retriever: Retriever, problems: Sequence[Problem], top_k: int) -> list[str]:
-    """Base+Skill: one block per problem with its top-k skills and top-k mistakes (SPEC section 2)."""
+    """Base+Skill: one block per problem with its top-k skills and top-k mistakes (docs/spec.md section 2)."""
     retrievals = retriever.retrieve_many([p.problem for p in problems], top_k)
     return [render_guidance([s.item for s in r.skills], [m.item for m in r.mistakes]) for r in retrievals]
 

@@ -1,4 +1,4 @@
-"""Skill banks (SPEC section 3): schema and storage, retrieval, teacher construction, cold-start
+"""Skill banks (docs/spec.md section 3): schema and storage, retrieval, teacher construction, cold-start
 building, online update and attribution.
 
 Light modules only are imported here (no torch, no sentence-transformers): `sgsd.skills.bank`,

@@ -1,7 +1,7 @@
 """Attribution: which skill-bank items actually helped during SGSD training.
 
 Each teacher k of a rollout is a (skill, mistake) pair with a polarity rho_k in {-1, 0, +1}
-(SPEC section 4: outcome x sign of support): +1 = helpful (the verifier agreed with the teacher's
+(docs/spec.md section 4: outcome x sign of support): +1 = helpful (the verifier agreed with the teacher's
 direction), -1 = harmful (misleading or over-suppressive), 0 = neutral (|support| <= theta). Both
 items of the pair are credited with the teacher's polarity, support and weight. The tracker keeps,
 per item, the number of uses and of helpful / harmful / neutral outcomes, and sums of support and

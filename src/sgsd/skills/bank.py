@@ -1,4 +1,4 @@
-"""Skill bank: typed items, strict loading with one-line errors, atomic saving (SPEC section 3).
+"""Skill bank: typed items, strict loading with one-line errors, atomic saving (docs/spec.md section 3).
 
 The on-disk format is the paper's JSON object::
 
@@ -48,7 +48,7 @@ class GeneralSkill:
 
     @property
     def text(self) -> str:
-        """Retrieval text: the content fields joined by ". " (SPEC section 3)."""
+        """Retrieval text: the content fields joined by ". " (docs/spec.md section 3)."""
         return ". ".join((self.title, self.principle, self.when_to_apply))
 
     def to_json(self) -> dict[str, Any]:
@@ -71,7 +71,7 @@ class CommonMistake:
 
     @property
     def text(self) -> str:
-        """Retrieval text: the content fields joined by ". " (SPEC section 3)."""
+        """Retrieval text: the content fields joined by ". " (docs/spec.md section 3)."""
         return ". ".join((self.description, self.why_it_happens, self.how_to_avoid))
 
     def to_json(self) -> dict[str, Any]:

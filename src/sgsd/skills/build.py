@@ -1,4 +1,4 @@
-"""Cold-start skill bank building (SPEC section 3 (1)-(3)): memories -> extraction -> merge.
+"""Cold-start skill bank building (docs/spec.md section 3 (1)-(3)): memories -> extraction -> merge.
 
 Stages and their files in the output folder (each stage resumes from its file: a rerun skips what is
 done, so an interrupted build costs only the record in flight):
@@ -48,7 +48,7 @@ class BuildConfig:
     attempt_temperature: float = 1.0
     extract_max_tokens: int = 2048
     extract_temperature: float = 0.0
-    max_items: int = 3  # per memory (SPEC: 1-3)
+    max_items: int = 3  # per memory (docs/spec.md section 3: 1-3)
     max_completion_chars: int = 8000  # of an attempt shown to the extractor (start and end kept)
     batch_size: int = 32  # prompts per LLM call in stages 1 and 2
     merge: MergeConfig = field(default_factory=MergeConfig)

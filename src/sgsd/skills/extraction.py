@@ -1,4 +1,4 @@
-"""Extraction and merge prompts, and strict parsing of the LLM's JSON replies (SPEC section 3 (2), (3)).
+"""Extraction and merge prompts, and strict parsing of the LLM's JSON replies (docs/spec.md section 3 (2), (3)).
 
 A memory is one graded attempt. From a success the LLM distils 1-3 general skills, from a failure
 1-3 common mistakes, as one JSON object. Replies are parsed with a JSON-aware scanner

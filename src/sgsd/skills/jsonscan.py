@@ -1,6 +1,6 @@
 """A small JSON-aware scanner: finds complete JSON objects inside free LLM text.
 
-The public code took the text from the first "{" to the last "}" (SPEC section 9, defect 6): a LaTeX
+The public code took the text from the first "{" to the last "}" (docs/spec.md section 9, defect 6): a LaTeX
 brace in the reasoning (`\\frac{1}{2}`), a `<think>` block or a trailing remark breaks that and the
 output was silently dropped. Here every "{" is a candidate start; from it, braces are matched while
 honouring JSON strings and their escapes (a "}" inside a string does not close anything), and the

@@ -1,4 +1,4 @@
-"""Hierarchical merge of skill-bank items by an LLM (SPEC section 3 (3)).
+"""Hierarchical merge of skill-bank items by an LLM (docs/spec.md section 3 (3)).
 
 Layer after layer, the current items are cut into consecutive groups of `group_size` (paper: 32) and
 each group is merged by one LLM call; exact duplicates are removed after each layer. The merge stops

@@ -1,4 +1,4 @@
-"""Online skill-bank update during SGSD training (SPEC section 3 (4)).
+"""Online skill-bank update during SGSD training (docs/spec.md section 3 (4)).
 
 Settings: `sgsd.config.OnlineUpdateSettings` (the `skills.online` section of a run config).
 Every `every_steps` steps (paper: 25), if the success rate of the rollouts of the last
@@ -10,7 +10,7 @@ reused); a list keeps at most `capacity` (paper: 30) dynamic items, the oldest l
 items are never touched. Each update writes `run_dir/skills/bank_step_{step:06d}.json` and
 `run_dir/skills/latest.json` atomically, both stamped with the run id and step.
 
-Differences from the public code (SPEC section 9, defect 6): it saw only the current micro-batch,
+Differences from the public code (docs/spec.md section 9, defect 6): it saw only the current micro-batch,
 parsed JSON from the first "{" to the last "}", and reloaded a stale file from an earlier run. Here the
 window spans steps, parsing is JSON-aware with failures counted, and resuming goes through
 `state_dict()` / `load_state_dict()` (which hold the dynamic items themselves), or `load_latest`, which

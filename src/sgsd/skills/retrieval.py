@@ -1,4 +1,4 @@
-"""Retrieval of general skills and common mistakes for a problem (SPEC section 3).
+"""Retrieval of general skills and common mistakes for a problem (docs/spec.md section 3).
 
 One interface, three modes, all deterministic:
 

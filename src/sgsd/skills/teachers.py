@@ -1,4 +1,4 @@
-"""Teacher construction from a retrieval (SPEC section 3).
+"""Teacher construction from a retrieval (docs/spec.md section 3).
 
 Teacher r is the rank-aligned pair (skill r, mistake r), r = 0..K-1 with K = min(#skills, #mistakes,
 k). Its pair score is the mean of the two retrieval scores; the teacher weights are

@@ -1,4 +1,4 @@
-"""GRPO baseline (SPEC section 5): TRL's GRPOTrainer itself, with the project's data, prompts, grader.
+"""GRPO baseline (docs/spec.md section 5): TRL's GRPOTrainer itself, with the project's data, prompts, grader.
 
 G completions per prompt (`grpo.num_generations`), group-normalised rewards, PPO-clipped surrogate
 (`grpo.epsilon`), KL coefficient `grpo.beta` (0: none, as in the paper); the loss is TRL's own.

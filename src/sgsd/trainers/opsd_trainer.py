@@ -1,4 +1,4 @@
-"""OPSD baseline (SPEC section 5): on-policy self-distillation from a reference-answer teacher.
+"""OPSD baseline (docs/spec.md section 5): on-policy self-distillation from a reference-answer teacher.
 
 The student samples a completion from its plain prompt (TRL generates and grades; one rollout per
 prompt). The teacher is the same model given the reference solution (on DAPO only the final answer:

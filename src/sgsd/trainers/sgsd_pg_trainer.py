@@ -7,7 +7,7 @@
   (TRL gathers the rewards of all ranks before normalising, so a group whose completions are spread
   over several ranks gets the same advantages as on one process), PPO clip grpo.epsilon, KL grpo.beta,
   TRL's grpo.loss_type normalisation.
-- sgsd_loss is SGSDTrainer's loss (SPEC section 4, settings of the `sgsd` section) of the same
+- sgsd_loss is SGSDTrainer's loss (docs/spec.md section 4, settings of the `sgsd` section) of the same
   rollouts: every rollout, all G of each prompt, is scored by its problem's K teachers, and its own
   binary reward decides the teachers' polarity.
 lambda_sgsd = 0 is GRPO (same loss, same gradient) with SGSD's metrics logged.

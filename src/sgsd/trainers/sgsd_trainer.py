@@ -1,4 +1,4 @@
-"""SGSD trainer (SPEC sections 2-4): one student forward/backward per rollout, K teacher forwards
+"""SGSD trainer (docs/spec.md sections 2-4): one student forward/backward per rollout, K teacher forwards
 without gradient, the gated polarity loss of `sgsd.objectives.sgsd_loss`.
 
 Per generation batch (TRL generates and grades; the seams are in `sgsd.trl_adapter`):

@@ -1,4 +1,4 @@
-"""Skill-bank bookkeeping during SGSD training: attribution and online updates (SPEC section 3 (4)).
+"""Skill-bank bookkeeping during SGSD training: attribution and online updates (docs/spec.md section 3 (4)).
 
 Observers receive two events from `SGSDTrainer`, on EVERY rank, in the same order:
 - `on_rollouts(trainer, problems, completions, rewards, answers)` once per generation batch;

@@ -1,4 +1,4 @@
-"""Which parameters score as teacher (SPEC section 4): live policy, base model, or EMA.
+"""Which parameters score as teacher (docs/spec.md section 4): live policy, base model, or EMA.
 
 Each option is a context manager factory: inside it, the shared model computes with the teacher's
 weights; outside, it is the student again. No second copy of the model is made for `live`; `base`
