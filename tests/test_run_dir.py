@@ -74,6 +74,27 @@ def test_a_second_command_on_a_locked_directory_stops_at_once_naming_the_holder(
     assert out.is_dir() and list(out.iterdir()) == []  # its file is removed; the folder was not this lock's
 
 
+@pytest.mark.parametrize("command,what", [
+    (["eval", "--model", "tiny", "--benchmarks", "builtin:tiny-math", "--limit", "2", "--k", "1",
+      "--max-new-tokens", "4", "--quiet"], "eval: output directory"),
+    (["demo", "--preset", "smoke", "--quiet"], "demo: output directory"),
+    (["compare", "--configs", str(TINY / "grpo.yaml"), str(TINY / "sgsd.yaml"), "--max-steps", "1", "--quiet"],
+     "compare: output directory"),
+])
+def test_every_command_that_writes_an_output_directory_takes_its_lock(tmp_path, capsys, command, what):
+    out = tmp_path / "out"
+    holder = _hold(out)
+    try:
+        code = main([*command, "--output-dir", str(out)])
+        err = capsys.readouterr().err.strip()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2 and err == (f"sgsd: error: {what} {out}: in use by another sgsd command (pid {holder.pid}); "
+                                 "wait for it to finish or choose another directory")
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
+
+
 def test_a_lock_created_folder_is_removed_when_nothing_was_written(tmp_path, capsys):
     out = tmp_path / "never"
     code = main(["train", "--config", str(TINY / "sgsd.yaml"), "--output-dir", str(out), "--quiet",
@@ -108,8 +129,9 @@ def test_two_trainings_started_together_one_runs_the_other_is_refused(tmp_path):
     """The reported defect: two `sgsd train` into one folder both 'finished' and left a final/ without
     weights. Now one trains and its final/ loads; the other exits 2 naming the folder and the pid."""
     out = tmp_path / "run"
+    # 40 steps (about 20-60 s): long enough that the second command starts while the first trains
     command = [sys.executable, "-m", "sgsd.cli", "train", "--config", str(TINY / "sgsd.yaml"), "--output-dir",
-               str(out), "--quiet"]
+               str(out), "--quiet", "--max-steps", "40", "training.save_steps=20"]
     grpo = [sys.executable, "-m", "sgsd.cli", "train", "--config", str(TINY / "grpo.yaml"), "--output-dir",
             str(out), "--quiet"]
     first = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env())
@@ -118,6 +140,7 @@ def test_two_trainings_started_together_one_runs_the_other_is_refused(tmp_path):
         assert first.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     second = subprocess.run(grpo, capture_output=True, text=True, env=_env(), timeout=120)
+    assert first.poll() is None, "the first run ended before the second started: the test did not race them"
     stdout, stderr = first.communicate(timeout=600)
     assert first.returncode == 0, stderr[-2000:]
     assert second.returncode == 2

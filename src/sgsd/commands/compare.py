@@ -202,15 +202,25 @@ def write_report(out: Path, stages: Sequence[Stage], differences: Sequence[str])
 
 
 def run(args: argparse.Namespace) -> int:
-    from sgsd.storage import atomic_write_json
+    from sgsd.run_dir import locked
 
-    stages, _, differences = plan(args)
-    train_launcher, eval_launcher = _launcher(args.launcher), _launcher(args.eval_launcher or None)
     if args.dry_run:
+        stages, _, _ = plan(args)
+        train_launcher, eval_launcher = _launcher(args.launcher), _launcher(args.eval_launcher or None)
         for stage in stages:
             launcher = train_launcher if stage.kind == "train" else eval_launcher
             print(("# done: " if stage.done else "") + shlex.join([*launcher, *stage.argv]))
         return 0
+    plan(args)  # every input error before the directory is touched
+    with locked(args.output_dir, "compare: output directory"):  # one writer: a second compare stops at once
+        return _run_stages(args)
+
+
+def _run_stages(args: argparse.Namespace) -> int:
+    from sgsd.storage import atomic_write_json
+
+    stages, _, differences = plan(args)  # again, under the lock: which stages are done now
+    train_launcher, eval_launcher = _launcher(args.launcher), _launcher(args.eval_launcher or None)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "plan.json", {

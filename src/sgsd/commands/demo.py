@@ -46,7 +46,10 @@ def run(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods) if args.methods is not None else None
     grid = parse_lr_grid(args.lr_grid) if args.lr_grid is not None else None
     plan = make_plan(preset=preset, seeds=args.seeds, methods=methods, tune_lr=args.tune_lr, lr_grid=grid)
-    results = run_demo(args.output_dir, plan=plan, cache_root=args.cache_dir, progress=not args.quiet)
+    from sgsd.run_dir import locked
+
+    with locked(args.output_dir, "demo: output directory"):  # one writer: a second demo there stops at once
+        results = run_demo(args.output_dir, plan=plan, cache_root=args.cache_dir, progress=not args.quiet)
     k = results["k"]
     print(f"\n{'method':11} avg@{k:<3} 95% interval" + ("   tuned lr  avg@k" if results["tuned"] else ""))
     for name, m in results["methods"].items():

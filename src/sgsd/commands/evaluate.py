@@ -150,11 +150,14 @@ def run_eval(args: argparse.Namespace) -> int:
         skills_top_k=args.skills_top_k, retrieval=args.retrieval, backend=choose_backend(args.backend, args.model),
         grade_timeout_s=args.grade_timeout, grade_workers=args.grade_workers,
     )
-    loaded = load_benchmarks(settings)
-    retriever = _retriever(args) if args.skills else None
-    generator, tokenizer = _generator(settings, args)
-    results = run_evaluation(settings, generator, tokenizer, args.output_dir, benchmarks=loaded,
-                             retriever=retriever, progress=not args.quiet)
+    from sgsd.run_dir import locked
+
+    with locked(args.output_dir, "eval: output directory"):  # one writer: a second eval there stops at once
+        loaded = load_benchmarks(settings)
+        retriever = _retriever(args) if args.skills else None
+        generator, tokenizer = _generator(settings, args)
+        results = run_evaluation(settings, generator, tokenizer, args.output_dir, benchmarks=loaded,
+                                 retriever=retriever, progress=not args.quiet)
     print(format_results(results))
     print(f"results: {Path(args.output_dir) / 'results.json'}")
     return 0
