@@ -216,3 +216,64 @@ def test_sgsd_trainer_loss_and_gradient_equal_an_unbatched_per_row_computation(t
     for name, param in model.named_parameters():
         if param.grad is not None and name in trainer_grads:
             torch.testing.assert_close(trainer_grads[name], param.grad, rtol=1e-3, atol=1e-7, msg=name)
+
+
+# -- the registry is the only per-method table --------------------------------------------------------
+
+
+def _card_for(tmp_path, recipe: str, overrides: tuple[str, ...] = ()) -> str:
+    """The model card of a run directory holding only the record a run of `recipe` writes at its start."""
+    from sgsd.config import dump_config
+    from sgsd.run_dir import resolved_config_text
+    from sgsd.trainers.model_card import render_model_card
+
+    cfg = load_run_config(TINY / recipe, list(overrides))
+    inputs = {"skill bank": {"source": "bank.json", "skills": 4, "mistakes": 4, "version": "v1", "sha256": "ab" * 32}}
+    run = tmp_path / recipe.replace(".yaml", "")
+    run.mkdir()
+    (run / "resolved_config.yaml").write_text(resolved_config_text(dump_config(cfg), {"inputs": inputs}))
+    return render_model_card(run, 4)
+
+
+def test_the_sgsd_pg_model_card_names_its_bank_lambda_group_and_sgsd_settings(tmp_path):
+    card = _card_for(tmp_path, "sgsd-pg.yaml")
+    assert "| method | SGSD+PG |" in card and method_spec("sgsd-pg").description in card
+    assert "| skill bank | `bank.json` (4 skills, 4 mistakes, version v1, sha256 abababababab) |" in card
+    for key in ("sgsd_pg.lambda_sgsd", "grpo.num_generations", "sgsd.num_teachers", "sgsd.gate_tau",
+                "sgsd.confidence_threshold", "sgsd.polarity_test"):
+        assert f"| `{key}` |" in card, key
+
+
+@pytest.mark.parametrize("recipe,overrides,name", [
+    ("grpo.yaml", (), "GRPO"), ("grpo-skill.yaml", (), "GRPO+Skill"), ("opsd-skill.yaml", (), "OPSD+Skill"),
+    ("sgsd.yaml", (), "SGSD"),
+])
+def test_the_card_and_the_demo_take_the_method_name_from_the_registry(tmp_path, recipe, overrides, name):
+    from sgsd.demo.plan import label
+
+    card = _card_for(tmp_path, recipe, overrides)
+    assert f"| method | {name} |" in card
+    demo_name = {"GRPO": "grpo", "GRPO+Skill": "grpo-skill", "OPSD+Skill": "opsd-skill", "SGSD": "sgsd"}[name]
+    assert label(demo_name) == name
+
+
+def test_a_methods_demo_grouping_and_polarity_follow_its_registry_entry():
+    from sgsd.demo.plan import DEMO_METHODS
+
+    assert {n for n, m in DEMO_METHODS.items() if m.grouped} == {"grpo", "grpo-skill", "sgsd-pg"}
+    assert {n for n, m in DEMO_METHODS.items() if m.polarity} == {"sgsd", "sgsd-z", "sgsd-z1", "sgsd-pg"}
+    assert all(m.grouped == method_spec(m.method).groups for m in DEMO_METHODS.values())
+
+
+def test_compare_controls_the_bank_among_methods_that_use_one_and_the_grader(tmp_path):
+    from sgsd.commands.compare import config_differences
+
+    grpo, sgsd = load_run_config(TINY / "grpo.yaml"), load_run_config(TINY / "sgsd.yaml")
+    assert config_differences({"grpo": grpo, "sgsd": sgsd}) == []
+    other_bank = load_run_config(TINY / "grpo-skill.yaml", ["skills.bank=/elsewhere/bank.json"])
+    assert config_differences({"grpo-skill": other_bank, "sgsd": sgsd}) == [
+        f"skills.bank: grpo-skill='/elsewhere/bank.json', sgsd={sgsd.skills.bank!r}"]
+    # GRPO without skills never reads the bank: its path may differ
+    assert config_differences({"grpo": load_run_config(TINY / "grpo.yaml", ["skills.bank=x"]), "sgsd": sgsd}) == []
+    flexible = load_run_config(TINY / "sgsd.yaml", ["reward.extract=flexible"])
+    assert config_differences({"a": sgsd, "b": flexible}) == ["reward.extract: a='boxed', b='flexible'"]

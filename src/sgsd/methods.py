@@ -14,8 +14,10 @@ A `MethodSpec` gives:
 - `problems(cfg)`: the method's own cross-section configuration problems, one message each
   (`check_run_config` runs them with the sections' and the shared checks, after importing `plugins`);
 - `online_updates`: whether online skill-bank updates (`skills.online`) apply to it;
-- `description`, `label(cfg)`, `card_settings`: what the model card, the demo and `sgsd compare` say
-  about it (the registry is the only per-method table).
+- `groups`, `skill_teachers`: whether it samples a group of G completions per prompt, and whether it
+  scores rollouts with K skill teachers (the demo's budget and polarity tables follow them);
+- `description`, `label(cfg)`, `card_settings`: what the model card and the demo say about it (the
+  registry is the only per-method table).
 
 Adding a method is one file that defines its trainer and calls `register_method` (see
 `docs/extending.md`, whose example the tests run). Built-in methods: `sgsd`, `grpo`, `opsd`, `sgsd-pg`.
@@ -71,6 +73,8 @@ class MethodSpec:
     trainer_kwargs: "str | Callable[[RunConfig, TrainerContext], dict[str, Any]]" = _no_kwargs
     problems: Callable[["RunConfig"], Iterator[str]] = _no_problems
     online_updates: bool = False  # whether `skills.online` (online skill-bank updates) applies
+    groups: bool = False  # samples a group of grpo.num_generations completions per prompt
+    skill_teachers: bool = False  # scores its rollouts with K skill teachers (polarity, attribution)
     description: str = ""  # one paragraph: the model card's method text
     label: Callable[["RunConfig"], str] = lambda cfg: ""  # display name ("GRPO+Skill"); "": the name upper-cased
     card_settings: tuple[str, ...] = ()  # dotted keys the model card shows for this method
@@ -197,7 +201,7 @@ GRPO_CARD_SETTINGS = ("grpo.num_generations", "grpo.epsilon", "grpo.beta", "grpo
 register_method(MethodSpec(
     name="sgsd", settings="sgsd", sections=("sgsd",), trainer="sgsd.trainers.sgsd_trainer:SGSDTrainer",
     trainer_kwargs="sgsd.trainers.sgsd_trainer:sgsd_trainer_kwargs",
-    needs_bank=lambda cfg: True, online_updates=True, card_settings=SGSD_CARD_SETTINGS,
+    needs_bank=lambda cfg: True, online_updates=True, skill_teachers=True, card_settings=SGSD_CARD_SETTINGS,
     description=("SGSD (Skill-Conditioned Gated Self-Distillation, arXiv 2605.28791; docs/spec.md section 4): the "
                  "model, given K retrieved (skill, common mistake) pairs as privileged context, scores its own rollout "
                  "as K teachers; the verifier's verdict and a bounded gate decide, token by token, which teachers it "
@@ -206,7 +210,8 @@ register_method(MethodSpec(
 register_method(MethodSpec(
     name="grpo", settings="grpo", sections=("grpo",), trainer="sgsd.trainers.grpo_trainer:GRPOBaselineTrainer",
     needs_bank=lambda cfg: cfg.grpo.skills_in_prompt, prompt_skills=lambda cfg: cfg.grpo.skills_in_prompt,
-    grpo_overrides=_grpo_overrides, label=lambda cfg: "GRPO+Skill" if cfg.grpo.skills_in_prompt else "GRPO",
+    grpo_overrides=_grpo_overrides, groups=True,
+    label=lambda cfg: "GRPO+Skill" if cfg.grpo.skills_in_prompt else "GRPO",
     card_settings=(*GRPO_CARD_SETTINGS, "grpo.skills_in_prompt"),
     description=("GRPO (group-relative policy optimization, TRL's GRPOTrainer; docs/spec.md section 5) with the "
                  "verifier's 0/1 reward; +Skill: retrieved skills in the rollout prompt."),
@@ -224,7 +229,8 @@ register_method(MethodSpec(
     name="sgsd-pg", settings="sgsd_pg", sections=("sgsd", "grpo", "sgsd_pg"),
     trainer="sgsd.trainers.sgsd_pg_trainer:SGSDPGTrainer",
     trainer_kwargs="sgsd.trainers.sgsd_pg_trainer:sgsd_pg_trainer_kwargs",
-    needs_bank=lambda cfg: True, grpo_overrides=_grpo_overrides, problems=_sgsd_pg_problems, label=lambda cfg: "SGSD+PG",
+    needs_bank=lambda cfg: True, grpo_overrides=_grpo_overrides, problems=_sgsd_pg_problems, groups=True,
+    skill_teachers=True, label=lambda cfg: "SGSD+PG",
     card_settings=("sgsd_pg.lambda_sgsd", *GRPO_CARD_SETTINGS, *SGSD_CARD_SETTINGS),
     description=("SGSD+PG (docs/methods.md): GRPO's loss plus lambda_sgsd x the SGSD loss on the same rollouts; G "
                  "completions per prompt, each scored by its problem's K skill teachers."),

@@ -31,8 +31,8 @@ from typing import Any, Literal, Sequence
 
 from sgsd.errors import ConfigError, UserError
 
-CONTROLLED_SECTIONS = ("model", "data", "prompt", "generation", "training")
 UNCONTROLLED_KEYS = {"training.output_dir"}
+BANK_KEYS = {"skills.bank", "skills.retrieval", "skills.embedder"}  # the same bank for every method that uses one
 RESERVED_LABELS = ("base", "base+skill")
 FORBIDDEN_EVAL_ARGS = ("--model", "--output-dir", "--bank", "--skills")
 
@@ -80,12 +80,23 @@ class Stage:
 
 
 def config_differences(configs: dict[str, Any]) -> list[str]:
-    """Settings outside the method sections on which the configs disagree, one line per key."""
-    from sgsd.config import flatten, setting_differences
+    """Settings outside the method sections on which the configs disagree, one line per key.
 
-    flat = {label: {k: v for section in CONTROLLED_SECTIONS for k, v in flatten(cfg.to_dict()[section], section).items()
+    Controlled: every section of the config that no registered method names among its `sections`
+    (model, data, prompt, generation, reward, training, and a plugin's new sections), and the skill bank
+    with its retrieval among the configs whose method uses a bank (`MethodSpec.needs_bank`).
+    """
+    from sgsd.config import flatten, setting_differences
+    from sgsd.methods import method_names, method_spec
+
+    method_sections = {s for name in method_names() for s in method_spec(name).sections}
+    sections = [name for name, value in next(iter(configs.values())).to_dict().items()
+                if isinstance(value, dict) and name not in method_sections and name != "skills"]
+    flat = {label: {k: v for section in sections for k, v in flatten(cfg.to_dict()[section], section).items()
                     if k not in UNCONTROLLED_KEYS} for label, cfg in configs.items()}
-    return setting_differences(flat)
+    banked = {label: {k: v for k, v in flatten(cfg.to_dict()["skills"], "skills").items() if k in BANK_KEYS}
+              for label, cfg in configs.items() if method_spec(cfg.method).needs_bank(cfg)}
+    return setting_differences(flat) + (setting_differences(banked) if len(banked) > 1 else [])
 
 
 def _labels(args: argparse.Namespace) -> list[str]:

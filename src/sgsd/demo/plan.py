@@ -11,36 +11,59 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from sgsd.demo.evaluate import AccuracyEstimate
+    from sgsd.methods import MethodSpec
 
 
 @dataclass(frozen=True)
 class DemoMethod:
     """One method the demo can train: a registered method (`sgsd.methods`) plus the recipe keys that make
-    the variant (e.g. `sgsd-z` is `method: sgsd` with `sgsd.polarity_test: z`)."""
+    the variant (e.g. `sgsd-z` is `method: sgsd` with `sgsd.polarity_test: z`). Whether it samples a group
+    per prompt, whether it scores rollouts with skill teachers, and its name in tables (unless the variant
+    has a `label` of its own) are the registered method's."""
 
     name: str
     method: str
     overrides: tuple[str, ...] = ()
-    grouped: bool = False  # G completions per prompt: prompts per step = rollouts per step / G
-    polarity: bool = False  # scores rollouts with K skill teachers: logs polarity and attribution
-    label: str = ""  # how tables name it
+    label: str = ""  # a variant's own name in tables; "": the registered method's display name
     description: str = ""
+
+    @property
+    def spec(self) -> "MethodSpec":
+        from sgsd.methods import method_spec
+
+        return method_spec(self.method)
+
+    @property
+    def grouped(self) -> bool:
+        """G completions per prompt: prompts per step = rollouts per step / G."""
+        return self.spec.groups
+
+    @property
+    def polarity(self) -> bool:
+        """Scores rollouts with K skill teachers: logs polarity and attribution."""
+        return self.spec.skill_teachers
+
+    def title(self) -> str:
+        if self.label:
+            return self.label
+        from sgsd.config import load_config
+
+        return self.spec.display_name(load_config(None, [f"method={self.method}", *self.overrides]))
 
 
 DEMO_METHODS: dict[str, DemoMethod] = {m.name: m for m in (
-    DemoMethod("grpo", "grpo", grouped=True, label="GRPO", description="TRL's GRPO, G completions per prompt"),
-    DemoMethod("grpo-skill", "grpo", ("grpo.skills_in_prompt=true", "skills.prompt_top_k=1"), grouped=True,
-               label="GRPO+Skill", description="GRPO with one retrieved (skill, mistake) pair in the rollout prompt"),
-    DemoMethod("opsd", "opsd", label="OPSD", description="self-distillation from the reference-answer teacher"),
-    DemoMethod("opsd-skill", "opsd", ("opsd.skills=true", "skills.prompt_top_k=1"), label="OPSD+Skill",
+    DemoMethod("grpo", "grpo", description="TRL's GRPO, G completions per prompt"),
+    DemoMethod("grpo-skill", "grpo", ("grpo.skills_in_prompt=true", "skills.prompt_top_k=1"),
+               description="GRPO with one retrieved (skill, mistake) pair in the rollout prompt"),
+    DemoMethod("opsd", "opsd", description="self-distillation from the reference-answer teacher"),
+    DemoMethod("opsd-skill", "opsd", ("opsd.skills=true", "skills.prompt_top_k=1"),
                description="OPSD with one retrieved (skill, mistake) pair in both prompts"),
-    DemoMethod("sgsd", "sgsd", polarity=True, label="SGSD",
-               description="the paper's method: K skill teachers, threshold polarity test"),
-    DemoMethod("sgsd-z", "sgsd", ("sgsd.polarity_test=z",), polarity=True, label="SGSD-z",
+    DemoMethod("sgsd", "sgsd", description="the paper's method: K skill teachers, threshold polarity test"),
+    DemoMethod("sgsd-z", "sgsd", ("sgsd.polarity_test=z",), label="SGSD-z",
                description="SGSD with the length-free polarity test (z = 1.96)"),
-    DemoMethod("sgsd-z1", "sgsd", ("sgsd.polarity_test=z", "sgsd.polarity_z=1.0"), polarity=True, label="SGSD-z1",
+    DemoMethod("sgsd-z1", "sgsd", ("sgsd.polarity_test=z", "sgsd.polarity_z=1.0"), label="SGSD-z1",
                description="SGSD with the length-free polarity test at z = 1.0 (a two-sided 32% level)"),
-    DemoMethod("sgsd-pg", "sgsd-pg", ("sgsd_pg.lambda_sgsd=1.0",), grouped=True, polarity=True, label="SGSD+PG",
+    DemoMethod("sgsd-pg", "sgsd-pg", ("sgsd_pg.lambda_sgsd=1.0",),
                description="GRPO's loss + 1.0 x SGSD's loss on the same rollouts"),
 )}
 DEFAULT_METHODS = ("grpo", "opsd", "sgsd")  # what fits the full demo's time budget
@@ -48,7 +71,7 @@ DEFAULT_METHODS = ("grpo", "opsd", "sgsd")  # what fits the full demo's time bud
 
 def label(name: str) -> str:
     """How reports name a method ("base" -> Base, "sgsd-pg" -> SGSD+PG)."""
-    return "Base" if name == "base" else DEMO_METHODS[name].label if name in DEMO_METHODS else name.upper()
+    return "Base" if name == "base" else DEMO_METHODS[name].title() if name in DEMO_METHODS else name.upper()
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
