@@ -127,7 +127,7 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path | None = None, *, resume:
     """Everything `train` does before the first step: checks, run directory, trainer, restored state."""
     from transformers import set_seed
 
-    from sgsd.data import load_problems, training_dataset
+    from sgsd.data import check_untrusted_text, load_problems, training_dataset
     from sgsd.models import load_model, load_tokenizer
     from sgsd.trainers.callbacks import EMAStep, FaultInjection, MetricsWriter, StepTimer
 
@@ -166,6 +166,7 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path | None = None, *, resume:
                  f"{cfg.training.max_steps}; the learning-rate schedule follows max_steps={cfg.training.max_steps}")
     bank, retriever = _load_skills(cfg) if spec.needs_bank(cfg) else (None, None)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
+    check_untrusted_text(tokenizer, problems, cfg.data.path, bank, cfg.skills.bank)
     model = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype, tokenizer=tokenizer)
     if cfg.model.attn_implementation:
         model.config._attn_implementation = cfg.model.attn_implementation
@@ -251,10 +252,11 @@ def _publish_final(out: Path, staging: Path, step: int) -> None:
 
 
 def _load_skills(cfg: RunConfig) -> tuple[Any, Any]:
-    from sgsd.skills.bank import load_bank
+    from sgsd.skills.bank import check_usable, load_bank
     from sgsd.skills.retrieval import make_retriever
 
     bank = load_bank(cfg.skills.bank)
+    check_usable(bank, cfg.skills.bank, pairs=not method_spec(cfg.method).prompt_skills(cfg))
     retriever = make_retriever(cfg.skills.retrieval, bank, embedder=cfg.skills.embedder, seed=cfg.training.seed)
     return bank, retriever
 
