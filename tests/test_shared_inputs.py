@@ -188,18 +188,26 @@ def test_each_row_is_read_by_its_own_fields(tmp_path):
     assert [p.problem for p in load_benchmark(str(path)).problems] == [p.problem for p in problems]
 
 
-def test_skills_build_refuses_repeated_ids_before_any_call(tmp_path, capsys):
+def test_skills_build_refuses_repeated_ids_before_any_model_or_call(tmp_path, capsys, monkeypatch):
+    from sgsd import models
+    from sgsd.data import Problem
+    from sgsd.skills.build import build_bank
+    from sgsd.skills.llm import OpenAIClient
+
     rows = [{"id": "p1", "problem": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(8)]
     path = _write_jsonl(tmp_path / "ids.jsonl", rows)
-    with fake_llm_server(_reply) as server:
-        code = main(["skills", "build", "--problems", str(path), "--output-dir", str(tmp_path / "out"),
-                     "--policy-url", base_url(server), "--policy-model", "m"])
-        assert server.requests == []
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    code = main(["skills", "build", "--problems", str(path), "--output-dir", str(tmp_path / "out"), "--policy", "tiny"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert err.startswith("sgsd: error: skills build: problem id 'p1' is given to two different problems "
                           "('What is 0 + 1?' and 'What is 1 + 1?')")
-    assert not (tmp_path / "out" / "memories.jsonl").exists()
+    with fake_llm_server(_reply) as server:  # the library function refuses them too, before any call
+        client = OpenAIClient(base_url(server), "m")
+        with pytest.raises(DataError, match="problem id 'p1' is given to two different problems"):
+            build_bank([Problem("p1", "A?", "1"), Problem("p1", "B?", "2")], client, client, tmp_path / "lib")
+        assert server.requests == []
+    assert not (tmp_path / "out").exists() and not (tmp_path / "lib").exists()
 
 
 # ---------------------------------------------------------------------- banks that cannot form teachers

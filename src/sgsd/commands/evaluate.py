@@ -171,12 +171,14 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _retriever(args: argparse.Namespace) -> Any:
     try:
-        from sgsd.skills.bank import load_bank
+        from sgsd.skills.bank import check_usable, load_bank
         from sgsd.skills.retrieval import make_retriever
     except ImportError as err:  # the skills package is optional for evaluation
         raise UserError(f"eval --bank: the skill-bank package is unavailable ({err})") from err
     options = {"embedder": args.embedder} if args.embedder else {}
-    return make_retriever(args.retrieval, load_bank(args.skills), **options)
+    bank = load_bank(args.skills)
+    check_usable(bank, args.skills, pairs=False)  # Base+Skill shows skills and mistakes: one kind is enough
+    return make_retriever(args.retrieval, bank, **options)
 
 
 def _generator(settings: Any, args: argparse.Namespace, tokenizer: Any) -> Any:

@@ -237,7 +237,7 @@ def _run_bank(run_dir: "Path") -> "Path | None":
 
 def _build(args: argparse.Namespace) -> int:
     from sgsd.data import load_problems
-    from sgsd.skills.build import BuildConfig, build_bank
+    from sgsd.skills.build import BuildConfig, build_bank, check_unique_ids
     from sgsd.skills.merge import MergeConfig
 
     require(args, "sgsd skills build", "output_dir")
@@ -250,6 +250,7 @@ def _build(args: argparse.Namespace) -> int:
     for note in (load_report.skipped_note(), load_report.gold_note()):
         if note:
             print(f"sgsd: {note}", file=sys.stderr)
+    check_unique_ids(problems)  # before any model is loaded (build_bank checks it too)
     policy = _llm_client(args, args.policy, args.policy_url, args.policy_model, "policy")
     if args.updater is None and args.updater_url is None:
         updater = policy
