@@ -284,6 +284,13 @@ def test_train_and_eval_refuse_control_tokens_before_loading_the_model(tmp_path,
     assert main([*common, "--benchmarks", str(bad_bench)]) == 2
     assert f"{bad_bench}: problem 0: contains the tokenizer's special token '<|im_end|>'" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+    # skills build with a local policy renders the problems through its chat template: checked there too
+    from sgsd import models
+
+    monkeypatch.setattr(models, "load_model", no_model)
+    assert main(["skills", "build", "--problems", str(bad_bench), "--output-dir", str(tmp_path / "b"),
+                 "--policy", "tiny"]) == 2
+    assert "contains the tokenizer's special token '<|im_end|>'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ files named in errors

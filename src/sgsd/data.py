@@ -95,12 +95,12 @@ class RowSkips:
         self.rows: list[int] = []
         self.answers: list[str] = []
 
-    def add(self, row_number: int, answer_problem: str | None = None) -> None:
+    def add(self, row_number: int, unusable: str | None = None) -> None:
         self.count += 1
         if len(self.rows) < SHOWN_SKIPPED_ROWS:
             self.rows.append(row_number)
-        if answer_problem is not None and answer_problem not in self.answers:
-            self.answers.append(answer_problem)
+        if unusable is not None and unusable not in self.answers:
+            self.answers.append(unusable)
 
     def report(self, source: str, rows: int, kept: int, duplicates: int = 0, gold_extracted: int = 0,
                refuse_hint: str | None = REFUSE_HINT) -> LoadReport:

@@ -251,11 +251,11 @@ def _build(args: argparse.Namespace) -> int:
         if note:
             print(f"sgsd: {note}", file=sys.stderr)
     check_unique_ids(problems)  # before any model is loaded (build_bank checks it too)
-    policy = _llm_client(args, args.policy, args.policy_url, args.policy_model, "policy")
+    policy = _llm_client(args, args.policy, args.policy_url, args.policy_model, "policy", problems)
     if args.updater is None and args.updater_url is None:
         updater = policy
     else:
-        updater = _llm_client(args, args.updater, args.updater_url, args.updater_model, "updater")
+        updater = _llm_client(args, args.updater, args.updater_url, args.updater_model, "updater", problems)
     config = BuildConfig(
         attempts_per_problem=args.attempts, attempt_max_tokens=args.max_tokens, attempt_temperature=args.temperature,
         extract_max_tokens=args.extract_max_tokens, batch_size=args.batch_size,
@@ -276,7 +276,10 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _llm_client(args: argparse.Namespace, model_spec: str | None, url: str | None, url_model: str | None, role: str):
+def _llm_client(args: argparse.Namespace, model_spec: str | None, url: str | None, url_model: str | None, role: str,
+                problems: list):
+    """The client of `role`: an OpenAI-compatible server, or a local model (whose tokenizer must find no
+    special tokens in the problems' text, checked before the model loads)."""
     import os
 
     from sgsd.prompts import ChatStyle
@@ -295,10 +298,12 @@ def _llm_client(args: argparse.Namespace, model_spec: str | None, url: str | Non
                 raise UserError(f"--api-key-env {args.api_key_env}: the variable is not set")
         extra = {"chat_template_kwargs": {"enable_thinking": False}} if args.no_thinking else None
         return OpenAIClient(url, url_model, api_key=api_key, extra_body=extra)
+    from sgsd.data import check_untrusted_text
     from sgsd.models import load_model, load_tokenizer
     from sgsd.skills.llm import HFClient
 
     tokenizer = load_tokenizer(model_spec)
+    check_untrusted_text(tokenizer, problems, args.problems)
     model = load_model(model_spec, tokenizer=tokenizer)
     style = ChatStyle(enable_thinking=False) if args.no_thinking else ChatStyle()
     return HFClient(model, tokenizer, name=f"hf:{model_spec}", batch_size=args.batch_size, chat_style=style)
