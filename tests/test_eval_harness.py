@@ -54,7 +54,7 @@ def test_generic_files_and_errors(tmp_path):
     assert load_benchmark(str(tmp_path / "p.parquet")).problems[0].answer == "\\frac12"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q"}) + "\n")
-    with pytest.raises(DataError, match="row 1: no answer field"):
+    with pytest.raises(DataError, match=r"no usable rows \(1 read, 1 without a problem or answer: row 1\)"):
         load_benchmark(str(bad))
     with pytest.raises(UserError, match="not a registered name"):
         load_benchmark("aime2099")

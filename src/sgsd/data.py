@@ -7,20 +7,27 @@ instruction: the wrapper is removed so the project's own prompt (docs/spec.md se
 DAPO file repeats each problem 100 times: rows are deduplicated by problem text.
 GSM8K-style answers (a worked solution whose last line is `#### <gold>`) keep only the gold, with
 thousands separators removed, as `sgsd eval` does for the GSM8K benchmark; `LoadReport.gold_note`
-says how many. Rows without a problem or answer are skipped and counted (`LoadReport.skipped_note` names the first
-few, 1-based), or refused (`bad_rows: error`).
+says how many. Each row is read by its own fields (the first candidate field present in that row).
+A gold answer is a non-empty text or a finite number (`gold_answer`, the rule `sgsd eval`'s
+benchmarks and `sgsd skills build` share): NaN, Infinity, booleans, lists and objects are no answer.
+Rows without a problem or answer are skipped and counted (`LoadReport.skipped_note` names the first
+few, 1-based, and what was wrong with their answers), or refused (`bad_rows: error`); a file with no
+row left is refused. Local files are read with the size bound and the regular-file check of
+`sgsd.storage.read_input_bytes`; text that is not UTF-8 is refused naming the file and line.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from sgsd.errors import DataError
+from sgsd.storage import check_input_file, decode_utf8, read_input_bytes
 
 BUILTIN_PREFIX = "builtin:"
 PROBLEM_FIELDS = ("problem", "question", "prompt", "Problem")
@@ -42,6 +49,9 @@ class Problem:
 SHOWN_SKIPPED_ROWS = 5  # row numbers named in the skipped-rows note; the count covers all
 
 
+REFUSE_HINT = "data.bad_rows=error refuses them instead"
+
+
 @dataclass(frozen=True)
 class LoadReport:
     source: str
@@ -51,6 +61,9 @@ class LoadReport:
     duplicates: int
     skipped_rows: tuple[int, ...] = ()  # 1-based numbers of the first skipped rows (at most SHOWN_SKIPPED_ROWS)
     gold_extracted: int = 0  # answers that were worked solutions ending in "#### <gold>": only the gold was kept
+    # what the skipped rows' answers were, when they were present but unusable ("NaN", "a list"), first seen first
+    unusable_answers: tuple[str, ...] = ()
+    refuse_hint: str | None = REFUSE_HINT  # how to refuse such rows instead, for the note (None: no such setting)
 
     def gold_note(self) -> str | None:
         """One line saying how many answers were GSM8K-style worked solutions reduced to their gold."""
@@ -65,8 +78,60 @@ class LoadReport:
             return None
         shown = ", ".join(map(str, self.skipped_rows))
         more = ", ..." if self.skipped_missing > len(self.skipped_rows) else ""
+        details = [f"row {shown}{more}"]
+        if self.unusable_answers:
+            details.append(f"answers {', '.join(self.unusable_answers)} are not texts or finite numbers")
+        if self.refuse_hint:
+            details.append(self.refuse_hint)
         return (f"{self.source}: skipped {self.skipped_missing} of {self.rows} rows without a problem or answer "
-                f"(row {shown}{more}; data.bad_rows=error refuses them instead)")
+                f"({'; '.join(details)})")
+
+
+class RowSkips:
+    """The rows a loader skipped: counted, the first few numbered, unusable answers described."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.rows: list[int] = []
+        self.answers: list[str] = []
+
+    def add(self, row_number: int, unusable: str | None = None) -> None:
+        self.count += 1
+        if len(self.rows) < SHOWN_SKIPPED_ROWS:
+            self.rows.append(row_number)
+        if unusable is not None and unusable not in self.answers:
+            self.answers.append(unusable)
+
+    def report(self, source: str, rows: int, kept: int, duplicates: int = 0, gold_extracted: int = 0,
+               refuse_hint: str | None = REFUSE_HINT) -> LoadReport:
+        return LoadReport(source, rows, kept, self.count, duplicates, tuple(self.rows), gold_extracted,
+                          tuple(self.answers), refuse_hint)
+
+    def none_left(self, source: str, rows: int) -> DataError:
+        """The error for a file with no usable row."""
+        shown = ", ".join(map(str, self.rows)) + (", ..." if self.count > len(self.rows) else "")
+        why = f"; answers {', '.join(self.answers)} are not texts or finite numbers" if self.answers else ""
+        return DataError(f"{source}: no usable rows ({rows} read, {self.count} without a problem or answer"
+                         f"{': row ' + shown if self.count else ''}{why})")
+
+
+def problem_texts(problems: Iterable[Problem], source: str) -> Iterator[tuple[str, str]]:
+    """(where, text) for the problem and answer of every problem, `where` naming `source` and the problem
+    (for `sgsd.prompts.refuse_special_tokens`)."""
+    for item in problems:
+        yield f"{source}: problem {item.problem_id}", item.problem
+        yield f"{source}: problem {item.problem_id} (answer)", item.answer
+
+
+def check_untrusted_text(tokenizer: Any, problems: Iterable[Problem], source: str, bank: Any = None,
+                         bank_source: str | None = None) -> None:
+    """Refuse problems, answers and (when given) the items of `bank` that hold the tokenizer's special
+    tokens, in one line naming the item and the token (`sgsd.prompts.refuse_special_tokens`).
+    bank: a `sgsd.skills.bank.SkillBank` (anything with its `texts(source)`), read from `bank_source`."""
+    from sgsd.prompts import refuse_special_tokens
+
+    refuse_special_tokens(tokenizer, problem_texts(problems, source),
+                          bank.texts(str(bank_source)) if bank is not None else ())
 
 
 def problem_hash(text: str) -> str:
@@ -103,36 +168,73 @@ def worked_solution_gold(answer: str) -> str | None:
     return split_gold(answer, "####") if _GOLD_LINE.search(answer) else None
 
 
-def _answer_text(value: Any) -> str | None:
-    if isinstance(value, bool) or value is None:
+def gold_answer(value: Any) -> str | None:
+    """The gold-answer rule of every loader (training data, benchmarks, skills build): a non-empty text
+    (stripped) or a finite number, as text; None for anything else (see `answer_problem`)."""
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
+    if isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
         return str(value)
-    if isinstance(value, str) and value.strip():
-        return value.strip()
     return None
 
 
-def read_rows(path: str, split: str = "train") -> Iterable[dict[str, Any]]:
+def answer_problem(value: Any) -> str:
+    """What makes `value` no gold answer, for notes: "NaN", "Infinity", "a boolean", "a list", ..."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, str):
+        return "an empty text"
+    names = {bool: "a boolean", list: "a list", dict: "an object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def row_field(row: dict[str, Any], candidates: tuple[str, ...], given: str | None = None) -> str | None:
+    """The field a row's value is read from: `given`, else the first candidate present in THIS row."""
+    if given:
+        return given
+    return next((name for name in candidates if _get(row, name) is not None), None)
+
+
+def read_problem_answer(row: dict[str, Any], problem_fields: tuple[str, ...], answer_fields: tuple[str, ...],
+                        problem_field: str | None = None, answer_field: str | None = None
+                        ) -> tuple[str | None, str | None, str | None]:
+    """(problem text, gold answer, why the answer is unusable) of one row, read by its own fields;
+    the problem or answer is None when missing or unusable; the reason only for a present, unusable answer."""
+    p_field = row_field(row, problem_fields, problem_field)
+    a_field = row_field(row, answer_fields, answer_field)
+    problem = _problem_text(_get(row, p_field)) if p_field else None
+    raw = _get(row, a_field) if a_field else None
+    answer = gold_answer(raw)
+    return problem, answer, answer_problem(raw) if answer is None and raw is not None else None
+
+
+def read_rows(path: str, split: str = "train", what: str = "dataset") -> Iterable[dict[str, Any]]:
+    """The rows of a local .jsonl / .json / .parquet file (bounded, UTF-8, regular files only) or of a
+    hub dataset; `what` names the input in errors ("dataset", "benchmark")."""
     local = Path(path).expanduser()
-    if local.is_file():
+    if local.exists():
+        if local.is_dir():
+            raise DataError(f"{what} {path}: not a file")
         suffix = local.suffix.lower()
         if suffix == ".jsonl":
-            with local.open(encoding="utf-8") as handle:
-                for number, line in enumerate(handle, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise DataError(f"{local}: line {number}: invalid JSON ({err.msg})") from err
-                    if not isinstance(row, dict):
-                        raise DataError(f"{local}: line {number}: expected a JSON object")
-                    yield row
+            text = decode_utf8(read_input_bytes(local, what), str(local))
+            for number, line in enumerate(text.split("\n"), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{local}: line {number}: invalid JSON ({err.msg})") from err
+                if not isinstance(row, dict):
+                    raise DataError(f"{local}: line {number}: expected a JSON object")
+                yield row
             return
         if suffix == ".json":
+            text = decode_utf8(read_input_bytes(local, what), str(local))
             try:
-                data = json.loads(local.read_text(encoding="utf-8"))
+                data = json.loads(text)
             except json.JSONDecodeError as err:
                 raise DataError(f"{local}: invalid JSON at line {err.lineno} ({err.msg})") from err
             rows = data if isinstance(data, list) else data.get("data") if isinstance(data, dict) else None
@@ -141,58 +243,54 @@ def read_rows(path: str, split: str = "train") -> Iterable[dict[str, Any]]:
             yield from rows
             return
         if suffix == ".parquet":
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            yield from pq.read_table(local).to_pylist()
+            check_input_file(local, what)
+            try:
+                table = pq.read_table(local)
+            except (pa.ArrowException, OSError) as err:
+                raise DataError(f"{local}: cannot read as parquet ({str(err).splitlines()[0]})") from None
+            yield from table.to_pylist()
             return
+        check_input_file(local, what)  # a device or FIFO is named as such, not as a file type
         raise DataError(f"{local}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
-    if local.exists():
-        raise DataError(f"dataset {path}: not a file")
     from sgsd.paths import check_local_path
 
-    check_local_path(path, "dataset", DataError)  # not a hub id: no offline-mode network error
+    check_local_path(path, what, DataError)  # not a hub id: no offline-mode network error
     import datasets
 
     try:
         dataset = datasets.load_dataset(path, split=split)
     except Exception as err:  # noqa: BLE001 - datasets raises many types; all mean "cannot load"
-        raise DataError(f"dataset {path} (split {split}): cannot load ({str(err).splitlines()[0]})") from err
+        raise DataError(f"{what} {path} (split {split}): cannot load ({str(err).splitlines()[0]})") from err
     yield from dataset
-
-
-def _detect(row: dict[str, Any], candidates: tuple[str, ...], given: str | None) -> str | None:
-    if given:
-        return given
-    return next((name for name in candidates if _get(row, name) is not None), None)
 
 
 def load_problems(path: str, *, split: str = "train", problem_field: str | None = None,
                   answer_field: str | None = None, deduplicate: bool = True, max_problems: int | None = None,
-                  bad_rows: str = "skip") -> tuple[list[Problem], LoadReport]:
-    """Read problems from `path` (see module docstring). Raises DataError on unusable input."""
+                  bad_rows: str = "skip", refuse_hint: str | None = REFUSE_HINT) -> tuple[list[Problem], LoadReport]:
+    """Read problems from `path` (see module docstring). Raises DataError on unusable input.
+    refuse_hint: the skipped-rows note's advice on refusing such rows (None where no setting does)."""
     if path.startswith(BUILTIN_PREFIX):
         return _builtin(path[len(BUILTIN_PREFIX):], max_problems)
     problems: list[Problem] = []
     seen: set[str] = set()
-    rows = skipped = duplicates = golds = 0
-    skipped_rows: list[int] = []
-    p_field = a_field = None
+    rows = duplicates = golds = 0
+    skips = RowSkips()
     for index, row in enumerate(read_rows(path, split)):
         rows += 1
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {index}: expected an object, got {type(row).__name__}")
-        p_field = p_field or _detect(row, PROBLEM_FIELDS, problem_field)
-        a_field = a_field or _detect(row, ANSWER_FIELDS, answer_field)
-        problem = _problem_text(_get(row, p_field)) if p_field else None
-        answer = _answer_text(_get(row, a_field)) if a_field else None
+        problem, answer, unusable = read_problem_answer(row, PROBLEM_FIELDS, ANSWER_FIELDS, problem_field, answer_field)
         if problem is None or answer is None:
-            missing = "problem" if problem is None else "answer"
             if bad_rows == "error":
-                raise DataError(f"{path}: row {index + 1}: no {missing} (fields tried: "
-                                f"{p_field or ', '.join(PROBLEM_FIELDS)} / {a_field or ', '.join(ANSWER_FIELDS)})")
-            skipped += 1
-            if len(skipped_rows) < SHOWN_SKIPPED_ROWS:
-                skipped_rows.append(index + 1)
+                missing = "problem" if problem is None else "answer"
+                what = (f"answer is {unusable} (a gold answer is a text or a finite number)" if unusable
+                        else f"no {missing}")
+                tried = f"{problem_field or ', '.join(PROBLEM_FIELDS)} / {answer_field or ', '.join(ANSWER_FIELDS)}"
+                raise DataError(f"{path}: row {index + 1}: {what} (fields tried: {tried})")
+            skips.add(index + 1, unusable)
             continue
         gold = worked_solution_gold(answer)
         key = problem_hash(problem)
@@ -205,8 +303,8 @@ def load_problems(path: str, *, split: str = "train", problem_field: str | None 
         if max_problems is not None and len(problems) >= max_problems:
             break
     if not problems:
-        raise DataError(f"{path}: no usable rows ({rows} read, {skipped} without a problem or answer)")
-    return problems, LoadReport(path, rows, len(problems), skipped, duplicates, tuple(skipped_rows), golds)
+        raise skips.none_left(path, rows)
+    return problems, skips.report(path, rows, len(problems), duplicates, golds, refuse_hint)
 
 
 def _builtin(name: str, max_problems: int | None) -> tuple[list[Problem], LoadReport]:

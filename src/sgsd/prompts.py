@@ -4,12 +4,22 @@ Everything here returns plain strings (the user turn); applying the chat templat
 mode is done by `render_chat` so that student and teacher are rendered the same way by default
 (defect 4 of the public code: a student prompt in non-thinking mode scored by a teacher in thinking
 mode).
+
+Text from others (bank items, problems, answers) goes into these prompts as data. A tokenizer turns
+the literal text of its special tokens into the tokens themselves, so a bank item holding
+`<|im_end|><|im_start|>system` would close the user turn and open a system turn: `refuse_special_tokens`
+refuses such text when it is loaded, naming the item and the token. Refused, not escaped: any
+escape changes the text the model was meant to see, and such text is almost always a mistake (a bank
+exported with its chat template) or an attack, either worth a look before training on it.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
+
+from sgsd.errors import DataError
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -105,3 +115,27 @@ def render_chat(tokenizer: Any, user_text: str, style: ChatStyle = ChatStyle()) 
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, **kwargs)
     return user_text
+
+
+def special_tokens(tokenizer: Any) -> tuple[str, ...]:
+    """The texts of the tokenizer's special tokens (its chat template's control tokens among them)."""
+    found = {str(t) for t in getattr(tokenizer, "all_special_tokens", None) or ()}
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            found.add(str(getattr(token, "content", token)))
+    return tuple(sorted((t for t in found if t), key=lambda t: (-len(t), t)))
+
+
+def refuse_special_tokens(tokenizer: Any, *texts: Iterable[tuple[str, str]]) -> None:
+    """Raise a one-line `DataError` for the first (where, text) pair whose text holds one of the
+    tokenizer's special tokens (see the module docstring); `where` names the item in the message."""
+    tokens = special_tokens(tokenizer)
+    if not tokens:
+        return
+    pattern = re.compile("|".join(map(re.escape, tokens)))
+    for group in texts:
+        for where, text in group:
+            match = pattern.search(text)
+            if match:
+                raise DataError(f"{where}: contains the tokenizer's special token {match.group(0)!r}, which would "
+                                "act as a chat-template control token inside the prompt; remove it from the file")

@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -28,6 +29,89 @@ def stable_hash(text: str, length: int = 16) -> str:
 def stable_seed(*parts: str) -> int:
     """A 63-bit integer seed from text parts (joined with a separator that cannot occur in ints)."""
     return int(hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:16], 16) >> 1
+
+
+# Input files (skill banks, training data, benchmarks, attribution) are read whole into memory: a bound
+# keeps a wrong path (a huge dump, an endless device) from exhausting it. Generous by default; the
+# environment variable raises or lowers it for every command (`skills validate` has no config file).
+MAX_INPUT_ENV = "SGSD_MAX_INPUT_MB"
+DEFAULT_MAX_INPUT_MB = 4096
+
+
+def max_input_bytes() -> int:
+    """The input-file size bound: `SGSD_MAX_INPUT_MB` megabytes (default 4096)."""
+    from sgsd.errors import UserError
+
+    value = os.environ.get(MAX_INPUT_ENV, "").strip()
+    if not value:
+        return DEFAULT_MAX_INPUT_MB * 1_000_000
+    try:
+        megabytes = float(value)
+    except ValueError:
+        megabytes = float("nan")
+    if not megabytes > 0 or megabytes == float("inf"):
+        raise UserError(f"{MAX_INPUT_ENV}={value!r}: expected a positive number of megabytes")
+    return int(megabytes * 1_000_000)
+
+
+def check_input_file(path: str | os.PathLike, what: str) -> int:
+    """Size in bytes of the regular file `path`; a one-line `DataError` when it is missing, a directory,
+    not a regular file (a device or FIFO, which could be read forever) or over `max_input_bytes()`."""
+    path = Path(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise DataError(f"{what}: no such file or directory: {path}") from None
+    except OSError as err:
+        raise DataError(f"{what} {path}: cannot read ({err.strerror})") from None
+    _check_regular(path, info, what)
+    return info.st_size
+
+
+def read_input_bytes(path: str | os.PathLike, what: str) -> bytes:
+    """The bytes of an input file, with the checks of `check_input_file` (made on the opened file, so a
+    FIFO swapped in after the check is refused too, never waited on or read without end)."""
+    path = Path(path)
+    check_input_file(path, what)
+    limit = max_input_bytes()
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as err:
+        raise DataError(f"{what} {path}: cannot read ({err.strerror})") from None
+    with os.fdopen(fd, "rb") as handle:
+        _check_regular(path, os.fstat(fd), what)
+        try:
+            data = handle.read(limit + 1)
+        except OSError as err:
+            raise DataError(f"{what} {path}: cannot read ({err.strerror})") from None
+    if len(data) > limit:  # it grew after the check
+        raise DataError(_too_large(path, what, len(data), limit))
+    return data
+
+
+def decode_utf8(data: bytes, where: str) -> str:
+    """`data` as UTF-8 text; a one-line `DataError` naming `where`, the line and the byte otherwise."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{where}: line {line}: not UTF-8 text (byte {err.start}: "
+                        f"{data[err.start:err.start + 1]!r}); save the file as UTF-8") from None
+
+
+def _check_regular(path: Path, info: os.stat_result, what: str) -> None:
+    if stat.S_ISDIR(info.st_mode):
+        raise DataError(f"{what} {path}: is a directory, not a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise DataError(f"{what} {path}: not a regular file (a device, FIFO or socket); give a file")
+    limit = max_input_bytes()
+    if info.st_size > limit:
+        raise DataError(_too_large(path, what, info.st_size, limit))
+
+
+def _too_large(path: Path, what: str, size: int, limit: int) -> str:
+    return (f"{what} {path}: {size / 1e6:.1f} MB, over the input size bound of {limit / 1e6:g} MB "
+            f"(set {MAX_INPUT_ENV} to raise it)")
 
 
 def check_writable_dir(path: str | os.PathLike, what: str) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -121,10 +122,12 @@ def run_compare(paths: list[str], output_dir: str = ".", *, plot: str | None = N
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from sgsd.data import problem_texts
     from sgsd.generation import SamplingConfig, choose_backend
     from sgsd.evaluation.report import format_results
     from sgsd.evaluation.runner import EvalSettings, load_benchmarks, run_evaluation
-    from sgsd.models import resolve_model_path
+    from sgsd.models import load_tokenizer, resolve_model_path
+    from sgsd.prompts import refuse_special_tokens
     from sgsd.storage import check_writable_dir
 
     require(args, "sgsd eval", "model", "output_dir")
@@ -154,8 +157,14 @@ def run_eval(args: argparse.Namespace) -> int:
 
     with locked(args.output_dir, "eval: output directory"):  # one writer: a second eval there stops at once
         loaded = load_benchmarks(settings)
+        for note in (n for b in loaded for n in b.notes):
+            print(f"sgsd: {note}", file=sys.stderr)
         retriever = _retriever(args) if args.skills else None
-        generator, tokenizer = _generator(settings, args)
+        tokenizer = load_tokenizer(settings.model)
+        # bank items and problems must not hold the template's control tokens; checked before the model loads
+        refuse_special_tokens(tokenizer, *(problem_texts(b.problems, b.source) for b in loaded),
+                              retriever.bank.texts(args.skills) if retriever is not None else ())
+        generator = _generator(settings, args, tokenizer)
         results = run_evaluation(settings, generator, tokenizer, args.output_dir, benchmarks=loaded,
                                  retriever=retriever, progress=not args.quiet)
     print(format_results(results))
@@ -165,19 +174,20 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _retriever(args: argparse.Namespace) -> Any:
     try:
-        from sgsd.skills.bank import load_bank
+        from sgsd.skills.bank import check_usable, load_bank
         from sgsd.skills.retrieval import make_retriever
     except ImportError as err:  # the skills package is optional for evaluation
         raise UserError(f"eval --bank: the skill-bank package is unavailable ({err})") from err
     options = {"embedder": args.embedder} if args.embedder else {}
-    return make_retriever(args.retrieval, load_bank(args.skills), **options)
+    bank = load_bank(args.skills)
+    check_usable(bank, args.skills, pairs=False)  # Base+Skill shows skills and mistakes: one kind is enough
+    return make_retriever(args.retrieval, bank, **options)
 
 
-def _generator(settings: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+def _generator(settings: Any, args: argparse.Namespace, tokenizer: Any) -> Any:
     from sgsd.generation import HFGenerator, VLLMGenerator
-    from sgsd.models import load_model, load_tokenizer, resolve_model_path
+    from sgsd.models import load_model, resolve_model_path
 
-    tokenizer = load_tokenizer(settings.model)
     if settings.backend == "vllm":
         dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype, args.dtype)
         path = Path(resolve_model_path(settings.model))
@@ -185,11 +195,11 @@ def _generator(settings: Any, args: argparse.Namespace) -> tuple[Any, Any]:
         if adapter_config.exists():
             config = json.loads(adapter_config.read_text())
             return VLLMGenerator(config["base_model_name_or_path"], adapter_path=str(path),
-                                 max_lora_rank=int(config.get("r", 64)), dtype=dtype), tokenizer
-        return VLLMGenerator(str(path), dtype=dtype), tokenizer
+                                 max_lora_rank=int(config.get("r", 64)), dtype=dtype)
+        return VLLMGenerator(str(path), dtype=dtype)
     import torch
 
     model = load_model(settings.model, dtype=args.dtype, tokenizer=tokenizer)
     if torch.cuda.is_available():
         model = model.to("cuda")
-    return HFGenerator(model, tokenizer, batch_size=args.batch_size), tokenizer
+    return HFGenerator(model, tokenizer, batch_size=args.batch_size)

@@ -116,16 +116,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from sgsd.skills.bank import load_bank
+    from sgsd.skills.bank import check_usable, load_bank
 
     require(args, "sgsd skills validate", "bank")
     bank = load_bank(args.bank)  # a broken bank raises DataError: one line, exit 2
+    check_usable(bank, args.bank)  # and so does one that cannot form a teacher
     print(f"{args.bank}: valid skill bank ({len(bank.general_skills)} general skills, "
           f"{len(bank.common_mistakes)} common mistakes, version {bank.version})")
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
+    from sgsd.redact import redact_text
     from sgsd.skills.bank import load_bank
 
     require(args, "sgsd skills show", "bank")
@@ -136,8 +138,8 @@ def _show(args: argparse.Namespace) -> int:
     print(f"  common mistakes: {len(bank.common_mistakes):4d}  ({len(bank.dynamic_mistakes)} dynamic)")
     for key in ("source", "generation_mode", "total_memories_processed", "success_memories",
                 "failure_memories", "parse_failures", "merge_group_size", "merge_stagnation_patience"):
-        if key in meta:
-            print(f"  {key}: {meta[key]}")
+        if key in meta:  # a bank written by an older sgsd may hold a server URL with its password
+            print(f"  {key}: {redact_text(str(meta[key]))}")
     for key, label in (("general_merge_layers", "general skills"), ("common_mistake_merge_layers", "mistakes")):
         layers = meta.get(key)
         if isinstance(layers, list) and layers and all(isinstance(x, dict) for x in layers):
@@ -156,7 +158,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _retrieve(args: argparse.Namespace) -> int:
-    from sgsd.skills.bank import load_bank
+    from sgsd.skills.bank import check_usable, load_bank
     from sgsd.skills.retrieval import make_retriever
     from sgsd.skills.teachers import build_teachers
 
@@ -165,6 +167,7 @@ def _retrieve(args: argparse.Namespace) -> int:
     if not args.problem.strip():
         raise UserError("--problem is empty")
     bank = load_bank(args.bank)
+    check_usable(bank, args.bank)
     retriever = make_retriever(args.mode, bank, embedder=args.embedder if args.mode == "embedding" else None,
                                seed=args.seed, cache_dir=args.cache_dir)
     teachers = build_teachers(retriever.retrieve(args.problem, args.teachers), args.teachers)
@@ -234,7 +237,7 @@ def _run_bank(run_dir: "Path") -> "Path | None":
 
 def _build(args: argparse.Namespace) -> int:
     from sgsd.data import load_problems
-    from sgsd.skills.build import BuildConfig, build_bank
+    from sgsd.skills.build import BuildConfig, build_bank, check_unique_ids
     from sgsd.skills.merge import MergeConfig
 
     require(args, "sgsd skills build", "output_dir")
@@ -242,15 +245,17 @@ def _build(args: argparse.Namespace) -> int:
 
     check_writable_dir(args.output_dir, "skills build: output directory")  # before any model is loaded
     problems, load_report = load_problems(args.problems, problem_field=args.problem_field,
-                                          answer_field=args.answer_field, max_problems=args.max_problems)
+                                          answer_field=args.answer_field, max_problems=args.max_problems,
+                                          refuse_hint=None)
     for note in (load_report.skipped_note(), load_report.gold_note()):
         if note:
             print(f"sgsd: {note}", file=sys.stderr)
-    policy = _llm_client(args, args.policy, args.policy_url, args.policy_model, "policy")
+    check_unique_ids(problems)  # before any model is loaded (build_bank checks it too)
+    policy = _llm_client(args, args.policy, args.policy_url, args.policy_model, "policy", problems)
     if args.updater is None and args.updater_url is None:
         updater = policy
     else:
-        updater = _llm_client(args, args.updater, args.updater_url, args.updater_model, "updater")
+        updater = _llm_client(args, args.updater, args.updater_url, args.updater_model, "updater", problems)
     config = BuildConfig(
         attempts_per_problem=args.attempts, attempt_max_tokens=args.max_tokens, attempt_temperature=args.temperature,
         extract_max_tokens=args.extract_max_tokens, batch_size=args.batch_size,
@@ -264,10 +269,17 @@ def _build(args: argparse.Namespace) -> int:
           f"malformed items dropped; candidates: {report.candidate_skills} skills, {report.candidate_mistakes} mistakes")
     print(f"merged bank: {len(report.bank.general_skills)} general skills, {len(report.bank.common_mistakes)} "
           f"common mistakes -> {report.bank_path}")
+    if not (report.bank.general_skills and report.bank.common_mistakes):
+        print(f"sgsd: warning: {report.bank_path} cannot form SGSD teachers (a teacher is a skill and a mistake; "
+              "`sgsd skills validate` refuses it): build from problems the policy solves only sometimes",
+              file=sys.stderr)
     return 0
 
 
-def _llm_client(args: argparse.Namespace, model_spec: str | None, url: str | None, url_model: str | None, role: str):
+def _llm_client(args: argparse.Namespace, model_spec: str | None, url: str | None, url_model: str | None, role: str,
+                problems: list):
+    """The client of `role`: an OpenAI-compatible server, or a local model (whose tokenizer must find no
+    special tokens in the problems' text, checked before the model loads)."""
     import os
 
     from sgsd.prompts import ChatStyle
@@ -286,10 +298,12 @@ def _llm_client(args: argparse.Namespace, model_spec: str | None, url: str | Non
                 raise UserError(f"--api-key-env {args.api_key_env}: the variable is not set")
         extra = {"chat_template_kwargs": {"enable_thinking": False}} if args.no_thinking else None
         return OpenAIClient(url, url_model, api_key=api_key, extra_body=extra)
+    from sgsd.data import check_untrusted_text
     from sgsd.models import load_model, load_tokenizer
     from sgsd.skills.llm import HFClient
 
     tokenizer = load_tokenizer(model_spec)
+    check_untrusted_text(tokenizer, problems, args.problems)
     model = load_model(model_spec, tokenizer=tokenizer)
     style = ChatStyle(enable_thinking=False) if args.no_thinking else ChatStyle()
     return HFClient(model, tokenizer, name=f"hf:{model_spec}", batch_size=args.batch_size, chat_style=style)

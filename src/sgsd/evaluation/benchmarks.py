@@ -8,6 +8,9 @@ A benchmark is a list of `Problem`s (id, problem text, gold answer). `load_bench
   `question`) and an answer field (`answer`); ids come from `id`, `problem_idx` or `unique_id`, else the
   row number.
 GSM8K's answer holds the worked solution with the gold after `####`; only that gold is kept.
+Rows are read by the training loader's rules (`sgsd.data.read_problem_answer`): each row by its own
+fields, gold answers texts or finite numbers; other rows are skipped with the training loader's note
+(`Benchmark.notes`, printed by `sgsd eval`), and a file with none left is refused.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from sgsd.data import BUILTIN_PREFIX, Problem, load_problems, split_gold
+from sgsd.data import BUILTIN_PREFIX, Problem, RowSkips, load_problems, read_problem_answer, split_gold
 from sgsd.data import read_rows as read_file_rows  # .jsonl / .json / .parquet, shared with training data
 from sgsd.errors import DataError, UserError
 from sgsd.paths import check_local_path
@@ -51,6 +54,7 @@ class Benchmark:
     name: str
     source: str  # the file read or the hub id
     problems: tuple[Problem, ...]
+    notes: tuple[str, ...] = ()  # one line each: rows skipped (see module docstring)
 
 
 def load_benchmark(spec: str, *, data_dir: str | Path | None = None, limit: int | None = None) -> Benchmark:
@@ -66,34 +70,40 @@ def load_benchmark(spec: str, *, data_dir: str | Path | None = None, limit: int 
             if not Path(data_dir).expanduser().is_dir():
                 raise UserError(f"--data-dir: no such file or directory: {data_dir}")
             path = Path(data_dir) / source.local_file
-            if not path.is_file():
+            if not path.exists():
                 raise DataError(f"benchmark {spec}: {path} not found (--data-dir must hold {source.local_file})")
-            rows, origin = read_file_rows(str(path), "train"), str(path)
+            rows, origin = read_file_rows(str(path), "train", "benchmark"), str(path)
         else:
             rows, origin = _hub_rows(spec, source), source.hub_id
-        problems = rows_to_problems(rows, origin, gold_after=source.gold_after)
+        problems, notes = rows_to_problems(rows, origin, gold_after=source.gold_after)
         name = spec
     else:
         path = Path(spec).expanduser()
-        if not path.is_file():
+        if not path.exists():
             check_local_path(spec, "benchmark")
             known = ", ".join([*BENCHMARKS, BUILTIN_PREFIX + "tiny-math"])
             raise UserError(f"benchmark {spec!r}: not a registered name ({known}) nor an existing file")
-        problems, origin, name = rows_to_problems(read_file_rows(str(path), "train"), str(path)), str(path), path.stem
-    if not problems:
-        raise DataError(f"benchmark {spec}: {origin} has no problems")
-    return Benchmark(name, origin, tuple(problems[:limit] if limit else problems))
+        origin, name = str(path), path.stem
+        problems, notes = rows_to_problems(read_file_rows(origin, "train", "benchmark"), origin)
+    return Benchmark(name, origin, tuple(problems[:limit] if limit else problems), notes)
 
 
-def rows_to_problems(rows: Iterable[Any], origin: str, *, gold_after: str | None = None) -> list[Problem]:
+def rows_to_problems(rows: Iterable[Any], origin: str, *,
+                     gold_after: str | None = None) -> tuple[list[Problem], tuple[str, ...]]:
+    """(the problems, the skipped-rows note if any); DataError when no row is usable."""
     problems: list[Problem] = []
     seen: set[str] = set()
+    skips = RowSkips()
+    count = 0
     for index, row in enumerate(rows):
+        count += 1
         where = f"{origin} row {index + 1}"
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected an object, got {type(row).__name__}")
-        problem = _field(row, PROBLEM_FIELDS, where, "problem")
-        answer = _field(row, ANSWER_FIELDS, where, "answer")
+        problem, answer, unusable = read_problem_answer(row, PROBLEM_FIELDS, ANSWER_FIELDS)
+        if problem is None or answer is None:
+            skips.add(index + 1, unusable)
+            continue
         if gold_after is not None:
             if gold_after not in answer:
                 raise DataError(f"{where}: answer has no {gold_after!r} marker before the gold")
@@ -103,15 +113,10 @@ def rows_to_problems(rows: Iterable[Any], origin: str, *, gold_after: str | None
             raise DataError(f"{where}: duplicate problem id {problem_id!r}")
         seen.add(problem_id)
         problems.append(Problem(problem_id, problem, answer))
-    return problems
-
-
-def _field(row: dict[str, Any], names: tuple[str, ...], where: str, what: str) -> str:
-    for name in names:
-        value = row.get(name)
-        if value is not None and str(value).strip():
-            return str(value).strip()
-    raise DataError(f"{where}: no {what} field (looked for {', '.join(names)})")
+    if not problems:
+        raise skips.none_left(f"benchmark {origin}", count)
+    note = skips.report(origin, count, len(problems), refuse_hint=None).skipped_note()
+    return problems, (note,) if note else ()
 
 
 def _hub_rows(name: str, source: BenchmarkSource) -> list[dict[str, Any]]:

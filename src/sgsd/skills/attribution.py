@@ -10,13 +10,14 @@ weight (for means). It is a plain counter: O(items) state, JSON-serialisable for
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
 from sgsd.errors import DataError
 from sgsd.skills.bank import SkillBank
-from sgsd.storage import atomic_write_json
+from sgsd.storage import atomic_write_json, decode_utf8, read_input_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -89,13 +90,30 @@ class AttributionTracker:
                 "items": [{"kind": kind, "id": item_id, **asdict(stats)}
                           for (kind, item_id), stats in sorted(self.items.items())]}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        try:
-            self.rollouts = int(state["rollouts"])
-            self.items = {(r["kind"], r["id"]): ItemStats(**{k: v for k, v in r.items() if k not in ("kind", "id")})
-                          for r in state["items"]}
-        except (KeyError, TypeError) as err:
-            raise DataError(f"attribution state: missing or bad field {err}") from None
+    def load_state_dict(self, state: dict[str, Any], source: str = "attribution state") -> None:
+        """Restore from `state_dict()`; any field of the wrong type is a one-line `DataError` naming it."""
+        if not isinstance(state, dict):
+            raise DataError(f"{source}: expected a JSON object, got {type(state).__name__}")
+        rollouts = _count(state, "rollouts", f"{source}: rollouts")
+        rows = state.get("items")
+        if not isinstance(rows, list):
+            raise DataError(f"{source}: items: expected a list, got {_kind(rows)}")
+        items: dict[tuple[str, str], ItemStats] = {}
+        for index, row in enumerate(rows):
+            at = f"{source}: items[{index}]"
+            if not isinstance(row, dict):
+                raise DataError(f"{at}: expected an object, got {_kind(row)}")
+            if row.get("kind") not in KINDS:
+                raise DataError(f"{at}.kind: expected one of {', '.join(KINDS)}, got {row.get('kind')!r}")
+            if not isinstance(row.get("id"), str) or not row["id"]:
+                raise DataError(f"{at}.id: expected a non-empty string, got {_kind(row.get('id'))}")
+            unknown = sorted(set(row) - {"kind", "id", *ItemStats.__dataclass_fields__})
+            if unknown:
+                raise DataError(f"{at}: unknown field {unknown[0]!r}")
+            counts = {name: _count(row, name, f"{at}.{name}") for name in ("uses", "helpful", "harmful", "neutral")}
+            sums = {name: _number(row, name, f"{at}.{name}") for name in ("support_sum", "weight_sum")}
+            items[(row["kind"], row["id"])] = ItemStats(**counts, **sums)
+        self.rollouts, self.items = rollouts, items
 
     def save(self, run_dir: str | Path) -> Path:
         """Write `run_dir/attribution.json` atomically."""
@@ -110,13 +128,32 @@ class AttributionTracker:
             path = path / "attribution.json"
         if not path.exists():
             raise DataError(f"{path}: no attribution file (was the run trained with SGSD attribution on?)")
+        text = decode_utf8(read_input_bytes(path, "attribution file"), str(path))
         try:
-            state = json.loads(path.read_text(encoding="utf-8"))
+            state = json.loads(text)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
         tracker = cls()
-        tracker.load_state_dict(state)
+        tracker.load_state_dict(state, source=str(path))
         return tracker
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _count(obj: dict[str, Any], name: str, field: str) -> int:
+    value = obj.get(name, 0 if name != "rollouts" else None)  # counts an older file lacks are 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise DataError(f"{field}: expected a non-negative integer, got {value!r}"[:300])
+    return value
+
+
+def _number(obj: dict[str, Any], name: str, field: str) -> float:
+    value = obj.get(name, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{field}: expected a finite number, got {value!r}"[:300])
+    return float(value)
 
 
 def harmful_items(tracker: AttributionTracker, min_uses: int) -> set[tuple[str, str]]:

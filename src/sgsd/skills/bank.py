@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from sgsd.errors import DataError
 from sgsd.skills.jsonscan import ends_inside_value
-from sgsd.storage import atomic_write_json, stable_hash
+from sgsd.storage import atomic_write_json, decode_utf8, read_input_bytes, stable_hash
 
 SCHEMA_VERSION = 1
 DYNAMIC_PREFIX = "dyn_"
@@ -139,6 +139,15 @@ class SkillBank:
             metadata=dict(self.metadata if metadata is None else metadata),
         )
 
+    def texts(self, source: str) -> Iterator[tuple[str, str]]:
+        """(where, text) for every text field of every item, `where` naming the bank file `source`, the
+        item and the field (for `sgsd.prompts.refuse_special_tokens`)."""
+        for list_name, items, fields in (("general_skills", self.general_skills, SKILL_FIELDS),
+                                         ("common_mistakes", self.common_mistakes, MISTAKE_FIELDS)):
+            for index, item in enumerate(items):
+                for name in fields:
+                    yield f"skill bank {source}: {list_name}[{index}] ({item.item_id}).{name}", getattr(item, name)
+
     def to_json(self) -> dict[str, Any]:
         obj = {
             "general_skills": [s.to_json() for s in self.general_skills],
@@ -157,18 +166,7 @@ def load_bank(path: str | Path) -> SkillBank:
     """Read and validate a bank file; any defect is a one-line `DataError` naming file, item and field."""
     path = Path(path)
     where = f"skill bank {path}"
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"skill bank: no such file or directory: {path}") from None
-    except IsADirectoryError:
-        raise DataError(f"{where}: is a directory, expected a JSON file") from None
-    except OSError as err:
-        raise DataError(f"{where}: cannot read ({err.strerror})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{where}: not UTF-8 text (byte {err.start})") from None
+    text = decode_utf8(read_input_bytes(path, "skill bank"), where)
     if not text.strip():
         raise DataError(f"{where}: empty file")
     try:
@@ -206,6 +204,21 @@ def parse_bank(obj: Any, source: str = "<object>") -> SkillBank:
     mistakes = tuple(_parse_items(obj["common_mistakes"], "common_mistakes", MISTAKE_FIELDS, CommonMistake, where))
     extra = {k: v for k, v in obj.items() if k not in _TOP_LEVEL_ORDER}
     return SkillBank(skills, mistakes, obj.get("task_specific_skills", {}), metadata, extra)
+
+
+def check_usable(bank: SkillBank, source: str | Path, *, pairs: bool = True) -> None:
+    """Refuse, in one line, a bank that cannot do its job: teachers are rank-aligned (skill, mistake) pairs
+    (docs/spec.md section 3), so with `pairs` the bank needs a general skill and a common mistake (without one
+    of them every teacher is missing and the distillation loss is 0 at every step); a "+Skill" prompt
+    (`pairs=False`) needs at least one item."""
+    where = f"skill bank {source}"
+    skills, mistakes = len(bank.general_skills), len(bank.common_mistakes)
+    if pairs and not (skills and mistakes):
+        missing = " and ".join(n for n, c in (("general skills", skills), ("common mistakes", mistakes)) if not c)
+        raise DataError(f"{where}: no {missing} ({skills} general skills, {mistakes} common mistakes): teachers are "
+                        "(skill, mistake) pairs, so a bank needs at least one of each")
+    if not (skills or mistakes):
+        raise DataError(f"{where}: no items (0 general skills, 0 common mistakes)")
 
 
 def save_bank(bank: SkillBank, path: str | Path) -> Path:
@@ -259,5 +272,5 @@ def _reject_constant(name: str) -> float:
 
 __all__ = [
     "SCHEMA_VERSION", "GeneralSkill", "CommonMistake", "SkillBank", "load_bank", "parse_bank", "save_bank",
-    "is_dynamic",
+    "is_dynamic", "check_usable",
 ]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from sgsd.data import Problem
-from sgsd.errors import ConfigError
+from sgsd.errors import ConfigError, DataError
 from sgsd.prompts import student_prompt
 from sgsd.skills.bank import SkillBank, load_bank, save_bank
 from sgsd.skills.extraction import MISTAKES, SKILLS, ItemKind, extraction_prompt, parse_reply
@@ -152,6 +152,7 @@ def merge_bank(candidates: SkillBank, updater: LLMClient, config: MergeConfig, *
 def build_bank(problems: Sequence[Problem], policy: LLMClient, updater: LLMClient, out_dir: str | Path,
                config: BuildConfig = BuildConfig()) -> BuildReport:
     """Run (or resume) the three stages into `out_dir`; returns counts and the merged bank."""
+    check_unique_ids(problems)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     memories = sample_memories(problems, policy, out / "memories.jsonl", config)
@@ -167,6 +168,19 @@ def build_bank(problems: Sequence[Problem], policy: LLMClient, updater: LLMClien
     return BuildReport(len(memories), sum(m.correct for m in memories), sum(not m.correct for m in memories),
                        candidates.metadata["parse_failures"], candidates.metadata["dropped_items"],
                        len(candidates.general_skills), len(candidates.common_mistakes), bank_path, load_bank(bank_path))
+
+
+def check_unique_ids(problems: Sequence[Problem]) -> None:
+    """Refuse two different problems with one id: memories are keyed "{problem_id}#{attempt}", so the
+    second would be taken for the first's, silently (refused rather than renamed, so that every memory
+    keeps the id its row has in the file)."""
+    first: dict[str, Problem] = {}
+    for problem in problems:
+        other = first.setdefault(problem.problem_id, problem)
+        if other is not problem:
+            raise DataError(f"skills build: problem id {problem.problem_id!r} is given to two different problems "
+                            f"({other.problem[:40]!r} and {problem.problem[:40]!r}); memories are keyed by id: make "
+                            "the ids unique, or drop the id field (a hash of each problem's text is used then)")
 
 
 def _with_ids(kind: ItemKind, contents: Sequence[dict], infix: str, width: int) -> tuple:

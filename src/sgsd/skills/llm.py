@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 from sgsd.errors import UserError
 from sgsd.prompts import ChatStyle, render_chat
+from sgsd.redact import redact_text, redact_url, split_credentials, url_secrets
 
 
 class LLMError(UserError):
@@ -36,8 +38,11 @@ class OpenAIClient:
     """POST {base_url}/v1/chat/completions, one request per prompt, up to `concurrency` at a time.
 
     base_url: e.g. "http://127.0.0.1:8000" or "http://127.0.0.1:8000/v1". api_key: sent as a Bearer
-    token when given. extra_body: merged into every request (e.g.
-    {"chat_template_kwargs": {"enable_thinking": False}} for Qwen3 on vLLM, or "top_p").
+    token when given. A user name and password in the URL (`http://USER:PASSWORD@host/`) are taken
+    out of it and sent as HTTP basic authentication when no api_key is given (with one, the key is
+    sent, as the only Authorization a request can carry); the URL in `name` and in every error is
+    shown with them as `***` (`sgsd.redact`), as are query values. extra_body: merged into every
+    request (e.g. {"chat_template_kwargs": {"enable_thinking": False}} for Qwen3 on vLLM, or "top_p").
     Transient failures (connection errors, HTTP 429 and 5xx) are retried `retries` times with
     exponential back-off from `backoff_s`; anything else raises `LLMError` at once.
     """
@@ -46,16 +51,26 @@ class OpenAIClient:
                  concurrency: int = 16, retries: int = 3, backoff_s: float = 1.0, extra_body: dict[str, Any] | None = None):
         import httpx
 
-        root = base_url.rstrip("/")
-        self.url = (root if root.endswith("/v1") else root + "/v1") + "/chat/completions"
+        given = urlsplit(base_url.strip())
+        root_path = given.path.rstrip("/")
+        api_path = (root_path if root_path.endswith("/v1") else root_path + "/v1") + "/chat/completions"
+        # the URL requests go to, without user name and password; shown with them as *** (they were given)
+        self.url, username, password = split_credentials(urlunsplit(given._replace(path=api_path)))
+        self.shown_url = redact_url(urlunsplit(given._replace(path=api_path)))
+        self._secrets = (*url_secrets(base_url), api_key)
+        try:
+            httpx.URL(self.url)
+        except httpx.InvalidURL as err:
+            raise LLMError(f"LLM server URL {redact_url(base_url)}: invalid ({self._scrub(str(err))})") from None
         self.model = model
-        self.name = f"openai:{model}@{root}"
+        self.name = f"openai:{model}@{redact_url(urlunsplit(given._replace(path=root_path)))}"
         self.concurrency = max(1, concurrency)
         self.retries = retries
         self.backoff_s = backoff_s
         self.extra_body = dict(extra_body or {})
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(timeout=timeout_s, headers=headers)
+        auth = httpx.BasicAuth(username or "", password or "") if not api_key and (username or password) else None
+        self._http = httpx.Client(timeout=timeout_s, headers=headers, auth=auth)
         self._httpx = httpx
 
     def complete(self, prompts: list[str], *, max_tokens: int, temperature: float) -> list[str]:
@@ -74,28 +89,32 @@ class OpenAIClient:
             try:
                 response = self._http.post(self.url, json=body)
             except self._httpx.TransportError as err:
-                problem = f"cannot reach {self.url}: {type(err).__name__}: {err}"
+                problem = f"cannot reach {self.shown_url}: {type(err).__name__}: {self._scrub(str(err))}"
             else:
                 if response.status_code == 200:
-                    return _reply_text(response, self.url)
-                problem = f"{self.url} answered HTTP {response.status_code}: {response.text[:200]!r}"
+                    return _reply_text(response, self.shown_url, self._scrub)
+                problem = f"{self.shown_url} answered HTTP {response.status_code}: {self._scrub(response.text[:200])!r}"
                 if response.status_code != 429 and response.status_code < 500:
                     raise LLMError(problem)
             if attempt < self.retries:
                 time.sleep(min(self.backoff_s * 2.0 ** attempt, 30.0))
         raise LLMError(f"{problem} (after {self.retries + 1} attempts)")
 
+    def _scrub(self, text: str) -> str:
+        """Text from the server or the HTTP library, without this client's credentials."""
+        return redact_text(text, self._secrets)
+
     def close(self) -> None:
         self._http.close()
 
 
-def _reply_text(response: Any, url: str) -> tuple[str, bool]:
+def _reply_text(response: Any, url: str, scrub: Callable[[str], str]) -> tuple[str, bool]:
     """(the reply's text, whether the server stopped it at max_tokens)."""
     try:
         choice = response.json()["choices"][0]
         message = choice["message"]
     except (ValueError, KeyError, IndexError, TypeError):
-        raise LLMError(f"{url}: reply is not a chat completion: {response.text[:200]!r}") from None
+        raise LLMError(f"{url}: reply is not a chat completion: {scrub(response.text[:200])!r}") from None
     content = message.get("content") or ""
     # vLLM's reasoning parsers put the thinking in a separate field; keep it in front, as the model wrote it.
     reasoning = message.get("reasoning_content") or message.get("reasoning")

@@ -188,7 +188,7 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
     """Check everything the user gave, then write the run's record and build the trainer."""
     from transformers import set_seed
 
-    from sgsd.data import load_problems, training_dataset
+    from sgsd.data import check_untrusted_text, load_problems, training_dataset
     from sgsd.models import load_model, load_tokenizer
     from sgsd.trainers.callbacks import EMAStep, FaultInjection, MetricsWriter, StepTimer
 
@@ -219,6 +219,7 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
         announce(f"continuing {out} from {resume_from.name} (complete at step {rerun.finished_step}) to step "
                  f"{cfg.training.max_steps}; the learning-rate schedule follows max_steps={cfg.training.max_steps}")
     tokenizer = load_tokenizer(cfg.model.name_or_path)
+    check_untrusted_text(tokenizer, problems, cfg.data.path, bank, cfg.skills.bank)
     model = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype, tokenizer=tokenizer)
     if cfg.model.attn_implementation:
         model.config._attn_implementation = cfg.model.attn_implementation
@@ -315,10 +316,11 @@ def _publish(out: Path, staging: Path, step: int) -> None:
 
 
 def _load_skills(cfg: RunConfig) -> tuple["SkillBank", "Retriever"]:
-    from sgsd.skills.bank import load_bank
+    from sgsd.skills.bank import check_usable, load_bank
     from sgsd.skills.retrieval import make_retriever
 
     bank = load_bank(cfg.skills.bank)
+    check_usable(bank, cfg.skills.bank, pairs=method_spec(cfg.method).skill_teachers)
     retriever = make_retriever(cfg.skills.retrieval, bank, embedder=cfg.skills.embedder, seed=cfg.training.seed)
     return bank, retriever
 
