@@ -80,6 +80,8 @@ def test_a_second_command_on_a_locked_directory_stops_at_once_naming_the_holder(
     (["demo", "--preset", "smoke", "--quiet"], "demo: output directory"),
     (["compare", "--configs", str(TINY / "grpo.yaml"), str(TINY / "sgsd.yaml"), "--max-steps", "1", "--quiet"],
      "compare: output directory"),
+    (["skills", "build", "--problems", "builtin:tiny-math", "--max-problems", "2", "--policy", "tiny"],
+     "skills build: output directory"),
 ])
 def test_every_command_that_writes_an_output_directory_takes_its_lock(tmp_path, capsys, command, what):
     out = tmp_path / "out"

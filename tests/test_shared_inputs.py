@@ -388,3 +388,15 @@ def test_input_files_are_read_within_a_size_bound(tmp_path, monkeypatch):
     monkeypatch.setenv("SGSD_MAX_INPUT_MB", "lots")
     with pytest.raises(Exception, match=r"SGSD_MAX_INPUT_MB='lots': expected a positive number of megabytes"):
         load_bank(bank)
+
+
+def test_the_resolved_config_keeps_no_url_credentials():
+    from sgsd.config import dump_config, load_config
+
+    url = "http://alice:s3cr3t-pw@127.0.0.1:9/v1?key=abc123"
+    cfg = load_config(ROOT / "configs" / "tiny" / "sgsd.yaml",
+                      [f"skills.online.llm={url}", f"generation.vllm_server_base_url={url}"])
+    text = dump_config(cfg)
+    assert "s3cr3t-pw" not in text and "abc123" not in text and "alice" not in text
+    assert text.count("http://***@127.0.0.1:9/v1?key=***") == 2
+    assert cfg.skills.online.llm == url  # the run itself still has them

@@ -555,7 +555,22 @@ def setting_differences(flat_by_label: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+# settings that hold a server URL: written with its credentials masked (`sgsd.redact`), never as given
+URL_KEYS = (("skills", "online", "llm"), ("generation", "vllm_server_base_url"))
+
+
 def dump_config(cfg: RunConfig) -> str:
+    """The config as YAML, as resolved_config.yaml holds it: every setting, with credentials in URLs shown
+    as `***` (the run itself uses them; no file keeps them)."""
     import yaml
 
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    from sgsd.redact import redact_url
+
+    tree = cfg.to_dict()
+    for *parents, key in URL_KEYS:
+        node = tree
+        for part in parents:
+            node = node[part]
+        if isinstance(node.get(key), str) and "://" in node[key]:
+            node[key] = redact_url(node[key])
+    return yaml.safe_dump(tree, sort_keys=False)

@@ -262,7 +262,10 @@ def _build(args: argparse.Namespace) -> int:
         merge=MergeConfig(group_size=args.group_size, patience=args.patience, max_tokens=args.merge_max_tokens,
                           batch_size=args.batch_size),
     )
-    report = build_bank(problems, policy, updater, args.output_dir, config)
+    from sgsd.run_dir import locked
+
+    with locked(args.output_dir, "skills build: output directory"):  # one writer: a second build stops at once
+        report = build_bank(problems, policy, updater, args.output_dir, config)
     print(f"{load_report.kept} problems from {args.problems}: {report.memories} memories "
           f"({report.successes} correct, {report.failures} wrong)")
     print(f"extraction: {report.parse_failures} replies without a usable JSON item, {report.dropped_items} "
