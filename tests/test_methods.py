@@ -277,3 +277,23 @@ def test_compare_controls_the_bank_among_methods_that_use_one_and_the_grader(tmp
     assert config_differences({"grpo": load_run_config(TINY / "grpo.yaml", ["skills.bank=x"]), "sgsd": sgsd}) == []
     flexible = load_run_config(TINY / "sgsd.yaml", ["reward.extract=flexible"])
     assert config_differences({"a": sgsd, "b": flexible}) == ["reward.extract: a='boxed', b='flexible'"]
+
+
+@pytest.mark.parametrize("entry,message", [
+    ("../x", "plugins: '../x' is not a module name (dotted identifiers, e.g. my_methods.rft; put its folder on "
+             "PYTHONPATH)"),
+    ("no_such_plugin_module", "plugins: cannot import 'no_such_plugin_module' (No module named "
+                              "'no_such_plugin_module')"),
+    ("broken_plugin_for_test", "plugins: importing 'broken_plugin_for_test' failed: ZeroDivisionError: division by "
+                               "zero"),
+])
+def test_a_bad_plugins_entry_is_one_line(tmp_path, monkeypatch, capsys, entry, message):
+    from sgsd.cli import main
+
+    (tmp_path / "broken_plugin_for_test.py").write_text("1 / 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"inherit: {TINY / 'sgsd.yaml'}\nplugins: [{json.dumps(entry)}]\n")
+    assert main(["train", "--config", str(recipe), "--output-dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == f"sgsd: error: {message}"
+    assert not (tmp_path / "out").exists()
