@@ -297,8 +297,10 @@ def test_a_resume_on_a_changed_bank_is_refused_and_the_card_names_the_bank_used(
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith(f"sgsd: error: output directory {out}: its skill bank ({changed}) changed since the run "
                            f"started (sha256 {used['sha256'][:12]} -> ")
-    card = (out / "README.md").read_text()
-    assert f"4 skills, 4 mistakes, version {used['version']}, sha256 {used['sha256'][:12]}" in card
+    from sgsd.trainers.model_card import render_model_card
+
+    card = render_model_card(out, 2)  # the record now names a file that holds 2 mistakes
+    assert f"`{changed}` (4 skills, 4 mistakes, version {used['version']}, sha256 {used['sha256'][:12]})" in card
 
 
 def test_a_resume_on_changed_data_is_refused(two_step_run, tmp_path):
