@@ -26,10 +26,13 @@ def test_before_anything_ran_the_idle_costs():
 def test_a_slow_warm_up_scales_the_stages_not_begun():
     clock = Clock()
     est = estimate(clock)
-    for _ in range(10):  # 10 steps at 0.3 s: 3x the idle cost
+    clock.now += 5.3  # the first step carries the set-up (building the model): 5 s
+    est.advance("warmup")
+    assert est.remaining_s() == pytest.approx(99 * 5.3 + 42 * 53.0)  # one unit only: all of it counts
+    for _ in range(9):  # then 9 steps at 0.3 s: 3x the idle cost
         clock.now += 0.3
         est.advance("warmup")
-    assert est.slowdown() == pytest.approx(3.0)
+    assert est.slowdown() == pytest.approx(3.0)  # the set-up is left out
     # 90 steps at the observed 0.3 s + (40 + 2) s idle x 3
     assert est.remaining_s() == pytest.approx(90 * 0.3 + 42 * 3.0)
     clock.now += 0.1  # a third of the running step has passed
@@ -46,6 +49,9 @@ def test_finished_runs_price_the_remaining_runs():
     clock.now += 25.0
     est.advance("runs")  # the first run took 25 s (idle 10)
     assert est.remaining_s() == pytest.approx(3 * 25.0 + 2.0 * 2.5)
+    clock.now += 20.0
+    est.advance("runs")  # the second 20 s: the speed from here on
+    assert est.remaining_s() == pytest.approx(2 * 20.0 + 2.0 * 2.0)
 
 
 def test_the_bar_charges_each_unit_to_its_stage():

@@ -3,7 +3,8 @@
 The estimate (`DemoEstimate`) is the remaining work priced at what the work done so far cost: each
 stage has a count of units (warm-up steps, training runs with their evaluations, the report) and an
 idle-machine cost per unit (measured on 2 idle cores, below). A stage with finished units is priced at
-its own observed seconds per unit; a stage not yet begun at its idle cost times the slowdown seen so
+its own observed seconds per unit (after its first, which carries the stage's set-up, once there are
+more); a stage not yet begun at its idle cost times the slowdown seen so
 far (observed / idle cost of everything finished). So a machine that other work makes three times
 slower shows three times the idle estimate after the first warm-up steps, not the idle figure.
 """
@@ -29,10 +30,15 @@ class Stage:
     idle_s_per_unit: float
     done: int = 0
     spent_s: float = 0.0  # wall time of the finished units
+    first_s: float = 0.0  # of which the first unit's (it carries the stage's set-up: model building, first calls)
 
     @property
     def remaining(self) -> int:
         return max(self.units - self.done, 0)
+
+    def observed(self) -> tuple[int, float]:
+        """(units, seconds) that measure the stage's speed: without the first unit once there are more."""
+        return (self.done - 1, self.spent_s - self.first_s) if self.done > 1 else (self.done, self.spent_s)
 
 
 class DemoEstimate:
@@ -47,6 +53,8 @@ class DemoEstimate:
     def advance(self, stage: str, units: int = 1) -> None:
         now = self.clock()
         s = self.stages[stage]
+        if s.done == 0:
+            s.first_s = now - self.mark
         s.done += units
         s.spent_s += now - self.mark
         self.mark = now
@@ -61,15 +69,17 @@ class DemoEstimate:
 
     def slowdown(self) -> float:
         """Observed / idle cost of the finished units (1 before any finished)."""
-        idle = sum(s.done * s.idle_s_per_unit for s in self.stages.values())
-        spent = sum(s.spent_s for s in self.stages.values() if s.done)
+        observed = [s.observed() for s in self.stages.values()]
+        idle = sum(units * s.idle_s_per_unit for (units, _), s in zip(observed, self.stages.values()))
+        spent = sum(seconds for units, seconds in observed if units)
         return spent / idle if idle > 0 and spent > 0 else 1.0
 
     def remaining_s(self) -> float:
         slowdown = self.slowdown()
         total = 0.0
         for s in self.stages.values():
-            per_unit = s.spent_s / s.done if s.done else s.idle_s_per_unit * slowdown
+            units, seconds = s.observed()
+            per_unit = seconds / units if units else s.idle_s_per_unit * slowdown
             total += s.remaining * per_unit
         # the running unit has already used part of its time
         return max(total - (self.clock() - self.mark), 0.0)
@@ -101,7 +111,7 @@ class DemoProgressBar:
         self.units_done = 0
         # tqdm's own rate would treat a warm start and a training run as equal units: ours replaces it
         self.bar: Any = tqdm(total=total, desc="sgsd demo", disable=disable,
-                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}] {postfix}")
+                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]{postfix}")
 
     def _show(self) -> None:
         left = format_duration(self.estimate.remaining_s())

@@ -339,9 +339,9 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
     from tqdm.auto import tqdm
 
     from sgsd.demo.bank import write_seed_bank
-    from sgsd.demo.progress import DemoEstimate, DemoProgressBar, demo_stages
     from sgsd.demo.evaluate import accuracy, subset
     from sgsd.demo.presets import DEMO_WARMUP
+    from sgsd.demo.progress import DemoEstimate, DemoProgressBar, demo_stages
     from sgsd.demo.report import step_seconds, write_report
     from sgsd.storage import atomic_write_json
     from sgsd.trainers.run import train
