@@ -84,6 +84,18 @@ def test_configure_process_sizes_torch_and_tokenizers(clean_env):
     assert torch.get_num_threads() == 1 and os.environ["TOKENIZERS_PARALLELISM"] == "false"
 
 
+def test_inter_op_pool_follows_the_start_up_decision(clean_env):
+    """In a fresh process (the pool is sized once, before its first use), as `sgsd` starts."""
+    import subprocess
+    import sys
+
+    code = ("from sgsd.threads import configure_process; import torch; configure_process({flag}); "
+            "print(torch.get_num_threads(), torch.get_num_interop_threads())")
+    for flag, expected in (("3", "3 3"), ("", "1 1")):
+        out = subprocess.run([sys.executable, "-c", code.format(flag=flag)], capture_output=True, text=True, check=True)
+        assert out.stdout.split() == expected.split()
+
+
 def test_users_tokenizers_setting_is_kept(clean_env):
     import os
 

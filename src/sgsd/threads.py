@@ -19,7 +19,8 @@ Where it is applied: `configure_process` once per process before torch does work
 tests/conftest.py), `fit_to_model` wherever a model is built or loaded (`sgsd.models.load_model`, the
 benchmarks). Torch's inter-op pool can be sized only before its first use, so it takes the decision of
 `configure_process` (1 unless set explicitly); tokenizers' parallelism follows every decision
-(`TOKENIZERS_PARALLELISM` on iff more than one thread, unless the user set it).
+(`TOKENIZERS_PARALLELISM` on iff more than one thread, `RAYON_NUM_THREADS` the same count; either
+left alone when the user set it).
 """
 
 from __future__ import annotations
