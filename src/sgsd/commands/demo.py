@@ -33,7 +33,6 @@ def run(args: argparse.Namespace) -> int:
 
     from sgsd.errors import UserError
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.seeds is not None and args.seeds < 1:
         raise UserError("--seeds: must be at least 1")
     if args.quick and args.preset not in (None, "quick"):

@@ -3,6 +3,7 @@
 - `SgsdArgumentParser`: every parser and sub-parser (nested ones inherit the class) formats help with
   `DefaultsHelpFormatter`, which appends "(default: X)" to an option whose help does not already say
   what happens by default, and reports usage errors in one line.
+- `--threads N` on every parser (`add_threads`): the thread policy's override (`sgsd.threads`).
 - The shared spellings: `--output-dir` for every output directory, `--bank` for a skill bank,
   `--teachers` for the number of teachers, `--quiet` for progress output (`add_quiet`).
 - `add_deprecated`: an old spelling that still works, prints one deprecation line on stderr and is
@@ -46,6 +47,7 @@ class SgsdArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
+        add_threads(self)
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"sgsd: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
@@ -75,6 +77,18 @@ def add_deprecated(parser: argparse.ArgumentParser, old: str, new: str, dest: st
     else:  # a positional: argparse names it by dest; it stores into `dest` itself
         parser.add_argument(dest, action=_DeprecatedAlias, replacement=new, nargs="?", default=argparse.SUPPRESS,
                             metavar=old, help=argparse.SUPPRESS, **kwargs)
+
+
+def add_threads(parser: argparse.ArgumentParser) -> None:
+    """`--threads N` (dest `threads`), accepted by every parser and sub-parser (`SgsdArgumentParser` adds
+    it), so it may stand before or after the command; absent from the namespace unless given, so a
+    sub-parser never overwrites the value given to its parent. `sgsd.cli` applies it (`sgsd.threads`)."""
+    from sgsd.threads import THREADS_PAY_PARAMETERS
+
+    parser.add_argument("--threads", type=int, metavar="N", default=argparse.SUPPRESS,
+                        help="torch CPU threads of each process (also SGSD_THREADS; overrides OMP_NUM_THREADS). "
+                             f"By default: 1 for models under {THREADS_PAY_PARAMETERS / 1e6:g} M parameters, else "
+                             "this process's share of the cores (docs/performance.md, Threads)")
 
 
 def add_quiet(parser: argparse.ArgumentParser, what: str = "no progress bars", *,

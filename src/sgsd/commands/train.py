@@ -26,12 +26,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
     import sys
 
     from sgsd.methods import load_run_config
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from sgsd.distributed import same_on_every_rank
     from sgsd.trainers.run import train
 

@@ -225,6 +225,7 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
     from sgsd.demo.bank import write_seed_bank
     from sgsd.demo.evaluate import accuracy, subset
     from sgsd.demo.presets import DEMO_WARMUP
+    from sgsd.demo.progress import DemoEstimate, DemoProgressBar, demo_stages
     from sgsd.demo.report import step_seconds, write_report
     from sgsd.storage import atomic_write_json
     from sgsd.trainers.run import train
@@ -240,8 +241,9 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
         raise UserError(f"--output-dir {out}: cannot create it ({err.strerror or err})") from None
     started = time.perf_counter()
     grid = plan.lr_grid if plan.tune_lr else ()
-    bar = tqdm(total=1 + len(plan.methods) * (len(grid) + len(plan.seeds) * (2 if grid else 1)) + 1,
-               desc="sgsd demo", disable=not progress)
+    runs_total = len(plan.methods) * (len(grid) + len(plan.seeds) * (2 if grid else 1))
+    estimate = DemoEstimate(demo_stages(warmup_steps=DEMO_WARMUP.steps, runs=runs_total, run_steps=plan.steps))
+    bar = DemoProgressBar(estimate, total=1 + runs_total + 1, disable=not progress)
 
     from sgsd.demo.warmup import warm_start
     from sgsd.demo.world import write_problems
@@ -253,12 +255,13 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
 
     def warmup_progress(step: int, loss: float) -> None:
         warmup_bar.update()
+        bar.warmup_step()
         if step % 10 == 0:
             warmup_bar.set_postfix_str(f"loss {loss:.3f}")
 
     warm = warm_start(config, cache_root=cache_root, progress=warmup_progress)
     warmup_bar.close()
-    bar.update()
+    bar.warm_start_done()
     data = out / "data" / "train.jsonl"
     train_problems, validation = split_validation(warm.world.train, plan.validation_problems)
     write_problems(train_problems, data)
