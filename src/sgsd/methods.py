@@ -63,6 +63,8 @@ class MethodSpec:
     trainer_kwargs: Callable[["RunConfig", TrainerContext], dict[str, Any]] = _no_kwargs
     validate: Callable[["RunConfig"], Iterator[str]] = _no_problems
     online_updates: bool = False  # whether `skills.online` (online skill-bank updates) applies
+    # what of a run cannot work under DeepSpeed ZeRO-3 (checked before the model loads, `preflight.check_engine`)
+    zero3_problems: Callable[["RunConfig"], Iterator[str]] = _no_problems
     description: str = ""
     # GRPOConfig settings every method gets unless it overrides them: one rollout per prompt, no KL,
     # no importance-sampling forward (only a clipped surrogate uses those weights)
@@ -148,6 +150,29 @@ def _sgsd_pg_problems(cfg: "RunConfig") -> Iterator[str]:
         yield "grpo.skills_in_prompt: sgsd-pg gives the skills to its teachers, not to the rollout prompt; set it to false"
 
 
+ZERO2_HINT = "or DeepSpeed ZeRO-2 (configs/paper/deepspeed-zero2.json)"
+
+
+def _ema_under_zero3(section: str, teacher: str) -> Iterator[str]:
+    if teacher == "ema":
+        yield (f"{section}.teacher=ema under DeepSpeed ZeRO-3: the EMA shadow reads and swaps whole parameters, which "
+               f"ZeRO-3 partitions over the ranks; use {section}.teacher=live or base, {ZERO2_HINT}")
+
+
+def _sgsd_zero3_problems(cfg: "RunConfig") -> Iterator[str]:
+    yield from _ema_under_zero3("sgsd", cfg.sgsd.teacher)
+    if cfg.skills.online.enabled and cfg.skills.online.llm == "policy":
+        yield ("skills.online.llm=policy under DeepSpeed ZeRO-3: the main process generates the updates alone, and a "
+               "ZeRO-3 forward needs every rank; give skills.online.llm an OpenAI-compatible server URL, "
+               f"{ZERO2_HINT}")
+
+
+def _sgsd_pg_zero3_problems(cfg: "RunConfig") -> Iterator[str]:
+    yield ("method sgsd-pg under DeepSpeed ZeRO-3: TRL's GRPO loss gathers the LM head itself and breaks ZeRO-3's "
+           f"parameter prefetch next to the SGSD loss; use method sgsd or opsd under ZeRO-3, {ZERO2_HINT}")
+    yield from _sgsd_zero3_problems(cfg)
+
+
 def _opsd_problems(cfg: "RunConfig") -> Iterator[str]:
     if not 0.0 <= cfg.opsd.beta <= 1.0:
         yield "opsd.beta: must be in [0, 1]"
@@ -156,7 +181,7 @@ def _opsd_problems(cfg: "RunConfig") -> Iterator[str]:
 register_method(MethodSpec(
     name="sgsd", settings="sgsd", trainer="sgsd.trainers.sgsd_trainer:SGSDTrainer",
     needs_bank=lambda cfg: True, trainer_kwargs=_sgsd_kwargs, validate=_sgsd_problems, online_updates=True,
-    description="skill-conditioned gated self-distillation (SPEC section 4)",
+    zero3_problems=_sgsd_zero3_problems, description="skill-conditioned gated self-distillation (SPEC section 4)",
 ))
 register_method(MethodSpec(
     name="grpo", settings="grpo", trainer="sgsd.trainers.grpo_trainer:GRPOBaselineTrainer",
@@ -167,12 +192,13 @@ register_method(MethodSpec(
     name="opsd", settings="opsd", trainer="sgsd.trainers.opsd_trainer:OPSDTrainer",
     needs_bank=lambda cfg: cfg.opsd.skills, prompt_skills=lambda cfg: cfg.opsd.skills,
     trainer_kwargs=lambda cfg, context: {"settings": cfg.opsd, "teacher_style": context.teacher_style},
-    validate=_opsd_problems, description="on-policy self-distillation from the reference answer (SPEC section 5)",
+    validate=_opsd_problems, zero3_problems=lambda cfg: _ema_under_zero3("opsd", cfg.opsd.teacher),
+    description="on-policy self-distillation from the reference answer (SPEC section 5)",
 ))
 register_method(MethodSpec(
     name="sgsd-pg", settings="sgsd_pg", trainer="sgsd.trainers.sgsd_pg_trainer:SGSDPGTrainer",
     needs_bank=lambda cfg: True, grpo_overrides=_grpo_overrides,
     trainer_kwargs=lambda cfg, context: {**_sgsd_kwargs(cfg, context), "lambda_sgsd": cfg.sgsd_pg.lambda_sgsd},
-    validate=_sgsd_pg_problems,
+    validate=_sgsd_pg_problems, zero3_problems=_sgsd_pg_zero3_problems,
     description="GRPO's loss plus lambda x the SGSD loss on the same rollouts (issue 14; grpo, sgsd, sgsd_pg sections)",
 ))
