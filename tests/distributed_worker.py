@@ -4,7 +4,8 @@
 Trains `RECIPE` with `sgsd.trainers.run.train` on FIXED completions instead of sampled ones (TRL's
 rollout hook), so that runs with different numbers of processes see the same rollouts whatever the
 ranks' random streams are: the completion of a problem is a function of the problem alone, right for
-about half of the problems and wrong for the rest (a box around the answer, or around answer + 1).
+about half of the problems (a box around the answer), wrong for a quarter (a box around answer + 1)
+and without an answer for the rest (no box, counted in `reward/no_answer`).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ def fixed_rollouts(tokenizer, answers: dict[str, str]):
     from sgsd.storage import stable_hash
 
     def completion(problem: str) -> str:
-        answer = answers[problem]
-        if int(stable_hash(problem), 16) % 2 == 0:
+        answer, kind = answers[problem], int(stable_hash(problem), 16) % 4
+        if kind < 2:
             return f"Add the numbers: the total is {answer}. \\boxed{{{answer}}}"
-        wrong = int(answer) + 1
-        return f"Adding gives {wrong}, so \\boxed{{{wrong}}}"
+        if kind == 2:
+            wrong = int(answer) + 1
+            return f"Adding gives {wrong}, so \\boxed{{{wrong}}}"
+        return f"The total is about {answer} or so."  # no box: counted in reward/no_answer
 
     def rollout(prompts, trainer):
         prompt_ids, completion_ids = [], []
@@ -44,6 +47,7 @@ def main(recipe: str, out: str, *overrides: str) -> int:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from sgsd.config import load_config
     from sgsd.data import load_problems
+    from sgsd.distributed import close
     from sgsd.models import load_tokenizer
     from sgsd.trainers.run import train
 
@@ -51,6 +55,7 @@ def main(recipe: str, out: str, *overrides: str) -> int:
     problems, _ = load_problems(cfg.data.path)
     rollout = fixed_rollouts(load_tokenizer(cfg.model.name_or_path), {p.problem: p.answer for p in problems})
     train(cfg, Path(out), progress=False, rollout_func=rollout)
+    close()  # as `sgsd train` does
     return 0
 
 

@@ -9,6 +9,7 @@ twenty and is marked slow.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -83,6 +84,12 @@ def _metrics(run: Path) -> list[dict]:
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _processes(run: Path) -> int:
+    """How many processes the run itself says took part (its provenance in resolved_config.yaml)."""
+    line = next(l for l in (run / "resolved_config.yaml").read_text().splitlines() if l.startswith("# provenance: "))
+    return json.loads(line.removeprefix("# provenance: "))["processes"]
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -131,23 +138,38 @@ D_ATOL = 1e-6
 D_KEYS = ("train/loss", "sgsd/support_mean", "sgsd/row_loss_mean")
 
 
+HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+
+
 @pytest.fixture(scope="module")
 def equivalent_runs(tmp_path_factory):
     """The fixed-completion SGSD recipe, 3 steps, online update at step 2, attribution on, three ways."""
     root = tmp_path_factory.mktemp("equivalence")
     runs = {"one": (1, 8, 1), "two": (2, 4, 1), "accumulated": (1, 4, 2)}
+    if HAVE_DEEPSPEED:
+        runs["zero2"] = (2, 4, 1)
     with fake_llm_server(_updater_reply) as server:
         for name, (nproc, prompts, accumulation) in runs.items():
+            engine = [f"training.deepspeed={ROOT / 'configs/paper/deepspeed-zero2.json'}"] if name == "zero2" else []
             _ok(_run(_torchrun(nproc, str(WORKER), str(TINY / "sgsd.yaml"), str(root / name),
                                "training.max_steps=3", "training.save_steps=1", f"training.prompts_per_device={prompts}",
-                               f"training.gradient_accumulation_steps={accumulation}", *_online(server))))
+                               f"training.gradient_accumulation_steps={accumulation}", *_online(server), *engine),
+                     DS_ACCELERATOR="cpu"))
+    for name, (nproc, _, _) in runs.items():
+        assert _processes(root / name) == nproc, name
     return {name: root / name for name in runs}
 
 
-@pytest.mark.parametrize("other", ["two", "accumulated"])
+# the DeepSpeed entry needs the `deepspeed` extra; without it only the DDP comparisons run
+OTHERS = ["two", "accumulated",
+          pytest.param("zero2", marks=pytest.mark.skipif(not HAVE_DEEPSPEED, reason="DeepSpeed is not installed"))]
+
+
+@pytest.mark.parametrize("other", OTHERS)
 def test_first_step_matches_one_process(equivalent_runs, other):
     one, two = _metrics(equivalent_runs["one"])[0], _metrics(equivalent_runs[other])[0]
     assert one["train/reward_mean"] not in (0.0, 1.0)  # successes and failures: every quadrant can occur
+    assert one["reward/no_answer"] > 0  # a count that depends on which rollouts each rank summed
     for key in FIRST_STEP_KEYS:
         atol = D_ATOL if key in D_KEYS else 0.0
         assert two[key] == pytest.approx(one[key], rel=RTOL, abs=atol), key
@@ -161,7 +183,7 @@ def test_first_step_matches_one_process(equivalent_runs, other):
     assert max((updated[k] - reference[k]).abs().max().item() for k in reference) < 0.05 * lr
 
 
-@pytest.mark.parametrize("other", ["two", "accumulated"])
+@pytest.mark.parametrize("other", OTHERS)
 def test_online_update_and_attribution_see_every_rank(equivalent_runs, other):
     one, two = equivalent_runs["one"], equivalent_runs[other]
     # the update at step 2 saw the rollouts of both ranks: the same bank as one process made
@@ -182,8 +204,7 @@ def test_online_update_and_attribution_see_every_rank(equivalent_runs, other):
 # -- every tiny recipe on two processes, with resume ---------------------------------------------------
 
 
-@pytest.mark.parametrize("recipe", ["sgsd.yaml", "grpo.yaml", "grpo-skill.yaml", "opsd.yaml", "opsd-skill.yaml",
-                                    "sgsd-pg.yaml"])
+@pytest.mark.parametrize("recipe", sorted(p.name for p in TINY.glob("*.yaml") if p.name != "common.yaml"))
 def test_tiny_recipe_trains_and_resumes_on_two_processes(tmp_path, recipe):
     out = tmp_path / "run"
     first = _ok(_run(_cli(2, recipe, out, "--max-steps", "1", "training.save_steps=1")))
@@ -191,6 +212,7 @@ def test_tiny_recipe_trains_and_resumes_on_two_processes(tmp_path, recipe):
     assert "find_unused_parameters=True" not in first.stderr  # no extra autograd traversal per step
     resumed = _ok(_run(_cli(2, recipe, out, "--max-steps", "2", "training.save_steps=1")))
     assert resumed.stdout.count("resumed from") == 1 and resumed.stdout.count("sgsd: trained 2 steps") == 1
+    assert _processes(out) == 2
     records = _metrics(out)
     assert [r["step"] for r in records] == [1, 2]
     # why rewards are 0: the random tiny model never writes a box; counts are summed over both ranks
@@ -206,6 +228,15 @@ def test_input_errors_are_printed_once(tmp_path):
     result = _run(_cli(2, "sgsd.yaml", tmp_path / "run", "training.learning_rate=oops"))
     assert result.returncode != 0
     assert result.stderr.count("sgsd: error: ") == 1, result.stderr[-2000:]
+
+
+def test_an_input_error_of_one_non_main_rank_is_printed_once_by_that_rank(tmp_path):
+    script = Path(__file__).resolve().parent / "one_rank_input_error.py"
+    result = _run(_torchrun(2, str(script), "train", "--config", str(TINY / "sgsd.yaml"), "--output-dir",
+                            str(tmp_path / "run"), "--quiet"), timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("sgsd: ")]
+    assert errors == ["sgsd: error (rank 1): builtin:tiny-math: no such file"], result.stderr[-2000:]
 
 
 # -- kill and restart ----------------------------------------------------------------------------------
@@ -227,6 +258,7 @@ def test_sigkill_of_two_processes_then_restart_matches_an_uninterrupted_run(tmp_
         victim.wait()
         assert not (killed / "final").exists()
         restart = _ok(_run(_cli(2, "sgsd.yaml", killed, *args)))
+    assert _processes(whole) == _processes(killed) == 2
     assert restart.stdout.count("resumed from") == 1
     assert [r["step"] for r in _metrics(killed)] == [1, 2, 3, 4]
     assert _metrics(killed) == _metrics(whole)
@@ -256,5 +288,5 @@ def test_one_failing_rank_ends_the_run_with_its_error_and_keeps_the_last_checkpo
     assert (out / "checkpoint-2" / "sgsd_complete.json").exists() and not (out / "final").exists()
     # the last complete checkpoint is intact: the same command resumes from it and finishes
     resumed = _ok(_run(_cli(2, "sgsd.yaml", out, *args)))
-    assert f"resumed from {out / 'checkpoint-2'}" in resumed.stdout
+    assert f"resumed from {out / 'checkpoint-2'}" in resumed.stdout and _processes(out) == 2
     assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]

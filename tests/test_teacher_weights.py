@@ -103,6 +103,18 @@ def test_frozen_base_teacher_follows_the_policy_dtype(tmp_path):
     assert torch.isfinite(extras["teacher_logps"]).all()
 
 
+def test_frozen_copy_moves_to_the_policys_device(tiny_model):
+    """DeepSpeed and accelerate move the policy after the copy is made. On a CPU-only machine the "meta"
+    device stands for the accelerator: the copy must follow the policy there, not only its dtype."""
+    from sgsd.trainers.teacher_weights import FrozenCopy
+
+    frozen = FrozenCopy(tiny_model)
+    policy = tiny_model.to("meta")
+    placed = frozen.placed_like(policy)
+    assert {p.device.type for p in placed.parameters()} == {"meta"}
+    assert {p.dtype for p in placed.parameters()} == {torch.float32}
+
+
 @pytest.mark.parametrize("teacher", ["base", "ema"])
 def test_skip_neutral_decision_scores_the_student_with_the_students_weights(tmp_path, teacher):
     """Full fine-tuning: `base` scores on a frozen copy, `ema` swaps the shadow in. The student row of

@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sgsd: error{_rank_tag()}: {err}", file=sys.stderr)
         elif os.environ.get("RANK", "0") == "0":  # an input error every rank raised alike: printed once
             print(f"sgsd: error: {err}", file=sys.stderr)
+        elif _main_process_did_not_stop():  # ... unless only this rank raised it (e.g. a file missing on its machine)
+            print(f"sgsd: error{_rank_tag()}: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `sgsd skills show F | head`: the reader left; not an error of ours
         try:
@@ -108,6 +110,16 @@ def _secondary_failure(err: Exception) -> bool:
 
     if not is_peer_loss(err):
         return False
+    time.sleep(PEER_FAILURE_GRACE_S)
+    return True
+
+
+def _main_process_did_not_stop() -> bool:
+    """A non-main rank raised an input error that every rank should find alike: if the main process found
+    it too, it printed it and exited, and the launcher stops this process within its monitor interval.
+    Still running after the grace time means the main process did not: this rank says it, tagged."""
+    import time
+
     time.sleep(PEER_FAILURE_GRACE_S)
     return True
 

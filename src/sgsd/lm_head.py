@@ -12,6 +12,10 @@ For Qwen3's V = 151,936 a 4096-token chunk buffer is 2.5 GB; `chunk_tokens_for_b
 size from a memory budget. Measured against the earlier checkpointed head (several buffers per chunk):
 equal values and gradients, 23-33% less time and ~0.2x instead of ~0.6x the naive pattern's peak memory
 at V >= 65k (docs/performance.md).
+
+The head's weight is read outside the model's forward. Under DeepSpeed ZeRO-3 it is partitioned there
+(an empty tensor on every rank): `head_weights` is the one place every reader goes through, and it
+returns the full weight under ZeRO-3 as well (see there).
 """
 
 from __future__ import annotations
@@ -105,6 +109,48 @@ class _SampledTokenLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
+def _is_partitioned(weight: torch.Tensor) -> bool:
+    """Whether DeepSpeed ZeRO-3 owns `weight` (it tags every parameter it partitions with `ds_id`)."""
+    return hasattr(weight, "ds_id")
+
+
+def head_weights(head: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [V, H], bias [V] or None) of an LM head (a module or `sgsd.scoring.HeadWeights`), usable
+    outside the model's forward, with gradient flowing to the head's parameters when enabled.
+
+    A plain head: its own parameters. FSDP2 shards them as DTensors: `full_tensor()`, an all-gather
+    whose backward reduce-scatters the gradient. Under DeepSpeed ZeRO-3 each rank holds a slice of the
+    weight, and the whole is there only while the head's own module runs: with gradient, the weight is
+    read by calling the module on the H x H identity (I W^T = W^T, exact: each entry is one product by 1
+    plus zeros), so ZeRO-3 gathers it as for any call of the head, and in the backward gathers again and
+    reduce-scatters its gradient (one [H, V] matmul and one [H, V] copy per call); without gradient
+    (teacher scoring), a gathered copy. Measured against ZeRO-2 and DDP in tests/test_deepspeed.py.
+    """
+    from torch.distributed.tensor import DTensor
+
+    weight, bias = head.weight, getattr(head, "bias", None)
+    if isinstance(weight, DTensor):  # FSDP2: a differentiable all-gather (its backward reduce-scatters)
+        return weight.full_tensor(), bias.full_tensor() if bias is not None else None
+    if not _is_partitioned(weight):
+        return weight, bias
+    if bias is not None:
+        raise ValueError("an LM head with a bias is not supported under DeepSpeed ZeRO-3 (Qwen, Llama: no bias)")
+    if not (torch.is_grad_enabled() and weight.requires_grad):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+            return weight.detach().clone(), None
+    hidden_size = int(weight.ds_shape[1])
+    identity = torch.eye(hidden_size, dtype=weight.dtype, device=weight.device)
+    return head(identity).t(), None
+
+
+def head_vocab_size(head: Any) -> int:
+    """V of an LM head, whether or not ZeRO-3 has partitioned its weight."""
+    weight = head.weight
+    return int(weight.ds_shape[0] if _is_partitioned(weight) else weight.size(0))
+
+
 def token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, target_ids: torch.Tensor, *,
                    chunk_tokens: int = 4096, temperature: float = 1.0, return_entropy: bool = False
                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +167,7 @@ def token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, target_ids: t
         return (empty, empty) if return_entropy else empty
     flat_hidden = hidden.reshape(n * t, h)
     flat_targets = target_ids.reshape(n * t)
-    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    weight, bias = head_weights(lm_head)
     chunk = max(int(chunk_tokens), 1)
     needs_grad = torch.is_grad_enabled() and (
         flat_hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))

@@ -75,6 +75,8 @@ class MethodSpec:
     online_updates: bool = False  # whether `skills.online` (online skill-bank updates) applies
     groups: bool = False  # samples a group of grpo.num_generations completions per prompt
     skill_teachers: bool = False  # scores its rollouts with K skill teachers (polarity, attribution)
+    # what of a run cannot work under DeepSpeed ZeRO-3 (checked before the model loads, `preflight.check_engine`)
+    zero3_problems: Callable[["RunConfig"], Iterator[str]] = _no_problems
     description: str = ""  # one paragraph: the model card's method text
     label: Callable[["RunConfig"], str] = lambda cfg: ""  # display name ("GRPO+Skill"); "": the name upper-cased
     card_settings: tuple[str, ...] = ()  # dotted keys the model card shows for this method
@@ -193,6 +195,29 @@ def _sgsd_pg_problems(cfg: "RunConfig") -> Iterator[str]:
         yield "grpo.skills_in_prompt: sgsd-pg gives the skills to its teachers, not to the rollout prompt; set it to false"
 
 
+ZERO2_HINT = "or DeepSpeed ZeRO-2 (configs/paper/deepspeed-zero2.json)"
+
+
+def _ema_under_zero3(section: str, teacher: str) -> Iterator[str]:
+    if teacher == "ema":
+        yield (f"{section}.teacher=ema under DeepSpeed ZeRO-3: the EMA shadow reads and swaps whole parameters, which "
+               f"ZeRO-3 partitions over the ranks; use {section}.teacher=live or base, {ZERO2_HINT}")
+
+
+def _sgsd_zero3_problems(cfg: "RunConfig") -> Iterator[str]:
+    yield from _ema_under_zero3("sgsd", cfg.sgsd.teacher)
+    if cfg.skills.online.enabled and cfg.skills.online.llm == "policy":
+        yield ("skills.online.llm=policy under DeepSpeed ZeRO-3: the main process generates the updates alone, and a "
+               "ZeRO-3 forward needs every rank; give skills.online.llm an OpenAI-compatible server URL, "
+               f"{ZERO2_HINT}")
+
+
+def _sgsd_pg_zero3_problems(cfg: "RunConfig") -> Iterator[str]:
+    yield ("method sgsd-pg under DeepSpeed ZeRO-3: TRL's GRPO loss gathers the LM head itself and breaks ZeRO-3's "
+           f"parameter prefetch next to the SGSD loss; use method sgsd or opsd under ZeRO-3, {ZERO2_HINT}")
+    yield from _sgsd_zero3_problems(cfg)
+
+
 SGSD_CARD_SETTINGS = ("sgsd.num_teachers", "skills.retrieval", "sgsd.teacher", "sgsd.gate_tau", "sgsd.clip_delta",
                       "sgsd.polarity_test", "sgsd.confidence_threshold", "sgsd.polarity_z", "sgsd.local_support_top_k",
                       "skills.online.enabled")
@@ -202,6 +227,7 @@ register_method(MethodSpec(
     name="sgsd", settings="sgsd", sections=("sgsd",), trainer="sgsd.trainers.sgsd_trainer:SGSDTrainer",
     trainer_kwargs="sgsd.trainers.sgsd_trainer:sgsd_trainer_kwargs",
     needs_bank=lambda cfg: True, online_updates=True, skill_teachers=True, card_settings=SGSD_CARD_SETTINGS,
+    zero3_problems=_sgsd_zero3_problems,
     description=("SGSD (Skill-Conditioned Gated Self-Distillation, arXiv 2605.28791; docs/spec.md section 4): the "
                  "model, given K retrieved (skill, common mistake) pairs as privileged context, scores its own rollout "
                  "as K teachers; the verifier's verdict and a bounded gate decide, token by token, which teachers it "
@@ -221,6 +247,7 @@ register_method(MethodSpec(
     trainer_kwargs="sgsd.trainers.opsd_trainer:opsd_trainer_kwargs",
     needs_bank=lambda cfg: cfg.opsd.skills, prompt_skills=lambda cfg: cfg.opsd.skills,
     label=lambda cfg: "OPSD+Skill" if cfg.opsd.skills else "OPSD",
+    zero3_problems=lambda cfg: _ema_under_zero3("opsd", cfg.opsd.teacher),
     card_settings=("opsd.teacher", "opsd.beta", "opsd.sampled_token", "opsd.skills"),
     description=("OPSD (on-policy self-distillation; docs/spec.md section 5): the same model given the reference "
                  "answer is the teacher; the loss is a generalized JSD to it on the student's own rollouts."),
@@ -230,7 +257,7 @@ register_method(MethodSpec(
     trainer="sgsd.trainers.sgsd_pg_trainer:SGSDPGTrainer",
     trainer_kwargs="sgsd.trainers.sgsd_pg_trainer:sgsd_pg_trainer_kwargs",
     needs_bank=lambda cfg: True, grpo_overrides=_grpo_overrides, problems=_sgsd_pg_problems, groups=True,
-    skill_teachers=True, label=lambda cfg: "SGSD+PG",
+    skill_teachers=True, label=lambda cfg: "SGSD+PG", zero3_problems=_sgsd_pg_zero3_problems,
     card_settings=("sgsd_pg.lambda_sgsd", *GRPO_CARD_SETTINGS, *SGSD_CARD_SETTINGS),
     description=("SGSD+PG (docs/methods.md): GRPO's loss plus lambda_sgsd x the SGSD loss on the same rollouts; G "
                  "completions per prompt, each scored by its problem's K skill teachers."),

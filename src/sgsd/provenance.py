@@ -1,5 +1,5 @@
-"""What produced an output: git revision of the code and versions of the stack (written beside runs and
-evaluations so a number can be traced back)."""
+"""What produced an output: git revision of the code, versions of the stack and the number of processes
+that ran it (written beside runs and evaluations so a number can be traced back)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 PACKAGES = ("sgsd", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "math-verify",
-            "sentence-transformers", "vllm")
+            "sentence-transformers", "vllm", "deepspeed")
 
 
 def package_versions() -> dict[str, str]:
@@ -33,4 +33,8 @@ def git_revision() -> str | None:
 
 
 def provenance() -> dict[str, object]:
-    return {"git_revision": git_revision(), "versions": package_versions()}
+    """`processes`: the world size of the process group (1 without one), i.e. how many ranks really
+    took part, whatever the launcher was asked for."""
+    from sgsd.distributed import world_size
+
+    return {"git_revision": git_revision(), "versions": package_versions(), "processes": world_size()}

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sgsd.lm_head import token_logprobs
+from sgsd.lm_head import head_weights, token_logprobs
 from sgsd.objectives import OPSDLossOutput, opsd_loss
 
 
@@ -173,8 +173,9 @@ def score_teachers_local(model: Any, teacher_prompt_ids: Sequence[Sequence[Seque
     def per_batch(hidden, head, comp_ids):
         n, t, h = hidden.shape
         flat_h, flat_ids = hidden.reshape(n * t, h), comp_ids.reshape(n * t)
-        pieces = [_chunk_top(flat_h[s : s + chunk_tokens], head.weight, getattr(head, "bias", None),
-                             flat_ids[s : s + chunk_tokens], top_k) for s in range(0, n * t, max(chunk_tokens, 1))]
+        weight, bias = head_weights(head)
+        pieces = [_chunk_top(flat_h[s : s + chunk_tokens], weight, bias, flat_ids[s : s + chunk_tokens], top_k)
+                  for s in range(0, n * t, max(chunk_tokens, 1))]
         sampled, values, ids = (torch.cat(p) for p in zip(*pieces))
         return sampled.reshape(n, t), values.reshape(n, t, top_k), ids.reshape(n, t, top_k)
 
@@ -210,7 +211,7 @@ def local_support_student_terms(hidden: torch.Tensor, lm_head: torch.nn.Module, 
     b, t, _ = hidden.shape
     k = teacher_top.size(1)
     step = max(1, chunk_tokens // max(b * k, 1))
-    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    weight, bias = head_weights(lm_head)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     pieces = []
     for s in range(0, t, step):
@@ -272,8 +273,8 @@ class HeadWeights:
 
     @classmethod
     def of(cls, head: torch.nn.Module, *, copy: bool = False) -> "HeadWeights":
-        bias = getattr(head, "bias", None)
-        weight, bias = head.weight.detach(), bias.detach() if bias is not None else None
+        weight, bias = head_weights(head)
+        weight, bias = weight.detach(), bias.detach() if bias is not None else None
         if copy:
             weight, bias = weight.clone(), bias.clone() if bias is not None else None
         return cls(weight, bias)
@@ -295,7 +296,7 @@ def opsd_loss_from_hidden(student_hidden: torch.Tensor, teacher_hidden: torch.Te
     if student_hidden.dim() != 2 or student_hidden.shape != teacher_hidden.shape:
         raise ValueError(f"hidden states must both be [N, H], got {tuple(student_hidden.shape)} and "
                          f"{tuple(teacher_hidden.shape)}")
-    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    weight, bias = head_weights(lm_head)
     teacher_head = teacher_head or HeadWeights.of(lm_head)
     teacher_hidden = teacher_hidden.detach()
     total = student_hidden.size(0)

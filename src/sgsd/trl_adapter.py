@@ -55,6 +55,12 @@ OUTPUT_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask",
 ATTRIBUTES = ("_metrics", "accelerator", "current_gradient_accumulation_steps", "reward_weights", "temperature")
 
 
+# FSDP1 flattens the head's weight into a sharded FlatParameter that the chunked LM head (which reads
+# the weight outside the forward) cannot gather; FSDP2's DTensors it can (`sgsd.lm_head.head_weights`)
+FSDP1_REFUSAL = ("FSDP version 1 is not supported by the SGSD/OPSD loss (its chunked LM head reads the head's weight "
+                 "outside the forward); set fsdp_version: 2 in the accelerate config, or use DeepSpeed ZeRO-2/3 or DDP")
+
+
 class TRLContractError(RuntimeError):
     pass
 
@@ -139,11 +145,11 @@ class HookedGRPOTrainer(GRPOTrainer):
         self.step_timing: dict[str, float] = {"generate_s": 0.0, "teacher_s": 0.0}
         super().__init__(*args, **kwargs)
         if self.has_method_loss and getattr(self, "is_fsdp_enabled", False):
-            from sgsd.errors import ConfigError
+            plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+            if getattr(plugin, "fsdp_version", 1) != 2:
+                from sgsd.errors import ConfigError
 
-            # the chunked LM head reads lm_head.weight outside the forward, where FSDP keeps it sharded
-            raise ConfigError("FSDP is not supported by the SGSD/OPSD loss (chunked LM head); use DeepSpeed ZeRO-2 "
-                              "(configs/paper/accelerate-zero2.yaml) or DDP")
+                raise ConfigError(FSDP1_REFUSAL)
 
     # -- seams ------------------------------------------------------------------------------
     def rollout_extras(self, inputs: list[dict[str, Any]], output: dict[str, Any],

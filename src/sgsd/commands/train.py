@@ -37,8 +37,9 @@ def run(args: argparse.Namespace) -> int:
 
     result = train(cfg, args.output_dir, resume=not args.no_resume, max_steps=args.max_steps,
                    progress=not args.quiet)
-    from sgsd.distributed import is_main_process
+    from sgsd.distributed import close, is_main_process
 
+    close()
     if not is_main_process():  # what a user reads comes once, from the main process
         return 0
     if result.ignored_checkpoints:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sgsd.errors import DataError, UserError
+from sgsd.errors import ConfigError, DataError, UserError
+from sgsd.methods import method_spec
 
 if TYPE_CHECKING:
     from sgsd.config import RunConfig
@@ -37,11 +38,11 @@ def check_problems_per_step(cfg: "RunConfig", num_problems: int) -> None:
                         "add problems or lower those settings")
 
 
-def check_deepspeed_config(path: str | None) -> None:
+def check_deepspeed_config(path: str | None) -> dict[str, Any] | None:
     """`training.deepspeed` names a readable JSON object (checked before anything is written: Hugging Face
     would read it only while building the trainer, after the model has loaded)."""
     if not path:
-        return
+        return None
     file = Path(path).expanduser()
     if not file.is_file():
         raise UserError(f"training.deepspeed: {path}: {'not a file' if file.exists() else 'no such file'}")
@@ -54,3 +55,36 @@ def check_deepspeed_config(path: str | None) -> None:
     if not isinstance(config, dict):
         raise UserError(f"training.deepspeed: {path}: expected a JSON object (a DeepSpeed config), got "
                         f"{type(config).__name__}")
+    return config
+
+
+def zero_stage(cfg: "RunConfig") -> int | None:
+    """The DeepSpeed ZeRO stage this process will train under, None without DeepSpeed: from
+    `training.deepspeed`, else from what `accelerate launch` with a DeepSpeed config exported (its
+    `zero_stage`, or the JSON file it names)."""
+    config = check_deepspeed_config(cfg.training.deepspeed)
+    if config is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        if stage and stage.isdigit():
+            return int(stage)
+        file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        config = json.loads(Path(file).read_text(encoding="utf-8")) if file and Path(file).is_file() else {}
+    if config is None:
+        return None
+    stage = (config.get("zero_optimization") or {}).get("stage", 0)
+    return int(stage) if isinstance(stage, int) or str(stage).isdigit() else None
+
+
+def check_engine(cfg: "RunConfig") -> None:
+    """Refuse, before the model loads, what the training engine cannot run: under DeepSpeed ZeRO-3 the
+    combinations the method's registry entry names (`MethodSpec.zero3_problems`); FSDP version 1 for a
+    method with its own loss (`sgsd.trl_adapter.FSDP1_REFUSAL`; FSDP2 works)."""
+    spec = method_spec(cfg.method)
+    if zero_stage(cfg) == 3:
+        for problem in spec.zero3_problems(cfg):
+            raise ConfigError(problem)
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if fsdp and os.environ.get("FSDP_VERSION", "1") == "1" and getattr(spec.trainer_class(), "has_method_loss", False):
+        from sgsd.trl_adapter import FSDP1_REFUSAL
+
+        raise ConfigError(FSDP1_REFUSAL)

@@ -70,16 +70,23 @@ class TrainResult:
 
 
 def resolve_device(cfg: RunConfig) -> tuple[bool, bool]:
-    """(use_cpu, bf16) from `training.device` and `training.precision`."""
+    """(use_cpu, bf16) from `training.device` and `training.precision`, after refusing what the training
+    engine (DeepSpeed's ZeRO stage, FSDP) cannot run with this config (`preflight.check_engine`).
+
+    bf16 means bf16 compute with fp32 master weights: autocast under DDP, DeepSpeed's bf16 mode (the
+    module in bf16, fp32 weights in the optimizer) under DeepSpeed; on CUDA and on CPU alike.
+    `auto` is bf16 on CUDA and fp32 on CPU.
+    """
     import torch
+
+    from sgsd.trainers.preflight import check_engine
 
     device = cfg.training.device
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("training.device: cuda requested but no CUDA device is available")
+    check_engine(cfg)
     use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    if cfg.training.precision == "bf16" and use_cpu:
-        raise ConfigError("training.precision: bf16 on CPU is not supported here; use fp32 or auto")
-    bf16 = not use_cpu and cfg.training.precision in ("auto", "bf16")
+    bf16 = cfg.training.precision == "bf16" or (not use_cpu and cfg.training.precision == "auto")
     return use_cpu, bf16
 
 
@@ -236,7 +243,7 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
         from sgsd.storage import atomic_write_text
 
         out.mkdir(parents=True, exist_ok=True)
-        record = {**provenance(), "world_size": args.world_size, "data": report.__dict__, "inputs": inputs}
+        record = {**provenance(), "data": report.__dict__, "inputs": inputs}
         atomic_write_text(out / RESOLVED_CONFIG, resolved_config_text(dump_config(cfg), record))
 
     if reward_funcs is None:
