@@ -32,10 +32,14 @@ import inspect
 import os
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 TRL_VERSION = "1.16.0"
 
@@ -59,7 +63,7 @@ class TRLContractError(RuntimeError):
     pass
 
 
-def _indexed_cpu_location(storage: Any, location: str) -> Any:
+def _indexed_cpu_location(storage: torch.UntypedStorage, location: str) -> torch.UntypedStorage | None:
     """torch.load deserializer for locations "cpu:N" (several CPU processes): the CPU; None otherwise."""
     if location.startswith("cpu:") and location[4:].isdigit():
         return storage
@@ -151,7 +155,7 @@ class HookedGRPOTrainer(GRPOTrainer):
         """Tensors to add to the rollout batch (leading dimension B). Default: the rewards only."""
         return {"rewards": rewards}
 
-    def method_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    def method_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 
     # -- private hooks (TRL 1.16) -------------------------------------------------------------
@@ -186,7 +190,7 @@ class HookedGRPOTrainer(GRPOTrainer):
         return loss
 
     # -- helpers for methods ------------------------------------------------------------------
-    def grpo_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    def grpo_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """TRL's own GRPO loss of one micro-batch (`GRPOTrainer._compute_loss`), exactly as TRL's trainer
         returns it: clipped surrogate of the batch's group advantages, KL term when beta > 0, TRL's
         `loss_type` normalisation, ALREADY divided by the gradient-accumulation steps in training.
@@ -210,7 +214,8 @@ class HookedGRPOTrainer(GRPOTrainer):
         """Like `record_metrics`, for counts: summed over ranks instead of averaged."""
         self._record(values, lambda gathered: gathered.sum(dim=0))
 
-    def _record(self, values: dict[str, Any], reduce: Any) -> None:
+    def _record(self, values: dict[str, float | int | torch.Tensor],
+                reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Stack the values, gather them over ranks ([ranks, n]), `reduce` to [n], append to TRL's buffer."""
         if not values:
             return
@@ -222,7 +227,7 @@ class HookedGRPOTrainer(GRPOTrainer):
         for name, value in zip(values, reduce(gathered).tolist()):
             buffer[name].append(float(value))
 
-    def skip_nonfinite_step(self, model: Any) -> torch.Tensor:
+    def skip_nonfinite_step(self, model: torch.nn.Module) -> torch.Tensor:
         """A zero loss for a micro-step whose log-probs are NaN/inf: no parameter moves.
 
         The zero is built from the parameters themselves, not from the poisoned activations (0 * NaN
@@ -237,12 +242,12 @@ class HookedGRPOTrainer(GRPOTrainer):
         return timing
 
     @property
-    def unwrapped_model(self) -> Any:
+    def unwrapped_model(self) -> PreTrainedModel | PeftModel:
         return self.accelerator.unwrap_model(self.model)
 
 
 @contextmanager
-def adapter_disabled(model: Any) -> Iterator[None]:
+def adapter_disabled(model: PeftModel) -> Iterator[None]:
     """Base-model weights of a PEFT model (adapter off), through TRL's own helper."""
     from trl.trainer.utils import use_adapter
 

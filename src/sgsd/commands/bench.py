@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sgsd.errors import UserError
+
+if TYPE_CHECKING:
+    from sgsd.benchmarking.step import StepBenchConfig, StepBenchResult
 
 
 MAX_COMPLETION_TOKENS = 5000  # 1.6 T + 1 <= 8192 positions of StepBench's model
@@ -113,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     return int(args._bench_run(args) or 0)
 
 
-def _config(args: argparse.Namespace, *, teachers: int, vocab: int, tokens: int, naive: bool = False) -> Any:
+def _config(args: argparse.Namespace, *, teachers: int, vocab: int, tokens: int, naive: bool = False
+            ) -> StepBenchConfig:
     from sgsd.benchmarking.phases import LossSettings
     from sgsd.benchmarking.step import StepBenchConfig
     from sgsd.benchmarking.synthetic import MIN_VOCAB, BatchShape
@@ -177,7 +181,7 @@ def _compare(args: argparse.Namespace) -> int:
         raise UserError("--teachers must be >= 2 for compare (it compares K with K=1)")
     config = _config(args, teachers=args.teachers, vocab=args.vocab, tokens=args.completion_tokens)
 
-    def progress(index: int, name: str, result: Any) -> None:
+    def progress(index: int, name: str, result: StepBenchResult) -> None:
         if not args.json:
             print(f"round {index + 1}: {name}: {result.loss_phase_s:.3f} s, {result.peak_mem_mb:.1f} MB",
                   file=sys.stderr, flush=True)
@@ -224,7 +228,7 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _format_rows(results: list[Any], header: bool = True, names: list[str] | None = None) -> str:
+def _format_rows(results: list[StepBenchResult], header: bool = True, names: list[str] | None = None) -> str:
     lines = []
     if header:
         lines.append(f"{'run':<8} {'K':>3} {'T':>5} {'V':>7} {'B':>3} {'time s':>8} {'min':>7} {'max':>7} "
