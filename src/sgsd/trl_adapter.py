@@ -159,7 +159,8 @@ class HookedGRPOTrainer(GRPOTrainer):
         raise NotImplementedError
 
     # -- private hooks (TRL 1.16) -------------------------------------------------------------
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+    def _calculate_rewards(self, inputs: list[dict[str, Any]], prompts: list[Any], completions: list[Any],
+                           completion_ids_list: list[list[int]]) -> torch.Tensor:
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._local_rewards = local_rewards(self, rewards_per_func, len(prompts))
         # why rewards are 0: grader failures of this generation batch, summed over ranks
@@ -169,7 +170,7 @@ class HookedGRPOTrainer(GRPOTrainer):
                 self.record_counts({f"reward/{kind}": count for kind, count in failures.items()})
         return rewards_per_func
 
-    def _generate_and_score_completions(self, inputs):
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         start = time.perf_counter()
         output = super()._generate_and_score_completions(inputs)
         generated = time.perf_counter()
@@ -179,7 +180,8 @@ class HookedGRPOTrainer(GRPOTrainer):
         self.step_timing["teacher_s"] += done - generated
         return output
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
         if not self.has_method_loss:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if return_outputs:

@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 
 from sgsd.config import OnlineUpdateSettings
 from sgsd.errors import ConfigError, DataError
-from sgsd.skills.bank import SkillBank, is_dynamic, load_bank, save_bank
+from sgsd.skills.bank import CommonMistake, GeneralSkill, SkillBank, is_dynamic, load_bank, save_bank
 from sgsd.skills.extraction import MISTAKES, SKILLS, ItemKind, dedup_key, extraction_prompt, parse_reply
 from sgsd.skills.llm import LLMClient
 from sgsd.skills.merge import MergeConfig, hierarchical_merge
@@ -155,7 +155,7 @@ class OnlineSkillUpdater:
                                      max_completion_chars=self.config.max_completion_chars) for r in memories]
         replies = llm.complete(prompts, max_tokens=self.config.max_tokens, temperature=self.config.temperature)
         truncated = sum(bool(t) for t in getattr(llm, "last_truncated", None) or [])
-        new: dict[str, list[dict]] = {SKILLS.list_key: [], MISTAKES.list_key: []}
+        new: dict[str, list[dict[str, str]]] = {SKILLS.list_key: [], MISTAKES.list_key: []}
         parse_failures = 0
         for rollout, reply in zip(memories, replies):
             kind = SKILLS if rollout.success else MISTAKES
@@ -208,7 +208,8 @@ class OnlineSkillUpdater:
         take_success = min(len(successes), max(limit // 2, limit - len(failures)))
         return successes[:take_success] + failures[:limit - take_success]
 
-    def _update_list(self, kind: ItemKind, bank: SkillBank, new: list[dict], llm: LLMClient) -> tuple[list, list]:
+    def _update_list(self, kind: ItemKind, bank: SkillBank, new: list[dict[str, str]], llm: LLMClient
+                     ) -> tuple[list[GeneralSkill | CommonMistake], list[GeneralSkill | CommonMistake]]:
         """(all dynamic items of the list after the update, the ones added now)."""
         items = bank.general_skills if kind is SKILLS else bank.common_mistakes
         existing = [x for x in items if is_dynamic(x.item_id)]
