@@ -223,7 +223,7 @@ def test_report_command_prints_table_writes_png_and_prunes(tmp_path, capsys):
     assert main(["skills", "report", str(tmp_path / "nothing")]) == 2
 
 
-# -- the updater's LLM settings and what an update reports (issue 12, defect 6) ----------------------------
+# -- the updater's LLM settings and what an update reports ----------------------------------------
 
 
 def test_policy_updater_answers_with_thinking_off_and_the_reference_token_budget(tmp_path, tiny_model, tiny_tokenizer):
