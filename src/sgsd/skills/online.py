@@ -134,9 +134,9 @@ class OnlineSkillUpdater:
     def maybe_update(self, step: int, bank: SkillBank, llm: LLMClient) -> SkillBank | None:
         """The updated bank when an update is due and made at `step`, else None (see module docstring).
 
-        The history entry (`WindowCheck`) of an update counts the replies that failed to parse (`parse_failures`) and
-        those the LLM client reports as cut by the token limit (`truncated`; clients that cannot tell
-        report none), the usual reason for parse failures.
+        Each check appends a `WindowCheck` to `history`; an update's `UpdateOutcome` counts the replies that
+        failed to parse (`parse_failures`) and those the LLM client reports as cut by the token limit
+        (`truncated`; clients that cannot tell report none), the usual reason for parse failures.
         """
         if not self.is_due(step):
             return None
@@ -187,7 +187,8 @@ class OnlineSkillUpdater:
     def state_dict(self) -> dict[str, Any]:
         return {"state_version": STATE_VERSION, "run_id": self.run_id, "config": asdict(self.config),
                 "window": [asdict(r) for r in self.window], "next_ids": dict(self.next_ids),
-                "history": [c.to_state() for c in self.history], "dynamic": {k: list(v) for k, v in self.dynamic.items()},
+                "history": [check.to_state() for check in self.history],
+                "dynamic": {k: list(v) for k, v in self.dynamic.items()},
                 "last_checked_step": self.last_checked_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
