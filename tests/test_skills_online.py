@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
+import torch
 
 from sgsd.cli import main
 from sgsd.skills.attribution import AttributionTracker, prune_bank
 from sgsd.skills.bank import CommonMistake, GeneralSkill, SkillBank, load_bank, save_bank
 from sgsd.config import OnlineUpdateSettings
-from sgsd.skills.online import OnlineSkillUpdater, load_latest
+from sgsd.skills.online import OnlineSkillUpdater, UpdateOutcome, WindowCheck, load_latest
 
 STATIC = SkillBank((GeneralSkill("gen_001", "Static skill", "p", "w"),),
                    (CommonMistake("err_001", "Static mistake", "y", "h"),), {}, {"source": "test"})
@@ -55,7 +57,8 @@ def test_no_update_off_schedule_above_threshold_or_without_rollouts(tmp_path):
         _record(updater, step, 4, 4)  # all successes
     assert updater.maybe_update(9, STATIC, llm) is None  # off schedule
     assert updater.maybe_update(10, STATIC, llm) is None  # success rate 1.0 >= 0.8
-    assert llm.prompts == [] and updater.history[-1] == {"step": 10, "rollouts": 20, "success_rate": 1.0, "updated": False}
+    assert llm.prompts == [] and updater.history[-1] == WindowCheck(step=10, rollouts=20, success_rate=1.0)
+    assert not updater.history[-1].updated
     assert not (tmp_path / "skills").exists()
 
 
@@ -115,6 +118,40 @@ def test_resume_from_state_dict_reproduces_the_uninterrupted_run(tmp_path):
     assert restored.general_skills == middle.general_skills and restored.common_mistakes == middle.common_mistakes
     assert run(resumed, restored, range(7, 13)).to_json() == final.to_json()
     assert resumed.run_id == "r"
+
+
+# Written by the updater before its history entries were typed records (plain dicts read by key): the
+# state of a run that updated at step 4 (success rate 1/3) and checked without updating at step 8.
+STATE_BEFORE_TYPED_HISTORY = Path(__file__).parent / "data" / "online_updater_state_v1.json"
+
+
+def test_history_entries_are_typed_records_and_a_checkpoint_of_the_dict_era_resumes(tmp_path):
+    config = OnlineUpdateSettings(every_steps=4, window_steps=4, max_new=3, capacity=4)
+
+    def run(updater, bank, steps):
+        for step in steps:
+            _record(updater, step, 3, 1 if step <= 4 or step > 8 else 3)
+            bank = updater.maybe_update(step, bank, FakeLLM()) or bank
+        return bank
+
+    straight = OnlineSkillUpdater(config, tmp_path / "straight", run_id="written-before-typed-history")
+    final = run(straight, STATIC, range(1, 13))
+    added = {"general_skills": ("dyn_001", "dyn_002", "dyn_003"), "common_mistakes": ("dyn_001", "dyn_002", "dyn_003")}
+    assert straight.history[:2] == [
+        WindowCheck(4, 12, 1 / 3, UpdateOutcome(memories=12, parse_failures=0, truncated=0, added=added)),
+        WindowCheck(8, 12, 1.0)]
+    assert [c.updated for c in straight.history] == [True, False, True]
+
+    # the old file, through a checkpoint as the trainer writes and reads it (weights_only=True)
+    old = json.loads(STATE_BEFORE_TYPED_HISTORY.read_text())
+    torch.save({"online_skills": old}, tmp_path / "sgsd_state.pt")
+    state = torch.load(tmp_path / "sgsd_state.pt", weights_only=True)["online_skills"]
+    resumed = OnlineSkillUpdater(config, tmp_path / "resumed")
+    resumed.load_state_dict(state)
+    assert resumed.history == straight.history[:2]
+    assert resumed.state_dict() == old  # the state written now has the old shape: plain data, same keys
+    assert run(resumed, resumed.current_bank(STATIC), range(9, 13)).to_json() == final.to_json()
+    assert resumed.history == straight.history
 
 
 def test_latest_snapshot_of_another_run_is_never_loaded(tmp_path):
@@ -186,7 +223,7 @@ def test_report_command_prints_table_writes_png_and_prunes(tmp_path, capsys):
     assert main(["skills", "report", str(tmp_path / "nothing")]) == 2
 
 
-# -- the updater's LLM settings and what an update reports (issue 12, defect 6) ----------------------------
+# -- the updater's LLM settings and what an update reports ----------------------------------------
 
 
 def test_policy_updater_answers_with_thinking_off_and_the_reference_token_budget(tmp_path, tiny_model, tiny_tokenizer):
@@ -225,8 +262,8 @@ def test_update_reports_parse_failures_and_truncated_replies(tmp_path):
     updater = OnlineSkillUpdater(OnlineUpdateSettings(every_steps=1, success_threshold=1.0), run_dir=tmp_path)
     updater.record(1, ["p1", "p2", "p3"], ["c1", "c2", "c3"], [0.0, 1.0, 0.0])
     assert updater.maybe_update(1, STATIC, CutLLM()) is not None
-    entry = updater.history[-1]
-    assert (entry["memories"], entry["parse_failures"], entry["truncated"]) == (3, 1, 1)
+    update = updater.history[-1].update
+    assert update is not None and (update.memories, update.parse_failures, update.truncated) == (3, 1, 1)
     assert load_bank(tmp_path / "skills" / "latest.json").metadata["online_update"]["truncated"] == 1
 
 

@@ -24,10 +24,14 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol
 
 from sgsd.errors import DataError
 from sgsd.storage import check_input_file, decode_utf8, read_input_bytes
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
 
 BUILTIN_PREFIX = "builtin:"
 PROBLEM_FIELDS = ("problem", "question", "prompt", "Problem")
@@ -123,8 +127,14 @@ def problem_texts(problems: Iterable[Problem], source: str) -> Iterator[tuple[st
         yield f"{source}: problem {item.problem_id} (answer)", item.answer
 
 
-def check_untrusted_text(tokenizer: Any, problems: Iterable[Problem], source: str, bank: Any = None,
-                         bank_source: str | None = None) -> None:
+class HasTexts(Protocol):
+    """Something whose texts can be checked item by item (`sgsd.skills.bank.SkillBank`)."""
+
+    def texts(self, source: str) -> Iterable[tuple[str, str]]: ...
+
+
+def check_untrusted_text(tokenizer: PreTrainedTokenizerBase, problems: Iterable[Problem], source: str,
+                         bank: HasTexts | None = None, bank_source: str | None = None) -> None:
     """Refuse problems, answers and (when given) the items of `bank` that hold the tokenizer's special
     tokens, in one line naming the item and the token (`sgsd.prompts.refuse_special_tokens`).
     bank: a `sgsd.skills.bank.SkillBank` (anything with its `texts(source)`), read from `bank_source`."""
@@ -339,8 +349,8 @@ def tiny_math_problems(count: int = 64, seed: int = 0) -> list[Problem]:
     return out
 
 
-def training_dataset(problems: list[Problem], tokenizer: Any, *, enable_thinking: bool | None, max_prompt_tokens: int,
-                     skill_blocks: list[str] | None = None, source: str = "data") -> Any:
+def training_dataset(problems: list[Problem], tokenizer: PreTrainedTokenizerBase, *, enable_thinking: bool | None,
+                     max_prompt_tokens: int, skill_blocks: list[str] | None = None, source: str = "data") -> Dataset:
     """The rows a trainer reads (a `datasets.Dataset`): `prompt` (the chat list TRL renders),
     `problem`, `answer`, `problem_id`, `student_prompt` (docs/spec.md section 2) and `skill_block` (the "+Skill"
     block prefixed to the student prompt, "" without; OPSD+Skill gives it to the teacher too).

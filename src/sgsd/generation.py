@@ -15,9 +15,14 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 from sgsd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from vllm import CompletionOutput
 
 BACKENDS = ("auto", "hf", "vllm")
 
@@ -67,7 +72,8 @@ class HFGenerator:
 
     name = "hf"
 
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 16) -> None:
+    def __init__(self, model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, *,
+                 batch_size: int = 16) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size}: must be at least 1")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
@@ -197,7 +203,7 @@ def choose_backend(requested: str, model_spec: str) -> str:
     return requested
 
 
-def vllm_completion(output: Any) -> Completion:
+def vllm_completion(output: CompletionOutput) -> Completion:
     """A vLLM `CompletionOutput` as a `Completion`. vLLM keeps the end-of-sequence token in `token_ids`
     when it stopped on one: the EOS (finish_reason "stop", stop_reason None) or a model's extra end token
     from its generation config (stop_reason the token id); `num_tokens` leaves it out, as HFGenerator's does."""

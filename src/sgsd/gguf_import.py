@@ -28,9 +28,12 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from sgsd.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 PACKAGE_PREFIX = "pkg:"
 GGUF_MAGIC = b"GGUF"
@@ -152,7 +155,7 @@ def file_sha256(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------- tokens
 
 
-def end_of_turn_token(tokenizer: Any) -> str | None:
+def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
     """The special token the chat template writes right after an assistant message, or None.
 
     Found by rendering a conversation whose assistant turn is a sentinel and tokenizing what follows
@@ -176,7 +179,7 @@ def end_of_turn_token(tokenizer: Any) -> str | None:
     return token if token in special else None
 
 
-def correct_special_tokens(tokenizer: Any, model: Any) -> list[str]:
+def correct_special_tokens(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[str]:
     """Set eos (and a missing pad) to the chat template's end-of-turn token; return what changed.
 
     The tokenizer, the model config and the generation config are made to agree. A pad token that
@@ -209,7 +212,7 @@ def correct_special_tokens(tokenizer: Any, model: Any) -> list[str]:
     return corrections
 
 
-def _is_bpe(tokenizer: Any) -> bool:
+def _is_bpe(tokenizer: PreTrainedTokenizerBase) -> bool:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     return backend is not None and type(backend.model).__name__ == "BPE"
 
@@ -217,7 +220,7 @@ def _is_bpe(tokenizer: Any) -> bool:
 # ---------------------------------------------------------------------------------------------- models
 
 
-def load_from_gguf(path: Path) -> tuple[Any, Any]:
+def load_from_gguf(path: Path) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """(tokenizer, model) read by transformers from a GGUF file; the model is fp32, in eval mode."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -230,7 +233,7 @@ def load_from_gguf(path: Path) -> tuple[Any, Any]:
     return tokenizer, model.eval()
 
 
-def plain_copy(model: Any) -> Any:
+def plain_copy(model: PreTrainedModel) -> PreTrainedModel:
     """A fresh model of the same config without the GGUF quantization record, holding the same weights
     (`save_pretrained` refuses the GGUF-loaded model itself)."""
     from transformers import AutoModelForCausalLM
@@ -244,7 +247,8 @@ def plain_copy(model: Any) -> Any:
     return fresh.eval()
 
 
-def compare_logits(reference: Any, reference_tokenizer: Any, candidate: Any, candidate_tokenizer: Any,
+def compare_logits(reference: PreTrainedModel, reference_tokenizer: PreTrainedTokenizerBase,
+                   candidate: PreTrainedModel, candidate_tokenizer: PreTrainedTokenizerBase,
                    conversations: tuple[list[dict[str, str]], ...] = VERIFY_CONVERSATIONS) -> float:
     """Largest |logit difference| of two models on chat prompts; UserError if they are not equal.
 
@@ -323,7 +327,8 @@ def import_gguf(source: str, output: str | os.PathLike, *, log: Callable[[str], 
     return report
 
 
-def _check_written_tokens(written_tokenizer: Any, written_model: Any, corrected: Any) -> None:
+def _check_written_tokens(written_tokenizer: PreTrainedTokenizerBase, written_model: PreTrainedModel,
+                          corrected: PreTrainedTokenizerBase) -> None:
     """The corrections survived the round trip through the files."""
     if written_tokenizer.eos_token != corrected.eos_token or written_tokenizer.pad_token != corrected.pad_token:
         raise UserError("import check failed: the written tokenizer lost the eos/pad correction")

@@ -12,9 +12,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sgsd.errors import UserError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from sgsd.tiny import ModelShape
 
 TINY_PREFIX = "tiny"
 
@@ -30,7 +36,7 @@ def _parse_tiny(spec: str) -> dict[str, int]:
     return options
 
 
-def _tiny_shape(spec: str, options: dict[str, int]) -> Any:
+def _tiny_shape(spec: str, options: dict[str, int]) -> ModelShape:
     from dataclasses import fields
 
     from sgsd.tiny import ModelShape
@@ -67,7 +73,7 @@ def resolve_model_path(model_spec: str) -> str:
     return model_spec
 
 
-def load_tokenizer(model_spec: str) -> Any:
+def load_tokenizer(model_spec: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     path = resolve_model_path(model_spec)
@@ -84,7 +90,8 @@ def load_tokenizer(model_spec: str) -> Any:
     return tokenizer
 
 
-def load_model(model_spec: str, *, dtype: str = "auto", tokenizer: Any = None, trainable_adapter: bool = False) -> Any:
+def load_model(model_spec: str, *, dtype: str = "auto", tokenizer: PreTrainedTokenizerBase | None = None,
+               trainable_adapter: bool = False) -> PreTrainedModel | PeftModel:
     """Load a causal LM. A PEFT adapter directory gives a `PeftModel` (trainable when asked). Torch's
     thread count is set for its size (`sgsd.threads.fit_to_model`)."""
     from sgsd.threads import fit_to_model
@@ -94,7 +101,8 @@ def load_model(model_spec: str, *, dtype: str = "auto", tokenizer: Any = None, t
     return model
 
 
-def _load_model(model_spec: str, *, dtype: str, tokenizer: Any, trainable_adapter: bool) -> Any:
+def _load_model(model_spec: str, *, dtype: str, tokenizer: PreTrainedTokenizerBase | None,
+                trainable_adapter: bool) -> PreTrainedModel | PeftModel:
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
 
 from sgsd.errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -106,10 +109,10 @@ class ChatStyle:
     enable_thinking: bool | None = None
 
 
-def render_chat(tokenizer: Any, user_text: str, style: ChatStyle = ChatStyle()) -> str:
+def render_chat(tokenizer: PreTrainedTokenizerBase, user_text: str, style: ChatStyle = ChatStyle()) -> str:
     """Apply the tokenizer's chat template to one user turn, with the generation prompt appended."""
     messages = [{"role": "user", "content": user_text}]
-    kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
+    kwargs: dict[str, bool] = {"tokenize": False, "add_generation_prompt": True}
     if style.enable_thinking is not None:
         kwargs["enable_thinking"] = style.enable_thinking
     if getattr(tokenizer, "chat_template", None):
@@ -117,7 +120,7 @@ def render_chat(tokenizer: Any, user_text: str, style: ChatStyle = ChatStyle()) 
     return user_text
 
 
-def special_tokens(tokenizer: Any) -> tuple[str, ...]:
+def special_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
     """The texts of the tokenizer's special tokens (its chat template's control tokens among them)."""
     found = {str(t) for t in getattr(tokenizer, "all_special_tokens", None) or ()}
     for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
@@ -126,7 +129,7 @@ def special_tokens(tokenizer: Any) -> tuple[str, ...]:
     return tuple(sorted((t for t in found if t), key=lambda t: (-len(t), t)))
 
 
-def refuse_special_tokens(tokenizer: Any, *texts: Iterable[tuple[str, str]]) -> None:
+def refuse_special_tokens(tokenizer: PreTrainedTokenizerBase, *texts: Iterable[tuple[str, str]]) -> None:
     """Raise a one-line `DataError` for the first (where, text) pair whose text holds one of the
     tokenizer's special tokens (see the module docstring); `where` names the item in the message."""
     tokens = special_tokens(tokenizer)

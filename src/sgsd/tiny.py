@@ -11,7 +11,10 @@ merges learned from a fixed corpus, so it is deterministic.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
@@ -42,7 +45,7 @@ _BASE_CORPUS = [
 ]
 
 
-def build_tokenizer(extra_corpus: Iterable[str] = (), vocab_size: int = 512) -> Any:
+def build_tokenizer(extra_corpus: Iterable[str] = (), vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """A byte-level BPE `PreTrainedTokenizerFast` with Qwen3-like special tokens and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -106,7 +109,7 @@ class ModelShape:
 
 
 def tiny_qwen3_config(shape: ModelShape = ModelShape(), *, max_positions: int = 2048, pad_token_id: int = 0,
-                      eos_token_id: int | None = None) -> Any:
+                      eos_token_id: int | None = None) -> Qwen3Config:
     """A `Qwen3Config` of `shape` (untied LM head, no BOS token)."""
     from transformers import Qwen3Config
 
@@ -126,8 +129,8 @@ def tiny_qwen3_config(shape: ModelShape = ModelShape(), *, max_positions: int = 
     )
 
 
-def build_tiny_model(tokenizer: Any, *, seed: int = 0, shape: ModelShape = ModelShape(), max_positions: int = 2048
-                     ) -> Any:
+def build_tiny_model(tokenizer: PreTrainedTokenizerBase, *, seed: int = 0, shape: ModelShape = ModelShape(),
+                     max_positions: int = 2048) -> Qwen3ForCausalLM:
     """A randomly initialised Qwen3ForCausalLM of `shape` (vocabulary: the tokenizer's), deterministic given `seed`."""
     import torch
     from transformers import Qwen3ForCausalLM

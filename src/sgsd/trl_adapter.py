@@ -32,10 +32,14 @@ import inspect
 import os
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 TRL_VERSION = "1.16.0"
 
@@ -65,7 +69,7 @@ class TRLContractError(RuntimeError):
     pass
 
 
-def _indexed_cpu_location(storage: Any, location: str) -> Any:
+def _indexed_cpu_location(storage: torch.UntypedStorage, location: str) -> torch.UntypedStorage | None:
     """torch.load deserializer for locations "cpu:N" (several CPU processes): the CPU; None otherwise."""
     if location.startswith("cpu:") and location[4:].isdigit():
         return storage
@@ -157,11 +161,12 @@ class HookedGRPOTrainer(GRPOTrainer):
         """Tensors to add to the rollout batch (leading dimension B). Default: the rewards only."""
         return {"rewards": rewards}
 
-    def method_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    def method_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 
     # -- private hooks (TRL 1.16) -------------------------------------------------------------
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+    def _calculate_rewards(self, inputs: list[dict[str, Any]], prompts: list[Any], completions: list[Any],
+                           completion_ids_list: list[list[int]]) -> torch.Tensor:
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._local_rewards = local_rewards(self, rewards_per_func, len(prompts))
         # why rewards are 0: grader failures of this generation batch, summed over ranks
@@ -171,7 +176,7 @@ class HookedGRPOTrainer(GRPOTrainer):
                 self.record_counts({f"reward/{kind}": count for kind, count in failures.items()})
         return rewards_per_func
 
-    def _generate_and_score_completions(self, inputs):
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         start = time.perf_counter()
         output = super()._generate_and_score_completions(inputs)
         generated = time.perf_counter()
@@ -181,7 +186,8 @@ class HookedGRPOTrainer(GRPOTrainer):
         self.step_timing["teacher_s"] += done - generated
         return output
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
         if not self.has_method_loss:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if return_outputs:
@@ -192,7 +198,7 @@ class HookedGRPOTrainer(GRPOTrainer):
         return loss
 
     # -- helpers for methods ------------------------------------------------------------------
-    def grpo_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+    def grpo_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """TRL's own GRPO loss of one micro-batch (`GRPOTrainer._compute_loss`), exactly as TRL's trainer
         returns it: clipped surrogate of the batch's group advantages, KL term when beta > 0, TRL's
         `loss_type` normalisation, ALREADY divided by the gradient-accumulation steps in training.
@@ -216,7 +222,8 @@ class HookedGRPOTrainer(GRPOTrainer):
         """Like `record_metrics`, for counts: summed over ranks instead of averaged."""
         self._record(values, lambda gathered: gathered.sum(dim=0))
 
-    def _record(self, values: dict[str, Any], reduce: Any) -> None:
+    def _record(self, values: dict[str, float | int | torch.Tensor],
+                reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Stack the values, gather them over ranks ([ranks, n]), `reduce` to [n], append to TRL's buffer."""
         if not values:
             return
@@ -228,7 +235,7 @@ class HookedGRPOTrainer(GRPOTrainer):
         for name, value in zip(values, reduce(gathered).tolist()):
             buffer[name].append(float(value))
 
-    def skip_nonfinite_step(self, model: Any) -> torch.Tensor:
+    def skip_nonfinite_step(self, model: torch.nn.Module) -> torch.Tensor:
         """A zero loss for a micro-step whose log-probs are NaN/inf: no parameter moves.
 
         The zero is built from the parameters themselves, not from the poisoned activations (0 * NaN
@@ -243,12 +250,12 @@ class HookedGRPOTrainer(GRPOTrainer):
         return timing
 
     @property
-    def unwrapped_model(self) -> Any:
+    def unwrapped_model(self) -> PreTrainedModel | PeftModel:
         return self.accelerator.unwrap_model(self.model)
 
 
 @contextmanager
-def adapter_disabled(model: Any) -> Iterator[None]:
+def adapter_disabled(model: PeftModel) -> Iterator[None]:
     """Base-model weights of a PEFT model (adapter off), through TRL's own helper."""
     from trl.trainer.utils import use_adapter
 

@@ -47,6 +47,10 @@ from typing import Any, Literal, Sequence
 FailureKind = Literal["no_answer", "unbalanced", "parse_error", "timeout"]
 FAILURE_KINDS: tuple[str, ...] = ("no_answer", "unbalanced", "parse_error", "timeout")
 ExtractMode = Literal["boxed", "flexible"]
+# a gold answer as data files hold it (AIME25's are ints)
+Gold = str | int | float
+# a prompt or completion as TRL passes it to reward functions: text, or a chat message list
+ChatText = str | Sequence[dict[str, str]]
 EXTRACT_MODES: tuple[str, ...] = ("boxed", "flexible")
 
 DEFAULT_TIMEOUT_S = 5.0
@@ -123,7 +127,7 @@ def _last_match(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
     return last
 
 
-def _answer_region(text: Any, after_think: bool) -> str | None:
+def _answer_region(text: object, after_think: bool) -> str | None:
     """The text an answer is looked for in: all of it, or with `after_think` what follows the last
     `</think>` (None when a `<think>` block is never closed: the model did not reach an answer)."""
     text = text if isinstance(text, str) else ("" if text is None else str(text))
@@ -175,7 +179,7 @@ def _clean_answer(answer: str) -> str:
     return answer
 
 
-def normalize_gold(gold: Any) -> str:
+def normalize_gold(gold: Gold) -> str:
     """Gold answers may be ints (AIME25), `$...$`-wrapped or boxed: reduce them to the bare answer."""
     gold_text = str(gold).strip()
     if "\\boxed" in gold_text or "\\fbox" in gold_text:
@@ -448,7 +452,7 @@ atexit.register(shutdown)
 # ---------------------------------------------------------------------------------------------- grading
 
 
-def grade(completion: str, gold: Any, *, after_think: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
+def grade(completion: str, gold: Gold, *, after_think: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
           extract: ExtractMode = "boxed") -> GradeResult:
     """Grade one completion against a gold answer; never raises on any input.
 
@@ -461,7 +465,7 @@ def grade(completion: str, gold: Any, *, after_think: bool = False, timeout_s: f
                        extract=extract)[0]
 
 
-def grade_batch(completions: Sequence[str], golds: Sequence[Any], *, workers: int | None = None,
+def grade_batch(completions: Sequence[str], golds: Sequence[Gold], *, workers: int | None = None,
                 after_think: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S,
                 extract: ExtractMode = "boxed") -> list[GradeResult]:
     """Grade completions[i] against golds[i] with up to `workers` grader processes in parallel.
@@ -518,7 +522,7 @@ def _symbolic_verdicts(tasks: list[tuple[str, str]], workers: int, timeout_s: fl
     return [known[task] for task in tasks]
 
 
-def completion_text(completion: Any) -> str:
+def completion_text(completion: object) -> str:
     """A TRL completion as text: a string, or a chat message list (the assistant contents joined)."""
     if isinstance(completion, str):
         return completion
@@ -529,7 +533,7 @@ def completion_text(completion: Any) -> str:
     return "" if completion is None else str(completion)
 
 
-def accuracy_reward(prompts: Sequence[Any], completions: Sequence[Any], answer: Sequence[Any], *,
+def accuracy_reward(prompts: Sequence[ChatText], completions: Sequence[ChatText], answer: Sequence[Gold], *,
                     extract: ExtractMode = "boxed", **kwargs: Any) -> list[float]:
     """TRL reward function: 1.0 when the completion's answer is equivalent to `answer`, else 0.0.
 
@@ -557,7 +561,7 @@ class AccuracyReward:
         self.extract = extract
         self.last_failures: dict[str, int] = dict.fromkeys(FAILURE_KINDS, 0)
 
-    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], answer: Sequence[Any],
+    def __call__(self, prompts: Sequence[ChatText], completions: Sequence[ChatText], answer: Sequence[Gold],
                  **kwargs: Any) -> list[float]:
         results = grade_batch([completion_text(c) for c in completions], list(answer), extract=self.extract)
         self.last_failures = {kind: sum(r.failure == kind for r in results) for kind in FAILURE_KINDS}

@@ -15,10 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sgsd.benchmarking.threads import SIZES, SMOLLM2
 from sgsd.errors import UserError
+
+if TYPE_CHECKING:
+    from sgsd.benchmarking.step import StepBenchConfig, StepBenchResult
 
 
 THREAD_SIZES = (*SIZES, SMOLLM2)
@@ -123,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     return int(args._bench_run(args) or 0)
 
 
-def _config(args: argparse.Namespace, *, teachers: int, vocab: int, tokens: int, naive: bool = False) -> Any:
+def _config(args: argparse.Namespace, *, teachers: int, vocab: int, tokens: int, naive: bool = False
+            ) -> StepBenchConfig:
     from sgsd.benchmarking.phases import LossSettings
     from sgsd.benchmarking.step import StepBenchConfig
     from sgsd.benchmarking.synthetic import MIN_VOCAB, BatchShape
@@ -191,7 +195,7 @@ def _compare(args: argparse.Namespace) -> int:
         raise UserError("--teachers must be >= 2 for compare (it compares K with K=1)")
     config = _config(args, teachers=args.teachers, vocab=args.vocab, tokens=args.completion_tokens)
 
-    def progress(index: int, name: str, result: Any) -> None:
+    def progress(index: int, name: str, result: StepBenchResult) -> None:
         if not args.json:
             print(f"round {index + 1}: {name}: {result.loss_phase_s:.3f} s, {result.peak_mem_mb:.1f} MB",
                   file=sys.stderr, flush=True)
@@ -238,7 +242,7 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _format_rows(results: list[Any], header: bool = True, names: list[str] | None = None) -> str:
+def _format_rows(results: list[StepBenchResult], header: bool = True, names: list[str] | None = None) -> str:
     lines = []
     if header:
         lines.append(f"{'run':<8} {'K':>3} {'T':>5} {'V':>7} {'B':>3} {'time s':>8} {'min':>7} {'max':>7} "

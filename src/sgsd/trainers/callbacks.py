@@ -7,9 +7,15 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from transformers import TrainerCallback
+
+if TYPE_CHECKING:
+    from sgsd.trl_adapter import HookedGRPOTrainer
+
+# one metrics.jsonl record: the step and the logged values (None where a value was not finite)
+Record = dict[str, float | int | None]
 
 # TRL / HF log keys -> the project's metric keys
 RENAMES = {
@@ -25,7 +31,7 @@ RENAMES = {
 }
 
 
-def _clean(value: Any) -> Any:
+def _clean(value: float) -> float | None:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -40,7 +46,7 @@ class MetricsWriter(TrainerCallback):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.records: list[dict[str, Any]] = []
+        self.records: list[Record] = []
         if self.path.exists():
             from sgsd.storage import read_jsonl
 
@@ -53,7 +59,7 @@ class MetricsWriter(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "train_runtime" in logs:
             return
-        record: dict[str, Any] = {"step": state.global_step}
+        record: Record = {"step": state.global_step}
         for key, value in logs.items():
             record[RENAMES.get(key, key)] = _clean(value)
         if "train/reward_mean" not in record and "train/reward_trl" in record:
@@ -75,7 +81,7 @@ class StepTimer(TrainerCallback):
     """time/generate_s, time/teacher_s and time/update_s (the rest of the step) of every optimizer step."""
 
     def __init__(self) -> None:
-        self.trainer: Any = None
+        self.trainer: HookedGRPOTrainer | None = None  # set by the code that builds the trainer
         self._start = 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -93,7 +99,7 @@ class EMAStep(TrainerCallback):
     """Update the EMA teacher after every optimizer step."""
 
     def __init__(self) -> None:
-        self.trainer: Any = None
+        self.trainer: HookedGRPOTrainer | None = None  # set by the code that builds the trainer
 
     def on_step_end(self, args, state, control, **kwargs):
         step = getattr(self.trainer, "ema_step", None)

@@ -8,10 +8,13 @@ researcher watches while a run goes. Keys absent for a method (GRPO has no helpf
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+if TYPE_CHECKING:
+    from transformers import Trainer
 
 # (label, log key, format) in the order shown; log keys are the trainer's (before MetricsWriter renames)
 FIELDS: tuple[tuple[str, str, str], ...] = (
@@ -26,7 +29,7 @@ PHASES: tuple[tuple[str, str], ...] = (("generate", "time/generate_s"), ("teache
                                        ("update", "time/update_s"))
 
 
-def format_step_line(step: int, max_steps: int, logs: Mapping[str, Any]) -> str:
+def format_step_line(step: int, max_steps: int, logs: Mapping[str, float]) -> str:
     """`step S/M  reward R  loss L  helpful H harmful X neutral N  support S  generate Gs teacher Ts update Us`."""
     logs = {**logs}
     if "train/reward_mean" not in logs and "reward" in logs:  # GRPO / OPSD: TRL's reward mean
@@ -43,7 +46,7 @@ def format_step_line(step: int, max_steps: int, logs: Mapping[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -72,7 +75,7 @@ class _BarOnly(ProgressCallback):
         return
 
 
-def use_step_lines(trainer: Any, progress: bool) -> None:
+def use_step_lines(trainer: Trainer, progress: bool) -> None:
     """Replace the trainer's dict printing (ProgressCallback's or PrinterCallback's) with step lines
     above the progress bar; without progress (`--quiet`, the demo, benchmarks) nothing is printed."""
     trainer.remove_callback(PrinterCallback)

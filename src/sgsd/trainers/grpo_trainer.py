@@ -12,6 +12,8 @@ TRL's own GRPO metrics (`clip_ratio/*`, `frac_reward_zero_std`, `kl` when beta >
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from sgsd.trl_adapter import HookedGRPOTrainer
@@ -27,7 +29,8 @@ def record_group_diagnostics(trainer: HookedGRPOTrainer, advantages: torch.Tenso
 class GRPOBaselineTrainer(HookedGRPOTrainer):
     has_method_loss = False
 
-    def rollout_extras(self, inputs, output, rewards):
+    def rollout_extras(self, inputs: list[dict[str, Any]], output: dict[str, Any],
+                       rewards: torch.Tensor) -> dict[str, torch.Tensor]:
         self.record_metric("train/reward_mean", rewards.float().mean())
         record_group_diagnostics(self, output["advantages"])
         return {}

@@ -63,7 +63,8 @@ class OPSDTrainer(SelfTeacher, HookedGRPOTrainer):
                 raise ValueError(f"opsd.skills is set but problem {row.get('problem_id')} has no skill block")
         return opsd_teacher_prompt(row["problem"], reference_from_answer(str(row["answer"])), guidance=guidance)
 
-    def rollout_extras(self, inputs, output, rewards):
+    def rollout_extras(self, inputs: list[dict[str, Any]], output: dict[str, Any],
+                       rewards: torch.Tensor) -> dict[str, torch.Tensor]:
         self.record_metric("train/reward_mean", rewards.float().mean())
         tokenizer = self.processing_class
         ids = [tokenizer(render_chat(tokenizer, self.teacher_text(row), self.teacher_style),
@@ -72,7 +73,7 @@ class OPSDTrainer(SelfTeacher, HookedGRPOTrainer):
         return {"opsd_teacher_prompt_ids": prompt_ids, "opsd_teacher_prompt_mask": prompt_mask}
 
     # -- loss phase -----------------------------------------------------------------------------
-    def method_loss(self, model, inputs):
+    def method_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         completion_mask = inputs["completion_mask"]
         length = int(completion_mask.sum(-1).max().clamp(min=1))  # trim the padding of this micro-batch
         completion_ids, completion_mask = inputs["completion_ids"][:, :length], completion_mask[:, :length]

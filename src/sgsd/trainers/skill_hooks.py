@@ -16,10 +16,45 @@ broadcast. Files are written by the main process only.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from sgsd.config import RunConfig
 from sgsd.distributed import broadcast_object, gather_objects, is_main_process
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerState
+
+    from sgsd.skills.bank import SkillBank
+    from sgsd.skills.llm import LLMClient
+
+
+class BankHolder(Protocol):
+    """Where the trainer's teachers come from (`sgsd.trainers.sgsd_trainer.TeacherSource`)."""
+
+    bank: SkillBank
+
+    def set_bank(self, bank: SkillBank) -> None: ...
+
+
+class ObservedTrainer(Protocol):
+    """What the observers use of `SGSDTrainer` (a Protocol: this module is imported by the trainer's)."""
+
+    state: TrainerState
+    teacher_source: BankHolder
+    processing_class: PreTrainedTokenizerBase
+
+    @property
+    def unwrapped_model(self) -> PreTrainedModel: ...
+
+    def record_metrics(self, values: dict[str, float | torch.Tensor]) -> None: ...
+
+
+class TeacherIds(Protocol):
+    """The ids of one rollout's teachers (`sgsd.trainers.sgsd_trainer.RolloutRecord`)."""
+
+    skill_ids: Sequence[str]
+    mistake_ids: Sequence[str]
 
 
 class SkillObserver(Protocol):
@@ -27,14 +62,15 @@ class SkillObserver(Protocol):
 
     name: str
 
-    def on_rollouts(self, trainer: Any, problems: list[str], completions: list[str], rewards: Any,
-                    answers: list[str] | None = None) -> None: ...
+    def on_rollouts(self, trainer: ObservedTrainer, problems: list[str], completions: list[str],
+                    rewards: torch.Tensor, answers: list[str] | None = None) -> None: ...
 
-    def on_polarity(self, trainer: Any, records: list[Any], polarity: Any, support: Any, weights: Any) -> None: ...
+    def on_polarity(self, trainer: ObservedTrainer, records: Sequence[TeacherIds], polarity: torch.Tensor,
+                    support: torch.Tensor, weights: torch.Tensor) -> None: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
-    def load_state_dict(self, state: dict[str, Any], trainer: Any = None) -> None: ...
+    def load_state_dict(self, state: dict[str, Any], trainer: ObservedTrainer | None = None) -> None: ...
 
 
 class AttributionObserver:
@@ -52,11 +88,12 @@ class AttributionObserver:
         self.run_dir = run_dir
         self.tracker = AttributionTracker()
 
-    def on_rollouts(self, trainer: Any, problems: list[str], completions: list[str], rewards: Any,
-                    answers: list[str] | None = None) -> None:
+    def on_rollouts(self, trainer: ObservedTrainer, problems: list[str], completions: list[str],
+                    rewards: torch.Tensor, answers: list[str] | None = None) -> None:
         pass
 
-    def on_polarity(self, trainer: Any, records: list[Any], polarity: Any, support: Any, weights: Any) -> None:
+    def on_polarity(self, trainer: ObservedTrainer, records: Sequence[TeacherIds], polarity: torch.Tensor,
+                    support: torch.Tensor, weights: torch.Tensor) -> None:
         local = ([r.skill_ids for r in records], [r.mistake_ids for r in records],
                  polarity.tolist(), support.tolist(), weights.tolist())
         for skill_ids, mistake_ids, rank_polarity, rank_support, rank_weights in gather_objects(local):
@@ -68,7 +105,7 @@ class AttributionObserver:
     def state_dict(self) -> dict[str, Any]:
         return self.tracker.state_dict()
 
-    def load_state_dict(self, state: dict[str, Any], trainer: Any = None) -> None:
+    def load_state_dict(self, state: dict[str, Any], trainer: ObservedTrainer | None = None) -> None:
         self.tracker.load_state_dict(state)
         if is_main_process():
             self.tracker.save(self.run_dir)
@@ -91,9 +128,9 @@ class OnlineUpdateObserver:
         self.updater = OnlineSkillUpdater(cfg.skills.online, run_dir=run_dir)
         # every rank must agree on the run id that stamps the snapshots
         self.updater.run_id = broadcast_object(self.updater.run_id)
-        self._llm: Any = None
+        self._llm: LLMClient | None = None
 
-    def _client(self, trainer: Any) -> Any:
+    def _client(self, trainer: ObservedTrainer) -> LLMClient:
         if self._llm is None:
             from sgsd.prompts import ChatStyle
             from sgsd.skills.llm import HFClient, OpenAIClient
@@ -109,8 +146,8 @@ class OnlineUpdateObserver:
                                          extra_body=extra)
         return self._llm
 
-    def on_rollouts(self, trainer: Any, problems: list[str], completions: list[str], rewards: Any,
-                    answers: list[str] | None = None) -> None:
+    def on_rollouts(self, trainer: ObservedTrainer, problems: list[str], completions: list[str],
+                    rewards: torch.Tensor, answers: list[str] | None = None) -> None:
         step = trainer.state.global_step + 1  # the optimizer step these rollouts train
         local = (list(problems), list(completions), [float(r) for r in rewards.tolist()], answers)
         for rank_problems, rank_completions, rank_rewards, rank_answers in gather_objects(local):
@@ -124,19 +161,20 @@ class OnlineUpdateObserver:
         self.updater.load_state_dict(state)
         if bank is not None:  # teachers of the next generation batch come from the updated bank
             trainer.teacher_source.set_bank(bank)
-        entry = self.updater.history[-1] if self.updater.history and self.updater.history[-1]["step"] == step else None
-        if entry is not None and entry.get("updated"):
-            trainer.record_metrics({"skills/online_memories": float(entry["memories"]),
-                                    "skills/online_parse_failures": float(entry["parse_failures"]),
-                                    "skills/online_truncated": float(entry["truncated"])})
+        check = self.updater.history[-1] if self.updater.history else None
+        if check is not None and check.step == step and check.update is not None:
+            trainer.record_metrics({"skills/online_memories": float(check.update.memories),
+                                    "skills/online_parse_failures": float(check.update.parse_failures),
+                                    "skills/online_truncated": float(check.update.truncated)})
 
-    def on_polarity(self, trainer: Any, records: list[Any], polarity: Any, support: Any, weights: Any) -> None:
+    def on_polarity(self, trainer: ObservedTrainer, records: Sequence[TeacherIds], polarity: torch.Tensor,
+                    support: torch.Tensor, weights: torch.Tensor) -> None:
         pass
 
     def state_dict(self) -> dict[str, Any]:
         return self.updater.state_dict()
 
-    def load_state_dict(self, state: dict[str, Any], trainer: Any = None) -> None:
+    def load_state_dict(self, state: dict[str, Any], trainer: ObservedTrainer | None = None) -> None:
         self.updater.load_state_dict(state)
         if trainer is not None:  # resume with the bank as it was at the checkpoint
             trainer.teacher_source.set_bank(self.updater.current_bank(trainer.teacher_source.bank))

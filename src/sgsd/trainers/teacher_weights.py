@@ -67,7 +67,7 @@ class EMAWeights:
             self.shadow[name].copy_(value.to(torch.float32))
 
 
-def is_peft(model: Any) -> bool:
+def is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
@@ -93,8 +93,8 @@ class FrozenCopy:
         return self.model
 
 
-def teacher_context_factory(kind: str, model_getter: Callable[[], Any], *, ema: EMAWeights | None = None
-                            ) -> Callable[[], ContextManager[Any]]:
+def teacher_context_factory(kind: str, model_getter: Callable[[], torch.nn.Module], *, ema: EMAWeights | None = None
+                            ) -> Callable[[], ContextManager[None]]:
     """A zero-argument factory of context managers that put the teacher weights in place.
 
     For `base` under full fine-tuning the caller scores with `FrozenCopy.model` instead (see
@@ -103,7 +103,7 @@ def teacher_context_factory(kind: str, model_getter: Callable[[], Any], *, ema: 
     if kind == "live":
         return nullcontext
     if kind == "base":
-        def base_context() -> ContextManager[Any]:
+        def base_context() -> ContextManager[None]:
             model = model_getter()
             if is_peft(model):
                 from sgsd.trl_adapter import adapter_disabled
@@ -138,7 +138,7 @@ class SelfTeacher:
         self.frozen = FrozenCopy(model) if kind == "base" and not is_peft(model) else None
         self.teacher_context = teacher_context_factory(kind, lambda: self.unwrapped_model, ema=self.ema)  # type: ignore[attr-defined]
 
-    def teacher_scoring_model(self) -> Any:
+    def teacher_scoring_model(self) -> torch.nn.Module:
         # DeepSpeed moves and casts the policy after the frozen copy was made: the copy follows it
         if self.frozen is None:
             return self.model  # type: ignore[attr-defined]
