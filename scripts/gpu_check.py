@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny"
 CUDA = ("training.device=cuda", "training.deterministic=false")
+RUN_TIMEOUT_S = 240
 
 
 def runs() -> dict[str, tuple[list[str], tuple[str, ...]]]:
@@ -97,15 +98,19 @@ def main(out: Path) -> int:
         command = [*launcher, "train", "--config", str(TINY / recipe), "--output-dir", str(run), "--quiet",
                    "--no-resume", *overrides]
         started = time.monotonic()
-        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT_S)
+            problems = [f"exit {result.returncode}: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ''}"] \
+                if result.returncode else check(run, tuple(overrides))
+            stderr = result.stderr
+        except subprocess.TimeoutExpired as err:
+            problems, stderr = [f"no exit within {RUN_TIMEOUT_S} s"], str(err.stderr or "")
         seconds = round(time.monotonic() - started, 1)
-        problems = [f"exit {result.returncode}: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ''}"] \
-            if result.returncode else check(run, tuple(overrides))
         summary["runs"][name] = {"ok": not problems, "seconds": seconds, "problems": problems,
-                                 "stderr_tail": result.stderr[-1500:] if problems else ""}
+                                 "stderr_tail": stderr[-1500:] if problems else ""}
         failed += bool(problems)
         print(f"{name}: {'ok' if not problems else 'FAILED: ' + '; '.join(problems)} ({seconds} s)", flush=True)
-    (out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")  # after each run: a cut-off keeps it
     return 1 if failed else 0
 
 
