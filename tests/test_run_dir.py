@@ -371,3 +371,27 @@ def test_train_does_not_change_the_callers_config(two_step_run, tmp_path):
     before = cfg.training.max_steps
     train(cfg, out, max_steps=2, progress=False)  # complete at 2: nothing to do
     assert cfg.training.max_steps == before != 2
+
+
+def test_deepspeed_engine_files_are_checked_before_deepspeed_unpickles_them(tmp_path):
+    """DeepSpeed loads its shards with weights_only=False: a shard naming any callable but DeepSpeed's
+    own classes is refused before it does, and nothing runs; DeepSpeed's own classes pass."""
+    import torch
+
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from sgsd.trainers.checkpoints import check_engine_state
+
+    shards = tmp_path / "checkpoint-2" / "global_step2"
+    shards.mkdir(parents=True)
+    torch.save({"zero_stage": ZeroStageEnum(2), "state": {"exp_avg": torch.zeros(3)}, "ds_version": "0.19.8"},
+               shards / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    check_engine_state(tmp_path / "checkpoint-2", 0)  # DeepSpeed's own enum: allowed
+    evidence = tmp_path / "code-ran"
+    torch.save({"optimizer_state_dict": _Payload(str(evidence))}, shards / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    check_engine_state(tmp_path / "checkpoint-2", 0)  # rank 0 reads only its own shard and the shared files
+    with pytest.raises(UserError) as err:
+        check_engine_state(tmp_path / "checkpoint-2", 1)
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt: holds io.open, which is neither a tensor" in str(err.value)
+    assert not evidence.exists()

@@ -54,6 +54,61 @@ def restore_extra_state(trainer: "Trainer", checkpoint: Path) -> None:
             observer.load_state_dict(state[observer.name], trainer)
 
 
+# classes besides tensors and plain data that DeepSpeed's own checkpoint files hold (its loss scaler, the
+# ZeRO stage enum, ...): the package's own code, allowed by name prefix when its shards are checked
+TRUSTED_PICKLE_MODULES = ("deepspeed.",)
+
+
+def check_engine_state(checkpoint: Path, rank: int) -> None:
+    """Refuse, before DeepSpeed reads them, engine files in `checkpoint` (`global_step*/*.pt`, this rank's
+    shard and the shared model states) that hold anything but tensors, plain data and DeepSpeed's own
+    classes. DeepSpeed loads its files with `weights_only=False`, so a crafted pickle there could run
+    code; a file that passes torch's restricted unpickler (with DeepSpeed's classes allowed) names no
+    other callable, so the full unpickler then builds the same objects and nothing else."""
+    import torch
+
+    for path in sorted(checkpoint.glob("global_step*/*.pt")):
+        if "zero_pp_rank_" in path.name and not path.name.startswith(f"zero_pp_rank_{rank}_"):
+            continue  # another rank's shard: that rank checks it
+        allowed: list[Any] = []
+        while True:
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                break
+            except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError, or RuntimeError for a bad file
+                name = _unsupported_global(err)
+                if name is None:
+                    raise UserError(f"{path}: unreadable ({str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__}); "
+                                    "the checkpoint is damaged") from None
+                trusted = _trusted_global(name)
+                if trusted is None or trusted in allowed:
+                    raise UserError(f"{path}: holds {name}, which is neither a tensor, plain data nor DeepSpeed's own; "
+                                    "refused unread (loading it could run code); resume only from checkpoints sgsd "
+                                    "wrote") from None
+                allowed.append(trusted)
+
+
+def _unsupported_global(err: Exception) -> str | None:
+    import re
+
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    return found.group(1) if found else None
+
+
+def _trusted_global(name: str) -> Any:
+    """The object `name` ("module.attr") names, when its module is one of TRUSTED_PICKLE_MODULES."""
+    import importlib
+
+    if not name.startswith(TRUSTED_PICKLE_MODULES):
+        return None
+    module, _, attr = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return None
+
+
 def write_extra_state(trainer: "Trainer", path: Path) -> None:
     """`sgsd_state.pt` (EMA, observers) into checkpoint `path`, atomically (main process)."""
     import torch

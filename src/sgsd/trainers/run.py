@@ -45,7 +45,7 @@ from sgsd.run_dir import (
     set_aside,
     storage_errors,
 )
-from sgsd.trainers.checkpoints import CompletionMarker, restore_extra_state, write_final_from_checkpoint
+from sgsd.trainers.checkpoints import CompletionMarker, check_engine_state, restore_extra_state, write_final_from_checkpoint
 from sgsd.trainers.preflight import check_deepspeed_config, check_problems_per_step
 
 if TYPE_CHECKING:
@@ -275,6 +275,7 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
         newer = [p for p in scan.complete if resume_from is not None and checkpoint_step(p) > checkpoint_step(resume_from)]
         set_aside(newer)
     if resume_from is not None:
+        check_engine_state(resume_from, trainer.accelerator.process_index)
         metrics.truncate_after(checkpoint_step(resume_from))
         restore_extra_state(trainer, resume_from)
     elif metrics.records:
