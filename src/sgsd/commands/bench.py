@@ -17,6 +17,7 @@ from dataclasses import asdict
 from typing import Any
 
 from sgsd.errors import UserError
+from sgsd.loss_settings import SGSDSettings
 
 
 MAX_COMPLETION_TOKENS = 5000  # 1.6 T + 1 <= 8192 positions of StepBench's model
@@ -114,7 +115,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace, *, teachers: int, vocab: int, tokens: int, naive: bool = False) -> Any:
-    from sgsd.benchmarking.phases import LossSettings
     from sgsd.benchmarking.step import StepBenchConfig
     from sgsd.benchmarking.synthetic import MIN_VOCAB, BatchShape
     from sgsd.tiny import ModelShape
@@ -141,15 +141,16 @@ def _config(args: argparse.Namespace, *, teachers: int, vocab: int, tokens: int,
         batch = BatchShape(rollouts=args.rollouts, teachers=teachers, completion_tokens=tokens, seed=args.seed)
     except ValueError as err:
         raise UserError(f"sgsd bench: {err}") from None
-    chunk = args.chunk_tokens
+    chunk = {"logprob_chunk_tokens": args.chunk_tokens}
     if args.chunk_budget_mb is not None:
-        from sgsd.lm_head import chunk_tokens_for_budget
-
         if args.chunk_budget_mb < 1:
             raise UserError(f"--chunk-budget-mb must be >= 1, got {args.chunk_budget_mb}")
-        chunk = chunk_tokens_for_budget(vocab, args.chunk_budget_mb * 2**20)
-    settings = LossSettings(confidence_threshold=args.confidence_threshold, teacher_batch_rows=args.teacher_batch_rows,
-                            chunk_tokens=chunk, skip_neutral_rows=args.skip_neutral)
+        chunk = {"logprob_chunk_tokens": 0, "logprob_chunk_mb": args.chunk_budget_mb}  # as the trainer derives it
+    settings = SGSDSettings(confidence_threshold=args.confidence_threshold, teacher_batch_size=args.teacher_batch_rows,
+                            skip_neutral_rows=args.skip_neutral, **chunk)
+    problems = settings.problems(where="sgsd bench: sgsd")
+    if problems:
+        raise UserError("; ".join(problems))
     return StepBenchConfig(model=model, batch=batch, settings=settings, naive=naive, repeats=args.repeats,
                            warmup=args.warmup, device=args.device)
 
