@@ -7,8 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from sgsd.benchmarking.phases import LossSettings, naive_loss_phase, real_loss_phase
+from sgsd.benchmarking.phases import naive_loss_phase, real_loss_phase
 from sgsd.benchmarking.synthetic import BatchShape, SyntheticBatch, build_model, make_batch
+from sgsd.loss_settings import SGSDSettings
 from sgsd.tiny import ModelShape
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SHAPE = ModelShape(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, vocab_size=64)
 # theta = 0: a random model's |support| is far below the paper's 0.05 (every teacher would be neutral,
 # the loss 0 and the gradient comparison empty).
-SETTINGS = LossSettings(confidence_threshold=0.0)
+SETTINGS = SGSDSettings(confidence_threshold=0.0, logprob_chunk_tokens=4096)
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +124,8 @@ def test_the_trainers_loss_is_the_same_function(monkeypatch):
         raise Called(model, kwargs)
 
     monkeypatch.setattr(trainer_module, "sgsd_loss_phase", stub)
-    settings = SGSDSettings(gate_tau=0.5, confidence_threshold=0.01)
-    trainer = SimpleNamespace(settings=settings, chunk_tokens=7,
-                              polarity_options={"clip_delta": 2.0, "confidence_threshold": 0.01})
+    settings = SGSDSettings(gate_tau=0.5, clip_delta=2.0, confidence_threshold=0.01)
+    trainer = SimpleNamespace(settings=settings, chunk_tokens=7)
     inputs = {name: torch.zeros(2, 3) for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask",
                                                    "sgsd_mask", "rewards", "teacher_weights", "teacher_logps")}
     with pytest.raises(Called) as called:
@@ -133,7 +133,7 @@ def test_the_trainers_loss_is_the_same_function(monkeypatch):
     model, kwargs = called.value.args
     assert model == "model" and kwargs["teacher_logps"] is inputs["teacher_logps"]
     assert kwargs["counted_mask"] is inputs["sgsd_mask"] and kwargs["active"] is None
-    assert (kwargs["gate_tau"], kwargs["clip_delta"], kwargs["chunk_tokens"]) == (0.5, 2.0, 7)
+    assert kwargs["settings"] is settings and kwargs["chunk_tokens"] == 7
 
 
 def test_synthetic_batch_is_seeded():

@@ -7,13 +7,14 @@ import torch
 
 from sgsd.benchmarking.synthetic import PAD_ID, BatchShape, build_model, make_batch
 from sgsd.loss_phase import active_rollouts, sgsd_loss_phase
+from sgsd.loss_settings import SGSDSettings
 from sgsd.scoring import completion_logprobs, left_pad, score_teachers
 from sgsd.tiny import ModelShape
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SHAPE = ModelShape(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, vocab_size=64)
-HYPER = dict(gate_tau=1.0, clip_delta=3.0, confidence_threshold=0.0, chunk_tokens=7)  # 7: several chunks
+HYPER = dict(settings=SGSDSettings(gate_tau=1.0, clip_delta=3.0, confidence_threshold=0.0), chunk_tokens=7)  # 7: several chunks
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +79,15 @@ def test_non_finite_values_give_no_output(model, tensors):
 
 
 def test_active_rollouts_decide_from_the_students_own_pass(model, tensors):
-    hyper = dict(clip_delta=3.0, chunk_tokens=7)
-    assert active_rollouts(model, **tensors, confidence_threshold=0.0, **hyper).all()  # theta 0: none neutral
-    assert not active_rollouts(model, **tensors, confidence_threshold=1e9, **hyper).any()
+    def theta(value):
+        return SGSDSettings(clip_delta=3.0, confidence_threshold=value)
+
+    assert active_rollouts(model, **tensors, settings=theta(0.0), chunk_tokens=7).all()  # theta 0: none neutral
+    assert not active_rollouts(model, **tensors, settings=theta(1e9), chunk_tokens=7).any()
     # a teacher that agrees exactly with the student is neutral: its rollouts are left out
     with torch.no_grad():
         student = completion_logprobs(model, tensors["prompt_ids"], tensors["prompt_mask"], tensors["completion_ids"],
                                       tensors["completion_mask"], chunk_tokens=7)
     agreeing = dict(tensors, teacher_logps=tensors["teacher_logps"].clone())
     agreeing["teacher_logps"][0] = student[0]
-    assert active_rollouts(model, **agreeing, confidence_threshold=1e-9, **hyper).tolist() == [False, True, True, True]
+    assert active_rollouts(model, **agreeing, settings=theta(1e-9), chunk_tokens=7).tolist() == [False, True, True, True]

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from sgsd.loss_settings import SGSDSettings
 from sgsd.objectives import (
     LN2,
     SGSD_METRIC_KEYS,
@@ -267,7 +268,8 @@ def test_no_present_teachers_gives_zeros_not_nan():
 def test_sgsd_matches_reference_loop_fp64(seed, hyper):
     p, q, mask, rewards, weights = random_batch(seed)
     tau, clip_delta, theta = hyper.get("tau", 1.0), hyper.get("clip_delta", 3.0), hyper.get("theta", 0.05)
-    out = sgsd_loss(p, q, mask, rewards, weights, gate_tau=tau, clip_delta=clip_delta, confidence_threshold=theta)
+    out = sgsd_loss(p, q, mask, rewards, weights,
+                    settings=SGSDSettings(gate_tau=tau, clip_delta=clip_delta, confidence_threshold=theta))
     ref_loss, ref_polarity, ref_metrics = reference_sgsd(
         p, q, mask, rewards, weights, tau=tau, clip_delta=clip_delta, theta=theta
     )
@@ -311,7 +313,8 @@ def test_sgsd_fp32_and_bf16_inputs():
 
 def test_teacher_polarity_matches_loss_and_has_no_grad():
     p, q, mask, rewards, weights = random_batch(3)
-    support, polarity = teacher_polarity(p, q, mask, rewards, weights, clip_delta=3.0, confidence_threshold=0.05)
+    support, polarity = teacher_polarity(p, q, mask, rewards, weights,
+                                         settings=SGSDSettings(clip_delta=3.0, confidence_threshold=0.05))
     out = sgsd_loss(p, q, mask, rewards, weights)
     assert not support.requires_grad and polarity.dtype == torch.long
     assert torch.equal(polarity, out.polarity) and torch.equal(support, out.support)
@@ -387,7 +390,7 @@ def test_threshold_is_strict(dtype):
     def polarity(d: float, theta: float) -> int:
         q = torch.tensor([[[d]]], dtype=dtype)
         _, rho = teacher_polarity(torch.zeros(1, 1, dtype=dtype), q, torch.ones(1, 1, dtype=torch.bool),
-                                  torch.ones(1), torch.ones(1, 1), confidence_threshold=theta)  # fmt: skip
+                                  torch.ones(1), torch.ones(1, 1), settings=SGSDSettings(confidence_threshold=theta))  # fmt: skip
         return int(rho)
 
     assert polarity(0.05, 0.05) == 0 and polarity(-0.05, 0.05) == 0
@@ -396,9 +399,9 @@ def test_threshold_is_strict(dtype):
     # support = mean(0.25, 0.25) = 0.25 exactly (binary fraction), theta 0.25
     q = torch.full((1, 1, 2), 0.25, dtype=dtype)
     args = (torch.zeros(1, 2, dtype=dtype), q, torch.ones(1, 2, dtype=torch.bool), torch.zeros(1), torch.ones(1, 1))
-    assert int(teacher_polarity(*args, confidence_threshold=0.25)[1]) == 0
-    assert int(teacher_polarity(*args, confidence_threshold=0.2499)[1]) == -1  # failure flips the sign
-    assert int(teacher_polarity(*args, confidence_threshold=0.0)[1]) == -1
+    assert int(teacher_polarity(*args, settings=SGSDSettings(confidence_threshold=0.25))[1]) == 0
+    assert int(teacher_polarity(*args, settings=SGSDSettings(confidence_threshold=0.2499))[1]) == -1  # failure flips the sign
+    assert int(teacher_polarity(*args, settings=SGSDSettings(confidence_threshold=0.0))[1]) == -1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,7 +458,7 @@ def test_shape_errors_name_the_argument():
     with pytest.raises(ValueError, match="token_divergence"):
         sgsd_loss(p, q, mask, torch.ones(2), torch.ones(2, 3), token_divergence=torch.zeros(2, 4))
     with pytest.raises(ValueError, match="clip_delta"):
-        sgsd_loss(p, q, mask, torch.ones(2), torch.ones(2, 3), clip_delta=0.0)
+        sgsd_loss(p, q, mask, torch.ones(2), torch.ones(2, 3), settings=SGSDSettings(clip_delta=0.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,7 +520,8 @@ def test_sgsd_local_support_mode_matches_reference():
     rewards = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=F64)
     weights = torch.tensor([[0.2, 0.3, 0.5], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.1, 0.1, 0.8]], dtype=F64)
     s_lp, t_lp, div = local_support_terms(student, teacher, sampled, top_k=3)
-    out = sgsd_loss(s_lp, t_lp, mask, rewards, weights, token_divergence=div, confidence_threshold=0.1)
+    out = sgsd_loss(s_lp, t_lp, mask, rewards, weights, token_divergence=div,
+                    settings=SGSDSettings(confidence_threshold=0.1))
     rs, rt, rd = reference_local_terms(student, teacher, sampled, 3)
     ref_loss, ref_polarity, _ = reference_sgsd(rs, rt.detach(), mask, rewards, weights, theta=0.1, divergence=rd)
     assert torch.equal(out.polarity, ref_polarity) and (ref_polarity != 0).any()

@@ -20,6 +20,7 @@ import torch
 from sgsd.config import load_config
 from sgsd.methods import load_run_config
 from sgsd.errors import ConfigError
+from sgsd.loss_settings import SGSDSettings
 from sgsd.objectives import sgsd_loss, support_z, teacher_polarity
 
 F64 = torch.float64
@@ -32,7 +33,7 @@ def _polarity(d: torch.Tensor, rewards: torch.Tensor | None = None, **options) -
     b, k, t = d.shape
     rewards = torch.ones(b, dtype=d.dtype) if rewards is None else rewards
     return teacher_polarity(torch.zeros(b, t, dtype=d.dtype), d, torch.ones(b, t, dtype=torch.bool), rewards,
-                            torch.ones(b, k, dtype=d.dtype), **options)[1]
+                            torch.ones(b, k, dtype=d.dtype), settings=SGSDSettings(**options))[1]
 
 
 def _t_level(z: float, dof: int) -> float:
@@ -99,16 +100,17 @@ def test_z_edge_cases_are_neutral_without_evidence():
     b = d.shape[0]
     rewards, weights = torch.ones(b, dtype=F64), torch.ones(b, 1, dtype=F64)
     student = torch.zeros(b, 4, dtype=F64, requires_grad=True)
-    out = sgsd_loss(student, d, mask, rewards, weights, polarity_test="z", confidence_threshold=0.0)
+    out = sgsd_loss(student, d, mask, rewards, weights, settings=SGSDSettings(polarity_test="z", confidence_threshold=0.0))
     assert out.polarity[:, 0].tolist() == [0, 0, 1, 0, 0]
     # the threshold rule (theta = 0) counts the single token of row 0
-    assert sgsd_loss(student, d, mask, rewards, weights, confidence_threshold=0.0).polarity[0, 0].item() == 1
+    assert sgsd_loss(student, d, mask, rewards, weights,
+                     settings=SGSDSettings(confidence_threshold=0.0)).polarity[0, 0].item() == 1
     # below_threshold_fraction keeps its key and counts the teachers whose test failed (4 of 5)
     assert out.metrics["below_threshold_fraction"].item() == pytest.approx(0.8)
     (grad,) = torch.autograd.grad(out.loss, student)
     assert grad[[0, 1, 3, 4]].abs().sum().item() == 0.0 and grad[2].abs().sum().item() > 0
     # an absent teacher (weight 0) stays neutral under z as under the threshold
-    absent = sgsd_loss(student, d, mask, rewards, torch.zeros(b, 1, dtype=F64), polarity_test="z")
+    absent = sgsd_loss(student, d, mask, rewards, torch.zeros(b, 1, dtype=F64), settings=SGSDSettings(polarity_test="z"))
     assert absent.polarity.abs().sum().item() == 0
 
 
@@ -120,7 +122,7 @@ def test_z_and_threshold_agree_on_the_loss_given_the_same_polarity():
     p = torch.zeros(4, 50, dtype=F64)
     args = (p, d, torch.ones(4, 50, dtype=torch.bool), torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=F64),
             torch.rand(4, 3, generator=gen, dtype=F64))
-    z, threshold = sgsd_loss(*args, polarity_test="z"), sgsd_loss(*args)
+    z, threshold = sgsd_loss(*args, settings=SGSDSettings(polarity_test="z")), sgsd_loss(*args)
     assert torch.equal(z.polarity, threshold.polarity) and z.polarity.abs().sum().item() == 12
     assert torch.equal(z.loss, threshold.loss)
     assert z.metrics.keys() == threshold.metrics.keys()
@@ -128,9 +130,9 @@ def test_z_and_threshold_agree_on_the_loss_given_the_same_polarity():
 
 def test_bad_polarity_options_are_refused():
     d = torch.zeros(1, 1, 3)
-    with pytest.raises(ValueError, match="polarity_test must be one of threshold, z"):
+    with pytest.raises(ValueError, match="sgsd.polarity_test: expected 'threshold' or 'z', got 't'"):
         _polarity(d, polarity_test="t")
-    with pytest.raises(ValueError, match="polarity_z must be > 0"):
+    with pytest.raises(ValueError, match="sgsd.polarity_z: must be > 0"):
         _polarity(d, polarity_test="z", polarity_z=0.0)
     with pytest.raises(ConfigError, match="sgsd.polarity_z: must be > 0"):
         load_run_config(ROOT / "configs/tiny/sgsd-z.yaml", ["sgsd.polarity_z=-1"])
@@ -146,12 +148,13 @@ def test_bad_polarity_options_are_refused():
 def _run_recorded(inputs, **options):
     p = inputs["p"].clone().requires_grad_()
     div = None if inputs["div"] is None else inputs["div"].clone().requires_grad_()
-    out = sgsd_loss(p, inputs["q"], inputs["mask"], inputs["rewards"], inputs["weights"],
-                    confidence_threshold=inputs["theta"], token_divergence=div, **options)
+    settings = SGSDSettings(confidence_threshold=inputs["theta"], **options)
+    out = sgsd_loss(p, inputs["q"], inputs["mask"], inputs["rewards"], inputs["weights"], settings=settings,
+                    token_divergence=div)
     grads = torch.autograd.grad(out.loss, [p] + ([div] if div is not None else []), allow_unused=True,
                                 materialize_grads=True)
     support, polarity = teacher_polarity(inputs["p"], inputs["q"], inputs["mask"], inputs["rewards"],
-                                         inputs["weights"], confidence_threshold=inputs["theta"], **options)
+                                         inputs["weights"], settings=settings)
     return dict(loss=out.loss.detach(), polarity=out.polarity, support=out.support, metrics=out.metrics,
                 grads=list(grads), tp_support=support, tp_polarity=polarity)
 
@@ -183,7 +186,7 @@ def test_trainer_uses_the_z_test_in_the_skip_decision_and_in_the_loss(tmp_path, 
         def wrapped(*args, **kwargs):
             out = function(*args, **kwargs)
             polarity = out[1] if name == "teacher_polarity" else out.polarity
-            calls[name].append(((kwargs["polarity_test"], kwargs["polarity_z"]), polarity))
+            calls[name].append(((kwargs["settings"].polarity_test, kwargs["settings"].polarity_z), polarity))
             return out
         return wrapped
 

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from sgsd.loss_settings import SGSDSettings
 from sgsd.objectives import gate, sgsd_loss
 
 SETTINGS = settings(max_examples=50, deadline=None)
@@ -50,7 +51,7 @@ def batches(draw, local: bool = False):
 def run(batch, **changes):
     args = {**batch, **changes}
     return sgsd_loss(args["p"], args["q"], args["mask"], args["rewards"], args["weights"],
-                     token_divergence=args["divergence"], **args["hyper"])  # fmt: skip
+                     token_divergence=args["divergence"], settings=SGSDSettings(**args["hyper"]))  # fmt: skip
 
 
 @SETTINGS
@@ -133,5 +134,5 @@ def test_grid_reaches_threshold_exactly(theta):
     p = torch.zeros(1, 2, dtype=torch.float64)
     q = torch.full((1, 1, 2), theta, dtype=torch.float64)
     out = sgsd_loss(p, q, torch.ones(1, 2, dtype=torch.bool), torch.ones(1, dtype=torch.float64),
-                    torch.ones(1, 1, dtype=torch.float64), confidence_threshold=theta)  # fmt: skip
+                    torch.ones(1, 1, dtype=torch.float64), settings=SGSDSettings(confidence_threshold=theta))  # fmt: skip
     assert int(out.polarity) == 0

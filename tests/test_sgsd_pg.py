@@ -108,10 +108,8 @@ def test_lambda_zero_is_trls_grpo_and_the_sgsd_part_is_sgsd_loss(tmp_path):
     def reference_sgsd():
         student = completion_logprobs(pg.model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
                                       batch["completion_mask"])
-        s = pg.settings
         return sgsd_loss(student, batch["teacher_logps"], batch["sgsd_mask"], batch["rewards"],
-                         batch["teacher_weights"], gate_tau=s.gate_tau, clip_delta=s.clip_delta,
-                         confidence_threshold=s.confidence_threshold).loss
+                         batch["teacher_weights"], settings=pg.settings).loss
 
     pg.model.zero_grad()
     pg.records.update(records)

@@ -140,7 +140,7 @@ def test_skip_neutral_decision_scores_the_student_with_the_students_weights(tmp_
             student = completion_logprobs(model, output["prompt_ids"], output["prompt_mask"],
                                           output["completion_ids"], output["completion_mask"])
         _, polarity = teacher_polarity(student, extras["teacher_logps"], extras["sgsd_mask"], rewards,
-                                       extras["teacher_weights"], confidence_threshold=threshold)
+                                       extras["teacher_weights"], settings=trainer.settings)
         return polarity.ne(0).any(dim=-1)
 
     with_student_weights = decision(trainer.model)

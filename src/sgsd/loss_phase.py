@@ -17,17 +17,8 @@ from typing import Any
 
 import torch
 
-from sgsd.loss_settings import PolarityTest
-from sgsd.objectives import (
-    CLIP_DELTA,
-    CONFIDENCE_THRESHOLD,
-    GATE_TAU,
-    POLARITY_TEST,
-    POLARITY_Z,
-    SGSDLossOutput,
-    sgsd_loss,
-    teacher_polarity,
-)
+from sgsd.loss_settings import SGSDSettings
+from sgsd.objectives import SGSDLossOutput, sgsd_loss, teacher_polarity
 from sgsd.scoring import completion_logprobs, hidden_for_completion, lm_parts, local_support_student_terms
 
 
@@ -60,21 +51,18 @@ class SGSDLossPhase:
 def active_rollouts(model: Any, *, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                     completion_ids: torch.Tensor, completion_mask: torch.Tensor, counted_mask: torch.Tensor,
                     rewards: torch.Tensor, teacher_weights: torch.Tensor, teacher_logps: torch.Tensor,
-                    chunk_tokens: int, clip_delta: float = CLIP_DELTA,
-                    confidence_threshold: float = CONFIDENCE_THRESHOLD, polarity_test: PolarityTest = POLARITY_TEST,
-                    polarity_z: float = POLARITY_Z) -> torch.Tensor:
+                    chunk_tokens: int, settings: SGSDSettings = SGSDSettings()) -> torch.Tensor:
     """[B] bool: rollouts with at least one non-neutral teacher (`skip_neutral_rows`).
 
     Decided from one gradient-free pass of the student (`model` with its own weights, on its own
-    prompts: tensors as for `sgsd_loss_phase`) and the same polarity rule and keywords as `sgsd_loss`, so
+    prompts: tensors as for `sgsd_loss_phase`) and the same polarity rule and settings as `sgsd_loss`, so
     leaving the other rollouts out of the loss phase changes no gradient while the weights stay the same.
     """
     with torch.no_grad():
         student_logps = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                                             chunk_tokens=chunk_tokens)
     _, polarity = teacher_polarity(student_logps, teacher_logps, counted_mask, rewards, teacher_weights,
-                                   clip_delta=clip_delta, confidence_threshold=confidence_threshold,
-                                   polarity_test=polarity_test, polarity_z=polarity_z)
+                                   settings=settings)
     return polarity.ne(0).any(dim=-1)
 
 
@@ -82,18 +70,16 @@ def sgsd_loss_phase(model: Any, *, prompt_ids: torch.Tensor, prompt_mask: torch.
                     completion_ids: torch.Tensor, completion_mask: torch.Tensor, counted_mask: torch.Tensor,
                     rewards: torch.Tensor, teacher_weights: torch.Tensor, teacher_logps: torch.Tensor,
                     active: torch.Tensor | None = None, teacher_top_logps: torch.Tensor | None = None,
-                    teacher_top_ids: torch.Tensor | None = None, local_support_top_k: int = 0, chunk_tokens: int,
-                    gate_tau: float = GATE_TAU, clip_delta: float = CLIP_DELTA,
-                    confidence_threshold: float = CONFIDENCE_THRESHOLD, polarity_test: PolarityTest = POLARITY_TEST,
-                    polarity_z: float = POLARITY_Z) -> SGSDLossPhase:
+                    teacher_top_ids: torch.Tensor | None = None, chunk_tokens: int,
+                    settings: SGSDSettings = SGSDSettings()) -> SGSDLossPhase:
     """The student pass and the SGSD loss of one batch; does not call backward.
 
     prompt_ids / prompt_mask [B, P] left-padded student prompts; completion_ids / completion_mask
     [B, T] right-padded; counted_mask [B, T] bool m_t; rewards [B]; teacher_weights [B, K] (<= 0:
     absent); teacher_logps [B, K, T] (detached); active [B] bool or None (every rollout); with
-    `local_support_top_k` k' > 0, teacher_top_logps / teacher_top_ids [B, K, T, k'] from
-    `score_teachers_local`. `chunk_tokens`: token rows per LM-head chunk. The hyper-parameters are
-    `sgsd_loss`'s (docs/spec.md section 4), with its defaults.
+    `settings.local_support_top_k` k' > 0, teacher_top_logps / teacher_top_ids [B, K, T, k'] from
+    `score_teachers_local`. `chunk_tokens`: token rows per LM-head chunk. `settings` are `sgsd_loss`'s
+    (docs/spec.md section 4), with its defaults.
     """
     batch = completion_ids.size(0)
     if active is not None:
@@ -107,14 +93,15 @@ def sgsd_loss_phase(model: Any, *, prompt_ids: torch.Tensor, prompt_mask: torch.
     comp_mask = completion_mask[run_rows, :length]
     teacher_logps = teacher_logps[run_rows, :, :length]
     divergence = entropy = None
-    if local_support_top_k > 0:
+    top_k = settings.local_support_top_k
+    if top_k > 0:
         if teacher_top_logps is None or teacher_top_ids is None:
             raise ValueError("sgsd_loss_phase: local_support_top_k > 0 needs teacher_top_logps and teacher_top_ids")
         hidden = hidden_for_completion(model, torch.cat([prompt_ids, comp_ids], 1),
                                        torch.cat([prompt_mask, comp_mask], 1), length)
         student_logps, teacher_logps, divergence = local_support_student_terms(
             hidden, lm_parts(model)[1], comp_ids, teacher_logps, teacher_top_logps[run_rows, :, :length],
-            teacher_top_ids[run_rows, :, :length], top_k=local_support_top_k, chunk_tokens=chunk_tokens,
+            teacher_top_ids[run_rows, :, :length], top_k=top_k, chunk_tokens=chunk_tokens,
         )
     else:
         student_logps, entropy = completion_logprobs(model, prompt_ids, prompt_mask, comp_ids, comp_mask,
@@ -124,8 +111,7 @@ def sgsd_loss_phase(model: Any, *, prompt_ids: torch.Tensor, prompt_mask: torch.
         return SGSDLossPhase(rows, run_rows, length, None, None, None, None, entropy)
     out = sgsd_loss(
         student_logps, teacher_logps, counted_mask[run_rows, :length], rewards[run_rows], teacher_weights[run_rows],
-        gate_tau=gate_tau, clip_delta=clip_delta, confidence_threshold=confidence_threshold,
-        polarity_test=polarity_test, polarity_z=polarity_z, token_divergence=divergence,
+        settings=settings, token_divergence=divergence,
     )
     loss = out.loss * (rows.numel() / batch)
     polarity = torch.zeros_like(teacher_weights, dtype=torch.long)

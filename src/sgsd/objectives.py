@@ -1,7 +1,8 @@
 """Pure loss functions: the SGSD objective (docs/spec.md section 4) and the OPSD baseline losses (docs/spec.md section 5).
 
-Every function maps tensors to tensors; hyper-parameters are keyword-only with the paper's defaults.
-Nothing here reads a config, logs, calls a model, synchronises with the host (`.item()`) or keeps
+Every function maps tensors to tensors; hyper-parameters are keyword-only with the paper's defaults (the
+SGSD loss's travel whole as one `sgsd.loss_settings.SGSDSettings`, `settings=`, whose `check()` holds
+their bounds). Nothing here reads a config file, logs, calls a model, synchronises with the host (`.item()`) or keeps
 state, so the trainer can call the functions on chunks and the tests can call them on hand-made
 tensors (the style of verl's `core_algos.py` and torchtune's `rlhf/loss/ppo.py`).
 
@@ -16,24 +17,15 @@ Metrics are detached 0-d float tensors.
 from __future__ import annotations
 
 import math
-import typing
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sgsd.loss_settings import PolarityTest, SGSDSettings
+from sgsd.loss_settings import SGSDSettings
 
 LN2 = math.log(2.0)
-# The paper's values (docs/spec.md section 4), defined once in `SGSDSettings`: the config's defaults and these
-# functions' keyword defaults cannot drift apart.
-GATE_TAU = SGSDSettings.gate_tau
-CLIP_DELTA = SGSDSettings.clip_delta
-CONFIDENCE_THRESHOLD = SGSDSettings.confidence_threshold
-POLARITY_TEST = SGSDSettings.polarity_test
-POLARITY_Z = SGSDSettings.polarity_z
-POLARITY_TESTS = typing.get_args(PolarityTest)
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -55,7 +47,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | tuple[int, 
     return total / count
 
 
-def gate(d: torch.Tensor, tau: float = GATE_TAU) -> torch.Tensor:
+def gate(d: torch.Tensor, tau: float = SGSDSettings.gate_tau) -> torch.Tensor:
     """SGSD gate l(d) = ln 2 - softplus(-d^2 / (2 tau)) (docs/spec.md section 4), elementwise.
 
     Even, l(0) = 0, increasing in |d| towards ln 2 (never reached). dl/dd = sigmoid(-d^2/2tau) * d/tau,
@@ -173,24 +165,12 @@ def _polarity(support, rewards, present, confident):
     return sign, outcome[:, None] * sign
 
 
-def _confidence(d, mask, support, *, clip_delta, confidence_threshold, polarity_test, polarity_z):
+def _confidence(d, mask, support, settings: SGSDSettings):
     """[B, K] bool: whether each teacher's sign counts. threshold: |support| > theta (strict, the paper's
     rule); z: `support_z` > polarity_z (strict; theta is not used)."""
-    if polarity_test == "z":
-        return support_z(d, mask, clip_delta) > polarity_z
-    return support.abs() > confidence_threshold
-
-
-def _check_hyper(clip_delta: float, confidence_threshold: float, polarity_test: str = POLARITY_TEST,
-                 polarity_z: float = POLARITY_Z) -> None:
-    if not clip_delta > 0:
-        raise ValueError(f"clip_delta must be > 0, got {clip_delta}")
-    if not confidence_threshold >= 0:
-        raise ValueError(f"confidence_threshold must be >= 0, got {confidence_threshold}")
-    if polarity_test not in POLARITY_TESTS:
-        raise ValueError(f"polarity_test must be one of {', '.join(POLARITY_TESTS)}, got {polarity_test!r}")
-    if not polarity_z > 0:
-        raise ValueError(f"polarity_z must be > 0, got {polarity_z}")
+    if settings.polarity_test == "z":
+        return support_z(d, mask, settings.clip_delta) > settings.polarity_z
+    return support.abs() > settings.confidence_threshold
 
 
 def teacher_polarity(
@@ -200,27 +180,24 @@ def teacher_polarity(
     rewards: torch.Tensor,
     teacher_weights: torch.Tensor,
     *,
-    clip_delta: float = CLIP_DELTA,
-    confidence_threshold: float = CONFIDENCE_THRESHOLD,
-    polarity_test: PolarityTest = POLARITY_TEST,
-    polarity_z: float = POLARITY_Z,
+    settings: SGSDSettings = SGSDSettings(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped support and polarity of each teacher (docs/spec.md section 4), without gradient.
 
     Args: student_logps [B, T] (or [B, K, T] local-support log-probs), teacher_logps [B, K, T],
     completion_mask [B, T] (m_t), rewards [B] (success iff > 0), teacher_weights [B, K] (<= 0 = absent).
-    polarity_test, polarity_z: which rule decides a sign (see `sgsd_loss`).
+    settings: C (`clip_delta`) and the polarity test (`polarity_test`, `confidence_threshold`,
+    `polarity_z`; see `sgsd_loss`), checked with `SGSDSettings.check`.
     Returns (support [B, K] float, polarity [B, K] int64 in {-1, 0, +1}), both detached. The trainer
     can call this before the student backward and skip rollouts whose polarity row is all zero.
     """
     _check_sgsd_shapes(student_logps, teacher_logps, completion_mask, rewards, teacher_weights)
-    _check_hyper(clip_delta, confidence_threshold, polarity_test, polarity_z)
+    settings.check()
     with torch.no_grad():
         mask = completion_mask.bool()
         d, _, present = _disagreement(student_logps, teacher_logps, completion_mask, teacher_weights)
-        support = _support(d, mask, clip_delta)
-        confident = _confidence(d, mask, support, clip_delta=clip_delta, confidence_threshold=confidence_threshold,
-                                polarity_test=polarity_test, polarity_z=polarity_z)
+        support = _support(d, mask, settings.clip_delta)
+        confident = _confidence(d, mask, support, settings)
         _, rho = _polarity(support, rewards, present, confident)
     return support, rho
 
@@ -232,11 +209,7 @@ def sgsd_loss(
     rewards: torch.Tensor,
     teacher_weights: torch.Tensor,
     *,
-    gate_tau: float = GATE_TAU,
-    clip_delta: float = CLIP_DELTA,
-    confidence_threshold: float = CONFIDENCE_THRESHOLD,
-    polarity_test: PolarityTest = POLARITY_TEST,
-    polarity_z: float = POLARITY_Z,
+    settings: SGSDSettings = SGSDSettings(),
     token_divergence: torch.Tensor | None = None,
 ) -> SGSDLossOutput:
     """SGSD objective (docs/spec.md section 4; Huang et al., arXiv 2605.28791).
@@ -254,12 +227,13 @@ def sgsd_loss(
         rewards: [B]; success iff > 0.
         teacher_weights: [B, K] a_k; a_k <= 0 (or NaN) marks an absent teacher (polarity 0, no loss,
             left out of the fractions; its teacher_logps are never read).
-        gate_tau, clip_delta, confidence_threshold: tau, C, theta.
-        polarity_test: "threshold" (the paper's rule): |support_k| > theta. "z": support_z > polarity_z,
-            with support_z = |mean| / (s / sqrt(n)) of the clipped d over the n counted tokens
-            (`support_z`; n < 2 is neutral), so a disagreement of m tokens keeps z ~ sqrt(m) however
-            long the completion is, where the mean shrinks as m / n; theta is then not used.
-            The metric `below_threshold_fraction` counts the teachers whose test did not pass.
+        settings: `SGSDSettings` (checked with its `check()`); read here: `gate_tau`, `clip_delta`,
+            `confidence_threshold` (tau, C, theta) and the polarity test. `polarity_test`: "threshold"
+            (the paper's rule): |support_k| > theta. "z": support_z > polarity_z, with support_z =
+            |mean| / (s / sqrt(n)) of the clipped d over the n counted tokens (`support_z`; n < 2 is
+            neutral), so a disagreement of m tokens keeps z ~ sqrt(m) however long the completion is,
+            where the mean shrinks as m / n; theta is then not used. The metric
+            `below_threshold_fraction` counts the teachers whose test did not pass.
         token_divergence: optional [B, K, T] (local-support D_kt) that replaces d inside the gate;
             gradient flows through it. With it, the loss does not depend on student_logps, which then
             only decide the polarity.
@@ -267,7 +241,7 @@ def sgsd_loss(
     zero gradient. |loss| <= ln 2 * max_b sum_k a_bk.
     """
     _check_sgsd_shapes(student_logps, teacher_logps, completion_mask, rewards, teacher_weights)
-    _check_hyper(clip_delta, confidence_threshold, polarity_test, polarity_z)
+    settings.check()
     if token_divergence is not None and tuple(token_divergence.shape) != tuple(teacher_logps.shape):
         raise ValueError(
             f"token_divergence must have the shape of teacher_logps {tuple(teacher_logps.shape)}, "
@@ -277,23 +251,22 @@ def sgsd_loss(
     d, valid, present = _disagreement(student_logps, teacher_logps, completion_mask, teacher_weights)
     dtype = d.dtype
     with torch.no_grad():
-        support = _support(d, mask, clip_delta)
-        confident = _confidence(d, mask, support, clip_delta=clip_delta, confidence_threshold=confidence_threshold,
-                                polarity_test=polarity_test, polarity_z=polarity_z)
+        support = _support(d, mask, settings.clip_delta)
+        confident = _confidence(d, mask, support, settings)
         sign, rho = _polarity(support, rewards, present, confident)
         # threshold: the expression of the paper's rule as it always was (NaN support counts as not below)
-        below = support.abs() <= confidence_threshold if polarity_test == "threshold" else ~confident
+        below = support.abs() <= settings.confidence_threshold if settings.polarity_test == "threshold" else ~confident
 
     if token_divergence is None:
         gate_input = d
     else:
         gate_input = torch.where(valid, token_divergence.to(dtype), d.new_zeros(()))
-    rows = masked_mean(gate(gate_input, gate_tau), mask[:, None, :], dim=-1)  # [B, K]
+    rows = masked_mean(gate(gate_input, settings.gate_tau), mask[:, None, :], dim=-1)  # [B, K]
     coefficient = (teacher_weights.detach().to(dtype) * rho.to(dtype)).masked_fill(~present, 0.0)
     loss = (coefficient * rows).sum(dim=-1).mean()
 
     with torch.no_grad():
-        metrics = _sgsd_metrics(d, valid, mask, present, support, rows, sign, rho, rewards, clip_delta, below)
+        metrics = _sgsd_metrics(d, valid, mask, present, support, rows, sign, rho, rewards, settings.clip_delta, below)
     return SGSDLossOutput(loss=loss, polarity=rho, support=support.detach(), metrics=metrics)
 
 

@@ -1,7 +1,7 @@
 """The SGSD loss phase, as the trainer runs it and as the paper's public code runs it (docs/spec.md sections 4, 9).
 
-Both functions take the same model and `SyntheticBatch`, compute the same SGSD loss (`sgsd_loss`,
-identical hyper-parameters) and leave the same gradient in the model's `.grad` (up to float summation
+Both functions take the same model, `SyntheticBatch` and `SGSDSettings` (the trainer's settings object,
+whole), compute the same SGSD loss (`sgsd_loss`) and leave the same gradient in the model's `.grad` (up to float summation
 order: `tests/test_bench_phases.py` checks it), so timing one against the other is a fair comparison.
 
 `real_loss_phase` is the project's path, the trainer's own functions: K teacher forwards without
@@ -35,23 +35,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sgsd.benchmarking.synthetic import PAD_ID, SyntheticBatch
-from sgsd.config import SGSDSettings
+from sgsd.loss_settings import SGSDSettings
 
 if TYPE_CHECKING:
     import torch
 
 
-@dataclass(frozen=True)
-class LossSettings:
-    """docs/spec.md section 4 hyper-parameters and the trainer's batching knobs, with the trainer's defaults
-    (`SGSDSettings`); `chunk_tokens` is a plain count here (the trainer may derive it from a budget)."""
+def chunk_tokens_of(settings: SGSDSettings, vocab_size: int) -> int:
+    """Token rows per LM-head chunk, derived from the settings as the trainer derives them."""
+    from sgsd.lm_head import resolve_chunk_tokens
 
-    gate_tau: float = SGSDSettings.gate_tau
-    clip_delta: float = SGSDSettings.clip_delta
-    confidence_threshold: float = SGSDSettings.confidence_threshold
-    teacher_batch_rows: int = SGSDSettings.teacher_batch_size
-    chunk_tokens: int = 4096
-    skip_neutral_rows: bool = False
+    return resolve_chunk_tokens(settings.logprob_chunk_tokens, settings.logprob_chunk_mb, vocab_size)
 
 
 @dataclass(frozen=True)
@@ -63,7 +57,7 @@ class PhaseOutput:
     active_rollouts: int
 
 
-def real_loss_phase(model: Any, batch: SyntheticBatch, settings: LossSettings = LossSettings()) -> PhaseOutput:
+def real_loss_phase(model: Any, batch: SyntheticBatch, settings: SGSDSettings = SGSDSettings()) -> PhaseOutput:
     """Teacher scoring + one student forward/backward per rollout, through the trainer's own calls; calls backward.
 
     The generation phase of `SGSDTrainer.rollout_extras` (`score_teachers`, and with `skip_neutral_rows`
@@ -71,20 +65,20 @@ def real_loss_phase(model: Any, batch: SyntheticBatch, settings: LossSettings = 
     `SGSDTrainer.method_loss` (`sgsd.loss_phase.sgsd_loss_phase`, full-vocabulary mode).
     """
     from sgsd.loss_phase import active_rollouts, sgsd_loss_phase
-    from sgsd.scoring import left_pad, score_teachers
+    from sgsd.scoring import left_pad, lm_parts, score_teachers
 
+    chunk_tokens = chunk_tokens_of(settings, lm_parts(model)[1].weight.size(0))
     logps = score_teachers(
         model, batch.teacher_prompt_ids, batch.completion_ids, batch.completion_mask, pad_id=PAD_ID,
-        batch_rows=settings.teacher_batch_rows, chunk_tokens=settings.chunk_tokens,
+        batch_rows=settings.teacher_batch_size, chunk_tokens=chunk_tokens,
     )
     prompt_ids, prompt_mask = left_pad(batch.student_prompt_ids, PAD_ID, batch.completion_ids.device)
     tensors = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=batch.completion_ids,
                    completion_mask=batch.completion_mask, counted_mask=batch.counted_mask, rewards=batch.rewards,
                    teacher_weights=batch.teacher_weights, teacher_logps=logps)
-    hyper = dict(clip_delta=settings.clip_delta, confidence_threshold=settings.confidence_threshold,
-                 chunk_tokens=settings.chunk_tokens)
+    hyper = dict(settings=settings, chunk_tokens=chunk_tokens)
     active = active_rollouts(model, **tensors, **hyper) if settings.skip_neutral_rows else None
-    phase = sgsd_loss_phase(model, **tensors, **hyper, active=active, gate_tau=settings.gate_tau)
+    phase = sgsd_loss_phase(model, **tensors, **hyper, active=active)
     if phase.loss is None:
         raise FloatingPointError("real_loss_phase: non-finite student or teacher log-probs")
     phase.loss.backward()
@@ -125,10 +119,10 @@ def _full_vocab_logps(model: Any, prompts: list[list[int]], completion_ids: Any,
     return log_probs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
 
 
-def naive_loss_phase(model: Any, batch: SyntheticBatch, settings: LossSettings = LossSettings(), *,
+def naive_loss_phase(model: Any, batch: SyntheticBatch, settings: SGSDSettings = SGSDSettings(), *,
                      public_positions: bool = False) -> PhaseOutput:
     """The public code's pattern (module docstring): B x K rows, K student passes, full-vocabulary
-    log-softmax of student and teacher rows; calls backward. `settings` batching knobs are unused."""
+    log-softmax of student and teacher rows; calls backward. The batching and chunking settings are unused."""
     import torch
 
     from sgsd.objectives import sgsd_loss
@@ -143,8 +137,7 @@ def naive_loss_phase(model: Any, batch: SyntheticBatch, settings: LossSettings =
         teacher_logps = _full_vocab_logps(model, teacher_rows, completion_ids, completion_mask, public_positions)
     out = sgsd_loss(
         student_logps.view(b, k, t), teacher_logps.view(b, k, t), batch.counted_mask, batch.rewards,
-        batch.teacher_weights, gate_tau=settings.gate_tau, clip_delta=settings.clip_delta,
-        confidence_threshold=settings.confidence_threshold,
+        batch.teacher_weights, settings=settings,
     )
     out.loss.backward()
     return PhaseOutput(out.loss.detach(), out.polarity, b)

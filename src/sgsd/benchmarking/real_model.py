@@ -24,18 +24,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from sgsd.loss_settings import SGSDSettings
 from sgsd.storage import atomic_write_json, atomic_write_jsonl, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[3]
 PAPER_BANK = ROOT / "configs/paper/qwen3_1b_skill_bank.json"
 SGSD_RECIPE = ROOT / "configs/tiny/sgsd.yaml"
 PHASES = ("eval", "polarity", "train")
-THETA = 0.05  # the paper's confidence threshold
-Z = 1.96  # the length-free test's default (two-sided 5%)
-CLIP_DELTA = 3.0
+PAPER = SGSDSettings()  # the paper's C = 3 and theta = 0.05; the z test's 1.96 (two-sided 5%)
 
 
 def run_eval(model_dir: Path, out: Path, *, data_dir: str, problems: int, max_new_tokens: int,
@@ -106,11 +106,10 @@ def run_polarity(model_dir: Path, out: Path, *, data_dir: str, rollouts: int, nu
         reward = torch.tensor([1.0 if sample["flexible_correct"] else 0.0])
         weights = torch.tensor([[t.weight for t in teachers]])
         counted = counted_mask(completion, mask, table)
-        support, polarity = teacher_polarity(student_logps, teacher_logps, counted, reward, weights,
-                                             clip_delta=CLIP_DELTA, confidence_threshold=THETA)
+        support, polarity = teacher_polarity(student_logps, teacher_logps, counted, reward, weights, settings=PAPER)
         # the length-free test: a sign counts when |mean| / standard error over the counted tokens > 1.96
         _, polarity_z = teacher_polarity(student_logps, teacher_logps, counted, reward, weights,
-                                         clip_delta=CLIP_DELTA, polarity_test="z", polarity_z=Z)
+                                         settings=replace(PAPER, polarity_test="z"))
         rows.append({"problem_id": sample["problem_id"], "success": bool(reward.item() > 0),
                      "support": support[0].tolist(), "polarity": polarity[0].tolist(),
                      "polarity_z": polarity_z[0].tolist(), "counted_tokens": int(counted.sum()),
@@ -167,7 +166,7 @@ def plot_support(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         values = [s for r in rows if r["success"] == success for s in r["support"]]
         if values:
             ax.hist(values, bins=40, alpha=0.6, label=f"{label} ({len(values)} teachers)", color=color)
-    for x in (-THETA, THETA):
+    for x in (-PAPER.confidence_threshold, PAPER.confidence_threshold):
         ax.axvline(x, color="black", linestyle="--", linewidth=0.8)
     ax.set_xlabel("teacher support (mean clipped log-ratio over counted tokens); dashed: theta = 0.05")
     ax.set_ylabel("teachers")
@@ -198,7 +197,7 @@ def run_train(model_dir: Path, out: Path, *, data_dir: str, steps: int, max_new_
     overrides = [f"model.name_or_path={model_dir}", f"data.path={data}", f"skills.bank={PAPER_BANK}",
                  f"skills.num_teachers={num_teachers}", "skills.retrieval=embedding", "model.lora.enabled=true",
                  "model.lora.r=16", "model.lora.alpha=32", f"generation.max_new_tokens={max_new_tokens}",
-                 f"generation.temperature={temperature}", f"sgsd.confidence_threshold={THETA}",
+                 f"generation.temperature={temperature}", f"sgsd.confidence_threshold={PAPER.confidence_threshold}",
                  "reward.extract=flexible",
                  "training.learning_rate=1e-4", "training.prompts_per_device=4", f"training.save_steps={steps}",
                  "training.deterministic=false"]

@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 from sgsd.benchmarking.cost import phase_flops, teacher_padding_fraction
-from sgsd.benchmarking.phases import LossSettings, naive_loss_phase, real_loss_phase
+from sgsd.benchmarking.phases import chunk_tokens_of, naive_loss_phase, real_loss_phase
 from sgsd.benchmarking.synthetic import BENCH_MODEL, BatchShape, build_model, make_batch, max_sequence_length
+from sgsd.loss_settings import SGSDSettings
 from sgsd.tiny import ModelShape
 
 # issue 7 targets (ratios measured in one run)
@@ -31,7 +32,7 @@ TARGET_MEMORY_VS_NAIVE = 0.4
 class StepBenchConfig:
     model: ModelShape = BENCH_MODEL
     batch: BatchShape = field(default_factory=BatchShape)
-    settings: LossSettings = field(default_factory=LossSettings)
+    settings: SGSDSettings = field(default_factory=SGSDSettings)
     naive: bool = False
     repeats: int = 3
     warmup: int = 1
@@ -111,7 +112,7 @@ class StepBench:
         self.model.zero_grad(set_to_none=True)
         grads = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
         flops = phase_flops(config.model, batch, naive=config.naive,
-                            teacher_batch_rows=config.settings.teacher_batch_rows, active_rollouts=out.active_rollouts,
+                            teacher_batch_rows=config.settings.teacher_batch_size, active_rollouts=out.active_rollouts,
                             skip_neutral_rows=config.settings.skip_neutral_rows and not config.naive)
         return StepBenchResult(
             path="naive" if config.naive else "real", teachers=config.batch.teachers,
@@ -122,9 +123,9 @@ class StepBench:
             mem_method=peak.method if peak else "not measured",
             peak_rss_mb=timing.rss_peak_mb, gradients_mb=grads / 2**20, estimated_gflop=flops / 1e9,
             teacher_padding_fraction=teacher_padding_fraction(
-                batch, teacher_batch_rows=config.settings.teacher_batch_rows),
+                batch, teacher_batch_rows=config.settings.teacher_batch_size),
             achieved_gflops=flops / 1e9 / timing.median_s, loss=float(out.loss), active_rollouts=out.active_rollouts,
-            chunk_tokens=config.settings.chunk_tokens,
+            chunk_tokens=chunk_tokens_of(config.settings, config.model.vocab_size),
             skip_neutral_rows=config.settings.skip_neutral_rows and not config.naive,
             device=str(self.device), threads=torch.get_num_threads(),
         )

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from sgsd.benchmarking.threads import SIZES, SMOLLM2
 from sgsd.errors import UserError
+from sgsd.loss_settings import SGSDSettings
 
 if TYPE_CHECKING:
     from sgsd.benchmarking.step import StepBenchConfig, StepBenchResult
@@ -128,7 +129,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace, *, teachers: int, vocab: int, tokens: int, naive: bool = False
             ) -> StepBenchConfig:
-    from sgsd.benchmarking.phases import LossSettings
     from sgsd.benchmarking.step import StepBenchConfig
     from sgsd.benchmarking.synthetic import MIN_VOCAB, BatchShape
     from sgsd.tiny import ModelShape
@@ -155,19 +155,20 @@ def _config(args: argparse.Namespace, *, teachers: int, vocab: int, tokens: int,
         batch = BatchShape(rollouts=args.rollouts, teachers=teachers, completion_tokens=tokens, seed=args.seed)
     except ValueError as err:
         raise UserError(f"sgsd bench: {err}") from None
-    chunk = args.chunk_tokens
+    chunk = {"logprob_chunk_tokens": args.chunk_tokens}
     if args.chunk_budget_mb is not None:
-        from sgsd.lm_head import chunk_tokens_for_budget
-
         if args.chunk_budget_mb < 1:
             raise UserError(f"--chunk-budget-mb must be >= 1, got {args.chunk_budget_mb}")
-        chunk = chunk_tokens_for_budget(vocab, args.chunk_budget_mb * 2**20)
+        chunk = {"logprob_chunk_tokens": 0, "logprob_chunk_mb": args.chunk_budget_mb}  # as the trainer derives it
     from sgsd.threads import fit_to_parameters
 
     # the thread policy for the benchmark model's size (embedding + decoder + LM head)
     fit_to_parameters(sum(model.parameter_counts()) + model.vocab_size * model.hidden_size)
-    settings = LossSettings(confidence_threshold=args.confidence_threshold, teacher_batch_rows=args.teacher_batch_rows,
-                            chunk_tokens=chunk, skip_neutral_rows=args.skip_neutral)
+    settings = SGSDSettings(confidence_threshold=args.confidence_threshold, teacher_batch_size=args.teacher_batch_rows,
+                            skip_neutral_rows=args.skip_neutral, **chunk)
+    problems = settings.problems(where="sgsd bench: sgsd")
+    if problems:
+        raise UserError("; ".join(problems))
     return StepBenchConfig(model=model, batch=batch, settings=settings, naive=naive, repeats=args.repeats,
                            warmup=args.warmup, device=args.device)
 

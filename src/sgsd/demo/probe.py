@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from sgsd.data import Problem
+from sgsd.loss_settings import SGSDSettings
 from sgsd.demo.bank import HELPFUL, IRRELEVANT, LABELS, MISLEADING, item_labels
 from sgsd.demo.evaluate import AccuracyEstimate, Rollouts, accuracy, is_correct, sample, student_text
 from sgsd.demo.warmup import demo_chat_style, hint_prompt, reference_prompt
@@ -112,10 +113,13 @@ def _fraction(values: torch.Tensor, selector: torch.Tensor) -> float:
 
 
 def polarity_table(model: Any, tokenizer: Any, problems: Sequence[Problem], bank: SkillBank, *,
-                   thetas: Sequence[float] = (0.05, 0.02, 0.01), z_values: Sequence[float] = (1.96, 1.0),
-                   clip_delta: float = 3.0, max_new_tokens: int = 64, seed: int = 0) -> PolarityReport:
+                   settings: SGSDSettings = SGSDSettings(), thetas: Sequence[float] = (0.05, 0.02, 0.01),
+                   z_values: Sequence[float] = (1.96, 1.0), max_new_tokens: int = 64, seed: int = 0) -> PolarityReport:
     """Sample one student rollout per problem, score it under each teacher kind, tabulate SGSD polarity
-    under the threshold rule at each of `thetas` and the z test at each of `z_values`."""
+    under the threshold rule at each of `thetas` and the z test at each of `z_values` (the other loss
+    settings, C among them, are `settings`)."""
+    from dataclasses import replace
+
     import torch
 
     from sgsd.objectives import teacher_polarity
@@ -142,11 +146,12 @@ def polarity_table(model: Any, tokenizer: Any, problems: Sequence[Problem], bank
     success = rewards > 0
 
     rows = []
-    support = teacher_polarity(student_logps, teacher_logps, mask, rewards, weights, clip_delta=clip_delta)[0]
-    rules = [("threshold", theta, {"confidence_threshold": theta}) for theta in thetas]
-    rules += [("z", z, {"polarity_test": "z", "polarity_z": z}) for z in z_values]
+    support = teacher_polarity(student_logps, teacher_logps, mask, rewards, weights, settings=settings)[0]
+    rules = [("threshold", theta, replace(settings, polarity_test="threshold", confidence_threshold=theta))
+             for theta in thetas]
+    rules += [("z", z, replace(settings, polarity_test="z", polarity_z=z)) for z in z_values]
     for test, theta, rule in rules:
-        rho = teacher_polarity(student_logps, teacher_logps, mask, rewards, weights, clip_delta=clip_delta, **rule)[1]
+        rho = teacher_polarity(student_logps, teacher_logps, mask, rewards, weights, settings=rule)[1]
         for k, kind in enumerate(TEACHER_KINDS):
             r, s = rho[:, k], support[:, k]
             rows.append(PolarityRow(

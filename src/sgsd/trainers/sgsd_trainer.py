@@ -94,13 +94,6 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
         self.records: dict[int, RolloutRecord] = {}
         self._next_uid = 0
 
-    @property
-    def polarity_options(self) -> dict[str, Any]:
-        """The keyword arguments that decide a teacher's polarity, the same in the skip decision and the loss."""
-        s = self.settings
-        return {"clip_delta": s.clip_delta, "confidence_threshold": s.confidence_threshold,
-                "polarity_test": s.polarity_test, "polarity_z": s.polarity_z}
-
     # -- generation phase -----------------------------------------------------------------------
     def _teacher_prompt_ids(self, problem: str, teachers: list["Teacher"]) -> list[list[int] | None]:
         ids: list[list[int] | None] = []
@@ -147,7 +140,7 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
                 self.model, prompt_ids=output["prompt_ids"], prompt_mask=output["prompt_mask"],
                 completion_ids=completion_ids, completion_mask=completion_mask, counted_mask=mask, rewards=rewards,
                 teacher_weights=weights, teacher_logps=logps[:, :k], chunk_tokens=self.chunk_tokens,
-                **self.polarity_options)
+                settings=self.settings)
         completions = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
         for observer in self.observers:
             observer.on_rollouts(self, problems, completions, rewards, [x["answer"] for x in inputs])
@@ -167,8 +160,7 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
             counted_mask=inputs["sgsd_mask"], rewards=inputs["rewards"], teacher_weights=inputs["teacher_weights"],
             teacher_logps=inputs["teacher_logps"], active=inputs.get("sgsd_active"),
             teacher_top_logps=inputs.get("teacher_top_logps"), teacher_top_ids=inputs.get("teacher_top_ids"),
-            local_support_top_k=self.settings.local_support_top_k, chunk_tokens=self.chunk_tokens,
-            gate_tau=self.settings.gate_tau, **self.polarity_options,
+            chunk_tokens=self.chunk_tokens, settings=self.settings,
         )
         if phase.output is None:
             # same keys as a normal step (all ranks gather the same list), NaN where undefined
