@@ -99,7 +99,7 @@ def replicated_difference(first: Mapping[int, Sequence[float]], second: Mapping[
         if len(first[s]) != len(second[s]):
             raise ValueError(f"replicated_difference: seed {s} has {len(first[s])} and {len(second[s])} problems; "
                              "need the same problems")
-        grid.append([x - y for x, y in zip(first[s], second[s])])
+        grid.append([float(x) - float(y) for x, y in zip(first[s], second[s])])
     if len({len(row) for row in grid}) != 1:
         raise ValueError("replicated_difference: replications were evaluated on different numbers of problems")
     per_replication = tuple((s, sum(row) / len(row)) for s, row in zip(seeds, grid))

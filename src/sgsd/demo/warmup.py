@@ -367,12 +367,15 @@ def perturb_ulp(model: Any, seed: int) -> None:
     import torch
 
     generator = torch.Generator().manual_seed(seed)
+    seen: set[int] = set()
     with torch.no_grad():
-        for param in model.state_dict().values():  # tied weights are one tensor: moved once
-            if param.is_floating_point():
-                up = torch.rand(param.shape, generator=generator) < 0.5
-                toward = torch.where(up, torch.tensor(math.inf), torch.tensor(-math.inf)).to(param.dtype)
-                param.copy_(torch.nextafter(param, toward))
+        for param in model.state_dict().values():
+            if not param.is_floating_point() or param.data_ptr() in seen:
+                continue  # tied weights share one tensor: moved once, not twice
+            seen.add(param.data_ptr())
+            up = torch.rand(param.shape, generator=generator) < 0.5
+            toward = torch.where(up, torch.tensor(math.inf), torch.tensor(-math.inf)).to(param.dtype)
+            param.copy_(torch.nextafter(param, toward))
 
 
 ULP_SUFFIX = "-ulp"
