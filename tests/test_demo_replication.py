@@ -167,10 +167,10 @@ def test_noise_check_runs_the_demo_from_warm_starts_one_ulp_apart(tmp_path, caps
     assert main(argv) == 0
     a = json.loads((exact / "results.json").read_text())
     b = json.loads((perturbed / "results.json").read_text())
-    assert not a["plan"]["ulp_noise"] and b["plan"]["ulp_noise"]
+    assert a["plan"]["ulp_noise"] == "" and b["plan"]["ulp_noise"] == "warm-up"
     wa, wb = a["warm_starts"][0], b["warm_starts"][0]
     assert wa["seed"] == wb["seed"] == 0 and wa["sha256"] != wb["sha256"]
-    assert wb["path"] == wa["path"] + "-ulp"
+    assert wb["path"] == wa["path"] + "-ulp-init" and not wb["from_cache"]  # warmed up again, from moved weights
     moves = json.loads((perturbed / "noise.json").read_text())
     run = moves["runs"][0]
     assert run["exact"] == a["runs"][0]["avg_at_k"] and run["perturbed"] == b["runs"][0]["avg_at_k"]

@@ -1,13 +1,15 @@
 """How far machine noise moves the demo: the same demo from warm starts one ulp apart, on one machine.
 
 Two machines that train "the same" warm start get weights that differ in their last bits (other
-kernels, other reduction orders, another thread count); training then amplifies that. This runs the
-demo twice, from the cached warm starts and from the same warm starts with one ulp of noise on every
-weight (`sgsd.demo.warmup.perturb_ulp`), everything else equal, and reports how far each run's avg@k,
-each method's mean and each paired difference moved::
+kernels, other reduction orders, another thread count), and what follows can amplify that. This runs
+the demo twice, as usual and with one ulp of noise on every weight (`sgsd.demo.warmup.perturb_ulp`),
+everything else equal, and reports how far each run's avg@k, each method's mean and each paired
+difference moved. `--at warm-up` (the default) moves the initial weights before the 650-step warm-up,
+which then amplifies it as it would a machine's differences; `--at warm-start` moves the trained warm
+start's weights, which tests whether the 30 training steps amplify last bits on their own::
 
-    python -m sgsd.demo.noise --exact runs/demo --perturbed runs/demo-ulp [--preset full|quick|smoke]
-        [--methods a,b,...] [--seeds N] [--cache-dir D]
+    python -m sgsd.demo.noise --exact runs/demo --perturbed runs/demo-ulp [--at warm-up|warm-start]
+        [--preset full|quick|smoke] [--methods a,b,...] [--seeds N] [--cache-dir D]
 
 `--exact` may be a directory an ordinary `sgsd demo` with the same settings has filled: its runs are
 reused. Written to the perturbed directory: noise.json and noise.md (also printed).
@@ -83,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", default=None)
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--at", choices=("warm-up", "warm-start"), default="warm-up",
+                        help="where the ulp goes: the initial weights, before the warm-up (default), or the "
+                             "trained warm start")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if Path(args.exact).resolve() == Path(args.perturbed).resolve():
@@ -92,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods = parse_methods(args.methods) if args.methods else None
         plan = make_plan(preset=args.preset, seeds=args.seeds, methods=methods)
         exact = run_demo(args.exact, plan=plan, cache_root=args.cache_dir, progress=not args.quiet)
-        perturbed = run_demo(args.perturbed, plan=replace(plan, ulp_noise=True), cache_root=args.cache_dir,
+        perturbed = run_demo(args.perturbed, plan=replace(plan, ulp_noise=args.at), cache_root=args.cache_dir,
                              progress=not args.quiet)
     except UserError as err:
         print(f"sgsd.demo.noise: error: {err}", file=sys.stderr)

@@ -115,9 +115,10 @@ class DemoPlan:
     # starts trained on two machines differ in their last bits, and training amplifies that, so methods
     # compared from one warm start are compared on one draw of it. None: DEMO_WARMUP's steps.
     warmup_steps: int | None = None
-    # One ulp of noise on every warm start's weights (`python -m sgsd.demo.noise`): what another machine's
-    # kernels would have left in them.
-    ulp_noise: bool = False
+    # One ulp of noise (`python -m sgsd.demo.noise`): "warm-start" on every warm start's trained weights,
+    # "warm-up" on its initial weights before the warm-up (which then amplifies it, as another machine's
+    # kernels would); "" none.
+    ulp_noise: str = ""
 
 
 QUICK = DemoPlan(preset="quick", steps=6, eval_every=3, prompts_per_step=16, grpo_generations=4,

@@ -233,6 +233,15 @@ def _per_replication(c: dict[str, Any]) -> str:
     return ", ".join(f"{r['difference']:+.3f}" for r in c["per_replication"])
 
 
+def _noise_note(ulp_noise: str) -> str:
+    if ulp_noise == "warm-start":
+        return "; every warm start carries one ulp of noise on each weight (`python -m sgsd.demo.noise`)"
+    if ulp_noise == "warm-up":
+        return ("; every warm start was warmed up from initial weights moved by one ulp (`python -m "
+                "sgsd.demo.noise --at warm-up`)")
+    return ""
+
+
 def _replication_note(c: dict[str, Any]) -> str:
     """"; the sign agreed in 2 of 3 replications (+0.010, -0.004, +0.020)", or that there was one."""
     if c["replications"] < 2:
@@ -558,7 +567,7 @@ Each seed is one replication: its own warm start (its own warm-up seed and data 
 {listed} trained with the project's trainers (`sgsd train`'s code path, training seed = the seed) for
 {plan.steps} optimizer steps each, {plan.prompts_per_step} rollouts per step (G = {plan.grpo_generations}
 completions per prompt for the group-advantage methods), learning rate {plan.learning_rate}, seeds
-{list(plan.seeds)}{"; every warm start carries one ulp of noise on each weight (`python -m sgsd.demo.noise`)" if plan.ulp_noise else ""}:
+{list(plan.seeds)}{_noise_note(plan.ulp_noise)}:
 
 {described}
 

@@ -150,6 +150,8 @@ def plan_record(plan: DemoPlan) -> dict[str, Any]:
     from sgsd.demo.presets import warmup_config
 
     choices = {"seeds", "methods", "tune_lr", "lr_grid", "tuning_seed"}
+    if not plan.ulp_noise:
+        choices.add("ulp_noise")  # off: the record of every ordinary demo
     return {"plan": {k: v for k, v in asdict(plan).items() if k not in choices},
             "warm_start": warmup_config(0, plan.warmup_steps).digest(), "warm_start_per_seed": True}
 
@@ -223,7 +225,8 @@ def split_validation(train: Sequence[Problem], size: int) -> tuple[list[Problem]
 def prepare_warm_start(seed: int, plan: DemoPlan, *, cache_root: str | Path | None, progress: bool,
                        bar: Any = None) -> WarmStart:
     """Replication `seed`'s warm start (`sgsd.demo.presets.warmup_config`): cached, or trained now with a
-    progress bar; with `plan.ulp_noise`, its one-ulp perturbation (`sgsd.demo.warmup.perturbed_warm_start`)."""
+    progress bar; with `plan.ulp_noise`, perturbed by one ulp: after the warm-up ("warm-start",
+    `sgsd.demo.warmup.perturbed_warm_start`) or before it ("warm-up", cached as `<digest>-ulp-init`)."""
     from tqdm.auto import tqdm
 
     from sgsd.demo.presets import warmup_config
@@ -240,9 +243,12 @@ def prepare_warm_start(seed: int, plan: DemoPlan, *, cache_root: str | Path | No
         if step % 10 == 0:
             warmup_bar.set_postfix_str(f"loss {loss:.3f}")
 
-    warm = warm_start(config, cache_root=cache_root, progress=warmup_progress)
+    if plan.ulp_noise not in ("", "warm-start", "warm-up"):
+        raise ValueError(f"DemoPlan.ulp_noise={plan.ulp_noise!r}: expected '', 'warm-start' or 'warm-up'")
+    warm = warm_start(config, cache_root=cache_root, progress=warmup_progress,
+                      initial_ulp_noise=plan.ulp_noise == "warm-up")
     warmup_bar.close()
-    if plan.ulp_noise:
+    if plan.ulp_noise == "warm-start":
         warm = perturbed_warm_start(warm)
     warm.model.eval()
     if bar is not None:

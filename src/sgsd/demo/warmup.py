@@ -403,14 +403,17 @@ def perturbed_warm_start(start: WarmStart) -> WarmStart:
 
 
 def warm_start(config: WarmupConfig, *, cache_root: str | Path | None = None,
-               progress: Callable[[int, float], None] | None = None) -> WarmStart:
+               progress: Callable[[int, float], None] | None = None, initial_ulp_noise: bool = False) -> WarmStart:
     """The warm-start model for `config`: loaded from the cache, or trained and cached.
 
     The checkpoint lives in `<cache_root>/<config.digest()>/` (model, tokenizer, warmup.json); it is a
-    normal Hugging Face model directory, so trainers can start from its path.
+    normal Hugging Face model directory, so trainers can start from its path. `initial_ulp_noise`: the
+    initial weights move by one ulp (`perturb_ulp`) before the warm-up, which then amplifies that as it
+    would another machine's last-bit differences (`python -m sgsd.demo.noise`); cached as
+    `<digest>-ulp-init/`.
     """
     path = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
-    path = path / config.digest()
+    path = path / (config.digest() + ("-ulp-init" if initial_ulp_noise else ""))
     if (path / "warmup.json").exists():
         return _load(path, config)
     try:  # before minutes of training, not after
@@ -422,6 +425,8 @@ def warm_start(config: WarmupConfig, *, cache_root: str | Path | None = None,
         raise UserError(f"warm-start cache {path.parent}: not a writable directory ({err.strerror or err}); "
                         "pass another --cache-dir or set SGSD_CACHE_DIR") from None
     model, tokenizer, world, bank = build_untrained(config)
+    if initial_ulp_noise:
+        perturb_ulp(model, config.seed)
     report = run_warmup(model, tokenizer, world, bank, config, progress=progress)
     _save(model, tokenizer, config, report, path)
     return WarmStart(model, tokenizer, world, config, path, from_cache=False, report=report)
