@@ -12,7 +12,9 @@ Warm-up on an idle 2-core machine (torch 2.13 CPU, 2 threads): 78 s in the lates
   misleading ones 47% / 45% (harmful on every success), irrelevant ones 48% neutral.
 An earlier warm start under the same cache key (other weights: greedy 0.70) gave no hint 0.30, helpful
 0.44, misleading 0.03. The same settings with a 100-problem test split gave a stronger start (no hint
-0.52, helpful 0.62, misleading 0.16): the outcome is sensitive to the data order.
+0.52, helpful 0.62, misleading 0.16): the outcome is sensitive to the data order. So is it to the
+warm-up seed: the full demo's warm starts of seeds 0, 1 and 2 have Base avg@4 0.281, 0.453 and 0.216
+(200 test problems), which is why each replication has its own.
 
 Tried and rejected (same measurement, 100-problem test split): 800 steps (158 s) gave a stronger
 start (sampled 0.61) whose helpful hints changed less (+0.03); 500 steps, or 600 steps with 3/4
