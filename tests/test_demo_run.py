@@ -49,7 +49,8 @@ def test_quick_demo_writes_report_plots_and_results(tmp_path, capsys, demo_cache
     assert "report:" in capsys.readouterr().out
 
 
-# About 20 s with the warm start cached by the test above (2 minutes more when run alone).
+# The smoke preset with its own 30-step warm-ups (the tuning seed's and seed 0's): a minute or two on 2 idle
+# cores, several on a loaded machine.
 @pytest.mark.slow
 def test_demo_methods_and_learning_rate_search_end_to_end(tmp_path, capsys, demo_cache, monkeypatch):
     import yaml
