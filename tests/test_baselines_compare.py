@@ -127,3 +127,15 @@ def test_an_in_process_stage_that_fails_names_the_stage_and_its_reason(capsys, t
     message = str(err.value)
     assert message.startswith("compare: eval of base failed: ") and str(missing) in message
     assert "rerun the same `sgsd compare` command" in message and "\n" not in message
+
+
+def test_comparison_says_what_it_did_not_replicate():
+    from sgsd.commands.compare import replication_note
+
+    configs = {name: load_config(_paper(name)) for name in ("sgsd", "grpo")}
+    configs["grpo"].training.seed = 7
+    text = "\n".join(replication_note(configs))
+    assert text.startswith("not replicated: each method trained once, from Qwen/Qwen3-1.7B, with training seed 7, 42;")
+    assert "resample problems only" in text
+    assert "rerun this command with training.seed=43, then training.seed=44" in text
+    assert "independently trained starts" in text

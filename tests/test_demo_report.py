@@ -94,17 +94,19 @@ def test_comparisons_and_findings_use_paired_intervals():
 
     base = [0.0, 0.5, 1.0, 0.5] * 10
     better = [min(1.0, x + 0.25) for x in base]  # ahead on every problem that is not already solved
-    runs = [_run("grpo", s, base) for s in (0, 1)] + [_run("opsd", s, base) for s in (0, 1)] + \
-        [_run("sgsd", 0, better), _run("sgsd", 1, base)]
-    per_problem = {"base": base, "grpo": base, "opsd": base, "sgsd": [(x + y) / 2 for x, y in zip(better, base)]}
-    compared = comparisons(per_problem, runs)
+    by_seed = {"base": {0: base, 1: base}, "grpo": {0: base, 1: base}, "opsd": {0: base, 1: base},
+               "sgsd": {0: better, 1: [min(1.0, x + 0.05) for x in base]}}
+    compared = comparisons(by_seed)
     assert compared["grpo-base"]["difference"] == 0.0 and compared["grpo-base"]["ci_low"] == 0.0
     sgsd_grpo = compared["sgsd-grpo"]
-    assert sgsd_grpo["ci_low"] > 0 and sgsd_grpo["seeds_ahead"] == 1 and sgsd_grpo["seeds"] == 2
-    methods = {name: {"mean": statistics.fmean(v), "ci_low": 0.0, "ci_high": 1.0} for name, v in per_problem.items()}
+    # both replications gain (0.1875 and 0.0375 on average): ahead, and the sign agreed in both
+    assert sgsd_grpo["ci_low"] > 0 and sgsd_grpo["replications_agreeing"] == 2 and sgsd_grpo["replications"] == 2
+    methods = {name: {"mean": statistics.fmean(statistics.fmean(v) for v in seeds.values()), "ci_low": 0.0,
+                      "ci_high": 1.0} for name, seeds in by_seed.items()}
     text = "\n".join(_findings(methods, {}, compared))
-    assert "SGSD is ahead of GRPO" in text and "SGSD was higher in 1 of 2 seeds" in text
-    assert "GRPO: 0.500 [0.000, 1.000], +0.000 vs Base, paired 95% interval [+0.000, +0.000] (not separated from Base)" in text
+    assert "SGSD is ahead of GRPO" in text and "the sign agreed in 2 of 2 replications (+0.188, +0.038)" in text
+    assert ("GRPO: 0.500 [0.000, 1.000], +0.000 vs Base, paired 95% interval [+0.000, +0.000] (not separated from "
+            "Base; per replication +0.000, +0.000)") in text
 
 
 def test_findings_rank_items_by_net_polarity():

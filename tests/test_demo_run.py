@@ -1,6 +1,7 @@
 """`sgsd demo --quick` end to end, offline: report, plots and results are written and agree."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -48,7 +49,8 @@ def test_quick_demo_writes_report_plots_and_results(tmp_path, capsys, demo_cache
     assert "report:" in capsys.readouterr().out
 
 
-# About 20 s with the warm start cached by the test above (2 minutes more when run alone).
+# The smoke preset with its own 30-step warm-ups (the tuning seed's and seed 0's): a minute or two on 2 idle
+# cores, several on a loaded machine.
 @pytest.mark.slow
 def test_demo_methods_and_learning_rate_search_end_to_end(tmp_path, capsys, demo_cache, monkeypatch):
     import yaml
@@ -64,6 +66,9 @@ def test_demo_methods_and_learning_rate_search_end_to_end(tmp_path, capsys, demo
     assert list(results["methods"]) == ["base", *methods] and list(results["tuned"]) == methods
     # the search: every method on every grid point with the tuning seed, scored on validation problems
     train_ids = {json.loads(line)["id"] for line in (out / "data" / "train.jsonl").read_text().splitlines()}
+    warm_paths = {w["seed"]: w["path"] for w in results["warm_starts"]}
+    assert sorted(warm_paths) == [0, plan["tuning_seed"]] and len(set(warm_paths.values())) == 2
+    assert {w["seed"]: w["used_for"] for w in results["warm_starts"]} == {0: "evaluation", plan["tuning_seed"]: "tuning"}
     for method in methods:
         search = results["lr_search"][method]
         grid = {g["learning_rate"]: g["mean"] for g in search["grid"]}
@@ -75,6 +80,8 @@ def test_demo_methods_and_learning_rate_search_end_to_end(tmp_path, capsys, demo
             resolved = yaml.safe_load((run / "resolved_config.yaml").read_text())
             assert resolved["training"]["learning_rate"] == lr and resolved["training"]["seed"] == plan["tuning_seed"]
             assert resolved["data"]["path"] == str(out / "data" / "train.jsonl")
+            # from the tuning seed's own warm start, not an evaluation seed's
+            assert resolved["model"]["name_or_path"] == warm_paths[plan["tuning_seed"]]
         # the tuned run trains at the chosen rate (in the shared-rate run's directory when they agree)
         chosen = search["chosen"]
         name = f"{method}-seed0" if chosen == plan["learning_rate"] else f"{method}-lr{chosen:g}-seed0"
@@ -101,8 +108,9 @@ def test_demo_methods_and_learning_rate_search_end_to_end(tmp_path, capsys, demo
     assert "## Learning rates chosen on validation problems" in report and "| SGSD-z |" in report
     assert "| SGSD+PG - GRPO |" in report and "how well each separates helpful from misleading" in report
     assert "SGSD+PG" in capsys.readouterr().out
-    # The same command again trains nothing and evaluates nothing but the warm start (base and curve
-    # start point): every checkpoint's evaluation comes from evaluations.json, with the same numbers.
+    # The same command again trains nothing and evaluates nothing but the warm starts (Base of the tuning
+    # seed's and of seed 0's, and seed 0's curve start point): every checkpoint's evaluation comes from
+    # evaluations.json, with the same numbers.
     import sgsd.demo.evaluate as evaluate_module
 
     calls = []
@@ -115,9 +123,13 @@ def test_demo_methods_and_learning_rate_search_end_to_end(tmp_path, capsys, demo
     monkeypatch.setattr(evaluate_module, "accuracy", counting)
     assert main(argv) == 0
     again = json.loads((out / "results.json").read_text())
-    assert calls == [plan["eval_problems"], plan["curve_problems"]]
+    assert calls == [plan["eval_problems"], plan["eval_problems"], plan["curve_problems"]]
     for key in ("methods", "tuned", "comparisons", "tuned_comparisons", "lr_search", "polarity_rules"):
         assert again[key] == results[key], key
+    # the same warm starts, loaded from the cache this time
+    assert [(w["seed"], w["sha256"], w["base"]) for w in again["warm_starts"]] == \
+        [(w["seed"], w["sha256"], w["base"]) for w in results["warm_starts"]]
+    assert all(w["from_cache"] for w in again["warm_starts"])
 
 
 def test_demo_refuses_an_output_dir_made_with_other_settings(tmp_path, capsys):
@@ -157,3 +169,40 @@ def test_demo_unwritable_cache_is_refused_before_the_warm_up(tmp_path, capsys):
     code = main(["demo", "--quick", "--output-dir", str(tmp_path / "out"), "--cache-dir", str(blocker), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "warm-start cache" in err and "not a writable directory" in err and "\n" not in err
+
+
+# About 1 minute on 2 loaded cores (smoke preset: two 30-step warm-ups, four 2-step runs).
+@pytest.mark.slow
+def test_every_seed_is_a_replication_with_its_own_warm_start(tmp_path):
+    import yaml
+
+    out = tmp_path / "demo"
+    argv = ["demo", "--preset", "smoke", "--methods", "grpo,sgsd", "--seeds", "2", "--output-dir", str(out),
+            "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    warms = {w["seed"]: w for w in results["warm_starts"]}
+    assert sorted(warms) == [0, 1]
+    # independent warm starts: other weights, each cached under its own key
+    assert warms[0]["sha256"] != warms[1]["sha256"] and warms[0]["path"] != warms[1]["path"]
+    from sgsd.demo.warmup import weights_sha256
+
+    for seed, w in warms.items():
+        assert weights_sha256(Path(w["path"])) == w["sha256"] and 0 <= w["base"]["mean"] <= 1
+        assert json.loads((Path(w["path"]) / "warmup.json").read_text())["config"]["seed"] == seed
+    # every training run records its warm start and trained from it
+    assert len(results["runs"]) == 4
+    for run in results["runs"]:
+        assert run["warm_start"] == run["seed"] and run["warm_start_sha256"] == warms[run["seed"]]["sha256"]
+        resolved = yaml.safe_load((Path(run["run_dir"]) / "resolved_config.yaml").read_text())
+        assert resolved["model"]["name_or_path"] == warms[run["seed"]]["path"]
+    # Base is per warm start, and every paired difference is taken replication by replication
+    assert results["methods"]["base"]["per_seed"] == [warms[0]["base"]["mean"], warms[1]["base"]["mean"]]
+    means = {(r["method"], r["seed"]): r["avg_at_k"] for r in results["runs"]}
+    for key, first, second in (("sgsd-grpo", "sgsd", "grpo"), ("grpo-base", "grpo", None)):
+        c = results["comparisons"][key]
+        expected = [means[(first, s)] - (means[(second, s)] if second else warms[s]["base"]["mean"]) for s in (0, 1)]
+        assert [r["difference"] for r in c["per_replication"]] == pytest.approx(expected, abs=1e-12)
+        assert c["replications"] == 2 and c["ci_low"] <= c["difference"] <= c["ci_high"]
+    report = (out / "report.md").read_text()
+    assert f"`{warms[1]['sha256'][:16]}`" in report and "| per replication | sign agreed |" in report

@@ -166,3 +166,28 @@ def test_polarity_support_matches_a_plain_forward(warm):
     expected = d[table[completion]].sum() / max(int(table[completion].sum()), 1)
     # Same rollout, same weights, no padding: fp32 log-probs summed over < 40 tokens agree to 1e-4.
     assert float(report.support[0, k]) == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_one_ulp_perturbation_moves_every_weight_by_one_ulp_and_is_cached(warm):
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    from sgsd.demo.warmup import perturbed_warm_start, weights_sha256
+
+    noisy = perturbed_warm_start(warm)
+    assert not noisy.from_cache and noisy.path.name == f"{warm.path.name}-ulp"
+    assert weights_sha256(noisy.path) != weights_sha256(warm.path)
+    original = Qwen3ForCausalLM.from_pretrained(warm.path).state_dict()
+    moved = Qwen3ForCausalLM.from_pretrained(noisy.path).state_dict()
+    ups = total = 0
+    for name, before in original.items():
+        after = moved[name]
+        assert bool((after != before).all()), name  # every weight moved...
+        assert torch.equal(torch.nextafter(after, before), before), name  # ...by exactly one ulp
+        ups += int((after > before).sum())
+        total += before.numel()
+    # Up or down at random: tens of thousands of weights, so the share of ups is 0.5 within a few
+    # thousandths (binomial standard error < 0.005 here); 0.05 cannot fail by chance.
+    assert abs(ups / total - 0.5) < 0.05
+    again = perturbed_warm_start(warm)
+    assert again.from_cache and weights_sha256(again.path) == weights_sha256(noisy.path)

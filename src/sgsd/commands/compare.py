@@ -14,8 +14,16 @@ comparison differs only in the method; `--allow-differences` accepts the paper's
 (the "-paper-settings" recipes) and lists the differences in the table.
 
 Output: OUT/runs/<label>/ (training runs), OUT/eval/<label>/ (evaluations; `base`, `base+skill`),
-OUT/plan.json (the commands), OUT/comparison.txt (avg@k table, training cost, differences) and
-OUT/comparison.png.
+OUT/plan.json (the commands), OUT/comparison.txt (avg@k table, training cost, differences, what was
+not replicated) and OUT/comparison.png.
+
+What a comparison does not replicate: every method trains once, from one start model, with one
+training seed, and the avg@k intervals resample problems only. Run-to-run variation (the training
+seed's data order and sampling, and the start model when it is one you trained: a warm start trained
+on two machines differs in its last bits, which training amplifies; docs/demo.md measures it) is not
+in them. Replicate a finding before relying on it: rerun the same command with other
+`training.seed=S` overrides into other output directories (and, for a start model of your own, from
+starts trained independently), and count in how many replications the sign of a difference held.
 """
 
 from __future__ import annotations
@@ -196,8 +204,23 @@ def training_cost(run_dir: Path) -> tuple[int, float, float] | None:
     return steps, (sum(times) / len(times) if times else float("nan")), sum(times)
 
 
-def write_report(out: Path, stages: Sequence[Stage], differences: Sequence[str]) -> str:
-    """comparison.txt (avg@k table, training cost, differences) and comparison.png; returns the text."""
+def replication_note(configs: dict[str, Any]) -> list[str]:
+    """comparison.txt's lines on what this comparison did not replicate: its start model(s) and training
+    seed(s), and how to replicate it (the module docstring says why)."""
+    starts = sorted({str(cfg.model.name_or_path) for cfg in configs.values()})
+    seeds = sorted({cfg.training.seed for cfg in configs.values()})
+    rerun = f"training.seed={max(seeds) + 1}, then training.seed={max(seeds) + 2}"
+    return ["not replicated: each method trained once, from " + ", ".join(starts) + ", with training seed "
+            + ", ".join(str(s) for s in seeds) + "; the avg@k intervals resample problems only",
+            f"  replicate before relying on a difference: rerun this command with {rerun} (other --output-dir each)",
+            "  and, for a start model you trained yourself, from independently trained starts; count in how many",
+            "  replications the sign of the difference held"]
+
+
+def write_report(out: Path, stages: Sequence[Stage], differences: Sequence[str],
+                 configs: dict[str, Any] | None = None) -> str:
+    """comparison.txt (avg@k table, training cost, differences, and with `configs` what was not
+    replicated) and comparison.png; returns the text."""
     from sgsd.evaluation.report import format_comparison, load_run, plot_comparison
     from sgsd.storage import atomic_write_text
 
@@ -209,6 +232,8 @@ def write_report(out: Path, stages: Sequence[Stage], differences: Sequence[str])
             lines.append(f"  {stage.label}: {cost[0]} steps, {cost[1]:.2f} s/step, {cost[2]:.0f} s in total")
     lines += ["", "settings that differ outside the method sections: " + ("none (controlled)" if not differences else "")]
     lines += [f"  {line}" for line in differences]
+    if configs:
+        lines += ["", *replication_note(configs)]
     text = "\n".join(lines) + "\n"
     atomic_write_text(out / "comparison.txt", text)
     plot_comparison(runs, out / "comparison.png")
@@ -233,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_stages(args: argparse.Namespace) -> int:
     from sgsd.storage import atomic_write_json
 
-    stages, _, differences = plan(args)  # again, under the lock: which stages are done now
+    stages, configs, differences = plan(args)  # again, under the lock: which stages are done now
     train_launcher, eval_launcher = _launcher(args.launcher), _launcher(args.eval_launcher or None)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,6 +273,6 @@ def _run_stages(args: argparse.Namespace) -> int:
             continue
         print(f"sgsd compare: {stage.kind} {stage.label} -> {stage.output}", flush=True)
         run_stage(stage, train_launcher if stage.kind == "train" else eval_launcher, args.in_process)
-    print(write_report(out, stages, differences), end="")
+    print(write_report(out, stages, differences, configs), end="")
     print(f"sgsd compare: table in {out / 'comparison.txt'}, plot in {out / 'comparison.png'}")
     return 0

@@ -1,5 +1,5 @@
 """`sgsd demo [--quick | --preset P] [--methods a,b,...] [--tune-lr [--lr-grid a,b,...]] [--output-dir D] [--seeds N]`: the methods
-compared from one warm start in a small synthetic world."""
+compared in a small synthetic world, replicated over seeds, each seed with its own warm start."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-grid", help="with --tune-lr: the learning rates to try, comma-separated "
                                           "(default 3e-5,1e-4,3e-4; smoke: 1e-4,3e-4)")
     parser.add_argument("--output-dir", default="runs/demo", help="where the report, plots and runs go")
-    parser.add_argument("--seeds", type=int, help="number of seeds (default: 1 with --quick, 3 otherwise)")
+    parser.add_argument("--seeds", type=int, help="number of replications: seeds, each with its own warm start and training runs "
+                                             "(default: 1 with --quick, 3 otherwise)")
     parser.add_argument("--cache-dir", help="warm-start cache (default ~/.cache/sgsd/demo)")
     add_quiet(parser, "no progress bars")
 

@@ -2,9 +2,10 @@
 
 Run as a script (this is how the numbers in the demo's design notes were produced)::
 
-    python -m sgsd.demo.measure [--cache-dir D] [--problems 100] [--k 4] [--json out.json]
+    python -m sgsd.demo.measure [--seed S] [--cache-dir D] [--problems 100] [--k 4] [--json out.json]
 
-It warms up (or loads the cached warm start), then prints greedy and sampled accuracy on held-out
+It warms up (or loads the cached warm start of replication S, default 0: `sgsd.demo.presets.warmup_config`),
+then prints greedy and sampled accuracy on held-out
 problems, sampled accuracy with no hint / helpful / irrelevant / misleading hints and with the OPSD
 reference prompt, and the polarity table of `sgsd.demo.probe.polarity_table` on student rollouts of
 training problems.
@@ -95,10 +96,11 @@ def format_measurement(m: WarmStartMeasurement) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from sgsd.demo.presets import DEMO_WARMUP
+    from sgsd.demo.presets import warmup_config
     from sgsd.demo.warmup import warm_start
 
     parser = argparse.ArgumentParser(prog="python -m sgsd.demo.measure", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0, help="which replication's warm start (default 0)")
     parser.add_argument("--cache-dir", default=None, help="cache root (default: ~/.cache/sgsd/demo)")
     parser.add_argument("--problems", type=int, default=100)
     parser.add_argument("--k", type=int, default=4)
@@ -110,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if step % 50 == 0:
             print(f"warm-up step {step}: loss {loss:.3f}", file=sys.stderr, flush=True)
 
-    start = warm_start(DEMO_WARMUP, cache_root=args.cache_dir, progress=progress)
+    start = warm_start(warmup_config(args.seed), cache_root=args.cache_dir, progress=progress)
     result = measure(start, num_problems=args.problems, k=args.k, num_rollouts=args.rollouts)
     print(format_measurement(result))
     if args.json:

@@ -134,6 +134,14 @@ class DemoPlan:
     # prints the polarity table per threshold).
     confidence_threshold: float = 0.02
     max_new_tokens: int = 64
+    # The unit of replication is a seed with its own warm start (`sgsd.demo.presets.warmup_config`): warm
+    # starts trained on two machines differ in their last bits, and training amplifies that, so methods
+    # compared from one warm start are compared on one draw of it. None: DEMO_WARMUP's steps.
+    warmup_steps: int | None = None
+    # One ulp of noise (`python -m sgsd.demo.noise`): "warm-start" on every warm start's trained weights,
+    # "warm-up" on its initial weights before the warm-up (which then amplifies it, as another machine's
+    # kernels would); "" none.
+    ulp_noise: str = ""
 
 
 QUICK = DemoPlan(preset="quick", steps=6, eval_every=3, prompts_per_step=16, grpo_generations=4,
@@ -143,7 +151,7 @@ FULL = DemoPlan(preset="full", steps=30, eval_every=6, prompts_per_step=32, grpo
 # Checks that every part runs (tests): its numbers mean nothing.
 SMOKE = DemoPlan(preset="smoke", steps=2, eval_every=2, prompts_per_step=8, grpo_generations=4,
                  eval_problems=16, curve_problems=8, k=1, seeds=(0,), validation_problems=16,
-                 lr_grid=(1e-4, 3e-4), num_teachers=2, max_new_tokens=48)
+                 lr_grid=(1e-4, 3e-4), num_teachers=2, max_new_tokens=48, warmup_steps=30)
 PRESETS = {plan.preset: plan for plan in (FULL, QUICK, SMOKE)}
 
 
@@ -155,3 +163,5 @@ class MethodRun:
     final: AccuracyEstimate
     curve: list[tuple[int, float]] = field(default_factory=list)
     tuned: bool = False  # the learning rate --tune-lr chose (which may be the default)
+    learning_rate: float | None = None
+    warm_start: int | None = None  # the seed of the warm start it trained from (its replication)

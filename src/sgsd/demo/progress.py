@@ -60,10 +60,15 @@ class DemoEstimate:
         self.mark = now
 
     def finish(self, stage: str) -> None:
-        """`stage` needs no more units (e.g. a cached warm start: its steps never run)."""
+        """`stage` needs no more units."""
+        self.skip(stage, self.stages[stage].remaining)
+
+    def skip(self, stage: str, units: int) -> None:
+        """`units` of `stage` will not run (e.g. a cached warm start's steps); the time since the last mark
+        is charged to the stage."""
         now = self.clock()
         s = self.stages[stage]
-        s.units = s.done
+        s.units = max(s.units - max(units, 0), s.done)
         s.spent_s += now - self.mark
         self.mark = now
 
@@ -100,15 +105,22 @@ def format_duration(seconds: float) -> str:
 
 class DemoProgressBar:
     """The demo's outer bar (tqdm) with the whole demo's time left in its line. Same calls as the tqdm
-    bar it replaces (`update`, `set_postfix_str`, `close`), plus `warmup_step` and `warm_start_done`."""
+    bar it replaces (`update`, `set_postfix_str`, `close`), plus `warmup_step` and `warm_start_done`.
+    The bar's units are the `warm_starts` warm starts (each of `warmup_steps` steps when trained, none
+    when cached), then the training runs, then the report."""
 
-    def __init__(self, estimate: DemoEstimate, *, total: int, disable: bool) -> None:
+    def __init__(self, estimate: DemoEstimate, *, total: int, disable: bool, warm_starts: int = 1,
+                 warmup_steps: int | None = None) -> None:
         from tqdm.auto import tqdm
 
         self.estimate = estimate
         self.where = ""
         self.line = ""
         self.units_done = 0
+        self.warm_starts = warm_starts
+        stage = estimate.stages["warmup"]
+        self.warmup_steps = warmup_steps if warmup_steps is not None else stage.units // max(warm_starts, 1)
+        self._steps_this_warm_start = 0
         # tqdm's own rate would treat a warm start and a training run as equal units: ours replaces it
         self.bar: Any = tqdm(total=total, desc="sgsd demo", disable=disable,
                              bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]{postfix}")
@@ -124,17 +136,21 @@ class DemoProgressBar:
 
     def warmup_step(self) -> None:
         self.estimate.advance("warmup")
+        self._steps_this_warm_start += 1
         if self.estimate.stages["warmup"].done % 10 == 0:
             self._show()
 
     def warm_start_done(self) -> None:
-        self.estimate.finish("warmup")
-        self.update()
+        """One warm start is ready: the steps it did not run (all of them, when cached) are not to come."""
+        self.estimate.skip("warmup", self.warmup_steps - self._steps_this_warm_start)
+        self._steps_this_warm_start = 0
+        self.units_done += 1
+        self.bar.update()
+        self._show()
 
     def update(self) -> None:
-        """One unit of the bar: the warm start (first), a training run, the report (last)."""
-        if self.units_done > 0:
-            self.estimate.advance("report" if self.units_done == self.bar.total - 1 else "runs")
+        """One unit of the bar after the warm starts: a training run, the report (last)."""
+        self.estimate.advance("report" if self.units_done == self.bar.total - 1 else "runs")
         self.units_done += 1
         self.bar.update()
         self._show()

@@ -26,14 +26,25 @@ T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 LABEL_COLORS = {"helpful": "#2ca02c", "irrelevant": "#7f7f7f", "misleading": "#d62728"}
 
 
-def _pooled(runs: Sequence[MethodRun], method: str) -> dict[str, Any]:
-    """avg@k of one method: per-problem accuracy averaged over seeds, bootstrap over problems."""
-    from sgsd.demo.evaluate import estimate
+def pooled_estimate(by_seed: dict[int, AccuracyEstimate]) -> dict[str, Any]:
+    """avg@k over replications (seed -> its final evaluation, on the same problems): the mean over seeds and
+    problems, a 95% interval resampling both (`sgsd.demo.replication`), the per-seed values, and the
+    per-problem accuracies of each seed (`by_seed`, for paired comparisons; not written to results.json)."""
+    from sgsd.demo.replication import two_level_interval
 
-    finals = [r.final for r in runs if r.method == method]
-    per_problem = [statistics.fmean(values) for values in zip(*(f.per_problem for f in finals))]
-    pooled = estimate(per_problem, finals[0].samples_per_problem)
-    return {**pooled.to_json(), "per_problem": per_problem, "seeds": len(finals), "per_seed": [f.mean for f in finals]}
+    seeds = sorted(by_seed)
+    grid = [by_seed[s].per_problem for s in seeds]
+    low, high = two_level_interval(grid)
+    first = by_seed[seeds[0]]
+    return {"mean": statistics.fmean(by_seed[s].mean for s in seeds), "ci_low": low, "ci_high": high,
+            "num_problems": first.num_problems, "samples_per_problem": first.samples_per_problem,
+            "seeds": len(seeds), "per_seed": [by_seed[s].mean for s in seeds],
+            "by_seed": {s: by_seed[s].per_problem for s in seeds}}
+
+
+def _pooled(runs: Sequence[MethodRun], method: str) -> dict[str, Any]:
+    """`pooled_estimate` of one method's runs."""
+    return pooled_estimate({r.seed: r.final for r in runs if r.method == method})
 
 
 def step_seconds(run_dirs: Sequence[Path]) -> float | None:
@@ -159,43 +170,24 @@ def comparison_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def paired_comparison(first: str, second: str, a: Sequence[float], b: Sequence[float],
-                      first_per_seed: dict[int, float], second_per_seed: dict[int, float] | float) -> dict[str, Any]:
-    """One paired difference of per-problem accuracies `a` - `b` (same problems, same order) with its
-    bootstrap interval, and in how many of `first`'s seeds it was higher than `second` in the same seed
-    (or than one value, for Base, which is evaluated once)."""
-    from sgsd.demo.evaluate import paired_difference
+def paired_comparison(first: str, second: str, first_by_seed: dict[int, Sequence[float]],
+                      second_by_seed: dict[int, Sequence[float]]) -> dict[str, Any]:
+    """One paired difference `first` - `second` of per-problem accuracies given per replication (seed ->
+    accuracies on the same problems): `sgsd.demo.replication.replicated_difference` (difference, interval
+    over replications and problems, per-replication differences, how many replications agree in sign,
+    verdict)."""
+    from sgsd.demo.replication import replicated_difference
 
-    difference, low, high = paired_difference(a, b)
-    if isinstance(second_per_seed, dict):
-        ahead = sum(v > second_per_seed.get(s, float("inf")) for s, v in first_per_seed.items())
-    else:
-        ahead = sum(v > second_per_seed for v in first_per_seed.values())
-    return {"first": first, "second": second, "difference": difference, "ci_low": low, "ci_high": high,
-            "seeds_ahead": ahead, "seeds": len(first_per_seed)}
+    return {"first": first, "second": second, **replicated_difference(first_by_seed, second_by_seed).to_json()}
 
 
-def comparisons(methods_per_problem: dict[str, Sequence[float]], runs: Sequence[MethodRun]) -> dict[str, dict[str, Any]]:
-    """Paired differences on the same held-out problems, for the pairs of `comparison_pairs`.
-
-    difference / ci_low / ci_high: mean per-problem difference (pooled over seeds) with a paired
-    bootstrap interval over problems. seeds_ahead: in how many seeds the first method's avg@k was
-    higher (against Base, which is evaluated once, every seed is compared with that one value).
-    Keys are "<first>-<second>"; `first` and `second` name the methods.
-    """
-    per_seed: dict[str, dict[int, float]] = {}
-    for run in runs:
-        per_seed.setdefault(run.method, {})[run.seed] = run.final.mean
-    pairs = comparison_pairs([m for m in methods_per_problem if m != "base"])
-    base_mean = statistics.fmean(methods_per_problem["base"]) if "base" in methods_per_problem else None
-    out = {}
-    for first, second in pairs:
-        if first not in methods_per_problem or second not in methods_per_problem:
-            continue
-        against = base_mean if second == "base" else per_seed[second]
-        out[f"{first}-{second}"] = paired_comparison(first, second, methods_per_problem[first],
-                                                     methods_per_problem[second], per_seed.get(first, {}), against)
-    return out
+def comparisons(by_seed: dict[str, dict[int, Sequence[float]]]) -> dict[str, dict[str, Any]]:
+    """Paired differences on the same held-out problems, replication by replication (Base of a seed is
+    that seed's warm start), for the pairs of `comparison_pairs`; `by_seed[method][seed]` holds the
+    per-problem accuracies. Keys are "<first>-<second>"; `first` and `second` name the methods."""
+    pairs = comparison_pairs([m for m in by_seed if m != "base"])
+    return {f"{first}-{second}": paired_comparison(first, second, by_seed[first], by_seed[second])
+            for first, second in pairs if first in by_seed and second in by_seed}
 
 
 def mean_interval(values: Sequence[float]) -> dict[str, Any]:
@@ -227,11 +219,36 @@ def polarity_separation(run_dirs: Sequence[Path], labels: dict[str, str]) -> dic
 
 
 def _verdict(c: dict[str, Any]) -> str:
-    if c["ci_low"] > 0:
-        return "ahead"
-    if c["ci_high"] < 0:
-        return "behind"
-    return "not separated"
+    return c["verdict"]
+
+
+def _agreement(c: dict[str, Any]) -> str:
+    """"3 of 3": replications whose difference has the sign of the overall one ("-" when that is 0)."""
+    if c["difference"] == 0:
+        return "-"
+    return f"{c['replications_agreeing']} of {c['replications']}"
+
+
+def _per_replication(c: dict[str, Any]) -> str:
+    return ", ".join(f"{r['difference']:+.3f}" for r in c["per_replication"])
+
+
+def _noise_note(ulp_noise: str) -> str:
+    if ulp_noise == "warm-start":
+        return "; every warm start carries one ulp of noise on each weight (`python -m sgsd.demo.noise`)"
+    if ulp_noise == "warm-up":
+        return ("; every warm start was warmed up from initial weights moved by one ulp (`python -m "
+                "sgsd.demo.noise --at warm-up`)")
+    return ""
+
+
+def _replication_note(c: dict[str, Any]) -> str:
+    """"; the sign agreed in 2 of 3 replications (+0.010, -0.004, +0.020)", or that there was one."""
+    if c["replications"] < 2:
+        return "; one replication (one warm start): not replicated"
+    if c["difference"] == 0:
+        return f"; per replication {_per_replication(c)}"
+    return f"; the sign agreed in {_agreement(c)} replications ({_per_replication(c)})"
 
 
 def _findings(methods: dict[str, dict[str, Any]], attribution: dict[str, Any],
@@ -255,7 +272,8 @@ def _findings(methods: dict[str, dict[str, Any]], attribution: dict[str, Any],
             verdict = {"ahead": "above Base", "behind": "below Base",
                        "not separated": "not separated from Base"}[_verdict(c)]
             lines.append(f"- {label(method)}: {m['mean']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}], {delta:+.3f} vs "
-                         f"Base, paired 95% interval [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] ({verdict}).")
+                         f"Base, paired 95% interval [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] ({verdict}"
+                         f"{_replication_note(c)}).")
         else:
             verdict = "within the uncertainty of" if _overlap(m, base) else ("above" if delta > 0 else "below")
             lines.append(f"- {label(method)}: {m['mean']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}], {delta:+.3f} vs "
@@ -267,9 +285,8 @@ def _findings(methods: dict[str, dict[str, Any]], attribution: dict[str, Any],
         a, b = label(first), label(second)
         verdict = {"ahead": f"{a} is ahead of {b}", "behind": f"{a} is behind {b}",
                    "not separated": f"{a} and {b} are not separated"}[_verdict(c)]
-        seeds = f"; {a} was higher in {c['seeds_ahead']} of {c['seeds']} seeds" if c["seeds"] > 1 else ""
         lines.append(f"- {verdict}: difference {c['difference']:+.3f}, paired 95% interval "
-                     f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]{seeds}.")
+                     f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]{_replication_note(c)}.")
     if not compared:
         ranked = sorted(names, key=lambda name: -methods[name]["mean"])
         if len(ranked) >= 2:
@@ -314,37 +331,50 @@ def _fmt_interval(v: dict[str, Any]) -> str:
     return f"[{v['ci_low']:+.3f}, {v['ci_high']:+.3f}]"
 
 
-def write_report(out: Path, *, plan: DemoPlan, warm: WarmStart, base: AccuracyEstimate, runs: Sequence[MethodRun],
-                 bank_path: Path, seconds: float, lr_search: dict[str, Any] | None = None) -> dict[str, Any]:
-    """results.json, report.md and the plots. `runs` holds the shared-rate runs and, with a learning-rate
-    search (`lr_search`), the runs at each method's chosen rate (`tuned`)."""
+def warm_start_records(warms: dict[int, WarmStart], bases: dict[int, AccuracyEstimate],
+                       evaluation_seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """results.json's `warm_starts`: one entry per warm start (seed, sha256 of its weights, its Base
+    avg@k on the test problems, where it is cached, whether it was trained now, what it was used for)."""
+    from sgsd.demo.warmup import weights_sha256
+
+    return [{"seed": seed, "sha256": weights_sha256(warm.path), "base": bases[seed].to_json(),
+             "used_for": "evaluation" if seed in evaluation_seeds else "tuning", "path": str(warm.path),
+             "from_cache": warm.from_cache, "warmup_seconds": warm.report.seconds,
+             "num_parameters": warm.report.num_parameters} for seed, warm in sorted(warms.items())]
+
+
+def write_report(out: Path, *, plan: DemoPlan, warms: dict[int, WarmStart], bases: dict[int, AccuracyEstimate],
+                 runs: Sequence[MethodRun], bank_path: Path, seconds: float,
+                 lr_search: dict[str, Any] | None = None) -> dict[str, Any]:
+    """results.json, report.md and the plots. `warms` and `bases`: each replication's warm start and its
+    avg@k (Base), by seed; `runs` holds the shared-rate runs and, with a learning-rate search
+    (`lr_search`), the runs at each method's chosen rate (`tuned`)."""
     from sgsd.demo.bank import item_labels
     from sgsd.demo.plan import DEMO_METHODS, label
 
     names = [m for m in plan.methods if any(r.method == m for r in runs)]
     untuned = [r for r in runs if not r.tuned]
     tuned_runs = [r for r in runs if r.tuned]
-    methods: dict[str, dict[str, Any]] = {"base": {**base.to_json(), "seeds": 1, "per_seed": [base.mean]}}
-    per_problem: dict[str, Sequence[float]] = {"base": base.per_problem}
+    warm_starts = warm_start_records(warms, bases, plan.seeds)
+    methods: dict[str, dict[str, Any]] = {"base": pooled_estimate({s: bases[s] for s in plan.seeds})}
+    by_seed: dict[str, dict[int, Sequence[float]]] = {"base": methods["base"].pop("by_seed")}
     for method in names:
         methods[method] = _pooled(untuned, method)
         methods[method]["step_seconds_median"] = step_seconds([r.run_dir for r in untuned if r.method == method])
-        per_problem[method] = methods[method].pop("per_problem")
-    compared = comparisons(per_problem, untuned)
+        by_seed[method] = methods[method].pop("by_seed")
+    compared = comparisons(by_seed)
     tuned: dict[str, dict[str, Any]] = {}
     tuned_compared: dict[str, dict[str, Any]] = {}
     if tuned_runs:
-        tuned_problem: dict[str, Sequence[float]] = {"base": base.per_problem}
+        tuned_by_seed: dict[str, dict[int, Sequence[float]]] = {"base": by_seed["base"]}
         for method in names:
             tuned[method] = {**_pooled(tuned_runs, method), "learning_rate": (lr_search or {})[method]["chosen"]}
-            tuned_problem[method] = tuned[method].pop("per_problem")
-        tuned_compared = comparisons(tuned_problem, tuned_runs)
+            tuned_by_seed[method] = tuned[method].pop("by_seed")
+        tuned_compared = comparisons(tuned_by_seed)
         # each method at its chosen rate against itself at the shared rate
         for method in names:
             tuned_compared[f"{method}-untuned"] = paired_comparison(
-                method, f"{label(method)} at the shared rate", tuned_problem[method], per_problem[method],
-                {r.seed: r.final.mean for r in tuned_runs if r.method == method},
-                {r.seed: r.final.mean for r in untuned if r.method == method})
+                method, f"{label(method)} at the shared rate", tuned_by_seed[method], by_seed[method])
     curves = {}
     for method in names:
         steps: dict[int, list[float]] = {}
@@ -374,8 +404,11 @@ def write_report(out: Path, *, plan: DemoPlan, warm: WarmStart, base: AccuracyEs
         "lr_search": lr_search or {},
         "k": plan.k,
         "plan": {k: v for k, v in vars(plan).items()},
-        "warm_start": {"path": str(warm.path), "from_cache": warm.from_cache,
-                       "warmup_seconds": warm.report.seconds, "num_parameters": warm.report.num_parameters},
+        "warm_starts": warm_starts,
+        "runs": [{"method": r.method, "seed": r.seed, "learning_rate": r.learning_rate, "tuned": r.tuned,
+                  "warm_start": r.warm_start, "warm_start_sha256": next(w["sha256"] for w in warm_starts
+                                                                        if w["seed"] == r.warm_start),
+                  "avg_at_k": r.final.mean, "run_dir": str(r.run_dir)} for r in runs],
         "accuracy_over_steps": {m: [[s, v] for s, v in c] for m, c in curves.items()},
         "polarity_method": reference,
         "sgsd_polarity_over_steps": {m: [[s, v] for s, v in c] for m, c in fractions.items()},
@@ -411,7 +444,7 @@ def _comparison_rows(compared: dict[str, dict[str, Any]]) -> str:
 
     return "\n".join(
         f"| {name(c['first'])} - {name(c['second'])} | {c['difference']:+.3f} | [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | "
-        f"{c['seeds_ahead']} of {c['seeds']} | {_verdict(c)} |" for c in compared.values())
+        f"{_per_replication(c)} | {_agreement(c)} | {_verdict(c)} |" for c in compared.values())
 
 
 def _tuning_section(results: dict[str, Any]) -> str:
@@ -436,8 +469,8 @@ def _tuning_section(results: dict[str, Any]) -> str:
 | --- | --- | --- | --- | --- | --- |
 {_result_rows(results['tuned'], with_lr=True)}
 
-| paired difference (tuned) | difference | 95% interval | seeds ahead | verdict |
-| --- | --- | --- | --- | --- |
+| paired difference (tuned) | difference | 95% interval | per replication | sign agreed | verdict |
+| --- | --- | --- | --- | --- | --- |
 {_comparison_rows(results['tuned_comparisons'])}
 """
     edge = [label(m) for m, v in search.items() if len(grid) > 2 and v["chosen"] in (min(grid), max(grid))]
@@ -445,7 +478,8 @@ def _tuning_section(results: dict[str, Any]) -> str:
                  if edge else "")
     return f"""
 ## Learning rates chosen on validation problems (`--tune-lr`)
-Each method trained once per rate (training seed {plan['tuning_seed']}, not an evaluation seed) and was scored by
+Each method trained once per rate (training seed {plan['tuning_seed']}, not an evaluation seed, from that seed's
+own warm start, so the choice does not rest on an evaluation replication's warm start) and was scored by
 avg@{k} on {plan['validation_problems']} validation problems held out of the training split (never the test
 problems); the best rate was chosen (a tie goes to the shared rate {plan['learning_rate']:g}).
 
@@ -493,13 +527,20 @@ def _markdown(results: dict[str, Any], plan: Any) -> str:
         f"{v['net']:+.2f} |"
         for name, v in results["attribution"]["by_label"].items())
     findings = "\n".join(_findings(methods, results["attribution"], results["comparisons"]))
-    warm = results["warm_start"]
-    warmup = f"{warm['warmup_seconds']:.0f} s" + (", loaded from the cache this time" if warm["from_cache"] else "")
-    spread = "; ".join(
-        f"{label(name)} {min(m['per_seed']):.3f}-{max(m['per_seed']):.3f}" for name, m in methods.items()
-        if name != "base" and m["seeds"] > 1)
-    seed_note = (f" They resample problems only: the spread between training seeds is in the per-seed column "
-                 f"({spread})." if spread else " With one training seed, seed-to-seed variation is not measured.")
+    warms = results["warm_starts"]
+    trained = [w for w in warms if not w["from_cache"]]
+    warmup = (f"{len(trained)} trained now, {sum(w['warmup_seconds'] for w in trained):.0f} s in all" if trained
+              else "all loaded from the cache this time")
+    warm_rows = "\n".join(
+        f"| {w['seed']} | {w['used_for']} | `{w['sha256'][:16]}` | {w['base']['mean']:.3f} | "
+        f"{w['warmup_seconds']:.0f} | {'yes' if w['from_cache'] else 'no'} |" for w in warms)
+    replications = len(plan.seeds)
+    seed_note = (f" With {replications} replications, the replication level of the bootstrap resamples "
+                 f"{replications} values, so its interval cannot reach beyond their spread: read the per-replication "
+                 "column, and a verdict whose sign did not agree in every replication as fragile."
+                 if replications > 1 else
+                 " With one replication (one warm start), how far another warm start or another machine moves the "
+                 "numbers is not measured: no finding of this run is replicated.")
     names = [m for m in methods if m != "base"]
     listed = ", ".join(label(m) for m in names)
     described = "\n".join(f"- {label(m)}: {DEMO_METHODS[m].description}." for m in names)
@@ -518,14 +559,15 @@ def _markdown(results: dict[str, Any], plan: Any) -> str:
 ## What was run
 A synthetic world of single-digit sums ("What is 7 + 5 + 8 + 3 + 9?") solved as a running total, one
 line per step, with the final answer in `\\boxed{{}}`. A tiny Qwen3-architecture model
-({results['warm_start']['num_parameters']:,} parameters) was warmed up in-process ({warmup}) on synthetic
+({warms[0]['num_parameters']:,} parameters) was warmed up in-process, once per seed ({warmup}), on synthetic
 worked solutions in which carries into the tens are forgotten at a base rate without a hint, rarely
 with a helpful hint and often with a misleading one, plus off-by-one slips that no hint fixes (only the
 OPSD reference answer does); so it solves some problems, fails others, and reads hints.
-From that one warm start, {listed} trained with the project's trainers (`sgsd train`'s code
-path) for {plan.steps} optimizer steps each, {plan.prompts_per_step} rollouts per step (G = {plan.grpo_generations}
+Each seed is one replication: its own warm start (its own warm-up seed and data order), from which
+{listed} trained with the project's trainers (`sgsd train`'s code path, training seed = the seed) for
+{plan.steps} optimizer steps each, {plan.prompts_per_step} rollouts per step (G = {plan.grpo_generations}
 completions per prompt for the group-advantage methods), learning rate {plan.learning_rate}, seeds
-{list(plan.seeds)}:
+{list(plan.seeds)}{_noise_note(plan.ulp_noise)}:
 
 {described}
 
@@ -534,7 +576,11 @@ skills and mistakes (random retrieval; the labels are used only in this report),
 threshold {plan.confidence_threshold}. OPSD's teacher was the warm start given the reference answer.
 Training used the world's training split less {plan.validation_problems} validation problems.
 Evaluation: avg@{k} (temperature 1) on {plan.eval_problems} held-out problems, graded by the project's
-grader; 95% intervals by bootstrap over problems (per-problem accuracy averaged over seeds).
+grader; 95% intervals by a two-level bootstrap over replications and problems (`sgsd.demo.replication`).
+
+| warm start (seed) | used for | sha256 of its weights | Base avg@{k} | warm-up s | cached |
+| --- | --- | --- | --- | --- | --- |
+{warm_rows}
 
 ## Results (shared learning rate {plan.learning_rate:g})
 | method | avg@{k} | 95% interval | seeds | per seed | median s / step |
@@ -543,8 +589,8 @@ grader; 95% intervals by bootstrap over problems (per-problem accuracy averaged 
 
 {findings}
 
-| paired difference | difference | 95% interval | seeds ahead | verdict |
-| --- | --- | --- | --- | --- |
+| paired difference | difference | 95% interval | per replication | sign agreed | verdict |
+| --- | --- | --- | --- | --- | --- |
 {_comparison_rows(results['comparisons'])}
 
 Plots: `accuracy_over_steps.png` (held-out accuracy at each checkpoint, {plan.curve_problems} problems){polarity_plots}.
@@ -553,12 +599,13 @@ Plots: `accuracy_over_steps.png` (held-out accuracy at each checkpoint, {plan.cu
 - This is a toy world and a sub-million-parameter model trained for a few steps on a laptop. It shows
   the whole method running end to end and how teacher polarity behaves on labelled skills; it says
   nothing about AIME, HMMT or the paper's models, where `sgsd eval` on real checkpoints is the test.
-- Intervals are 95% percentile bootstraps over the {plan.eval_problems} held-out problems; differences
-  are paired (same problems), which cancels problem difficulty.{seed_note}
+- Intervals are 95% percentile bootstraps that resample replications (a seed with its own warm start)
+  and the {plan.eval_problems} held-out problems; differences are paired (same replication, same
+  problems), which cancels problem difficulty and the warm start's own level.{seed_note}
 - The ordering of the methods is a property of this world and these settings ({plan.steps} steps,
   learning rate {plan.learning_rate}, random retrieval, one (skill, mistake) pair per teacher); it is
   evidence neither for nor against the paper's results.
 - In this world the helpful hint addresses exactly the dominant mistake, which favours any method
   that learns to carry; a real skill bank is noisier, which is what SGSD's gate and polarity are for.
-- Total time: {results['seconds']:.0f} s (warm start {'from cache' if results['warm_start']['from_cache'] else 'trained now'}).
+- Total time: {results['seconds']:.0f} s (warm starts: {warmup}).
 """

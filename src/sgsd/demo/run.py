@@ -1,19 +1,22 @@
-"""`sgsd demo`: Base and GRPO, OPSD, SGSD (or the methods `--methods` names) from one warm start in the
-synthetic addition world.
+"""`sgsd demo`: Base and GRPO, OPSD, SGSD (or the methods `--methods` names), replicated over seeds, each
+with its own warm start, in the synthetic addition world.
 
 What runs (all offline, on CPU):
-1. the warm start (`sgsd.demo.warmup`, cached after the first run): a tiny Qwen3 model that solves
-   some problems, forgets carries often, and reads hints in its prompt;
+1. one warm start per seed (`sgsd.demo.warmup`, `sgsd.demo.presets.warmup_config`, each cached after the
+   first run): a tiny Qwen3 model that solves some problems, forgets carries often, and reads hints in
+   its prompt. The seed with its warm start is the unit of replication: warm starts differ between
+   machines in their last bits and training amplifies that (docs/demo.md), so one warm start shared by
+   every seed would make every comparison conditional on one draw of it;
 2. with `--tune-lr`, each method trains once per learning rate of a small grid (tuning seed, not an
-   evaluation seed) and is scored on validation problems held out of the training split; the best
-   rate is its tuned one;
-3. for each seed, every method trains from that checkpoint with the project's own trainers
+   evaluation seed, from the tuning seed's own warm start) and is scored on validation problems held out
+   of the training split; the best rate is its tuned one;
+3. for each seed, every method trains from that seed's warm start with the project's own trainers
    (`sgsd.trainers.run.train`, the code path of `sgsd train`) on the same problems, with the same
    rollout budget (prompts x completions per step) and the same number of steps, at the shared
    learning rate and, when tuned to another one, at its own;
 4. every checkpoint of the shared-rate runs is evaluated on held-out problems (accuracy over steps), the
-   final models with avg@k and a bootstrap interval over problems, graded by the project's grader
-   (`sgsd.verify`);
+   final models (and each warm start, Base) with avg@k, graded by the project's grader (`sgsd.verify`);
+   intervals resample replications and problems (`sgsd.demo.replication`);
 5. `sgsd.demo.report` writes report.md, results.json and the plots.
 
 What was simplified, and why: the world is a toy (running sums of single digits), the model has under a million
@@ -35,6 +38,7 @@ from sgsd.demo.plan import (DEFAULT_METHODS, DEMO_METHODS, FULL, PRESETS, QUICK,
 if TYPE_CHECKING:
     from sgsd.data import Problem
     from sgsd.demo.evaluate import AccuracyEstimate
+    from sgsd.demo.warmup import WarmStart
 
 __all__ = ["DEFAULT_METHODS", "DEMO_METHODS", "FULL", "PRESETS", "QUICK", "SMOKE", "DemoMethod", "DemoPlan",
            "MethodRun", "label", "parse_lr_grid", "parse_methods", "run_demo"]
@@ -140,14 +144,16 @@ PLAN_FILE = "demo_plan.json"
 def plan_record(plan: DemoPlan) -> dict[str, Any]:
     """What a run directory under runs/ depends on: the plan without what only chooses which runs exist
     (seeds, methods, whether and over which grid to tune: run directories are named by method, learning
-    rate and seed), and the warm start."""
+    rate and seed), and the warm starts (seed 0's cache key; seed s's differs only in its seed)."""
     from dataclasses import asdict
 
-    from sgsd.demo.presets import DEMO_WARMUP
+    from sgsd.demo.presets import warmup_config
 
     choices = {"seeds", "methods", "tune_lr", "lr_grid", "tuning_seed"}
+    if not plan.ulp_noise:
+        choices.add("ulp_noise")  # off: the record of every ordinary demo
     return {"plan": {k: v for k, v in asdict(plan).items() if k not in choices},
-            "warm_start": DEMO_WARMUP.digest()}
+            "warm_start": warmup_config(0, plan.warmup_steps).digest(), "warm_start_per_seed": True}
 
 
 def check_reusable(out: Path, record: dict[str, Any]) -> None:
@@ -216,6 +222,42 @@ def split_validation(train: Sequence[Problem], size: int) -> tuple[list[Problem]
     return [p for p in train if p.problem_id not in held_out], validation
 
 
+def prepare_warm_start(seed: int, plan: DemoPlan, *, cache_root: str | Path | None, progress: bool,
+                       bar: Any = None) -> WarmStart:
+    """Replication `seed`'s warm start (`sgsd.demo.presets.warmup_config`): cached, or trained now with a
+    progress bar; with `plan.ulp_noise`, perturbed by one ulp: after the warm-up ("warm-start",
+    `sgsd.demo.warmup.perturbed_warm_start`) or before it ("warm-up", cached as `<digest>-ulp-init`)."""
+    from tqdm.auto import tqdm
+
+    from sgsd.demo.presets import warmup_config
+    from sgsd.demo.warmup import perturbed_warm_start, warm_start
+
+    config = warmup_config(seed, plan.warmup_steps)
+    if bar is not None:
+        bar.set_postfix_str(f"warm start {seed}")
+    warmup_bar = tqdm(total=config.steps, desc=f"warm-up {seed} (cached after the first run)", leave=False,
+                      disable=not progress)
+
+    def warmup_progress(step: int, loss: float) -> None:
+        warmup_bar.update()
+        if bar is not None:
+            bar.warmup_step()
+        if step % 10 == 0:
+            warmup_bar.set_postfix_str(f"loss {loss:.3f}")
+
+    if plan.ulp_noise not in ("", "warm-start", "warm-up"):
+        raise ValueError(f"DemoPlan.ulp_noise={plan.ulp_noise!r}: expected '', 'warm-start' or 'warm-up'")
+    warm = warm_start(config, cache_root=cache_root, progress=warmup_progress,
+                      initial_ulp_noise=plan.ulp_noise == "warm-up")
+    warmup_bar.close()
+    if plan.ulp_noise == "warm-start":
+        warm = perturbed_warm_start(warm)
+    warm.model.eval()
+    if bar is not None:
+        bar.warm_start_done()
+    return warm
+
+
 def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path | None,
               progress: bool) -> dict[str, Any]:
     import time
@@ -224,7 +266,7 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
 
     from sgsd.demo.bank import write_seed_bank
     from sgsd.demo.evaluate import accuracy, subset
-    from sgsd.demo.presets import DEMO_WARMUP
+    from sgsd.demo.presets import warmup_config
     from sgsd.demo.progress import DemoEstimate, DemoProgressBar, demo_stages
     from sgsd.demo.report import step_seconds, write_report
     from sgsd.storage import atomic_write_json
@@ -241,46 +283,43 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
         raise UserError(f"--output-dir {out}: cannot create it ({err.strerror or err})") from None
     started = time.perf_counter()
     grid = plan.lr_grid if plan.tune_lr else ()
+    warm_count = len(set(plan.seeds) | ({plan.tuning_seed} if grid else set()))  # one warm start per seed
     runs_total = len(plan.methods) * (len(grid) + len(plan.seeds) * (2 if grid else 1))
-    estimate = DemoEstimate(demo_stages(warmup_steps=DEMO_WARMUP.steps, runs=runs_total, run_steps=plan.steps))
-    bar = DemoProgressBar(estimate, total=1 + runs_total + 1, disable=not progress)
+    warmup_steps = warmup_config(0, plan.warmup_steps).steps
+    estimate = DemoEstimate(demo_stages(warmup_steps=warm_count * warmup_steps, runs=runs_total, run_steps=plan.steps))
+    bar = DemoProgressBar(estimate, total=warm_count + runs_total + 1, disable=not progress, warm_starts=warm_count,
+                          warmup_steps=warmup_steps)
 
-    from sgsd.demo.warmup import warm_start
     from sgsd.demo.world import write_problems
 
-    bar.set_postfix_str("warm start")
-    config = DEMO_WARMUP
-    warmup_bar = tqdm(total=config.steps, desc="warm-up (cached after the first run)", leave=False,
-                      disable=not progress)
-
-    def warmup_progress(step: int, loss: float) -> None:
-        warmup_bar.update()
-        bar.warmup_step()
-        if step % 10 == 0:
-            warmup_bar.set_postfix_str(f"loss {loss:.3f}")
-
-    warm = warm_start(config, cache_root=cache_root, progress=warmup_progress)
-    warmup_bar.close()
-    bar.warm_start_done()
+    # One warm start per replication: each evaluation seed's, and the tuning seed's for --tune-lr.
+    warm_seeds = list(dict.fromkeys(([plan.tuning_seed] if grid else []) + list(plan.seeds)))
+    warms = {seed: prepare_warm_start(seed, plan, cache_root=cache_root, progress=progress, bar=bar)
+             for seed in warm_seeds}
+    first = warms[warm_seeds[0]]
     data = out / "data" / "train.jsonl"
-    train_problems, validation = split_validation(warm.world.train, plan.validation_problems)
+    train_problems, validation = split_validation(first.world.train, plan.validation_problems)
     write_problems(train_problems, data)
     bank = write_seed_bank(out / "seed_bank.json")
-    test = subset(warm.world.test, plan.eval_problems, seed=0)
-    curve_set = subset(warm.world.test, plan.curve_problems, seed=1)
-    warm.model.eval()
-    base = accuracy(warm.model, warm.tokenizer, test, k=plan.k, max_new_tokens=plan.max_new_tokens, seed=0)
-    base_curve = accuracy(warm.model, warm.tokenizer, curve_set, k=plan.k, max_new_tokens=plan.max_new_tokens,
-                          seed=0).mean
+    test = subset(first.world.test, plan.eval_problems, seed=0)
+    curve_set = subset(first.world.test, plan.curve_problems, seed=1)
+    bases: dict[int, AccuracyEstimate] = {}
+    base_curves: dict[int, float] = {}
+    for seed, warm in warms.items():
+        bar.set_postfix_str(f"Base of warm start {seed}")
+        bases[seed] = accuracy(warm.model, warm.tokenizer, test, k=plan.k, max_new_tokens=plan.max_new_tokens, seed=seed)
+        if seed in plan.seeds:
+            base_curves[seed] = accuracy(warm.model, warm.tokenizer, curve_set, k=plan.k,
+                                         max_new_tokens=plan.max_new_tokens, seed=seed).mean
 
     atomic_write_json(out / PLAN_FILE, record)
     cache = EvaluationCache(out)
 
     def trained(method: str, seed: int, lr: float, run_dir: Path) -> None:
-        """Train `run_dir` unless it is finished (an interrupted run resumes)."""
+        """Train `run_dir` from seed's warm start unless it is finished (an interrupted run resumes)."""
         bar.set_postfix_str(f"{method} lr {lr:g} seed {seed}")
         if not (run_dir / "final").exists():
-            train(method_config(method, plan, warm.path, data, bank, seed, lr), run_dir, progress=False)
+            train(method_config(method, plan, warms[seed].path, data, bank, seed, lr), run_dir, progress=False)
 
     # 1. Learning rates (--tune-lr): each method on each grid point with the tuning seed, scored by
     #    avg@k on the validation problems (held out of the training data, never test problems).
@@ -290,17 +329,19 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
         for lr in grid:
             run_dir = out / "tune" / f"{method}-lr{lr:g}-seed{plan.tuning_seed}"
             trained(method, plan.tuning_seed, lr, run_dir)
-            score = evaluate_dir(run_dir / "final", warm.tokenizer, validation, plan, k=plan.k, seed=plan.tuning_seed,
-                                 cache=cache)
+            score = evaluate_dir(run_dir / "final", warms[plan.tuning_seed].tokenizer, validation, plan, k=plan.k,
+                                 seed=plan.tuning_seed, cache=cache)
             scores[lr] = {**score.to_json(), "step_seconds_median": step_seconds([run_dir])}
             bar.update()
         chosen = choose_learning_rate({lr: v["mean"] for lr, v in scores.items()}, plan.learning_rate)
-        lr_search[method] = {"grid": [{"learning_rate": lr, **v} for lr, v in scores.items()], "chosen": chosen}
+        lr_search[method] = {"grid": [{"learning_rate": lr, **v} for lr, v in scores.items()], "chosen": chosen,
+                             "warm_start": plan.tuning_seed}
 
     # 2. Every evaluation seed at the plan's learning rate (curves on the curve problems) and, when
     #    tuned to another rate, again at the chosen one; final avg@k on the held-out test problems.
     runs: list[MethodRun] = []
     for seed in plan.seeds:
+        tokenizer = warms[seed].tokenizer
         for method in plan.methods:
             rates = [plan.learning_rate] + ([lr_search[method]["chosen"]] if grid else [])
             for index, lr in enumerate(rates):
@@ -311,18 +352,19 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
                     bar.update()
                     continue
                 trained(method, seed, lr, run_dir)
-                curve = [(0, base_curve)]
+                curve = [(0, base_curves[seed])]
                 if index == 0:
                     for step in range(plan.eval_every, plan.steps + 1, plan.eval_every):
                         checkpoint = run_dir / f"checkpoint-{step}"
                         if checkpoint.exists():
-                            curve.append((step, evaluate_dir(checkpoint, warm.tokenizer, curve_set, plan, k=plan.k,
+                            curve.append((step, evaluate_dir(checkpoint, tokenizer, curve_set, plan, k=plan.k,
                                                              seed=seed, cache=cache).mean))
-                final = evaluate_dir(run_dir / "final", warm.tokenizer, test, plan, k=plan.k, seed=seed, cache=cache)
-                runs.append(MethodRun(method, seed, run_dir, final, curve if index == 0 else [], tuned=index == 1))
+                final = evaluate_dir(run_dir / "final", tokenizer, test, plan, k=plan.k, seed=seed, cache=cache)
+                runs.append(MethodRun(method, seed, run_dir, final, curve if index == 0 else [], tuned=index == 1,
+                                      learning_rate=lr, warm_start=seed))
                 bar.update()
     bar.set_postfix_str("report")
-    results = write_report(out, plan=plan, warm=warm, base=base, runs=runs, bank_path=bank,
+    results = write_report(out, plan=plan, warms=warms, bases=bases, runs=runs, bank_path=bank,
                            seconds=time.perf_counter() - started, lr_search=lr_search)
     bar.update()
     bar.close()

@@ -346,15 +346,74 @@ def _load(path: Path, config: WarmupConfig) -> WarmStart:
     return WarmStart(model, tokenizer, make_world(config.world), config, path, from_cache=True, report=report)
 
 
+def weights_sha256(path: Path) -> str:
+    """sha256 of a checkpoint's weight files (`*.safetensors`, in name order): which warm start a run
+    came from, comparable across machines (the cache key names the settings, not the weights)."""
+    digest = hashlib.sha256()
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors weights")
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def perturb_ulp(model: Any, seed: int) -> None:
+    """Move every floating-point weight of `model` by one ulp, up or down at random (seeded), in place:
+    the size of the difference two machines' kernels leave in a trained checkpoint."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    seen: set[int] = set()
+    with torch.no_grad():
+        for param in model.state_dict().values():
+            if not param.is_floating_point() or param.data_ptr() in seen:
+                continue  # tied weights share one tensor: moved once, not twice
+            seen.add(param.data_ptr())
+            up = torch.rand(param.shape, generator=generator) < 0.5
+            toward = torch.where(up, torch.tensor(math.inf), torch.tensor(-math.inf)).to(param.dtype)
+            param.copy_(torch.nextafter(param, toward))
+
+
+ULP_SUFFIX = "-ulp"
+
+
+def perturbed_warm_start(start: WarmStart) -> WarmStart:
+    """`start` with one ulp of noise on every weight (`perturb_ulp`, seeded by its warm-up seed), saved
+    beside it as `<digest>-ulp/` (cached like the warm start, and rebuilt when the warm start changed)."""
+    target = start.path.parent / f"{start.path.name}{ULP_SUFFIX}"
+    source = weights_sha256(start.path)
+    marker = target / "perturbation.json"
+    if marker.exists() and json.loads(marker.read_text()).get("source_sha256") == source:
+        loaded = _load(target, start.config)
+        return WarmStart(loaded.model, loaded.tokenizer, start.world, start.config, target, True, start.report)
+    from transformers import Qwen3ForCausalLM
+
+    model = Qwen3ForCausalLM.from_pretrained(start.path)
+    perturb_ulp(model, start.config.seed)
+    model.eval()
+    shutil.rmtree(target, ignore_errors=True)  # a perturbation of other weights
+    _save(model, start.tokenizer, start.config, start.report, target)
+    marker.write_text(json.dumps({"source": str(start.path), "source_sha256": source, "noise": "one ulp per weight",
+                                  "seed": start.config.seed}, indent=2) + "\n")
+    return WarmStart(model, start.tokenizer, start.world, start.config, target, False, start.report)
+
+
 def warm_start(config: WarmupConfig, *, cache_root: str | Path | None = None,
-               progress: Callable[[int, float], None] | None = None) -> WarmStart:
+               progress: Callable[[int, float], None] | None = None, initial_ulp_noise: bool = False) -> WarmStart:
     """The warm-start model for `config`: loaded from the cache, or trained and cached.
 
     The checkpoint lives in `<cache_root>/<config.digest()>/` (model, tokenizer, warmup.json); it is a
-    normal Hugging Face model directory, so trainers can start from its path.
+    normal Hugging Face model directory, so trainers can start from its path. `initial_ulp_noise`: the
+    initial weights move by one ulp (`perturb_ulp`) before the warm-up, which then amplifies that as it
+    would another machine's last-bit differences (`python -m sgsd.demo.noise`); cached as
+    `<digest>-ulp-init/`.
     """
     path = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
-    path = path / config.digest()
+    path = path / (config.digest() + ("-ulp-init" if initial_ulp_noise else ""))
     if (path / "warmup.json").exists():
         return _load(path, config)
     try:  # before minutes of training, not after
@@ -366,6 +425,8 @@ def warm_start(config: WarmupConfig, *, cache_root: str | Path | None = None,
         raise UserError(f"warm-start cache {path.parent}: not a writable directory ({err.strerror or err}); "
                         "pass another --cache-dir or set SGSD_CACHE_DIR") from None
     model, tokenizer, world, bank = build_untrained(config)
+    if initial_ulp_noise:
+        perturb_ulp(model, config.seed)
     report = run_warmup(model, tokenizer, world, bank, config, progress=progress)
     _save(model, tokenizer, config, report, path)
     return WarmStart(model, tokenizer, world, config, path, from_cache=False, report=report)
