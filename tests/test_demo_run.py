@@ -46,6 +46,10 @@ def test_quick_demo_writes_report_plots_and_results(tmp_path, capsys, demo_cache
     for (_, h), (_, m), (_, n) in zip(series["helpful"], series["harmful"], series["neutral"]):
         assert h + m + n == pytest.approx(1.0, abs=1e-6)
     assert "report:" in capsys.readouterr().out
+    # the probe ran on the warm start before training, with every control
+    probe = json.loads((out / "probe" / "probe.json").read_text())
+    assert probe["rollouts"] == 32 and set(probe["controls"]) == {"none", "neutral", "shuffled"}
+    assert (out / "probe" / "report.md").exists()
 
 
 # About 20 s with the warm start cached by the test above (2 minutes more when run alone).

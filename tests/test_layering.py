@@ -32,6 +32,8 @@ def _modules(folder: str) -> list[Path]:
 RULES = [(lower, higher) for lower, highers in {
     "objectives": ("sgsd.scoring", "sgsd.trainers"),
     "scoring": ("sgsd.trainers", "sgsd.benchmarking"),
+    # the probe's core path: the trainer, the demo and the benchmarks call it, it calls none of them
+    "teacher_probe": ("sgsd.trainers", "sgsd.benchmarking", "sgsd.demo", "sgsd.commands", "sgsd.cli"),
     "generation": ("sgsd.evaluation", "sgsd.skills", "sgsd.trainers"),
     "skills": ("sgsd.evaluation", "sgsd.trainers", "sgsd.demo", "sgsd.commands", "sgsd.cli"),
     "evaluation": ("sgsd.trainers", "sgsd.demo", "sgsd.commands", "sgsd.cli"),

@@ -4,12 +4,13 @@
   or a misleading (skill, mistake) pair in an SGSD teacher prompt, and with the OPSD reference
   prompt. A model that reads hints orders them helpful > none ~ irrelevant > misleading.
 - `polarity_table`: on student rollouts (student prompt, temperature 1), score every completion under
-  one teacher per label (a pair of two items with that label, chosen per rollout) and under the OPSD
-  reference prompt, and report SGSD's support and polarity (docs/spec.md section 4, `sgsd.objectives`) per
-  label, per outcome, for several thresholds theta. Shapes below: B rollouts, K teachers, T tokens.
+  one teacher per label (a pair of two items with that label, chosen per rollout), and report SGSD's
+  support and polarity (docs/spec.md section 4, `sgsd.objectives`) per label, per outcome, for several
+  thresholds theta. Shapes below: B rollouts, K teachers, T tokens.
 
-Teacher log-probs come from the same weights as the student (a live teacher at step 0), through
-the project's scoring code (`sgsd.scoring`), with the project's token mask m_t.
+Teacher log-probs come from the same weights as the student (a live teacher at step 0), through the
+probe's core path (`sgsd.teacher_probe.score_rollouts` / `decide`, the trainer's scoring and polarity code),
+with the project's token mask m_t.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ from sgsd.skills.bank import CommonMistake, GeneralSkill, SkillBank
 if TYPE_CHECKING:
     import torch
 
+    from sgsd.skills.teachers import Teacher
+
 NO_HINT, REFERENCE = "none", "reference"
-TEACHER_KINDS = (HELPFUL, IRRELEVANT, MISLEADING, REFERENCE)
+TEACHER_KINDS = (HELPFUL, IRRELEVANT, MISLEADING, REFERENCE)  # the prompts of `hint_accuracy`
+POLARITY_KINDS = (HELPFUL, IRRELEVANT, MISLEADING)  # the SGSD teachers of `polarity_table` (one pair each)
 
 
 def labelled_pair(bank: SkillBank, label: str, key: str) -> tuple[GeneralSkill, CommonMistake]:
@@ -41,6 +45,15 @@ def labelled_pair(bank: SkillBank, label: str, key: str) -> tuple[GeneralSkill, 
         raise ValueError(f"seed bank has no {label} skill or mistake")
     rng = random.Random(f"sgsd-demo-pair:{label}:{key}")
     return rng.choice(skills), rng.choice(mistakes)
+
+
+def labelled_teacher(bank: SkillBank, label: str, key: str, weight: float) -> Teacher:
+    """An SGSD teacher (`sgsd.skills.teachers.Teacher`) of one labelled pair, as `build_teachers` renders it."""
+    from sgsd.prompts import render_guidance
+    from sgsd.skills.teachers import Teacher
+
+    skill, mistake = labelled_pair(bank, label, key)
+    return Teacher(skill, mistake, None, weight, render_guidance([skill], [mistake]))
 
 
 def teacher_text(bank: SkillBank, kind: str, problem: Problem, key: str) -> str:
@@ -94,7 +107,7 @@ class PolarityRow:
 class PolarityReport:
     """Polarity rows plus what the completions look like (counted tokens, success rate, where d sits).
 
-    support: [B, K] clipped support per rollout and teacher kind (order `TEACHER_KINDS`), detached.
+    support: [B, K] clipped support per rollout and teacher kind (order `POLARITY_KINDS`), detached.
     rewards: [B] 1.0 for a correct rollout, else 0.0.
     rollouts: the B student rollouts that were scored.
     """
@@ -122,37 +135,27 @@ def polarity_table(model: Any, tokenizer: Any, problems: Sequence[Problem], bank
 
     import torch
 
-    from sgsd.objectives import teacher_polarity
-    from sgsd.prompts import render_chat
-    from sgsd.scoring import completion_logprobs, countable_token_table, counted_mask, left_pad, score_teachers
+    from sgsd.teacher_probe import decide, score_rollouts
 
     rollouts = sample(model, tokenizer, [student_text(p) for p in problems], max_new_tokens=max_new_tokens, seed=seed)
     rewards = torch.tensor([float(is_correct(text, p)) for text, p in zip(rollouts.texts, problems)])
-    style = demo_chat_style()
-
-    def ids(text: str) -> list[int]:
-        return tokenizer(render_chat(tokenizer, text, style), add_special_tokens=False).input_ids
-
-    completion_ids, completion_mask = rollouts.completion_ids, rollouts.completion_mask
-    with torch.no_grad():
-        prompt_ids, prompt_mask = left_pad([ids(student_text(p)) for p in problems], tokenizer.pad_token_id)
-        student_logps = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)  # [B, T]
-        teacher_ids = [[ids(teacher_text(bank, kind, p, f"{p.problem_id}:{seed}")) for kind in TEACHER_KINDS]
-                       for p in problems]
-        teacher_logps = score_teachers(model, teacher_ids, completion_ids, completion_mask,
-                                       pad_id=tokenizer.pad_token_id)  # [B, K, T]
-    mask = counted_mask(completion_ids, completion_mask, countable_token_table(tokenizer))  # [B, T] m_t
-    weights = torch.full((len(problems), len(TEACHER_KINDS)), 1.0 / len(TEACHER_KINDS))
+    weight = 1.0 / len(POLARITY_KINDS)
+    teachers = [[labelled_teacher(bank, kind, f"{p.problem_id}:{seed}", weight) for kind in POLARITY_KINDS]
+                for p in problems]
+    settings = replace(settings, num_teachers=len(POLARITY_KINDS), polarity_control="none")
+    scored = score_rollouts(model, tokenizer, [p.problem for p in problems], rollouts.completion_ids,
+                            rollouts.completion_mask, rewards, teachers, settings, student_style=demo_chat_style())
+    mask = scored.scores.counted  # [B, T] m_t
     success = rewards > 0
 
     rows = []
-    support = teacher_polarity(student_logps, teacher_logps, mask, rewards, weights, settings=settings)[0]
+    support = decide(scored, settings)["none"].support
     rules = [("threshold", theta, replace(settings, polarity_test="threshold", confidence_threshold=theta))
              for theta in thetas]
     rules += [("z", z, replace(settings, polarity_test="z", polarity_z=z)) for z in z_values]
     for test, theta, rule in rules:
-        rho = teacher_polarity(student_logps, teacher_logps, mask, rewards, weights, settings=rule)[1]
-        for k, kind in enumerate(TEACHER_KINDS):
+        rho = decide(scored, rule)["none"].polarity
+        for k, kind in enumerate(POLARITY_KINDS):
             r, s = rho[:, k], support[:, k]
             rows.append(PolarityRow(
                 teacher=kind, theta=theta, rollouts=len(problems), test=test,
@@ -164,7 +167,7 @@ def polarity_table(model: Any, tokenizer: Any, problems: Sequence[Problem], bank
                 support_failure=float(s[~success].mean()) if bool((~success).any()) else float("nan"),
             ))
 
-    d = (teacher_logps - student_logps[:, None, :]).abs() * mask[:, None, :]  # [B, K, T], 0 off the mask
+    d = (scored.scores.teacher_logps - scored.student_logps[:, None, :]).abs() * mask[:, None, :]  # [B, K, T]
     top3 = d.topk(min(3, d.shape[-1]), dim=-1).values.sum(-1) / d.sum(-1).clamp_min(1e-9)  # [B, K]
     return PolarityReport(
         rows=tuple(rows),
@@ -173,7 +176,7 @@ def polarity_table(model: Any, tokenizer: Any, problems: Sequence[Problem], bank
         rollouts=rollouts,
         success_rate=float(rewards.mean()),
         mean_counted_tokens=float(mask.sum(-1).float().mean()),
-        top3_share={kind: float(top3[:, k].mean()) for k, kind in enumerate(TEACHER_KINDS)},
+        top3_share={kind: float(top3[:, k].mean()) for k, kind in enumerate(POLARITY_KINDS)},
     )
 
 
@@ -195,5 +198,5 @@ def format_polarity(report: PolarityReport) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["LABELS", "NO_HINT", "REFERENCE", "TEACHER_KINDS", "PolarityReport", "PolarityRow", "format_polarity",
+__all__ = ["LABELS", "NO_HINT", "POLARITY_KINDS", "REFERENCE", "TEACHER_KINDS", "labelled_teacher", "PolarityReport", "PolarityRow", "format_polarity",
            "hint_accuracy", "labelled_pair", "polarity_table", "teacher_text"]

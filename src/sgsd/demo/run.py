@@ -135,6 +135,7 @@ class EvaluationCache:
 
 
 PLAN_FILE = "demo_plan.json"
+PROBE_ROLLOUTS = 32  # `sgsd skills probe` on the warm start: out/probe/probe.json, report.md
 
 
 def plan_record(plan: DemoPlan) -> dict[str, Any]:
@@ -272,6 +273,12 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
 
     atomic_write_json(out / PLAN_FILE, record)
     cache = EvaluationCache(out)
+    # before any training: what SGSD's teachers (and each control) say about the warm start's rollouts
+    from sgsd.loss_settings import POLARITY_CONTROLS
+    from sgsd.skills.probe import run_probe
+
+    run_probe(method_config("sgsd", plan, warm.path, data, bank, plan.seeds[0]), out / "probe",
+              rollouts=PROBE_ROLLOUTS, controls=POLARITY_CONTROLS, log=lambda line: None)
 
     def trained(method: str, seed: int, lr: float, run_dir: Path) -> None:
         """Train `run_dir` unless it is finished (an interrupted run resumes)."""
