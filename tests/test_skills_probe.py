@@ -1,5 +1,6 @@
 """`sgsd skills probe` on the tiny recipe: what it writes, that its numbers are the core path's, one-line errors
-before the model loads; and the controlled polarity in a 2-process training run."""
+before the model loads; and the controlled polarity in a 2-process training run with attribution and online
+updates."""
 
 from __future__ import annotations
 
@@ -127,28 +128,69 @@ def test_rollouts_file_rows_are_checked(tmp_path, monkeypatch, capsys):
     bad.write_text(json.dumps({"problem": "What is 1 + 1?", "completion": "2", "reward": 1}) + "\n{\"problem\": 3}\n")
     code = main(["skills", "probe", "--config", str(TINY / "sgsd.yaml"), "--output-dir", str(tmp_path / "o"),
                  "--rollouts-file", str(bad)])
-    assert code != 0 and f"{bad}:2: needs string fields 'problem' and 'completion'" in capsys.readouterr().err
+    assert code != 0 and f"{bad}:2: needs a string 'completion' and a 'problem' text" in capsys.readouterr().err
+    bad.write_text(json.dumps({"problem_id": "nowhere", "completion": "2"}) + "\n")
+    code = main(["skills", "probe", "--config", str(TINY / "sgsd.yaml"), "--output-dir", str(tmp_path / "o"),
+                 "--rollouts-file", str(bad)])
+    assert code != 0 and "problem_id 'nowhere' is not in the config's training data" in capsys.readouterr().err
+
+
+def test_rollouts_file_by_problem_id_is_graded_with_the_configs_reward(tmp_path):
+    """`sgsd eval`-style rows (problem_id, completion, no reward) are read against the config's data and graded."""
+    from sgsd.config import load_config
+    from sgsd.data import tiny_math_problems
+    from sgsd.skills.probe import read_rollouts_file
+
+    problems = tiny_math_problems(3)
+    path = tmp_path / "samples.jsonl"
+    rows = [{"problem_id": problems[0].problem_id, "completion": f"so \\boxed{{{problems[0].answer}}}"},
+            {"problem_id": problems[1].problem_id, "completion": "\\boxed{-12345}"},
+            {"problem": problems[2].problem, "completion": "no answer", "reward": 1.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(TINY / "sgsd.yaml")
+    got = read_rollouts_file(path, problems, cfg.reward.extract)
+    assert [r.problem for r in got] == [p.problem for p in problems]
+    assert [r.reward for r in got] == [1.0, 0.0, 1.0]
+
+
+def _updater_reply(prompt: str) -> str:
+    """The fake skill updater: a merge declines, every extraction adds one mistake."""
+    if "Merge them" in prompt:
+        return "{}"
+    return ('{"common_mistakes": [{"description": "Slip", "why_it_happens": "haste", '
+            '"how_to_avoid": "Check each carry."}]}')
 
 
 @pytest.mark.slow
 def test_controlled_polarity_trains_on_two_processes(tmp_path):
     """torchrun, 2 processes over gloo: each rank scores its own rollouts' control (keyed by the problem, no
-    collective needed); the run finishes, and its polarity differs from the paper's on the same seed."""
+    collective needed); attribution gathers both ranks, an online bank update at step 2 changes the bank the
+    controls are drawn from, the run finishes, and its polarity differs from the paper's on the same seed."""
+    from fake_llm_server import base_url, fake_llm_server
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "TRL_EXPERIMENTAL_SILENCE": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     env.pop("SGSD_FAULT_INJECT", None)
     records = {}
-    for control in ("none", "shuffled"):
-        out = tmp_path / control
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                   "sgsd.cli", "train", "--config", str(TINY / "sgsd.yaml"), "--output-dir", str(out), "--quiet",
-                   "--max-steps", "2", f"sgsd.polarity_control={control}", "skills.attribution=true"]
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, result.stderr[-3000:]
-        records[control] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        attribution = json.loads((out / "attribution.json").read_text())
-        assert attribution["rollouts"] == 2 * 2 * 4  # 2 steps x 2 ranks x 4 prompts: every rank's polarity gathered
-    assert len(records["none"]) == len(records["shuffled"]) == 2
+    with fake_llm_server(_updater_reply) as server:
+        online = ["skills.online.enabled=true", "skills.online.every_steps=2", "skills.online.success_threshold=1.0",
+                  f"skills.online.llm={base_url(server)}", "skills.online.llm_model=fake"]
+        for control, steps, extra in (("none", 2, []), ("shuffled", 3, online)):
+            out = tmp_path / control
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                       "sgsd.cli", "train", "--config", str(TINY / "sgsd.yaml"), "--output-dir", str(out), "--quiet",
+                       "--max-steps", str(steps), f"sgsd.polarity_control={control}", "skills.attribution=true",
+                       *extra]
+            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+            assert result.returncode == 0, result.stderr[-3000:]
+            records[control] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            attribution = json.loads((out / "attribution.json").read_text())
+            # steps x 2 ranks x 4 prompts: every rank's polarity gathered
+            assert attribution["rollouts"] == steps * 2 * 4
+        assert server.requests  # the online update ran
+    latest = json.loads((tmp_path / "shuffled" / "skills" / "latest.json").read_text())
+    assert any(m["description"] == "Slip" for m in latest["common_mistakes"])  # the bank changed at step 2
+    assert len(records["none"]) == 2 and len(records["shuffled"]) == 3
     keys = ("sgsd/support_mean", "sgsd/helpful_fraction", "sgsd/quadrant_warning")
     assert all(isinstance(r[k], float) for r in records["shuffled"] for k in keys)
     # step 1 has the same rollouts (same seed, same weights): only the control changes the support

@@ -96,6 +96,7 @@ class PolarityRow:
     support_success: float
     support_failure: float
     test: str = "threshold"
+    control: str = "none"  # the polarity control the support is read against (`sgsd.polarity_control`)
 
     @property
     def rule(self) -> str:
@@ -127,10 +128,12 @@ def _fraction(values: torch.Tensor, selector: torch.Tensor) -> float:
 
 def polarity_table(model: Any, tokenizer: Any, problems: Sequence[Problem], bank: SkillBank, *,
                    settings: SGSDSettings = SGSDSettings(), thetas: Sequence[float] = (0.05, 0.02, 0.01),
-                   z_values: Sequence[float] = (1.96, 1.0), max_new_tokens: int = 64, seed: int = 0) -> PolarityReport:
+                   z_values: Sequence[float] = (1.96, 1.0), max_new_tokens: int = 64, seed: int = 0,
+                   controls: Sequence[str] = ()) -> PolarityReport:
     """Sample one student rollout per problem, score it under each teacher kind, tabulate SGSD polarity
     under the threshold rule at each of `thetas` and the z test at each of `z_values` (the other loss
-    settings, C among them, are `settings`)."""
+    settings, C among them, are `settings`), against the student (control "none") and against each of
+    `controls` ("neutral", "shuffled": `sgsd.skills.controls`, one more forward per rollout each)."""
     from dataclasses import replace
 
     import torch
@@ -143,8 +146,13 @@ def polarity_table(model: Any, tokenizer: Any, problems: Sequence[Problem], bank
     teachers = [[labelled_teacher(bank, kind, f"{p.problem_id}:{seed}", weight) for kind in POLARITY_KINDS]
                 for p in problems]
     settings = replace(settings, num_teachers=len(POLARITY_KINDS), polarity_control="none")
+    from sgsd.skills.controls import control_guidance
+
+    extra = {c: [control_guidance(c, problem=p.problem, teachers=row, bank=bank, tokenizer=tokenizer)
+                 for p, row in zip(problems, teachers)] for c in controls}
     scored = score_rollouts(model, tokenizer, [p.problem for p in problems], rollouts.completion_ids,
-                            rollouts.completion_mask, rewards, teachers, settings, student_style=demo_chat_style())
+                            rollouts.completion_mask, rewards, teachers, settings, controls=extra,
+                            student_style=demo_chat_style())
     mask = scored.scores.counted  # [B, T] m_t
     success = rewards > 0
 
@@ -153,12 +161,13 @@ def polarity_table(model: Any, tokenizer: Any, problems: Sequence[Problem], bank
     rules = [("threshold", theta, replace(settings, polarity_test="threshold", confidence_threshold=theta))
              for theta in thetas]
     rules += [("z", z, replace(settings, polarity_test="z", polarity_z=z)) for z in z_values]
-    for test, theta, rule in rules:
-        rho = decide(scored, rule)["none"].polarity
+    for (test, theta, rule), control in [(r, c) for c in ("none", *controls) for r in rules]:
+        decided = decide(scored, rule)[control]
+        rho, control_support = decided.polarity, decided.support
         for k, kind in enumerate(POLARITY_KINDS):
-            r, s = rho[:, k], support[:, k]
+            r, s = rho[:, k], control_support[:, k]
             rows.append(PolarityRow(
-                teacher=kind, theta=theta, rollouts=len(problems), test=test,
+                teacher=kind, theta=theta, rollouts=len(problems), test=test, control=control,
                 positive=float((r > 0).float().mean()), neutral=float((r == 0).float().mean()),
                 negative=float((r < 0).float().mean()),
                 positive_success=_fraction(r > 0, success), negative_success=_fraction(r < 0, success),
@@ -184,12 +193,12 @@ def format_polarity(report: PolarityReport) -> str:
     """A plain-text table of `polarity_table` (for logs and the report)."""
     lines = [
         f"rollouts: success rate {report.success_rate:.2f}, {report.mean_counted_tokens:.1f} counted tokens on average",
-        f"{'teacher':<11} {'rule':>5} {'rho+':>5} {'rho0':>5} {'rho-':>5} | {'succ+':>5} {'succ-':>5} "
+        f"{'teacher':<11} {'control':<8} {'rule':>5} {'rho+':>5} {'rho0':>5} {'rho-':>5} | {'succ+':>5} {'succ-':>5} "
         f"{'fail+':>5} {'fail-':>5} | {'sup_s':>6} {'sup_f':>6}",
     ]
     for r in report.rows:
         lines.append(
-            f"{r.teacher:<11} {r.rule:>5} {r.positive:>5.2f} {r.neutral:>5.2f} {r.negative:>5.2f} | "
+            f"{r.teacher:<11} {r.control:<8} {r.rule:>5} {r.positive:>5.2f} {r.neutral:>5.2f} {r.negative:>5.2f} | "
             f"{r.positive_success:>5.2f} {r.negative_success:>5.2f} {r.positive_failure:>5.2f} "
             f"{r.negative_failure:>5.2f} | {r.support_success:>6.3f} {r.support_failure:>6.3f}"
         )

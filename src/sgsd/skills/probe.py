@@ -49,11 +49,15 @@ class ProbeRollout:
     truncated: bool = False
 
 
-def read_rollouts_file(path: str | Path, answers: dict[str, str], extract: str) -> list[ProbeRollout]:
-    """JSONL rows with `problem` (text) and `completion`; `reward` (or `correct`, or `flexible_correct`), else
-    graded against the training data's answer of the same problem. One-line errors name the row."""
+def read_rollouts_file(path: str | Path, problems: Sequence[Any], extract: str) -> list[ProbeRollout]:
+    """JSONL rows with `completion` and the problem: its text (`problem`) or the `problem_id` of a problem of the
+    config's training data (so that `sgsd eval`'s samples files can be read as they are). The reward is the row's
+    `reward`, else the completion graded with the config's `reward.extract` against the row's `gold` or the
+    data's answer. One-line errors name the row."""
     from sgsd.verify import grade_batch
 
+    by_text = {p.problem: p for p in problems}
+    by_id = {p.problem_id: p for p in problems}
     source = Path(path)
     if not source.is_file():
         raise ProbeError(f"--rollouts-file {path}: no such file")
@@ -65,21 +69,25 @@ def read_rollouts_file(path: str | Path, answers: dict[str, str], extract: str) 
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise ProbeError(f"{path}:{number}: not JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("problem"), str) or not isinstance(
-                row.get("completion"), str):
-            raise ProbeError(f"{path}:{number}: needs string fields 'problem' and 'completion'")
-        given = next((row[key] for key in ("reward", "correct", "flexible_correct") if key in row), None)
-        if given is None and row["problem"] not in answers:
-            raise ProbeError(f"{path}:{number}: no 'reward' and the problem is not in the config's training data")
-        rows.append({**row, "_given": given, "_line": number})
+        if not isinstance(row, dict) or not isinstance(row.get("completion"), str) or not (
+                isinstance(row.get("problem"), str) or "problem_id" in row):
+            raise ProbeError(f"{path}:{number}: needs a string 'completion' and a 'problem' text or a 'problem_id'")
+        known = by_text.get(row["problem"]) if isinstance(row.get("problem"), str) else by_id.get(str(row["problem_id"]))
+        text = row["problem"] if isinstance(row.get("problem"), str) else (known.problem if known else None)
+        if text is None:
+            raise ProbeError(f"{path}:{number}: problem_id {row['problem_id']!r} is not in the config's training data")
+        gold = row.get("gold", known.answer if known else None)
+        if "reward" not in row and gold is None:
+            raise ProbeError(f"{path}:{number}: no 'reward', no 'gold' and the problem is not in the training data")
+        rows.append({**row, "_text": text, "_gold": gold, "_line": number})
     if not rows:
         raise ProbeError(f"{path}: no rollouts")
-    to_grade = [r for r in rows if r["_given"] is None]
-    grades = grade_batch([r["completion"] for r in to_grade], [answers[r["problem"]] for r in to_grade],
+    to_grade = [r for r in rows if "reward" not in r]
+    grades = grade_batch([r["completion"] for r in to_grade], [r["_gold"] for r in to_grade],
                          extract=extract)  # type: ignore[arg-type]
     graded = {id(r): float(g.correct) for r, g in zip(to_grade, grades)}
-    return [ProbeRollout(str(r.get("problem_id", r["_line"])), r["problem"], r["completion"],
-                         float(r["_given"]) if r["_given"] is not None else graded[id(r)],
+    return [ProbeRollout(str(r.get("problem_id", r["_line"])), r["_text"], r["completion"],
+                         float(r["reward"]) if "reward" in r else graded[id(r)],
                          truncated=bool(r.get("truncated", False))) for r in rows]
 
 
@@ -121,8 +129,7 @@ def run_probe(cfg: RunConfig, output_dir: str | Path, *, rollouts: int = 32, con
     problems, _ = load_problems(cfg.data.path, split=cfg.data.split, problem_field=cfg.data.problem_field,
                                 answer_field=cfg.data.answer_field, deduplicate=cfg.data.deduplicate,
                                 max_problems=cfg.data.max_problems, bad_rows=cfg.data.bad_rows)
-    answers = {p.problem: p.answer for p in problems}
-    given = read_rollouts_file(rollouts_file, answers, cfg.reward.extract)[:rollouts] if rollouts_file else None
+    given = read_rollouts_file(rollouts_file, problems, cfg.reward.extract)[:rollouts] if rollouts_file else None
     bank = load_bank(cfg.skills.bank)
     retriever = make_retriever(cfg.skills.retrieval, bank, embedder=cfg.skills.embedder, seed=cfg.training.seed)
     started = time.perf_counter()
