@@ -47,6 +47,10 @@ def test_quick_demo_writes_report_plots_and_results(tmp_path, capsys, demo_cache
     for (_, h), (_, m), (_, n) in zip(series["helpful"], series["harmful"], series["neutral"]):
         assert h + m + n == pytest.approx(1.0, abs=1e-6)
     assert "report:" in capsys.readouterr().out
+    # the probe ran on the warm start before training, with every control
+    probe = json.loads((out / "probe" / "probe.json").read_text())
+    assert probe["rollouts"] == 32 and set(probe["controls"]) == {"none", "neutral", "shuffled"}
+    assert (out / "probe" / "report.md").exists()
 
 
 # The smoke preset with its own 30-step warm-ups (the tuning seed's and seed 0's): a minute or two on 2 idle

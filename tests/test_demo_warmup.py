@@ -130,7 +130,7 @@ def test_estimate_is_the_mean_with_the_harness_interval():
 def test_polarity_support_matches_a_plain_forward(warm):
     import torch
 
-    from sgsd.demo.probe import REFERENCE as REF, TEACHER_KINDS, polarity_table, teacher_text
+    from sgsd.demo.probe import POLARITY_KINDS, polarity_table, teacher_text
     from sgsd.demo.warmup import demo_chat_style
     from sgsd.prompts import render_chat
     from sgsd.scoring import countable_token_table
@@ -138,15 +138,15 @@ def test_polarity_support_matches_a_plain_forward(warm):
     problems = list(warm.world.test[:5])
     bank = load_seed_bank()
     report = polarity_table(warm.model, warm.tokenizer, problems, bank, thetas=(0.05, 0.0), max_new_tokens=30)
-    assert len(report.rows) == 4 * len(TEACHER_KINDS)  # two thresholds, and the z test at 1.96 and 1.0
+    assert len(report.rows) == 4 * len(POLARITY_KINDS)  # two thresholds, and the z test at 1.96 and 1.0
     for row in report.rows:
         assert math.isclose(row.positive + row.neutral + row.negative, 1.0, abs_tol=1e-6)  # float32 fractions
     # theta = 0: every teacher with nonzero support is polarised.
-    assert all(r.neutral == pytest.approx(float((report.support[:, TEACHER_KINDS.index(r.teacher)] == 0).float().mean()))
+    assert all(r.neutral == pytest.approx(float((report.support[:, POLARITY_KINDS.index(r.teacher)] == 0).float().mean()))
                for r in report.rows if r.test == "threshold" and r.theta == 0.0)
     # a stricter z can only leave more teachers neutral
     by_rule = {(r.rule, r.teacher): r for r in report.rows}
-    assert all(by_rule["z1.96", kind].neutral >= by_rule["z1", kind].neutral for kind in TEACHER_KINDS)
+    assert all(by_rule["z1.96", kind].neutral >= by_rule["z1", kind].neutral for kind in POLARITY_KINDS)
 
     # Reference: one rollout, unpadded, full-vocabulary log-softmax.
     tok, model, style = warm.tokenizer, warm.model, demo_chat_style()
@@ -161,8 +161,10 @@ def test_polarity_support_matches_a_plain_forward(warm):
             logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
         return logits.log_softmax(-1).gather(-1, completion[:, None])[:, 0]
 
-    k = TEACHER_KINDS.index(REF)
-    d = (logps(teacher_text(bank, REF, problems[0], "")) - logps(student_text(problems[0]))).clamp(-3, 3)
+    # the misleading teacher of rollout 0 (its pair is keyed by the problem and the seed, as the table keys it)
+    k = POLARITY_KINDS.index("misleading")
+    key = f"{problems[0].problem_id}:0"
+    d = (logps(teacher_text(bank, "misleading", problems[0], key)) - logps(student_text(problems[0]))).clamp(-3, 3)
     expected = d[table[completion]].sum() / max(int(table[completion].sum()), 1)
     # Same rollout, same weights, no padding: fp32 log-probs summed over < 40 tokens agree to 1e-4.
     assert float(report.support[0, k]) == pytest.approx(float(expected), abs=1e-4)

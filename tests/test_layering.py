@@ -24,6 +24,8 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def _modules(folder: str) -> list[Path]:
+    if folder.endswith(".py"):
+        return [SRC / folder]
     root = SRC / folder
     return sorted(root.rglob("*.py")) if root.is_dir() else [root.with_suffix(".py")]
 
@@ -31,7 +33,17 @@ def _modules(folder: str) -> list[Path]:
 # (folder or module under src/sgsd, a module it must not import, with its sub-modules)
 RULES = [(lower, higher) for lower, highers in {
     "objectives": ("sgsd.scoring", "sgsd.trainers"),
+    # the configuration describes the YAML; method checks and plugins are the registry's, which names its
+    # trainers lazily ("module:Class" strings), so neither reaches up
+    "config": ("sgsd.methods", "sgsd.trainers", "sgsd.run_dir"),
+    "loss_settings": ("sgsd.config", "sgsd.objectives", "sgsd.methods"),
+    "methods": ("sgsd.trainers", "sgsd.demo", "sgsd.commands", "sgsd.benchmarking"),
+    "run_dir": ("sgsd.trainers", "sgsd.methods", "sgsd.commands", "sgsd.demo"),
+    "demo/plan.py": ("sgsd.demo.run", "sgsd.demo.report"),
+    "demo/report.py": ("sgsd.demo.run",),
     "scoring": ("sgsd.trainers", "sgsd.benchmarking"),
+    # the probe's core path: the trainer, the demo and the benchmarks call it, it calls none of them
+    "teacher_probe": ("sgsd.trainers", "sgsd.benchmarking", "sgsd.demo", "sgsd.commands", "sgsd.cli"),
     "generation": ("sgsd.evaluation", "sgsd.skills", "sgsd.trainers"),
     "skills": ("sgsd.evaluation", "sgsd.trainers", "sgsd.demo", "sgsd.commands", "sgsd.cli"),
     "evaluation": ("sgsd.trainers", "sgsd.demo", "sgsd.commands", "sgsd.cli"),
@@ -52,3 +64,59 @@ def test_the_import_scan_sees_imports_inside_functions():
     found = imported_modules(SRC / "skills" / "llm.py")
     assert "sgsd.generation.HFGenerator" in found  # imported inside a method
     assert "sgsd.prompts" in found  # imported at the top
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """module -> the project's modules it imports (lazy imports and TYPE_CHECKING imports included)."""
+    modules = {".".join(p.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in SRC.rglob("*.py")}
+    return {name: {m for m in imported_modules(path) if m in modules and m != name} for name, path in modules.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_loop_anywhere():
+    assert _cycles(_module_graph()) == []
+
+
+def test_the_loop_finder_finds_a_loop():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_objectives_imports_only_leaf_helpers():
+    """The pure loss module reads no config and calls no model code: of the package, only its settings."""
+    assert imported_modules(SRC / "objectives.py") <= {"sgsd.loss_settings", "sgsd.loss_settings.SGSDSettings",
+                                                       "sgsd.loss_settings.POLARITY_CONTROLS"}

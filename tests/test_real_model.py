@@ -317,3 +317,23 @@ def test_eval_reports_strict_and_flexible_accuracy(tmp_path, real_model_dir):
     assert all(s["flexible_correct"] for s in samples if s["correct"])
     assert entry["avg@k_flexible"] >= entry["avg@k"]
     assert "<|im_end|>" not in "".join(s["completion"] for s in samples)  # eos ends generation, not text
+
+
+def test_neutral_control_block_has_the_skill_blocks_token_length(real_tokenizer, gsm8k_problems):
+    """On a real BPE vocabulary the neutral control matches the mean token length of the K skill blocks (to
+    one filler word) and keeps their preamble, so the control differs from them in content only."""
+    from sgsd.prompts import GUIDANCE_PREAMBLE
+    from sgsd.skills.bank import load_bank
+    from sgsd.skills.controls import NEUTRAL_FILLER, token_length
+    from sgsd.skills.retrieval import make_retriever
+    from sgsd.skills.teachers import TeacherSource
+
+    bank = load_bank(PAPER_BANK)
+    source = TeacherSource(bank, make_retriever("bm25", bank), num_teachers=8)
+    problems = [p.problem for p in gsm8k_problems]
+    longest_word = max(token_length(real_tokenizer, " " + w) for w in NEUTRAL_FILLER.split())
+    for teachers, text in zip(source.teachers_for(problems), source.controls_for(problems, "neutral", real_tokenizer)):
+        target = round(sum(token_length(real_tokenizer, t.guidance) for t in teachers) / len(teachers))
+        assert target > 50  # the paper's blocks are long: the match is not trivial
+        assert target <= token_length(real_tokenizer, text) <= target + longest_word + 1
+        assert text.startswith(GUIDANCE_PREAMBLE)

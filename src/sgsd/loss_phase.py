@@ -51,7 +51,8 @@ class SGSDLossPhase:
 def active_rollouts(model: Any, *, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                     completion_ids: torch.Tensor, completion_mask: torch.Tensor, counted_mask: torch.Tensor,
                     rewards: torch.Tensor, teacher_weights: torch.Tensor, teacher_logps: torch.Tensor,
-                    chunk_tokens: int, settings: SGSDSettings = SGSDSettings()) -> torch.Tensor:
+                    chunk_tokens: int, settings: SGSDSettings = SGSDSettings(),
+                    control_logps: torch.Tensor | None = None) -> torch.Tensor:
     """[B] bool: rollouts with at least one non-neutral teacher (`skip_neutral_rows`).
 
     Decided from one gradient-free pass of the student (`model` with its own weights, on its own
@@ -62,7 +63,7 @@ def active_rollouts(model: Any, *, prompt_ids: torch.Tensor, prompt_mask: torch.
         student_logps = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
                                             chunk_tokens=chunk_tokens)
     _, polarity = teacher_polarity(student_logps, teacher_logps, counted_mask, rewards, teacher_weights,
-                                   settings=settings)
+                                   settings=settings, control_logps=control_logps)
     return polarity.ne(0).any(dim=-1)
 
 
@@ -71,7 +72,8 @@ def sgsd_loss_phase(model: Any, *, prompt_ids: torch.Tensor, prompt_mask: torch.
                     rewards: torch.Tensor, teacher_weights: torch.Tensor, teacher_logps: torch.Tensor,
                     active: torch.Tensor | None = None, teacher_top_logps: torch.Tensor | None = None,
                     teacher_top_ids: torch.Tensor | None = None, chunk_tokens: int,
-                    settings: SGSDSettings = SGSDSettings()) -> SGSDLossPhase:
+                    settings: SGSDSettings = SGSDSettings(),
+                    control_logps: torch.Tensor | None = None) -> SGSDLossPhase:
     """The student pass and the SGSD loss of one batch; does not call backward.
 
     prompt_ids / prompt_mask [B, P] left-padded student prompts; completion_ids / completion_mask
@@ -79,7 +81,8 @@ def sgsd_loss_phase(model: Any, *, prompt_ids: torch.Tensor, prompt_mask: torch.
     absent); teacher_logps [B, K, T] (detached); active [B] bool or None (every rollout); with
     `settings.local_support_top_k` k' > 0, teacher_top_logps / teacher_top_ids [B, K, T, k'] from
     `score_teachers_local`. `chunk_tokens`: token rows per LM-head chunk. `settings` are `sgsd_loss`'s
-    (docs/spec.md section 4), with its defaults.
+    (docs/spec.md section 4), with its defaults; control_logps [B, T] (detached) the control teacher's,
+    given exactly when `settings.polarity_control` is not "none".
     """
     batch = completion_ids.size(0)
     if active is not None:
@@ -92,6 +95,8 @@ def sgsd_loss_phase(model: Any, *, prompt_ids: torch.Tensor, prompt_mask: torch.
     comp_ids = completion_ids[run_rows, :length]
     comp_mask = completion_mask[run_rows, :length]
     teacher_logps = teacher_logps[run_rows, :, :length]
+    if control_logps is not None:
+        control_logps = control_logps[run_rows, :length]
     divergence = entropy = None
     top_k = settings.local_support_top_k
     if top_k > 0:
@@ -106,12 +111,12 @@ def sgsd_loss_phase(model: Any, *, prompt_ids: torch.Tensor, prompt_mask: torch.
     else:
         student_logps, entropy = completion_logprobs(model, prompt_ids, prompt_mask, comp_ids, comp_mask,
                                                      chunk_tokens=chunk_tokens, return_entropy=True)
-    values = [student_logps, teacher_logps] + ([divergence] if divergence is not None else [])
+    values = [student_logps, teacher_logps] + [x for x in (divergence, control_logps) if x is not None]
     if not all(torch.isfinite(x).all() for x in values):
         return SGSDLossPhase(rows, run_rows, length, None, None, None, None, entropy)
     out = sgsd_loss(
         student_logps, teacher_logps, counted_mask[run_rows, :length], rewards[run_rows], teacher_weights[run_rows],
-        settings=settings, token_divergence=divergence,
+        settings=settings, token_divergence=divergence, control_logps=control_logps,
     )
     loss = out.loss * (rows.numel() / batch)
     polarity = torch.zeros_like(teacher_weights, dtype=torch.long)

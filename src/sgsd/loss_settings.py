@@ -15,6 +15,10 @@ from typing import Literal
 # how a teacher's sign is decided (`sgsd.objectives.teacher_polarity`): the paper's |support| > theta, or a z test
 PolarityTest = Literal["threshold", "z"]
 TeacherWeights = Literal["live", "base", "ema"]
+# the control teacher (docs/methods.md, "Controlled polarity"): none = the paper; neutral: a content-free block of
+# the skill blocks' token length; shuffled: a (skill, mistake) pair of the bank not retrieved for the problem
+PolarityControl = Literal["none", "neutral", "shuffled"]
+POLARITY_CONTROLS: tuple[str, ...] = ("none", "neutral", "shuffled")
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,9 @@ class SGSDSettings:
     teachers flattened), LM-head chunking (`logprob_chunk_tokens` rows; 0: as many as fit one fp32
     [chunk, V] buffer of `logprob_chunk_mb`; Qwen3's V = 151,936: 1 GiB is ~1,177 rows), and
     `skip_neutral_rows` (skip the student backward of rollouts whose teachers are all neutral).
+    Control: `polarity_control` (none: the paper; neutral / shuffled: one more teacher forward per
+    rollout whose log-probs c_t replace the student's p_t in the polarity test and in the gate's
+    target, docs/methods.md "Controlled polarity").
     """
 
     num_teachers: int = 8
@@ -46,6 +53,7 @@ class SGSDSettings:
     logprob_chunk_tokens: int = 0
     logprob_chunk_mb: int = 1024
     skip_neutral_rows: bool = False
+    polarity_control: PolarityControl = "none"
 
     def problems(self, where: str = "sgsd") -> list[str]:
         """What is wrong with these settings, one message each (empty: nothing)."""
@@ -67,6 +75,12 @@ class SGSDSettings:
         if self.local_support_top_k > 0 and self.skip_neutral_rows:
             out.append(f"{where}.skip_neutral_rows: not available with the local-support variant "
                        "(local_support_top_k > 0); set skip_neutral_rows=false")
+        if self.polarity_control not in POLARITY_CONTROLS:
+            out.append(f"{where}.polarity_control: expected one of {', '.join(POLARITY_CONTROLS)}, "
+                       f"got {self.polarity_control!r}")
+        elif self.polarity_control != "none" and self.local_support_top_k > 0:
+            out.append(f"{where}.polarity_control: not available with the local-support variant "
+                       "(local_support_top_k > 0); set polarity_control=none or local_support_top_k=0")
         return out
 
     def check(self, where: str = "sgsd") -> "SGSDSettings":

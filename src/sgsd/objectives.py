@@ -107,9 +107,26 @@ def _check_sgsd_shapes(student_logps, teacher_logps, completion_mask, rewards, t
             )
 
 
-def _disagreement(student_logps, teacher_logps, completion_mask, teacher_weights):
+def _check_control(settings: SGSDSettings, control_logps, student_logps, teacher_logps) -> None:
+    if (settings.polarity_control == "none") != (control_logps is None):
+        raise ValueError(f"control_logps must be given exactly when settings.polarity_control is not 'none' "
+                         f"(polarity_control={settings.polarity_control!r}, control_logps "
+                         f"{'missing' if control_logps is None else 'given'})")
+    if control_logps is None:
+        return
+    b, _, t = teacher_logps.shape
+    if tuple(control_logps.shape) != (b, t) or student_logps.dim() != 2:
+        raise ValueError(f"control_logps must have shape {(b, t)} with student_logps [B, T] (the control is not "
+                         f"available in local-support mode), got {tuple(control_logps.shape)} and "
+                         f"{tuple(student_logps.shape)}")
+
+
+def _disagreement(student_logps, teacher_logps, completion_mask, teacher_weights, control_logps=None):
     """d = q - p as [B, K, T] in the compute dtype, zero (not garbage) outside the valid tokens.
 
+    With `control_logps` c [B, T] (the control teacher, detached): d = (q - c) + (sg(p) - p), whose value
+    is exactly q - c (sg(p) - p is exactly 0) and whose derivative in p is -1 as without the control: the
+    gate then pulls p towards the contrastive target sg(p) + q - c (docs/methods.md "Controlled polarity").
     Returns (d, valid [B, K, T] = mask & teacher present, present [B, K]).
     """
     dtype = _compute_dtype(student_logps, teacher_logps)
@@ -123,7 +140,10 @@ def _disagreement(student_logps, teacher_logps, completion_mask, teacher_weights
     # let a NaN local derivative poison the backward (0 * NaN).
     q = torch.where(valid, teacher_logps.detach().to(dtype), zero)
     p = torch.where(valid, p, zero)
-    return q - p, valid, present
+    if control_logps is None:
+        return q - p, valid, present
+    c = torch.where(valid, control_logps.detach().to(dtype)[:, None, :], zero)
+    return (q - c) + (p.detach() - p), valid, present
 
 
 def _support(d: torch.Tensor, mask: torch.Tensor, clip_delta: float) -> torch.Tensor:
@@ -181,21 +201,24 @@ def teacher_polarity(
     teacher_weights: torch.Tensor,
     *,
     settings: SGSDSettings = SGSDSettings(),
+    control_logps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped support and polarity of each teacher (docs/spec.md section 4), without gradient.
 
     Args: student_logps [B, T] (or [B, K, T] local-support log-probs), teacher_logps [B, K, T],
     completion_mask [B, T] (m_t), rewards [B] (success iff > 0), teacher_weights [B, K] (<= 0 = absent).
     settings: C (`clip_delta`) and the polarity test (`polarity_test`, `confidence_threshold`,
-    `polarity_z`; see `sgsd_loss`), checked with `SGSDSettings.check`.
+    `polarity_z`; see `sgsd_loss`), checked with `SGSDSettings.check`. control_logps: [B, T] log-probs of
+    the control teacher, given exactly when `settings.polarity_control` is not "none" (see `sgsd_loss`).
     Returns (support [B, K] float, polarity [B, K] int64 in {-1, 0, +1}), both detached. The trainer
     can call this before the student backward and skip rollouts whose polarity row is all zero.
     """
     _check_sgsd_shapes(student_logps, teacher_logps, completion_mask, rewards, teacher_weights)
     settings.check()
+    _check_control(settings, control_logps, student_logps, teacher_logps)
     with torch.no_grad():
         mask = completion_mask.bool()
-        d, _, present = _disagreement(student_logps, teacher_logps, completion_mask, teacher_weights)
+        d, _, present = _disagreement(student_logps, teacher_logps, completion_mask, teacher_weights, control_logps)
         support = _support(d, mask, settings.clip_delta)
         confident = _confidence(d, mask, support, settings)
         _, rho = _polarity(support, rewards, present, confident)
@@ -211,6 +234,7 @@ def sgsd_loss(
     *,
     settings: SGSDSettings = SGSDSettings(),
     token_divergence: torch.Tensor | None = None,
+    control_logps: torch.Tensor | None = None,
 ) -> SGSDLossOutput:
     """SGSD objective (docs/spec.md section 4; Huang et al., arXiv 2605.28791).
 
@@ -237,18 +261,23 @@ def sgsd_loss(
         token_divergence: optional [B, K, T] (local-support D_kt) that replaces d inside the gate;
             gradient flows through it. With it, the loss does not depend on student_logps, which then
             only decide the polarity.
+        control_logps: [B, T] log c_t of the control teacher (`settings.polarity_control` neutral or
+            shuffled; given exactly then, detached). d_kt becomes q_kt - c_t in the support and the
+            polarity test, and the gate acts on (q_kt - c_t) + (sg(p_t) - p_t): value l(q_kt - c_t),
+            gradient in p_t as without the control (docs/methods.md "Controlled polarity").
     Sign, rho, weights, mask and teacher values are constants. Rows with rho = 0 contribute exactly
     zero gradient. |loss| <= ln 2 * max_b sum_k a_bk.
     """
     _check_sgsd_shapes(student_logps, teacher_logps, completion_mask, rewards, teacher_weights)
     settings.check()
+    _check_control(settings, control_logps, student_logps, teacher_logps)
     if token_divergence is not None and tuple(token_divergence.shape) != tuple(teacher_logps.shape):
         raise ValueError(
             f"token_divergence must have the shape of teacher_logps {tuple(teacher_logps.shape)}, "
             f"got {tuple(token_divergence.shape)}"
         )
     mask = completion_mask.bool()
-    d, valid, present = _disagreement(student_logps, teacher_logps, completion_mask, teacher_weights)
+    d, valid, present = _disagreement(student_logps, teacher_logps, completion_mask, teacher_weights, control_logps)
     dtype = d.dtype
     with torch.no_grad():
         support = _support(d, mask, settings.clip_delta)

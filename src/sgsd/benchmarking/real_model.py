@@ -6,10 +6,12 @@
 Phases, each writing into OUTPUT_DIR and reusing what an earlier phase wrote:
 1. `eval`: avg@1 on the first `--problems` GSM8K test problems (greedy, `--max-new-tokens`), strict and
    flexible, with 95% bootstrap intervals (`sgsd eval` underneath) -> eval/results.json, samples.
-2. `polarity`: the eval phase's completions as rollouts, scored by the student (plain prompt) and by
-   K = 8 teachers from the paper's bank (embedding retrieval, as the paper): per-teacher support and
-   polarity at theta = 0.05 and under the length-free z test (`sgsd.objectives.teacher_polarity`),
-   rewards from flexible grading -> polarity.json and a support histogram (polarity.png).
+2. `polarity`: the eval phase's completions as rollouts through the probe (`sgsd skills probe`,
+   `sgsd.skills.probe.run_probe`): scored by the student (plain prompt) and by K = 8 teachers from the
+   paper's bank (embedding retrieval, as the paper), without control and against the neutral and the
+   shuffled control, theta = 0.05, rewards from flexible grading -> probe/probe.json, report.md, plots.
+   `control-cost`: seconds of the trainer's teacher scoring on 4 of these rollouts with 0, 1 and 2
+   controls -> control_cost.json.
 3. `train`: a short SGSD run with LoRA and flexible rewards on two problems the eval phase solved and
    two it did not (so that both success and failure rollouts occur), sampling at temperature 0.3,
    timing each phase of every step (`sgsd.benchmarking.train_step`) -> train/metrics.jsonl, train.json.
@@ -34,7 +36,7 @@ from sgsd.storage import atomic_write_json, atomic_write_jsonl, read_jsonl
 ROOT = Path(__file__).resolve().parents[3]
 PAPER_BANK = ROOT / "configs/paper/qwen3_1b_skill_bank.json"
 SGSD_RECIPE = ROOT / "configs/tiny/sgsd.yaml"
-PHASES = ("eval", "polarity", "train")
+PHASES = ("eval", "polarity", "control-cost", "train")
 PAPER = SGSDSettings()  # the paper's C = 3 and theta = 0.05; the z test's 1.96 (two-sided 5%)
 
 
@@ -64,118 +66,86 @@ def _samples(out: Path) -> list[dict[str, Any]]:
     return list(read_jsonl(path))
 
 
-def run_polarity(model_dir: Path, out: Path, *, data_dir: str, rollouts: int, num_teachers: int = 8) -> dict[str, Any]:
-    import torch
-
+def run_polarity(model_dir: Path, out: Path, *, data_dir: str, rollouts: int, num_teachers: int = 8,
+                 controls: Sequence[str] = ("none", "neutral", "shuffled")) -> dict[str, Any]:
+    """The eval phase's completions as rollouts through `sgsd skills probe` (`sgsd.skills.probe.run_probe`):
+    K teachers of the paper's bank (embedding retrieval), flexible rewards, the paper's C and theta, each
+    control of `controls`."""
     from sgsd.evaluation.benchmarks import load_benchmark
-    from sgsd.models import load_model, load_tokenizer
-    from sgsd.objectives import teacher_polarity
-    from sgsd.prompts import ChatStyle, render_chat, student_prompt, teacher_prompt
-    from sgsd.scoring import completion_logprobs, countable_token_table, counted_mask, score_teachers
-    from sgsd.skills.bank import load_bank
-    from sgsd.skills.retrieval import make_retriever
-    from sgsd.trainers.sgsd_trainer import TeacherSource
+    from sgsd.skills.probe import run_probe
 
     samples = _samples(out)[:rollouts]
     benchmark = load_benchmark("gsm8k", data_dir=data_dir, limit=len(samples))
-    problems = {p.problem_id: p.problem for p in benchmark.problems}
+    problems = {p.problem_id: p for p in benchmark.problems}
+    data = out / "polarity_problems.jsonl"
+    atomic_write_jsonl(data, ({"id": p.problem_id, "question": p.problem, "answer": p.answer}
+                              for p in benchmark.problems))
+    rollouts_file = out / "polarity_rollouts.jsonl"
+    atomic_write_jsonl(rollouts_file, ({"problem_id": s["problem_id"], "problem": problems[s["problem_id"]].problem,
+                                        "completion": s["completion"], "truncated": s["truncated"],
+                                        "reward": 1.0 if s["flexible_correct"] else 0.0} for s in samples))
+    cfg = probe_config(model_dir, data, num_teachers)
+    return run_probe(cfg, out / "probe", rollouts=len(samples), controls=controls, rollouts_file=str(rollouts_file),
+                     log=print)
+
+
+def probe_config(model_dir: Path, data: Path, num_teachers: int, *extra: str) -> Any:
+    """The SGSD recipe on this model: the paper's bank, embedding retrieval, flexible rewards."""
+    from sgsd.methods import load_run_config
+
+    return load_run_config(str(SGSD_RECIPE), [
+        f"model.name_or_path={model_dir}", f"data.path={data}", f"skills.bank={PAPER_BANK}",
+        f"sgsd.num_teachers={num_teachers}", "skills.retrieval=embedding", "reward.extract=flexible",
+        f"sgsd.confidence_threshold={PAPER.confidence_threshold}", *extra])
+
+
+def run_control_cost(model_dir: Path, out: Path, *, data_dir: str, rollouts: int = 4, num_teachers: int = 8,
+                     rounds: int = 2) -> dict[str, Any]:
+    """Seconds of `score_under_teachers` (the trainer's generation-phase scoring) on the same rollouts with no
+    control, one control and two, interleaved over `rounds`: what a control costs next to K teachers."""
+    import torch
+
+    from sgsd.models import load_model, load_tokenizer
+    from sgsd.prompts import ChatStyle
+    from sgsd.skills.bank import load_bank
+    from sgsd.skills.retrieval import make_retriever
+    from sgsd.skills.teachers import TeacherSource
+    from sgsd.teacher_probe import score_under_teachers
+
+    samples = _samples(out)[:rollouts]
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir), tokenizer=tokenizer).eval()
     bank = load_bank(PAPER_BANK)
     source = TeacherSource(bank, make_retriever("embedding", bank), num_teachers)
-    table = countable_token_table(tokenizer)
-    style = ChatStyle(enable_thinking=False)
-    eos = tokenizer.eos_token_id
-    start = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    for sample in samples:
-        problem = problems[sample["problem_id"]]
-        # the completion text re-tokenized (samples keep text, not ids), with the eos it ended on
-        ids = tokenizer(sample["completion"], add_special_tokens=False)["input_ids"]
-        ids += [] if sample["truncated"] else [eos]
-        completion = torch.tensor([ids])
-        mask = torch.ones_like(completion)
-        teachers = source.teachers_for([problem])[0]
-        prompts = [[tokenizer(render_chat(tokenizer, teacher_prompt(t.guidance, problem), style),
-                              add_special_tokens=False)["input_ids"] for t in teachers]]
-        plain = torch.tensor([tokenizer(render_chat(tokenizer, student_prompt(problem), style),
-                                        add_special_tokens=False)["input_ids"]])
-        with torch.no_grad():
-            teacher_logps = score_teachers(model, prompts, completion, mask, pad_id=tokenizer.pad_token_id)
-            student_logps = completion_logprobs(model, plain, torch.ones_like(plain), completion, mask)
-        reward = torch.tensor([1.0 if sample["flexible_correct"] else 0.0])
-        weights = torch.tensor([[t.weight for t in teachers]])
-        counted = counted_mask(completion, mask, table)
-        support, polarity = teacher_polarity(student_logps, teacher_logps, counted, reward, weights, settings=PAPER)
-        # the length-free test: a sign counts when |mean| / standard error over the counted tokens > 1.96
-        _, polarity_z = teacher_polarity(student_logps, teacher_logps, counted, reward, weights,
-                                         settings=replace(PAPER, polarity_test="z"))
-        rows.append({"problem_id": sample["problem_id"], "success": bool(reward.item() > 0),
-                     "support": support[0].tolist(), "polarity": polarity[0].tolist(),
-                     "polarity_z": polarity_z[0].tolist(), "counted_tokens": int(counted.sum()),
-                     "skills": [t.skill.skill_id for t in teachers]})
-        print(f"  polarity: {len(rows)}/{len(samples)} rollouts, {time.perf_counter() - start:.0f} s", flush=True)
-    summary = polarity_summary(rows)
-    summary["seconds"] = time.perf_counter() - start
-    atomic_write_json(out / "polarity.json", {"summary": summary, "rollouts": rows})
-    plot_support(rows, out / "polarity.png")
+    from sgsd.evaluation.benchmarks import load_benchmark
+
+    texts = {p.problem_id: p.problem for p in load_benchmark("gsm8k", data_dir=data_dir).problems}
+    problems = [texts[s["problem_id"]] for s in samples]
+    teachers = source.teachers_for(problems)
+    rows = [tokenizer(s["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            for s in samples]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    variants = {"none": {}, "neutral": {"neutral": source.controls_for(problems, "neutral", tokenizer)},
+                "neutral+shuffled": {c: source.controls_for(problems, c, tokenizer) for c in ("neutral", "shuffled")}}
+    settings = replace(PAPER, num_teachers=num_teachers)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, controls in variants.items():
+            start = time.perf_counter()
+            score_under_teachers(model, tokenizer, problems, teachers, ids, mask, settings=settings,
+                                 style=ChatStyle(enable_thinking=False), chunk_tokens=4096, controls=controls)
+            times[name].append(time.perf_counter() - start)
+            print(f"  control cost: {name} {times[name][-1]:.1f} s", flush=True)
+    ratios = [{name: times[name][r] / times["none"][r] for name in variants} for r in range(rounds)]
+    summary = {"rollouts": len(samples), "teachers": num_teachers, "seconds": times, "ratio_to_none": ratios,
+               "expected_ratio": {"neutral": (num_teachers + 1) / num_teachers,
+                                  "neutral+shuffled": (num_teachers + 2) / num_teachers}}
+    atomic_write_json(out / "control_cost.json", summary)
     return summary
-
-
-def polarity_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Fractions of teachers by polarity and by (outcome, sign of support) quadrant under the theta test
-    and the z test; support quantiles."""
-    import numpy as np
-
-    support = np.array([s for r in rows for s in r["support"]])
-    success = np.array([r["success"] for r in rows for _ in r["support"]])
-
-    def fraction(flags: Any) -> float:
-        return float(flags.mean()) if flags.size else float("nan")
-
-    def by_test(key: str) -> dict[str, Any]:
-        polarity = np.array([p for r in rows for p in r[key]])
-        signed = polarity != 0
-        return {
-            "helpful_fraction": fraction(polarity > 0), "harmful_fraction": fraction(polarity < 0),
-            "neutral_fraction": fraction(polarity == 0),
-            # the paper's names: success & q > p helpful, success & q < p over-suppressive,
-            # failure & q > p misleading, failure & q < p warning (teachers whose sign counts)
-            "quadrants": {"helpful": fraction(success & signed & (support > 0)),
-                          "over_suppressive": fraction(success & signed & (support < 0)),
-                          "misleading": fraction(~success & signed & (support > 0)),
-                          "warning": fraction(~success & signed & (support < 0))},
-        }
-
-    return {
-        "rollouts": len(rows), "teachers": int(support.size), "successes": int(sum(r["success"] for r in rows)),
-        "theta_test": by_test("polarity"), "z_test": by_test("polarity_z"),
-        "support_quantiles": {str(q): float(np.quantile(support, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
-        "support_abs_mean": float(np.abs(support).mean()),
-    }
-
-
-def plot_support(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    for success, label, color in ((False, "failed rollouts", "tab:red"), (True, "successful rollouts", "tab:green")):
-        values = [s for r in rows if r["success"] == success for s in r["support"]]
-        if values:
-            ax.hist(values, bins=40, alpha=0.6, label=f"{label} ({len(values)} teachers)", color=color)
-    for x in (-PAPER.confidence_threshold, PAPER.confidence_threshold):
-        ax.axvline(x, color="black", linestyle="--", linewidth=0.8)
-    ax.set_xlabel("teacher support (mean clipped log-ratio over counted tokens); dashed: theta = 0.05")
-    ax.set_ylabel("teachers")
-    ax.set_title("SmolLM2-135M-Instruct on GSM8K, K = 8 teachers of the paper's bank")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def run_train(model_dir: Path, out: Path, *, data_dir: str, steps: int, max_new_tokens: int, num_teachers: int,
@@ -218,7 +188,8 @@ def run_train(model_dir: Path, out: Path, *, data_dir: str, steps: int, max_new_
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sgsd.benchmarking.real_model", description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", default="runs/real-model")
-    parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated: eval, polarity, train")
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help="comma-separated: eval, polarity, control-cost, train")
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "benchmarks"),
                         help="folder with gsm8k_test.jsonl")
     parser.add_argument("--problems", type=int, default=50)
@@ -251,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif phase == "polarity":
             result = run_polarity(model_dir, out, data_dir=args.data_dir, rollouts=args.polarity_rollouts,
                                   num_teachers=args.polarity_teachers)
+        elif phase == "control-cost":
+            result = run_control_cost(model_dir, out, data_dir=args.data_dir, num_teachers=args.polarity_teachers)
         elif phase == "train":
             result = run_train(model_dir, out, data_dir=args.data_dir, steps=args.train_steps,
                                max_new_tokens=args.train_max_new_tokens,

@@ -6,6 +6,8 @@
                          [--embedder MODEL] [--seed 0] [--json]
     sgsd skills build --problems data.jsonl --output-dir DIR --policy MODEL|--policy-url URL ... (see --help)
     sgsd skills report RUN_DIR [--output-dir DIR] [--bank BANK.json] [--prune-out BANK.json --min-uses N]
+    sgsd skills probe --config FILE --output-dir DIR [--rollouts N] [--control none|neutral|shuffled[,...]]
+                      [--rollouts-file FILE.jsonl] [key=value ...]
 
 Heavy work lives in `sgsd.skills.*`; this module parses arguments and prints. Old spellings (a
 positional bank, `--top-k` for teachers, `--out`, `--png`) still work with a deprecation line.
@@ -109,6 +111,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "pruning)")
     p.add_argument("--min-uses", type=int, default=20, help="uses an item needs before it can be pruned")
     p.set_defaults(_skills_run=_report, png=None)
+
+    p = sub.add_parser("probe", help="before training: do the teachers of one rollout give SGSD a signal?",
+                       description="Sample (or read) rollouts of a training config's problems, grade them, score "
+                                   "them under the K teachers (and a control teacher) with the trainer's own code, "
+                                   "and write probe.json, report.md and plots (sgsd.skills.probe).")
+    p.add_argument("--config", required=True, help="training config YAML (model, data, skills, generation, sgsd)")
+    p.add_argument("--output-dir", required=True, help="folder for probe.json, report.md, support.png, items.png")
+    p.add_argument("--rollouts", type=int, default=32, help="rollouts to sample (one per training problem) or read")
+    p.add_argument("--control", default=None,
+                   help="comma-separated controls to score: none (the paper), neutral, shuffled (default: the "
+                        "config's sgsd.polarity_control; e.g. none,neutral,shuffled scores the K teachers once)")
+    p.add_argument("--rollouts-file", default=None,
+                   help="JSONL with problem, completion and reward (or graded against the data) instead of sampling")
+    p.add_argument("--batch-size", type=int, default=8, help="rollouts per generation and scoring batch")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for sgsd train")
+    p.set_defaults(_skills_run=_probe)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -310,3 +328,24 @@ def _llm_client(args: argparse.Namespace, model_spec: str | None, url: str | Non
     model = load_model(model_spec, tokenizer=tokenizer)
     style = ChatStyle(enable_thinking=False) if args.no_thinking else ChatStyle()
     return HFClient(model, tokenizer, name=f"hf:{model_spec}", batch_size=args.batch_size, chat_style=style)
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from sgsd.methods import load_run_config
+    from sgsd.skills.probe import run_probe
+
+    cfg = load_run_config(args.config, args.overrides)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    controls = [c.strip() for c in (args.control or cfg.sgsd.polarity_control).split(",") if c.strip()]
+    result = run_probe(cfg, args.output_dir, rollouts=args.rollouts, controls=controls,
+                       rollouts_file=args.rollouts_file, batch_size=args.batch_size,
+                       log=lambda line: print(line, file=sys.stderr, flush=True))
+    for control, section in result["controls"].items():
+        share = section["sign_disagreement"]["share_with_both_signs"]
+        p = section["between_items"]["p_value"]
+        print(f"control {control}: quadrants " + ", ".join(f"{k} {v:.2f}" for k, v in section["quadrants"].items()
+                                                           if v is not None)
+              + f"; rollouts with both signs {'n/a' if share is None else f'{share:.2f}'}"
+              + f"; between-item p {'n/a' if p is None else f'{p:.3f}'}")
+    return 0

@@ -4,12 +4,13 @@
   or a misleading (skill, mistake) pair in an SGSD teacher prompt, and with the OPSD reference
   prompt. A model that reads hints orders them helpful > none ~ irrelevant > misleading.
 - `polarity_table`: on student rollouts (student prompt, temperature 1), score every completion under
-  one teacher per label (a pair of two items with that label, chosen per rollout) and under the OPSD
-  reference prompt, and report SGSD's support and polarity (docs/spec.md section 4, `sgsd.objectives`) per
-  label, per outcome, for several thresholds theta. Shapes below: B rollouts, K teachers, T tokens.
+  one teacher per label (a pair of two items with that label, chosen per rollout), and report SGSD's
+  support and polarity (docs/spec.md section 4, `sgsd.objectives`) per label, per outcome, for several
+  thresholds theta. Shapes below: B rollouts, K teachers, T tokens.
 
-Teacher log-probs come from the same weights as the student (a live teacher at step 0), through
-the project's scoring code (`sgsd.scoring`), with the project's token mask m_t.
+Teacher log-probs come from the same weights as the student (a live teacher at step 0), through the
+probe's core path (`sgsd.teacher_probe.score_rollouts` / `decide`, the trainer's scoring and polarity code),
+with the project's token mask m_t.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ from sgsd.skills.bank import CommonMistake, GeneralSkill, SkillBank
 if TYPE_CHECKING:
     import torch
 
+    from sgsd.skills.teachers import Teacher
+
 NO_HINT, REFERENCE = "none", "reference"
-TEACHER_KINDS = (HELPFUL, IRRELEVANT, MISLEADING, REFERENCE)
+TEACHER_KINDS = (HELPFUL, IRRELEVANT, MISLEADING, REFERENCE)  # the prompts of `hint_accuracy`
+POLARITY_KINDS = (HELPFUL, IRRELEVANT, MISLEADING)  # the SGSD teachers of `polarity_table` (one pair each)
 
 
 def labelled_pair(bank: SkillBank, label: str, key: str) -> tuple[GeneralSkill, CommonMistake]:
@@ -41,6 +45,15 @@ def labelled_pair(bank: SkillBank, label: str, key: str) -> tuple[GeneralSkill, 
         raise ValueError(f"seed bank has no {label} skill or mistake")
     rng = random.Random(f"sgsd-demo-pair:{label}:{key}")
     return rng.choice(skills), rng.choice(mistakes)
+
+
+def labelled_teacher(bank: SkillBank, label: str, key: str, weight: float) -> Teacher:
+    """An SGSD teacher (`sgsd.skills.teachers.Teacher`) of one labelled pair, as `build_teachers` renders it."""
+    from sgsd.prompts import render_guidance
+    from sgsd.skills.teachers import Teacher
+
+    skill, mistake = labelled_pair(bank, label, key)
+    return Teacher(skill, mistake, None, weight, render_guidance([skill], [mistake]))
 
 
 def teacher_text(bank: SkillBank, kind: str, problem: Problem, key: str) -> str:
@@ -83,6 +96,7 @@ class PolarityRow:
     support_success: float
     support_failure: float
     test: str = "threshold"
+    control: str = "none"  # the polarity control the support is read against (`sgsd.polarity_control`)
 
     @property
     def rule(self) -> str:
@@ -94,7 +108,7 @@ class PolarityRow:
 class PolarityReport:
     """Polarity rows plus what the completions look like (counted tokens, success rate, where d sits).
 
-    support: [B, K] clipped support per rollout and teacher kind (order `TEACHER_KINDS`), detached.
+    support: [B, K] clipped support per rollout and teacher kind (order `POLARITY_KINDS`), detached.
     rewards: [B] 1.0 for a correct rollout, else 0.0.
     rollouts: the B student rollouts that were scored.
     """
@@ -114,48 +128,46 @@ def _fraction(values: torch.Tensor, selector: torch.Tensor) -> float:
 
 def polarity_table(model: Any, tokenizer: Any, problems: Sequence[Problem], bank: SkillBank, *,
                    settings: SGSDSettings = SGSDSettings(), thetas: Sequence[float] = (0.05, 0.02, 0.01),
-                   z_values: Sequence[float] = (1.96, 1.0), max_new_tokens: int = 64, seed: int = 0) -> PolarityReport:
+                   z_values: Sequence[float] = (1.96, 1.0), max_new_tokens: int = 64, seed: int = 0,
+                   controls: Sequence[str] = ()) -> PolarityReport:
     """Sample one student rollout per problem, score it under each teacher kind, tabulate SGSD polarity
     under the threshold rule at each of `thetas` and the z test at each of `z_values` (the other loss
-    settings, C among them, are `settings`)."""
+    settings, C among them, are `settings`), against the student (control "none") and against each of
+    `controls` ("neutral", "shuffled": `sgsd.skills.controls`, one more forward per rollout each)."""
     from dataclasses import replace
 
     import torch
 
-    from sgsd.objectives import teacher_polarity
-    from sgsd.prompts import render_chat
-    from sgsd.scoring import completion_logprobs, countable_token_table, counted_mask, left_pad, score_teachers
+    from sgsd.teacher_probe import decide, score_rollouts
 
     rollouts = sample(model, tokenizer, [student_text(p) for p in problems], max_new_tokens=max_new_tokens, seed=seed)
     rewards = torch.tensor([float(is_correct(text, p)) for text, p in zip(rollouts.texts, problems)])
-    style = demo_chat_style()
+    weight = 1.0 / len(POLARITY_KINDS)
+    teachers = [[labelled_teacher(bank, kind, f"{p.problem_id}:{seed}", weight) for kind in POLARITY_KINDS]
+                for p in problems]
+    settings = replace(settings, num_teachers=len(POLARITY_KINDS), polarity_control="none")
+    from sgsd.skills.controls import control_guidance
 
-    def ids(text: str) -> list[int]:
-        return tokenizer(render_chat(tokenizer, text, style), add_special_tokens=False).input_ids
-
-    completion_ids, completion_mask = rollouts.completion_ids, rollouts.completion_mask
-    with torch.no_grad():
-        prompt_ids, prompt_mask = left_pad([ids(student_text(p)) for p in problems], tokenizer.pad_token_id)
-        student_logps = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)  # [B, T]
-        teacher_ids = [[ids(teacher_text(bank, kind, p, f"{p.problem_id}:{seed}")) for kind in TEACHER_KINDS]
-                       for p in problems]
-        teacher_logps = score_teachers(model, teacher_ids, completion_ids, completion_mask,
-                                       pad_id=tokenizer.pad_token_id)  # [B, K, T]
-    mask = counted_mask(completion_ids, completion_mask, countable_token_table(tokenizer))  # [B, T] m_t
-    weights = torch.full((len(problems), len(TEACHER_KINDS)), 1.0 / len(TEACHER_KINDS))
+    extra = {c: [control_guidance(c, problem=p.problem, teachers=row, bank=bank, tokenizer=tokenizer)
+                 for p, row in zip(problems, teachers)] for c in controls}
+    scored = score_rollouts(model, tokenizer, [p.problem for p in problems], rollouts.completion_ids,
+                            rollouts.completion_mask, rewards, teachers, settings, controls=extra,
+                            student_style=demo_chat_style())
+    mask = scored.scores.counted  # [B, T] m_t
     success = rewards > 0
 
     rows = []
-    support = teacher_polarity(student_logps, teacher_logps, mask, rewards, weights, settings=settings)[0]
+    support = decide(scored, settings)["none"].support
     rules = [("threshold", theta, replace(settings, polarity_test="threshold", confidence_threshold=theta))
              for theta in thetas]
     rules += [("z", z, replace(settings, polarity_test="z", polarity_z=z)) for z in z_values]
-    for test, theta, rule in rules:
-        rho = teacher_polarity(student_logps, teacher_logps, mask, rewards, weights, settings=rule)[1]
-        for k, kind in enumerate(TEACHER_KINDS):
-            r, s = rho[:, k], support[:, k]
+    for (test, theta, rule), control in [(r, c) for c in ("none", *controls) for r in rules]:
+        decided = decide(scored, rule)[control]
+        rho, control_support = decided.polarity, decided.support
+        for k, kind in enumerate(POLARITY_KINDS):
+            r, s = rho[:, k], control_support[:, k]
             rows.append(PolarityRow(
-                teacher=kind, theta=theta, rollouts=len(problems), test=test,
+                teacher=kind, theta=theta, rollouts=len(problems), test=test, control=control,
                 positive=float((r > 0).float().mean()), neutral=float((r == 0).float().mean()),
                 negative=float((r < 0).float().mean()),
                 positive_success=_fraction(r > 0, success), negative_success=_fraction(r < 0, success),
@@ -164,7 +176,7 @@ def polarity_table(model: Any, tokenizer: Any, problems: Sequence[Problem], bank
                 support_failure=float(s[~success].mean()) if bool((~success).any()) else float("nan"),
             ))
 
-    d = (teacher_logps - student_logps[:, None, :]).abs() * mask[:, None, :]  # [B, K, T], 0 off the mask
+    d = (scored.scores.teacher_logps - scored.student_logps[:, None, :]).abs() * mask[:, None, :]  # [B, K, T]
     top3 = d.topk(min(3, d.shape[-1]), dim=-1).values.sum(-1) / d.sum(-1).clamp_min(1e-9)  # [B, K]
     return PolarityReport(
         rows=tuple(rows),
@@ -173,7 +185,7 @@ def polarity_table(model: Any, tokenizer: Any, problems: Sequence[Problem], bank
         rollouts=rollouts,
         success_rate=float(rewards.mean()),
         mean_counted_tokens=float(mask.sum(-1).float().mean()),
-        top3_share={kind: float(top3[:, k].mean()) for k, kind in enumerate(TEACHER_KINDS)},
+        top3_share={kind: float(top3[:, k].mean()) for k, kind in enumerate(POLARITY_KINDS)},
     )
 
 
@@ -181,12 +193,12 @@ def format_polarity(report: PolarityReport) -> str:
     """A plain-text table of `polarity_table` (for logs and the report)."""
     lines = [
         f"rollouts: success rate {report.success_rate:.2f}, {report.mean_counted_tokens:.1f} counted tokens on average",
-        f"{'teacher':<11} {'rule':>5} {'rho+':>5} {'rho0':>5} {'rho-':>5} | {'succ+':>5} {'succ-':>5} "
+        f"{'teacher':<11} {'control':<8} {'rule':>5} {'rho+':>5} {'rho0':>5} {'rho-':>5} | {'succ+':>5} {'succ-':>5} "
         f"{'fail+':>5} {'fail-':>5} | {'sup_s':>6} {'sup_f':>6}",
     ]
     for r in report.rows:
         lines.append(
-            f"{r.teacher:<11} {r.rule:>5} {r.positive:>5.2f} {r.neutral:>5.2f} {r.negative:>5.2f} | "
+            f"{r.teacher:<11} {r.control:<8} {r.rule:>5} {r.positive:>5.2f} {r.neutral:>5.2f} {r.negative:>5.2f} | "
             f"{r.positive_success:>5.2f} {r.negative_success:>5.2f} {r.positive_failure:>5.2f} "
             f"{r.negative_failure:>5.2f} | {r.support_success:>6.3f} {r.support_failure:>6.3f}"
         )
@@ -195,5 +207,5 @@ def format_polarity(report: PolarityReport) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["LABELS", "NO_HINT", "REFERENCE", "TEACHER_KINDS", "PolarityReport", "PolarityRow", "format_polarity",
+__all__ = ["LABELS", "NO_HINT", "POLARITY_KINDS", "REFERENCE", "TEACHER_KINDS", "labelled_teacher", "PolarityReport", "PolarityRow", "format_polarity",
            "hint_accuracy", "labelled_pair", "polarity_table", "teacher_text"]

@@ -139,6 +139,7 @@ class EvaluationCache:
 
 
 PLAN_FILE = "demo_plan.json"
+PROBE_ROLLOUTS = 32  # `sgsd skills probe` on the warm start: out/probe/probe.json, report.md
 
 
 def plan_record(plan: DemoPlan) -> dict[str, Any]:
@@ -314,6 +315,12 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
 
     atomic_write_json(out / PLAN_FILE, record)
     cache = EvaluationCache(out)
+    # before any training: what SGSD's teachers (and each control) say about the first seed's warm start's rollouts
+    from sgsd.loss_settings import POLARITY_CONTROLS
+    from sgsd.skills.probe import run_probe
+
+    run_probe(method_config("sgsd", plan, warms[plan.seeds[0]].path, data, bank, plan.seeds[0]), out / "probe",
+              rollouts=PROBE_ROLLOUTS, controls=POLARITY_CONTROLS, log=lambda line: None)
 
     def trained(method: str, seed: int, lr: float, run_dir: Path) -> None:
         """Train `run_dir` from seed's warm start unless it is finished (an interrupted run resumes)."""

@@ -6,19 +6,25 @@ a = softmax(pair scores) at temperature 1, or uniform 1/K when the retrieval has
 mode). Weights sum to 1 per problem. Each teacher's guidance renders its ONE pair
 (`sgsd.prompts.render_guidance([skill], [mistake])`).
 
-Training retrieves per generation batch and caches the teachers per (bank version, problem) in memory
-(`sgsd.trainers.sgsd_trainer.TeacherSource`).
+Training and the probe retrieve per batch and cache the teachers (and the control teacher's guidance,
+`sgsd.skills.controls`) per (bank version, problem) in memory (`TeacherSource`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from sgsd.prompts import render_guidance
 from sgsd.skills.bank import CommonMistake, GeneralSkill
 from sgsd.skills.retrieval import Retrieval
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from sgsd.skills.bank import SkillBank
+    from sgsd.skills.retrieval import Retriever
 
 
 @dataclass(frozen=True)
@@ -54,3 +60,42 @@ def build_teachers(retrieval: Retrieval, k: int | None = None) -> list[Teacher]:
         Teacher(s.item, m.item, score, weight, render_guidance([s.item], [m.item]))
         for (s, m), score, weight in zip(pairs, scores, weights)
     ]
+
+
+class TeacherSource:
+    """Problems -> their K teachers (and control guidance), cached per bank version."""
+
+    def __init__(self, bank: SkillBank, retriever: Retriever, num_teachers: int) -> None:
+        self.bank, self.retriever, self.num_teachers = bank, retriever, num_teachers
+        self._cache: dict[tuple[str, str], list[Teacher]] = {}
+        self._controls: dict[tuple[str, str, str], str] = {}
+
+    def set_bank(self, bank: SkillBank) -> None:
+        """Use an updated bank (online skill update); cached teachers of the old bank are dropped."""
+        self.bank = bank
+        self.retriever = self.retriever.rebind(bank)
+        self._cache.clear()
+        self._controls.clear()
+
+    def teachers_for(self, problems: Sequence[str]) -> list[list[Teacher]]:
+        version = self.bank.version
+        missing = list(dict.fromkeys(p for p in problems if (version, p) not in self._cache))
+        if missing:
+            for problem, retrieval in zip(missing, self.retriever.retrieve_many(missing, self.num_teachers)):
+                self._cache[(version, problem)] = build_teachers(retrieval, self.num_teachers)
+        return [self._cache[(version, p)] for p in problems]
+
+    def controls_for(self, problems: Sequence[str], kind: str, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        """The control teacher's guidance block of each problem (`sgsd.skills.controls.control_guidance`)."""
+        from sgsd.skills.controls import control_guidance
+
+        teachers = self.teachers_for(problems)
+        version = self.bank.version
+        out = []
+        for problem, row in zip(problems, teachers):
+            key = (version, kind, problem)
+            if key not in self._controls:
+                self._controls[key] = control_guidance(kind, problem=problem, teachers=row, bank=self.bank,
+                                                       tokenizer=tokenizer)
+            out.append(self._controls[key])
+        return out

@@ -4,8 +4,10 @@ without gradient, the gated polarity loss of `sgsd.objectives.sgsd_loss`.
 Per generation batch (TRL generates and grades; the seams are in `sgsd.trl_adapter`):
 1. retrieve the K rank-aligned (skill, mistake) teachers of each problem (cached per bank version);
 2. render each teacher prompt with the SAME chat style as the student (unless configured otherwise);
-3. score the student's completion under every teacher (`sgsd.scoring.score_teachers`) with the
-   selected teacher weights (live / base / EMA), storing [B, K, T] log-probs with the batch;
+3. score the student's completion under every teacher (`sgsd.teacher_probe.score_under_teachers`, the
+   path the probe shares) with the selected teacher weights (live / base / EMA), storing [B, K, T]
+   log-probs with the batch, and with `polarity_control` the control teacher's [B, T] (one more teacher
+   row per rollout; `sgsd.skills.controls`);
 4. in the loss phase, one student forward with gradient gives p_t [B, T]; `sgsd_loss` does the rest.
 Rollouts whose K teachers are all neutral can skip the student forward and backward
 (`skip_neutral_rows`): their polarity is decided from a gradient-free pass of the student (its own
@@ -24,48 +26,18 @@ from sgsd.loss_settings import SGSDSettings
 from sgsd.lm_head import head_vocab_size, resolve_chunk_tokens
 from sgsd.loss_phase import active_rollouts, sgsd_loss_phase
 from sgsd.objectives import masked_mean
-from sgsd.prompts import ChatStyle, render_chat, teacher_prompt
-from sgsd.scoring import (
-    countable_token_table,
-    counted_mask,
-    lm_parts,
-    score_teachers,
-    score_teachers_local,
-)
+from sgsd.prompts import ChatStyle
+from sgsd.scoring import countable_token_table, counted_mask, lm_parts, score_teachers_local
+from sgsd.skills.teachers import TeacherSource
+from sgsd.teacher_probe import prompt_ids as teacher_prompt_ids
+from sgsd.teacher_probe import score_under_teachers, teacher_weight_matrix
 from sgsd.trainers.teacher_weights import SelfTeacher
 from sgsd.trl_adapter import HookedGRPOTrainer
 
 if TYPE_CHECKING:
     from sgsd.config import RunConfig
     from sgsd.methods import TrainerContext
-    from sgsd.skills.bank import SkillBank
-    from sgsd.skills.retrieval import Retriever
-    from sgsd.skills.teachers import Teacher
     from sgsd.trainers.skill_hooks import SkillObserver
-
-
-class TeacherSource:
-    """Problems -> their K teachers (`sgsd.skills.teachers.Teacher`), cached per bank version."""
-
-    def __init__(self, bank: "SkillBank", retriever: "Retriever", num_teachers: int) -> None:
-        self.bank, self.retriever, self.num_teachers = bank, retriever, num_teachers
-        self._cache: dict[tuple[str, str], list["Teacher"]] = {}
-
-    def set_bank(self, bank: "SkillBank") -> None:
-        """Use an updated bank (online skill update); cached teachers of the old bank are dropped."""
-        self.bank = bank
-        self.retriever = self.retriever.rebind(bank)
-        self._cache.clear()
-
-    def teachers_for(self, problems: Sequence[str]) -> list[list["Teacher"]]:
-        from sgsd.skills.teachers import build_teachers
-
-        version = self.bank.version
-        missing = list(dict.fromkeys(p for p in problems if (version, p) not in self._cache))
-        if missing:
-            for problem, retrieval in zip(missing, self.retriever.retrieve_many(missing, self.num_teachers)):
-                self._cache[(version, problem)] = build_teachers(retrieval, self.num_teachers)
-        return [self._cache[(version, p)] for p in problems]
 
 
 @dataclass
@@ -95,37 +67,35 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
         self._next_uid = 0
 
     # -- generation phase -----------------------------------------------------------------------
-    def _teacher_prompt_ids(self, problem: str, teachers: list["Teacher"]) -> list[list[int] | None]:
-        ids: list[list[int] | None] = []
-        for teacher in teachers[: self.teacher_source.num_teachers]:
-            text = render_chat(self.processing_class, teacher_prompt(teacher.guidance, problem), self.teacher_style)
-            ids.append(self.processing_class(text, add_special_tokens=False)["input_ids"])
-        return ids + [None] * (self.teacher_source.num_teachers - len(ids))
-
     def rollout_extras(self, inputs, output, rewards):
         problems = [x["problem"] for x in inputs]
         teachers = self.teacher_source.teachers_for(problems)
         k = self.teacher_source.num_teachers
         device = output["completion_ids"].device
-        weights = torch.zeros((len(problems), k), dtype=torch.float32, device=device)
-        for row, row_teachers in enumerate(teachers):
-            for col, teacher in enumerate(row_teachers[:k]):
-                weights[row, col] = teacher.weight
-        prompt_ids = [self._teacher_prompt_ids(p, t) for p, t in zip(problems, teachers)]
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
         scoring_model = self.teacher_scoring_model()
-        scoring = dict(pad_id=self.processing_class.pad_token_id, batch_rows=self.settings.teacher_batch_size,
-                       chunk_tokens=self.chunk_tokens, teacher_context=self.teacher_context)
         local: dict[str, torch.Tensor] = {}
         if self.settings.local_support_top_k > 0:
+            weights = teacher_weight_matrix(teachers, k, device)
+            prompt_ids = [teacher_prompt_ids(self.processing_class, p, [t.guidance for t in row], self.teacher_style,
+                                             k) for p, row in zip(problems, teachers)]
             logps, local["teacher_top_logps"], local["teacher_top_ids"] = score_teachers_local(
                 scoring_model, prompt_ids, completion_ids, completion_mask, top_k=self.settings.local_support_top_k,
-                **scoring)
+                pad_id=self.processing_class.pad_token_id, batch_rows=self.settings.teacher_batch_size,
+                chunk_tokens=self.chunk_tokens, teacher_context=self.teacher_context)
+            mask = counted_mask(completion_ids, completion_mask, self.count_table)
         else:
-            logps, entropy = score_teachers(scoring_model, prompt_ids, completion_ids, completion_mask,
-                                            return_entropy=True, **scoring)
-            local["teacher_entropy"] = entropy[:, :k]
-        mask = counted_mask(completion_ids, completion_mask, self.count_table)
+            control = self.settings.polarity_control
+            controls = ({} if control == "none"
+                        else {control: self.teacher_source.controls_for(problems, control, self.processing_class)})
+            scores = score_under_teachers(
+                scoring_model, self.processing_class, problems, teachers, completion_ids, completion_mask,
+                settings=self.settings, style=self.teacher_style, chunk_tokens=self.chunk_tokens, controls=controls,
+                teacher_context=self.teacher_context, count_table=self.count_table)
+            logps, weights, mask = scores.teacher_logps, scores.teacher_weights, scores.counted
+            local["teacher_entropy"] = scores.teacher_entropy
+            if control != "none":
+                local["control_logps"] = scores.control_logps[control]
         uids = torch.arange(self._next_uid, self._next_uid + len(problems), device=device)
         for uid, problem, row_teachers in zip(uids.tolist(), problems, teachers):
             self.records[uid] = RolloutRecord(problem, [t.skill.skill_id for t in row_teachers[:k]],
@@ -140,7 +110,7 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
                 self.model, prompt_ids=output["prompt_ids"], prompt_mask=output["prompt_mask"],
                 completion_ids=completion_ids, completion_mask=completion_mask, counted_mask=mask, rewards=rewards,
                 teacher_weights=weights, teacher_logps=logps[:, :k], chunk_tokens=self.chunk_tokens,
-                settings=self.settings)
+                settings=self.settings, control_logps=local.get("control_logps"))
         completions = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
         for observer in self.observers:
             observer.on_rollouts(self, problems, completions, rewards, [x["answer"] for x in inputs])
@@ -160,7 +130,7 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
             counted_mask=inputs["sgsd_mask"], rewards=inputs["rewards"], teacher_weights=inputs["teacher_weights"],
             teacher_logps=inputs["teacher_logps"], active=inputs.get("sgsd_active"),
             teacher_top_logps=inputs.get("teacher_top_logps"), teacher_top_ids=inputs.get("teacher_top_ids"),
-            chunk_tokens=self.chunk_tokens, settings=self.settings,
+            chunk_tokens=self.chunk_tokens, settings=self.settings, control_logps=inputs.get("control_logps"),
         )
         if phase.output is None:
             # same keys as a normal step (all ranks gather the same list), NaN where undefined
