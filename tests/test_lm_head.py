@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sgsd.benchmarking.measure import peak_memory, time_phase
-from sgsd.lm_head import chunk_tokens_for_budget, token_logprobs
+from sgsd.lm_head import chunk_tokens_for_budget, token_logprobs, token_logprobs_and_entropy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -45,7 +45,7 @@ def test_entropy_and_no_grad_path():
     want_logps = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
     want_entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
     with torch.no_grad():
-        logps, entropy = token_logprobs(hidden, head, targets, chunk_tokens=3, temperature=0.5, return_entropy=True)
+        logps, entropy = token_logprobs_and_entropy(hidden, head, targets, chunk_tokens=3, temperature=0.5)
     torch.testing.assert_close(logps, want_logps, atol=2e-5, rtol=1e-6)
     torch.testing.assert_close(entropy, want_entropy, atol=2e-5, rtol=1e-5)
     assert not logps.requires_grad

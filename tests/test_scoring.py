@@ -11,6 +11,7 @@ from sgsd.scoring import (
     position_ids_from_mask,
     score_teachers,
     token_logprobs,
+    token_logprobs_and_entropy,
 )
 
 # fp32 on CPU: a batched forward with padding vs an unpadded one differs by summation order only;
@@ -158,7 +159,7 @@ def test_entropy_diagnostic_matches_full_softmax(tiny_model):
     hidden = torch.randn(2, 3, tiny_model.config.hidden_size)
     targets = torch.randint(0, tiny_model.config.vocab_size, (2, 3))
     with torch.no_grad():
-        logps, entropy = token_logprobs(hidden, tiny_model.lm_head, targets, chunk_tokens=4, return_entropy=True)
+        logps, entropy = token_logprobs_and_entropy(hidden, tiny_model.lm_head, targets, chunk_tokens=4)
         full = tiny_model.lm_head(hidden).float().log_softmax(-1)
     torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1), atol=ATOL, rtol=0)
     torch.testing.assert_close(logps, full.gather(-1, targets[..., None]).squeeze(-1), atol=ATOL, rtol=0)

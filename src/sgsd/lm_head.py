@@ -152,19 +152,35 @@ def head_vocab_size(head: Any) -> int:
 
 
 def token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, target_ids: torch.Tensor, *,
-                   chunk_tokens: int = 4096, temperature: float = 1.0, return_entropy: bool = False
-                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                   chunk_tokens: int = 4096, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(lm_head(hidden) / temperature)[target] in fp32, chunked over token rows.
 
-    hidden [N, T, H], target_ids [N, T] -> [N, T] fp32 (and the detached token entropy [N, T] of
-    softmax(logits / temperature) with `return_entropy`); gradient flows to hidden and the head's
-    weight (and bias) when enabled. Same contract as `sgsd.scoring.token_logprobs`; one [chunk, V]
-    fp32 buffer at a time (module docstring).
+    hidden [N, T, H], target_ids [N, T] -> [N, T] fp32; gradient flows to hidden and the head's weight
+    (and bias) when enabled. One [chunk, V] fp32 buffer at a time (module docstring). With the token
+    entropies too: `token_logprobs_and_entropy`.
     """
+    return _token_logprobs(hidden, lm_head, target_ids, chunk_tokens=chunk_tokens, temperature=temperature,
+                           with_entropy=False)[0]
+
+
+def token_logprobs_and_entropy(hidden: torch.Tensor, lm_head: torch.nn.Module, target_ids: torch.Tensor, *,
+                               chunk_tokens: int = 4096, temperature: float = 1.0
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`token_logprobs`, the detached token entropy [N, T] of softmax(logits / temperature)), from the
+    same chunks."""
+    logps, entropy = _token_logprobs(hidden, lm_head, target_ids, chunk_tokens=chunk_tokens,
+                                     temperature=temperature, with_entropy=True)
+    assert entropy is not None
+    return logps, entropy
+
+
+def _token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, target_ids: torch.Tensor, *,
+                    chunk_tokens: int, temperature: float, with_entropy: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     n, t, h = hidden.shape
     if n * t == 0:
         empty = hidden.new_zeros((n, t), dtype=torch.float32)
-        return (empty, empty) if return_entropy else empty
+        return empty, (empty if with_entropy else None)
     flat_hidden = hidden.reshape(n * t, h)
     flat_targets = target_ids.reshape(n * t)
     weight, bias = head_weights(lm_head)
@@ -172,13 +188,11 @@ def token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, target_ids: t
     needs_grad = torch.is_grad_enabled() and (
         flat_hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     if needs_grad:
-        out = _SampledTokenLogprobs.apply(flat_hidden, weight, bias, flat_targets, chunk, temperature, return_entropy)
-        logps, entropy = out if return_entropy else (out, None)
+        out = _SampledTokenLogprobs.apply(flat_hidden, weight, bias, flat_targets, chunk, temperature, with_entropy)
+        logps, entropy = out if with_entropy else (out, None)
     else:
-        logps, _, entropy = _forward_chunks(flat_hidden, weight, bias, flat_targets, chunk, temperature, return_entropy)
-    if return_entropy:
-        return logps.reshape(n, t), entropy.reshape(n, t)
-    return logps.reshape(n, t)
+        logps, _, entropy = _forward_chunks(flat_hidden, weight, bias, flat_targets, chunk, temperature, with_entropy)
+    return logps.reshape(n, t), (entropy.reshape(n, t) if with_entropy else None)
 
 
 def chunk_tokens_for_budget(vocab_size: int, budget_bytes: int, *, minimum: int = 64, maximum: int = 16384) -> int:

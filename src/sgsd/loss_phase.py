@@ -19,7 +19,8 @@ import torch
 
 from sgsd.loss_settings import SGSDSettings
 from sgsd.objectives import SGSDLossOutput, sgsd_loss, teacher_polarity
-from sgsd.scoring import completion_logprobs, hidden_for_completion, lm_parts, local_support_student_terms
+from sgsd.scoring import (completion_logprobs, completion_logprobs_and_entropy, hidden_for_completion, lm_parts,
+                          local_support_student_terms)
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,8 @@ def sgsd_loss_phase(model: Any, *, prompt_ids: torch.Tensor, prompt_mask: torch.
             teacher_top_ids[run_rows, :, :length], top_k=top_k, chunk_tokens=chunk_tokens,
         )
     else:
-        student_logps, entropy = completion_logprobs(model, prompt_ids, prompt_mask, comp_ids, comp_mask,
-                                                     chunk_tokens=chunk_tokens, return_entropy=True)
+        student_logps, entropy = completion_logprobs_and_entropy(model, prompt_ids, prompt_mask, comp_ids, comp_mask,
+                                                                 chunk_tokens=chunk_tokens)
     values = [student_logps, teacher_logps] + [x for x in (divergence, control_logps) if x is not None]
     if not all(torch.isfinite(x).all() for x in values):
         return SGSDLossPhase(rows, run_rows, length, None, None, None, None, entropy)

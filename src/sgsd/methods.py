@@ -219,7 +219,8 @@ def _sgsd_pg_zero3_problems(cfg: "RunConfig") -> Iterator[str]:
 
 
 SGSD_CARD_SETTINGS = ("sgsd.num_teachers", "skills.retrieval", "sgsd.teacher", "sgsd.gate_tau", "sgsd.clip_delta",
-                      "sgsd.polarity_test", "sgsd.confidence_threshold", "sgsd.polarity_z", "sgsd.local_support_top_k",
+                      "sgsd.polarity_test", "sgsd.confidence_threshold", "sgsd.polarity_z", "sgsd.polarity_control",
+                      "sgsd.local_support_top_k",
                       "skills.online.enabled")
 GRPO_CARD_SETTINGS = ("grpo.num_generations", "grpo.epsilon", "grpo.beta", "grpo.loss_type")
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sgsd.lm_head import head_weights, token_logprobs
+from sgsd.lm_head import head_weights, token_logprobs, token_logprobs_and_entropy
 from sgsd.objectives import OPSDLossOutput, opsd_loss
 
 
@@ -71,16 +71,28 @@ def hidden_for_completion(model: Any, input_ids: torch.Tensor, attention_mask: t
 
 def completion_logprobs(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
                         completion_mask: torch.Tensor, *, chunk_tokens: int = 4096,
-                        temperature: float = 1.0, return_entropy: bool = False
-                        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Sampled-token log-probs [B, T] of `completion_ids` after left-padded `prompt_ids` (one forward)."""
+                        temperature: float = 1.0) -> torch.Tensor:
+    """Sampled-token log-probs [B, T] of `completion_ids` after left-padded `prompt_ids` (one forward).
+    With the token entropies too: `completion_logprobs_and_entropy`."""
+    hidden, head = _completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    return token_logprobs(hidden, head, completion_ids, chunk_tokens=chunk_tokens, temperature=temperature)
+
+
+def completion_logprobs_and_entropy(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                                    completion_ids: torch.Tensor, completion_mask: torch.Tensor, *,
+                                    chunk_tokens: int = 4096, temperature: float = 1.0
+                                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`completion_logprobs`, the detached token entropies [B, T]) from one forward."""
+    hidden, head = _completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    return token_logprobs_and_entropy(hidden, head, completion_ids, chunk_tokens=chunk_tokens, temperature=temperature)
+
+
+def _completion_hidden(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                       completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.nn.Module]:
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    t = completion_ids.size(1)
-    hidden = hidden_for_completion(model, input_ids, attention_mask, t)
-    _, head = lm_parts(model)
-    return token_logprobs(hidden, head, completion_ids, chunk_tokens=chunk_tokens, temperature=temperature,
-                          return_entropy=return_entropy)
+    hidden = hidden_for_completion(model, input_ids, attention_mask, completion_ids.size(1))
+    return hidden, lm_parts(model)[1]
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
@@ -133,31 +145,33 @@ def _teacher_rows(model: Any, teacher_prompt_ids: Sequence[Sequence[Sequence[int
 def score_teachers(model: Any, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
                    completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, pad_id: int,
                    batch_rows: int = 16, chunk_tokens: int = 4096, temperature: float = 1.0,
-                   teacher_context: Callable[[], ContextManager[Any]] = nullcontext, return_entropy: bool = False
-                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                   teacher_context: Callable[[], ContextManager[Any]] = nullcontext) -> torch.Tensor:
     """Teacher log-probs [B, K, T] of each rollout's completion under each of its K teacher prompts
-    (and their token entropies [B, K, T] with `return_entropy`).
+    (with their token entropies too: `score_teachers_and_entropy`).
 
     teacher_prompt_ids[b][k]: token ids of teacher k's rendered prompt for rollout b, or None for an
     absent teacher (its row stays 0 and is never run). completion_ids/completion_mask [B, T] are
     right-padded. No gradient. `teacher_context` selects the teacher weights (e.g. adapter disabled
     for a base-model teacher, EMA weights swapped in) around each forward.
     """
+    return score_teachers_and_entropy(model, teacher_prompt_ids, completion_ids, completion_mask, pad_id=pad_id,
+                                      batch_rows=batch_rows, chunk_tokens=chunk_tokens, temperature=temperature,
+                                      teacher_context=teacher_context)[0]
+
+
+def score_teachers_and_entropy(model: Any, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
+                               completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, pad_id: int,
+                               batch_rows: int = 16, chunk_tokens: int = 4096, temperature: float = 1.0,
+                               teacher_context: Callable[[], ContextManager[Any]] = nullcontext
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`score_teachers`, the teachers' token entropies [B, K, T]), from the same forwards."""
     def per_batch(hidden, head, comp_ids):
-        return token_logprobs(hidden, head, comp_ids, chunk_tokens=chunk_tokens, temperature=temperature,
-                              return_entropy=True)
+        return token_logprobs_and_entropy(hidden, head, comp_ids, chunk_tokens=chunk_tokens, temperature=temperature)
 
-    outs = _teacher_rows(model, teacher_prompt_ids, completion_ids, completion_mask, pad_id=pad_id,
-                         batch_rows=batch_rows, teacher_context=teacher_context, per_batch=per_batch,
-                         trailing=[(), ()], dtypes=[torch.float32, torch.float32])
-    return outs if return_entropy else outs[0]
-
-
-def _chunk_top(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-               top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    logps = torch.nn.functional.linear(hidden, weight, bias).float().log_softmax(-1)
-    top = logps.topk(top_k, dim=-1)
-    return logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1), top.values, top.indices
+    logps, entropy = _teacher_rows(model, teacher_prompt_ids, completion_ids, completion_mask, pad_id=pad_id,
+                                   batch_rows=batch_rows, teacher_context=teacher_context, per_batch=per_batch,
+                                   trailing=[(), ()], dtypes=[torch.float32, torch.float32])
+    return logps, entropy
 
 
 def score_teachers_local(model: Any, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],

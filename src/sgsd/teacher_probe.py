@@ -27,7 +27,8 @@ import torch
 from sgsd.loss_settings import SGSDSettings
 from sgsd.objectives import teacher_polarity
 from sgsd.prompts import ChatStyle, render_chat, student_prompt, teacher_prompt
-from sgsd.scoring import completion_logprobs, countable_token_table, counted_mask, left_pad, score_teachers
+from sgsd.scoring import (completion_logprobs, countable_token_table, counted_mask, left_pad,
+                          score_teachers_and_entropy)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -89,9 +90,9 @@ def score_under_teachers(scoring_model: PreTrainedModel, tokenizer: PreTrainedTo
     for b, (problem, row) in enumerate(zip(problems, teachers, strict=True)):
         ids = prompt_ids(tokenizer, problem, [t.guidance for t in row], style, k)
         rows.append(ids + prompt_ids(tokenizer, problem, [controls[c][b] for c in kinds], style, len(kinds)))
-    logps, entropy = score_teachers(scoring_model, rows, completion_ids, completion_mask,
-                                    pad_id=tokenizer.pad_token_id, batch_rows=settings.teacher_batch_size,
-                                    chunk_tokens=chunk_tokens, teacher_context=teacher_context, return_entropy=True)
+    logps, entropy = score_teachers_and_entropy(scoring_model, rows, completion_ids, completion_mask,
+                                                pad_id=tokenizer.pad_token_id, batch_rows=settings.teacher_batch_size,
+                                                chunk_tokens=chunk_tokens, teacher_context=teacher_context)
     table = countable_token_table(tokenizer) if count_table is None else count_table
     return TeacherScores(
         teacher_logps=logps[:, :k], teacher_entropy=entropy[:, :k],
