@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,11 @@ from torch.utils.checkpoint import checkpoint
 from sgsd.lm_head import head_weights, token_logprobs, token_logprobs_and_entropy
 from sgsd.objectives import OPSDLossOutput, opsd_loss
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-def lm_parts(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
+
+def lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(decoder backbone, LM head) of a causal LM, through PEFT and accelerate wrappers."""
     base = model
     if hasattr(base, "get_base_model"):  # PeftModel
@@ -43,7 +46,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def hidden_for_completion(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def hidden_for_completion(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                           num_completion_tokens: int) -> torch.Tensor:
     """Final hidden states [N, T, H] at the positions that predict the last T tokens of `input_ids`.
 
@@ -69,7 +72,7 @@ def hidden_for_completion(model: Any, input_ids: torch.Tensor, attention_mask: t
     return captured[-1][:, -num_completion_tokens - 1 : -1]
 
 
-def completion_logprobs(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+def completion_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
                         completion_mask: torch.Tensor, *, chunk_tokens: int = 4096,
                         temperature: float = 1.0) -> torch.Tensor:
     """Sampled-token log-probs [B, T] of `completion_ids` after left-padded `prompt_ids` (one forward).
@@ -78,7 +81,7 @@ def completion_logprobs(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch
     return token_logprobs(hidden, head, completion_ids, chunk_tokens=chunk_tokens, temperature=temperature)
 
 
-def completion_logprobs_and_entropy(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+def completion_logprobs_and_entropy(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                                     completion_ids: torch.Tensor, completion_mask: torch.Tensor, *,
                                     chunk_tokens: int = 4096, temperature: float = 1.0
                                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +90,7 @@ def completion_logprobs_and_entropy(model: Any, prompt_ids: torch.Tensor, prompt
     return token_logprobs_and_entropy(hidden, head, completion_ids, chunk_tokens=chunk_tokens, temperature=temperature)
 
 
-def _completion_hidden(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+def _completion_hidden(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
                        completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.nn.Module]:
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
@@ -108,7 +111,7 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.devi
     return ids.to(device), mask.to(device)
 
 
-def _teacher_rows(model: Any, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
+def _teacher_rows(model: torch.nn.Module, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
                   completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, pad_id: int, batch_rows: int,
                   teacher_context: Callable[[], ContextManager[Any]],
                   per_batch: Callable[[torch.Tensor, torch.nn.Module, torch.Tensor], tuple[torch.Tensor, ...]],
@@ -142,7 +145,7 @@ def _teacher_rows(model: Any, teacher_prompt_ids: Sequence[Sequence[Sequence[int
     return outs
 
 
-def score_teachers(model: Any, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
+def score_teachers(model: torch.nn.Module, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
                    completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, pad_id: int,
                    batch_rows: int = 16, chunk_tokens: int = 4096, temperature: float = 1.0,
                    teacher_context: Callable[[], ContextManager[Any]] = nullcontext) -> torch.Tensor:
@@ -159,7 +162,7 @@ def score_teachers(model: Any, teacher_prompt_ids: Sequence[Sequence[Sequence[in
                                       teacher_context=teacher_context)[0]
 
 
-def score_teachers_and_entropy(model: Any, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
+def score_teachers_and_entropy(model: torch.nn.Module, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
                                completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, pad_id: int,
                                batch_rows: int = 16, chunk_tokens: int = 4096, temperature: float = 1.0,
                                teacher_context: Callable[[], ContextManager[Any]] = nullcontext
@@ -174,7 +177,7 @@ def score_teachers_and_entropy(model: Any, teacher_prompt_ids: Sequence[Sequence
     return logps, entropy
 
 
-def score_teachers_local(model: Any, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
+def score_teachers_local(model: torch.nn.Module, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
                          completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, pad_id: int, top_k: int,
                          batch_rows: int = 16, chunk_tokens: int = 4096,
                          teacher_context: Callable[[], ContextManager[Any]] = nullcontext
@@ -235,7 +238,7 @@ def local_support_student_terms(hidden: torch.Tensor, lm_head: torch.nn.Module, 
     return tuple(torch.cat(p, dim=-1) for p in zip(*pieces))  # type: ignore[return-value]
 
 
-def countable_token_table(tokenizer: Any) -> torch.Tensor:
+def countable_token_table(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     """[V] bool: tokens that count in the SGSD mask m_t (docs/spec.md section 4).
 
     Excluded: special tokens, think tags, and tokens that decode to whitespace only (newlines).

@@ -46,6 +46,9 @@ from sgsd.errors import ConfigError
 from sgsd.tiny import ModelShape
 
 if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
     from sgsd.prompts import ChatStyle
     from sgsd.skills.bank import CommonMistake, GeneralSkill, SkillBank
 
@@ -151,8 +154,8 @@ class WarmupReport:
 class WarmStart:
     """A warmed-up model, its tokenizer, the world it was trained on, and where it is cached."""
 
-    model: Any
-    tokenizer: Any
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
     world: World
     config: WarmupConfig
     path: Path
@@ -219,7 +222,7 @@ def tokenizer_corpus(world: World, bank: SkillBank, size: int = 200) -> list[str
     return texts
 
 
-def encode_batch(tokenizer: Any, prompts: Sequence[str], completions: Sequence[str]) -> tuple[Any, Any, Any]:
+def encode_batch(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str]) -> tuple[Any, Any, Any]:
     """Right-padded (input_ids, attention_mask, labels) [N, L]; labels are -100 outside completions.
 
     Each prompt is a user text, rendered with the chat template; each completion is followed by the
@@ -270,7 +273,7 @@ def build_untrained(config: WarmupConfig) -> tuple[Any, Any, World, SkillBank]:
     return model, tokenizer, world, bank
 
 
-def run_warmup(model: Any, tokenizer: Any, world: World, bank: SkillBank, config: WarmupConfig, *,
+def run_warmup(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, world: World, bank: SkillBank, config: WarmupConfig, *,
                progress: Callable[[int, float], None] | None = None) -> WarmupReport:
     """The supervised warm-up loop (in place). progress(step, loss) is called after every optimizer step.
 
@@ -316,7 +319,7 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "sgsd" / "demo"
 
 
-def _save(model: Any, tokenizer: Any, config: WarmupConfig, report: WarmupReport, target: Path) -> None:
+def _save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config: WarmupConfig, report: WarmupReport, target: Path) -> None:
     """Write the checkpoint into a temporary sibling folder, then rename it into place (atomic).
     `warm_start` has made and checked target's parent before training."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -361,7 +364,7 @@ def weights_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def perturb_ulp(model: Any, seed: int) -> None:
+def perturb_ulp(model: torch.nn.Module, seed: int) -> None:
     """Move every floating-point weight of `model` by one ulp, up or down at random (seeded), in place:
     the size of the difference two machines' kernels leave in a trained checkpoint."""
     import torch

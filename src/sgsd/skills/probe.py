@@ -26,6 +26,9 @@ from sgsd.errors import UserError
 from sgsd.loss_settings import POLARITY_CONTROLS
 
 if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
     from sgsd.config import RunConfig
     from sgsd.teacher_probe import TeacherProbe
 
@@ -183,7 +186,7 @@ def run_probe(cfg: RunConfig, output_dir: str | Path, *, rollouts: int = 32, con
     return result
 
 
-def sample_rollouts(model: Any, tokenizer: Any, cfg: RunConfig, problems: Sequence[Any], style: Any,
+def sample_rollouts(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: RunConfig, problems: Sequence[Any], style: Any,
                     batch_size: int, log: Callable[[str], None]) -> list[ProbeRollout]:
     """One completion per problem with the config's sampling, graded with the config's reward."""
     from sgsd.generation import HFGenerator, SamplingConfig
@@ -207,7 +210,7 @@ def sample_rollouts(model: Any, tokenizer: Any, cfg: RunConfig, problems: Sequen
             for p, c, gr in zip(problems, completions, grades)]
 
 
-def _completion_tensors(tokenizer: Any, rollouts: Sequence[ProbeRollout]) -> tuple[Any, Any]:
+def _completion_tensors(tokenizer: PreTrainedTokenizerBase, rollouts: Sequence[ProbeRollout]) -> tuple[Any, Any]:
     """Right-padded completion ids [B, T] and mask: the sampled ids, or the text re-tokenized with the end of
     sequence it stopped on (unless truncated)."""
     import torch
