@@ -123,9 +123,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="comma-separated controls to score: none (the paper), neutral, shuffled (default: the "
                         "config's sgsd.polarity_control; e.g. none,neutral,shuffled scores the K teachers once)")
     p.add_argument("--rollouts-file", default=None,
-                   help="JSONL with problem, completion and reward (or graded against the data) instead of sampling")
+                   help="JSONL with problem, completion and reward (or graded against the data) instead of sampling "
+                        "(default: sample --rollouts from the training data)")
     p.add_argument("--batch-size", type=int, default=8, help="rollouts per generation and scoring batch")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for sgsd train")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, as for sgsd train (default: none)")
     p.set_defaults(_skills_run=_probe)
 
 
