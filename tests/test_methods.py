@@ -261,7 +261,8 @@ def test_a_methods_demo_grouping_and_polarity_follow_its_registry_entry():
     from sgsd.demo.plan import DEMO_METHODS
 
     assert {n for n, m in DEMO_METHODS.items() if m.grouped} == {"grpo", "grpo-skill", "sgsd-pg"}
-    assert {n for n, m in DEMO_METHODS.items() if m.polarity} == {"sgsd", "sgsd-z", "sgsd-z1", "sgsd-pg"}
+    assert {n for n, m in DEMO_METHODS.items() if m.polarity} == {"sgsd", "sgsd-z", "sgsd-z1", "sgsd-neutral",
+                                                                 "sgsd-shuffled", "sgsd-pg"}
     assert all(m.grouped == method_spec(m.method).groups for m in DEMO_METHODS.values())
 
 

@@ -63,6 +63,10 @@ DEMO_METHODS: dict[str, DemoMethod] = {m.name: m for m in (
                description="SGSD with the length-free polarity test (z = 1.96)"),
     DemoMethod("sgsd-z1", "sgsd", ("sgsd.polarity_test=z", "sgsd.polarity_z=1.0"), label="SGSD-z1",
                description="SGSD with the length-free polarity test at z = 1.0 (a two-sided 32% level)"),
+    DemoMethod("sgsd-neutral", "sgsd", ("sgsd.polarity_control=neutral",), label="SGSD-neutral",
+               description="SGSD whose teachers are judged against a content-free block of the same length"),
+    DemoMethod("sgsd-shuffled", "sgsd", ("sgsd.polarity_control=shuffled",), label="SGSD-shuffled",
+               description="SGSD whose teachers are judged against a bank pair not retrieved for the problem"),
     DemoMethod("sgsd-pg", "sgsd-pg", ("sgsd_pg.lambda_sgsd=1.0",),
                description="GRPO's loss + 1.0 x SGSD's loss on the same rollouts"),
 )}
