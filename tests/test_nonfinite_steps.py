@@ -10,7 +10,7 @@ from run_outputs import final_weights, metrics, train_tiny
 def test_nan_logits_skip_the_step_and_training_continues(tmp_path, monkeypatch):
     from sgsd import loss_phase  # the trainer's loss phase
 
-    original = loss_phase.completion_logprobs
+    original = loss_phase.completion_logprobs_and_entropy
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -20,7 +20,7 @@ def test_nan_logits_skip_the_step_and_training_continues(tmp_path, monkeypatch):
             return logps * float("nan"), entropy * float("nan")
         return logps, entropy
 
-    monkeypatch.setattr(loss_phase, "completion_logprobs", poisoned)
+    monkeypatch.setattr(loss_phase, "completion_logprobs_and_entropy", poisoned)
     result = train_tiny(tmp_path / "run", steps=3)
     records = metrics(result.output_dir)
     assert records[0].get("train/nonfinite_skipped") == 1.0 and records[0]["train/grad_norm"] == 0.0
