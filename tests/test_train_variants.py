@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from sgsd.config import load_config
-from sgsd.prompts import ChatStyle
 from sgsd.trainers.teacher_weights import EMAWeights, teacher_context_factory
 
 ROOT = Path(__file__).resolve().parents[1]

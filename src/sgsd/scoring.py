@@ -177,6 +177,13 @@ def score_teachers_and_entropy(model: torch.nn.Module, teacher_prompt_ids: Seque
     return logps, entropy
 
 
+def _chunk_top(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+               top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logps = torch.nn.functional.linear(hidden, weight, bias).float().log_softmax(-1)
+    top = logps.topk(top_k, dim=-1)
+    return logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1), top.values, top.indices
+
+
 def score_teachers_local(model: torch.nn.Module, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
                          completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, pad_id: int, top_k: int,
                          batch_rows: int = 16, chunk_tokens: int = 4096,

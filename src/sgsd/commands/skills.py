@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from sgsd.commands.options import add_deprecated, require, required_group
 from sgsd.errors import UserError
@@ -234,7 +235,7 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_bank(run_dir: "Path") -> "Path | None":
+def _run_bank(run_dir: Path) -> Path | None:
     """The bank a run used: its online-updated skills/latest.json, else skills.bank of its resolved config."""
     from pathlib import Path
 

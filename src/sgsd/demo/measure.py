@@ -15,7 +15,6 @@ training problems.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time

@@ -27,7 +27,7 @@ polarity of labelled teachers honestly; it does not rank the methods on the pape
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -262,8 +262,6 @@ def prepare_warm_start(seed: int, plan: DemoPlan, *, cache_root: str | Path | No
 def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path | None,
               progress: bool) -> dict[str, Any]:
     import time
-
-    from tqdm.auto import tqdm
 
     from sgsd.demo.bank import write_seed_bank
     from sgsd.demo.evaluate import accuracy, subset
