@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol
 
 from sgsd.errors import DataError
-from sgsd.storage import check_input_file, decode_utf8, read_input_bytes
+from sgsd.storage import check_input_file, decode_utf8, read_input_bytes, read_input_jsonl
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -229,17 +229,7 @@ def read_rows(path: str, split: str = "train", what: str = "dataset") -> Iterabl
             raise DataError(f"{what} {path}: not a file")
         suffix = local.suffix.lower()
         if suffix == ".jsonl":
-            text = decode_utf8(read_input_bytes(local, what), str(local))
-            for number, line in enumerate(text.split("\n"), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{local}: line {number}: invalid JSON ({err.msg})") from err
-                if not isinstance(row, dict):
-                    raise DataError(f"{local}: line {number}: expected a JSON object")
-                yield row
+            yield from (row for _, row in read_input_jsonl(local, what))
             return
         if suffix == ".json":
             text = decode_utf8(read_input_bytes(local, what), str(local))

@@ -201,6 +201,23 @@ def append_jsonl(path: str | os.PathLike, record: Any) -> None:
         os.fsync(handle.fileno())
 
 
+def read_input_jsonl(path: str | os.PathLike, what: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-empty line of an input JSONL file from a user, read with the
+    checks of `read_input_bytes` (bounded, regular file) and as UTF-8; a line that is not a JSON object
+    is a one-line `DataError` naming the file and the line."""
+    text = decode_utf8(read_input_bytes(path, what), str(path))
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: line {number}: invalid JSON ({err.msg})") from err
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {number}: expected a JSON object")
+        yield number, row
+
+
 def read_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = True) -> Iterator[dict]:
     """Yield the JSON objects of a JSONL file, one per non-empty line.
 

@@ -15,7 +15,6 @@ are the same weights before training); EMA weights do not exist yet.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, replace
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from sgsd.errors import UserError
+from sgsd.storage import read_input_jsonl
 from sgsd.loss_settings import POLARITY_CONTROLS
 
 if TYPE_CHECKING:
@@ -65,14 +65,9 @@ def read_rollouts_file(path: str | Path, problems: Sequence[Any], extract: str) 
     if not source.is_file():
         raise ProbeError(f"--rollouts-file {path}: no such file")
     rows: list[dict[str, Any]] = []
-    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ProbeError(f"{path}:{number}: not JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("completion"), str) or not (
+    # bounded, regular file, UTF-8, one JSON object per line: the rule every input file from a user follows
+    for number, row in read_input_jsonl(source, "--rollouts-file"):
+        if not isinstance(row.get("completion"), str) or not (
                 isinstance(row.get("problem"), str) or "problem_id" in row):
             raise ProbeError(f"{path}:{number}: needs a string 'completion' and a 'problem' text or a 'problem_id'")
         known = by_text.get(row["problem"]) if isinstance(row.get("problem"), str) else by_id.get(str(row["problem_id"]))
