@@ -132,3 +132,36 @@ def test_without_skill_teachers_only_the_accuracy_plot_is_drawn(tmp_path):
     fractions = {"helpful": [(1, 0.5)], "harmful": [(1, 0.2)], "neutral": [(1, 0.3)]}
     assert _plot(tmp_path, curves, fractions, items, "SGSD-z") == [
         "accuracy_over_steps.png", "polarity_over_steps.png", "attribution_by_item.png"]
+
+
+def _probe_section(items, *, both=0.25, p=0.04):
+    quadrants = {"helpful": 0.1, "over_suppressive": 0.2, "misleading": 0.05, "warning": 0.4, "neutral": 0.25}
+    return {"quadrants": quadrants, "items": items, "sign_disagreement": {"share_with_both_signs": both},
+            "between_items": {"p_value": p}}
+
+
+def test_probe_summary_reads_net_polarity_by_label():
+    """The demo report's probe table: items pooled by their label, (helpful - harmful) / uses, by hand."""
+    from sgsd.demo.report import _probe_section as section_markdown
+    from sgsd.demo.report import probe_summary
+
+    labels = {"gen_001": "helpful", "mis_001": "helpful", "gen_006": "misleading", "gen_003": "irrelevant"}
+    none = {"gen_001": {"uses": 6, "helpful": 4, "harmful": 1}, "mis_001": {"uses": 4, "helpful": 1, "harmful": 0},
+            "gen_006": {"uses": 5, "helpful": 1, "harmful": 3}, "gen_003": {"uses": 2, "helpful": 1, "harmful": 1}}
+    neutral = {"gen_001": {"uses": 6, "helpful": 0, "harmful": 0}, "gen_006": {"uses": 5, "helpful": 0, "harmful": 5}}
+    probe = {"rollouts": 32, "success_rate": 0.25, "num_teachers": 2,
+             "controls": {"none": _probe_section(none), "neutral": _probe_section(neutral, both=None, p=None)}}
+    summary = probe_summary(probe, labels, warm_start=3)
+    assert summary["warm_start"] == 3 and summary["rollouts"] == 32
+    got = summary["controls"]["none"]
+    # helpful: (4 + 1 - 1 - 0) / (6 + 4) = 0.4; misleading: (1 - 3) / 5 = -0.4; irrelevant: 0 / 2
+    assert got["net_by_label"] == {"helpful": 0.4, "irrelevant": 0.0, "misleading": -0.4}
+    assert got["uses_by_label"] == {"helpful": 10, "irrelevant": 2, "misleading": 5}
+    assert abs(got["separation"] - 0.8) < 1e-12 and got["between_items_p"] == 0.04
+    assert summary["controls"]["neutral"]["separation"] == 1.0  # 0 - (-1)
+    text = section_markdown({"probe": summary})
+    assert "### Before training: `sgsd skills probe` on warm start 3" in text
+    assert "| none | 10% | 20% | 5% | 40% | 25% | +0.40 | +0.00 | -0.40 | +0.80 | 25% | 0.040 |" in text
+    # a label none of whose items was used, and an untestable statistic, print "-" (not a net of 0)
+    assert "| neutral | 10% | 20% | 5% | 40% | 25% | +0.00 | - | -1.00 | +1.00 | - | - |" in text
+    assert section_markdown({"probe": None}) == ""

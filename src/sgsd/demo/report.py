@@ -99,6 +99,29 @@ def attribution_by_label(run_dirs: Sequence[Path], labels: dict[str, str]) -> di
     return {"by_label": out, "items": items}
 
 
+def probe_summary(probe: dict[str, Any], labels: dict[str, str], *, warm_start: int) -> dict[str, Any]:
+    """What `sgsd skills probe` said about a warm start before any training, per control, read by item label:
+    the quadrant shares, the share of rollouts whose signed teachers have both signs, the between-item test,
+    and net polarity per label (helpful - harmful) / uses, pooled over the label's items (an item takes every
+    signed or neutral outcome of the teachers it was part of)."""
+    controls = {}
+    for control, section in probe["controls"].items():
+        totals: dict[str, dict[str, int]] = {}
+        for item_id, item in section["items"].items():
+            total = totals.setdefault(labels.get(item_id, "unlabelled"), {"uses": 0, "helpful": 0, "harmful": 0})
+            for key in total:
+                total[key] += int(item[key])
+        net = {label: net_polarity(total) for label, total in sorted(totals.items())}
+        separation = (net["helpful"] - net["misleading"]) if {"helpful", "misleading"} <= net.keys() else None
+        controls[control] = {"quadrants": section["quadrants"],
+                             "share_with_both_signs": section["sign_disagreement"]["share_with_both_signs"],
+                             "between_items_p": section["between_items"]["p_value"],
+                             "net_by_label": net, "uses_by_label": {k: v["uses"] for k, v in sorted(totals.items())},
+                             "separation": separation}
+    return {"warm_start": warm_start, "rollouts": probe["rollouts"], "success_rate": probe["success_rate"],
+            "num_teachers": probe["num_teachers"], "controls": controls}
+
+
 def _plot(out: Path, curves: dict[str, list[tuple[int, float]]], fractions: dict[str, list[tuple[int, float]]],
           items: dict[str, dict[str, Any]], polarity_label: str = "SGSD") -> list[str]:
     import matplotlib
@@ -345,10 +368,12 @@ def warm_start_records(warms: dict[int, WarmStart], bases: dict[int, AccuracyEst
 
 def write_report(out: Path, *, plan: DemoPlan, warms: dict[int, WarmStart], bases: dict[int, AccuracyEstimate],
                  runs: Sequence[MethodRun], bank_path: Path, seconds: float,
-                 lr_search: dict[str, Any] | None = None) -> dict[str, Any]:
+                 lr_search: dict[str, Any] | None = None, probe: dict[str, Any] | None = None,
+                 probe_seed: int | None = None) -> dict[str, Any]:
     """results.json, report.md and the plots. `warms` and `bases`: each replication's warm start and its
     avg@k (Base), by seed; `runs` holds the shared-rate runs and, with a learning-rate search
-    (`lr_search`), the runs at each method's chosen rate (`tuned`)."""
+    (`lr_search`), the runs at each method's chosen rate (`tuned`); `probe`: `sgsd skills probe`'s result
+    on warm start `probe_seed` before training (probe.json)."""
     from sgsd.demo.bank import item_labels
     from sgsd.demo.plan import DEMO_METHODS, label
 
@@ -414,6 +439,8 @@ def write_report(out: Path, *, plan: DemoPlan, warms: dict[int, WarmStart], base
         "sgsd_polarity_over_steps": {m: [[s, v] for s, v in c] for m, c in fractions.items()},
         "attribution": attribution,
         "polarity_rules": rules,
+        "probe": probe_summary(probe, item_labels(), warm_start=int(probe_seed if probe_seed is not None
+                                                                     else plan.seeds[0])) if probe else None,
         "seconds": seconds,
         "plots": plots,
     }
@@ -517,6 +544,42 @@ Net polarity (helpful - harmful) / uses per label, separation = net(helpful) - n
 """ + "\n".join(rows) + "\n"
 
 
+def _probe_section(results: dict[str, Any]) -> str:
+    probe = results.get("probe")
+    if not probe:
+        return ""
+    labels = [label for label in ("helpful", "irrelevant", "misleading")
+              if any(label in c["net_by_label"] for c in probe["controls"].values())]
+
+    def share(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0%}"
+
+    rows = []
+    for control, c in probe["controls"].items():
+        q = c["quadrants"]
+        p = c["between_items_p"]
+        sep = c["separation"]
+        rows.append(f"| {control} | " + " | ".join(share(q[k]) for k in ("helpful", "over_suppressive", "misleading",
+                                                                         "warning", "neutral"))
+                    + " | " + " | ".join(f"{c['net_by_label'][label]:+.2f}" if label in c["net_by_label"] else "-"
+                                         for label in labels)
+                    + f" | {'-' if sep is None else f'{sep:+.2f}'} | {share(c['share_with_both_signs'])} | "
+                    + ("-" if p is None else f"{p:.3f}") + " |")
+    return f"""
+### Before training: `sgsd skills probe` on warm start {probe['warm_start']}
+What the probe (`probe/report.md`) said before any training: {probe['rollouts']} student rollouts of training
+problems (success rate {probe['success_rate']:.0%}), each scored under SGSD's K = {probe['num_teachers']} teachers
+and under each control block, polarity by the SGSD runs' own rule. Quadrant shares of the teachers; net
+polarity per item label (the labels are never seen by the probe); separation = net helpful - net
+misleading; "both signs": rollouts whose signed teachers include both signs; "between items": the
+permutation test of whether items differ in net polarity. One warm start and one draw of rollouts, so a
+difference of about 0.1 between rows is within noise (docs/methods.md).
+
+| control | helpful | over-suppressive | misleading | warning | neutral | {' | '.join(f'net {label}' for label in labels)} | separation | both signs | between items p |
+| --- | --- | --- | --- | --- | --- | {' | '.join('---' for _ in labels)} | --- | --- | --- |
+""" + "\n".join(rows) + "\n"
+
+
 def _markdown(results: dict[str, Any], plan: Any) -> str:
     from sgsd.demo.plan import DEMO_METHODS, label
 
@@ -594,7 +657,7 @@ grader; 95% intervals by a two-level bootstrap over replications and problems (`
 {_comparison_rows(results['comparisons'])}
 
 Plots: `accuracy_over_steps.png` (held-out accuracy at each checkpoint, {plan.curve_problems} problems){polarity_plots}.
-{polarity_table}{_polarity_section(results)}{_tuning_section(results)}
+{polarity_table}{_polarity_section(results)}{_probe_section(results)}{_tuning_section(results)}
 ## What these numbers mean and do not mean
 - This is a toy world and a sub-million-parameter model trained for a few steps on a laptop. It shows
   the whole method running end to end and how teacher polarity behaves on labelled skills; it says

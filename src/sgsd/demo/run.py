@@ -317,8 +317,8 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
     from sgsd.loss_settings import POLARITY_CONTROLS
     from sgsd.skills.probe import run_probe
 
-    run_probe(method_config("sgsd", plan, warms[plan.seeds[0]].path, data, bank, plan.seeds[0]), out / "probe",
-              rollouts=PROBE_ROLLOUTS, controls=POLARITY_CONTROLS, log=lambda line: None)
+    probe = run_probe(method_config("sgsd", plan, warms[plan.seeds[0]].path, data, bank, plan.seeds[0]),
+                      out / "probe", rollouts=PROBE_ROLLOUTS, controls=POLARITY_CONTROLS, log=lambda line: None)
 
     def trained(method: str, seed: int, lr: float, run_dir: Path) -> None:
         """Train `run_dir` from seed's warm start unless it is finished (an interrupted run resumes)."""
@@ -370,7 +370,8 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
                 bar.update()
     bar.set_postfix_str("report")
     results = write_report(out, plan=plan, warms=warms, bases=bases, runs=runs, bank_path=bank,
-                           seconds=time.perf_counter() - started, lr_search=lr_search)
+                           seconds=time.perf_counter() - started, lr_search=lr_search, probe=probe,
+                           probe_seed=plan.seeds[0])
     bar.update()
     bar.close()
     return results
