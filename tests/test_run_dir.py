@@ -81,6 +81,7 @@ def test_a_second_command_on_a_locked_directory_stops_at_once_naming_the_holder(
      "compare: output directory"),
     (["skills", "build", "--problems", "builtin:tiny-math", "--max-problems", "2", "--policy", "tiny"],
      "skills build: output directory"),
+    (["skills", "probe", "--config", str(TINY / "sgsd.yaml"), "--rollouts", "1"], "skills probe: output directory"),
 ])
 def test_every_command_that_writes_an_output_directory_takes_its_lock(tmp_path, capsys, command, what):
     out = tmp_path / "out"

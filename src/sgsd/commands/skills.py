@@ -341,9 +341,12 @@ def _probe(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     controls = [c.strip() for c in (args.control or cfg.sgsd.polarity_control).split(",") if c.strip()]
-    result = run_probe(cfg, args.output_dir, rollouts=args.rollouts, controls=controls,
-                       rollouts_file=args.rollouts_file, batch_size=args.batch_size,
-                       log=lambda line: print(line, file=sys.stderr, flush=True))
+    from sgsd.run_dir import locked
+
+    with locked(args.output_dir, "skills probe: output directory"):  # one writer: a second probe stops at once
+        result = run_probe(cfg, args.output_dir, rollouts=args.rollouts, controls=controls,
+                           rollouts_file=args.rollouts_file, batch_size=args.batch_size,
+                           log=lambda line: print(line, file=sys.stderr, flush=True))
     for control, section in result["controls"].items():
         share = section["sign_disagreement"]["share_with_both_signs"]
         p = section["between_items"]["p_value"]
