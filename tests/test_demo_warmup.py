@@ -193,3 +193,38 @@ def test_one_ulp_perturbation_moves_every_weight_by_one_ulp_and_is_cached(warm):
     assert abs(ups / total - 0.5) < 0.05
     again = perturbed_warm_start(warm)
     assert again.from_cache and weights_sha256(again.path) == weights_sha256(noisy.path)
+
+
+def test_a_second_process_waits_for_the_warm_up_in_progress_and_loads_it(warm, tmp_path, monkeypatch, capsys):
+    """Two demos with different output directories share the cache: while one trains an entry (holding
+    its lock), the other waits and then loads the result instead of training it again."""
+    import shutil
+    import threading
+
+    import torch
+
+    from sgsd.demo import warmup
+    from sgsd.run_dir import waiting_lock
+
+    entry = tmp_path / TINY.digest()
+    held, go = threading.Event(), threading.Event()
+
+    def other_process() -> None:  # flock conflicts between two open descriptions, even in one process
+        with waiting_lock(tmp_path / f".{entry.name}.lock"):
+            held.set()
+            go.wait(10)
+            shutil.copytree(warm.path, entry)  # its warm-up finished and was saved
+
+    def trained_again(*args, **kwargs):
+        raise AssertionError("the warm start was trained a second time")
+
+    monkeypatch.setattr(warmup, "build_untrained", trained_again)
+    other = threading.Thread(target=other_process)
+    other.start()
+    assert held.wait(10)
+    threading.Timer(0.3, go.set).start()  # finish while warm_start below waits
+    loaded = warm_start(TINY, cache_root=tmp_path)
+    other.join()
+    assert loaded.from_cache and loaded.report == warm.report
+    assert all(torch.equal(a, b) for a, b in zip(warm.model.state_dict().values(), loaded.model.state_dict().values()))
+    assert f"warm start {entry}: another process (pid " in capsys.readouterr().err

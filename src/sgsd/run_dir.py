@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,18 +167,42 @@ def locked(directory: str | os.PathLike, what: str = "output directory", *, hold
         yield
 
 
-def _lock(fd: int) -> None:
+@contextmanager
+def waiting_lock(path: str | os.PathLike, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path`, waiting for its holder if another process has it: for a
+    shared cache entry that one process builds while the others wait to read it (`DirectoryLock` refuses
+    instead). `on_wait(pid)` is called once, with the holder's pid ("" if unknown), before waiting. The lock
+    file stays (removing it would let a third process lock a new file beside a waiter's old one)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            _lock(fd)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait(_read_pid(fd))
+            _lock(fd, wait=True)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _lock(fd: int, *, wait: bool = False) -> None:
     try:
         import fcntl
     except ImportError:  # Windows
         import msvcrt
 
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        except OSError as err:
-            raise BlockingIOError(str(err)) from None
-        return
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        while True:
+            try:
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+                return
+            except OSError as err:
+                if not wait:
+                    raise BlockingIOError(str(err)) from None
+            time.sleep(0.5)
+    fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
 
 
 def _same_file(fd: int, path: Path) -> bool:

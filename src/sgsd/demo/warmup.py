@@ -33,6 +33,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -427,9 +428,19 @@ def warm_start(config: WarmupConfig, *, cache_root: str | Path | None = None,
 
         raise UserError(f"warm-start cache {path.parent}: not a writable directory ({err.strerror or err}); "
                         "pass another --cache-dir or set SGSD_CACHE_DIR") from None
-    model, tokenizer, world, bank = build_untrained(config)
-    if initial_ulp_noise:
-        perturb_ulp(model, config.seed)
-    report = run_warmup(model, tokenizer, world, bank, config, progress=progress)
-    _save(model, tokenizer, config, report, path)
+    from sgsd.run_dir import waiting_lock
+
+    def waiting(pid: str) -> None:
+        print(f"sgsd: warm start {path}: another process{f' (pid {pid})' if pid else ''} is training it; "
+              "waiting to load its result", file=sys.stderr, flush=True)
+
+    # two demos with different output directories share the cache: one trains an entry, the other waits for it
+    with waiting_lock(path.parent / f".{path.name}.lock", on_wait=waiting):
+        if (path / "warmup.json").exists():
+            return _load(path, config)
+        model, tokenizer, world, bank = build_untrained(config)
+        if initial_ulp_noise:
+            perturb_ulp(model, config.seed)
+        report = run_warmup(model, tokenizer, world, bank, config, progress=progress)
+        _save(model, tokenizer, config, report, path)
     return WarmStart(model, tokenizer, world, config, path, from_cache=False, report=report)
