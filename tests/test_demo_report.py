@@ -6,6 +6,8 @@ import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from sgsd.demo.evaluate import estimate
 from sgsd.demo.report import _findings, _pooled, attribution_by_label
 
@@ -158,10 +160,14 @@ def test_probe_summary_reads_net_polarity_by_label():
     assert got["net_by_label"] == {"helpful": 0.4, "irrelevant": 0.0, "misleading": -0.4}
     assert got["uses_by_label"] == {"helpful": 10, "irrelevant": 2, "misleading": 5}
     assert abs(got["separation"] - 0.8) < 1e-12 and got["between_items_p"] == 0.04
+    # variances: helpful ((5 + 1)/10 - 0.16)/10 = 0.044, misleading ((1 + 3)/5 - 0.16)/5 = 0.128
+    half = 1.96 * (0.044 + 0.128) ** 0.5
+    assert got["separation_interval"] == pytest.approx([0.8 - half, 0.8 + half], abs=1e-12)
     assert summary["controls"]["neutral"]["separation"] == 1.0  # 0 - (-1)
     text = section_markdown({"probe": summary})
     assert "### Before training: `sgsd skills probe` on warm start 3" in text
-    assert "| none | 10% | 20% | 5% | 40% | 25% | +0.40 | +0.00 | -0.40 | +0.80 | 25% | 0.040 |" in text
+    assert "| none | 10% | 20% | 5% | 40% | 25% | +0.40 | +0.00 | -0.40 | +0.80 [-0.01, +1.61] | 25% | 0.040 |" in text
     # a label none of whose items was used, and an untestable statistic, print "-" (not a net of 0)
-    assert "| neutral | 10% | 20% | 5% | 40% | 25% | +0.00 | - | -1.00 | +1.00 | - | - |" in text
+    # neutral: no variance in either label (every helpful-label outcome 0, every misleading one -1)
+    assert "| neutral | 10% | 20% | 5% | 40% | 25% | +0.00 | - | -1.00 | +1.00 [+1.00, +1.00] | - | - |" in text
     assert section_markdown({"probe": None}) == ""

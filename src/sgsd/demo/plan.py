@@ -146,16 +146,19 @@ class DemoPlan:
     # "warm-up" on its initial weights before the warm-up (which then amplifies it, as another machine's
     # kernels would); "" none.
     ulp_noise: str = ""
+    # `sgsd skills probe` on the first seed's warm start before training (out/probe/): rollouts, one per
+    # training problem. It trains nothing, so it is not part of what a run directory depends on.
+    probe_rollouts: int = 256
 
 
 QUICK = DemoPlan(preset="quick", steps=6, eval_every=3, prompts_per_step=16, grpo_generations=4,
-                 eval_problems=100, curve_problems=40, k=2, seeds=(0,), validation_problems=100)
+                 eval_problems=100, curve_problems=40, k=2, seeds=(0,), validation_problems=100, probe_rollouts=64)
 FULL = DemoPlan(preset="full", steps=30, eval_every=6, prompts_per_step=32, grpo_generations=4,
                 eval_problems=200, curve_problems=60, k=4, seeds=(0, 1, 2), validation_problems=200)
 # Checks that every part runs (tests): its numbers mean nothing.
 SMOKE = DemoPlan(preset="smoke", steps=2, eval_every=2, prompts_per_step=8, grpo_generations=4,
                  eval_problems=16, curve_problems=8, k=1, seeds=(0,), validation_problems=16,
-                 lr_grid=(1e-4, 3e-4), num_teachers=2, max_new_tokens=48, warmup_steps=30)
+                 lr_grid=(1e-4, 3e-4), num_teachers=2, max_new_tokens=48, warmup_steps=30, probe_rollouts=32)
 PRESETS = {plan.preset: plan for plan in (FULL, QUICK, SMOKE)}
 
 

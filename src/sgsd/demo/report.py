@@ -6,6 +6,7 @@ evaluations); the prose around them is conditional on what was measured, never f
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -112,12 +113,20 @@ def probe_summary(probe: dict[str, Any], labels: dict[str, str], *, warm_start: 
             for key in total:
                 total[key] += int(item[key])
         net = {label: net_polarity(total) for label, total in sorted(totals.items())}
-        separation = (net["helpful"] - net["misleading"]) if {"helpful", "misleading"} <= net.keys() else None
+        separation, interval = None, None
+        if {"helpful", "misleading"} <= net.keys():
+            separation = net["helpful"] - net["misleading"]
+            # normal interval from each label's outcome variance, the labels taken as independent; the
+            # teachers of one rollout share its completion, so this understates the uncertainty somewhat
+            variance = sum(((totals[k]["helpful"] + totals[k]["harmful"]) / totals[k]["uses"] - net[k] ** 2)
+                           / totals[k]["uses"] for k in ("helpful", "misleading") if totals[k]["uses"])
+            half = 1.96 * math.sqrt(max(variance, 0.0))
+            interval = [separation - half, separation + half]
         controls[control] = {"quadrants": section["quadrants"],
                              "share_with_both_signs": section["sign_disagreement"]["share_with_both_signs"],
                              "between_items_p": section["between_items"]["p_value"],
                              "net_by_label": net, "uses_by_label": {k: v["uses"] for k, v in sorted(totals.items())},
-                             "separation": separation}
+                             "separation": separation, "separation_interval": interval}
     return {"warm_start": warm_start, "rollouts": probe["rollouts"], "success_rate": probe["success_rate"],
             "num_teachers": probe["num_teachers"], "controls": controls}
 
@@ -558,12 +567,14 @@ def _probe_section(results: dict[str, Any]) -> str:
     for control, c in probe["controls"].items():
         q = c["quadrants"]
         p = c["between_items_p"]
-        sep = c["separation"]
+        sep, interval = c["separation"], c.get("separation_interval")
         rows.append(f"| {control} | " + " | ".join(share(q[k]) for k in ("helpful", "over_suppressive", "misleading",
                                                                          "warning", "neutral"))
                     + " | " + " | ".join(f"{c['net_by_label'][label]:+.2f}" if label in c["net_by_label"] else "-"
                                          for label in labels)
-                    + f" | {'-' if sep is None else f'{sep:+.2f}'} | {share(c['share_with_both_signs'])} | "
+                    + f" | {'-' if sep is None else f'{sep:+.2f}'}"
+                    + (f" [{interval[0]:+.2f}, {interval[1]:+.2f}]" if interval else "")
+                    + f" | {share(c['share_with_both_signs'])} | "
                     + ("-" if p is None else f"{p:.3f}") + " |")
     return f"""
 ### Before training: `sgsd skills probe` on warm start {probe['warm_start']}
@@ -571,11 +582,12 @@ What the probe (`probe/report.md`) said before any training: {probe['rollouts']}
 problems (success rate {probe['success_rate']:.0%}), each scored under SGSD's K = {probe['num_teachers']} teachers
 and under each control block, polarity by the SGSD runs' own rule. Quadrant shares of the teachers; net
 polarity per item label (the labels are never seen by the probe); separation = net helpful - net
-misleading; "both signs": rollouts whose signed teachers include both signs; "between items": the
-permutation test of whether items differ in net polarity. One warm start and one draw of rollouts, so a
-difference of about 0.1 between rows is within noise (docs/methods.md).
+misleading, with a 95% normal interval from the outcomes' variance (approximate: the teachers of one
+rollout share its completion); "both signs": rollouts whose signed teachers include both signs;
+"between items": the permutation test of whether items differ in net polarity. One warm start and one
+draw of rollouts: this says what the teachers do before training, not what training will find.
 
-| control | helpful | over-suppressive | misleading | warning | neutral | {' | '.join(f'net {label}' for label in labels)} | separation | both signs | between items p |
+| control | helpful | over-suppressive | misleading | warning | neutral | {' | '.join(f'net {label}' for label in labels)} | separation [95%] | both signs | between items p |
 | --- | --- | --- | --- | --- | --- | {' | '.join('---' for _ in labels)} | --- | --- | --- |
 """ + "\n".join(rows) + "\n"
 

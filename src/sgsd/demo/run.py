@@ -139,18 +139,17 @@ class EvaluationCache:
 
 
 PLAN_FILE = "demo_plan.json"
-PROBE_ROLLOUTS = 32  # `sgsd skills probe` on the warm start: out/probe/probe.json, report.md
 
 
 def plan_record(plan: DemoPlan) -> dict[str, Any]:
     """What a run directory under runs/ depends on: the plan without what only chooses which runs exist
     (seeds, methods, whether and over which grid to tune: run directories are named by method, learning
-    rate and seed), and the warm starts (seed 0's cache key; seed s's differs only in its seed)."""
+    rate and seed; the probe's rollouts: it trains nothing), and the warm starts (seed 0's cache key; seed s's differs only in its seed)."""
     from dataclasses import asdict
 
     from sgsd.demo.presets import warmup_config
 
-    choices = {"seeds", "methods", "tune_lr", "lr_grid", "tuning_seed"}
+    choices = {"seeds", "methods", "tune_lr", "lr_grid", "tuning_seed", "probe_rollouts"}
     if not plan.ulp_noise:
         choices.add("ulp_noise")  # off: the record of every ordinary demo
     return {"plan": {k: v for k, v in asdict(plan).items() if k not in choices},
@@ -318,7 +317,7 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
     from sgsd.skills.probe import run_probe
 
     probe = run_probe(method_config("sgsd", plan, warms[plan.seeds[0]].path, data, bank, plan.seeds[0]),
-                      out / "probe", rollouts=PROBE_ROLLOUTS, controls=POLARITY_CONTROLS, log=lambda line: None)
+                      out / "probe", rollouts=plan.probe_rollouts, controls=POLARITY_CONTROLS, log=lambda line: None)
 
     def trained(method: str, seed: int, lr: float, run_dir: Path) -> None:
         """Train `run_dir` from seed's warm start unless it is finished (an interrupted run resumes)."""
