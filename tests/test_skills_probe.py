@@ -48,6 +48,17 @@ def test_probe_writes_what_it_promises(probe_dir):
     report = (probe_dir / "report.md").read_text()
     assert "Do the teachers of one rollout differ in sign?" in report and "## Control: shuffled" in report
     assert (probe_dir / "support.png").stat().st_size > 0 and (probe_dir / "items.png").stat().st_size > 0
+    # teachers.jsonl holds what probe.json summarises: its rows re-count the quadrant shares and item uses
+    rows = [json.loads(line) for line in (probe_dir / "teachers.jsonl").read_text().splitlines()]
+    for control, section in result["controls"].items():
+        mine = [r for r in rows if r["control"] == control]
+        assert len(mine) == 18 and {r["rollout"] for r in mine} == set(range(6))
+        for name, share in section["quadrants"].items():
+            assert sum(r["quadrant"] == name for r in mine) / 18 == pytest.approx(share, abs=1e-12)
+        for item_id, item in section["items"].items():
+            used = [r for r in mine if item_id in (r["skill_id"], r["mistake_id"])]
+            assert (len(used), sum(r["rho"] > 0 for r in used)) == (item["uses"], item["helpful"])
+        assert all((r["control_shift"] is None) == (control == "none") for r in mine)
 
 
 def test_probe_counts_the_core_paths_polarity(probe_dir):
@@ -82,22 +93,50 @@ def test_probe_counts_the_core_paths_polarity(probe_dir):
     assert "s3" in section["items"] and section["items"]["m2"]["uses"] == 3
 
 
+def _null_rollouts(rng, *, clustered):
+    """60 rollouts x 4 teachers whose rho depends on the rollout only (its outcome: a failed rollout's teachers
+    are warnings, +1, a solved one's over-suppressive, -1, each teacher neutral with probability 0.3), never on
+    its items. `clustered`: failed rollouts retrieve items a0-a3 and solved ones b0-b3 (retrieval gives related
+    problems the same items); else each teacher carries two of eight items at random."""
+    rows = []
+    for _ in range(60):
+        failed = rng.random() < 0.5
+        sign = 1.0 if failed else -1.0
+        pool = ([f"a{j}" for j in range(4)] if failed else [f"b{j}" for j in range(4)]) if clustered else None
+        row = []
+        for k in range(4):
+            items = (pool[k],) if clustered else tuple(rng.sample([f"i{j}" for j in range(8)], 2))
+            row.append((items, sign if rng.random() < 0.7 else 0.0))
+        rows.append(row)
+    return rows
+
+
 def test_between_item_test_separates_items_only_beyond_chance():
     from sgsd.skills.probe import between_item_test
 
     import random
 
     rng = random.Random(0)
-    # under the null (every item's rho from one distribution) it rejects at its level: 200 data sets, binomial
-    # sd of the rate sqrt(0.05 * 0.95 / 200) = 0.015; [0.01, 0.10] is about 3 sd either side
-    rejected = 0
-    for seed in range(200):
-        same = {f"i{j}": [rng.choice([-1.0, 0.0, 1.0]) for _ in range(20)] for j in range(4)}
-        rejected += between_item_test(same, permutations=200, seed=seed)["p_value"] < 0.05
+    # under the null (rho depends on the rollout, not on the items) it rejects at its level: 200 data sets,
+    # binomial sd of the rate sqrt(0.05 * 0.95 / 200) = 0.015; [0.01, 0.10] is about 3 sd either side
+    rejected = sum(between_item_test(_null_rollouts(rng, clustered=False), permutations=200, seed=seed)["p_value"]
+                   < 0.05 for seed in range(200))
     assert 0.01 <= rejected / 200 <= 0.10, rejected
-    apart = {"good": [1.0] * 25 + [-1.0] * 5, "bad": [-1.0] * 25 + [1.0] * 5}
-    assert between_item_test(apart)["p_value"] < 0.01
-    assert between_item_test({"a": [1.0, 1.0]})["p_value"] is None  # fewer than 3 uses: not tested
+    # items that only ever meet the same rollouts' outcomes: their net polarities differ (a's +0.7, b's -0.7),
+    # but within a rollout nothing separates them, so the test sees no item effect (a test permuting rho
+    # across rollouts rejects every one of these data sets)
+    clustered = [between_item_test(_null_rollouts(rng, clustered=True), permutations=200, seed=s)["p_value"]
+                 for s in range(20)]
+    assert sum(p < 0.05 for p in clustered) <= 3, clustered
+    # a good and a bad item in the same rollouts: +1 / -1 with probability 0.8, two filler teachers at random
+    rows = []
+    for _ in range(30):
+        rows.append([(("good",), 1.0 if rng.random() < 0.8 else 0.0), (("bad",), -1.0 if rng.random() < 0.8 else 0.0),
+                     (("x",), rng.choice([-1.0, 0.0, 1.0])), (("y",), rng.choice([-1.0, 0.0, 1.0]))])
+    found = between_item_test(rows)
+    assert found["p_value"] < 0.01 and found["items_tested"] == 4
+    assert between_item_test([[(("a",), 1.0)], [(("a",), 1.0)]])["p_value"] is None  # one item: not tested
+    assert between_item_test([[(("a",), 1.0), (("b",), 1.0)]] * 2)["items_tested"] == 0  # 2 uses each: too few
 
 
 @pytest.mark.parametrize("args,message", [

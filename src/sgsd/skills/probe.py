@@ -8,6 +8,7 @@ and writes into the output folder:
 - probe.json: per control (`none` = the paper, `neutral`, `shuffled`), the quadrant shares, support
   quantiles, per-rollout sign disagreement, per-item polarity and the permutation test between items; the
   first control's also at the top level;
+- teachers.jsonl: one row per control, rollout and teacher (its items, support, rho, quadrant, shifts);
 - report.md, with a verdict in plain words, and the plots support.png, items.png.
 What is simplified: the teacher is the model as loaded (the live teacher at step 0, or the base model: they
 are the same weights before training); EMA weights do not exist yet.
@@ -176,7 +177,8 @@ def run_probe(cfg: RunConfig, output_dir: str | Path, *, rollouts: int = 32, con
               "bank": cfg.skills.bank, "retrieval": cfg.skills.retrieval, "num_teachers": settings.num_teachers,
               "polarity_test": settings.polarity_test, "confidence_threshold": settings.confidence_threshold,
               "polarity_z": settings.polarity_z, "rollouts_file": rollouts_file}
-    write_outputs(out, result, {c: _cat(probes[c]) for c in controls})
+    joined = {c: _cat(probes[c]) for c in controls}
+    write_outputs(out, result, joined, teacher_rows(joined, given, teacher_ids))
     log(f"probe: wrote {out / 'probe.json'} and {out / 'report.md'}")
     return result
 
@@ -258,29 +260,57 @@ def mean_interval(values: Sequence[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def between_item_test(item_values: dict[str, list[float]], *, permutations: int = PERMUTATIONS,
-                      seed: int = 0) -> dict[str, Any]:
-    """Does net polarity differ between items beyond chance? Statistic: the use-weighted variance of the items'
-    mean rho; null: rho values exchangeable between items (their labels permuted). Items with fewer than
-    MIN_ITEM_USES uses are left out."""
+def between_item_test(rollouts: Sequence[Sequence[tuple[Sequence[str], float]]], *,
+                      permutations: int = PERMUTATIONS, seed: int = 0) -> dict[str, Any]:
+    """Does net polarity differ between items beyond what their rollouts explain?
+
+    `rollouts`: per rollout, its teachers as (the items the teacher carries, its rho). Statistic: the
+    use-weighted variance of the items' mean rho, over items with at least MIN_ITEM_USES uses. Null: within a
+    rollout, which teacher got which rho does not depend on its items, so the rho values are permuted among
+    the teachers of each rollout (a stratified permutation test). Permuting across rollouts instead would
+    count as an item effect what is a rollout's: the teachers of one rollout share its completion and outcome
+    (on a model where every block lowers the completion, all of a failed rollout's teachers are warnings), and
+    retrieval gives related problems the same items, so items retrieved for hard problems would "differ" from
+    items retrieved for easy ones whatever they say."""
     import numpy as np
 
-    kept = {k: v for k, v in item_values.items() if len(v) >= MIN_ITEM_USES}
+    uses: dict[str, int] = {}
+    for row in rollouts:
+        for items, _ in row:
+            for item in items:
+                uses[item] = uses.get(item, 0) + 1
+    kept = {item: index for index, item in enumerate(sorted(i for i, n in uses.items() if n >= MIN_ITEM_USES))}
     if len(kept) < 2:
         return {"items_tested": len(kept), "statistic": None, "p_value": None}
-    values = np.concatenate([np.asarray(v, dtype=float) for v in kept.values()])
-    labels = np.concatenate([np.full(len(v), i) for i, v in enumerate(kept.values())])
-    counts = np.bincount(labels)
+    width = max((len(row) for row in rollouts), default=0)
+    values = np.zeros((len(rollouts), width))
+    present = np.zeros((len(rollouts), width), dtype=bool)
+    slots, labels = [], []  # one entry per (teacher slot, kept item it carries)
+    for r, row in enumerate(rollouts):
+        for j, (items, value) in enumerate(row):
+            values[r, j], present[r, j] = value, True
+            for item in items:
+                if item in kept:
+                    slots.append(r * width + j)
+                    labels.append(kept[item])
+    slot_index, item_index = np.asarray(slots), np.asarray(labels)
+    counts = np.bincount(item_index, minlength=len(kept))
 
-    def statistic(lab: Any) -> float:
-        means = np.bincount(lab, weights=values) / counts
-        return float((counts * (means - values.mean()) ** 2).sum() / counts.sum())
+    def statistic(table: Any) -> float:
+        x = table.reshape(-1)[slot_index]
+        means = np.bincount(item_index, weights=x, minlength=len(kept)) / counts
+        return float((counts * (means - x.mean()) ** 2).sum() / counts.sum())
 
-    observed = statistic(labels)
+    observed = statistic(values)
     rng = np.random.default_rng(seed)
-    exceed = sum(statistic(rng.permutation(labels)) >= observed - 1e-12 for _ in range(permutations))
+    rows = np.arange(len(rollouts))[:, None]
+    exceed = 0
+    for _ in range(permutations):
+        # each rollout's teachers fill its first slots: a random order of them, the empty slots sorted last
+        order = np.argsort(np.where(present, rng.random(present.shape), np.inf), axis=1)
+        exceed += statistic(values[rows, order]) >= observed - 1e-12
     return {"items_tested": len(kept), "statistic": observed, "p_value": (exceed + 1) / (permutations + 1),
-            "permutations": permutations}
+            "permutations": permutations, "null": "rho permuted among the teachers of each rollout"}
 
 
 def summarize(probe: TeacherProbe, teacher_ids: Sequence[Sequence[tuple[str, str]]], bank: Any) -> dict[str, Any]:
@@ -301,12 +331,12 @@ def summarize(probe: TeacherProbe, teacher_ids: Sequence[Sequence[tuple[str, str
     disagree = [len(set(s)) > 1 for s in two_or_more]
     items: dict[str, dict[str, Any]] = {}
     values: dict[str, list[float]] = {}
+    teachers: list[list[tuple[tuple[str, str], float]]] = []  # per rollout: (its items, rho) of each teacher
     for row_ids, row_p, row_keep in zip(teacher_ids, polarity, present):
-        for (skill, mistake), p, k in zip(row_ids, row_p, row_keep):
-            if not k:
-                continue
-            for item in (skill, mistake):
-                values.setdefault(item, []).append(float(p))
+        teachers.append([(pair, float(p)) for pair, p, k in zip(row_ids, row_p, row_keep) if k])
+        for pair, p in teachers[-1]:
+            for item in pair:
+                values.setdefault(item, []).append(p)
     kinds = {s.skill_id: "skill" for s in bank.general_skills} | {m.mistake_id: "mistake" for m in bank.common_mistakes}
     for item, vals in sorted(values.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         mean, low, high = mean_interval(vals)
@@ -327,7 +357,7 @@ def summarize(probe: TeacherProbe, teacher_ids: Sequence[Sequence[tuple[str, str
         "control_shift_mean": sum(control_shift) / len(control_shift) if control_shift else None,
         "counted_tokens_mean": float(probe.counted_tokens.float().mean()),
         "items": items,
-        "between_items": between_item_test(values),
+        "between_items": between_item_test(teachers),
     }
 
 
@@ -367,12 +397,38 @@ def verdict(section: dict[str, Any], control: str) -> list[str]:
     return lines
 
 
-def write_outputs(out: Path, result: dict[str, Any], probes: dict[str, TeacherProbe]) -> None:
-    from sgsd.storage import atomic_write_json, atomic_write_text
+def teacher_rows(probes: dict[str, TeacherProbe], rollouts: Sequence[ProbeRollout],
+                 teacher_ids: Sequence[Sequence[tuple[str, str]]]) -> list[dict[str, Any]]:
+    """teachers.jsonl: one row per (control, rollout, present teacher), what probe.json summarises."""
+    from sgsd.teacher_probe import QUADRANTS
+
+    rows = []
+    for control, probe in probes.items():
+        columns = {name: getattr(probe, name).tolist() for name in ("support", "polarity", "quadrant", "present",
+                                                                      "block_shift", "control_shift", "counted_tokens")}
+        for b, (rollout, ids) in enumerate(zip(rollouts, teacher_ids)):
+            shift = columns["control_shift"][b]
+            for k, (skill, mistake) in enumerate(ids):
+                if not columns["present"][b][k]:
+                    continue
+                rows.append({"control": control, "rollout": b, "problem_id": rollout.problem_id,
+                             "reward": rollout.reward, "teacher": k, "skill_id": skill, "mistake_id": mistake,
+                             "support": columns["support"][b][k], "rho": columns["polarity"][b][k],
+                             "quadrant": QUADRANTS[columns["quadrant"][b][k]],
+                             "block_shift": columns["block_shift"][b][k],
+                             "control_shift": None if math.isnan(shift) else shift,
+                             "counted_tokens": columns["counted_tokens"][b]})
+    return rows
+
+
+def write_outputs(out: Path, result: dict[str, Any], probes: dict[str, TeacherProbe],
+                  teachers: Sequence[dict[str, Any]] = ()) -> None:
+    from sgsd.storage import atomic_write_json, atomic_write_jsonl, atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     plot_support(probes, out / "support.png")
     plot_items(result["controls"], out / "items.png")
+    atomic_write_jsonl(out / "teachers.jsonl", teachers)
     atomic_write_json(out / "probe.json", result)
     lines = [f"# Teacher probe: {result['model']}", "",
              f"{result['rollouts']} rollouts (success rate {result['success_rate']:.1%}), K = {result['num_teachers']} "
