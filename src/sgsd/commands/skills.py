@@ -335,7 +335,7 @@ def _llm_client(args: argparse.Namespace, model_spec: str | None, url: str | Non
 
 def _probe(args: argparse.Namespace) -> int:
     from sgsd.methods import load_run_config
-    from sgsd.skills.probe import run_probe
+    from sgsd.skills.probe import format_p, run_probe
 
     cfg = load_run_config(args.config, args.overrides)
     if args.batch_size < 1:
@@ -353,5 +353,5 @@ def _probe(args: argparse.Namespace) -> int:
         print(f"control {control}: quadrants " + ", ".join(f"{k} {v:.2f}" for k, v in section["quadrants"].items()
                                                            if v is not None)
               + f"; rollouts with both signs {'n/a' if share is None else f'{share:.2f}'}"
-              + f"; between-item p {'n/a' if p is None else f'{p:.3f}'}")
+              + f"; between-item p {'n/a' if p is None else format_p(p)}")
     return 0

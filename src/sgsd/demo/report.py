@@ -554,6 +554,8 @@ Net polarity (helpful - harmful) / uses per label, separation = net(helpful) - n
 
 
 def _probe_section(results: dict[str, Any]) -> str:
+    from sgsd.skills.probe import format_p
+
     probe = results.get("probe")
     if not probe:
         return ""
@@ -575,7 +577,7 @@ def _probe_section(results: dict[str, Any]) -> str:
                     + f" | {'-' if sep is None else f'{sep:+.2f}'}"
                     + (f" [{interval[0]:+.2f}, {interval[1]:+.2f}]" if interval else "")
                     + f" | {share(c['share_with_both_signs'])} | "
-                    + ("-" if p is None else f"{p:.3f}") + " |")
+                    + ("-" if p is None else format_p(p).lstrip("= ")) + " |")
     return f"""
 ### Before training: `sgsd skills probe` on warm start {probe['warm_start']}
 What the probe (`probe/report.md`) said before any training: {probe['rollouts']} student rollouts of training

@@ -364,6 +364,11 @@ def summarize(probe: TeacherProbe, teacher_ids: Sequence[Sequence[tuple[str, str
 # -- outputs ----------------------------------------------------------------------------------------------
 
 
+def format_p(p: float) -> str:
+    """"= 0.042", or "< 0.001" where the test's resolution (1 / (permutations + 1)) ends."""
+    return f"= {p:.3f}" if p >= 0.001 else "< 0.001"
+
+
 def verdict(section: dict[str, Any], control: str) -> list[str]:
     """Plain-word answers to the two questions that decide whether SGSD has a signal."""
     lines = []
@@ -384,7 +389,7 @@ def verdict(section: dict[str, Any], control: str) -> list[str]:
     else:
         word = "Yes" if test["p_value"] < 0.05 else "No evidence"
         lines.append(f"- **Does net polarity differ between items beyond chance?** {word}: permutation test over "
-                     f"{test['items_tested']} items with >= {MIN_ITEM_USES} uses, p = {test['p_value']:.3f} "
+                     f"{test['items_tested']} items with >= {MIN_ITEM_USES} uses, p {format_p(test['p_value'])} "
                      f"({test['permutations']} permutations); per-item 95% intervals in items.png and probe.json.")
     q = section["quadrants"]
     lines.append("- Quadrants of the teachers: " + ", ".join(f"{k} {v:.1%}" for k, v in q.items() if v is not None)
