@@ -139,7 +139,7 @@ def test_without_skill_teachers_only_the_accuracy_plot_is_drawn(tmp_path):
 def _probe_section(items, *, both=0.25, p=0.04):
     quadrants = {"helpful": 0.1, "over_suppressive": 0.2, "misleading": 0.05, "warning": 0.4, "neutral": 0.25}
     return {"quadrants": quadrants, "items": items, "sign_disagreement": {"share_with_both_signs": both},
-            "between_items": {"p_value": p}}
+            "between_items": {"p_value": p}, "block_shift_mean": -0.02, "control_shift_mean": None if both else -0.2}
 
 
 def test_probe_summary_reads_net_polarity_by_label():
@@ -166,8 +166,8 @@ def test_probe_summary_reads_net_polarity_by_label():
     assert summary["controls"]["neutral"]["separation"] == 1.0  # 0 - (-1)
     text = section_markdown({"probe": summary})
     assert "### Before training: `sgsd skills probe` on warm start 3" in text
-    assert "| none | 10% | 20% | 5% | 40% | 25% | +0.40 | +0.00 | -0.40 | +0.80 [-0.01, +1.61] | 25% | 0.040 |" in text
+    assert "| none | 10% | 20% | 5% | 40% | 25% | +0.40 | +0.00 | -0.40 | +0.80 [-0.01, +1.61] | 25% | 0.040 | -0.020 / - |" in text
     # a label none of whose items was used, and an untestable statistic, print "-" (not a net of 0)
     # neutral: no variance in either label (every helpful-label outcome 0, every misleading one -1)
-    assert "| neutral | 10% | 20% | 5% | 40% | 25% | +0.00 | - | -1.00 | +1.00 [+1.00, +1.00] | - | - |" in text
+    assert "| neutral | 10% | 20% | 5% | 40% | 25% | +0.00 | - | -1.00 | +1.00 [+1.00, +1.00] | - | - | -0.020 / -0.200 |" in text
     assert section_markdown({"probe": None}) == ""

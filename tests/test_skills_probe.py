@@ -235,3 +235,15 @@ def test_controlled_polarity_trains_on_two_processes(tmp_path):
     # step 1 has the same rollouts (same seed, same weights): only the control changes the support
     assert records["none"][0]["num_tokens"] == records["shuffled"][0]["num_tokens"]
     assert records["none"][0]["sgsd/support_mean"] != records["shuffled"][0]["sgsd/support_mean"]
+
+
+def test_the_report_warns_when_the_control_is_not_matched_to_the_skill_blocks():
+    from sgsd.skills.probe import control_mismatch
+
+    spread = {"0.05": -0.15, "0.25": -0.1, "0.5": -0.08, "0.75": -0.06, "0.95": -0.04}
+    matched = {"control_shift_mean": -0.089, "block_shift": spread}
+    assert control_mismatch(matched) is None
+    assert control_mismatch({"control_shift_mean": None, "block_shift": spread}) is None  # no control
+    weak = control_mismatch({"control_shift_mean": -0.026, "block_shift": spread})
+    assert weak and "-0.026 nats a token, outside the skill blocks' 5-95% range [-0.150, -0.040]" in weak
+    assert control_mismatch({"control_shift_mean": -0.205, "block_shift": spread})  # a filler the model never saw

@@ -126,7 +126,9 @@ def probe_summary(probe: dict[str, Any], labels: dict[str, str], *, warm_start: 
                              "share_with_both_signs": section["sign_disagreement"]["share_with_both_signs"],
                              "between_items_p": section["between_items"]["p_value"],
                              "net_by_label": net, "uses_by_label": {k: v["uses"] for k, v in sorted(totals.items())},
-                             "separation": separation, "separation_interval": interval}
+                             "separation": separation, "separation_interval": interval,
+                             "block_shift_mean": section.get("block_shift_mean"),
+                             "control_shift_mean": section.get("control_shift_mean")}
     return {"warm_start": warm_start, "rollouts": probe["rollouts"], "success_rate": probe["success_rate"],
             "num_teachers": probe["num_teachers"], "controls": controls}
 
@@ -577,7 +579,9 @@ def _probe_section(results: dict[str, Any]) -> str:
                     + f" | {'-' if sep is None else f'{sep:+.2f}'}"
                     + (f" [{interval[0]:+.2f}, {interval[1]:+.2f}]" if interval else "")
                     + f" | {share(c['share_with_both_signs'])} | "
-                    + ("-" if p is None else format_p(p).lstrip("= ")) + " |")
+                    + ("-" if p is None else format_p(p).lstrip("= ")) + " | "
+                    + " / ".join("-" if c.get(k) is None else f"{c[k]:+.3f}"
+                                 for k in ("block_shift_mean", "control_shift_mean")) + " |")
     return f"""
 ### Before training: `sgsd skills probe` on warm start {probe['warm_start']}
 What the probe (`probe/report.md`) said before any training: {probe['rollouts']} student rollouts of training
@@ -586,11 +590,13 @@ and under each control block, polarity by the SGSD runs' own rule. Quadrant shar
 polarity per item label (the labels are never seen by the probe); separation = net helpful - net
 misleading, with a 95% normal interval from the outcomes' variance (approximate: the teachers of one
 rollout share its completion); "both signs": rollouts whose signed teachers include both signs;
-"between items": the permutation test of whether items differ in net polarity. One warm start and one
-draw of rollouts: this says what the teachers do before training, not what training will find.
+"between items": the permutation test of whether items differ in net polarity (within rollouts); "shift":
+the mean change of the student's log-prob per token that a skill block and the control block cause (a
+control far outside the skill blocks' range is no like-for-like block for this model). One warm start
+and one draw of rollouts: this says what the teachers do before training, not what training will find.
 
-| control | helpful | over-suppressive | misleading | warning | neutral | {' | '.join(f'net {label}' for label in labels)} | separation [95%] | both signs | between items p |
-| --- | --- | --- | --- | --- | --- | {' | '.join('---' for _ in labels)} | --- | --- | --- |
+| control | helpful | over-suppressive | misleading | warning | neutral | {' | '.join(f'net {label}' for label in labels)} | separation [95%] | both signs | between items p | shift: skill / control |
+| --- | --- | --- | --- | --- | --- | {' | '.join('---' for _ in labels)} | --- | --- | --- | --- |
 """ + "\n".join(rows) + "\n"
 
 

@@ -354,6 +354,7 @@ def summarize(probe: TeacherProbe, teacher_ids: Sequence[Sequence[tuple[str, str
         "sign_disagreement": {"rollouts_with_two_signed_teachers": len(two_or_more),
                               "share_with_both_signs": (sum(disagree) / len(disagree)) if disagree else None},
         "block_shift_mean": sum(block) / len(block) if block else None,
+        "block_shift": _quantiles(block),
         "control_shift_mean": sum(control_shift) / len(control_shift) if control_shift else None,
         "counted_tokens_mean": float(probe.counted_tokens.float().mean()),
         "items": items,
@@ -399,7 +400,23 @@ def verdict(section: dict[str, Any], control: str) -> list[str]:
                      f"{section['block_shift_mean']:+.3f} nats a token on average"
                      + (f"; the control block by {section['control_shift_mean']:+.3f}."
                         if section["control_shift_mean"] is not None else "."))
+    unmatched = control_mismatch(section)
+    if unmatched:
+        lines.append(unmatched)
     return lines
+
+
+def control_mismatch(section: dict[str, Any]) -> str | None:
+    """A warning when the control block moves the student's log-probs outside the 5-95% range of what the skill
+    blocks do: then it is no like-for-like block for this model (a filler the model never saw, say), and
+    support against it measures the difference between the two kinds of block as much as what a skill says."""
+    shift, spread = section.get("control_shift_mean"), section.get("block_shift") or {}
+    low, high = spread.get("0.05"), spread.get("0.95")
+    if shift is None or low is None or high is None or low <= shift <= high:
+        return None
+    return (f"- **The control is not matched to the skill blocks on this model:** it shifts the student's "
+            f"log-probs by {shift:+.3f} nats a token, outside the skill blocks' 5-95% range [{low:+.3f}, "
+            f"{high:+.3f}]; the polarity read against it mixes the two kinds of block with what a skill says.")
 
 
 def teacher_rows(probes: dict[str, TeacherProbe], rollouts: Sequence[ProbeRollout],
