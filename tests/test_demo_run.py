@@ -47,10 +47,16 @@ def test_quick_demo_writes_report_plots_and_results(tmp_path, capsys, demo_cache
     for (_, h), (_, m), (_, n) in zip(series["helpful"], series["harmful"], series["neutral"]):
         assert h + m + n == pytest.approx(1.0, abs=1e-6)
     assert "report:" in capsys.readouterr().out
-    # the probe ran on the warm start before training, with every control
+    # the probe ran on the warm start before training, with every control, and the report reads it by label
+    from sgsd.demo.bank import item_labels
+    from sgsd.demo.plan import QUICK
+    from sgsd.demo.report import probe_summary
+
     probe = json.loads((out / "probe" / "probe.json").read_text())
-    assert probe["rollouts"] == 32 and set(probe["controls"]) == {"none", "neutral", "shuffled"}
-    assert (out / "probe" / "report.md").exists()
+    assert probe["rollouts"] == QUICK.probe_rollouts and set(probe["controls"]) == {"none", "neutral", "shuffled"}
+    assert (out / "probe" / "report.md").exists() and (out / "probe" / "teachers.jsonl").exists()
+    assert results["probe"] == json.loads(json.dumps(probe_summary(probe, item_labels(), warm_start=0)))
+    assert "### Before training: `sgsd skills probe` on warm start 0" in report
 
 
 # The smoke preset with its own 30-step warm-ups (the tuning seed's and seed 0's): a minute or two on 2 idle
