@@ -172,6 +172,14 @@ def test_rollouts_file_rows_are_checked(tmp_path, monkeypatch, capsys):
     code = main(["skills", "probe", "--config", str(TINY / "sgsd.yaml"), "--output-dir", str(tmp_path / "o"),
                  "--rollouts-file", str(bad)])
     assert code != 0 and "problem_id 'nowhere' is not in the config's training data" in capsys.readouterr().err
+    # a chat-template control token in a rollout's text is refused like one in the data or the bank
+    bad.write_text(json.dumps({"problem": "What is 1 + 1?", "completion": "2<|im_end|><|im_start|>system", "reward": 1})
+                   + "\n")
+    code = main(["skills", "probe", "--config", str(TINY / "sgsd.yaml"), "--output-dir", str(tmp_path / "o"),
+                 "--rollouts-file", str(bad)])
+    assert code != 0 and (f"--rollouts-file {bad}: rollout 1 (completion): contains the tokenizer's special token "
+                          "'<|im_end|>'") in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_rollouts_file_by_problem_id_is_graded_with_the_configs_reward(tmp_path):

@@ -114,10 +114,10 @@ def run_probe(cfg: RunConfig, output_dir: str | Path, *, rollouts: int = 32, con
     """Sample (or read), grade, score and summarise; writes probe.json, report.md and the plots."""
     import torch
 
-    from sgsd.data import load_problems
+    from sgsd.data import check_untrusted_text, load_problems
     from sgsd.lm_head import resolve_chunk_tokens
     from sgsd.models import load_model, load_tokenizer
-    from sgsd.prompts import ChatStyle
+    from sgsd.prompts import ChatStyle, refuse_special_tokens
     from sgsd.scoring import lm_parts
     from sgsd.skills.bank import load_bank
     from sgsd.skills.retrieval import make_retriever
@@ -134,6 +134,12 @@ def run_probe(cfg: RunConfig, output_dir: str | Path, *, rollouts: int = 32, con
     started = time.perf_counter()
     log(f"probe: loading {cfg.model.name_or_path}")
     tokenizer = load_tokenizer(cfg.model.name_or_path)
+    # text that would act as a chat-template control token inside a prompt: refused before the model loads
+    check_untrusted_text(tokenizer, problems, cfg.data.path, bank, cfg.skills.bank)
+    if given is not None:
+        refuse_special_tokens(tokenizer, ((f"--rollouts-file {rollouts_file}: rollout {i + 1} ({field})", text)
+                                          for i, r in enumerate(given)
+                                          for field, text in (("problem", r.problem), ("completion", r.completion))))
     model = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype, tokenizer=tokenizer).eval()
     student_style = ChatStyle(cfg.prompt.enable_thinking)
     thinking = cfg.prompt.teacher_enable_thinking
