@@ -60,6 +60,7 @@ class UpdateOutcome:
     parse_failures: int
     truncated: int
     added: Mapping[str, tuple[str, ...]]
+    refused: int = 0  # new items dropped for holding a special token of the policy's tokenizer
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,8 @@ class WindowCheck:
         if self.update is not None:
             state.update(memories=self.update.memories, parse_failures=self.update.parse_failures,
                          truncated=self.update.truncated, added={k: list(v) for k, v in self.update.added.items()})
+            if self.update.refused:  # a newer key: written only when it says something
+                state["refused"] = self.update.refused
         return state
 
     @classmethod
@@ -91,7 +94,8 @@ class WindowCheck:
         if state["updated"]:
             update = UpdateOutcome(memories=int(state["memories"]), parse_failures=int(state["parse_failures"]),
                                    truncated=int(state["truncated"]),
-                                   added={k: tuple(v) for k, v in state["added"].items()})
+                                   added={k: tuple(v) for k, v in state["added"].items()},
+                                   refused=int(state.get("refused", 0)))  # absent in states saved before it
         return cls(step=int(state["step"]), rollouts=int(state["rollouts"]),
                    success_rate=float(state["success_rate"]), update=update)
 
@@ -106,6 +110,9 @@ class OnlineSkillUpdater:
     history: list[WindowCheck] = field(default_factory=list)
     dynamic: dict[str, list[dict]] = field(default_factory=lambda: {SKILLS.list_key: [], MISTAKES.list_key: []})
     last_checked_step: int = 0
+    # the policy tokenizer's special tokens (`sgsd.prompts.special_tokens`): a new item holding one would act
+    # as a chat-template control token in every teacher prompt it enters, so it is dropped, not added
+    forbidden_tokens: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -165,7 +172,8 @@ class OnlineSkillUpdater:
         lists = {kind.list_key: self._update_list(kind, bank, new[kind.list_key], llm) for kind in (SKILLS, MISTAKES)}
         self.history[-1] = replace(check, update=UpdateOutcome(
             memories=len(memories), parse_failures=parse_failures, truncated=truncated,
-            added={k: tuple(i.item_id for i in v[1]) for k, v in lists.items()}))
+            added={k: tuple(i.item_id for i in v[1]) for k, v in lists.items()},
+            refused=sum(v[2] for v in lists.values())))
         metadata = {**bank.metadata, "online_update": {"run_id": self.run_id, "step": step, "success_rate": success_rate,
                                                        "parse_failures": parse_failures, "truncated": truncated}}
         updated = bank.with_dynamic(lists[SKILLS.list_key][0], lists[MISTAKES.list_key][0], metadata)
@@ -210,14 +218,15 @@ class OnlineSkillUpdater:
         return successes[:take_success] + failures[:limit - take_success]
 
     def _update_list(self, kind: ItemKind, bank: SkillBank, new: list[dict[str, str]], llm: LLMClient
-                     ) -> tuple[list[GeneralSkill | CommonMistake], list[GeneralSkill | CommonMistake]]:
-        """(all dynamic items of the list after the update, the ones added now)."""
+                     ) -> tuple[list[GeneralSkill | CommonMistake], list[GeneralSkill | CommonMistake], int]:
+        """(all dynamic items of the list after the update, the ones added now, the new ones refused for a
+        special token)."""
         items = bank.general_skills if kind is SKILLS else bank.common_mistakes
         existing = [x for x in items if is_dynamic(x.item_id)]
         known = {dedup_key(kind.content(x)) for x in items}
         new = [c for c in new if dedup_key(c) not in known]
         if not new or self.config.max_new == 0:
-            return existing, []
+            return existing, [], 0
         contents = [kind.content(x) for x in existing] + new
         if len(contents) > 1:
             merge = MergeConfig(group_size=self.config.group_size, max_tokens=self.config.merge_max_tokens,
@@ -225,14 +234,16 @@ class OnlineSkillUpdater:
             contents, _ = hierarchical_merge(kind, contents, llm, merge)
         by_key = {dedup_key(kind.content(x)): x for x in existing}
         kept = [by_key[dedup_key(c)] for c in contents if dedup_key(c) in by_key]
-        fresh = [c for c in contents if dedup_key(c) not in by_key and dedup_key(c) not in known][: self.config.max_new]
+        fresh = [c for c in contents if dedup_key(c) not in by_key and dedup_key(c) not in known]
+        clean = [c for c in fresh if not any(t in text for text in c.values() for t in self.forbidden_tokens)]
+        refused, fresh = len(fresh) - len(clean), clean[: self.config.max_new]
         number = max([self.next_ids[kind.list_key]] + [_dyn_number(x.item_id) + 1 for x in items if is_dynamic(x.item_id)])
         added = [kind.make(f"dyn_{number + i:03d}", c) for i, c in enumerate(fresh)]
         self.next_ids[kind.list_key] = number + len(added)
         # Existing items keep their (id) order; the oldest leave first when over capacity.
         kept.sort(key=lambda x: _dyn_number(x.item_id))
         result = (kept + added)[-self.config.capacity:] if self.config.capacity else []
-        return result, [x for x in added if x in result]
+        return result, [x for x in added if x in result], refused
 
 
 def load_latest(run_dir: str | Path, run_id: str) -> SkillBank | None:

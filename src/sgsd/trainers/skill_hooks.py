@@ -156,6 +156,9 @@ class OnlineUpdateObserver:
             return
         bank = None
         if is_main_process():
+            from sgsd.prompts import special_tokens
+
+            self.updater.forbidden_tokens = special_tokens(trainer.processing_class)
             bank = self.updater.maybe_update(step, trainer.teacher_source.bank, self._client(trainer))
         bank, state = broadcast_object((bank, self.updater.state_dict()))
         self.updater.load_state_dict(state)
@@ -165,7 +168,8 @@ class OnlineUpdateObserver:
         if check is not None and check.step == step and check.update is not None:
             trainer.record_metrics({"skills/online_memories": float(check.update.memories),
                                     "skills/online_parse_failures": float(check.update.parse_failures),
-                                    "skills/online_truncated": float(check.update.truncated)})
+                                    "skills/online_truncated": float(check.update.truncated),
+                                    "skills/online_refused": float(check.update.refused)})
 
     def on_polarity(self, trainer: ObservedTrainer, records: Sequence[TeacherIds], polarity: torch.Tensor,
                     support: torch.Tensor, weights: torch.Tensor) -> None:
