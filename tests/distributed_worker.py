@@ -47,7 +47,7 @@ def main(recipe: str, out: str, *overrides: str) -> int:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from sgsd.config import load_config
     from sgsd.data import load_problems
-    from sgsd.distributed import close
+    from sgsd.distributed import close, leave_worker
     from sgsd.models import load_tokenizer
     from sgsd.trainers.run import train
 
@@ -56,6 +56,7 @@ def main(recipe: str, out: str, *overrides: str) -> int:
     rollout = fixed_rollouts(load_tokenizer(cfg.model.name_or_path), {p.problem: p.answer for p in problems})
     train(cfg, Path(out), progress=False, rollout_func=rollout)
     close()  # as `sgsd train` does
+    leave_worker()
     return 0
 
 

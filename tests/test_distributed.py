@@ -290,3 +290,23 @@ def test_one_failing_rank_ends_the_run_with_its_error_and_keeps_the_last_checkpo
     resumed = _ok(_run(_cli(2, "sgsd.yaml", out, *args)))
     assert f"resumed from {out / 'checkpoint-2'}" in resumed.stdout and _processes(out) == 2
     assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("rank,teardown", [("1", False), ("0", True)])
+def test_a_finished_worker_rank_leaves_without_the_interpreters_teardown(rank, teardown):
+    """`leave_worker`: a non-main rank flushes what it printed and exits 0 before exit hooks and C++ teardown run
+    (where ZeRO-3 on gloo has aborted a finished run); the main process returns and exits normally."""
+    import subprocess
+    import sys
+
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print('teardown ran', flush=True))\n"
+            "print('unflushed line', end='')\n"
+            "from sgsd.distributed import leave_worker\n"
+            "leave_worker()\n"
+            "sys.exit(3)\n")
+    env = {**os.environ, "RANK": rank, "WORLD_SIZE": "2"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("unflushed line")
+    assert ("teardown ran" in done.stdout) is teardown
+    assert done.returncode == (3 if teardown else 0)

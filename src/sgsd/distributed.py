@@ -77,6 +77,26 @@ def close() -> None:
         dist.destroy_process_group()
 
 
+def leave_worker() -> None:
+    """End a non-main rank of a finished multi-process run without the interpreter's teardown (after
+    `close()`, and only after every file the run writes is written: the main process writes them, and
+    the run's last collective has passed). Under DeepSpeed ZeRO-3 on gloo a rank has been seen to abort
+    in teardown ("terminate called without an active exception", SIGABRT) after a complete run, even
+    with the process group destroyed, which makes the launcher report a failed job; a worker has nothing
+    left to do there (no files, no reporting), so it flushes its streams and exits 0. The main process
+    exits normally (its exit hooks, a logger's final sync among them, must run). No-op in one process."""
+    import sys
+
+    if launched_world_size() <= 1 or is_main_process():
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
+
+
 def gather_objects(obj: T) -> list[T]:
     """[obj of rank 0, obj of rank 1, ...] on every rank (`[obj]` in one process)."""
     if world_size() == 1:

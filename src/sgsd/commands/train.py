@@ -37,11 +37,10 @@ def run(args: argparse.Namespace) -> int:
 
     result = train(cfg, args.output_dir, resume=not args.no_resume, max_steps=args.max_steps,
                    progress=not args.quiet)
-    from sgsd.distributed import close, is_main_process
+    from sgsd.distributed import close, leave_worker
 
     close()
-    if not is_main_process():  # what a user reads comes once, from the main process
-        return 0
+    leave_worker()  # a non-main rank ends here (what a user reads comes once, from the main process)
     if result.ignored_checkpoints:
         print(f"sgsd: ignored incomplete checkpoints: {', '.join(result.ignored_checkpoints)}", file=sys.stderr)
     if result.already_complete:
