@@ -129,13 +129,17 @@ def special_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
     return tuple(sorted((t for t in found if t), key=lambda t: (-len(t), t)))
 
 
+def special_token_pattern(tokens: Sequence[str]) -> re.Pattern[str] | None:
+    """A pattern that finds any of `tokens` (`special_tokens` of a tokenizer) in a text; None without tokens."""
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+
 def refuse_special_tokens(tokenizer: PreTrainedTokenizerBase, *texts: Iterable[tuple[str, str]]) -> None:
     """Raise a one-line `DataError` for the first (where, text) pair whose text holds one of the
     tokenizer's special tokens (see the module docstring); `where` names the item in the message."""
-    tokens = special_tokens(tokenizer)
-    if not tokens:
+    pattern = special_token_pattern(special_tokens(tokenizer))
+    if pattern is None:
         return
-    pattern = re.compile("|".join(map(re.escape, tokens)))
     for group in texts:
         for where, text in group:
             match = pattern.search(text)

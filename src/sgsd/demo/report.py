@@ -579,7 +579,7 @@ def _probe_section(results: dict[str, Any]) -> str:
                     + f" | {'-' if sep is None else f'{sep:+.2f}'}"
                     + (f" [{interval[0]:+.2f}, {interval[1]:+.2f}]" if interval else "")
                     + f" | {share(c['share_with_both_signs'])} | "
-                    + ("-" if p is None else format_p(p).lstrip("= ")) + " | "
+                    + ("-" if p is None else format_p(p).removeprefix("= ")) + " | "
                     + " / ".join("-" if c.get(k) is None else f"{c[k]:+.3f}"
                                  for k in ("block_shift_mean", "control_shift_mean")) + " |")
     return f"""

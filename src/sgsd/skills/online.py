@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 
 from sgsd.config import OnlineUpdateSettings
 from sgsd.errors import ConfigError, DataError
+from sgsd.prompts import special_token_pattern
 from sgsd.skills.bank import CommonMistake, GeneralSkill, SkillBank, is_dynamic, load_bank, save_bank
 from sgsd.skills.extraction import MISTAKES, SKILLS, ItemKind, dedup_key, extraction_prompt, parse_reply
 from sgsd.skills.llm import LLMClient
@@ -235,7 +236,8 @@ class OnlineSkillUpdater:
         by_key = {dedup_key(kind.content(x)): x for x in existing}
         kept = [by_key[dedup_key(c)] for c in contents if dedup_key(c) in by_key]
         fresh = [c for c in contents if dedup_key(c) not in by_key and dedup_key(c) not in known]
-        clean = [c for c in fresh if not any(t in text for text in c.values() for t in self.forbidden_tokens)]
+        pattern = special_token_pattern(self.forbidden_tokens)
+        clean = [c for c in fresh if pattern is None or not any(pattern.search(text) for text in c.values())]
         refused, fresh = len(fresh) - len(clean), clean[: self.config.max_new]
         number = max([self.next_ids[kind.list_key]] + [_dyn_number(x.item_id) + 1 for x in items if is_dynamic(x.item_id)])
         added = [kind.make(f"dyn_{number + i:03d}", c) for i, c in enumerate(fresh)]
