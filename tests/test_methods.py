@@ -41,27 +41,11 @@ def test_orchestrator_never_branches_on_a_method_name():
     assert not re.search(r"['\"](sgsd|grpo|opsd)['\"]", source)
 
 
-def test_deprecated_num_teachers_key_moves_to_sgsd(capsys):
-    cfg = load_config(TINY / "sgsd.yaml", ["skills.num_teachers=5", "opsd.teacher_batch_size=4"])
-    assert cfg.sgsd.num_teachers == 5
-    err = capsys.readouterr().err
-    assert "'skills.num_teachers' is deprecated; use 'sgsd.num_teachers'" in err
-    assert "'opsd.teacher_batch_size' has no effect" in err
-
-
-def test_resume_accepts_a_run_saved_with_the_old_key(tmp_path):
-    import yaml
-
-    from sgsd.config import dump_config
-    from sgsd.run_dir import check_resume_config
-
-    cfg = load_config(TINY / "sgsd.yaml")
-    saved = yaml.safe_load(dump_config(cfg))
-    saved["skills"]["num_teachers"] = saved["sgsd"].pop("num_teachers")  # as runs before the move wrote it
-    (tmp_path / "resolved_config.yaml").write_text(yaml.safe_dump(saved))
-    check_resume_config(tmp_path, dump_config(cfg))  # no error: the same settings
-    with pytest.raises(Exception, match="sgsd.num_teachers: 3 -> 4"):
-        check_resume_config(tmp_path, dump_config(load_config(TINY / "sgsd.yaml", ["sgsd.num_teachers=4"])))
+def test_a_removed_key_is_an_unknown_key_with_a_did_you_mean():
+    """0.1.0 carries no compatibility spellings: the key that moved to `sgsd.num_teachers` is refused like
+    any unknown key, and the refusal points to where it lives now."""
+    with pytest.raises(ConfigError, match=r"unknown config key 'skills.num_teachers' \(did you mean 'sgsd.num_teachers'\?\)"):
+        load_config(TINY / "sgsd.yaml", ["skills.num_teachers=5"])
 
 
 def test_behaviour_check_reports_a_changed_metric_and_weight(tmp_path):

@@ -367,52 +367,21 @@ def _resolve_path(value: Any, source: str) -> Any:
     return str(candidate) if candidate.exists() else value
 
 
-# Keys that configs in the wild still use: old dotted key -> its new key (None: it never had an effect).
-DEPRECATED_KEYS: dict[str, str | None] = {
-    "skills.num_teachers": "sgsd.num_teachers",
-    "opsd.teacher_batch_size": None,
-}
-
-
-def _deprecated(where: str, value: Any, source: str) -> dict[str, Any] | None:
-    """The replacement {new dotted key: value} of a deprecated key (with a one-line notice), or None."""
-    import sys
-
-    if where not in DEPRECATED_KEYS:
-        return None
-    new = DEPRECATED_KEYS[where]
-    import os
-
-    if os.environ.get("RANK", "0") != "0":  # every rank reads the config; one notice is enough
-        return {} if new is None else {new: value}
-    if new is None:
-        print(f"sgsd: warning: {source}: '{where}' has no effect and is ignored; remove it", file=sys.stderr)
-        return {}
-    print(f"sgsd: warning: {source}: '{where}' is deprecated; use '{new}'", file=sys.stderr)
-    return {new: value}
-
-
-def _merge_into(obj: Any, data: dict[str, Any], prefix: str, source: str, root: Any = None) -> Any:
+def _merge_into(obj: Any, data: dict[str, Any], prefix: str, source: str) -> Any:
     """`obj` with `data` merged in: changed in place, or for a frozen section (`SGSDSettings`) a changed copy."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {prefix or 'top level'}: expected a mapping, got {type(data).__name__}")
-    root = obj if root is None else root
     types = _field_types(type(obj))
     changes: dict[str, Any] = {}
     for key, value in data.items():
         where = f"{prefix}{key}"
-        replacement = _deprecated(where, value, source)
-        if replacement is not None:
-            for new_key, new_value in replacement.items():
-                _merge_into(root, _nest(new_key, new_value), "", source)
-            continue
         if key not in types:
             hints = _suggestions(str(key), prefix, list(types))
             suggestion = f" (did you mean {' or '.join(repr(h) for h in hints)}?)" if hints else ""
             raise ConfigError(f"{source}: unknown config key '{where}'{suggestion}")
         tp = types[key]
         if _is_dataclass_type(tp):
-            changes[key] = _merge_into(getattr(obj, key), value, f"{where}.", source, root)
+            changes[key] = _merge_into(getattr(obj, key), value, f"{where}.", source)
         else:
             if where in PATH_KEYS and source != "override":
                 value = _resolve_path(value, source)

@@ -386,16 +386,13 @@ def check_resume_config(output_dir: Path, config_yaml: str) -> None:
     """
     import yaml
 
-    from sgsd.config import DEPRECATED_KEYS, flatten
+    from sgsd.config import flatten
 
     saved_path = output_dir / RESOLVED_CONFIG
     if not saved_path.exists():
         return
     try:
         saved = flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
-        for old, new in DEPRECATED_KEYS.items():  # a run started before a key moved
-            if old in saved and new is not None:
-                saved.setdefault(new, saved.pop(old))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise UserError(f"{saved_path}: unreadable ({str(err).splitlines()[0]}); cannot check the run's config "
                         "before resuming") from None

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sgsd.commands.options import add_deprecated, add_quiet, require, required_group
+from sgsd.commands.options import add_quiet, require, required_group
 from sgsd.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
@@ -50,10 +50,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                          "--allow-differences is given.")
     compare.add_argument("runs", nargs="+", metavar="OUT", help="`sgsd eval` output directories (or results.json files)")
     compare.add_argument("--output-dir", default=".", help="where compare.png is written")
-    add_deprecated(compare, "--plot", "--output-dir", "plot")
     compare.add_argument("--allow-differences", action="store_true",
                          help="compare evaluations made with different settings (the differences are printed)")
-    compare.set_defaults(plot=None)
 
     required = required_group(parser)
     required.add_argument("--model", help="hub id, local model, run directory (its final/), adapter dir, or tiny")
@@ -68,7 +66,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bank", dest="skills", metavar="BANK",
                         help="skill bank JSON: Base+Skill, top skills and mistakes in the prompt (default: none, "
                              "plain prompts)")
-    add_deprecated(parser, "--skills", "--bank", "skills")
     parser.add_argument("--skills-top-k", type=int, default=8, help="skills and mistakes in the prompt with --bank")
     parser.add_argument("--retrieval", default="embedding", choices=("embedding", "bm25", "random"),
                         help="how --bank items are chosen per problem")
@@ -94,7 +91,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.eval_command == "compare":
-        return run_compare(args.runs, args.output_dir, plot=args.plot, allow_differences=args.allow_differences)
+        return run_compare(args.runs, args.output_dir, allow_differences=args.allow_differences)
     return run_eval(args)
 
 
@@ -106,12 +103,11 @@ def settings_differences(runs: list[EvalRun]) -> list[str]:
     return setting_differences(flat)
 
 
-def run_compare(paths: list[str], output_dir: str = ".", *, plot: str | None = None,
-                allow_differences: bool = False) -> int:
+def run_compare(paths: list[str], output_dir: str = ".", *, allow_differences: bool = False) -> int:
     from sgsd.evaluation.report import format_comparison, load_run, plot_comparison
     from sgsd.storage import check_writable_dir
 
-    png = Path(plot) if plot else Path(output_dir) / "compare.png"
+    png = Path(output_dir) / "compare.png"
     check_writable_dir(png.parent, "eval compare: output directory")
     labels = [Path(p).resolve().name for p in paths]
     if len(set(labels)) < len(labels):

@@ -6,8 +6,6 @@
 - `--threads N` on every parser (`add_threads`): the thread policy's override (`sgsd.threads`).
 - The shared spellings: `--output-dir` for every output directory, `--bank` for a skill bank,
   `--teachers` for the number of teachers, `--quiet` for progress output (`add_quiet`).
-- `add_deprecated`: an old spelling that still works, prints one deprecation line on stderr and is
-  hidden from the help.
 - `required_group`: options a command needs, shown under "required arguments" even where argparse
   cannot require them (a sub-command such as `sgsd eval compare` does without them).
 """
@@ -15,11 +13,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import difflib
 from typing import Any
-
-DEPRECATION = "sgsd: warning: {old} is deprecated and will be removed; use {new}"
-
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """Appends "(default: X)" where the help text does not already describe the default.
@@ -46,37 +41,41 @@ class SgsdArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        # no prefix matching: a removed or mistyped option (`--skills`) would silently become another
+        # one that starts with it (`--skills-top-k`)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         add_threads(self)
 
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # reported by the sub-command they were given to, which knows its own options
+            _innermost(self, parsed).error("unrecognized arguments: " + " ".join(extras))
+        return parsed
+
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"sgsd: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"sgsd: error: {self.prog}: {message}{self._did_you_mean(message)} (see `{self.prog} --help`)\n")
+
+    def _did_you_mean(self, message: str) -> str:
+        """For "unrecognized arguments: --bnak x": the closest options this parser knows."""
+        prefix = "unrecognized arguments: "
+        if not message.startswith(prefix):
+            return ""
+        known = sorted(o for action in self._actions for o in action.option_strings if o.startswith("--"))
+        hints = [close for word in message[len(prefix):].split() if word.startswith("--")
+                 for close in difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.75)]
+        return f" (did you mean {' or '.join(dict.fromkeys(hints))}?)" if hints else ""
 
 
-class _DeprecatedAlias(argparse.Action):
-    def __init__(self, option_strings: list[str], dest: str, replacement: str = "", **kwargs: Any) -> None:
-        self.replacement = replacement
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        old = option_string or f"the positional argument {self.metavar}"
-        print(DEPRECATION.format(old=old, new=self.replacement), file=sys.stderr)
-        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
-
-
-def add_deprecated(parser: argparse.ArgumentParser, old: str, new: str, dest: str, *, flag: bool = False,
-                   **kwargs: Any) -> None:
-    """`old` keeps working as a hidden alias of `new` (storing into `dest`), with a deprecation line.
-    `flag`: the old spelling takes no value (like `store_true`). A positional `old` (no leading dash)
-    is an optional positional argument."""
-    if flag:
-        kwargs.update(nargs=0, const=True)
-    if old.startswith("-"):
-        parser.add_argument(old, dest=dest, action=_DeprecatedAlias, replacement=new, default=argparse.SUPPRESS,
-                            help=argparse.SUPPRESS, **kwargs)
-    else:  # a positional: argparse names it by dest; it stores into `dest` itself
-        parser.add_argument(dest, action=_DeprecatedAlias, replacement=new, nargs="?", default=argparse.SUPPRESS,
-                            metavar=old, help=argparse.SUPPRESS, **kwargs)
+def _innermost(parser: argparse.ArgumentParser, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+    """The deepest sub-command parser that `parsed` went through (`sgsd skills retrieve` for
+    `sgsd skills retrieve ...`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            child = action.choices.get(getattr(parsed, action.dest, None) or "")
+            if child is not None:
+                return _innermost(child, parsed)
+    return parser
 
 
 def add_threads(parser: argparse.ArgumentParser) -> None:
@@ -91,12 +90,9 @@ def add_threads(parser: argparse.ArgumentParser) -> None:
                              "this process's share of the cores (docs/performance.md, Threads)")
 
 
-def add_quiet(parser: argparse.ArgumentParser, what: str = "no progress bars", *,
-              old: str | None = "--no-progress") -> None:
-    """`--quiet` (dest `quiet`), with `old` as its deprecated spelling."""
+def add_quiet(parser: argparse.ArgumentParser, what: str = "no progress bars") -> None:
+    """`--quiet` (dest `quiet`)."""
     parser.add_argument("--quiet", action="store_true", help=what)
-    if old:
-        add_deprecated(parser, old, "--quiet", "quiet", flag=True)
 
 
 def required_group(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:

