@@ -1,4 +1,4 @@
-"""Benchmarks of SGSD's cost (issue 7; docs/spec.md section 9 items 1-3 and 8).
+"""Benchmarks of SGSD's cost (docs/performance.md; docs/spec.md section 9 items 1-3 and 8).
 
 - `synthetic`: a seeded synthetic rollout batch and a Qwen3-architecture model built from a config.
 - `phases`: the loss phase as the trainer runs it (`real_loss_phase`) and as the paper's public code

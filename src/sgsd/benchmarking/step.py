@@ -5,7 +5,7 @@ on the seeded synthetic batch of `sgsd.benchmarking.synthetic`; `real` is the tr
 the public code's pattern (`sgsd.benchmarking.phases`). Timings are medians of `repeats` runs after
 `warmup` runs; gradients are reset to None before every run, as the trainer's optimizer step does.
 `compare` runs real K=1, real K=K and naive K=K on one model in one process, interleaved over several
-rounds, and reports the issue-7 ratios of every round (their spread shows the machine's noise).
+rounds, and reports the target ratios of every round (their spread shows the machine's noise).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from sgsd.benchmarking.synthetic import BENCH_MODEL, BatchShape, build_model, ma
 from sgsd.loss_settings import SGSDSettings
 from sgsd.tiny import ModelShape
 
-# issue 7 targets (ratios measured in one run)
+# targets of the loss phase (ratios measured in one run; docs/performance.md)
 TARGET_SCALING = 3.2  # time(K) / time(K=1), floor about 2.75 at K = 8
 TARGET_TIME_VS_NAIVE = 0.45
 TARGET_MEMORY_VS_NAIVE = 0.4
@@ -131,7 +131,7 @@ class StepBench:
         )
 
 
-# ratio name -> (numerator run, denominator run, measured quantity, issue-7 target or None)
+# ratio name -> (numerator run, denominator run, measured quantity, target or None)
 RATIOS: dict[str, tuple[str, str, str, float | None]] = {
     "scaling": ("real_k", "real_k1", "loss_phase_s", TARGET_SCALING),
     "time_vs_naive": ("real_k", "naive_k", "loss_phase_s", TARGET_TIME_VS_NAIVE),

@@ -1,4 +1,4 @@
-"""`sgsd bench train-step`: where the time of whole training steps goes (issue 7 item 3).
+"""`sgsd bench train-step`: where the time of whole training steps goes (docs/performance.md).
 
 Runs `sgsd train` in-process on a recipe (default the tiny SGSD one) for a few steps and reads the
 per-step `time/*` keys the trainer writes to metrics.jsonl (`sgsd.trainers.callbacks.StepTimer`):

@@ -1,7 +1,7 @@
-"""`sgsd bench step|compare|sweep|train-step|estimate|threads`: SGSD's cost, measured (issue 7; docs/performance.md).
+"""`sgsd bench step|compare|sweep|train-step|estimate|threads`: SGSD's cost, measured (docs/performance.md).
 
     sgsd bench step --teachers K [--naive] [--vocab V] [--completion-tokens T] [--json]
-    sgsd bench compare [--teachers 8] [--rounds 3] [--json]     # issue-7 ratios, one process
+    sgsd bench compare [--teachers 8] [--rounds 3] [--json]     # the target ratios, one process
     sgsd bench sweep --teachers 1,2,4,8 [--completion-tokens 64,128] [--vocab 8192,32768] [--naive] [--json]
     sgsd bench train-step [--config configs/tiny/sgsd.yaml] [--steps 4] [--json] [key=value ...]
     sgsd bench estimate [--teachers 8] [--completion-tokens 1024] [--json]   # paper-scale FLOPs and memory
@@ -77,7 +77,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--naive", action="store_true", help="the public code's pattern (K student passes, full logits)")
     p.set_defaults(_bench_run=_step)
 
-    p = sub.add_parser("compare", help="real K=1, real K and naive K in one process: the issue-7 ratios")
+    p = sub.add_parser("compare", help="real K=1, real K and naive K in one process: the target ratios")
     _shape_arguments(p, lists=False)
     p.add_argument("--rounds", type=int, default=5,
                    help="interleaved rounds of timed runs; the ratios of each round are reported (default 5)")

@@ -1,5 +1,5 @@
 """`sgsd compare`: train several methods from one start with one shared config block, evaluate every
-model with the same `sgsd eval` settings, and write one table (docs/spec.md section 5, issue 5).
+model with the same `sgsd eval` settings, and write one table (docs/spec.md section 5).
 
     sgsd compare --configs configs/paper/qwen3-1.7b-{sgsd,grpo,opsd}.yaml --base --base-skill \\
         --launcher "accelerate launch --config_file configs/paper/accelerate-zero2.yaml -m sgsd.cli" \\

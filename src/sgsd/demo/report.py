@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 COLORS = {"base": "#7f7f7f", "grpo": "#1f77b4", "opsd": "#2ca02c", "sgsd": "#d62728", "sgsd-z": "#ff7f0e",
           "sgsd-pg": "#9467bd", "grpo-skill": "#17becf", "opsd-skill": "#8c564b"}
-REFERENCES = ("sgsd", "grpo")  # every other method is compared with these (issue 14)
+REFERENCES = ("sgsd", "grpo")  # every other method is compared with these
 # Two-sided 95% quantiles of Student's t for 1-30 degrees of freedom (intervals over a few seeds).
 T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
