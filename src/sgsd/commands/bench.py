@@ -17,7 +17,7 @@ import json
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from sgsd.benchmarking.threads import SIZES, SMOLLM2
+from sgsd.benchmarking.threads import SIZES, SMOLLM2, Workload
 from sgsd.errors import UserError
 from sgsd.loss_settings import SGSDSettings
 
@@ -288,7 +288,7 @@ def _threads(args: argparse.Namespace) -> int:
                         "must be >= 1")
     from sgsd.threads import available_cores
 
-    workloads = [bench.tiny_train(args.config) if name == "tiny-train" else bench.demo_warmup() for name in names]
+    workloads = [bench.tiny_train(args.config) if name == "tiny-train" else _demo_warmup() for name in names]
     workloads += [bench.forward_backward(size) for size in sizes]
     report = bench.measure(workloads, rounds=args.rounds, steps=args.steps, load_processes=args.load_processes,
                            load_threads=args.load_threads, old_threads=args.old_threads or available_cores(),
@@ -324,3 +324,24 @@ def _estimate(args: argparse.Namespace) -> int:
     print(f"  student activations kept for the backward: real {est.real_activations_gb:.1f} GB, "
           f"naive {est.naive_activations_gb:.1f} GB (34 x hidden bytes per token and layer)")
     return 0
+
+
+def _demo_warmup() -> Workload:
+    """Steps of the demo's supervised warm-up, the same first batches every time (`run_warmup` seeds its
+    own sampling): a workload of `sgsd bench threads` that only this command layer, above both the demo and
+    the benchmarks, may build."""
+    import time
+    from dataclasses import replace
+
+    from sgsd.demo.presets import DEMO_WARMUP
+    from sgsd.demo.warmup import build_untrained, run_warmup
+
+    model, tokenizer, world, bank = build_untrained(DEMO_WARMUP)
+
+    def run(steps: int) -> list[float]:
+        stamps = [time.perf_counter()]
+        run_warmup(model, tokenizer, world, bank, replace(DEMO_WARMUP, steps=steps),
+                   progress=lambda step, loss: stamps.append(time.perf_counter()))
+        return [b - a for a, b in zip(stamps, stamps[1:])]
+
+    return Workload("warmup", sum(p.numel() for p in model.parameters()), run)
