@@ -4,6 +4,7 @@ known answers, the warm start of each replication, and the one-ulp perturbation 
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,8 +135,19 @@ def _results(runs, bases, comparisons):
             "comparisons": {k: {"difference": d, "verdict": v} for k, (d, v) in comparisons.items()}}
 
 
+def _demo_noise():
+    """scripts/demo_noise.py, a measurement script outside the package, as a module."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "demo_noise.py"
+    spec = importlib.util.spec_from_file_location("demo_noise", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_accuracy_moves_are_perturbed_minus_exact():
-    from sgsd.demo.noise import accuracy_moves, format_moves
+    accuracy_moves, format_moves = _demo_noise().accuracy_moves, _demo_noise().format_moves
 
     exact = _results({("sgsd", 0): 0.50, ("sgsd", 1): 0.60}, {0: 0.30, 1: 0.28},
                      {"sgsd-base": (0.26, "ahead")})
@@ -159,7 +171,7 @@ def test_accuracy_moves_are_perturbed_minus_exact():
 def test_noise_check_runs_the_demo_from_warm_starts_one_ulp_apart(tmp_path, capsys):
     import json
 
-    from sgsd.demo.noise import main
+    main = _demo_noise().main
 
     exact, perturbed = tmp_path / "exact", tmp_path / "ulp"
     argv = ["--exact", str(exact), "--perturbed", str(perturbed), "--preset", "smoke", "--methods", "grpo",

@@ -134,7 +134,7 @@ class DemoPlan:
     tune_lr: bool = False
     num_teachers: int = 4
     # 0.02, not the trainers' 0.05: at 0.05 most of this tiny model's teachers are neutral (59-91% of
-    # helpful and 88-96% of irrelevant ones in the warm starts measured; `python -m sgsd.demo.measure`
+    # helpful and 88-96% of irrelevant ones in the warm starts measured; `python scripts/demo_measure.py`
     # prints the polarity table per threshold).
     confidence_threshold: float = 0.02
     max_new_tokens: int = 64
@@ -142,7 +142,7 @@ class DemoPlan:
     # starts trained on two machines differ in their last bits, and training amplifies that, so methods
     # compared from one warm start are compared on one draw of it. None: DEMO_WARMUP's steps.
     warmup_steps: int | None = None
-    # One ulp of noise (`python -m sgsd.demo.noise`): "warm-start" on every warm start's trained weights,
+    # One ulp of noise (`python scripts/demo_noise.py`): "warm-start" on every warm start's trained weights,
     # "warm-up" on its initial weights before the warm-up (which then amplifies it, as another machine's
     # kernels would); "" none.
     ulp_noise: str = ""

@@ -269,10 +269,10 @@ def _per_replication(c: dict[str, Any]) -> str:
 
 def _noise_note(ulp_noise: str) -> str:
     if ulp_noise == "warm-start":
-        return "; every warm start carries one ulp of noise on each weight (`python -m sgsd.demo.noise`)"
+        return "; every warm start carries one ulp of noise on each weight (`python scripts/demo_noise.py`)"
     if ulp_noise == "warm-up":
-        return ("; every warm start was warmed up from initial weights moved by one ulp (`python -m "
-                "sgsd.demo.noise --at warm-up`)")
+        return ("; every warm start was warmed up from initial weights moved by one ulp (`python "
+                "scripts/demo_noise.py --at warm-up`)")
     return ""
 
 

@@ -413,7 +413,7 @@ def warm_start(config: WarmupConfig, *, cache_root: str | Path | None = None,
     The checkpoint lives in `<cache_root>/<config.digest()>/` (model, tokenizer, warmup.json); it is a
     normal Hugging Face model directory, so trainers can start from its path. `initial_ulp_noise`: the
     initial weights move by one ulp (`perturb_ulp`) before the warm-up, which then amplifies that as it
-    would another machine's last-bit differences (`python -m sgsd.demo.noise`); cached as
+    would another machine's last-bit differences (`python scripts/demo_noise.py`); cached as
     `<digest>-ulp-init/`.
     """
     path = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()

@@ -2,8 +2,8 @@
 
 Run as a script (this is how the numbers in the demo's design notes were produced)::
 
-    python -m sgsd.demo.measure [--seed S] [--cache-dir D] [--problems 100] [--k 4] [--json out.json]
-    python -m sgsd.demo.measure --polarity-only --controls neutral,shuffled [--rollouts 128] [--json out.json]
+    python scripts/demo_measure.py [--seed S] [--cache-dir D] [--problems 100] [--k 4] [--json out.json]
+    python scripts/demo_measure.py --polarity-only --controls neutral,shuffled [--rollouts 128] [--json out.json]
 
 It warms up (or loads the cached warm start of replication S, default 0: `sgsd.demo.presets.warmup_config`),
 then prints greedy and sampled accuracy on held-out
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sgsd.demo.presets import warmup_config
     from sgsd.demo.warmup import warm_start
 
-    parser = argparse.ArgumentParser(prog="python -m sgsd.demo.measure", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python scripts/demo_measure.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0, help="which replication's warm start (default 0)")
     parser.add_argument("--cache-dir", default=None, help="cache root (default: ~/.cache/sgsd/demo)")
     parser.add_argument("--problems", type=int, default=100)

@@ -8,7 +8,7 @@ difference moved. `--at warm-up` (the default) moves the initial weights before 
 which then amplifies it as it would a machine's differences; `--at warm-start` moves the trained warm
 start's weights, which tests whether the 30 training steps amplify last bits on their own::
 
-    python -m sgsd.demo.noise --exact runs/demo --perturbed runs/demo-ulp [--at warm-up|warm-start]
+    python scripts/demo_noise.py --exact runs/demo --perturbed runs/demo-ulp [--at warm-up|warm-start]
         [--preset full|quick|smoke] [--methods a,b,...] [--seeds N] [--cache-dir D]
 
 `--exact` may be a directory an ordinary `sgsd demo` with the same settings has filled: its runs are
@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sgsd.errors import UserError
     from sgsd.storage import atomic_write_json, atomic_write_text
 
-    parser = argparse.ArgumentParser(prog="python -m sgsd.demo.noise", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python scripts/demo_noise.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--exact", required=True, help="demo directory from the warm starts as cached")
     parser.add_argument("--perturbed", required=True, help="demo directory from the perturbed warm starts")
     parser.add_argument("--preset", choices=tuple(PRESETS), default="full")
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if Path(args.exact).resolve() == Path(args.perturbed).resolve():
-        print("sgsd.demo.noise: error: --exact and --perturbed must be different directories", file=sys.stderr)
+        print("demo_noise.py: error: --exact and --perturbed must be different directories", file=sys.stderr)
         return 2
     try:
         methods = parse_methods(args.methods) if args.methods else None
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         perturbed = run_demo(args.perturbed, plan=replace(plan, ulp_noise=args.at), cache_root=args.cache_dir,
                              progress=not args.quiet)
     except UserError as err:
-        print(f"sgsd.demo.noise: error: {err}", file=sys.stderr)
+        print(f"demo_noise.py: error: {err}", file=sys.stderr)
         return 2
     moves = accuracy_moves(exact, perturbed)
     text = format_moves(moves, exact["k"])
