@@ -8,7 +8,7 @@ Run as a script (this is how the numbers in the demo's design notes were produce
 It warms up (or loads the cached warm start of replication S, default 0: `sgsd.demo.presets.warmup_config`),
 then prints greedy and sampled accuracy on held-out
 problems, sampled accuracy with no hint / helpful / irrelevant / misleading hints and with the OPSD
-reference prompt, and the polarity table of `sgsd.demo.probe.polarity_table` on student rollouts of
+reference prompt, and the polarity table of `sgsd.demo.hints.polarity_table` on student rollouts of
 training problems.
 """
 
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from sgsd.demo.evaluate import AccuracyEstimate, accuracy, subset
-from sgsd.demo.probe import PolarityReport, format_polarity, hint_accuracy, polarity_table
+from sgsd.demo.hints import PolarityReport, format_polarity, hint_accuracy, polarity_table
 from sgsd.demo.warmup import WarmStart, load_seed_bank
 
 

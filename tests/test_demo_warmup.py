@@ -130,7 +130,7 @@ def test_estimate_is_the_mean_with_the_harness_interval():
 def test_polarity_support_matches_a_plain_forward(warm):
     import torch
 
-    from sgsd.demo.probe import POLARITY_KINDS, polarity_table, teacher_text
+    from sgsd.demo.hints import POLARITY_KINDS, polarity_table, teacher_text
     from sgsd.demo.warmup import demo_chat_style
     from sgsd.prompts import render_chat
     from sgsd.scoring import countable_token_table

@@ -43,9 +43,11 @@ RULES = [(lower, higher) for lower, highers in {
     "demo/report.py": ("sgsd.demo.run",),
     "scoring": ("sgsd.trainers", "sgsd.benchmarking"),
     # the probe's core path: the trainer, the demo and the benchmarks call it, it calls none of them
-    "teacher_probe": ("sgsd.trainers", "sgsd.benchmarking", "sgsd.demo", "sgsd.commands", "sgsd.cli"),
+    "teacher_scoring": ("sgsd.trainers", "sgsd.benchmarking", "sgsd.demo", "sgsd.commands", "sgsd.cli"),
     "generation": ("sgsd.evaluation", "sgsd.skills", "sgsd.trainers"),
-    "skills": ("sgsd.evaluation", "sgsd.trainers", "sgsd.demo", "sgsd.commands", "sgsd.cli"),
+    "skills": ("sgsd.evaluation", "sgsd.trainers", "sgsd.demo", "sgsd.commands", "sgsd.cli", "sgsd.probe"),
+    # `sgsd skills probe`: a user of the core path, below the commands, the demo and the benchmarks that call it
+    "probe": ("sgsd.trainers", "sgsd.demo", "sgsd.commands", "sgsd.cli", "sgsd.benchmarking"),
     "evaluation": ("sgsd.trainers", "sgsd.demo", "sgsd.commands", "sgsd.cli"),
     "trainers": ("sgsd.benchmarking", "sgsd.demo", "sgsd.commands", "sgsd.cli"),
     # the demo is a user of the library, not a part of it that the benchmarks build on

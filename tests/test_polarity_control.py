@@ -154,13 +154,13 @@ def test_shuffled_control_is_a_pair_not_retrieved_for_the_problem(tokenizer, sou
 
 @pytest.mark.parametrize("control", ["neutral", "shuffled"])
 def test_trainer_decides_polarity_as_the_probe_does(tmp_path, control):
-    """The trainer's loss phase (rollout_extras, then sgsd_part) and `sgsd.teacher_probe.probe_teachers` on the same
+    """The trainer's loss phase (rollout_extras, then sgsd_part) and `sgsd.teacher_scoring.probe_teachers` on the same
     rollouts and weights give the same control log-probs and the same polarity."""
     from test_teacher_weights import _prepared, _rollout_batch
 
     import sgsd.loss_phase
     from sgsd.prompts import ChatStyle
-    from sgsd.teacher_probe import probe_teachers
+    from sgsd.teacher_scoring import probe_teachers
 
     run = _prepared(tmp_path, f"sgsd.polarity_control={control}", "sgsd.teacher=live")
     trainer = run.trainer

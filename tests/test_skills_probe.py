@@ -62,11 +62,11 @@ def test_probe_writes_what_it_promises(probe_dir):
 
 
 def test_probe_counts_the_core_paths_polarity(probe_dir):
-    """The summary counts the quadrants `sgsd.teacher_probe.quadrants` gives for the probe's polarity."""
+    """The summary counts the quadrants `sgsd.teacher_scoring.quadrants` gives for the probe's polarity."""
     import torch
 
-    from sgsd.skills.probe import summarize
-    from sgsd.teacher_probe import QUADRANTS, TeacherProbe, quadrants
+    from sgsd.probe.statistics import summarize
+    from sgsd.teacher_scoring import QUADRANTS, TeacherProbe, quadrants
 
     polarity = torch.tensor([[1, -1, 0], [1, 1, -1]])
     rewards = torch.tensor([1.0, 0.0])
@@ -112,7 +112,7 @@ def _null_rollouts(rng, *, clustered):
 
 
 def test_between_item_test_separates_items_only_beyond_chance():
-    from sgsd.skills.probe import between_item_test
+    from sgsd.probe.statistics import between_item_test
 
     import random
 
@@ -186,7 +186,7 @@ def test_rollouts_file_by_problem_id_is_graded_with_the_configs_reward(tmp_path)
     """`sgsd eval`-style rows (problem_id, completion, no reward) are read against the config's data and graded."""
     from sgsd.config import load_config
     from sgsd.data import tiny_math_problems
-    from sgsd.skills.probe import read_rollouts_file
+    from sgsd.probe.rollouts import read_rollouts_file
 
     problems = tiny_math_problems(3)
     path = tmp_path / "samples.jsonl"
@@ -246,7 +246,7 @@ def test_controlled_polarity_trains_on_two_processes(tmp_path):
 
 
 def test_the_report_warns_when_the_control_is_not_matched_to_the_skill_blocks():
-    from sgsd.skills.probe import control_mismatch
+    from sgsd.probe.report import control_mismatch
 
     spread = {"0.05": -0.15, "0.25": -0.1, "0.5": -0.08, "0.75": -0.06, "0.95": -0.04}
     matched = {"control_shift_mean": -0.089, "block_shift": spread}

@@ -7,7 +7,7 @@ Phases, each writing into OUTPUT_DIR and reusing what an earlier phase wrote:
 1. `eval`: avg@1 on the first `--problems` GSM8K test problems (greedy, `--max-new-tokens`), strict and
    flexible, with 95% bootstrap intervals (`sgsd eval` underneath) -> eval/results.json, samples.
 2. `polarity`: the eval phase's completions as rollouts through the probe (`sgsd skills probe`,
-   `sgsd.skills.probe.run_probe`): scored by the student (plain prompt) and by K = 8 teachers from the
+   `sgsd.probe.run.run_probe`): scored by the student (plain prompt) and by K = 8 teachers from the
    paper's bank (embedding retrieval, as the paper), without control and against the neutral and the
    shuffled control, theta = 0.05, rewards from flexible grading -> probe/probe.json, report.md, plots.
    `control-cost`: seconds of the trainer's teacher scoring on 4 of these rollouts with 0, 1 and 2
@@ -68,11 +68,11 @@ def _samples(out: Path) -> list[dict[str, Any]]:
 
 def run_polarity(model_dir: Path, out: Path, *, data_dir: str, rollouts: int, num_teachers: int = 8,
                  controls: Sequence[str] = ("none", "neutral", "shuffled")) -> dict[str, Any]:
-    """The eval phase's completions as rollouts through `sgsd skills probe` (`sgsd.skills.probe.run_probe`):
+    """The eval phase's completions as rollouts through `sgsd skills probe` (`sgsd.probe.run.run_probe`):
     K teachers of the paper's bank (embedding retrieval), flexible rewards, the paper's C and theta, each
     control of `controls`."""
     from sgsd.evaluation.benchmarks import load_benchmark
-    from sgsd.skills.probe import run_probe
+    from sgsd.probe.run import run_probe
 
     samples = _samples(out)[:rollouts]
     benchmark = load_benchmark("gsm8k", data_dir=data_dir, limit=len(samples))
@@ -110,7 +110,7 @@ def run_control_cost(model_dir: Path, out: Path, *, data_dir: str, rollouts: int
     from sgsd.skills.bank import load_bank
     from sgsd.skills.retrieval import make_retriever
     from sgsd.skills.teachers import TeacherSource
-    from sgsd.teacher_probe import score_under_teachers
+    from sgsd.teacher_scoring import score_under_teachers
 
     samples = _samples(out)[:rollouts]
     tokenizer = load_tokenizer(str(model_dir))

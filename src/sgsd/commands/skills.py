@@ -111,7 +111,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("probe", help="before training: do the teachers of one rollout give SGSD a signal?",
                        description="Sample (or read) rollouts of a training config's problems, grade them, score "
                                    "them under the K teachers (and a control teacher) with the trainer's own code, "
-                                   "and write probe.json, report.md and plots (sgsd.skills.probe).")
+                                   "and write probe.json, report.md and plots (sgsd.probe).")
     p.add_argument("--config", required=True, help="training config YAML (model, data, skills, generation, sgsd)")
     p.add_argument("--output-dir", required=True, help="folder for probe.json, report.md, support.png, items.png")
     p.add_argument("--rollouts", type=int, default=32, help="rollouts to sample (one per training problem) or read")
@@ -330,7 +330,8 @@ def _llm_client(args: argparse.Namespace, model_spec: str | None, url: str | Non
 
 def _probe(args: argparse.Namespace) -> int:
     from sgsd.methods import load_run_config
-    from sgsd.skills.probe import format_p, run_probe
+    from sgsd.probe.report import format_p
+    from sgsd.probe.run import run_probe
 
     cfg = load_run_config(args.config, args.overrides)
     if args.batch_size < 1:

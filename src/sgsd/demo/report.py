@@ -556,7 +556,7 @@ Net polarity (helpful - harmful) / uses per label, separation = net(helpful) - n
 
 
 def _probe_section(results: dict[str, Any]) -> str:
-    from sgsd.skills.probe import format_p
+    from sgsd.probe.report import format_p
 
     probe = results.get("probe")
     if not probe:

@@ -314,7 +314,7 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
     cache = EvaluationCache(out)
     # before any training: what SGSD's teachers (and each control) say about the first seed's warm start's rollouts
     from sgsd.loss_settings import POLARITY_CONTROLS
-    from sgsd.skills.probe import run_probe
+    from sgsd.probe.run import run_probe
 
     probe = run_probe(method_config("sgsd", plan, warms[plan.seeds[0]].path, data, bank, plan.seeds[0]),
                       out / "probe", rollouts=plan.probe_rollouts, controls=POLARITY_CONTROLS, log=lambda line: None)

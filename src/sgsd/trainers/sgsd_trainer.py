@@ -4,7 +4,7 @@ without gradient, the gated polarity loss of `sgsd.objectives.sgsd_loss`.
 Per generation batch (TRL generates and grades; the seams are in `sgsd.trl_adapter`):
 1. retrieve the K rank-aligned (skill, mistake) teachers of each problem (cached per bank version);
 2. render each teacher prompt with the SAME chat style as the student (unless configured otherwise);
-3. score the student's completion under every teacher (`sgsd.teacher_probe.score_under_teachers`, the
+3. score the student's completion under every teacher (`sgsd.teacher_scoring.score_under_teachers`, the
    path the probe shares) with the selected teacher weights (live / base / EMA), storing [B, K, T]
    log-probs with the batch, and with `polarity_control` the control teacher's [B, T] (one more teacher
    row per rollout; `sgsd.skills.controls`);
@@ -29,8 +29,8 @@ from sgsd.objectives import masked_mean
 from sgsd.prompts import ChatStyle
 from sgsd.scoring import countable_token_table, counted_mask, lm_parts, score_teachers_local
 from sgsd.skills.teachers import TeacherSource
-from sgsd.teacher_probe import prompt_ids as teacher_prompt_ids
-from sgsd.teacher_probe import score_under_teachers, teacher_weight_matrix
+from sgsd.teacher_scoring import prompt_ids as teacher_prompt_ids
+from sgsd.teacher_scoring import score_under_teachers, teacher_weight_matrix
 from sgsd.trainers.teacher_weights import SelfTeacher
 from sgsd.trl_adapter import HookedGRPOTrainer
 

@@ -9,7 +9,7 @@
   thresholds theta. Shapes below: B rollouts, K teachers, T tokens.
 
 Teacher log-probs come from the same weights as the student (a live teacher at step 0), through the
-probe's core path (`sgsd.teacher_probe.score_rollouts` / `decide`, the trainer's scoring and polarity code),
+probe's core path (`sgsd.teacher_scoring.score_rollouts` / `decide`, the trainer's scoring and polarity code),
 with the project's token mask m_t.
 """
 
@@ -138,7 +138,7 @@ def polarity_table(model: Any, tokenizer: Any, problems: Sequence[Problem], bank
 
     import torch
 
-    from sgsd.teacher_probe import decide, score_rollouts
+    from sgsd.teacher_scoring import decide, score_rollouts
 
     rollouts = sample(model, tokenizer, [student_text(p) for p in problems], max_new_tokens=max_new_tokens, seed=seed)
     rewards = torch.tensor([float(is_correct(text, p)) for text, p in zip(rollouts.texts, problems)])
