@@ -64,7 +64,7 @@ def test_non_empty_output_directory_is_refused_and_left_alone(tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     code, err = _cli(["models", "import-gguf", str(source), "--output", str(out)], capsys)
-    assert code == 2 and "not an empty directory" in err
+    assert code == 2 and "holds files that `sgsd models import-gguf` did not write (keep.txt)" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 

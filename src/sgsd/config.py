@@ -574,3 +574,11 @@ def dump_config(cfg: RunConfig) -> str:
         if isinstance(node.get(key), str) and "://" in node[key]:
             node[key] = redact_url(node[key])
     return yaml.safe_dump(tree, sort_keys=False)
+
+
+def config_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The config as {dotted key: value}, as `dump_config` writes it (credentials masked): what a run's
+    output record (`sgsd.run_dir.write_output_record`) compares between reruns."""
+    import yaml
+
+    return flatten(yaml.safe_load(dump_config(cfg)))

@@ -26,11 +26,12 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from sgsd.errors import UserError
+from sgsd.run_dir import check_output_dir, write_output_record
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -139,9 +140,21 @@ def check_supported(path: Path, architecture: str) -> None:
                         f"(supported: {', '.join(sorted(supported))})")
 
 
-def check_output_dir(output: Path) -> None:
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise UserError(f"output {output}: exists and is not an empty directory (choose another --output)")
+IMPORT_KIND = "models import-gguf"
+
+
+def earlier_import(output: Path, source: str) -> ImportReport | None:
+    """The output-directory rule (`sgsd.run_dir.check_output_dir`) for `output`: None when it is new or
+    empty; the earlier import's report when it holds this same source's import (nothing to redo);
+    otherwise a one-line refusal naming what is in the way."""
+    if check_output_dir(output, IMPORT_KIND, {"source": source}, what="models import-gguf: --output") != "own":
+        return None
+    try:
+        saved = json.loads((output / IMPORT_RECORD).read_text(encoding="utf-8"))
+        return ImportReport(**{f.name: saved[f.name] for f in fields(ImportReport) if f.name in saved})
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"models import-gguf: --output {output}: its {IMPORT_RECORD} is unreadable ({err}); "
+                        "choose a new directory") from None
 
 
 def file_sha256(path: Path) -> str:
@@ -297,7 +310,10 @@ def import_gguf(source: str, output: str | os.PathLike, *, log: Callable[[str], 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = Path(output).expanduser()
-    check_output_dir(out)
+    earlier = earlier_import(out, source)
+    if earlier is not None:
+        log(f"{out} already holds the import of {source} (sha256 {earlier.gguf_sha256[:12]}); nothing to do")
+        return earlier
     path = resolve_gguf_source(source)
     architecture = gguf_architecture(path)
     check_supported(path, architecture)
@@ -320,6 +336,7 @@ def import_gguf(source: str, output: str | os.PathLike, *, log: Callable[[str], 
         report.verified_prompts = len(VERIFY_CONVERSATIONS)
         _check_written_tokens(written_tokenizer, written, tokenizer)
         (staging / IMPORT_RECORD).write_text(json.dumps({"format": IMPORT_FORMAT, **asdict(report)}, indent=2) + "\n")
+        write_output_record(staging, IMPORT_KIND, {"source": source})
         if out.exists():  # an empty directory (checked above): rename() replaces it
             out.rmdir()
         os.replace(staging, out)

@@ -46,9 +46,11 @@ def run(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods) if args.methods is not None else None
     grid = parse_lr_grid(args.lr_grid) if args.lr_grid is not None else None
     plan = make_plan(preset=preset, seeds=args.seeds, methods=methods, tune_lr=args.tune_lr, lr_grid=grid)
-    from sgsd.run_dir import locked
+    from sgsd.demo.run import demo_settings
+    from sgsd.run_dir import claimed_output_dir
 
-    with locked(args.output_dir, "demo: output directory"):  # one writer: a second demo there stops at once
+    # a new or empty directory, or this demo's own (same plan: it resumes); locked: a second demo stops at once
+    with claimed_output_dir(args.output_dir, "demo", demo_settings(plan), what="demo: output directory"):
         results = run_demo(args.output_dir, plan=plan, cache_root=args.cache_dir, progress=not args.quiet)
     k = results["k"]
     print(f"\n{'method':11} avg@{k:<3} 95% interval" + ("   tuned lr  avg@k" if results["tuned"] else ""))

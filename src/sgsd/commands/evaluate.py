@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sgsd.commands.options import add_deprecated, add_quiet, require, required_group
-from sgsd.errors import ConfigError, UserError
+from sgsd.errors import ConfigError, UserError, shorten
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -49,7 +49,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                          "different settings (k, sampling, thinking, ...) are refused unless "
                                          "--allow-differences is given.")
     compare.add_argument("runs", nargs="+", metavar="OUT", help="`sgsd eval` output directories (or results.json files)")
-    compare.add_argument("--output-dir", default=".", help="where compare.png is written")
+    compare.add_argument("--output-dir", help="where compare.png is written (a new or empty directory, or an earlier "
+                                              "compare's; default: no plot)")
     add_deprecated(compare, "--plot", "--output-dir", "plot")
     compare.add_argument("--allow-differences", action="store_true",
                          help="compare evaluations made with different settings (the differences are printed)")
@@ -106,13 +107,30 @@ def settings_differences(runs: list[EvalRun]) -> list[str]:
     return setting_differences(flat)
 
 
-def run_compare(paths: list[str], output_dir: str = ".", *, plot: str | None = None,
+def run_compare(paths: list[str], output_dir: str | None = None, *, plot: str | None = None,
                 allow_differences: bool = False) -> int:
+    """Print the evaluations side by side; plot them into `output_dir` (the output-directory rule,
+    `sgsd.run_dir.check_output_dir`) or to the new file `plot`; without either, the table only."""
+    from contextlib import nullcontext
+
     from sgsd.evaluation.report import format_comparison, load_run, plot_comparison
+    from sgsd.run_dir import check_output_dir, claimed_output_dir
     from sgsd.storage import check_writable_dir
 
-    png = Path(plot) if plot else Path(output_dir) / "compare.png"
-    check_writable_dir(png.parent, "eval compare: output directory")
+    what = "eval compare: output directory"
+    settings = {"runs": [str(Path(p).resolve()) for p in paths]}
+    if plot:
+        png: Path | None = Path(plot).expanduser()
+        if png.exists():
+            raise UserError(f"eval compare: --plot {shorten(plot)}: exists; nothing is written over it: give a new "
+                            "file, or --output-dir DIR")
+        check_writable_dir(png.parent, what)
+    elif output_dir is not None:
+        check_output_dir(output_dir, "eval compare", settings, what=what)  # before anything is read or printed
+        check_writable_dir(Path(output_dir), what)
+        png = Path(output_dir).expanduser() / "compare.png"
+    else:
+        png = None
     labels = [Path(p).resolve().name for p in paths]
     if len(set(labels)) < len(labels):
         labels = [str(Path(p)) for p in paths]
@@ -122,11 +140,35 @@ def run_compare(paths: list[str], output_dir: str = ".", *, plot: str | None = N
         raise UserError("eval compare: the evaluations were made with different settings: " + "; ".join(differences)
                         + " (evaluate them alike, or pass --allow-differences to compare anyway)")
     print(format_comparison(runs))
+    for note in same_evaluations(paths):
+        print(f"note: {note}")
     if differences:
         print("settings that differ (--allow-differences):")
         print("\n".join(f"  {line}" for line in differences))
-    print(f"plot: {plot_comparison(runs, png)}")
+    if png is None:
+        print("no plot written (pass --output-dir DIR to plot the comparison to DIR/compare.png)")
+        return 0
+    claim = (claimed_output_dir(output_dir, "eval compare", settings, what=what) if not plot and output_dir is not None
+             else nullcontext())
+    with claim:
+        print(f"plot: {plot_comparison(runs, png)}")
     return 0
+
+
+def same_evaluations(paths: list[str]) -> list[str]:
+    """One note per evaluation given more than once (a directory and its results.json count as one)."""
+    from sgsd.evaluation.runner import RESULTS_FILE
+
+    seen: dict[Path, str] = {}
+    notes = []
+    for path in paths:
+        resolved = Path(path).resolve()
+        key = resolved.parent if resolved.name == RESULTS_FILE else resolved
+        if key in seen:
+            notes.append(f"{shorten(path)} is the same evaluation as {shorten(seen[key])}: its rows are identical")
+        else:
+            seen[key] = path
+    return notes
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -136,6 +178,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from sgsd.evaluation.runner import EvalSettings, load_benchmarks, run_evaluation
     from sgsd.models import load_tokenizer, resolve_model_path
     from sgsd.prompts import refuse_special_tokens
+    from sgsd.run_dir import refuse_special_dir
     from sgsd.storage import check_writable_dir
 
     require(args, "sgsd eval", "model", "output_dir")
@@ -152,6 +195,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"eval: --embedder is used only with --retrieval embedding (got --retrieval {args.retrieval})")
     # everything checkable is checked before the model is loaded and the first sample generated
     check_writable_dir(Path(args.output_dir), "eval: output directory")
+    refuse_special_dir(args.output_dir, "eval: output directory")
     resolve_model_path(args.model)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed)
@@ -161,9 +205,11 @@ def run_eval(args: argparse.Namespace) -> int:
         skills_top_k=args.skills_top_k, retrieval=args.retrieval, backend=choose_backend(args.backend, args.model),
         grade_timeout_s=args.grade_timeout, grade_workers=args.grade_workers,
     )
-    from sgsd.run_dir import locked
+    from sgsd.config import flatten
+    from sgsd.run_dir import claimed_output_dir
 
-    with locked(args.output_dir, "eval: output directory"):  # one writer: a second eval there stops at once
+    # the output-directory rule: a new or empty directory, or this evaluation's own (same settings); locked
+    with claimed_output_dir(args.output_dir, "eval", flatten(settings.to_json()), what="eval: output directory"):
         loaded = load_benchmarks(settings)
         for note in (n for b in loaded for n in b.notes):
             print(f"sgsd: {note}", file=sys.stderr)

@@ -262,9 +262,13 @@ def _build(args: argparse.Namespace) -> int:
     from sgsd.skills.merge import MergeConfig
 
     require(args, "sgsd skills build", "output_dir")
+    from sgsd.run_dir import check_output_dir, claimed_output_dir
     from sgsd.storage import check_writable_dir
 
-    check_writable_dir(args.output_dir, "skills build: output directory")  # before any model is loaded
+    what = "skills build: output directory"
+    settings = _build_settings(args)
+    check_output_dir(args.output_dir, "skills build", settings, what=what, may_differ=BUILD_MAY_DIFFER)
+    check_writable_dir(args.output_dir, what)  # before any model is loaded
     problems, load_report = load_problems(args.problems, problem_field=args.problem_field,
                                           answer_field=args.answer_field, max_problems=args.max_problems,
                                           refuse_hint=None)
@@ -283,9 +287,8 @@ def _build(args: argparse.Namespace) -> int:
         merge=MergeConfig(group_size=args.group_size, patience=args.patience, max_tokens=args.merge_max_tokens,
                           batch_size=args.batch_size),
     )
-    from sgsd.run_dir import locked
-
-    with locked(args.output_dir, "skills build: output directory"):  # one writer: a second build stops at once
+    # a new or empty directory, or this build's own (same settings: it resumes); locked: a second build stops
+    with claimed_output_dir(args.output_dir, "skills build", settings, what=what, may_differ=BUILD_MAY_DIFFER):
         report = build_bank(problems, policy, updater, args.output_dir, config)
     print(f"{load_report.kept} problems from {args.problems}: {report.memories} memories "
           f"({report.successes} correct, {report.failures} wrong)")
@@ -298,6 +301,21 @@ def _build(args: argparse.Namespace) -> int:
               "`sgsd skills validate` refuses it): build from problems the policy solves only sometimes",
               file=sys.stderr)
     return 0
+
+
+# settings of `skills build` that a resumed build may change: how fast it runs, not what it builds
+BUILD_MAY_DIFFER = frozenset({"batch_size", "api_key_env"})
+BUILD_SETTINGS = ("problems", "problem_field", "answer_field", "max_problems", "policy", "policy_url", "policy_model",
+                  "updater", "updater_url", "updater_model", "api_key_env", "no_thinking", "attempts", "max_tokens",
+                  "temperature", "extract_max_tokens", "merge_max_tokens", "group_size", "patience", "batch_size")
+
+
+def _build_settings(args: argparse.Namespace) -> dict:
+    """What decides a build's files (its output record), server credentials masked."""
+    from sgsd.redact import redact_url
+
+    return {name: redact_url(value) if name.endswith("_url") and isinstance(value, str) else value
+            for name, value in ((n, getattr(args, n, None)) for n in BUILD_SETTINGS)}
 
 
 def _llm_client(args: argparse.Namespace, model_spec: str | None, url: str | None, url_model: str | None, role: str,
@@ -341,9 +359,14 @@ def _probe(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     controls = [c.strip() for c in (args.control or cfg.sgsd.polarity_control).split(",") if c.strip()]
-    from sgsd.run_dir import locked
+    from sgsd.config import config_settings
+    from sgsd.run_dir import claimed_output_dir
 
-    with locked(args.output_dir, "skills probe: output directory"):  # one writer: a second probe stops at once
+    settings = {**config_settings(cfg), "probe.rollouts": args.rollouts, "probe.controls": controls,
+                "probe.rollouts_file": args.rollouts_file}
+    # a new or empty directory, or this probe's own (same settings); locked: a second probe stops at once
+    with claimed_output_dir(args.output_dir, "skills probe", settings, what="skills probe: output directory",
+                            may_differ=frozenset({"training.output_dir"})):
         result = run_probe(cfg, args.output_dir, rollouts=args.rollouts, controls=controls,
                            rollouts_file=args.rollouts_file, batch_size=args.batch_size,
                            log=lambda line: print(line, file=sys.stderr, flush=True))
