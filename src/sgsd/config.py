@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from sgsd.errors import ConfigError
+from sgsd.errors import ConfigError, shorten
 from sgsd.loss_settings import PolarityTest, SGSDSettings
+from sgsd.storage import MAX_NESTING, decode_utf8, read_input_bytes
 
 __all__ = ["PolarityTest", "RunConfig", "SGSDSettings", "load_config"]
 
@@ -328,10 +329,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {shorten(repr(value))}")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, args))}, got {shorten(repr(value))}")
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -339,19 +340,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return [_coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {shorten(repr(value))}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {shorten(repr(value))}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {shorten(repr(value))}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {shorten(repr(value))}")
         return value
     return value
 
@@ -409,7 +410,7 @@ def _merge_into(obj: Any, data: dict[str, Any], prefix: str, source: str, root: 
         if key not in types:
             hints = _suggestions(str(key), prefix, list(types))
             suggestion = f" (did you mean {' or '.join(repr(h) for h in hints)}?)" if hints else ""
-            raise ConfigError(f"{source}: unknown config key '{where}'{suggestion}")
+            raise ConfigError(f"{source}: unknown config key '{shorten(where, 80)}'{suggestion}")
         tp = types[key]
         if _is_dataclass_type(tp):
             changes[key] = _merge_into(getattr(obj, key), value, f"{where}.", source, root)
@@ -441,16 +442,44 @@ def _suggestions(key: str, prefix: str, siblings: list[str]) -> list[str]:
     return [leaves[leaf][0] for leaf in difflib.get_close_matches(key, list(leaves), n=2, cutoff=0.8)]
 
 
+def load_yaml(text: str, where: str) -> Any:
+    """`yaml.safe_load(text)`, after reading its events once to refuse what would cost before any check
+    could see it: an alias (`*name`: a few hundred bytes of anchors and aliases expand to gigabytes) and
+    nesting deeper than `MAX_NESTING` levels (the composer recurses). Errors name `where` and the line;
+    PyYAML's own syntax errors stay `yaml.YAMLError`."""
+    import yaml
+
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        line = event.start_mark.line + 1 if event.start_mark is not None else 0
+        if isinstance(event, yaml.AliasEvent):
+            raise ConfigError(f"{where}: line {line}: YAML alias *{shorten(event.anchor, 40)} refused (anchors and "
+                              "aliases can expand a few bytes to gigabytes); write the value out")
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_NESTING:
+                raise ConfigError(f"{where}: line {line}: nested more than {MAX_NESTING} levels deep; not read")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+    try:
+        return yaml.safe_load(text)
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(f"{where}: unreadable value ({shorten(err, 120)})") from None
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict[str, Any], str]]:
     import yaml
 
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: circular 'inherit'")
+    if path.is_dir():
+        raise ConfigError(f"config file {path}: is a directory; give the YAML file (e.g. {path}/sgsd.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file: no such file or directory: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = decode_utf8(read_input_bytes(path, "config file"), f"config file {path}")
+        data = load_yaml(text, f"config file {path}") or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -470,9 +499,9 @@ def parse_override(text: str) -> tuple[str, Any]:
 
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {text!r}: expected key=value, e.g. training.learning_rate=1e-5")
+        raise ConfigError(f"override {shorten(repr(text))}: expected key=value, e.g. training.learning_rate=1e-5")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw, f"override {shorten(key.strip(), 80)}") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str) and _looks_like_float(value):
@@ -551,7 +580,7 @@ def setting_differences(flat_by_label: dict[str, dict[str, Any]]) -> list[str]:
     for key in keys:
         seen = {label: values.get(key) for label, values in flat_by_label.items()}
         if len({json.dumps(v, sort_keys=True) for v in seen.values()}) > 1:
-            lines.append(f"{key}: " + ", ".join(f"{label}={value!r}" for label, value in seen.items()))
+            lines.append(f"{key}: " + ", ".join(f"{label}={shorten(repr(value), 80)}" for label, value in seen.items()))
     return lines
 
 

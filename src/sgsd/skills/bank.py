@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 from sgsd.errors import DataError
 from sgsd.skills.jsonscan import ends_inside_value
-from sgsd.storage import atomic_write_json, decode_utf8, read_input_bytes, stable_hash
+from sgsd.storage import atomic_write_json, decode_utf8, parse_json, read_input_bytes, stable_hash
 
 SCHEMA_VERSION = 1
 DYNAMIC_PREFIX = "dyn_"
@@ -170,7 +170,7 @@ def load_bank(path: str | Path) -> SkillBank:
     if not text.strip():
         raise DataError(f"{where}: empty file")
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = parse_json(text, where, parse_constant=_reject_constant)
     except json.JSONDecodeError as err:
         if not text[err.pos:].strip() or ends_inside_value(text):
             raise DataError(f"{where}: truncated JSON (the file ends inside a value; parser: {err.msg} "

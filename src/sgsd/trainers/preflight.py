@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from sgsd.errors import ConfigError, DataError, UserError
 from sgsd.methods import method_spec
+from sgsd.storage import decode_utf8, parse_json
 
 if TYPE_CHECKING:
     from sgsd.config import RunConfig
@@ -47,7 +48,7 @@ def check_deepspeed_config(path: str | None) -> dict[str, Any] | None:
     if not file.is_file():
         raise UserError(f"training.deepspeed: {path}: {'not a file' if file.exists() else 'no such file'}")
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
+        config = parse_json(decode_utf8(file.read_bytes(), str(file)), f"training.deepspeed: {path}")
     except json.JSONDecodeError as err:
         raise UserError(f"training.deepspeed: {path}: invalid JSON at line {err.lineno} ({err.msg})") from None
     except (OSError, UnicodeDecodeError) as err:
