@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from sgsd.errors import UserError
+from sgsd.errors import UserError, shorten
 from sgsd.run_dir import check_output_dir, write_output_record
 
 if TYPE_CHECKING:
@@ -107,6 +107,12 @@ def _gguf_in_distribution(name: str) -> Path:
     return path
 
 
+# What the GGUF reader says when the file ends early: it maps the file and shapes each field and tensor from
+# the bytes that are there, so a short file gives numpy fewer elements than the header promised.
+TRUNCATION_SIGNS = ("cannot reshape array", "must be a divisor of the total size", "out of bounds",
+                    "index out of range", "buffer is smaller", "not enough values to unpack")
+
+
 def gguf_architecture(path: Path) -> str:
     """`general.architecture` of a GGUF file; UserError when the file is not GGUF or is unreadable."""
     with open(path, "rb") as handle:
@@ -122,7 +128,11 @@ def gguf_architecture(path: Path) -> str:
         architecture = value.contents() if value is not None else None
     except Exception as err:  # noqa: BLE001 - any reader failure means an unusable file: one line
         first_line = str(err).splitlines()[0] if str(err) else ""
-        raise UserError(f"{path}: unreadable GGUF file ({type(err).__name__}: {first_line})") from None
+        if isinstance(err, (ValueError, IndexError, EOFError)) and any(
+                sign in first_line for sign in TRUNCATION_SIGNS):
+            raise UserError(f"{path}: truncated GGUF file ({path.stat().st_size} bytes: its header or tensors "
+                            "reach past the end of the file); download or copy it again") from None
+        raise UserError(f"{path}: unreadable GGUF file ({type(err).__name__}: {shorten(first_line)})") from None
     if not isinstance(architecture, str) or not architecture:
         raise UserError(f"{path}: GGUF file without general.architecture metadata")
     return architecture
