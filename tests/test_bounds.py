@@ -90,3 +90,42 @@ def test_a_file_that_starts_with_a_byte_order_mark_is_read(tmp_path):
 def test_a_config_that_is_a_directory_says_so(tmp_path):
     with pytest.raises(ConfigError, match=f"config file {tmp_path}: is a directory; give the YAML file"):
         load_config(tmp_path)
+
+
+def test_num_teachers_beyond_the_banks_pairs_is_capped_with_a_note(capsys):
+    from pathlib import Path
+
+    from sgsd.trainers.preflight import teachers_within_bank
+
+    bank = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "skill_bank.json"  # 4 skills, 4 mistakes
+    cfg = load_config(None, [f"skills.bank={bank}", "sgsd.num_teachers=100000000"])
+    assert teachers_within_bank(cfg).sgsd.num_teachers == 4
+    assert f"sgsd.num_teachers=100000000: the skill bank {bank} forms at most 4 (skill, mistake) pairs per problem; " \
+           "K = 4 is used" in capsys.readouterr().err
+    online = load_config(None, [f"skills.bank={bank}", "sgsd.num_teachers=100", "skills.online.enabled=true"])
+    assert teachers_within_bank(online).sgsd.num_teachers == 4 + 30  # online updates may add 30 items per list
+    capsys.readouterr()
+    within = load_config(None, [f"skills.bank={bank}", "sgsd.num_teachers=3"])
+    assert teachers_within_bank(within) is within and capsys.readouterr().err == ""
+
+
+def test_skills_validate_refuses_exactly_the_items_training_refuses(tmp_path, capsys):
+    from pathlib import Path
+
+    from sgsd.skills.bank import MAX_ITEM_CHARS, load_bank
+
+    obj = json.loads((Path(__file__).resolve().parents[1] / "configs" / "tiny" / "skill_bank.json").read_text())
+    bank = tmp_path / "bank.json"
+    for size, refused in ((MAX_ITEM_CHARS, False), (MAX_ITEM_CHARS + 1, True), (210_000, True)):
+        item = obj["general_skills"][0]
+        item["principle"] = "x" * (size - len(item["title"]) - len(item["when_to_apply"]))
+        bank.write_text(json.dumps(obj))
+        assert main(["skills", "validate", "--bank", str(bank)]) == (2 if refused else 0)
+        err = capsys.readouterr().err
+        if refused:
+            with pytest.raises(DataError) as loaded:  # what training, eval and the probe read it with
+                load_bank(bank)
+            assert err.strip() == f"sgsd: error: {loaded.value}"
+            assert f"{size:,} characters of text, over the bound of {MAX_ITEM_CHARS:,}" in err
+        else:
+            assert load_bank(bank).general_skills[0].principle == item["principle"]

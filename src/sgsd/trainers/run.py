@@ -50,7 +50,7 @@ from sgsd.run_dir import (
     write_output_record,
 )
 from sgsd.trainers.checkpoints import CompletionMarker, check_engine_state, restore_extra_state, write_final_from_checkpoint
-from sgsd.trainers.preflight import check_deepspeed_config, check_problems_per_step
+from sgsd.trainers.preflight import check_deepspeed_config, check_problems_per_step, teachers_within_bank
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -111,6 +111,7 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
     out = output_directory(cfg, output_dir)
     with same_on_every_rank():
         check_run_config(cfg)
+        cfg = teachers_within_bank(cfg)
     with ExitStack() as claim:
         with same_on_every_rank():  # the output-directory rule; the main process locks and records the directory
             claim.enter_context(claimed_output_dir(out, "train", config_settings(cfg), may_differ=RESUME_MAY_CHANGE,
@@ -190,6 +191,7 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path | None = None, *, resume:
     cfg = with_max_steps(cfg, max_steps)
     out = output_directory(cfg, output_dir)
     check_run_config(cfg)
+    cfg = teachers_within_bank(cfg)
     check_output_dir(out, "train", config_settings(cfg), may_differ=RESUME_MAY_CHANGE)
     rerun = plan_run(cfg, out, resume)
     if rerun.action in ("complete", "finish"):
