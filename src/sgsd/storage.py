@@ -13,6 +13,7 @@ import errno
 import hashlib
 import itertools
 import json
+import math
 import os
 import stat
 import tempfile
@@ -207,12 +208,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def strict_json(obj: Any, **options: Any) -> str:
+    """`obj` as strict JSON (RFC 8259, which strict readers such as `jq` and browsers require): a NaN or an
+    infinity, which Python would write as the bare words `NaN` / `Infinity`, is written as null."""
+    return json.dumps(_finite(obj), allow_nan=False, ensure_ascii=False, **options)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    return atomic_write_text(path, strict_json(obj, indent=2) + "\n")
 
 
 def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> Path:
-    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return atomic_write_text(path, "".join(strict_json(r) + "\n" for r in records))
 
 
 def append_jsonl(path: str | os.PathLike, record: Any) -> None:

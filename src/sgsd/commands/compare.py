@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
+from sgsd.commands.options import COUNT
 from sgsd.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", action="store_true", help="also evaluate the start model (Base)")
     parser.add_argument("--base-skill", action="store_true",
                         help="also evaluate the start model with skills in the prompt (Base+Skill; the configs' bank)")
-    parser.add_argument("--max-steps", type=int,
+    parser.add_argument("--max-steps", type=COUNT,
                         help="override training.max_steps of every config (default: each config's own)")
     parser.add_argument("--eval-args", default="",
                         help="arguments given to every `sgsd eval`, as one quoted string (default: none, eval's defaults)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from sgsd.commands.options import add_quiet
+from sgsd.commands.options import COUNT, add_quiet
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-grid", help="with --tune-lr: the learning rates to try, comma-separated "
                                           "(default 3e-5,1e-4,3e-4; smoke: 1e-4,3e-4)")
     parser.add_argument("--output-dir", default="runs/demo", help="where the report, plots and runs go")
-    parser.add_argument("--seeds", type=int, help="number of replications: seeds, each with its own warm start and training runs "
+    parser.add_argument("--seeds", type=COUNT, help="number of replications: seeds, each with its own warm start and training runs "
                                              "(default: 1 with --quick, 3 otherwise)")
     parser.add_argument("--cache-dir", help="warm-start cache (default ~/.cache/sgsd/demo)")
     add_quiet(parser, "no progress bars")

