@@ -3,6 +3,9 @@
 One module for everything a command decides about an output directory, in the order `sgsd train`
 meets it:
 
+0. **Whose directory** (`check_output_dir`, `claimed_output_dir`): every writing command writes only into a
+   new or empty directory, or over its own earlier output of the same settings, recognised by the record
+   `sgsd_output.json` it writes there; anything else is refused in one line (docs/safety.md).
 1. **Lock** (`DirectoryLock`): every command that writes into a run or output directory holds an
    exclusive OS lock on `<dir>/.sgsd.lock` for its whole life (on several processes, the main
    process holds it). The kernel releases it when the process dies, SIGKILL included, so a lock is
@@ -56,6 +59,8 @@ RUN_FILES: dict[str, str] = {
                           "state, sgsd_state.pt, and sgsd_complete.json, written last, listing every file)",
     "final/": "the trained model or LoRA adapter and tokenizer in Hugging Face format, with this card and "
               "sgsd_complete.json (the step it was saved at)",
+    "sgsd_output.json": "the output record: which command wrote the directory, with its settings and their "
+                        "SHA-256 (a rerun with other settings is refused)",
     ".sgsd.lock": "while a command writes into the directory: its lock (with its pid; removed when it ends)",
 }
 
