@@ -39,7 +39,12 @@ def test_eval_compare_refuses_different_settings_unless_allowed(tmp_path, capsys
     assert "settings that differ" in printed and "k: base=4, other=2" in printed
     assert (plots / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
-    assert main(["eval", "compare", str(base), str(reseeded), "--output-dir", str(plots)]) == 0
+    plot = (plots / "compare.png").read_bytes()
+    # other evaluations into that directory: refused, the earlier plot kept (sgsd.run_dir.check_output_dir)
+    assert main(["eval", "compare", str(base), str(reseeded), "--output-dir", str(plots)]) == 2
+    assert "holds an earlier `sgsd eval compare` made with other settings" in capsys.readouterr().err
+    assert (plots / "compare.png").read_bytes() == plot
+    assert main(["eval", "compare", str(base), str(reseeded), "--output-dir", str(tmp_path / "plots2")]) == 0
     assert "settings that differ" not in capsys.readouterr().out
 
 

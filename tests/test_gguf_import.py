@@ -64,7 +64,7 @@ def test_non_empty_output_directory_is_refused_and_left_alone(tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     code, err = _cli(["models", "import-gguf", str(source), "--output", str(out)], capsys)
-    assert code == 2 and "not an empty directory" in err
+    assert code == 2 and "holds files that `sgsd models import-gguf` did not write (keep.txt)" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
@@ -135,3 +135,13 @@ def test_logit_check_passes_on_a_copy_and_fails_on_a_changed_weight(tiny_tokeniz
         next(p for n, p in copy.named_parameters() if "layers.0" in n).add_(1e-3)
     with pytest.raises(UserError, match="logits differ"):
         compare_logits(tiny_model, tiny_tokenizer, copy, tiny_tokenizer)
+
+
+@pytest.mark.parametrize("keep", [0.99, 0.5, 0.01])
+def test_a_truncated_gguf_says_truncated(keep, tmp_path, capsys):
+    whole = _write_gguf(tmp_path / "whole.gguf", "llama").read_bytes()
+    source = tmp_path / "m.gguf"
+    source.write_bytes(whole[:max(8, int(len(whole) * keep))])
+    code, err = _cli(["models", "import-gguf", str(source), "--output", str(tmp_path / "out")], capsys)
+    assert code == 2 and f"{source}: truncated GGUF file" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()

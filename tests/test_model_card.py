@@ -37,3 +37,14 @@ def test_run_directory_readme_is_the_sgsd_model_card(finished_run):
     assert (out / "final" / "README.md").read_text() == card
     readme = (ROOT / "README.md").read_text()
     assert [name for name in RUN_FILES if f"`{name}`" not in readme] == []  # the README lists every file
+
+
+def test_the_cards_eval_command_is_shell_quoted(tmp_path):
+    import shlex
+
+    from sgsd.trainers.model_card import render_model_card
+
+    run_dir = tmp_path / "my run; rm -rf x"
+    run_dir.mkdir()
+    line = next(l for l in render_model_card(run_dir, 1).splitlines() if l.startswith("sgsd eval"))
+    assert shlex.split(line)[:4] == ["sgsd", "eval", "--model", str(run_dir)]

@@ -132,9 +132,9 @@ def test_bad_polarity_options_are_refused():
     d = torch.zeros(1, 1, 3)
     with pytest.raises(ValueError, match="sgsd.polarity_test: expected 'threshold' or 'z', got 't'"):
         _polarity(d, polarity_test="t")
-    with pytest.raises(ValueError, match="sgsd.polarity_z: must be > 0"):
+    with pytest.raises(ValueError, match=r"sgsd.polarity_z=0.0: must be a finite number > 0"):
         _polarity(d, polarity_test="z", polarity_z=0.0)
-    with pytest.raises(ConfigError, match="sgsd.polarity_z: must be > 0"):
+    with pytest.raises(ConfigError, match=r"sgsd.polarity_z=-1.0: must be a finite number > 0"):
         load_run_config(ROOT / "configs/tiny/sgsd-z.yaml", ["sgsd.polarity_z=-1"])
     with pytest.raises(ConfigError, match="sgsd.polarity_test: expected one of 'threshold', 'z'"):
         load_run_config(ROOT / "configs/tiny/sgsd.yaml", ["sgsd.polarity_test=t"])

@@ -94,9 +94,10 @@ def test_settings_refuse_unknown_controls_and_the_local_support_variant():
     from sgsd.methods import load_run_config
 
     assert SGSDSettings().polarity_control == "none"
-    assert "sgsd.polarity_control: expected one of none, neutral, shuffled, got 'x'" in \
-        SGSDSettings(polarity_control="x").problems()  # type: ignore[arg-type]
-    assert any("local-support" in m for m in SGSDSettings(polarity_control="neutral", local_support_top_k=4).problems())
+    with pytest.raises(ValueError, match="sgsd.polarity_control: expected one of none, neutral, shuffled, got 'x'"):
+        SGSDSettings(polarity_control="x")  # type: ignore[arg-type]  # refused when built
+    with pytest.raises(ValueError, match="local-support"):
+        SGSDSettings(polarity_control="neutral", local_support_top_k=4)
     cfg = load_run_config(ROOT / "configs/tiny/sgsd.yaml", ["sgsd.polarity_control=shuffled"])
     assert cfg.sgsd.polarity_control == "shuffled"
     with pytest.raises(ConfigError, match="sgsd.polarity_control"):

@@ -292,6 +292,10 @@ def test_a_resume_on_a_changed_bank_is_refused_and_the_card_names_the_bank_used(
     changed.write_text(json.dumps(bank))
     # the run's config names the bank's path: point it at the changed copy, as a replaced file would be
     (out / "resolved_config.yaml").write_text(record.replace(str(TINY / "skill_bank.json"), str(changed)))
+    from sgsd.run_dir import OUTPUT_RECORD, RESUME_MAY_CHANGE, write_output_record
+
+    settings = json.loads((out / OUTPUT_RECORD).read_text())["settings"]  # ... and so does its output record
+    write_output_record(out, "train", {**settings, "skills.bank": str(changed)}, RESUME_MAY_CHANGE)
     result = _train(out, "--max-steps", "3", f"skills.bank={changed}")
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]

@@ -31,9 +31,9 @@ def test_registry_entry_takes_grpo_and_sgsd_settings():
     assert spec.settings == "sgsd_pg" and spec.needs_bank(cfg) and not spec.prompt_skills(cfg)
     assert spec.grpo_settings(cfg) == {"num_generations": 4, "beta": 0.0, "vllm_importance_sampling_correction": True}
     for override, message in [
-        ("sgsd_pg.lambda_sgsd=-1", "sgsd_pg.lambda_sgsd: must be a number >= 0"),
-        ("grpo.num_generations=1", "grpo.num_generations: GRPO needs at least 2"),
-        ("sgsd.polarity_z=0", "sgsd.polarity_z: must be > 0"),
+        ("sgsd_pg.lambda_sgsd=-1", "sgsd_pg.lambda_sgsd=-1.0: must be a finite number >= 0"),
+        ("grpo.num_generations=1", r"grpo.num_generations=1: must be a finite number >= 2 \(GRPO needs at least 2"),
+        ("sgsd.polarity_z=0", "sgsd.polarity_z=0.0: must be a finite number > 0"),
         ("grpo.skills_in_prompt=true", "grpo.skills_in_prompt: sgsd-pg gives the skills to its teachers"),
         ("sgsd_pg.lambda=1", "unknown config key 'sgsd_pg.lambda'"),
     ]:

@@ -91,7 +91,8 @@ def test_inter_op_pool_follows_the_start_up_decision(clean_env):
 
     code = ("from sgsd.threads import configure_process; import torch; configure_process({flag}); "
             "print(torch.get_num_threads(), torch.get_num_interop_threads())")
-    for flag, expected in (("3", "3 3"), ("", "1 1")):
+    many = min(3, threads.available_cores())  # an explicit count is capped at the cores (tested below)
+    for flag, expected in ((str(many), f"{many} {many}"), ("", "1 1")):
         out = subprocess.run([sys.executable, "-c", code.format(flag=flag)], capture_output=True, text=True, check=True)
         assert out.stdout.split() == expected.split()
 
@@ -142,3 +143,14 @@ def test_bad_thread_settings_stop_the_cli_in_one_line(clean_env, capsys):
     assert main(["bench", "estimate"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sgsd: error: --threads / SGSD_THREADS:") and "'many'" in err and "\n" not in err
+
+
+def test_an_explicit_thread_count_is_capped_at_the_cores_with_a_note(monkeypatch, capsys):
+    for variable in ("SGSD_THREADS", "OMP_NUM_THREADS"):
+        capped = choose_threads(parameters=None, env={variable: "100000"}, cores=2)
+        assert capped == threads.ThreadChoice(2, f"{variable}=100000 capped at the 2 cores this process may use", True)
+    assert choose_threads(parameters=None, env={"SGSD_THREADS": "2"}, cores=2).threads == 2
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
+    monkeypatch.setenv("SGSD_THREADS", "2000")
+    assert threads.configure_process().threads == 2
+    assert "sgsd: note: SGSD_THREADS=2000 capped at the 2 cores this process may use; using 2" in capsys.readouterr().err

@@ -72,7 +72,7 @@ def _run_cli(args, capsys):
     (["model.name_or_path=/nonexistent/model"], "model: no such file or directory: /nonexistent/model"),
     (["data.path=/nonexistent/data.jsonl"], "dataset: no such file or directory: /nonexistent/data.jsonl"),
     (["prompt.max_prompt_tokens=8"], "longer than prompt.max_prompt_tokens=8"),
-    (["sgsd.gate_tau=0"], "sgsd.gate_tau: must be > 0"),
+    (["sgsd.gate_tau=0"], "override: sgsd.gate_tau=0.0: must be a finite number > 0"),
     (["skills.bank=BROKEN"], "broken_bank.json"),
     (["data.path=builtin:nothing"], "builtin dataset 'nothing': unknown"),
 ])
@@ -91,5 +91,5 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, override, me
 def test_no_resume_refuses_a_non_empty_directory(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("user data")
     code, err = _run_cli(["train", "--config", str(RECIPE), "--output-dir", str(tmp_path), "--no-resume"], capsys)
-    assert code == 2 and "not empty" in err
+    assert code == 2 and "holds files that `sgsd train` did not write (keep.txt)" in err
     assert (tmp_path / "keep.txt").read_text() == "user data"

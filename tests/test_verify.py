@@ -350,3 +350,18 @@ def test_real_completion_stating_the_answer_is_right_only_under_flexible_grading
     eggs = rows["18"]["completion"]
     assert eggs.rstrip().endswith("So, the final answer is 36 * 18 =")
     assert extract_answer(eggs, extract="flexible")[0] == "36"
+
+
+@pytest.mark.parametrize("gold", ["3\u200b", "\ufeff3", "3\u00ad", "\u20603", "\u200c3\u200d", "\\boxed{3\u200b}"])
+def test_invisible_characters_in_a_gold_never_turn_a_correct_answer_wrong(gold):
+    from sgsd.verify import grade
+
+    assert grade("so \\boxed{3}", gold) == GradeResult(True, "3", None)
+
+
+@pytest.mark.parametrize("completion", ["\\boxed{3\u200b}", "\\boxed{\ufeff3}", "\\boxed{\u00ad3}"])
+def test_invisible_characters_in_a_completion_are_removed_before_it_is_read(completion):
+    from sgsd.verify import extract_answer, grade
+
+    assert grade(completion, "3") == GradeResult(True, "3", None)
+    assert extract_answer("the answer is 1\u200b5", extract="flexible") == ("15", None)

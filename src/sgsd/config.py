@@ -15,16 +15,42 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from sgsd.errors import ConfigError
+from sgsd.bounds import Bound, SettingsError, above, at_least, between, bound_problems
+from sgsd.errors import ConfigError, shorten
 from sgsd.loss_settings import PolarityTest, SGSDSettings
+from sgsd.storage import MAX_NESTING, decode_utf8, read_input_bytes
 
 __all__ = ["PolarityTest", "RunConfig", "SGSDSettings", "load_config"]
 
 
+class Checked:
+    """A settings section checked completely when it is built (TRL's `__post_init__`): its numeric fields against
+    `BOUNDS` (`sgsd.bounds`), then its own cross-field checks (`extra_problems`). `WHERE`: its dotted name."""
+
+    WHERE: ClassVar[str] = ""
+    BOUNDS: ClassVar[dict[str, Bound]] = {}
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise SettingsError("; ".join(problems))
+
+    def problems(self, where: str | None = None) -> list[str]:
+        """What is wrong with the section, one message each (empty: nothing)."""
+        where = where or self.WHERE
+        return bound_problems(self, where) + self.extra_problems(where)
+
+    def extra_problems(self, where: str) -> list[str]:
+        return []
+
+
 @dataclass
-class LoraSettings:
+class LoraSettings(Checked):
+    WHERE = "model.lora"
+    BOUNDS = {"r": at_least(1), "alpha": above(0), "dropout": between(0, 1, high_open=True)}
+
     enabled: bool = False
     r: int = 64
     alpha: int = 128
@@ -35,8 +61,10 @@ class LoraSettings:
 
 
 @dataclass
-class ModelSettings:
+class ModelSettings(Checked):
     """`name_or_path`: hub id, local directory, or `tiny[:key=INT,...]` (see `sgsd.models`)."""
+
+    WHERE = "model"
 
     name_or_path: str = "tiny"
     dtype: str = "auto"
@@ -44,7 +72,7 @@ class ModelSettings:
     gradient_checkpointing: bool = False
     lora: LoraSettings = field(default_factory=LoraSettings)
 
-    def problems(self, where: str = "model") -> list[str]:
+    def extra_problems(self, where: str) -> list[str]:
         if self.lora.enabled and "lm_head" in self.lora.target_modules:
             return [f"{where}.lora.target_modules: a LoRA adapter on lm_head is not supported (teacher log-probs need "
                     "the shared head)"]
@@ -52,8 +80,11 @@ class ModelSettings:
 
 
 @dataclass
-class DataSettings:
+class DataSettings(Checked):
     """Training problems: a hub dataset id, a local JSONL/JSON/parquet file, or `builtin:tiny-math`."""
+
+    WHERE = "data"
+    BOUNDS = {"max_problems": at_least(1, "None: all"), "shuffle_seed": at_least(0, "None: training.seed")}
 
     path: str = "builtin:tiny-math"
     split: str = "train"
@@ -66,9 +97,12 @@ class DataSettings:
 
 
 @dataclass
-class PromptSettings:
+class PromptSettings(Checked):
     """Chat-template thinking mode. Student and teacher share it unless `teacher_enable_thinking` is set
     (set it to reproduce the public code's mismatch: student non-thinking, teacher thinking)."""
+
+    WHERE = "prompt"
+    BOUNDS = {"max_prompt_tokens": at_least(1)}
 
     enable_thinking: bool | None = False
     teacher_enable_thinking: bool | None = None
@@ -76,7 +110,11 @@ class PromptSettings:
 
 
 @dataclass
-class GenerationSettings:
+class GenerationSettings(Checked):
+    WHERE = "generation"
+    BOUNDS = {"max_new_tokens": at_least(1), "temperature": above(0), "top_p": between(0, 1, low_open=True),
+              "top_k": at_least(0, "0: no top-k cut"), "vllm_gpu_memory_utilization": between(0, 1, low_open=True)}
+
     max_new_tokens: int = 1024
     temperature: float = 1.1
     top_p: float = 0.95
@@ -86,17 +124,10 @@ class GenerationSettings:
     vllm_gpu_memory_utilization: float = 0.3
     vllm_server_base_url: str | None = None
 
-    def problems(self, where: str = "generation") -> list[str]:
-        out = []
-        if not 0 < self.top_p <= 1:
-            out.append(f"{where}.top_p: must be in (0, 1]")
-        if not self.temperature > 0:
-            out.append(f"{where}.temperature: must be > 0")
-        return out
 
 
 @dataclass
-class OnlineUpdateSettings:
+class OnlineUpdateSettings(Checked):
     """Online skill-bank updates during SGSD training (docs/spec.md section 3 (4)); `sgsd.skills.online` reads
     these settings as they are.
 
@@ -109,6 +140,13 @@ class OnlineUpdateSettings:
     template's default), so its JSON is not lost inside an unfinished `<think>` block, within
     `max_tokens` per extraction reply (the reference's 2048) and `merge_max_tokens` per merge reply.
     """
+
+    WHERE = "skills.online"
+    BOUNDS = {"every_steps": at_least(1), "success_threshold": between(0, 1, low_open=True), "window_steps": at_least(1),
+              "max_new": at_least(0, "0: no new items"), "capacity": at_least(0, "0: no dynamic items"),
+              "max_memories": at_least(1), "max_items_per_memory": at_least(1), "max_completion_chars": at_least(1),
+              "max_tokens": at_least(1), "merge_max_tokens": at_least(1), "temperature": at_least(0, "0: greedy"),
+              "group_size": at_least(2, "items merged per call")}
 
     enabled: bool = False
     every_steps: int = 25
@@ -127,21 +165,18 @@ class OnlineUpdateSettings:
     group_size: int = 32  # items per merge call
     enable_thinking: bool | None = False
 
-    def problems(self, where: str = "skills.online") -> list[str]:
-        out = []
-        if self.every_steps < 1 or self.window_steps < 1:
-            out.append(f"{where}: every_steps and window_steps must be at least 1")
-        if not 0.0 < self.success_threshold <= 1.0:
-            out.append(f"{where}.success_threshold={self.success_threshold}: must be in (0, 1]")
-        if self.max_new < 0 or self.capacity < self.max_new or self.max_memories < 1:
-            out.append(f"{where}: need 0 <= max_new <= capacity and max_memories >= 1 (got max_new={self.max_new}, "
-                       f"capacity={self.capacity}, max_memories={self.max_memories})")
-        return out
+    def extra_problems(self, where: str) -> list[str]:
+        if self.capacity < self.max_new:
+            return [f"{where}: need max_new <= capacity (got max_new={self.max_new}, capacity={self.capacity})"]
+        return []
 
 
 @dataclass
-class SkillSettings:
+class SkillSettings(Checked):
     """The skill bank and its retrieval (docs/spec.md section 3), shared by SGSD and the "+Skill" variants."""
+
+    WHERE = "skills"
+    BOUNDS = {"prompt_top_k": at_least(1)}
 
     bank: str | None = None  # path to a skill bank JSON (required for sgsd and "+Skill" variants)
     retrieval: Literal["embedding", "bm25", "random"] = "embedding"
@@ -156,10 +191,14 @@ LossType = Literal["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", 
 
 
 @dataclass
-class GRPOSettings:
+class GRPOSettings(Checked):
     """docs/spec.md section 5: TRL's GRPO. `num_generations` completions per prompt form a group (paper 8);
     PPO clip `epsilon`; KL coefficient `beta` (0: none, as in the paper); `loss_type`: TRL's
     normalisation of the surrogate; `skills_in_prompt`: GRPO+Skill (retrieved block in the prompt)."""
+
+    WHERE = "grpo"
+    BOUNDS = {"num_generations": at_least(2, "GRPO needs at least 2 completions per prompt to form a group"),
+              "epsilon": above(0), "beta": at_least(0, "0: no KL term, the paper's")}
 
     num_generations: int = 8
     epsilon: float = 0.2
@@ -167,15 +206,16 @@ class GRPOSettings:
     loss_type: LossType = "grpo"
     skills_in_prompt: bool = False  # GRPO+Skill
 
-    def problems(self, where: str = "grpo") -> list[str]:
-        if self.num_generations < 2:
-            return [f"{where}.num_generations: GRPO needs at least 2 completions per prompt to form a group"]
-        return []
 
 
 @dataclass
-class OPSDSettings:
+class OPSDSettings(Checked):
     """docs/spec.md section 5: teacher = same model given the reference answer; generalized JSD (beta=0 forward KL)."""
+
+    WHERE = "opsd"
+    BOUNDS = {"beta": between(0, 1, hint="0: forward KL"), "ema_decay": SGSDSettings.BOUNDS["ema_decay"],
+              "logprob_chunk_tokens": SGSDSettings.BOUNDS["logprob_chunk_tokens"],
+              "logprob_chunk_mb": SGSDSettings.BOUNDS["logprob_chunk_mb"]}
 
     beta: float = 0.0
     teacher: Literal["live", "base", "ema"] = "base"
@@ -187,26 +227,18 @@ class OPSDSettings:
     logprob_chunk_tokens: int = 1024
     logprob_chunk_mb: int = 1024
 
-    def problems(self, where: str = "opsd") -> list[str]:
-        if not 0.0 <= self.beta <= 1.0:
-            return [f"{where}.beta: must be in [0, 1]"]
-        return []
 
 
 @dataclass
-class SGSDPGSettings:
+class SGSDPGSettings(Checked):
     """sgsd-pg (SGSD + policy gradient): loss = GRPO loss + `lambda_sgsd` x SGSD loss on the same rollouts.
     The GRPO part takes the `grpo` section (num_generations G >= 2, epsilon, beta, loss_type), the SGSD
     part the `sgsd` section."""
 
+    WHERE = "sgsd_pg"
+    BOUNDS = {"lambda_sgsd": at_least(0, "0: GRPO alone, with SGSD's metrics")}
+
     lambda_sgsd: float = 1.0
-
-    def problems(self, where: str = "sgsd_pg") -> list[str]:
-        import math
-
-        if not (math.isfinite(self.lambda_sgsd) and self.lambda_sgsd >= 0):
-            return [f"{where}.lambda_sgsd: must be a number >= 0 (0: GRPO alone, with SGSD's metrics)"]
-        return []
 
 
 # transformers' schedulers that need no extra arguments (tests/test_trl_adapter.py pins both lists)
@@ -215,16 +247,18 @@ Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "c
 
 
 @dataclass
-class RewardSettings:
+class RewardSettings(Checked):
     """How the verifier finds a completion's answer (`sgsd.verify.extract_answer`): "boxed", the last
     `\\boxed{}` only (the paper's), or "flexible" (the last box, else a stated answer, else the last
     number) for models that do not write boxes."""
+
+    WHERE = "reward"
 
     extract: Literal["boxed", "flexible"] = "boxed"
 
 
 @dataclass
-class TrainingSettings:
+class TrainingSettings(Checked):
     """Optimisation and bookkeeping (paper values in configs/paper/common.yaml).
 
     Prompts per optimizer step = processes x `prompts_per_device` x `gradient_accumulation_steps`
@@ -234,6 +268,13 @@ class TrainingSettings:
     deterministic algorithms (bit-identical reruns and resumes on CPU; slower on GPU). `deepspeed`: a
     DeepSpeed JSON config (or set it through `accelerate launch --config_file`).
     """
+
+    WHERE = "training"
+    BOUNDS = {"max_steps": at_least(1), "learning_rate": above(0), "warmup_steps": at_least(0, "0: no warm-up"),
+              "max_grad_norm": at_least(0, "0: no clipping"), "prompts_per_device": at_least(1),
+              "gradient_accumulation_steps": at_least(1), "seed": at_least(0), "save_steps": at_least(1),
+              "save_total_limit": at_least(1, "None: keep every checkpoint"), "logging_steps": at_least(1),
+              "weight_decay": at_least(0, "0: none")}
 
     output_dir: str | None = None
     max_steps: int = 200
@@ -255,17 +296,10 @@ class TrainingSettings:
     deterministic: bool = False
     deepspeed: str | None = None
 
-    def problems(self, where: str = "training") -> list[str]:
-        out = []
-        if self.max_steps < 1:
-            out.append(f"{where}.max_steps: must be >= 1")
-        if self.save_steps < 1:
-            out.append(f"{where}.save_steps: must be >= 1")
-        return out
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Checked):
     """A training run. `method`: a registered method (`sgsd.methods`: sgsd, grpo, opsd, sgsd-pg, or one that a
     module in `plugins` registers when imported, see docs/extending.md)."""
 
@@ -283,17 +317,12 @@ class RunConfig:
     reward: RewardSettings = field(default_factory=RewardSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
 
-    def problems(self) -> list[str]:
-        """What is wrong with the settings that hold for every method, one message each; a method's own
-        checks (its sections, whether it needs a bank) are the registry's (`sgsd.methods.check_run_config`)."""
-        out: list[str] = []
-        for section in (self.model, self.generation, self.training):
-            out += section.problems()
-        if self.skills.online.enabled:
-            out += self.skills.online.problems()
+    def extra_problems(self, where: str) -> list[str]:
+        """What is wrong across sections (each section checked itself when it was built); a method's own
+        checks (whether it needs a bank, ...) are the registry's (`sgsd.methods.check_run_config`)."""
         if self.generation.use_vllm and self.training.device == "cpu":
-            out.append("generation.use_vllm: vLLM needs a GPU; set training.device=auto/cuda or use_vllm=false")
-        return out
+            return ["generation.use_vllm: vLLM needs a GPU; set training.device=auto/cuda or use_vllm=false"]
+        return []
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -328,10 +357,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {shorten(repr(value))}")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, args))}, got {shorten(repr(value))}")
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -339,19 +368,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return [_coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {shorten(repr(value))}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {shorten(repr(value))}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {shorten(repr(value))}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {shorten(repr(value))}")
         return value
     return value
 
@@ -367,18 +396,29 @@ def _resolve_path(value: Any, source: str) -> Any:
     return str(candidate) if candidate.exists() else value
 
 
+def _deep_merge(into: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """`data` merged into the nested dict `into` (in place; later values win)."""
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+    return into
+
+
 def _merge_into(obj: Any, data: dict[str, Any], prefix: str, source: str) -> Any:
-    """`obj` with `data` merged in: changed in place, or for a frozen section (`SGSDSettings`) a changed copy."""
+    """A copy of the settings object `obj` with `data` merged in, built anew so that each section checks
+    every field when it is built (`Checked.__post_init__`); a refusal names `source`."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {prefix or 'top level'}: expected a mapping, got {type(data).__name__}")
     types = _field_types(type(obj))
     changes: dict[str, Any] = {}
     for key, value in data.items():
         where = f"{prefix}{key}"
-        if key not in types:
-            hints = _suggestions(str(key), prefix, list(types))
+        if key not in types or key in ("WHERE", "BOUNDS"):
+            hints = _suggestions(str(key), prefix, [k for k in types if k not in ("WHERE", "BOUNDS")])
             suggestion = f" (did you mean {' or '.join(repr(h) for h in hints)}?)" if hints else ""
-            raise ConfigError(f"{source}: unknown config key '{where}'{suggestion}")
+            raise ConfigError(f"{source}: unknown config key '{shorten(where, 80)}'{suggestion}")
         tp = types[key]
         if _is_dataclass_type(tp):
             changes[key] = _merge_into(getattr(obj, key), value, f"{where}.", source)
@@ -386,13 +426,10 @@ def _merge_into(obj: Any, data: dict[str, Any], prefix: str, source: str) -> Any
             if where in PATH_KEYS and source != "override":
                 value = _resolve_path(value, source)
             changes[key] = _coerce(value, tp, f"{source}: {where}")
-        if not _is_frozen(obj):
-            setattr(obj, key, changes.pop(key))
-    return dataclasses.replace(obj, **changes) if changes else obj
-
-
-def _is_frozen(obj: Any) -> bool:
-    return bool(getattr(obj, "__dataclass_params__", None) and obj.__dataclass_params__.frozen)
+    try:
+        return dataclasses.replace(obj, **changes) if changes else obj
+    except SettingsError as err:
+        raise SettingsError(f"{source}: {err}") from None
 
 
 def _suggestions(key: str, prefix: str, siblings: list[str]) -> list[str]:
@@ -410,16 +447,44 @@ def _suggestions(key: str, prefix: str, siblings: list[str]) -> list[str]:
     return [leaves[leaf][0] for leaf in difflib.get_close_matches(key, list(leaves), n=2, cutoff=0.8)]
 
 
+def load_yaml(text: str, where: str) -> Any:
+    """`yaml.safe_load(text)`, after reading its events once to refuse what would cost before any check
+    could see it: an alias (`*name`: a few hundred bytes of anchors and aliases expand to gigabytes) and
+    nesting deeper than `MAX_NESTING` levels (the composer recurses). Errors name `where` and the line;
+    PyYAML's own syntax errors stay `yaml.YAMLError`."""
+    import yaml
+
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        line = event.start_mark.line + 1 if event.start_mark is not None else 0
+        if isinstance(event, yaml.AliasEvent):
+            raise ConfigError(f"{where}: line {line}: YAML alias *{shorten(event.anchor, 40)} refused (anchors and "
+                              "aliases can expand a few bytes to gigabytes); write the value out")
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_NESTING:
+                raise ConfigError(f"{where}: line {line}: nested more than {MAX_NESTING} levels deep; not read")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+    try:
+        return yaml.safe_load(text)
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(f"{where}: unreadable value ({shorten(err, 120)})") from None
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict[str, Any], str]]:
     import yaml
 
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: circular 'inherit'")
+    if path.is_dir():
+        raise ConfigError(f"config file {path}: is a directory; give the YAML file (e.g. {path}/sgsd.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file: no such file or directory: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = decode_utf8(read_input_bytes(path, "config file"), f"config file {path}")
+        data = load_yaml(text, f"config file {path}") or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -439,9 +504,9 @@ def parse_override(text: str) -> tuple[str, Any]:
 
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {text!r}: expected key=value, e.g. training.learning_rate=1e-5")
+        raise ConfigError(f"override {shorten(repr(text))}: expected key=value, e.g. training.learning_rate=1e-5")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw, f"override {shorten(key.strip(), 80)}") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str) and _looks_like_float(value):
@@ -473,21 +538,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = RunConfig()
     if path is not None:
         for data, source in _read_yaml(Path(path)):
-            _merge_into(cfg, _floatify(data), "", source)
-    for text in overrides:
-        key, value = parse_override(text)
-        _merge_into(cfg, _nest(key, value), "", "override")
-    problems = cfg.problems()
-    if problems:
-        raise ConfigError("; ".join(problems))
+            cfg = _merge_into(cfg, _floatify(data), "", source)
+    if overrides:  # one layer: settings checked together (max_new=10 capacity=40) pass as a file's would
+        layer: dict[str, Any] = {}
+        for text in overrides:
+            _deep_merge(layer, _nest(*parse_override(text)))
+        cfg = _merge_into(cfg, layer, "", "override")
     return cfg
 
 
 def config_from_dict(data: dict[str, Any], source: str = "resolved config") -> RunConfig:
     """A `RunConfig` from a nested dict such as a run's resolved_config.yaml (type-checked, not validated)."""
-    cfg = RunConfig()
-    _merge_into(cfg, _floatify(data), "", source)
-    return cfg
+    return _merge_into(RunConfig(), _floatify(data), "", source)
 
 
 def _floatify(data: Any) -> Any:
@@ -520,7 +582,7 @@ def setting_differences(flat_by_label: dict[str, dict[str, Any]]) -> list[str]:
     for key in keys:
         seen = {label: values.get(key) for label, values in flat_by_label.items()}
         if len({json.dumps(v, sort_keys=True) for v in seen.values()}) > 1:
-            lines.append(f"{key}: " + ", ".join(f"{label}={value!r}" for label, value in seen.items()))
+            lines.append(f"{key}: " + ", ".join(f"{label}={shorten(repr(value), 80)}" for label, value in seen.items()))
     return lines
 
 
@@ -543,3 +605,11 @@ def dump_config(cfg: RunConfig) -> str:
         if isinstance(node.get(key), str) and "://" in node[key]:
             node[key] = redact_url(node[key])
     return yaml.safe_dump(tree, sort_keys=False)
+
+
+def config_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The config as {dotted key: value}, as `dump_config` writes it (credentials masked): what a run's
+    output record (`sgsd.run_dir.write_output_record`) compares between reruns."""
+    import yaml
+
+    return flatten(yaml.safe_load(dump_config(cfg)))

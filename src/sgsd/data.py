@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol
 
 from sgsd.errors import DataError
-from sgsd.storage import check_input_file, decode_utf8, read_input_bytes, read_input_jsonl
+from sgsd.storage import check_input_file, decode_utf8, parse_json, read_input_bytes, read_input_jsonl
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -234,7 +234,7 @@ def read_rows(path: str, split: str = "train", what: str = "dataset") -> Iterabl
         if suffix == ".json":
             text = decode_utf8(read_input_bytes(local, what), str(local))
             try:
-                data = json.loads(text)
+                data = parse_json(text, str(local))
             except json.JSONDecodeError as err:
                 raise DataError(f"{local}: invalid JSON at line {err.lineno} ({err.msg})") from err
             rows = data if isinstance(data, list) else data.get("data") if isinstance(data, dict) else None

@@ -19,3 +19,14 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A dataset, skill bank or other input file that cannot be used as given."""
+
+
+# how much of a value a message quotes: a value read from a file or a command line can be any size
+QUOTE_LIMIT = 200
+
+
+def shorten(text: object, limit: int = QUOTE_LIMIT) -> str:
+    """`str(text)` cut to `limit` characters, saying how many were left out: every message that quotes a
+    value the user gave quotes it through this, so a huge value costs one line, not gigabytes."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"

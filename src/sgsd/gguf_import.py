@@ -26,11 +26,12 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from sgsd.errors import UserError
+from sgsd.errors import UserError, shorten
+from sgsd.run_dir import check_output_dir, write_output_record
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -106,6 +107,12 @@ def _gguf_in_distribution(name: str) -> Path:
     return path
 
 
+# What the GGUF reader says when the file ends early: it maps the file and shapes each field and tensor from
+# the bytes that are there, so a short file gives numpy fewer elements than the header promised.
+TRUNCATION_SIGNS = ("cannot reshape array", "must be a divisor of the total size", "out of bounds",
+                    "index out of range", "buffer is smaller", "not enough values to unpack")
+
+
 def gguf_architecture(path: Path) -> str:
     """`general.architecture` of a GGUF file; UserError when the file is not GGUF or is unreadable."""
     with open(path, "rb") as handle:
@@ -121,7 +128,11 @@ def gguf_architecture(path: Path) -> str:
         architecture = value.contents() if value is not None else None
     except Exception as err:  # noqa: BLE001 - any reader failure means an unusable file: one line
         first_line = str(err).splitlines()[0] if str(err) else ""
-        raise UserError(f"{path}: unreadable GGUF file ({type(err).__name__}: {first_line})") from None
+        if isinstance(err, (ValueError, IndexError, EOFError)) and any(
+                sign in first_line for sign in TRUNCATION_SIGNS):
+            raise UserError(f"{path}: truncated GGUF file ({path.stat().st_size} bytes: its header or tensors "
+                            "reach past the end of the file); download or copy it again") from None
+        raise UserError(f"{path}: unreadable GGUF file ({type(err).__name__}: {shorten(first_line)})") from None
     if not isinstance(architecture, str) or not architecture:
         raise UserError(f"{path}: GGUF file without general.architecture metadata")
     return architecture
@@ -139,9 +150,21 @@ def check_supported(path: Path, architecture: str) -> None:
                         f"(supported: {', '.join(sorted(supported))})")
 
 
-def check_output_dir(output: Path) -> None:
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise UserError(f"output {output}: exists and is not an empty directory (choose another --output)")
+IMPORT_KIND = "models import-gguf"
+
+
+def earlier_import(output: Path, source: str) -> ImportReport | None:
+    """The output-directory rule (`sgsd.run_dir.check_output_dir`) for `output`: None when it is new or
+    empty; the earlier import's report when it holds this same source's import (nothing to redo);
+    otherwise a one-line refusal naming what is in the way."""
+    if check_output_dir(output, IMPORT_KIND, {"source": source}, what="models import-gguf: --output") != "own":
+        return None
+    try:
+        saved = json.loads((output / IMPORT_RECORD).read_text(encoding="utf-8"))
+        return ImportReport(**{f.name: saved[f.name] for f in fields(ImportReport) if f.name in saved})
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"models import-gguf: --output {output}: its {IMPORT_RECORD} is unreadable ({err}); "
+                        "choose a new directory") from None
 
 
 def file_sha256(path: Path) -> str:
@@ -297,7 +320,10 @@ def import_gguf(source: str, output: str | os.PathLike, *, log: Callable[[str], 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = Path(output).expanduser()
-    check_output_dir(out)
+    earlier = earlier_import(out, source)
+    if earlier is not None:
+        log(f"{out} already holds the import of {source} (sha256 {earlier.gguf_sha256[:12]}); nothing to do")
+        return earlier
     path = resolve_gguf_source(source)
     architecture = gguf_architecture(path)
     check_supported(path, architecture)
@@ -320,6 +346,7 @@ def import_gguf(source: str, output: str | os.PathLike, *, log: Callable[[str], 
         report.verified_prompts = len(VERIFY_CONVERSATIONS)
         _check_written_tokens(written_tokenizer, written, tokenizer)
         (staging / IMPORT_RECORD).write_text(json.dumps({"format": IMPORT_FORMAT, **asdict(report)}, indent=2) + "\n")
+        write_output_record(staging, IMPORT_KIND, {"source": source})
         if out.exists():  # an empty directory (checked above): rename() replaces it
             out.rmdir()
         os.replace(staging, out)

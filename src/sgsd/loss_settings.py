@@ -10,7 +10,9 @@ settings section of the config uses.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
+
+from sgsd.bounds import Bound, SettingsError, above, at_least, between, bound_problems
 
 # how a teacher's sign is decided (`sgsd.objectives.teacher_polarity`): the paper's |support| > theta, or a z test
 PolarityTest = Literal["threshold", "z"]
@@ -55,23 +57,27 @@ class SGSDSettings:
     skip_neutral_rows: bool = False
     polarity_control: PolarityControl = "none"
 
+    BOUNDS: ClassVar[dict[str, Bound]] = {
+        "num_teachers": at_least(1), "gate_tau": above(0), "clip_delta": above(0),
+        "confidence_threshold": at_least(0, "0: every nonzero support counts"),
+        "polarity_z": above(0, "1.96: two-sided 5% test"), "local_support_top_k": at_least(0, "0 = full vocabulary"),
+        "ema_decay": between(0, 1, high_open=True, hint="teacher: ema; 0 follows the live weights"),
+        "teacher_batch_size": at_least(1, "rows per teacher forward"),
+        "logprob_chunk_tokens": at_least(0, "0: as many rows as fit logprob_chunk_mb"),
+        "logprob_chunk_mb": at_least(1)}
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise SettingsError("; ".join(problems))
+
     def problems(self, where: str = "sgsd") -> list[str]:
         """What is wrong with these settings, one message each (empty: nothing)."""
-        out = []
-        if self.num_teachers < 1:
-            out.append(f"{where}.num_teachers: must be at least 1")
-        if not self.gate_tau > 0:
-            out.append(f"{where}.gate_tau: must be > 0")
-        if not self.clip_delta > 0:
-            out.append(f"{where}.clip_delta: must be > 0")
-        if not self.confidence_threshold >= 0:
-            out.append(f"{where}.confidence_threshold: must be >= 0")
+        out = bound_problems(self, where)
         if self.polarity_test not in ("threshold", "z"):
             out.append(f"{where}.polarity_test: expected 'threshold' or 'z', got {self.polarity_test!r}")
-        if not self.polarity_z > 0:
-            out.append(f"{where}.polarity_z: must be > 0 (1.96: two-sided 5% test)")
-        if self.local_support_top_k < 0:
-            out.append(f"{where}.local_support_top_k: must be >= 0 (0 = full vocabulary)")
+        if self.teacher not in ("live", "base", "ema"):
+            out.append(f"{where}.teacher: expected 'live', 'base' or 'ema', got {self.teacher!r}")
         if self.local_support_top_k > 0 and self.skip_neutral_rows:
             out.append(f"{where}.skip_neutral_rows: not available with the local-support variant "
                        "(local_support_top_k > 0); set skip_neutral_rows=false")
@@ -84,8 +90,5 @@ class SGSDSettings:
         return out
 
     def check(self, where: str = "sgsd") -> "SGSDSettings":
-        """`self`, or a ValueError with every problem (for callers of the pure functions, outside a config)."""
-        problems = self.problems(where)
-        if problems:
-            raise ValueError("; ".join(problems))
+        """`self` (built, so checked: `__post_init__`); kept for callers of the pure functions."""
         return self

@@ -3,6 +3,9 @@
 One module for everything a command decides about an output directory, in the order `sgsd train`
 meets it:
 
+0. **Whose directory** (`check_output_dir`, `claimed_output_dir`): every writing command writes only into a
+   new or empty directory, or over its own earlier output of the same settings, recognised by the record
+   `sgsd_output.json` it writes there; anything else is refused in one line (docs/safety.md).
 1. **Lock** (`DirectoryLock`): every command that writes into a run or output directory holds an
    exclusive OS lock on `<dir>/.sgsd.lock` for its whole life (on several processes, the main
    process holds it). The kernel releases it when the process dies, SIGKILL included, so a lock is
@@ -37,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
-from sgsd.errors import DataError, UserError
+from sgsd.errors import DataError, UserError, shorten
 
 RESOLVED_CONFIG = "resolved_config.yaml"
 PROVENANCE_PREFIX = "# provenance: "
@@ -56,6 +59,8 @@ RUN_FILES: dict[str, str] = {
                           "state, sgsd_state.pt, and sgsd_complete.json, written last, listing every file)",
     "final/": "the trained model or LoRA adapter and tokenizer in Hugging Face format, with this card and "
               "sgsd_complete.json (the step it was saved at)",
+    "sgsd_output.json": "the output record: which command wrote the directory, with its settings and their "
+                        "SHA-256 (a rerun with other settings is refused)",
     ".sgsd.lock": "while a command writes into the directory: its lock (with its pid; removed when it ends)",
 }
 
@@ -99,9 +104,7 @@ class DirectoryLock:
             except BlockingIOError:
                 holder = _read_pid(fd)
                 os.close(fd)
-                raise DirectoryLocked(f"{self.what} {self.directory}: in use by another sgsd command"
-                                      f"{f' (pid {holder})' if holder else ''}; wait for it to finish or choose "
-                                      "another directory") from None
+                raise _in_use(self.directory, self.what, holder) from None
             except OSError as err:
                 os.close(fd)
                 if self._created:
@@ -188,6 +191,27 @@ def waiting_lock(path: str | os.PathLike, on_wait: Callable[[str], None] | None 
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def _in_use(directory: Path, what: str, holder: str) -> DirectoryLocked:
+    return DirectoryLocked(f"{what} {directory}: in use by another sgsd command{f' (pid {holder})' if holder else ''}; "
+                           "wait for it to finish or choose another directory")
+
+
+def refuse_if_locked(directory: Path, what: str) -> None:
+    """Raise `DirectoryLocked` when another command holds `directory`'s lock (creates nothing)."""
+    try:
+        fd = os.open(directory / LOCK_FILE, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        _lock(fd)
+    except BlockingIOError:
+        raise _in_use(directory, what, _read_pid(fd)) from None
+    except OSError:
+        pass
+    finally:
+        os.close(fd)  # releases our probe lock, if we got it
+
+
 def _lock(fd: int, *, wait: bool = False) -> None:
     try:
         import fcntl
@@ -224,6 +248,133 @@ def _read_pid(fd: int) -> str:
 def directory_entries(directory: Path) -> list[Path]:
     """What a directory holds besides its lock file."""
     return [p for p in directory.iterdir() if p.name != LOCK_FILE]
+
+
+# -- 0. the output-directory rule: whose directory is it? ------------------------------------------------
+
+
+OUTPUT_RECORD = "sgsd_output.json"
+
+
+def refuse_special_dir(directory: str | os.PathLike, what: str = "output directory") -> Path:
+    """`directory` (expanded), unless it is the file-system root, the home directory or the working
+    directory itself: a command would write its files among everything else there."""
+    path = Path(directory).expanduser()
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as err:
+        raise UserError(f"{what} {shorten(str(path))}: cannot resolve it ({err})") from None
+    special = {Path.home().resolve(): "the home directory", Path.cwd().resolve(): "the working directory"}
+    if resolved.parent == resolved or resolved in special:
+        name = "the file-system root" if resolved.parent == resolved else special[resolved]
+        raise UserError(f"{what} {shorten(str(path))}: is {name}; give a new directory for this command's files "
+                        "(e.g. runs/NAME)")
+    return path
+
+
+def settings_digest(settings: dict[str, Any], may_differ: frozenset[str] = frozenset()) -> str:
+    """SHA-256 of the settings that decide a command's output (`may_differ` left out)."""
+    import hashlib
+
+    kept = {k: v for k, v in sorted(settings.items()) if k not in may_differ}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str, allow_nan=True).encode("utf-8")).hexdigest()
+
+
+def check_output_dir(directory: str | os.PathLike, kind: str, settings: dict[str, Any], *,
+                     what: str = "output directory", may_differ: frozenset[str] = frozenset()) -> str:
+    """The one output-directory rule of every writing command (`sgsd train`, `eval`, `eval compare`, `skills
+    build`, `skills probe`, `demo`, `compare`, `models import-gguf`); reads only. A command writes into a
+    directory that does not exist yet ("new"), that is empty ("empty", its lock file aside), or that holds its
+    own earlier output of the same `kind` and `settings` ("own"), recognised by the record `sgsd_output.json`
+    it wrote there (`settings`: flat {name: value}; keys in `may_differ` may change between reruns, e.g. a
+    training run's max_steps). Anything else is a one-line `UserError` naming what is in the way: files the
+    command did not write, another command's output, or its own output made with other settings (a rerun
+    with other settings never writes over earlier results). The root, the home directory and the working
+    directory are refused (`refuse_special_dir`)."""
+    path = refuse_special_dir(directory, what)
+    shown = shorten(str(path))
+    if not path.exists():
+        return "new"
+    if not path.is_dir():
+        raise UserError(f"{what} {shown}: exists and is not a directory; choose a new directory")
+    try:
+        entries = directory_entries(path)
+    except OSError as err:
+        raise UserError(f"{what} {shown}: cannot list it ({err.strerror or err})") from None
+    if not entries:
+        return "empty"
+    record = read_output_record(path, what)
+    if record is None:
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in entries)
+        listed = ", ".join(shorten(n, 40) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise UserError(f"{what} {shown}: holds files that `sgsd {kind}` did not write ({listed}); nothing there is "
+                        "changed: choose a new or empty directory")
+    if record.get("kind") != kind:
+        raise UserError(f"{what} {shown}: holds the output of `sgsd {shorten(str(record.get('kind')), 40)}`; "
+                        f"`sgsd {kind}` writes only into a new or empty directory or over its own: choose another")
+    if record.get("settings_sha256") != settings_digest(settings, may_differ):
+        saved = record.get("settings") if isinstance(record.get("settings"), dict) else {}
+        changed = [k for k in sorted(set(saved) | set(settings))
+                   if k not in may_differ and json.dumps(saved.get(k), sort_keys=True, default=str)
+                   != json.dumps(settings.get(k), sort_keys=True, default=str)]
+        listed = "; ".join(f"{k}: {shorten(repr(saved.get(k)), 40)} -> {shorten(repr(settings.get(k)), 40)}"
+                           for k in changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise UserError(f"{what} {shown}: holds an earlier `sgsd {kind}` made with other settings "
+                        f"({listed or 'another version'}); its results are kept: give a new directory for these "
+                        "settings, or rerun with the earlier ones")
+    return "own"
+
+
+def read_output_record(directory: Path, what: str = "output directory") -> dict[str, Any] | None:
+    """The directory's `sgsd_output.json` (None without one)."""
+    path = directory / OUTPUT_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_bytes()[:1_000_000].decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise UserError(f"{what} {shorten(str(directory))}: its {OUTPUT_RECORD} is unreadable "
+                        f"({shorten(str(err), 80)}); choose a new directory") from None
+    return record if isinstance(record, dict) else {}
+
+
+def write_output_record(directory: Path, kind: str, settings: dict[str, Any],
+                        may_differ: frozenset[str] = frozenset()) -> None:
+    """Record whose output `directory` holds (kind, settings and their digest): `check_output_dir` reads it."""
+    from sgsd.storage import atomic_write_json
+
+    atomic_write_json(directory / OUTPUT_RECORD, {"kind": kind, "settings_sha256": settings_digest(settings, may_differ),
+                                                  "settings": json.loads(json.dumps(settings, default=str))})
+
+
+@contextmanager
+def claimed_output_dir(directory: str | os.PathLike, kind: str, settings: dict[str, Any], *,
+                       what: str = "output directory", may_differ: frozenset[str] = frozenset(),
+                       holder: bool = True) -> Iterator[Path]:
+    """Hold `directory` for `sgsd kind` under the output-directory rule (`check_output_dir`): refuse it
+    before anything is created there, else lock it (`DirectoryLock`), write the record and run the block.
+    When the block wrote nothing (its input checks failed), the record goes again, and the directory too
+    if this created it. `holder=False` (the other processes of a launch): the check only; the main process
+    locks and writes. Yields the directory."""
+    path = refuse_special_dir(directory, what)
+    if not holder:
+        check_output_dir(path, kind, settings, what=what, may_differ=may_differ)
+        yield path
+        return
+    try:
+        check_output_dir(path, kind, settings, what=what, may_differ=may_differ)  # before the lock creates anything
+    except UserError:
+        refuse_if_locked(path, what)  # a command writing there now: say that rather than what it has written
+        raise
+    with DirectoryLock(path, what):
+        check_output_dir(path, kind, settings, what=what, may_differ=may_differ)  # again, under the lock
+        write_output_record(path, kind, settings, may_differ)
+        try:
+            yield path
+        finally:
+            if [p.name for p in directory_entries(path)] == [OUTPUT_RECORD]:
+                (path / OUTPUT_RECORD).unlink(missing_ok=True)
+
 
 
 # -- the run's record ----------------------------------------------------------------------------------
@@ -294,13 +445,13 @@ class Rerun:
     skipped: tuple[str, ...] = ()  # newer checkpoints passed over, each with why ("checkpoint-4: ... missing")
 
 
-def check_output_dir(output_dir: Path, resume: bool) -> None:
-    """`--no-resume` starts only into an empty directory (its lock file aside)."""
+def check_no_resume(output_dir: Path, resume: bool) -> None:
+    """`--no-resume` starts only into an empty directory (its lock file and record aside)."""
     if not output_dir.exists():
         return
     if not output_dir.is_dir():
         raise UserError(f"output directory {output_dir}: exists and is not a directory")
-    if not resume and directory_entries(output_dir):
+    if not resume and [p for p in directory_entries(output_dir) if p.name != OUTPUT_RECORD]:
         raise UserError(f"output directory {output_dir}: not empty; --no-resume starts only into an empty "
                         "directory (choose another --output-dir or drop --no-resume to resume)")
 

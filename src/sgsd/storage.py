@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
+import math
 import os
 import stat
 import tempfile
@@ -40,17 +42,22 @@ DEFAULT_MAX_INPUT_MB = 4096
 
 def max_input_bytes() -> int:
     """The input-file size bound: `SGSD_MAX_INPUT_MB` megabytes (default 4096)."""
-    from sgsd.errors import UserError
+    return _megabytes_env(MAX_INPUT_ENV, DEFAULT_MAX_INPUT_MB)
 
-    value = os.environ.get(MAX_INPUT_ENV, "").strip()
+
+def _megabytes_env(name: str, default: float) -> int:
+    """Bytes from the environment variable `name`, in megabytes (`default` when unset)."""
+    from sgsd.errors import UserError, shorten
+
+    value = os.environ.get(name, "").strip()
     if not value:
-        return DEFAULT_MAX_INPUT_MB * 1_000_000
+        return int(default * 1_000_000)
     try:
         megabytes = float(value)
     except ValueError:
         megabytes = float("nan")
     if not megabytes > 0 or megabytes == float("inf"):
-        raise UserError(f"{MAX_INPUT_ENV}={value!r}: expected a positive number of megabytes")
+        raise UserError(f"{name}={shorten(repr(value), 60)}: expected a positive number of megabytes")
     return int(megabytes * 1_000_000)
 
 
@@ -89,14 +96,34 @@ def read_input_bytes(path: str | os.PathLike, what: str) -> bytes:
     return data
 
 
-def decode_utf8(data: bytes, where: str) -> str:
-    """`data` as UTF-8 text; a one-line `DataError` naming `where`, the line and the byte otherwise."""
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def decode_utf8(data: bytes, where: str, *, first_line: int = 1, offset: int = 0) -> str:
+    """`data` as UTF-8 text, without the byte-order mark some editors put first; a one-line `DataError`
+    naming `where`, the line and the byte otherwise (`first_line`, `offset`: where `data` starts in its file)."""
+    if offset == 0 and data.startswith(UTF8_BOM):
+        data, offset = data[len(UTF8_BOM):], len(UTF8_BOM)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise DataError(f"{where}: line {line}: not UTF-8 text (byte {err.start}: "
+        line = data.count(b"\n", 0, err.start) + first_line
+        raise DataError(f"{where}: line {line}: not UTF-8 text (byte {offset + err.start}: "
                         f"{data[err.start:err.start + 1]!r}); save the file as UTF-8") from None
+
+
+def parse_json(text: str, where: str, **options: Any) -> Any:
+    """`json.loads(text, **options)`, with nesting deeper than Python's recursion allows (about a thousand
+    levels, which no input of ours needs) refused as a one-line `DataError` naming `where`; a syntax error
+    stays a `json.JSONDecodeError` for the caller to word."""
+    try:
+        return json.loads(text, **options)
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply (over {MAX_NESTING} levels); not read") from None
+
+
+# nesting a reader walks at most (JSON: Python's parser stops at about the recursion limit; YAML: sgsd.config)
+MAX_NESTING = 100
 
 
 def _check_regular(path: Path, info: os.stat_result, what: str) -> None:
@@ -181,12 +208,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def strict_json(obj: Any, **options: Any) -> str:
+    """`obj` as strict JSON (RFC 8259, which strict readers such as `jq` and browsers require): a NaN or an
+    infinity, which Python would write as the bare words `NaN` / `Infinity`, is written as null."""
+    return json.dumps(_finite(obj), allow_nan=False, ensure_ascii=False, **options)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    return atomic_write_text(path, strict_json(obj, indent=2) + "\n")
 
 
 def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> Path:
-    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return atomic_write_text(path, "".join(strict_json(r) + "\n" for r in records))
 
 
 def append_jsonl(path: str | os.PathLike, record: Any) -> None:
@@ -201,21 +244,55 @@ def append_jsonl(path: str | os.PathLike, record: Any) -> None:
         os.fsync(handle.fileno())
 
 
+# A JSONL line is one problem, rollout or record: a line longer than this is a wrong file (or an attack), refused
+# while it is read, before it costs more memory than the bound (the environment variable raises it)
+MAX_LINE_ENV = "SGSD_MAX_LINE_MB"
+DEFAULT_MAX_LINE_MB = 16
+
+
+def max_line_bytes() -> int:
+    """The JSONL line bound: `SGSD_MAX_LINE_MB` megabytes (default 16)."""
+    return _megabytes_env(MAX_LINE_ENV, DEFAULT_MAX_LINE_MB)
+
+
 def read_input_jsonl(path: str | os.PathLike, what: str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-empty line of an input JSONL file from a user, read with the
-    checks of `read_input_bytes` (bounded, regular file) and as UTF-8; a line that is not a JSON object
-    is a one-line `DataError` naming the file and the line."""
-    text = decode_utf8(read_input_bytes(path, what), str(path))
-    for number, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: line {number}: invalid JSON ({err.msg})") from err
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: line {number}: expected a JSON object")
-        yield number, row
+    """(line number, object) for each non-empty line of an input JSONL file from a user, read line by line
+    with the checks of `read_input_bytes` (bounded, regular file), as UTF-8 (a leading byte-order mark is
+    skipped); a line over `max_line_bytes()` is refused as soon as the bound is read, and a line that is not
+    a JSON object is a one-line `DataError` naming the file and the line."""
+    path = Path(path)
+    check_input_file(path, what)
+    limit, line_limit = max_input_bytes(), max_line_bytes()
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as err:
+        raise DataError(f"{what} {path}: cannot read ({err.strerror})") from None
+    with os.fdopen(fd, "rb") as handle:
+        _check_regular(path, os.fstat(fd), what)
+        offset = 0
+        for number in itertools.count(1):
+            try:
+                raw = handle.readline(line_limit + 1)
+            except OSError as err:
+                raise DataError(f"{what} {path}: cannot read ({err.strerror})") from None
+            if not raw:
+                return
+            if len(raw) > line_limit and not raw.endswith(b"\n"):
+                raise DataError(f"{what} {path}: line {number}: longer than the line bound of {line_limit / 1e6:g} MB "
+                                f"(set {MAX_LINE_ENV} to raise it); not read further")
+            line = decode_utf8(raw, str(path), first_line=number, offset=offset)
+            offset += len(raw)
+            if offset > limit:  # it grew after the check
+                raise DataError(_too_large(path, what, offset, limit))
+            if not line.strip():
+                continue
+            try:
+                row = parse_json(line, f"{path}: line {number}")
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {number}: invalid JSON ({err.msg})") from err
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {number}: expected a JSON object")
+            yield number, row
 
 
 def read_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = True) -> Iterator[dict]:

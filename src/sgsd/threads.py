@@ -29,7 +29,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from sgsd.errors import UserError
+from sgsd.errors import UserError, shorten
 
 # Below this size one intra-op thread, from it on the process's share of the cores. Measured with
 # `sgsd bench threads --sizes ...` on 2 shared cores (docs/performance.md, "Threads"): with two competing
@@ -71,18 +71,27 @@ def choose_threads(*, parameters: int | None, env: Mapping[str, str] | None = No
     `env` (default `os.environ`) and `cores` (default `available_cores()`). Rules: module docstring."""
     env = os.environ if env is None else env
     if env.get(ENV_THREADS, "").strip():
-        return ThreadChoice(_positive_int(env[ENV_THREADS], f"--threads / {ENV_THREADS}"), ENV_THREADS, True)
+        return _within_cores(_positive_int(env[ENV_THREADS], f"--threads / {ENV_THREADS}"), ENV_THREADS, cores)
     for name in USER_THREAD_VARIABLES:
         value = env.get(name, "").strip()
         if value and not (name == "OMP_NUM_THREADS" and _torchrun_placeholder(value, env)):
             # OpenMP allows a list per nesting level ("4,2"): the first is the outer level's
-            return ThreadChoice(_positive_int(value.split(",")[0], name), name, True)
+            return _within_cores(_positive_int(value.split(",")[0], name), name, cores)
     if parameters is None:
         return ThreadChoice(1, "no model yet", False)
     if parameters < THREADS_PAY_PARAMETERS:
         return ThreadChoice(1, f"{parameters:,} parameters < {THREADS_PAY_PARAMETERS:,}", False)
     share = core_share(available_cores() if cores is None else cores, env)
     return ThreadChoice(share, f"{parameters:,} parameters: this process's share of the cores", False)
+
+
+def _within_cores(threads: int, name: str, cores: int | None) -> ThreadChoice:
+    """An explicit setting, capped at the cores this process may run on: more threads than cores only wait
+    on each other (2,000 on 2 cores ran 12x slower), and torch's pool cannot start 100,000 (it crashed)."""
+    cores = available_cores() if cores is None else cores
+    if threads > cores:
+        return ThreadChoice(cores, f"{name}={threads} capped at the {cores} cores this process may use", True)
+    return ThreadChoice(threads, name, True)
 
 
 def configure_process(threads: int | None = None) -> ThreadChoice:
@@ -93,6 +102,10 @@ def configure_process(threads: int | None = None) -> ThreadChoice:
             raise UserError(f"--threads must be >= 1, got {threads}")
         os.environ[ENV_THREADS] = str(threads)
     choice = choose_threads(parameters=None)
+    if "capped" in choice.reason and os.environ.get("RANK", "0") == "0":
+        import sys
+
+        print(f"sgsd: note: {choice.reason}; using {choice.threads}", file=sys.stderr)
     import torch
 
     try:
@@ -142,7 +155,7 @@ def _positive_int(text: str, where: str) -> int:
     try:
         value = int(str(text).strip())
     except ValueError:
-        raise UserError(f"{where}: expected a whole number of threads >= 1, got {text!r}") from None
+        raise UserError(f"{where}: expected a whole number of threads >= 1, got {shorten(repr(text), 40)}") from None
     if value < 1:
         raise UserError(f"{where}: expected a whole number of threads >= 1, got {value}")
     return value

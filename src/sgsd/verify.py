@@ -127,10 +127,24 @@ def _last_match(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
     return last
 
 
+# Characters that render as nothing: zero-width space, non-joiner and joiner, left-to-right and right-to-left
+# marks, word joiner, byte-order mark (zero-width no-break space) inside a text, soft hyphen. Editors, web
+# pages and tokenizers leave them in golds and completions; removed once, before any answer is read, so
+# "3" followed by a zero-width space is 3.
+INVISIBLE = "\u200b\u200c\u200d\u200e\u200f\u2060\ufeff\u00ad"
+_DROP_INVISIBLE = str.maketrans("", "", INVISIBLE)
+
+
+def strip_invisible(text: str) -> str:
+    """`text` without the characters of `INVISIBLE`."""
+    return text.translate(_DROP_INVISIBLE)
+
+
 def _answer_region(text: object, after_think: bool) -> str | None:
-    """The text an answer is looked for in: all of it, or with `after_think` what follows the last
-    `</think>` (None when a `<think>` block is never closed: the model did not reach an answer)."""
-    text = text if isinstance(text, str) else ("" if text is None else str(text))
+    """The text an answer is looked for in, invisible characters removed: all of it, or with `after_think`
+    what follows the last `</think>` (None when a `<think>` block is never closed: the model did not reach
+    an answer)."""
+    text = strip_invisible(text if isinstance(text, str) else ("" if text is None else str(text)))
     if after_think:
         end = text.rfind("</think>")
         if end >= 0:
@@ -180,8 +194,9 @@ def _clean_answer(answer: str) -> str:
 
 
 def normalize_gold(gold: Gold) -> str:
-    """Gold answers may be ints (AIME25), `$...$`-wrapped or boxed: reduce them to the bare answer."""
-    gold_text = str(gold).strip()
+    """Gold answers may be ints (AIME25), `$...$`-wrapped or boxed: reduce them to the bare answer (invisible
+    characters removed, as from completions)."""
+    gold_text = strip_invisible(str(gold)).strip()
     if "\\boxed" in gold_text or "\\fbox" in gold_text:
         boxed, failure = extract_boxed(gold_text)
         if failure is None and boxed:

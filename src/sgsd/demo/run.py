@@ -156,26 +156,13 @@ def plan_record(plan: DemoPlan) -> dict[str, Any]:
             "warm_start": warmup_config(0, plan.warmup_steps).digest(), "warm_start_per_seed": True}
 
 
-def check_reusable(out: Path, record: dict[str, Any]) -> None:
-    """Refuse an output directory whose runs were made with other settings than `record` (this run's
-    `plan_record`): they would be reused as if they were this plan's. Same settings: finished runs are
-    reused and interrupted ones resume, so a rerun after a crash, or with more --seeds, only does the
-    missing work."""
-    from sgsd.errors import UserError
+def demo_settings(plan: DemoPlan) -> dict[str, Any]:
+    """The demo's output record (`sgsd.run_dir.check_output_dir`): its `plan_record`, flat. Same settings:
+    finished runs are reused and interrupted ones resume, so a rerun after a crash, or with more --seeds,
+    only does the missing work; other settings are refused (their runs would pass for this plan's)."""
+    from sgsd.config import flatten
 
-    record_path = out / PLAN_FILE
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output-dir {out}: exists and is not a directory")
-    if record_path.exists():
-        try:
-            saved = json.loads(record_path.read_text())
-        except (OSError, ValueError) as err:
-            raise UserError(f"{record_path}: unreadable ({err}); choose another --output-dir") from None
-        if saved != json.loads(json.dumps(record)):
-            raise UserError(f"--output-dir {out}: holds a demo made with other settings (--quick or not, or an "
-                            "older version); choose another --output-dir or remove that one")
-    elif (out / "runs").exists() and any((out / "runs").iterdir()):
-        raise UserError(f"--output-dir {out}: has runs/ but no {PLAN_FILE}; choose another --output-dir")
+    return flatten(json.loads(json.dumps(plan_record(plan))))
 
 
 def make_plan(*, preset: str = "full", seeds: int | None = None, methods: Sequence[str] | None = None,
@@ -270,15 +257,18 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
     from sgsd.storage import atomic_write_json
     from sgsd.trainers.run import train
 
+    from sgsd.run_dir import check_output_dir, write_output_record
+
     out = Path(output_dir).expanduser()
     record = plan_record(plan)
-    check_reusable(out, record)
+    check_output_dir(out, "demo", demo_settings(plan), what="demo: output directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         from sgsd.errors import UserError
 
         raise UserError(f"--output-dir {out}: cannot create it ({err.strerror or err})") from None
+    write_output_record(out, "demo", demo_settings(plan))
     started = time.perf_counter()
     grid = plan.lr_grid if plan.tune_lr else ()
     warm_count = len(set(plan.seeds) | ({plan.tuning_seed} if grid else set()))  # one warm start per seed

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from sgsd.errors import DataError
 from sgsd.evaluation.runner import RESULTS_FILE, BenchmarkResult
+from sgsd.storage import decode_utf8, parse_json
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ def load_run(path: str | Path, label: str | None = None) -> EvalRun:
     if not file.is_file():
         raise DataError(f"evaluation {path}: no {RESULTS_FILE} (is it an `sgsd eval` output directory?)")
     try:
-        obj = json.loads(file.read_text(encoding="utf-8"))
+        obj = parse_json(decode_utf8(file.read_bytes(), str(file)), f"evaluation {file}")
         benchmarks = {name: BenchmarkResult.from_json(name, r) for name, r in obj["benchmarks"].items()}
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise DataError(f"evaluation {file}: malformed results ({type(err).__name__}: {err})") from err

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence, Union
 
 from sgsd.errors import DataError
 from sgsd.skills.bank import SkillBank
-from sgsd.storage import atomic_write_json, decode_utf8, read_input_bytes
+from sgsd.storage import atomic_write_json, decode_utf8, parse_json, read_input_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -130,7 +130,7 @@ class AttributionTracker:
             raise DataError(f"{path}: no attribution file (was the run trained with SGSD attribution on?)")
         text = decode_utf8(read_input_bytes(path, "attribution file"), str(path))
         try:
-            state = json.loads(text)
+            state = parse_json(text, str(path))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
         tracker = cls()

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 from sgsd.errors import DataError
 from sgsd.skills.jsonscan import ends_inside_value
-from sgsd.storage import atomic_write_json, decode_utf8, read_input_bytes, stable_hash
+from sgsd.storage import atomic_write_json, decode_utf8, parse_json, read_input_bytes, stable_hash
 
 SCHEMA_VERSION = 1
 DYNAMIC_PREFIX = "dyn_"
@@ -170,7 +170,7 @@ def load_bank(path: str | Path) -> SkillBank:
     if not text.strip():
         raise DataError(f"{where}: empty file")
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = parse_json(text, where, parse_constant=_reject_constant)
     except json.JSONDecodeError as err:
         if not text[err.pos:].strip() or ends_inside_value(text):
             raise DataError(f"{where}: truncated JSON (the file ends inside a value; parser: {err.msg} "
@@ -228,6 +228,18 @@ def save_bank(bank: SkillBank, path: str | Path) -> Path:
     return atomic_write_json(path, obj)
 
 
+# The text an item may hold (all its text fields together). A teacher prompt is the problem's prompt (at most
+# prompt.max_prompt_tokens tokens) plus ONE skill and ONE mistake, so this bounds what a teacher forward costs
+# before any is built: a 210k-character item once made training allocate 38 GB. The reference bank's longest
+# item is well under a tenth of it. `skills validate`, training, evaluation and online updates share it.
+MAX_ITEM_CHARS = 4000
+
+
+def item_chars(texts: Iterable[str]) -> int:
+    """The characters of an item's text fields together (what `MAX_ITEM_CHARS` bounds)."""
+    return sum(len(text) for text in texts)
+
+
 def _parse_items(items: list, list_name: str, fields: tuple[str, ...], cls: type, where: str) -> list:
     id_field = fields[0]
     seen: dict[str, int] = {}
@@ -247,6 +259,10 @@ def _parse_items(items: list, list_name: str, fields: tuple[str, ...], cls: type
                 raise DataError(f"{at}.{name}: expected a string, got {_type_name(value)}")
             if not value.strip():
                 raise DataError(f"{at}.{name}: empty string")
+        size = item_chars(item[name] for name in fields[1:])
+        if size > MAX_ITEM_CHARS:
+            raise DataError(f"{at}: {size:,} characters of text, over the bound of {MAX_ITEM_CHARS:,} an item may hold "
+                            "(a teacher prompt is the problem's prompt plus one skill and one mistake); shorten it")
         if item_id != item_id.strip() or any(c.isspace() for c in item_id):
             raise DataError(f"{at}.{id_field}: ids may not contain whitespace: {item_id!r}")
         if item_id in seen:

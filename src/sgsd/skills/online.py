@@ -31,7 +31,8 @@ from typing import Any, Mapping, Sequence
 from sgsd.config import OnlineUpdateSettings
 from sgsd.errors import ConfigError, DataError
 from sgsd.prompts import special_token_pattern
-from sgsd.skills.bank import CommonMistake, GeneralSkill, SkillBank, is_dynamic, load_bank, save_bank
+from sgsd.skills.bank import (MAX_ITEM_CHARS, CommonMistake, GeneralSkill, SkillBank, is_dynamic, item_chars, load_bank,
+                              save_bank)
 from sgsd.skills.extraction import MISTAKES, SKILLS, ItemKind, dedup_key, extraction_prompt, parse_reply
 from sgsd.skills.llm import LLMClient
 from sgsd.skills.merge import MergeConfig, hierarchical_merge
@@ -61,7 +62,7 @@ class UpdateOutcome:
     parse_failures: int
     truncated: int
     added: Mapping[str, tuple[str, ...]]
-    refused: int = 0  # new items dropped for holding a special token of the policy's tokenizer
+    refused: int = 0  # new items dropped: a special token of the policy's tokenizer, or over MAX_ITEM_CHARS
 
 
 @dataclass(frozen=True)
@@ -237,7 +238,8 @@ class OnlineSkillUpdater:
         kept = [by_key[dedup_key(c)] for c in contents if dedup_key(c) in by_key]
         fresh = [c for c in contents if dedup_key(c) not in by_key and dedup_key(c) not in known]
         pattern = special_token_pattern(self.forbidden_tokens)
-        clean = [c for c in fresh if pattern is None or not any(pattern.search(text) for text in c.values())]
+        clean = [c for c in fresh if (pattern is None or not any(pattern.search(text) for text in c.values()))
+                 and item_chars(str(text) for text in c.values()) <= MAX_ITEM_CHARS]
         refused, fresh = len(fresh) - len(clean), clean[: self.config.max_new]
         number = max([self.next_ids[kind.list_key]] + [_dyn_number(x.item_id) + 1 for x in items if is_dynamic(x.item_id)])
         added = [kind.make(f"dyn_{number + i:03d}", c) for i, c in enumerate(fresh)]

@@ -10,6 +10,7 @@ the settings that were used, not the ones a reader assumes. Written atomically, 
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,7 +53,7 @@ def render_model_card(run_dir: Path, step: int, *, in_progress: bool = False) ->
     for key in (*(spec.card_settings if spec else ()), *SHARED_SETTINGS):
         lines.append(f"| `{key}` | {record.setting(key)!r} |")
     lines += ["", "Every setting: `resolved_config.yaml`.", "", *_metrics_section(run_dir / "metrics.jsonl", step, in_progress),
-              "", "## Use", "", "```bash", f"sgsd eval --model {run_dir} --benchmarks aime24,aime25,hmmt25 "
+              "", "## Use", "", "```bash", f"sgsd eval --model {shlex.quote(str(run_dir))} --benchmarks aime24,aime25,hmmt25 "
               "--output-dir EVAL_DIR", "```", "", "or `AutoModelForCausalLM.from_pretrained(\"RUN_DIR/final\")` "
               "(a LoRA run's final/ is a PEFT adapter).", "", "## Files", ""]
     lines += [f"- `{name}`: {text}" for name, text in RUN_FILES.items()]

@@ -8,13 +8,16 @@ the DeepSpeed file before the model loads (Hugging Face would read it only while
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sgsd.distributed import announce
 from sgsd.errors import ConfigError, DataError, UserError
 from sgsd.methods import method_spec
+from sgsd.storage import decode_utf8, parse_json
 
 if TYPE_CHECKING:
     from sgsd.config import RunConfig
@@ -47,7 +50,7 @@ def check_deepspeed_config(path: str | None) -> dict[str, Any] | None:
     if not file.is_file():
         raise UserError(f"training.deepspeed: {path}: {'not a file' if file.exists() else 'no such file'}")
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
+        config = parse_json(decode_utf8(file.read_bytes(), str(file)), f"training.deepspeed: {path}")
     except json.JSONDecodeError as err:
         raise UserError(f"training.deepspeed: {path}: invalid JSON at line {err.lineno} ({err.msg})") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -88,3 +91,23 @@ def check_engine(cfg: "RunConfig") -> None:
         from sgsd.trl_adapter import FSDP1_REFUSAL
 
         raise ConfigError(FSDP1_REFUSAL)
+
+
+def teachers_within_bank(cfg: RunConfig) -> RunConfig:
+    """`cfg` with `sgsd.num_teachers` capped at the (skill, mistake) pairs its bank can form per problem
+    (min(skills, mistakes), plus `skills.online.capacity` dynamic items per list when online updates may add
+    them), with a one-line note: every teacher tensor is padded to K, so a K far beyond the bank costs memory
+    and time for teachers that do not exist. The run's record and model card then state the K used."""
+    spec = method_spec(cfg.method)
+    if not spec.skill_teachers or not cfg.skills.bank:
+        return cfg
+    from sgsd.skills.bank import load_bank
+
+    bank = load_bank(cfg.skills.bank)
+    growth = cfg.skills.online.capacity if cfg.skills.online.enabled else 0
+    pairs = min(len(bank.general_skills), len(bank.common_mistakes)) + growth
+    if pairs < 1 or cfg.sgsd.num_teachers <= pairs:
+        return cfg
+    announce(f"note: sgsd.num_teachers={cfg.sgsd.num_teachers}: the skill bank {cfg.skills.bank} forms at most {pairs} "
+             f"(skill, mistake) pairs per problem; K = {pairs} is used (resolved_config.yaml and the model card say so)")
+    return dataclasses.replace(cfg, sgsd=dataclasses.replace(cfg.sgsd, num_teachers=pairs))

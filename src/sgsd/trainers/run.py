@@ -16,13 +16,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
-from sgsd.config import RunConfig, dump_config
+from sgsd.config import RunConfig, config_settings, dump_config
 from sgsd.distributed import announce, is_main_process, launched_world_size, rank_local, same_on_every_rank
 from sgsd.errors import ConfigError, UserError
 from sgsd.methods import MethodSpec, TrainerContext, check_run_config, method_spec
@@ -31,22 +32,25 @@ from sgsd.provenance import provenance
 from sgsd.run_dir import (
     COMPLETE_MARKER,
     RESOLVED_CONFIG,
+    RESUME_MAY_CHANGE,
     Rerun,
     check_inputs_unchanged,
+    check_no_resume,
     check_output_dir,
     check_resume_config,
     checkpoint_step,
+    claimed_output_dir,
     fresh_staging,
-    locked,
     plan_rerun,
     publish_final,
     resolved_config_text,
     scan_checkpoints,
     set_aside,
     storage_errors,
+    write_output_record,
 )
 from sgsd.trainers.checkpoints import CompletionMarker, check_engine_state, restore_extra_state, write_final_from_checkpoint
-from sgsd.trainers.preflight import check_deepspeed_config, check_problems_per_step
+from sgsd.trainers.preflight import check_deepspeed_config, check_problems_per_step, teachers_within_bank
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -107,8 +111,11 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
     out = output_directory(cfg, output_dir)
     with same_on_every_rank():
         check_run_config(cfg)
-    with locked(out, holder=is_main_process()):
-        with same_on_every_rank():
+        cfg = teachers_within_bank(cfg)
+    with ExitStack() as claim:
+        with same_on_every_rank():  # the output-directory rule; the main process locks and records the directory
+            claim.enter_context(claimed_output_dir(out, "train", config_settings(cfg), may_differ=RESUME_MAY_CHANGE,
+                                                   holder=is_main_process()))
             rerun = plan_run(cfg, out, resume)
         if rerun.action in ("complete", "finish"):
             return _finish_without_training(out, rerun)
@@ -133,7 +140,7 @@ def output_directory(cfg: RunConfig, output_dir: str | Path | None) -> Path:
 
 def plan_run(cfg: RunConfig, out: Path, resume: bool) -> Rerun:
     """What this run does in `out` (start, resume, finish, complete), checked against the run it continues."""
-    check_output_dir(out, resume)
+    check_no_resume(out, resume)
     rerun = plan_rerun(out, cfg.training.max_steps, launched_world_size()) if resume else Rerun("start")
     if rerun.action != "start":
         check_resume_config(out, dump_config(cfg))
@@ -184,6 +191,8 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path | None = None, *, resume:
     cfg = with_max_steps(cfg, max_steps)
     out = output_directory(cfg, output_dir)
     check_run_config(cfg)
+    cfg = teachers_within_bank(cfg)
+    check_output_dir(out, "train", config_settings(cfg), may_differ=RESUME_MAY_CHANGE)
     rerun = plan_run(cfg, out, resume)
     if rerun.action in ("complete", "finish"):
         raise UserError(f"output directory {out}: nothing to train ({rerun.action}); `train` writes what is left")
@@ -243,6 +252,7 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
         from sgsd.storage import atomic_write_text
 
         out.mkdir(parents=True, exist_ok=True)
+        write_output_record(out, "train", config_settings(cfg), RESUME_MAY_CHANGE)  # (again, for `prepare_run`)
         record = {**provenance(), "data": report.__dict__, "inputs": inputs}
         atomic_write_text(out / RESOLVED_CONFIG, resolved_config_text(dump_config(cfg), record))
 
