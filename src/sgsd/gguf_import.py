@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from sgsd.errors import UserError
+from sgsd.storage import apply_plain_modes
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -320,6 +321,7 @@ def import_gguf(source: str, output: str | os.PathLike, *, log: Callable[[str], 
         report.verified_prompts = len(VERIFY_CONVERSATIONS)
         _check_written_tokens(written_tokenizer, written, tokenizer)
         (staging / IMPORT_RECORD).write_text(json.dumps({"format": IMPORT_FORMAT, **asdict(report)}, indent=2) + "\n")
+        apply_plain_modes(staging)  # mkdtemp's 0700 folder, safetensors' 0600 weights: the umask's modes
         if out.exists():  # an empty directory (checked above): rename() replaces it
             out.rmdir()
         os.replace(staging, out)
@@ -340,7 +342,6 @@ def _check_written_tokens(written_tokenizer: PreTrainedTokenizerBase, written_mo
 def _staging_dir(out: Path) -> Iterator[Path]:
     """A temporary sibling of `out`, removed on any failure (and after a successful rename)."""
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
-    os.chmod(staging, 0o755)  # mkdtemp makes it private; the renamed model directory is an ordinary one
     try:
         yield staging
     finally:

@@ -438,9 +438,11 @@ class Marker:
 
 
 def write_complete_marker(folder: Path, step: int, world_size: int | None = None) -> None:
-    """Write the marker LAST into a checkpoint or final/'s staging folder, listing every file in it."""
-    from sgsd.storage import atomic_write_json
+    """Write the marker LAST into a checkpoint or final/'s staging folder, listing every file in it,
+    after giving its files the umask's mode (safetensors writes its weights 0600)."""
+    from sgsd.storage import apply_plain_modes, atomic_write_json
 
+    apply_plain_modes(folder)
     files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name != COMPLETE_MARKER}
     atomic_write_json(folder / COMPLETE_MARKER,
