@@ -373,7 +373,8 @@ def final_step(output_dir: Path, newest_checkpoint: Path | None) -> int | None:
 
 # Settings a resumed run may change: how long it runs and how it saves and logs, not what it trains.
 RESUME_MAY_CHANGE = frozenset({"training.max_steps", "training.output_dir", "training.save_steps",
-                               "training.save_total_limit", "training.logging_steps", "training.report_to"})
+                               "training.save_total_limit", "training.logging_steps", "training.report_to",
+                               "distributed.peer_timeout_s"})
 
 
 def check_resume_config(output_dir: Path, config_yaml: str) -> None:
