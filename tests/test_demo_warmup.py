@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import stat
 
 import pytest
 
@@ -50,6 +51,11 @@ def test_warmup_lowers_the_loss_and_caches(warm, tmp_path_factory):
     # halve it (measured: ~6.0 -> ~2.0).
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     assert not warm.from_cache and (warm.path / "warmup.json").exists() and warm.path.name == TINY.digest()
+    # the cache folder (made by mkdtemp, 0700) and its weights (safetensors writes 0600) get the umask's modes
+    from sgsd.storage import plain_dir_mode, plain_file_mode
+
+    assert stat.S_IMODE(warm.path.stat().st_mode) == plain_dir_mode()
+    assert {stat.S_IMODE(p.stat().st_mode) for p in warm.path.iterdir()} == {plain_file_mode()}
     again = warm_start(TINY, cache_root=warm.path.parent)
     assert again.from_cache and again.report == warm.report
     assert again.tokenizer.padding_side == "left" and len(again.tokenizer) == len(warm.tokenizer)

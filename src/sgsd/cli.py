@@ -89,15 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SGSD_DEBUG"):
             raise
         if _rank_tag() and _secondary_failure(err):
-            print(f"sgsd: error{_rank_tag()}: another process of the run stopped (its error says why)", file=sys.stderr)
+            from sgsd.peers import loss_report, report
+
+            report(loss_report() or "another process of the run stopped (its error says why)")
             return 1
         print(f"sgsd: internal error{_rank_tag()}: {type(err).__name__}: {err} (set SGSD_DEBUG=1 for a traceback)",
               file=sys.stderr)
         return 1
-
-
-# After another rank fails, the launcher stops the rest within its monitor interval (torchrun: 0.1 s).
-PEER_FAILURE_GRACE_S = 10.0
 
 
 def _secondary_failure(err: Exception) -> bool:
@@ -107,6 +105,7 @@ def _secondary_failure(err: Exception) -> bool:
     import time
 
     from sgsd.distributed import is_peer_loss
+    from sgsd.peers import PEER_FAILURE_GRACE_S
 
     if not is_peer_loss(err):
         return False
@@ -119,6 +118,8 @@ def _main_process_did_not_stop() -> bool:
     it too, it printed it and exited, and the launcher stops this process within its monitor interval.
     Still running after the grace time means the main process did not: this rank says it, tagged."""
     import time
+
+    from sgsd.peers import PEER_FAILURE_GRACE_S
 
     time.sleep(PEER_FAILURE_GRACE_S)
     return True

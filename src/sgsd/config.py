@@ -1,7 +1,7 @@
 """Run configuration: dataclasses hold every default, YAML files and `key=value` overrides change them.
 
 A YAML file mirrors `RunConfig` (sections `model`, `data`, `prompt`, `generation`, `skills`, `sgsd`,
-`grpo`, `opsd`, `sgsd_pg`, `reward`, `training`, and the top-level `method`). `inherit: other.yaml`
+`grpo`, `opsd`, `sgsd_pg`, `reward`, `training`, `distributed`, and the top-level `method`). `inherit: other.yaml`
 (relative to the file) loads a base file first, so recipes of several methods can share one data,
 prompt and generation block. Unknown keys are refused with a message naming the key and file;
 inconsistent settings are refused by `problems()` (each section's, and `sgsd.methods.check_run_config`
@@ -298,6 +298,34 @@ class TrainingSettings(Checked):
 
 
 
+# A frozen rank is named within 5 minutes by default: the timeout plus at most one heartbeat interval
+# (2 s) and one store round trip. Long enough that no busy rank (a model loading from a slow filesystem,
+# a DeepSpeed op build) misses it: a busy rank's heartbeat thread keeps beating.
+DEFAULT_PEER_TIMEOUT_S = 240.0
+
+
+@dataclass
+class DistributedSettings(Checked):
+    """Several processes, on one machine or several (docs/distributed.md, "Several machines").
+
+    `peer_timeout_s`: a rank whose heartbeat has not advanced for this long (killed, frozen, its node
+    cut off, or never started) ends the run: the surviving ranks exit non-zero with one line naming it.
+    Only a stopped process stops beating: a rank that waits in a collective or runs the skill updater
+    for an hour keeps beating. 0 turns the watch off (the collective timeout, 30 minutes, is then all
+    that ends a run with a lost rank). The check that every rank runs the same code, config and inputs
+    runs whatever this says."""
+
+    WHERE = "distributed"
+    BOUNDS = {"peer_timeout_s": between(0, 86400, hint="0: off; else seconds, at least 1")}
+
+    peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S
+
+    def extra_problems(self, where: str) -> list[str]:
+        if 0 < self.peer_timeout_s < 1:
+            return [f"{where}.peer_timeout_s: {self.peer_timeout_s!r}: expected 0 (off) or at least 1 second"]
+        return []
+
+
 @dataclass
 class RunConfig(Checked):
     """A training run. `method`: a registered method (`sgsd.methods`: sgsd, grpo, opsd, sgsd-pg, or one that a
@@ -316,6 +344,7 @@ class RunConfig(Checked):
     sgsd_pg: SGSDPGSettings = field(default_factory=SGSDPGSettings)
     reward: RewardSettings = field(default_factory=RewardSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
+    distributed: DistributedSettings = field(default_factory=DistributedSettings)
 
     def extra_problems(self, where: str) -> list[str]:
         """What is wrong across sections (each section checked itself when it was built); a method's own

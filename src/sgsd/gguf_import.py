@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from sgsd.errors import UserError, shorten
 from sgsd.run_dir import check_output_dir, write_output_record
+from sgsd.storage import apply_plain_modes
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -347,6 +348,7 @@ def import_gguf(source: str, output: str | os.PathLike, *, log: Callable[[str], 
         _check_written_tokens(written_tokenizer, written, tokenizer)
         (staging / IMPORT_RECORD).write_text(json.dumps({"format": IMPORT_FORMAT, **asdict(report)}, indent=2) + "\n")
         write_output_record(staging, IMPORT_KIND, {"source": source})
+        apply_plain_modes(staging)  # mkdtemp's 0700 folder, safetensors' 0600 weights: the umask's modes
         if out.exists():  # an empty directory (checked above): rename() replaces it
             out.rmdir()
         os.replace(staging, out)
@@ -367,7 +369,6 @@ def _check_written_tokens(written_tokenizer: PreTrainedTokenizerBase, written_mo
 def _staging_dir(out: Path) -> Iterator[Path]:
     """A temporary sibling of `out`, removed on any failure (and after a successful rename)."""
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
-    os.chmod(staging, 0o755)  # mkdtemp makes it private; the renamed model directory is an ordinary one
     try:
         yield staging
     finally:

@@ -34,7 +34,10 @@ def git_revision() -> str | None:
 
 def provenance() -> dict[str, object]:
     """`processes`: the world size of the process group (1 without one), i.e. how many ranks really
-    took part, whatever the launcher was asked for."""
+    took part, whatever the launcher was asked for; `nodes`: on how many machines (the distinct nodes
+    the ranks reported, `sgsd.peers.node_count`)."""
     from sgsd.distributed import world_size
+    from sgsd.peers import node_count
 
-    return {"git_revision": git_revision(), "versions": package_versions(), "processes": world_size()}
+    return {"git_revision": git_revision(), "versions": package_versions(), "processes": world_size(),
+            "nodes": node_count()}

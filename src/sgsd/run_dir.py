@@ -524,7 +524,8 @@ def final_step(output_dir: Path, newest_checkpoint: Path | None) -> int | None:
 
 # Settings a resumed run may change: how long it runs and how it saves and logs, not what it trains.
 RESUME_MAY_CHANGE = frozenset({"training.max_steps", "training.output_dir", "training.save_steps",
-                               "training.save_total_limit", "training.logging_steps", "training.report_to"})
+                               "training.save_total_limit", "training.logging_steps", "training.report_to",
+                               "distributed.peer_timeout_s"})
 
 
 def check_resume_config(output_dir: Path, config_yaml: str) -> None:
@@ -586,9 +587,11 @@ class Marker:
 
 
 def write_complete_marker(folder: Path, step: int, world_size: int | None = None) -> None:
-    """Write the marker LAST into a checkpoint or final/'s staging folder, listing every file in it."""
-    from sgsd.storage import atomic_write_json
+    """Write the marker LAST into a checkpoint or final/'s staging folder, listing every file in it,
+    after giving its files the umask's mode (safetensors writes its weights 0600)."""
+    from sgsd.storage import apply_plain_modes, atomic_write_json
 
+    apply_plain_modes(folder)
     files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name != COMPLETE_MARKER}
     atomic_write_json(folder / COMPLETE_MARKER,

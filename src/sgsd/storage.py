@@ -3,7 +3,9 @@
 Every file this package writes is either rewritten atomically (temporary file in the same folder,
 fsync, rename: a reader sees the old file or the new one, never half of one) or is JSONL appended one
 complete record at a time and fsynced, so a crash loses at most the record being written and a
-resumed stage skips what is already there. Hashes use SHA-256 of UTF-8 text, never Python's
+resumed stage skips what is already there. What it writes gets the mode a plain `open()` gives under
+the user's umask (`plain_file_mode`), so a teammate on a shared filesystem can read what the umask lets
+them read; the temporary file of an atomic write is private only until it is complete. Hashes use SHA-256 of UTF-8 text, never Python's
 `hash()` (salted per process), so keys and seeds are the same in every process and on every machine.
 """
 
@@ -17,6 +19,7 @@ import math
 import os
 import stat
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -184,13 +187,70 @@ def storage_failure(err: BaseException) -> tuple[str | None, str] | None:
     return None
 
 
+_UMASK_LOCK = threading.Lock()
+_umask_fallback: int | None = None
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it: from `/proc/self/status` (Linux 4.7+). Elsewhere
+    `os.umask` must be set to read it, which is process-global (a file another thread creates in that
+    instant would get the placeholder mask): it is read once, under a lock, and remembered."""
+    global _umask_fallback
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        if _umask_fallback is None:
+            _umask_fallback = os.umask(0o077)  # the most private placeholder for the instant it is set
+            os.umask(_umask_fallback)
+        return _umask_fallback
+
+
+def plain_file_mode() -> int:
+    """The permission bits `open(path, "w")` gives a new file under the current umask (0o644 under 0022)."""
+    return 0o666 & ~current_umask()
+
+
+def plain_dir_mode() -> int:
+    """The permission bits `mkdir` gives a new folder under the current umask (0o755 under 0022)."""
+    return 0o777 & ~current_umask()
+
+
+def apply_plain_modes(folder: str | os.PathLike) -> None:
+    """Give `folder` and every file and folder under it that this process wrote through a library with a
+    private mode the mode a plain `open()` / `mkdir` would have given: safetensors (0.8) writes
+    `model.safetensors` 0600, `tempfile.mkdtemp` makes 0700 folders. Call it only on what the run itself
+    just wrote (a checkpoint, `final/`, an imported model). Entries owned by another account are left
+    as they are (only their owner may change them); links are not followed."""
+    root = Path(folder)
+    file_mode, dir_mode = plain_file_mode(), plain_dir_mode()
+    entries = [(root, True)]
+    for parent, dirs, files in os.walk(root):
+        entries += [(Path(parent) / d, True) for d in dirs] + [(Path(parent) / f, False) for f in files]
+    for path, is_dir in entries:
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(info.st_mode) or info.st_uid != os.geteuid():
+            continue
+        wanted = dir_mode if is_dir else file_mode
+        if stat.S_IMODE(info.st_mode) != wanted:
+            os.chmod(path, wanted)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write `text` (UTF-8) to `path` atomically; see `atomic_write_bytes`."""
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` atomically: temp file in the same folder, fsync, rename, fsync folder."""
+    """Write `data` to `path` atomically: temp file in the same folder, fsync, rename, fsync folder.
+    The file gets the mode a plain `open()` gives under the umask (`plain_file_mode`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -198,6 +258,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
+            os.fchmod(handle.fileno(), plain_file_mode())  # mkstemp's 0600, until complete
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -44,6 +44,7 @@ from sgsd.data import Problem
 from sgsd.demo.bank import hint_effect, seed_bank
 from sgsd.demo.world import MistakeRates, World, WorldConfig, make_world, worked_solution
 from sgsd.errors import ConfigError
+from sgsd.storage import apply_plain_modes
 from sgsd.tiny import ModelShape
 
 if TYPE_CHECKING:
@@ -329,6 +330,7 @@ def _save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config: Wa
         tokenizer.save_pretrained(tmp)
         record = {"config": asdict(config), "report": asdict(report)}
         (tmp / "warmup.json").write_text(json.dumps(record, indent=2) + "\n")
+        apply_plain_modes(tmp)  # mkdtemp's 0700 folder, safetensors' 0600 weights: the umask's modes
         try:
             os.replace(tmp, target)
         except OSError:

@@ -7,16 +7,15 @@ has. The intervals matter: on 30 problems one problem is 3.3 points.
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from sgsd.errors import DataError
 from sgsd.evaluation.runner import RESULTS_FILE, BenchmarkResult
-from sgsd.storage import decode_utf8, parse_json
+from sgsd.storage import atomic_write_bytes, decode_utf8, parse_json
 
 
 @dataclass(frozen=True)
@@ -127,14 +126,9 @@ def plot_comparison(runs: Sequence[EvalRun], png_path: str | Path) -> Path:
     ax.set_ylim(*percent_axis([100 * run.benchmarks[n].avg_ci[1] for run in runs for n in names]))
     ax.legend(fontsize="small")
     fig.tight_layout()
-    path = Path(png_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    buffer = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        fig.savefig(buffer, format="png", dpi=120)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return atomic_write_bytes(png_path, buffer.getvalue())

@@ -112,7 +112,8 @@ class FaultInjection(TrainerCallback):
 
     - `rank=R,step=S`: raise at the start of optimizer step S (counting from 1), to check that a failure
       on a single rank ends the whole run (nothing hangs in a collective) and leaves the last complete
-      checkpoint intact;
+      checkpoint intact; with `,signal=KILL` or `,signal=STOP` that rank instead sends itself SIGKILL (a node
+      that dies without a word) or SIGSTOP (a frozen node: every thread stops, its heartbeat too);
     - `rank=R,save_delay=SEC`: after Hugging Face saved a checkpoint, that rank sleeps SEC seconds and
       then writes `late_rank<R>.txt` into it, as a rank whose files take long to write would: the
       completion marker must wait for it.
@@ -120,8 +121,11 @@ class FaultInjection(TrainerCallback):
 
     ENV = "SGSD_FAULT_INJECT"
 
-    def __init__(self, rank: int, step: int | None = None, save_delay: float | None = None) -> None:
-        self.rank, self.step, self.save_delay = rank, step, save_delay
+    SIGNALS = ("KILL", "STOP")
+
+    def __init__(self, rank: int, step: int | None = None, save_delay: float | None = None,
+                 signal: str | None = None) -> None:
+        self.rank, self.step, self.save_delay, self.signal = rank, step, save_delay, signal
 
     @classmethod
     def from_env(cls) -> "FaultInjection | None":
@@ -132,18 +136,24 @@ class FaultInjection(TrainerCallback):
             fields = dict(part.split("=", 1) for part in spec.split(","))
             step = int(fields["step"]) if "step" in fields else None
             delay = float(fields["save_delay"]) if "save_delay" in fields else None
-            if (step is None) == (delay is None):
+            signal = fields.get("signal")
+            if (step is None) == (delay is None) or (signal is not None and (step is None or signal not in cls.SIGNALS)):
                 raise ValueError("one of step, save_delay")
-            return cls(int(fields["rank"]), step, delay)
+            return cls(int(fields["rank"]), step, delay, signal)
         except (KeyError, ValueError):
             from sgsd.errors import ConfigError
 
-            raise ConfigError(f"{cls.ENV}={spec!r}: expected rank=R,step=S or rank=R,save_delay=SECONDS") from None
+            raise ConfigError(f"{cls.ENV}={spec!r}: expected rank=R,step=S[,signal=KILL|STOP] or "
+                              "rank=R,save_delay=SECONDS") from None
 
     def on_step_begin(self, args, state, control, **kwargs):
         from sgsd.distributed import rank
 
         if self.step is not None and rank() == self.rank and state.global_step + 1 == self.step:
+            if self.signal is not None:
+                import signal
+
+                os.kill(os.getpid(), getattr(signal, f"SIG{self.signal}"))
             raise RuntimeError(f"fault injected by {self.ENV} on rank {self.rank} at step {self.step}")
 
     def on_save(self, args, state, control, **kwargs):

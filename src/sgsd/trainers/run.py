@@ -28,7 +28,8 @@ from sgsd.distributed import announce, is_main_process, launched_world_size, ran
 from sgsd.errors import ConfigError, UserError
 from sgsd.methods import MethodSpec, TrainerContext, check_run_config, method_spec
 from sgsd.prompts import ChatStyle
-from sgsd.provenance import provenance
+from sgsd.peers import active_watch, code_digest, watching_peers
+from sgsd.provenance import package_versions, provenance
 from sgsd.run_dir import (
     COMPLETE_MARKER,
     RESOLVED_CONFIG,
@@ -113,9 +114,11 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
         check_run_config(cfg)
         cfg = teachers_within_bank(cfg)
     with ExitStack() as claim:
+        claim.enter_context(watching_peers(cfg.distributed.peer_timeout_s))
         with same_on_every_rank():  # the output-directory rule; the main process locks and records the directory
             claim.enter_context(claimed_output_dir(out, "train", config_settings(cfg), may_differ=RESUME_MAY_CHANGE,
                                                    holder=is_main_process()))
+        with same_on_every_rank():
             rerun = plan_run(cfg, out, resume)
         if rerun.action in ("complete", "finish"):
             return _finish_without_training(out, rerun)
@@ -231,6 +234,9 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
     inputs = input_identities(cfg.data.path, problems, cfg.skills.bank, bank)
     if resume_from is not None:
         check_inputs_unchanged(out, inputs)
+    watch = active_watch()
+    if watch is not None:  # every node runs the same code, config and inputs: checked before the model loads
+        watch.agree(run_digests(cfg, out, inputs))
     if rerun.finished_step is not None and resume_from is not None:
         announce(f"continuing {out} from {resume_from.name} (complete at step {rerun.finished_step}) to step "
                  f"{cfg.training.max_steps}; the learning-rate schedule follows max_steps={cfg.training.max_steps}")
@@ -291,6 +297,18 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
     elif metrics.records:
         metrics.truncate_after(0)
     return PreparedRun(trainer, out, tokenizer, rerun, scan.incomplete)
+
+
+def run_digests(cfg: RunConfig, out: Path, inputs: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """What every rank of a launch must agree on, by name (`PeerWatch.agree` names what differs)."""
+    def sha(text: str) -> str:
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    from sgsd import __version__
+
+    return {"config": sha(dump_config(cfg)), "output directory": sha(str(out.expanduser().resolve())),
+            "data": str(inputs["data"]["sha256"]), "skill bank": str(inputs.get("skill bank", {}).get("sha256")),
+            "code": f"{__version__} {code_digest()}", "package versions": sha(json.dumps(package_versions(), sort_keys=True))}
 
 
 def input_identities(data_source: str, problems: Sequence[Problem], bank_source: str | None,
