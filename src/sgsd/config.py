@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from sgsd.errors import ConfigError
 from sgsd.loss_settings import PolarityTest, SGSDSettings
+from sgsd.vllm_adapter import generation_problems
 
 __all__ = ["PolarityTest", "RunConfig", "SGSDSettings", "load_config"]
 
@@ -291,8 +292,9 @@ class RunConfig:
             out += section.problems()
         if self.skills.online.enabled:
             out += self.skills.online.problems()
-        if self.generation.use_vllm and self.training.device == "cpu":
-            out.append("generation.use_vllm: vLLM needs a GPU; set training.device=auto/cuda or use_vllm=false")
+        if self.generation.use_vllm and self.training.device != "auto":  # auto: when the device is known
+            out += generation_problems(vllm_mode=self.generation.vllm_mode, model_spec=self.model.name_or_path,
+                                       on_cpu=self.training.device == "cpu")
         return out
 
     def to_dict(self) -> dict[str, Any]:
