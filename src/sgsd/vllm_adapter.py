@@ -39,7 +39,7 @@ import os
 import random
 import sys
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from sgsd.models import tiny_head_dim
 
@@ -68,6 +68,10 @@ CPU_GEMM_CALLERS = (("vllm.model_executor.layers.linear", "UnquantizedLinearMeth
 CPU_GEMM_IMPORT = "from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm"
 # (module, class, method): the engine's in-process teardown (`shutdown_engine`)
 TEARDOWN = ("vllm.v1.engine.core_client", "InprocClient", "shutdown")
+
+
+# the max_lora_rank values vLLM accepts (`vllm.config.lora.MaxLoRARanks`)
+LORA_RANK_BOUNDS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class VLLMContractError(RuntimeError):
@@ -124,6 +128,12 @@ def check_vllm_contract() -> list[str]:
         elif CPU_GEMM_IMPORT not in inspect.getsource(method):
             problems.append(f"{module_name}.{class_name}.process_weights_after_loading no longer imports "
                             "dispatch_cpu_unquantized_gemm at call time")
+    import typing
+
+    from vllm.config import lora
+
+    if tuple(typing.get_args(getattr(lora, "MaxLoRARanks", None))) != LORA_RANK_BOUNDS:
+        problems.append(f"vllm.config.lora.MaxLoRARanks is no longer {LORA_RANK_BOUNDS}")
     module_name, class_name, method_name = TEARDOWN
     if not callable(getattr(getattr(importlib.import_module(module_name), class_name, None), method_name, None)):
         problems.append(f"{module_name}.{class_name}.{method_name} no longer exists")
@@ -232,6 +242,14 @@ def generation_problems(*, vllm_mode: str, model_spec: str, on_cpu: bool) -> lis
     return out
 
 
+def lora_rank_bound(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds an adapter of rank `rank`."""
+    for bound in LORA_RANK_BOUNDS:
+        if bound >= rank:
+            return bound
+    raise ValueError(f"LoRA rank {rank}: vLLM serves ranks up to {LORA_RANK_BOUNDS[-1]}")
+
+
 def shutdown_engine(llm: LLM) -> None:
     """Stop an in-process engine and tear down the distributed state it set up: vLLM's own teardown
     (`EngineCore.shutdown`), which also destroys torch's default process group, so call it after the run's
@@ -252,8 +270,3 @@ def score_sequences(llm: LLM, sequences: Sequence[Sequence[int]], starts: Sequen
         rows = output.prompt_logprobs
         scores.append([rows[t][token].logprob for t, token in enumerate(sequence) if t >= start])
     return scores
-
-
-def engine_kwargs_for_cpu(options: dict[str, Any]) -> dict[str, Any]:
-    """`vllm.LLM` options for a CPU engine: eager (no graph capture on CPU) unless the caller chose."""
-    return {"enforce_eager": True, **options}
