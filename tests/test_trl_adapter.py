@@ -70,7 +70,7 @@ def test_local_rewards_slice_this_rank():
 
 def test_colocated_engine_seams_are_still_used():
     """TRL 1.16 builds its colocated engine by calling the `LLM` its vllm_generation module imported (which
-    `colocated_engine_options` replaces for the duration), from `model.name_or_path` (a folder the run
+    `colocated_engine` replaces for the duration), from `model.name_or_path` (a folder the run
     writes for the in-process tiny model), and keeps it where `check_engine_sync` and `close_engine` read it."""
     from trl import GRPOTrainer
     from trl.generation.vllm_generation import VLLMGeneration

@@ -16,9 +16,9 @@ three seams in `GRPOTrainer`, and only this module opens them:
   OPSD do not), so `make_grpo_config` validates with 2 and then sets 1. The trainer's own runtime
   handles 1 (its std falls back to zeros for groups of one).
 
-- vLLM colocate: the engine TRL builds in `GRPOTrainer.__init__` is started under
-  `sgsd.vllm_adapter.engine_started_here` (what a CPU build of vLLM needs, and this process's threads and
-  random state kept), and after each generation `check_engine_sync` scores one fixed completion in the
+- vLLM colocate: the engine TRL builds in `GRPOTrainer.__init__` is built with the trainer's dtype
+  (`engine_options`) and started under `sgsd.vllm_adapter.engine_started_here` (what a CPU build of vLLM
+  needs, and this process's threads and rank-specific random state kept: `colocated_engine`), and after each generation `check_engine_sync` scores one fixed completion in the
   engine (`vllm_generation.llm`) and in the trainer's model: `vllm/sync_logp_max_abs_diff` (max over
   tokens and ranks) shows whether the weights TRL pushed after the last optimizer step reached the engine,
   `vllm/probe_logp` (the engine's mean log-prob of that completion) that they moved.
@@ -35,7 +35,6 @@ loudly instead of silently training something else.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
 import time
@@ -166,7 +165,7 @@ class HookedGRPOTrainer(GRPOTrainer):
         config = kwargs.get("args")
         colocate = bool(config is not None and config.use_vllm and config.vllm_mode == "colocate")
         on_cpu = colocate and (config.use_cpu or not torch.cuda.is_available())
-        with engine_started_here(on_cpu), colocated_engine_options(**(engine_options(config, on_cpu) if colocate else {})):
+        with colocated_engine(on_cpu, **(engine_options(config, on_cpu) if colocate else {})):
             super().__init__(*args, **kwargs)
         self.colocated_engine = colocate
         if self.has_method_loss and getattr(self, "is_fsdp_enabled", False):
@@ -320,16 +319,23 @@ def engine_options(args: GRPOConfig, on_cpu: bool) -> dict[str, Any]:
 
 
 @contextmanager
-def colocated_engine_options(**options: Any) -> Iterator[None]:
-    """Inside, TRL's colocate mode builds its engine with `options` added: TRL 1.16 calls the `LLM` its
-    `trl.generation.vllm_generation` module imported from vLLM, which is replaced for the duration."""
+def colocated_engine(on_cpu: bool, **options: Any) -> Iterator[None]:
+    """Inside, TRL's colocate mode builds its engine with `options` added and, on a CPU, under
+    `sgsd.vllm_adapter.engine_started_here` (only the engine's construction: the random state it restores is
+    the one TRL has just made rank-specific). TRL 1.16 calls the `LLM` its `trl.generation.vllm_generation`
+    module imported from vLLM, which is replaced for the duration."""
     if not options:
         yield
         return
     from trl.generation import vllm_generation
 
     original = vllm_generation.LLM
-    vllm_generation.LLM = functools.partial(original, **options)
+
+    def build_engine(*args: Any, **kwargs: Any) -> Any:
+        with engine_started_here(on_cpu):
+            return original(*args, **{**kwargs, **options})
+
+    vllm_generation.LLM = build_engine
     try:
         yield
     finally:
