@@ -33,6 +33,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("training.max_grad_norm", "0"): "no clipping (Hugging Face's meaning)",
     ("training.seed", "0"): "a seed",
     ("training.weight_decay", "0"): "no weight decay",
+    ("distributed.peer_timeout_s", "0"): "no heartbeat watch (the collective timeout alone)",
 }
 # each value as written in YAML and in an override (both spellings of NaN and infinity YAML users write)
 VALUES = {"0": ("0",), "-1": ("-1",), "nan": (".nan", "nan"), "inf": (".inf", "inf", "1e999")}

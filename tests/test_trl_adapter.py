@@ -66,3 +66,34 @@ def test_local_rewards_slice_this_rank():
 
     per_func = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [0.0, 1.0]])  # 2 ranks x 2 rollouts
     assert local_rewards(FakeTrainer(), per_func, 2).tolist() == [1.5, 0.5]
+
+
+def test_colocated_engine_seams_are_still_used():
+    """TRL 1.16 builds its colocated engine by calling the `LLM` its vllm_generation module imported (which
+    `colocated_engine` replaces for the duration), from `model.name_or_path` (a folder the run
+    writes for the in-process tiny model), and keeps it where `check_engine_sync` and `close_engine` read it."""
+    from trl import GRPOTrainer
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    from sgsd.trl_adapter import VLLM_COLOCATE_ATTRIBUTES
+
+    init = inspect.getsource(VLLMGeneration._init_vllm)
+    assert "self.llm = LLM(" in init and "model=model.name_or_path" in init
+    assert "dtype" not in init and "enforce_eager" not in init  # TRL sets neither: engine_options does
+    assert "self.vllm_generation = VLLMGeneration(" in inspect.getsource(GRPOTrainer.__init__)
+    source = inspect.getsource(GRPOTrainer)
+    for attribute in VLLM_COLOCATE_ATTRIBUTES:
+        assert f"self.{attribute}" in source, attribute
+    # the sync happens right before generation, so the check after it sees the weights that generated
+    single_turn = inspect.getsource(GRPOTrainer._generate_single_turn)
+    assert single_turn.index("sync_weights()") < single_turn.index("self.vllm_generation.generate(")
+
+
+def test_engine_options_follow_the_trainer():
+    from sgsd.trl_adapter import engine_options
+
+    fp32 = make_grpo_config(num_generations=2, output_dir="/tmp/sgsd-test", use_cpu=True, bf16=False,
+                            report_to="none", per_device_train_batch_size=2)
+    assert engine_options(fp32, on_cpu=True) == {"dtype": "float32", "enforce_eager": True}
+    fp32.bf16 = True
+    assert engine_options(fp32, on_cpu=False) == {"dtype": "bfloat16"}  # GPUs keep vLLM's CUDA graphs

