@@ -143,15 +143,17 @@ def test_demo_methods_and_learning_rate_search_end_to_end(tmp_path, capsys, demo
 
 
 def test_demo_refuses_an_output_dir_made_with_other_settings(tmp_path, capsys):
-    from sgsd.demo.run import FULL, PLAN_FILE, QUICK, plan_record
+    from sgsd.demo.run import FULL, QUICK, demo_settings, plan_record
+    from sgsd.run_dir import write_output_record
 
     out = tmp_path / "demo"
     out.mkdir()
-    (out / PLAN_FILE).write_text(json.dumps(plan_record(FULL)))
+    write_output_record(out, "demo", demo_settings(FULL))  # what a full demo records there
     # --quick into a full demo's directory: its 30-step runs must not pass for 6-step ones.
     code = main(["demo", "--quick", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet"])
     err = capsys.readouterr().err
-    assert code == 2 and "holds a demo made with other settings" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "holds an earlier `sgsd demo` made with other settings" in err
+    assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "cache").exists()  # refused before any work
     # More seeds with the same settings is not a different plan: finished seeds are reused.
     assert plan_record(QUICK) == plan_record(type(QUICK)(**{**vars(QUICK), "seeds": (0, 1, 2)}))
@@ -161,7 +163,7 @@ def test_demo_refuses_runs_without_a_plan_record(tmp_path, capsys):
     out = tmp_path / "demo"
     (out / "runs" / "sgsd-seed0").mkdir(parents=True)
     code = main(["demo", "--quick", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet"])
-    assert code == 2 and "has runs/ but no demo_plan.json" in capsys.readouterr().err
+    assert code == 2 and "holds files that `sgsd demo` did not write (runs/)" in capsys.readouterr().err
 
 
 def test_demo_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):

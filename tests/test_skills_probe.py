@@ -140,7 +140,7 @@ def test_between_item_test_separates_items_only_beyond_chance():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--rollouts", "0"], "--rollouts must be >= 1"),
+    (["--rollouts", "0"], "argument --rollouts: 0: must be a whole number >= 1"),
     (["--control", "none,blank"], "--control: expected a comma-separated list"),
     (["skills.bank=null"], "skills.bank"),
     (["--rollouts-file", "missing.jsonl"], "no such file"),

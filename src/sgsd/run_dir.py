@@ -296,7 +296,7 @@ def check_output_dir(directory: str | os.PathLike, kind: str, settings: dict[str
     if not path.exists():
         return "new"
     if not path.is_dir():
-        raise UserError(f"{what} {shown}: exists and is not a directory; choose a new directory")
+        raise UserError(f"{what} {shown}: exists and is not a directory")
     try:
         entries = directory_entries(path)
     except OSError as err:
