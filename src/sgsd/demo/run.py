@@ -156,14 +156,14 @@ def plan_record(plan: DemoPlan) -> dict[str, Any]:
             "warm_start": warmup_config(0, plan.warmup_steps).digest(), "warm_start_per_seed": True}
 
 
-def check_reusable(out: Path, record: dict[str, Any]) -> None:
+def check_reusable(out: Path, record: dict[str, Any], *, plan_file: str = PLAN_FILE, what: str = "a demo") -> None:
     """Refuse an output directory whose runs were made with other settings than `record` (this run's
-    `plan_record`): they would be reused as if they were this plan's. Same settings: finished runs are
-    reused and interrupted ones resume, so a rerun after a crash, or with more --seeds, only does the
-    missing work."""
+    `plan_record`, or a sweep's `sweep_record`, kept in `plan_file`): they would be reused as if they were
+    this plan's. Same settings: finished runs are reused and interrupted ones resume, so a rerun after a
+    crash, or with more --seeds, only does the missing work."""
     from sgsd.errors import UserError
 
-    record_path = out / PLAN_FILE
+    record_path = out / plan_file
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out}: exists and is not a directory")
     if record_path.exists():
@@ -172,10 +172,10 @@ def check_reusable(out: Path, record: dict[str, Any]) -> None:
         except (OSError, ValueError) as err:
             raise UserError(f"{record_path}: unreadable ({err}); choose another --output-dir") from None
         if saved != json.loads(json.dumps(record)):
-            raise UserError(f"--output-dir {out}: holds a demo made with other settings (--quick or not, or an "
+            raise UserError(f"--output-dir {out}: holds {what} made with other settings (another preset, or an "
                             "older version); choose another --output-dir or remove that one")
     elif (out / "runs").exists() and any((out / "runs").iterdir()):
-        raise UserError(f"--output-dir {out}: has runs/ but no {PLAN_FILE}; choose another --output-dir")
+        raise UserError(f"--output-dir {out}: has runs/ but no {plan_file}; choose another --output-dir")
 
 
 def make_plan(*, preset: str = "full", seeds: int | None = None, methods: Sequence[str] | None = None,
