@@ -126,6 +126,9 @@ def _fake_sweep(out: Path, grid, accuracy, *, skip=()):
                 final = run_dir(out, spec, seed) / "final"
                 final.mkdir(parents=True, exist_ok=True)
                 (final / "model.safetensors").write_bytes(b"weights")
+                steps = [{"step": 1, "grpo/zero_advantage_fraction": 0.5, "sgsd/quadrant_warning": 0.25},
+                         {"step": 2, "grpo/zero_advantage_fraction": 1.0, "sgsd/quadrant_warning": 0.75}]
+                (final.parent / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
                 plan = grid.run_plan(spec)
                 cache.put(cache.key(final, held_out_problems(grid, spec.world), k=plan.k, seed=seed,
                                     max_new_tokens=plan.max_new_tokens),
@@ -155,6 +158,11 @@ def test_report_gives_verdicts_from_intervals_and_no_numbers_for_unfinished_cell
     assert reference["comparisons"]["sgsd-grpo"]["verdict"] == "ahead"
     assert reference["comparisons"]["sgsd-grpo"]["replications_agreeing"] == 3
     assert reference["comparisons"]["sgsd-opsd"]["difference"] == pytest.approx(0.5)
+    # what the runs logged, averaged over steps and replications
+    signals = reference["training_signals"]
+    assert signals["grpo"]["grpo/zero_advantage_fraction"] == pytest.approx(0.75)
+    assert signals["sgsd"]["sgsd/quadrant_warning"] == pytest.approx(0.5)
+    assert signals["sgsd"]["sgsd/success_rate"] is None  # never logged: not measured, not zero
     # the paper-budget cell is contrasted with the reference: other SGSD bank, other GRPO budget
     contrasts = by_name["demo-helpful-k2-paper"]["contrasts"]
     assert set(contrasts) == {"sgsd-vs-reference", "grpo-vs-reference"}
@@ -167,6 +175,7 @@ def test_report_gives_verdicts_from_intervals_and_no_numbers_for_unfinished_cell
     assert "- hard-seed-k1-equal (the harder world): 9 of 12 evaluations done" in report
     assert "| demo-seed-k2-equal | +1.000 [+1.000, +1.000] | +1.000, +1.000, +1.000 | 3 of 3 | **ahead** |" in report
     assert "hard-seed-k1-equal | +" not in report  # no numbers for the unfinished cell
+    assert "| demo-seed-k2-equal | 75% | 50% / - | - / - | - | - |" in report
     assert f"--grid smoke --output-dir {tmp_path}" in report
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "results.json").read_text())["cells"][2]["status"] == "not measured"

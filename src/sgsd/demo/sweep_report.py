@@ -111,6 +111,20 @@ def teacher_polarity(out: Path, grid: SweepGrid, cell: Cell) -> dict[str, Any] |
             "by_outcome": shares}
 
 
+# What the runs logged that bears on the mechanism, averaged over steps and replications: how many of GRPO's
+# groups had no signal (every completion with the same reward: zero advantage), and the quadrants of SGSD's
+# teachers (docs/spec.md section 4: on failures a teacher warns, support < 0, or endorses, support > 0).
+TRAINING_SIGNALS = {"grpo": ("grpo/zero_advantage_fraction",),
+                    "sgsd": ("sgsd/quadrant_warning", "sgsd/quadrant_misleading", "sgsd/quadrant_helpful",
+                             "sgsd/quadrant_over_suppressive", "sgsd/neutral_fraction", "sgsd/success_rate")}
+
+
+def metric_mean(run_dirs: Sequence[Path], key: str) -> float | None:
+    """Mean of `key` over every logged step of `run_dirs` (metrics.jsonl); None if never logged."""
+    values = [float(r[key]) for d in run_dirs for r in read_jsonl(d / "metrics.jsonl") if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
 def _cell_result(out: Path, grid: SweepGrid, cell: Cell, finals: dict[tuple[str, str, int], AccuracyEstimate]) -> dict[str, Any]:
     runs = cell_runs(cell, grid.sizes)
     needed = [(cell.world, "base", s) for s in grid.seeds]
@@ -141,6 +155,9 @@ def _cell_result(out: Path, grid: SweepGrid, cell: Cell, finals: dict[tuple[str,
             {s: finals[(cell.world, runs[method].key, s)].per_problem for s in grid.seeds},
             {s: finals[(cell.world, ref_key, s)].per_problem for s in grid.seeds})
     result["contrasts"] = contrasts
+    result["training_signals"] = {
+        method: {key: metric_mean([run_dir(out, runs[method], seed) for seed in grid.seeds], key) for key in keys}
+        for method, keys in TRAINING_SIGNALS.items()}
     return result
 
 
@@ -235,6 +252,18 @@ def _teacher_cells(cell: dict[str, Any]) -> str:
     return f"| {cell['name']} | {failures} | " + " | ".join(share(cls) for cls in PAIR_CLASSES) + " |"
 
 
+def _signal_row(cell: dict[str, Any]) -> str:
+    g, t = cell["training_signals"]["grpo"], cell["training_signals"]["sgsd"]
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0%}"
+
+    return (f"| {cell['name']} | {pct(g['grpo/zero_advantage_fraction'])} | {pct(t['sgsd/quadrant_warning'])} / "
+            f"{pct(t['sgsd/quadrant_misleading'])} | {pct(t['sgsd/quadrant_helpful'])} / "
+            f"{pct(t['sgsd/quadrant_over_suppressive'])} | {pct(t['sgsd/neutral_fraction'])} | "
+            f"{pct(t['sgsd/success_rate'])} |")
+
+
 def markdown(results: dict[str, Any], grid: SweepGrid, out: Path) -> str:
     k = results["k"]
     measured = [c for c in results["cells"] if c["status"] == "measured"]
@@ -294,6 +323,17 @@ Figure: `{FIGURE}`.
 | cell | difference | value [95%] | per replication | sign agreed | verdict |
 | --- | --- | --- | --- | --- | --- |
 {chr(10).join(contrast_rows) or '| (none yet) | | | | | |'}
+
+### What the runs saw during training (means over steps and replications)
+GRPO: the share of groups with zero advantage (every completion of the prompt scored alike: no signal).
+SGSD: the quadrants of its teachers, as shares of all teachers: on failed rollouts "warning" (support < 0:
+pushed away from the failure) and "endorsing" (support > 0: pulled toward it, the paper's "misleading"
+quadrant); on successes "helpful" and "over-suppressive"; "neutral" (|support| <= threshold); and the
+share of SGSD's rollouts that succeeded.
+
+| cell | GRPO groups without signal | SGSD on failures: warning / endorsing | on successes: helpful / over-suppressive | neutral | SGSD success rate |
+| --- | --- | --- | --- | --- | --- |
+{chr(10).join(_signal_row(c) for c in measured) or '| (none yet) | | | | | |'}
 
 ## The teachers on failed rollouts, before training (`sgsd skills probe`, {grid.probe_rollouts} rollouts per replication)
 Polarity +1 agrees with the verifier (on a failure: the teacher warns, it finds the failed rollout less likely
