@@ -21,6 +21,7 @@ the paper's benchmarks.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -70,8 +71,6 @@ def record_base(folder: Path, seed: int, warm: WarmStart, test: Sequence[Problem
 
 def record_timing(out: Path, run: str, *, train_s: float | None, eval_s: float | None) -> None:
     """Seconds spent on one run by this output directory's sweeps (timings.json), with the load average."""
-    import os
-
     timings = read_json(out / TIMINGS_FILE)
     entry = timings.setdefault(run, {})
     if train_s is not None:
