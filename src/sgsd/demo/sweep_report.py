@@ -306,7 +306,7 @@ Cell names: world-bank-K-budget (`equal`: every method {results['rollouts_per_st
 ## Worlds and warm starts
 | world | warm start (seed) | sha256 | Base avg@{k} | warm-up s | trained by this sweep |
 | --- | --- | --- | --- | --- | --- |
-{chr(10).join(world_rows)}
+{chr(10).join(world_rows) or '| (none yet) | | | | | |'}
 
 ## SGSD against GRPO and OPSD, per measured cell ({len(measured)} of {len(results['cells'])})
 | cell | SGSD - GRPO [95%] | per replication | sign agreed | verdict | SGSD - OPSD [95%] | per replication | sign agreed | verdict |
