@@ -18,6 +18,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("bench", "sgsd.commands.bench", "benchmark the loss phase and training step"),
     ("models", "sgsd.commands.models", "import models: a GGUF checkpoint as a Hugging Face directory"),
     ("demo", "sgsd.commands.demo", "run the offline demo: SGSD vs GRPO vs OPSD in a small synthetic world"),
+    ("sweep", "sgsd.commands.sweep", "when does SGSD beat GRPO? the demo's comparison over a grid of world settings"),
 ]
 
 
