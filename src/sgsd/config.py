@@ -186,6 +186,8 @@ class OPSDSettings:
     # (as for SGSD). The default stays a count: the divergence holds several [chunk, V] buffers.
     logprob_chunk_tokens: int = 1024
     logprob_chunk_mb: int = 1024
+    # teacher rows with a common prompt prefix (a problem's rollouts) run it once (as `sgsd.prefix_reuse`)
+    prefix_reuse: bool = True
 
     def problems(self, where: str = "opsd") -> list[str]:
         if not 0.0 <= self.beta <= 1.0:

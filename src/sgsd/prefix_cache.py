@@ -82,6 +82,11 @@ class PrefixPlan:
         parent = self.row_parent[row]
         return self.nodes[parent].end if parent >= 0 else 0
 
+    def prompt_tokens_run(self, prompts: Sequence[Sequence[int]]) -> int:
+        """Prompt token slots run with this plan (each shared prefix once, each row's tail), without padding;
+        without reuse: sum(len(p) for p in prompts)."""
+        return sum(n.end - n.start for n in self.nodes) + sum(len(p) - self.prefix_end(r) for r, p in enumerate(prompts))
+
 
 def _build(keys: Sequence[Sequence[int]], rows: list[int], start: int) -> _TreeNode:
     """The radix-tree node of `rows` (all equal on `[:start]`), with its subtree."""

@@ -156,14 +156,43 @@ def row_batches(model: torch.nn.Module, prompts: Sequence[Sequence[int]], rollou
     weights context.
     """
     lengths = completion_mask.long().sum(-1).tolist()
-    plan = plan_prefixes(prompts) if reuse_applies(model, prefix_reuse) else None
-    if plan is None or not plan.nodes:
+    plan = shared_prefixes(model, prompts, prefix_reuse)
+    if plan is None:
         yield from _plain_batches(model, prompts, rollout_of, completion_ids, completion_mask, lengths,
                                   pad_id=pad_id, batch_rows=batch_rows)
         return
     with no_checkpointing(model):
         yield from _prefix_batches(model, plan, prompts, rollout_of, completion_ids, completion_mask, lengths,
                                    pad_id=pad_id, batch_rows=batch_rows)
+
+
+def shared_prefixes(model: torch.nn.Module, prompts: Sequence[Sequence[int]], prefix_reuse: bool) -> PrefixPlan | None:
+    """The prefixes of `prompts` worth running once, or None: reuse off, not exact for `model`, or nothing shared."""
+    plan = plan_prefixes(prompts) if reuse_applies(model, prefix_reuse) else None
+    return plan if plan is not None and plan.nodes else None
+
+
+def teacher_completion_hidden(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                              completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, pad_id: int,
+                              prefix_reuse: bool) -> torch.Tensor:
+    """`hidden_for_completion` [B, T, H] of `[left-padded prompt ; completion]` rows, no gradient, with the
+    prompts' shared prefixes run once when `prefix_reuse` finds any (`row_batches`, all rows in one batch;
+    positions past a row's batch are 0). The prompts are read back from their ids and mask, never re-tokenised."""
+    t = completion_ids.size(1)
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
+    plan = shared_prefixes(model, prompts, prefix_reuse)
+    if plan is None:
+        return hidden_for_completion(model, torch.cat([prompt_ids, completion_ids], dim=1),
+                                     torch.cat([prompt_mask, completion_mask], dim=1), t)
+    hidden = None
+    lengths = completion_mask.long().sum(-1).tolist()
+    with no_checkpointing(model):
+        for batch in _prefix_batches(model, plan, prompts, range(len(prompts)), completion_ids, completion_mask,
+                                     lengths, pad_id=pad_id, batch_rows=len(prompts)):
+            if hidden is None:
+                hidden = batch.hidden.new_zeros((len(prompts), t, batch.hidden.size(-1)))
+            hidden[batch.rows, : batch.hidden.size(1)] = batch.hidden
+    return hidden
 
 
 def _completions(completion_ids: torch.Tensor, completion_mask: torch.Tensor, rollouts: Sequence[int],
