@@ -98,7 +98,7 @@ def test_store_frees_every_prefix_after_its_last_row(tiny_model, rows):
         PrefixStore.__init__ = original
     assert sorted(seen) == list(range(len(flat)))
     assert len(stores) == 1 and stores[0].kv == {} and not any(stores[0].waiting)
-    assert scoring.shared_prefixes(tiny_model, flat, True) is not None  # the fixture does share prefixes
+    assert scoring.shared_prefixes(flat) is not None  # the fixture does share prefixes
 
 
 # -- exactness -------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from sgsd.distributed import gather_objects, world_size
 from sgsd.lm_head import head_weights, token_logprobs, token_logprobs_and_entropy
 from sgsd.objectives import OPSDLossOutput, opsd_loss
 from sgsd.prefix_cache import PrefixPlan, PrefixStore, no_checkpointing, plan_prefixes, reuse_applies
@@ -156,20 +157,45 @@ def row_batches(model: torch.nn.Module, prompts: Sequence[Sequence[int]], rollou
     weights context.
     """
     lengths = completion_mask.long().sum(-1).tolist()
-    plan = shared_prefixes(model, prompts, prefix_reuse)
+    reuse = reuse_applies(model, prefix_reuse)
+    plan = shared_prefixes(prompts) if reuse else None
+    step = max(batch_rows, 1)
     if plan is None:
         yield from _plain_batches(model, prompts, rollout_of, completion_ids, completion_mask, lengths,
                                   pad_id=pad_id, batch_rows=batch_rows)
+    else:
+        with no_checkpointing(model):
+            yield from _prefix_batches(model, plan, prompts, rollout_of, completion_ids, completion_mask, lengths,
+                                       pad_id=pad_id, batch_rows=batch_rows)
+    if reuse:
+        _match_other_ranks(model, _forwards(plan, len(prompts), step), completion_ids.device, pad_id)
+
+
+def _forwards(plan: PrefixPlan | None, rows: int, step: int) -> int:
+    """Forward calls of `row_batches` for `rows` rows in batches of `step` (nodes: per level)."""
+    levels: dict[int, int] = {}
+    for node in plan.nodes if plan is not None else ():
+        levels[node.level] = levels.get(node.level, 0) + 1
+    return sum(-(-n // step) for n in levels.values()) + -(-rows // step)
+
+
+def _match_other_ranks(model: torch.nn.Module, forwards: int, device: torch.device, pad_id: int) -> None:
+    """Under several processes, run one-token forwards until this rank has made as many forward calls as the
+    busiest: a forward of DeepSpeed ZeRO-3 or FSDP gathers the weights (and DDP may broadcast buffers), a
+    collective every rank must join, and the number of shared prefixes differs from rank to rank."""
+    if world_size() == 1:
         return
-    with no_checkpointing(model):
-        yield from _prefix_batches(model, plan, prompts, rollout_of, completion_ids, completion_mask, lengths,
-                                   pad_id=pad_id, batch_rows=batch_rows)
+    most = max(gather_objects(forwards))
+    ids = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
+    with torch.no_grad():
+        for _ in range(most - forwards):
+            final_hidden(model, ids, torch.ones_like(ids), torch.zeros_like(ids))
 
 
-def shared_prefixes(model: torch.nn.Module, prompts: Sequence[Sequence[int]], prefix_reuse: bool) -> PrefixPlan | None:
-    """The prefixes of `prompts` worth running once, or None: reuse off, not exact for `model`, or nothing shared."""
-    plan = plan_prefixes(prompts) if reuse_applies(model, prefix_reuse) else None
-    return plan if plan is not None and plan.nodes else None
+def shared_prefixes(prompts: Sequence[Sequence[int]]) -> PrefixPlan | None:
+    """The prefixes of `prompts` worth running once (`sgsd.prefix_cache.plan_prefixes`), None if there are none."""
+    plan = plan_prefixes(prompts)
+    return plan if plan.nodes else None
 
 
 def teacher_completion_hidden(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
@@ -178,20 +204,24 @@ def teacher_completion_hidden(model: torch.nn.Module, prompt_ids: torch.Tensor, 
     """`hidden_for_completion` [B, T, H] of `[left-padded prompt ; completion]` rows, no gradient, with the
     prompts' shared prefixes run once when `prefix_reuse` finds any (`row_batches`, all rows in one batch;
     positions past a row's batch are 0). The prompts are read back from their ids and mask, never re-tokenised."""
-    t = completion_ids.size(1)
-    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
-    plan = shared_prefixes(model, prompts, prefix_reuse)
+    t, rows = completion_ids.size(1), completion_ids.size(0)
+    reuse = reuse_applies(model, prefix_reuse)
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)] if reuse else []
+    plan = shared_prefixes(prompts) if reuse else None
     if plan is None:
-        return hidden_for_completion(model, torch.cat([prompt_ids, completion_ids], dim=1),
-                                     torch.cat([prompt_mask, completion_mask], dim=1), t)
-    hidden = None
-    lengths = completion_mask.long().sum(-1).tolist()
-    with no_checkpointing(model):
-        for batch in _prefix_batches(model, plan, prompts, range(len(prompts)), completion_ids, completion_mask,
-                                     lengths, pad_id=pad_id, batch_rows=len(prompts)):
-            if hidden is None:
-                hidden = batch.hidden.new_zeros((len(prompts), t, batch.hidden.size(-1)))
-            hidden[batch.rows, : batch.hidden.size(1)] = batch.hidden
+        hidden = hidden_for_completion(model, torch.cat([prompt_ids, completion_ids], dim=1),
+                                       torch.cat([prompt_mask, completion_mask], dim=1), t)
+    else:
+        lengths = completion_mask.long().sum(-1).tolist()
+        hidden = None
+        with no_checkpointing(model):
+            for batch in _prefix_batches(model, plan, prompts, range(rows), completion_ids, completion_mask,
+                                         lengths, pad_id=pad_id, batch_rows=rows):
+                if hidden is None:
+                    hidden = batch.hidden.new_zeros((rows, t, batch.hidden.size(-1)))
+                hidden[batch.rows, : batch.hidden.size(1)] = batch.hidden
+    if reuse:  # one forward per level of shared prefixes, then one of every row
+        _match_other_ranks(model, _forwards(plan, rows, max(rows, 1)), completion_ids.device, pad_id)
     return hidden
 
 
