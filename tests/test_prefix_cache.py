@@ -268,3 +268,27 @@ def test_opsd_teacher_hidden_with_shared_prompts(tiny_model):
     torch.testing.assert_close(reused[keep], plain[keep], atol=ATOL, rtol=0)
     assert torch.equal(plain, hidden_for_completion(tiny_model, torch.cat([prompt_ids, completion_ids], 1),
                                                     torch.cat([prompt_mask, completion_mask], 1), 6))
+
+
+@pytest.mark.parametrize("batch_rows", [1, 4, 100])
+def test_forward_count_that_other_ranks_are_matched_to(tiny_model, rows, batch_rows):
+    """Under several processes each rank pads its teacher forwards to the busiest rank's count (a ZeRO-3 / FSDP
+    forward is a collective): the count `_forwards` reports must be the forwards `row_batches` makes."""
+    from sgsd.scoring import _forwards, shared_prefixes
+
+    prompts, completion_ids, completion_mask = rows
+    flat = [p for row in prompts for p in row if p is not None]
+    rollout_of = [b for b, row in enumerate(prompts) for p in row if p is not None]
+    calls = []
+    handle = tiny_model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        for reuse in (False, True):
+            calls.clear()
+            with torch.no_grad():
+                for _ in row_batches(tiny_model, flat, rollout_of, completion_ids, completion_mask, pad_id=0,
+                                     batch_rows=batch_rows, prefix_reuse=reuse):
+                    pass
+            plan = shared_prefixes(flat) if reuse else None
+            assert len(calls) == _forwards(plan, len(flat), batch_rows), reuse
+    finally:
+        handle.remove()

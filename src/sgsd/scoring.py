@@ -233,7 +233,9 @@ def _completions(completion_ids: torch.Tensor, completion_mask: torch.Tensor, ro
     return completion_ids[index, :t_batch], completion_mask[index, :t_batch].long()
 
 
-def _plain_batches(model, prompts, rollout_of, completion_ids, completion_mask, lengths, *, pad_id, batch_rows):
+def _plain_batches(model: torch.nn.Module, prompts: Sequence[Sequence[int]], rollout_of: Sequence[int],
+                   completion_ids: torch.Tensor, completion_mask: torch.Tensor, lengths: Sequence[int], *, pad_id: int,
+                   batch_rows: int) -> Iterator[RowBatch]:
     # Sort by total length so each batch has little padding.
     order = sorted(range(len(prompts)), key=lambda r: (len(prompts[r]) + lengths[rollout_of[r]], r))
     device = completion_ids.device
@@ -247,8 +249,9 @@ def _plain_batches(model, prompts, rollout_of, completion_ids, completion_mask, 
                        comp_mask)
 
 
-def _prefix_batches(model, plan: PrefixPlan, prompts, rollout_of, completion_ids, completion_mask, lengths, *,
-                    pad_id, batch_rows):
+def _prefix_batches(model: torch.nn.Module, plan: PrefixPlan, prompts: Sequence[Sequence[int]],
+                    rollout_of: Sequence[int], completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                    lengths: Sequence[int], *, pad_id: int, batch_rows: int) -> Iterator[RowBatch]:
     """Every node of `plan`, level by level, then the rows, each forward after its parents' keys and values."""
     device = completion_ids.device
     store = PrefixStore(plan)
