@@ -159,7 +159,8 @@ def row_batches(model: torch.nn.Module, prompts: Sequence[Sequence[int]], rollou
     lengths = completion_mask.long().sum(-1).tolist()
     reuse = reuse_applies(model, prefix_reuse)
     plan = shared_prefixes(prompts) if reuse else None
-    step = max(batch_rows, 1)
+    forwards = _forwards(plan, len(prompts), max(batch_rows, 1))
+    most = _most_forwards(forwards) if reuse else forwards  # before any forward: see `_idle_forwards`
     if plan is None:
         yield from _plain_batches(model, prompts, rollout_of, completion_ids, completion_mask, lengths,
                                   pad_id=pad_id, batch_rows=batch_rows)
@@ -167,8 +168,7 @@ def row_batches(model: torch.nn.Module, prompts: Sequence[Sequence[int]], rollou
         with no_checkpointing(model):
             yield from _prefix_batches(model, plan, prompts, rollout_of, completion_ids, completion_mask, lengths,
                                        pad_id=pad_id, batch_rows=batch_rows)
-    if reuse:
-        _match_other_ranks(model, _forwards(plan, len(prompts), step), completion_ids.device, pad_id)
+    _idle_forwards(model, most - forwards, completion_ids.device, pad_id)
 
 
 def _forwards(plan: PrefixPlan | None, rows: int, step: int) -> int:
@@ -179,16 +179,19 @@ def _forwards(plan: PrefixPlan | None, rows: int, step: int) -> int:
     return sum(-(-n // step) for n in levels.values()) + -(-rows // step)
 
 
-def _match_other_ranks(model: torch.nn.Module, forwards: int, device: torch.device, pad_id: int) -> None:
-    """Under several processes, run one-token forwards until this rank has made as many forward calls as the
-    busiest: a forward of DeepSpeed ZeRO-3 or FSDP gathers the weights (and DDP may broadcast buffers), a
-    collective every rank must join, and the number of shared prefixes differs from rank to rank."""
-    if world_size() == 1:
-        return
-    most = max(gather_objects(forwards))
+def _most_forwards(forwards: int) -> int:
+    """The largest of every rank's `forwards` (this one's alone in one process). Called before any teacher
+    forward: once ranks have made different numbers of forward calls, their collectives no longer pair up."""
+    return forwards if world_size() == 1 else max(gather_objects(forwards))
+
+
+def _idle_forwards(model: torch.nn.Module, count: int, device: torch.device, pad_id: int) -> None:
+    """`count` one-token forwards, so that this rank makes as many forward calls as the busiest: a forward of
+    DeepSpeed ZeRO-3 or FSDP gathers the weights (and DDP may broadcast buffers), a collective every rank must
+    join, and the number of shared prefixes differs from rank to rank."""
     ids = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
     with torch.no_grad():
-        for _ in range(most - forwards):
+        for _ in range(count):
             final_hidden(model, ids, torch.ones_like(ids), torch.zeros_like(ids))
 
 
@@ -208,6 +211,8 @@ def teacher_completion_hidden(model: torch.nn.Module, prompt_ids: torch.Tensor, 
     reuse = reuse_applies(model, prefix_reuse)
     prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)] if reuse else []
     plan = shared_prefixes(prompts) if reuse else None
+    forwards = _forwards(plan, rows, max(rows, 1))  # one forward per level of shared prefixes, then the rows
+    most = _most_forwards(forwards) if reuse else forwards
     if plan is None:
         hidden = hidden_for_completion(model, torch.cat([prompt_ids, completion_ids], dim=1),
                                        torch.cat([prompt_mask, completion_mask], dim=1), t)
@@ -220,8 +225,7 @@ def teacher_completion_hidden(model: torch.nn.Module, prompt_ids: torch.Tensor, 
                 if hidden is None:
                     hidden = batch.hidden.new_zeros((rows, t, batch.hidden.size(-1)))
                 hidden[batch.rows, : batch.hidden.size(1)] = batch.hidden
-    if reuse:  # one forward per level of shared prefixes, then one of every row
-        _match_other_ranks(model, _forwards(plan, rows, max(rows, 1)), completion_ids.device, pad_id)
+    _idle_forwards(model, most - forwards, completion_ids.device, pad_id)
     return hidden
 
 

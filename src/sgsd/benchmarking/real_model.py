@@ -14,7 +14,8 @@ Phases, each writing into OUTPUT_DIR and reusing what an earlier phase wrote:
    controls -> control_cost.json.
    `prefix-reuse`: the trainer's teacher scoring (`score_under_teachers`, K = 8 teachers of the paper's bank
    for each of `--reuse-rollouts` rollouts) with `sgsd.prefix_reuse` off and on, interleaved over
-   `--reuse-rounds` rounds, at each of `--reuse-tokens` completion lengths: seconds, resident-set growth,
+   `--reuse-rounds` rounds, at each of `--reuse-tokens` completion lengths: seconds (wall and this process's
+   CPU time, which a shared machine's load does not stretch), resident-set growth,
    prompt tokens run, the largest log-prob difference and whether every polarity decision is the same
    -> prefix_reuse.json. Completions are the problems' reference solutions repeated to exactly T tokens
    (the cost depends on the lengths only; generating 1,024 tokens on a CPU would take longer than scoring).
@@ -202,16 +203,21 @@ def run_prefix_reuse(model_dir: Path, out: Path, *, data_dir: str, rollouts: int
         settings = {reuse: replace(PAPER, num_teachers=num_teachers, prefix_reuse=reuse) for reuse in (False, True)}
         scores: dict[bool, Any] = {}
         seconds: dict[bool, list[float]] = {False: [], True: []}
+        # this process's CPU seconds: on a shared machine the wall time also measures the other jobs' load
+        cpu: dict[bool, list[float]] = {False: [], True: []}
         rss: dict[bool, list[float | None]] = {False: [], True: []}
         for r in range(rounds):
             for reuse in (False, True):
                 def run(reuse=reuse):
                     scores[reuse] = score_under_teachers(model, tokenizer, problems, teachers, ids, mask,
                                                          settings=settings[reuse], style=style, chunk_tokens=4096)
+                cpu_start = time.process_time()
                 timing = time_phase(run, repeats=1, warmup=0)
+                cpu[reuse].append(time.process_time() - cpu_start)
                 seconds[reuse].append(timing.median_s)
                 rss[reuse].append(timing.rss_peak_mb)
-                print(f"  prefix reuse T={length} round {r + 1}: {'on' if reuse else 'off'} {timing.median_s:.1f} s",
+                print(f"  prefix reuse T={length} round {r + 1}: {'on' if reuse else 'off'} {timing.median_s:.1f} s "
+                      f"({cpu[reuse][-1]:.1f} CPU s)",
                       flush=True)
         student_ids, student_mask = left_pad(student, tokenizer.pad_token_id)
         with torch.no_grad():
@@ -225,6 +231,8 @@ def run_prefix_reuse(model_dir: Path, out: Path, *, data_dir: str, rollouts: int
             "completion_tokens": length, "rollouts": len(problems), "problems": len(chosen), "teachers": num_teachers,
             "rows": len(flat), "seconds_off": seconds[False], "seconds_on": seconds[True],
             "ratio_on_off": [on / off for on, off in zip(seconds[True], seconds[False])],
+            "cpu_seconds_off": cpu[False], "cpu_seconds_on": cpu[True],
+            "cpu_ratio_on_off": [on / off for on, off in zip(cpu[True], cpu[False])],
             "rss_growth_mb_off": rss[False], "rss_growth_mb_on": rss[True],
             "prompt_tokens_off": prompt_tokens, "prompt_tokens_on": plan.prompt_tokens_run(flat),
             "shared_prefixes": len(plan.nodes), "completion_token_slots": len(flat) * length,
