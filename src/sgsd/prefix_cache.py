@@ -22,7 +22,9 @@ docs/performance.md ("Prefix reuse") has the cost model and the measurements.
   other matrix shapes); tests/test_prefix_cache.py bounds the difference.
 
 Where it applies (`reuse_blocker`, the one place that switches it off): decoder-only models whose every
-layer is full attention (a sliding-window or recurrent layer's cache is not a plain prefix). Gradient
+layer is full attention (a sliding-window or recurrent layer's cache is not a plain prefix), with unsharded
+weights (not under DeepSpeed ZeRO-3 or FSDP, where each forward is a collective whose order the ranks must
+share; DDP and ZeRO-2 are fine). Gradient
 checkpointing is suspended around the cached forwards (they run without gradient; transformers would
 otherwise drop the cache in training mode), and a forward that did not extend the cache fails loudly.
 """
@@ -155,7 +157,18 @@ def _text_config(model: torch.nn.Module):
 
 
 def reuse_blocker(model: torch.nn.Module) -> str | None:
-    """Why prefix reuse would not be exact for `model` (None: it is). The one place that switches it off."""
+    """Why prefix reuse would not be exact or safe for `model` (None: it applies). The one place that switches
+    it off."""
+    param = next(iter(model.parameters()), None)
+    if param is not None and hasattr(param, "ds_id"):
+        # every forward gathers the weights through DeepSpeed's prefetcher, which follows the module order it
+        # recorded; with each rank's own number of prefix forwards (even padded to equal counts) the ranks'
+        # all-gathers stopped pairing up on 2 CPU processes (gloo: "collective mismatch")
+        return "DeepSpeed ZeRO-3 shards the weights (every forward is a collective)"
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(param, DTensor) or any(c.__name__ == "FlatParameter" for c in type(param).__mro__):
+        return "FSDP shards the weights (every forward is a collective)"
     config = _text_config(model)
     if config is None:
         return "the model has no transformers config"
