@@ -17,8 +17,9 @@ phase, without gradient, and BEFORE the student forward (an EMA teacher swaps we
 must not happen between the student's forward and backward). Only final hidden states [N, H] of the
 N completion tokens are kept; logits exist for `logprob_chunk_tokens` positions at a time, and each
 chunk is recomputed in the backward (`opsd_loss_from_hidden`). Rollouts of one problem share the
-teacher prompt: with `opsd.prefix_reuse` it runs once per micro-batch (`sgsd.scoring.teacher_completion_hidden`). Scoring in the loss phase is exact
-for a live or EMA teacher whatever `steps_per_generation` is.
+teacher prompt: with `opsd.prefix_reuse` it runs once per micro-batch
+(`sgsd.scoring.teacher_completion_hidden`). Scoring in the loss phase is exact for a live or EMA teacher
+whatever `steps_per_generation` is.
 """
 
 from __future__ import annotations
