@@ -199,6 +199,8 @@ KEYS = {"sgsd.yaml": ("train/loss", "train/grad_norm", "train/reward_mean", "sgs
 D_KEYS = ("train/loss", "sgsd/support_mean")
 
 
+# ZeRO-2 scores teachers with prefix reuse (`sgsd.prefix_reuse`, the default); ZeRO-3 and FSDP2 switch it off
+# (`sgsd.prefix_cache.reuse_blocker`) and score every row in full: these comparisons also hold reuse to full rows.
 @pytest.mark.parametrize("recipe, engine", [("sgsd.yaml", "zero3"), ("opsd.yaml", "zero3"), ("sgsd.yaml", "fsdp2")])
 def test_sharded_engines_train_the_zero2_steps(engines, recipe, engine):
     reference, other = engines[recipe, "zero2"], engines[recipe, engine]

@@ -42,6 +42,8 @@ RULES = [(lower, higher) for lower, highers in {
     "demo/plan.py": ("sgsd.demo.run", "sgsd.demo.report"),
     "demo/report.py": ("sgsd.demo.run",),
     "scoring": ("sgsd.trainers", "sgsd.benchmarking"),
+    # prefix reuse knows token ids and caches, not what a teacher or a row is
+    "prefix_cache": ("sgsd.scoring", "sgsd.teacher_scoring", "sgsd.trainers", "sgsd.benchmarking"),
     # the probe's core path: the trainer, the demo and the benchmarks call it, it calls none of them
     "teacher_scoring": ("sgsd.trainers", "sgsd.benchmarking", "sgsd.demo", "sgsd.commands", "sgsd.cli"),
     "generation": ("sgsd.evaluation", "sgsd.skills", "sgsd.trainers"),

@@ -227,6 +227,8 @@ class OPSDSettings(Checked):
     # (as for SGSD). The default stays a count: the divergence holds several [chunk, V] buffers.
     logprob_chunk_tokens: int = 1024
     logprob_chunk_mb: int = 1024
+    # teacher rows with a common prompt prefix (a problem's rollouts) run it once (as `sgsd.prefix_reuse`)
+    prefix_reuse: bool = True
 
 
 

@@ -36,7 +36,10 @@ class SGSDSettings:
     model, or an EMA with `ema_decay`). Cost: `teacher_batch_size` rows per teacher forward (rollouts x
     teachers flattened), LM-head chunking (`logprob_chunk_tokens` rows; 0: as many as fit one fp32
     [chunk, V] buffer of `logprob_chunk_mb`; Qwen3's V = 151,936: 1 GiB is ~1,177 rows), and
-    `skip_neutral_rows` (skip the student backward of rollouts whose teachers are all neutral).
+    `skip_neutral_rows` (skip the student backward of rollouts whose teachers are all neutral), and
+    `prefix_reuse` (teacher rows that start with the same tokens share one forward of that prefix and its
+    keys and values, `sgsd.prefix_cache`; equal up to float summation order; off by itself where not exact:
+    `sgsd.prefix_cache.reuse_blocker`; false: every row runs in full).
     Control: `polarity_control` (none: the paper; neutral / shuffled: one more teacher forward per
     rollout whose log-probs c_t replace the student's p_t in the polarity test and in the gate's
     target, docs/methods.md "Controlled polarity").
@@ -56,6 +59,7 @@ class SGSDSettings:
     logprob_chunk_mb: int = 1024
     skip_neutral_rows: bool = False
     polarity_control: PolarityControl = "none"
+    prefix_reuse: bool = True
 
     BOUNDS: ClassVar[dict[str, Bound]] = {
         "num_teachers": at_least(1), "gate_tau": above(0), "clip_delta": above(0),

@@ -17,17 +17,19 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from sgsd.distributed import gather_objects, world_size
 from sgsd.lm_head import head_weights, token_logprobs, token_logprobs_and_entropy
 from sgsd.objectives import OPSDLossOutput, opsd_loss
+from sgsd.prefix_cache import PrefixPlan, PrefixStore, no_checkpointing, plan_prefixes, reuse_applies
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from transformers import DynamicCache, PreTrainedTokenizerBase
 
 
 def lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -55,21 +57,29 @@ def hidden_for_completion(model: torch.nn.Module, input_ids: torch.Tensor, atten
     position only; the output of the decoder's final norm is captured by a forward hook. The
     sampled-token log-probs are then computed from these states in chunks (`token_logprobs`).
     """
+    hidden = final_hidden(model, input_ids, attention_mask, position_ids_from_mask(attention_mask))
+    return hidden[:, -num_completion_tokens - 1 : -1]
+
+
+def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor, cache: DynamicCache | None = None) -> torch.Tensor:
+    """The decoder's final-norm output [N, L, H] at every position of `input_ids`, after the keys and values
+    of `cache` (None: no past; the cache is extended in place). `attention_mask` covers past and new tokens."""
     backbone, _ = lm_parts(model)
     norm = getattr(backbone, "norm", None)
-    position_ids = position_ids_from_mask(attention_mask)
+    past = {} if cache is None else {"past_key_values": cache}
     if norm is None:  # architectures without a final `norm` module: call the decoder directly
-        out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return hidden[:, -num_completion_tokens - 1 : -1]
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=cache is not None, **past)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     captured: list[torch.Tensor] = []
     handle = norm.register_forward_hook(lambda module, args, output: captured.append(output))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-              logits_to_keep=1)
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+              use_cache=cache is not None, logits_to_keep=1, **past)
     finally:
         handle.remove()
-    return captured[-1][:, -num_completion_tokens - 1 : -1]
+    return captured[-1]
 
 
 def completion_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
@@ -111,36 +121,200 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.devi
     return ids.to(device), mask.to(device)
 
 
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists -> (ids [N, L], mask [N, L])."""
+    length = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[row, : len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@dataclass(frozen=True)
+class RowBatch:
+    """One forward's worth of teacher rows: `rows` (indices into the caller's row list), the final hidden
+    states [n, t, H] that predict their completions' first t tokens, and those tokens and their mask [n, t]."""
+
+    rows: list[int]
+    hidden: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+
+
+def row_batches(model: torch.nn.Module, prompts: Sequence[Sequence[int]], rollout_of: Sequence[int],
+                completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, pad_id: int, batch_rows: int,
+                prefix_reuse: bool) -> Iterator[RowBatch]:
+    """The final hidden states of rows `[prompts[r] ; completion of rollout rollout_of[r]]`, no gradient, in
+    batches of `batch_rows` rows sorted by length; each batch trimmed to its longest completion.
+
+    With `prefix_reuse` (and `sgsd.prefix_cache.reuse_blocker(model)` silent) the shared prompt prefixes
+    are run once and reused (`sgsd.prefix_cache`); where none is worth sharing, and without it, every row
+    runs in full (left-padded prompt, then the completion). Call inside `torch.no_grad()` and the teacher's
+    weights context.
+    """
+    lengths = completion_mask.long().sum(-1).tolist()
+    reuse = reuse_applies(model, prefix_reuse)
+    plan = shared_prefixes(prompts) if reuse else None
+    forwards = _forwards(plan, len(prompts), max(batch_rows, 1))
+    most = _most_forwards(forwards) if reuse else forwards  # before any forward: see `_idle_forwards`
+    if plan is None:
+        yield from _plain_batches(model, prompts, rollout_of, completion_ids, completion_mask, lengths,
+                                  pad_id=pad_id, batch_rows=batch_rows)
+    else:
+        with no_checkpointing(model):
+            yield from _prefix_batches(model, plan, prompts, rollout_of, completion_ids, completion_mask, lengths,
+                                       pad_id=pad_id, batch_rows=batch_rows)
+    _idle_forwards(model, most - forwards, completion_ids.device, pad_id)
+
+
+def _forwards(plan: PrefixPlan | None, rows: int, step: int) -> int:
+    """Forward calls of `row_batches` for `rows` rows in batches of `step` (nodes: per level)."""
+    levels: dict[int, int] = {}
+    for node in plan.nodes if plan is not None else ():
+        levels[node.level] = levels.get(node.level, 0) + 1
+    return sum(-(-n // step) for n in levels.values()) + -(-rows // step)
+
+
+def _most_forwards(forwards: int) -> int:
+    """The largest of every rank's `forwards` (this one's alone in one process). Called before any teacher
+    forward: once ranks have made different numbers of forward calls, their collectives no longer pair up."""
+    return forwards if world_size() == 1 else max(gather_objects(forwards))
+
+
+def _idle_forwards(model: torch.nn.Module, count: int, device: torch.device, pad_id: int) -> None:
+    """`count` one-token forwards, so that this rank makes as many forward calls as the busiest: a forward of
+    DeepSpeed ZeRO-3 or FSDP gathers the weights (and DDP may broadcast buffers), a collective every rank must
+    join, and the number of shared prefixes differs from rank to rank."""
+    ids = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
+    with torch.no_grad():
+        for _ in range(count):
+            final_hidden(model, ids, torch.ones_like(ids), torch.zeros_like(ids))
+
+
+def shared_prefixes(prompts: Sequence[Sequence[int]]) -> PrefixPlan | None:
+    """The prefixes of `prompts` worth running once (`sgsd.prefix_cache.plan_prefixes`), None if there are none."""
+    plan = plan_prefixes(prompts)
+    return plan if plan.nodes else None
+
+
+def teacher_completion_hidden(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                              completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, pad_id: int,
+                              prefix_reuse: bool) -> torch.Tensor:
+    """`hidden_for_completion` [B, T, H] of `[left-padded prompt ; completion]` rows, no gradient, with the
+    prompts' shared prefixes run once when `prefix_reuse` finds any (`row_batches`, all rows in one batch;
+    positions past a row's batch are 0). The prompts are read back from their ids and mask, never re-tokenised."""
+    t, rows = completion_ids.size(1), completion_ids.size(0)
+    reuse = reuse_applies(model, prefix_reuse)
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)] if reuse else []
+    plan = shared_prefixes(prompts) if reuse else None
+    forwards = _forwards(plan, rows, max(rows, 1))  # one forward per level of shared prefixes, then the rows
+    most = _most_forwards(forwards) if reuse else forwards
+    if plan is None:
+        hidden = hidden_for_completion(model, torch.cat([prompt_ids, completion_ids], dim=1),
+                                       torch.cat([prompt_mask, completion_mask], dim=1), t)
+    else:
+        lengths = completion_mask.long().sum(-1).tolist()
+        hidden = None
+        with no_checkpointing(model):
+            for batch in _prefix_batches(model, plan, prompts, range(rows), completion_ids, completion_mask,
+                                         lengths, pad_id=pad_id, batch_rows=rows):
+                if hidden is None:
+                    hidden = batch.hidden.new_zeros((rows, t, batch.hidden.size(-1)))
+                hidden[batch.rows, : batch.hidden.size(1)] = batch.hidden
+    _idle_forwards(model, most - forwards, completion_ids.device, pad_id)
+    return hidden
+
+
+def _completions(completion_ids: torch.Tensor, completion_mask: torch.Tensor, rollouts: Sequence[int],
+                 lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rollouts' completions [n, t] and masks (long), trimmed to the longest of them (at least 1)."""
+    t_batch = max(max(lengths[i] for i in rollouts), 1)
+    index = torch.tensor(list(rollouts), device=completion_ids.device)
+    return completion_ids[index, :t_batch], completion_mask[index, :t_batch].long()
+
+
+def _plain_batches(model: torch.nn.Module, prompts: Sequence[Sequence[int]], rollout_of: Sequence[int],
+                   completion_ids: torch.Tensor, completion_mask: torch.Tensor, lengths: Sequence[int], *, pad_id: int,
+                   batch_rows: int) -> Iterator[RowBatch]:
+    # Sort by total length so each batch has little padding.
+    order = sorted(range(len(prompts)), key=lambda r: (len(prompts[r]) + lengths[rollout_of[r]], r))
+    device = completion_ids.device
+    for start in range(0, len(order), max(batch_rows, 1)):
+        batch = order[start : start + batch_rows]
+        comp_ids, comp_mask = _completions(completion_ids, completion_mask, [rollout_of[r] for r in batch], lengths)
+        prompt_ids, prompt_mask = left_pad([prompts[r] for r in batch], pad_id, device)
+        input_ids = torch.cat([prompt_ids, comp_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, comp_mask], dim=1)
+        yield RowBatch(batch, hidden_for_completion(model, input_ids, attention_mask, comp_ids.size(1)), comp_ids,
+                       comp_mask)
+
+
+def _prefix_batches(model: torch.nn.Module, plan: PrefixPlan, prompts: Sequence[Sequence[int]],
+                    rollout_of: Sequence[int], completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                    lengths: Sequence[int], *, pad_id: int, batch_rows: int) -> Iterator[RowBatch]:
+    """Every node of `plan`, level by level, then the rows, each forward after its parents' keys and values."""
+    device = completion_ids.device
+    store = PrefixStore(plan)
+    step = max(batch_rows, 1)
+    levels: dict[int, list[int]] = {}
+    for i, node in enumerate(plan.nodes):
+        levels.setdefault(node.level, []).append(i)
+    for level in sorted(levels):
+        ordered = sorted(levels[level], key=lambda i: (store.end(plan.nodes[i].parent), plan.nodes[i].end, i))
+        for start in range(0, len(ordered), step):
+            batch = ordered[start : start + step]
+            nodes = [plan.nodes[i] for i in batch]
+            cache, past_mask = store.past([n.parent for n in nodes], device)
+            segments = [prompts[n.row][n.start : n.end] for n in nodes]
+            ids, mask = right_pad(segments, pad_id, device)
+            attention_mask = torch.cat([past_mask, mask], dim=1)
+            positions = position_ids_from_mask(attention_mask)[:, past_mask.size(1) :]
+            final_hidden(model, ids, attention_mask, positions, cache)
+            store.keep(batch, cache, past_mask.size(1), [len(s) for s in segments])
+    ends = [plan.prefix_end(r) for r in range(len(prompts))]
+    order = sorted(range(len(prompts)), key=lambda r: (len(prompts[r]) + lengths[rollout_of[r]], ends[r], r))
+    for start in range(0, len(order), step):
+        batch = order[start : start + step]
+        parents = [plan.row_parent[r] for r in batch]
+        comp_ids, comp_mask = _completions(completion_ids, completion_mask, [rollout_of[r] for r in batch], lengths)
+        cache, past_mask = store.past(parents, device)
+        tail_ids, tail_mask = left_pad([prompts[r][ends[r] :] for r in batch], pad_id, device)
+        attention_mask = torch.cat([past_mask, tail_mask, comp_mask], dim=1)
+        positions = position_ids_from_mask(attention_mask)[:, past_mask.size(1) :]
+        hidden = final_hidden(model, torch.cat([tail_ids, comp_ids], dim=1), attention_mask, positions, cache)
+        store.done(parents)
+        t_batch = comp_ids.size(1)
+        yield RowBatch(batch, hidden[:, -t_batch - 1 : -1], comp_ids, comp_mask)
+
+
 def _teacher_rows(model: torch.nn.Module, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
                   completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, pad_id: int, batch_rows: int,
                   teacher_context: Callable[[], ContextManager[Any]],
                   per_batch: Callable[[torch.Tensor, torch.nn.Module, torch.Tensor], tuple[torch.Tensor, ...]],
-                  trailing: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype]) -> tuple[torch.Tensor, ...]:
+                  trailing: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype],
+                  prefix_reuse: bool) -> tuple[torch.Tensor, ...]:
     """Run every present (rollout, teacher) row without gradient; `per_batch(hidden, head, comp_ids)`
     maps a batch to tensors [n, t_batch, *trailing[i]] that are written into [B, K, T, *trailing[i]]."""
     b, t = completion_ids.shape
     k = max((len(row) for row in teacher_prompt_ids), default=0)
     device = completion_ids.device
     outs = tuple(torch.zeros((b, k, t, *shape), dtype=dtype, device=device) for shape, dtype in zip(trailing, dtypes))
-    lengths = completion_mask.long().sum(-1).tolist()
-    rows = [(i, j) for i in range(b) for j, ids in enumerate(teacher_prompt_ids[i]) if ids is not None]
-    # Sort by total length so each batch has little padding.
-    rows.sort(key=lambda r: (len(teacher_prompt_ids[r[0]][r[1]]) + lengths[r[0]], r))
+    cells = [(i, j) for i in range(b) for j, ids in enumerate(teacher_prompt_ids[i]) if ids is not None]
+    prompts = [teacher_prompt_ids[i][j] for i, j in cells]
     _, head = lm_parts(model)
     with torch.no_grad(), teacher_context():
-        for start in range(0, len(rows), max(batch_rows, 1)):
-            batch = rows[start : start + batch_rows]
-            t_batch = max(max(lengths[i] for i, _ in batch), 1)
-            prompt_ids, prompt_mask = left_pad([teacher_prompt_ids[i][j] for i, j in batch], pad_id, device)
-            index = torch.tensor([i for i, _ in batch], device=device)
-            comp_ids = completion_ids[index, :t_batch]
-            comp_mask = completion_mask[index, :t_batch].long()
-            input_ids = torch.cat([prompt_ids, comp_ids], dim=1)
-            attention_mask = torch.cat([prompt_mask, comp_mask], dim=1)
-            hidden = hidden_for_completion(model, input_ids, attention_mask, t_batch)
-            cols = torch.tensor([j for _, j in batch], device=device)
-            for out, value in zip(outs, per_batch(hidden, head, comp_ids)):
-                keep = comp_mask.view(*comp_mask.shape, *([1] * (value.dim() - 2))).to(value.dtype)
+        for batch in row_batches(model, prompts, [i for i, _ in cells], completion_ids, completion_mask,
+                                 pad_id=pad_id, batch_rows=batch_rows, prefix_reuse=prefix_reuse):
+            t_batch = batch.completion_ids.size(1)
+            index = torch.tensor([cells[r][0] for r in batch.rows], device=device)
+            cols = torch.tensor([cells[r][1] for r in batch.rows], device=device)
+            for out, value in zip(outs, per_batch(batch.hidden, head, batch.completion_ids)):
+                keep = batch.completion_mask.view(*batch.completion_mask.shape,
+                                                  *([1] * (value.dim() - 2))).to(value.dtype)
                 out[index, cols, :t_batch] = value * keep
     return outs
 
@@ -148,32 +322,35 @@ def _teacher_rows(model: torch.nn.Module, teacher_prompt_ids: Sequence[Sequence[
 def score_teachers(model: torch.nn.Module, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
                    completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, pad_id: int,
                    batch_rows: int = 16, chunk_tokens: int = 4096, temperature: float = 1.0,
-                   teacher_context: Callable[[], ContextManager[Any]] = nullcontext) -> torch.Tensor:
+                   teacher_context: Callable[[], ContextManager[Any]] = nullcontext,
+                   prefix_reuse: bool = False) -> torch.Tensor:
     """Teacher log-probs [B, K, T] of each rollout's completion under each of its K teacher prompts
     (with their token entropies too: `score_teachers_and_entropy`).
 
     teacher_prompt_ids[b][k]: token ids of teacher k's rendered prompt for rollout b, or None for an
     absent teacher (its row stays 0 and is never run). completion_ids/completion_mask [B, T] are
     right-padded. No gradient. `teacher_context` selects the teacher weights (e.g. adapter disabled
-    for a base-model teacher, EMA weights swapped in) around each forward.
+    for a base-model teacher, EMA weights swapped in) around each forward. `prefix_reuse`: run shared
+    prompt prefixes once (`row_batches`, `sgsd.prefix_cache`), equal up to float summation order.
     """
     return score_teachers_and_entropy(model, teacher_prompt_ids, completion_ids, completion_mask, pad_id=pad_id,
                                       batch_rows=batch_rows, chunk_tokens=chunk_tokens, temperature=temperature,
-                                      teacher_context=teacher_context)[0]
+                                      teacher_context=teacher_context, prefix_reuse=prefix_reuse)[0]
 
 
 def score_teachers_and_entropy(model: torch.nn.Module, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
                                completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, pad_id: int,
                                batch_rows: int = 16, chunk_tokens: int = 4096, temperature: float = 1.0,
-                               teacher_context: Callable[[], ContextManager[Any]] = nullcontext
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
+                               teacher_context: Callable[[], ContextManager[Any]] = nullcontext,
+                               prefix_reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(`score_teachers`, the teachers' token entropies [B, K, T]), from the same forwards."""
     def per_batch(hidden, head, comp_ids):
         return token_logprobs_and_entropy(hidden, head, comp_ids, chunk_tokens=chunk_tokens, temperature=temperature)
 
     logps, entropy = _teacher_rows(model, teacher_prompt_ids, completion_ids, completion_mask, pad_id=pad_id,
                                    batch_rows=batch_rows, teacher_context=teacher_context, per_batch=per_batch,
-                                   trailing=[(), ()], dtypes=[torch.float32, torch.float32])
+                                   trailing=[(), ()], dtypes=[torch.float32, torch.float32],
+                                   prefix_reuse=prefix_reuse)
     return logps, entropy
 
 
@@ -187,7 +364,7 @@ def _chunk_top(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 def score_teachers_local(model: torch.nn.Module, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
                          completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, pad_id: int, top_k: int,
                          batch_rows: int = 16, chunk_tokens: int = 4096,
-                         teacher_context: Callable[[], ContextManager[Any]] = nullcontext
+                         teacher_context: Callable[[], ContextManager[Any]] = nullcontext, prefix_reuse: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Like `score_teachers`, plus each teacher's top-k' log-probs and ids per position (local-support mode).
 
@@ -205,7 +382,8 @@ def score_teachers_local(model: torch.nn.Module, teacher_prompt_ids: Sequence[Se
 
     return _teacher_rows(model, teacher_prompt_ids, completion_ids, completion_mask, pad_id=pad_id,
                          batch_rows=batch_rows, teacher_context=teacher_context, per_batch=per_batch,
-                         trailing=[(), (top_k,), (top_k,)], dtypes=[torch.float32, torch.float32, torch.long])
+                         trailing=[(), (top_k,), (top_k,)], dtypes=[torch.float32, torch.float32, torch.long],
+                         prefix_reuse=prefix_reuse)
 
 
 def _local_chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sampled_ids: torch.Tensor,

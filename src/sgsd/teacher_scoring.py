@@ -92,7 +92,8 @@ def score_under_teachers(scoring_model: PreTrainedModel, tokenizer: PreTrainedTo
         rows.append(ids + prompt_ids(tokenizer, problem, [controls[c][b] for c in kinds], style, len(kinds)))
     logps, entropy = score_teachers_and_entropy(scoring_model, rows, completion_ids, completion_mask,
                                                 pad_id=tokenizer.pad_token_id, batch_rows=settings.teacher_batch_size,
-                                                chunk_tokens=chunk_tokens, teacher_context=teacher_context)
+                                                chunk_tokens=chunk_tokens, teacher_context=teacher_context,
+                                                prefix_reuse=settings.prefix_reuse)
     table = countable_token_table(tokenizer) if count_table is None else count_table
     return TeacherScores(
         teacher_logps=logps[:, :k], teacher_entropy=entropy[:, :k],

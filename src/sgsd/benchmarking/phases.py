@@ -70,7 +70,7 @@ def real_loss_phase(model: Any, batch: SyntheticBatch, settings: SGSDSettings = 
     chunk_tokens = chunk_tokens_of(settings, lm_parts(model)[1].weight.size(0))
     logps = score_teachers(
         model, batch.teacher_prompt_ids, batch.completion_ids, batch.completion_mask, pad_id=PAD_ID,
-        batch_rows=settings.teacher_batch_size, chunk_tokens=chunk_tokens,
+        batch_rows=settings.teacher_batch_size, chunk_tokens=chunk_tokens, prefix_reuse=settings.prefix_reuse,
     )
     prompt_ids, prompt_mask = left_pad(batch.student_prompt_ids, PAD_ID, batch.completion_ids.device)
     tensors = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=batch.completion_ids,
@@ -87,15 +87,9 @@ def real_loss_phase(model: Any, batch: SyntheticBatch, settings: SGSDSettings = 
 
 def right_pad_rows(sequences: list[list[int]], device: Any) -> tuple[Any, Any]:
     """Right-pad token id lists -> (ids [N, L], mask [N, L]), as the public code lays out prompts."""
-    import torch
+    from sgsd.scoring import right_pad
 
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), PAD_ID, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids.to(device), mask.to(device)
+    return right_pad(sequences, PAD_ID, device)
 
 
 def _full_vocab_logps(model: Any, prompts: list[list[int]], completion_ids: Any, completion_mask: Any,

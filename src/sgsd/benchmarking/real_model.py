@@ -12,6 +12,13 @@ Phases, each writing into OUTPUT_DIR and reusing what an earlier phase wrote:
    shuffled control, theta = 0.05, rewards from flexible grading -> probe/probe.json, report.md, plots.
    `control-cost`: seconds of the trainer's teacher scoring on 4 of these rollouts with 0, 1 and 2
    controls -> control_cost.json.
+   `prefix-reuse`: the trainer's teacher scoring (`score_under_teachers`, K = 8 teachers of the paper's bank
+   for each of `--reuse-rollouts` rollouts) with `sgsd.prefix_reuse` off and on, interleaved over
+   `--reuse-rounds` rounds, at each of `--reuse-tokens` completion lengths: seconds (wall and this process's
+   CPU time, which a shared machine's load does not stretch), resident-set growth,
+   prompt tokens run, the largest log-prob difference and whether every polarity decision is the same
+   -> prefix_reuse.json. Completions are the problems' reference solutions repeated to exactly T tokens
+   (the cost depends on the lengths only; generating 1,024 tokens on a CPU would take longer than scoring).
 3. `train`: a short SGSD run with LoRA and flexible rewards on two problems the eval phase solved and
    two it did not (so that both success and failure rollouts occur), sampling at temperature 0.3,
    timing each phase of every step (`sgsd.benchmarking.train_step`) -> train/metrics.jsonl, train.json.
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -36,7 +44,7 @@ from sgsd.storage import atomic_write_json, atomic_write_jsonl, read_jsonl
 ROOT = Path(__file__).resolve().parents[3]
 PAPER_BANK = ROOT / "configs/paper/qwen3_1b_skill_bank.json"
 SGSD_RECIPE = ROOT / "configs/tiny/sgsd.yaml"
-PHASES = ("eval", "polarity", "control-cost", "train")
+PHASES = ("eval", "polarity", "control-cost", "prefix-reuse", "train")
 PAPER = SGSDSettings()  # the paper's C = 3 and theta = 0.05; the z test's 1.96 (two-sided 5%)
 
 
@@ -148,6 +156,98 @@ def run_control_cost(model_dir: Path, out: Path, *, data_dir: str, rollouts: int
     return summary
 
 
+def run_prefix_reuse(model_dir: Path, out: Path, *, data_dir: str, rollouts: int, generations: int,
+                     completion_tokens: Sequence[int], num_teachers: int = 8, rounds: int = 1) -> dict[str, Any]:
+    """Seconds of `score_under_teachers` (the trainer's teacher scoring) with `prefix_reuse` off and on, on
+    the same rollouts, interleaved over `rounds`, for each completion length: `rollouts` rollouts over
+    rollouts / generations GSM8K test problems (generations rollouts each), K teachers of the paper's bank
+    (embedding retrieval). Also the largest |log q| difference and the polarity decisions (paper settings)."""
+    import torch
+
+    from sgsd.benchmarking.measure import time_phase
+    from sgsd.evaluation.benchmarks import load_benchmark
+    from sgsd.models import load_model, load_tokenizer
+    from sgsd.prefix_cache import plan_prefixes
+    from sgsd.prompts import ChatStyle, render_chat, student_prompt
+    from sgsd.scoring import completion_logprobs, left_pad
+    from sgsd.skills.bank import load_bank
+    from sgsd.skills.retrieval import make_retriever
+    from sgsd.skills.teachers import TeacherSource
+    from sgsd.teacher_scoring import ScoredRollouts, decide, prompt_ids, score_under_teachers
+
+    if rollouts % generations:
+        raise SystemExit(f"--reuse-rollouts {rollouts} is not a multiple of --reuse-generations {generations}")
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_model(str(model_dir), tokenizer=tokenizer).eval()
+    bank = load_bank(PAPER_BANK)
+    source = TeacherSource(bank, make_retriever("embedding", bank), num_teachers)
+    chosen = load_benchmark("gsm8k", data_dir=data_dir, limit=rollouts // generations).problems
+    # the worked solutions (the benchmark keeps only the gold after "####"), same order as the problems
+    solutions = [row["answer"] for row, _ in zip(read_jsonl(Path(data_dir) / "gsm8k_test.jsonl"), chosen)]
+    problems = [p.problem for p in chosen for _ in range(generations)]
+    teachers = source.teachers_for(problems)
+    style = ChatStyle(enable_thinking=False)
+    flat = [ids for p, row in zip(problems, teachers) for ids in prompt_ids(tokenizer, p, [t.guidance for t in row],
+                                                                            style, num_teachers) if ids]
+    plan = plan_prefixes(flat)
+    rewards = torch.tensor([float(i % 2) for i in range(len(problems))])  # fixed: both outcomes occur
+    student = [tokenizer(render_chat(tokenizer, student_prompt(p), style), add_special_tokens=False)["input_ids"]
+               for p in problems]
+    results = []
+    for length in completion_tokens:
+        rows = []
+        for solution in solutions:
+            text = tokenizer(solution, add_special_tokens=False)["input_ids"]
+            rows += [(text * (length // len(text) + 1))[:length]] * generations
+        ids, mask = torch.tensor(rows), torch.ones((len(rows), length), dtype=torch.long)
+        settings = {reuse: replace(PAPER, num_teachers=num_teachers, prefix_reuse=reuse) for reuse in (False, True)}
+        scores: dict[bool, Any] = {}
+        seconds: dict[bool, list[float]] = {False: [], True: []}
+        # this process's CPU seconds: on a shared machine the wall time also measures the other jobs' load
+        cpu: dict[bool, list[float]] = {False: [], True: []}
+        rss: dict[bool, list[float | None]] = {False: [], True: []}
+        for r in range(rounds):
+            for reuse in (False, True):
+                def run(reuse=reuse):
+                    scores[reuse] = score_under_teachers(model, tokenizer, problems, teachers, ids, mask,
+                                                         settings=settings[reuse], style=style, chunk_tokens=4096)
+                cpu_start = time.process_time()
+                timing = time_phase(run, repeats=1, warmup=0)
+                cpu[reuse].append(time.process_time() - cpu_start)
+                seconds[reuse].append(timing.median_s)
+                rss[reuse].append(timing.rss_peak_mb)
+                print(f"  prefix reuse T={length} round {r + 1}: {'on' if reuse else 'off'} {timing.median_s:.1f} s "
+                      f"({cpu[reuse][-1]:.1f} CPU s)",
+                      flush=True)
+        student_ids, student_mask = left_pad(student, tokenizer.pad_token_id)
+        with torch.no_grad():
+            student_logps = completion_logprobs(model, student_ids, student_mask, ids, mask)
+        decisions = {reuse: decide(ScoredRollouts(scores[reuse], student_logps, rewards), settings[reuse])["none"]
+                     for reuse in (False, True)}
+        present = decisions[False].present
+        support_gap = (decisions[True].support - decisions[False].support)[present].abs().max()
+        prompt_tokens = sum(map(len, flat))
+        results.append({
+            "completion_tokens": length, "rollouts": len(problems), "problems": len(chosen), "teachers": num_teachers,
+            "rows": len(flat), "seconds_off": seconds[False], "seconds_on": seconds[True],
+            "ratio_on_off": [on / off for on, off in zip(seconds[True], seconds[False])],
+            "cpu_seconds_off": cpu[False], "cpu_seconds_on": cpu[True],
+            "cpu_ratio_on_off": [on / off for on, off in zip(cpu[True], cpu[False])],
+            "rss_growth_mb_off": rss[False], "rss_growth_mb_on": rss[True],
+            "prompt_tokens_off": prompt_tokens, "prompt_tokens_on": plan.prompt_tokens_run(flat),
+            "shared_prefixes": len(plan.nodes), "completion_token_slots": len(flat) * length,
+            "max_abs_logp_diff": float((scores[True].teacher_logps - scores[False].teacher_logps).abs().max()),
+            "max_abs_support_diff": float(support_gap),
+            "polarity_identical": bool(torch.equal(decisions[True].polarity, decisions[False].polarity)),
+            "polarity_counts": {str(v): int((decisions[False].polarity[present] == v).sum()) for v in (-1, 0, 1)},
+            "threads": torch.get_num_threads(), "load_average": list(os.getloadavg()),
+        })
+        print(f"  {json.dumps(results[-1])}", flush=True)
+    summary = {"results": results}
+    atomic_write_json(out / "prefix_reuse.json", summary)
+    return summary
+
+
 def run_train(model_dir: Path, out: Path, *, data_dir: str, steps: int, max_new_tokens: int, num_teachers: int,
               temperature: float) -> dict[str, Any]:
     from sgsd.benchmarking.train_step import profile_training
@@ -202,6 +302,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train-temperature", type=float, default=0.3,
                         help="sampling temperature of the training run (low: the model must repeat a solution)")
     parser.add_argument("--train-teachers", type=int, default=4)
+    parser.add_argument("--reuse-rollouts", type=int, default=16, help="prefix-reuse phase: rollouts scored")
+    parser.add_argument("--reuse-generations", type=int, default=1,
+                        help="prefix-reuse phase: rollouts per problem (1: every rollout a different problem)")
+    parser.add_argument("--reuse-tokens", type=lambda v: [int(x) for x in v.split(",")], default=[256, 1024],
+                        help="prefix-reuse phase: completion lengths, comma-separated")
+    parser.add_argument("--reuse-rounds", type=int, default=1, help="prefix-reuse phase: interleaved rounds")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: the thread policy of sgsd.threads, as `sgsd` commands)")
     args = parser.parse_args(argv)
@@ -224,13 +330,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   num_teachers=args.polarity_teachers)
         elif phase == "control-cost":
             result = run_control_cost(model_dir, out, data_dir=args.data_dir, num_teachers=args.polarity_teachers)
+        elif phase == "prefix-reuse":
+            result = run_prefix_reuse(model_dir, out, data_dir=args.data_dir, rollouts=args.reuse_rollouts,
+                                      generations=args.reuse_generations, completion_tokens=args.reuse_tokens,
+                                      num_teachers=args.polarity_teachers, rounds=args.reuse_rounds)
         elif phase == "train":
             result = run_train(model_dir, out, data_dir=args.data_dir, steps=args.train_steps,
                                max_new_tokens=args.train_max_new_tokens,
                                num_teachers=args.train_teachers, temperature=args.train_temperature)
         else:
             raise SystemExit(f"unknown phase {phase!r} (choose from {', '.join(PHASES)})")
-        shown = {k: v for k, v in result.items() if k not in ("steps", "times", "table")}
+        shown = {k: v for k, v in result.items() if k not in ("steps", "times", "table", "results")}
         print(f"[{phase}] {time.perf_counter() - start:.0f} s: {json.dumps(shown, default=str)[:2000]}")
         if phase == "train":
             print(result["table"])

@@ -16,8 +16,10 @@ Memory: the rollout batch holds only the teacher prompt ids ([B, L]). The teache
 phase, without gradient, and BEFORE the student forward (an EMA teacher swaps weights in place, which
 must not happen between the student's forward and backward). Only final hidden states [N, H] of the
 N completion tokens are kept; logits exist for `logprob_chunk_tokens` positions at a time, and each
-chunk is recomputed in the backward (`opsd_loss_from_hidden`). Scoring in the loss phase is exact
-for a live or EMA teacher whatever `steps_per_generation` is.
+chunk is recomputed in the backward (`opsd_loss_from_hidden`). Rollouts of one problem share the
+teacher prompt: with `opsd.prefix_reuse` it runs once per micro-batch
+(`sgsd.scoring.teacher_completion_hidden`). Scoring in the loss phase is exact for a live or EMA teacher
+whatever `steps_per_generation` is.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from sgsd.config import OPSDSettings
 from sgsd.lm_head import head_vocab_size, resolve_chunk_tokens
 from sgsd.objectives import opsd_sampled_token_loss
 from sgsd.prompts import ChatStyle, opsd_teacher_prompt, reference_from_answer, render_chat
-from sgsd.scoring import HeadWeights, hidden_for_completion, left_pad, lm_parts, opsd_loss_from_hidden, token_logprobs
+from sgsd.scoring import (HeadWeights, hidden_for_completion, left_pad, lm_parts, opsd_loss_from_hidden,
+                          teacher_completion_hidden, token_logprobs)
 from sgsd.trainers.teacher_weights import SelfTeacher
 from sgsd.trl_adapter import HookedGRPOTrainer
 
@@ -81,9 +84,9 @@ class OPSDTrainer(SelfTeacher, HookedGRPOTrainer):
         teacher_model = self.teacher_scoring_model()
         _, teacher_lm_head = lm_parts(teacher_model)
         with torch.no_grad(), self.teacher_context():
-            teacher_hidden = hidden_for_completion(
-                teacher_model, torch.cat([inputs["opsd_teacher_prompt_ids"], completion_ids], dim=1),
-                torch.cat([inputs["opsd_teacher_prompt_mask"], completion_mask], dim=1), length)
+            teacher_hidden = teacher_completion_hidden(
+                teacher_model, inputs["opsd_teacher_prompt_ids"], inputs["opsd_teacher_prompt_mask"], completion_ids,
+                completion_mask, pad_id=self.processing_class.pad_token_id, prefix_reuse=self.settings.prefix_reuse)
             # an EMA teacher's head exists only inside the context: keep a copy if it is trainable
             teacher_head = HeadWeights.of(teacher_lm_head,
                                           copy=self.ema is not None and teacher_lm_head.weight.requires_grad)

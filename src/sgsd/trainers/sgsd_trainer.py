@@ -82,7 +82,8 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
             logps, local["teacher_top_logps"], local["teacher_top_ids"] = score_teachers_local(
                 scoring_model, prompt_ids, completion_ids, completion_mask, top_k=self.settings.local_support_top_k,
                 pad_id=self.processing_class.pad_token_id, batch_rows=self.settings.teacher_batch_size,
-                chunk_tokens=self.chunk_tokens, teacher_context=self.teacher_context)
+                chunk_tokens=self.chunk_tokens, teacher_context=self.teacher_context,
+                prefix_reuse=self.settings.prefix_reuse)
             mask = counted_mask(completion_ids, completion_mask, self.count_table)
         else:
             control = self.settings.polarity_control
