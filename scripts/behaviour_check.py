@@ -1,10 +1,11 @@
 """Check that a change preserves training behaviour bit for bit (deterministic tiny recipes on CPU).
 
-    python scripts/behaviour_check.py record DIR     # train every variant below into DIR/<name>
+    python scripts/behaviour_check.py record DIR [key=value ...]  # train every variant below into DIR/<name>
     python scripts/behaviour_check.py compare A B    # metrics.jsonl (time/* aside) and final weights equal?
 
 Record once before a refactor (e.g. on a clean checkout of main) and once after, on the same machine,
-then compare: every variant must print IDENTICAL. Results of different machines or thread counts may
+then compare: every variant must print IDENTICAL. Overrides after DIR apply to every variant (e.g.
+`sgsd.prefix_reuse=false` to compare a change against a reference recorded before that setting existed). Results of different machines or thread counts may
 differ in the last bits, so the references are not stored in the repository. About 1 minute on 2 cores.
 """
 
@@ -33,12 +34,12 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-def record(dest: Path) -> int:
+def record(dest: Path, extra: tuple[str, ...] = ()) -> int:
     failed = 0
     for name, (recipe, overrides) in VARIANTS.items():
         out = dest / name
         command = [sys.executable, "-m", "sgsd.cli", "train", "--config", str(TINY / recipe), "--output-dir", str(out),
-                   "--no-resume", "--quiet", *overrides]
+                   "--no-resume", "--quiet", *overrides, *extra]
         result = subprocess.run(command, capture_output=True, text=True)
         print(f"{name}: {'ok' if result.returncode == 0 else 'FAILED: ' + result.stderr.strip()[-300:]}")
         failed += result.returncode != 0
@@ -92,8 +93,8 @@ def compare(a: Path, b: Path) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) == 2 and argv[0] == "record":
-        return record(Path(argv[1]))
+    if len(argv) >= 2 and argv[0] == "record":
+        return record(Path(argv[1]), tuple(argv[2:]))
     if len(argv) == 3 and argv[0] == "compare":
         return compare(Path(argv[1]), Path(argv[2]))
     print(__doc__, file=sys.stderr)
