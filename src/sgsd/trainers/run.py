@@ -50,7 +50,8 @@ from sgsd.run_dir import (
     write_output_record,
 )
 from sgsd.trainers.checkpoints import CompletionMarker, check_engine_state, restore_extra_state, write_final_from_checkpoint
-from sgsd.trainers.preflight import check_deepspeed_config, check_problems_per_step, teachers_within_bank
+from sgsd.trainers.preflight import (check_deepspeed_config, check_problems_per_step, teachers_record,
+                                     teachers_within_bank)
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -111,7 +112,6 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
     out = output_directory(cfg, output_dir)
     with same_on_every_rank():
         check_run_config(cfg)
-        cfg = teachers_within_bank(cfg)
     with ExitStack() as claim:
         with same_on_every_rank():  # the output-directory rule; the main process locks and records the directory
             claim.enter_context(claimed_output_dir(out, "train", config_settings(cfg), may_differ=RESUME_MAY_CHANGE,
@@ -191,7 +191,6 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path | None = None, *, resume:
     cfg = with_max_steps(cfg, max_steps)
     out = output_directory(cfg, output_dir)
     check_run_config(cfg)
-    cfg = teachers_within_bank(cfg)
     check_output_dir(out, "train", config_settings(cfg), may_differ=RESUME_MAY_CHANGE)
     rerun = plan_run(cfg, out, resume)
     if rerun.action in ("complete", "finish"):
@@ -231,6 +230,7 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
     inputs = input_identities(cfg.data.path, problems, cfg.skills.bank, bank)
     if resume_from is not None:
         check_inputs_unchanged(out, inputs)
+    used = teachers_within_bank(cfg, bank)  # the config records the request, the provenance the K used
     if rerun.finished_step is not None and resume_from is not None:
         announce(f"continuing {out} from {resume_from.name} (complete at step {rerun.finished_step}) to step "
                  f"{cfg.training.max_steps}; the learning-rate schedule follows max_steps={cfg.training.max_steps}")
@@ -253,7 +253,7 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
 
         out.mkdir(parents=True, exist_ok=True)
         write_output_record(out, "train", config_settings(cfg), RESUME_MAY_CHANGE)  # (again, for `prepare_run`)
-        record = {**provenance(), "data": report.__dict__, "inputs": inputs}
+        record = {**provenance(), "data": report.__dict__, "inputs": inputs, **teachers_record(cfg, used)}
         atomic_write_text(out / RESOLVED_CONFIG, resolved_config_text(dump_config(cfg), record))
 
     if reward_funcs is None:
@@ -271,7 +271,7 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
     trainer = spec.trainer_class()(
         model=model, reward_funcs=list(reward_funcs), args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=_peft_config(cfg), callbacks=callbacks,
-        **({"rollout_func": rollout_func} if rollout_func is not None else {}), **spec.constructor_kwargs(cfg, context))
+        **({"rollout_func": rollout_func} if rollout_func is not None else {}), **spec.constructor_kwargs(used, context))
     timer.trainer = ema_step.trainer = trainer
     trainer.add_callback(CompletionMarker(trainer, cfg.training.save_total_limit))
     from sgsd.trainers.console import use_step_lines
