@@ -102,7 +102,7 @@ def test_dry_run_prints_every_command_and_writes_nothing(capsys, tmp_path):
     (["--labels", "a,a"], "labels must be distinct"),
     (["--labels", "base,b"], "labels must be distinct"),
     (["--eval-args", "--model other"], "--eval-args must not set --model"),
-    (["--max-steps", "0"], "--max-steps 0: must be >= 1"),
+    (["--max-steps", "0"], "argument --max-steps: 0: must be a whole number >= 1"),
 ])
 def test_bad_arguments_are_one_line_errors(capsys, tmp_path, extra, message):
     code = main(["compare", "--configs", _paper("grpo"), _paper("opsd"), "--output-dir", str(tmp_path / "o"),

@@ -92,21 +92,36 @@ def test_a_config_that_is_a_directory_says_so(tmp_path):
         load_config(tmp_path)
 
 
-def test_num_teachers_beyond_the_banks_pairs_is_capped_with_a_note(capsys):
+def test_num_teachers_beyond_the_banks_pairs_is_capped_with_a_note(capsys, tmp_path):
     from pathlib import Path
 
-    from sgsd.trainers.preflight import teachers_within_bank
+    from sgsd.run_dir import RunRecord
+    from sgsd.skills.bank import load_bank
+    from sgsd.trainers.model_card import render_model_card
+    from sgsd.trainers.preflight import teachers_record, teachers_within_bank
 
-    bank = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "skill_bank.json"  # 4 skills, 4 mistakes
-    cfg = load_config(None, [f"skills.bank={bank}", "sgsd.num_teachers=100000000"])
-    assert teachers_within_bank(cfg).sgsd.num_teachers == 4
-    assert f"sgsd.num_teachers=100000000: the skill bank {bank} forms at most 4 (skill, mistake) pairs per problem; " \
+    path = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "skill_bank.json"  # 4 skills, 4 mistakes
+    bank = load_bank(path)
+    cfg = load_config(None, [f"skills.bank={path}", "sgsd.num_teachers=100000000"])
+    used = teachers_within_bank(cfg, bank)
+    assert used.sgsd.num_teachers == 4 and cfg.sgsd.num_teachers == 100000000  # the request is kept, for resumes
+    assert f"sgsd.num_teachers=100000000: the skill bank {path} forms at most 4 (skill, mistake) pairs per problem; " \
            "K = 4 is used" in capsys.readouterr().err
-    online = load_config(None, [f"skills.bank={bank}", "sgsd.num_teachers=100", "skills.online.enabled=true"])
-    assert teachers_within_bank(online).sgsd.num_teachers == 4 + 30  # online updates may add 30 items per list
+    assert teachers_record(cfg, used) == {"teachers": {"requested": 100000000, "used": 4}}
+    online = load_config(None, [f"skills.bank={path}", "sgsd.num_teachers=100", "skills.online.enabled=true"])
+    assert teachers_within_bank(online, bank).sgsd.num_teachers == 4 + 30  # online updates may add 30 per list
     capsys.readouterr()
-    within = load_config(None, [f"skills.bank={bank}", "sgsd.num_teachers=3"])
-    assert teachers_within_bank(within) is within and capsys.readouterr().err == ""
+    within = load_config(None, [f"skills.bank={path}", "sgsd.num_teachers=3"])
+    assert teachers_within_bank(within, bank) is within and capsys.readouterr().err == ""
+    assert teachers_record(within, within) == {}
+    # the model card states the K used
+    from sgsd.config import dump_config
+    from sgsd.run_dir import resolved_config_text
+
+    (tmp_path / "resolved_config.yaml").write_text(resolved_config_text(dump_config(cfg), teachers_record(cfg, used)))
+    assert "| `sgsd.num_teachers` | 4 (requested 100000000; the bank forms no more pairs) |" in \
+        render_model_card(tmp_path, 1)
+    assert RunRecord  # the record type the card reads
 
 
 def test_skills_validate_refuses_exactly_the_items_training_refuses(tmp_path, capsys):

@@ -138,7 +138,7 @@ def test_a_command_runs_with_the_chosen_thread_count(clean_env, capsys, argv, en
 
 def test_bad_thread_settings_stop_the_cli_in_one_line(clean_env, capsys):
     assert main(["--threads", "0", "bench", "estimate"]) == 2
-    assert capsys.readouterr().err.strip() == "sgsd: error: --threads must be >= 1, got 0"
+    assert capsys.readouterr().err.strip() == "sgsd: error: sgsd: argument --threads: 0: must be a whole number >= 1 (see `sgsd --help`)"
     clean_env.setenv("SGSD_THREADS", "many")
     assert main(["bench", "estimate"]) == 2
     err = capsys.readouterr().err.strip()

@@ -368,12 +368,20 @@ def claimed_output_dir(directory: str | os.PathLike, kind: str, settings: dict[s
         raise
     with DirectoryLock(path, what):
         check_output_dir(path, kind, settings, what=what, may_differ=may_differ)  # again, under the lock
+        record = path / OUTPUT_RECORD
+        earlier = record.read_bytes() if record.is_file() else None
         write_output_record(path, kind, settings, may_differ)
         try:
             yield path
+        except BaseException:
+            if earlier is not None:  # a refused or failed rerun leaves the record as it found it
+                from sgsd.storage import atomic_write_bytes
+
+                atomic_write_bytes(record, earlier)
+            raise
         finally:
             if [p.name for p in directory_entries(path)] == [OUTPUT_RECORD]:
-                (path / OUTPUT_RECORD).unlink(missing_ok=True)
+                record.unlink(missing_ok=True)
 
 
 

@@ -50,8 +50,13 @@ def render_model_card(run_dir: Path, step: int, *, in_progress: bool = False) ->
              f"| data | {_data_line(record)} |", f"| skill bank | {_bank_line(record, run_dir)} |",
              f"| git revision | `{record.provenance.get('git_revision') or 'unknown'}` |", "",
              "## Key settings", "", "| setting | value |", "| --- | --- |"]
+    teachers = record.provenance.get("teachers") if isinstance(record.provenance.get("teachers"), dict) else {}
     for key in (*(spec.card_settings if spec else ()), *SHARED_SETTINGS):
-        lines.append(f"| `{key}` | {record.setting(key)!r} |")
+        if key == "sgsd.num_teachers" and "used" in teachers:  # capped at the bank's pairs (trainers.preflight)
+            lines.append(f"| `{key}` | {teachers['used']!r} (requested {teachers.get('requested')!r}; the bank "
+                         "forms no more pairs) |")
+        else:
+            lines.append(f"| `{key}` | {record.setting(key)!r} |")
     lines += ["", "Every setting: `resolved_config.yaml`.", "", *_metrics_section(run_dir / "metrics.jsonl", step, in_progress),
               "", "## Use", "", "```bash", f"sgsd eval --model {shlex.quote(str(run_dir))} --benchmarks aime24,aime25,hmmt25 "
               "--output-dir EVAL_DIR", "```", "", "or `AutoModelForCausalLM.from_pretrained(\"RUN_DIR/final\")` "

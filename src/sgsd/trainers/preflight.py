@@ -21,6 +21,7 @@ from sgsd.storage import decode_utf8, parse_json
 
 if TYPE_CHECKING:
     from sgsd.config import RunConfig
+    from sgsd.skills.bank import SkillBank
 
 
 def prompts_per_step(cfg: "RunConfig", world_size: int) -> int:
@@ -93,17 +94,13 @@ def check_engine(cfg: "RunConfig") -> None:
         raise ConfigError(FSDP1_REFUSAL)
 
 
-def teachers_within_bank(cfg: RunConfig) -> RunConfig:
-    """`cfg` with `sgsd.num_teachers` capped at the (skill, mistake) pairs its bank can form per problem
+def teachers_within_bank(cfg: RunConfig, bank: SkillBank | None) -> RunConfig:
+    """`cfg` with `sgsd.num_teachers` capped at the (skill, mistake) pairs `bank` can form per problem
     (min(skills, mistakes), plus `skills.online.capacity` dynamic items per list when online updates may add
     them), with a one-line note: every teacher tensor is padded to K, so a K far beyond the bank costs memory
-    and time for teachers that do not exist. The run's record and model card then state the K used."""
-    spec = method_spec(cfg.method)
-    if not spec.skill_teachers or not cfg.skills.bank:
+    and time for teachers that do not exist. The run records the K used (`teachers_record`)."""
+    if bank is None or not method_spec(cfg.method).skill_teachers:
         return cfg
-    from sgsd.skills.bank import load_bank
-
-    bank = load_bank(cfg.skills.bank)
     growth = cfg.skills.online.capacity if cfg.skills.online.enabled else 0
     pairs = min(len(bank.general_skills), len(bank.common_mistakes)) + growth
     if pairs < 1 or cfg.sgsd.num_teachers <= pairs:
@@ -111,3 +108,10 @@ def teachers_within_bank(cfg: RunConfig) -> RunConfig:
     announce(f"note: sgsd.num_teachers={cfg.sgsd.num_teachers}: the skill bank {cfg.skills.bank} forms at most {pairs} "
              f"(skill, mistake) pairs per problem; K = {pairs} is used (resolved_config.yaml and the model card say so)")
     return dataclasses.replace(cfg, sgsd=dataclasses.replace(cfg.sgsd, num_teachers=pairs))
+
+
+def teachers_record(requested: RunConfig, used: RunConfig) -> dict[str, Any]:
+    """What the run's provenance records about K: {"teachers": {"requested", "used"}} when it was capped."""
+    if requested.sgsd.num_teachers == used.sgsd.num_teachers:
+        return {}
+    return {"teachers": {"requested": requested.sgsd.num_teachers, "used": used.sgsd.num_teachers}}

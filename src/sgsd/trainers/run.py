@@ -52,7 +52,8 @@ from sgsd.run_dir import (
     write_output_record,
 )
 from sgsd.trainers.checkpoints import CompletionMarker, check_engine_state, restore_extra_state, write_final_from_checkpoint
-from sgsd.trainers.preflight import check_deepspeed_config, check_problems_per_step, teachers_within_bank
+from sgsd.trainers.preflight import (check_deepspeed_config, check_problems_per_step, teachers_record,
+                                     teachers_within_bank)
 from sgsd.vllm_adapter import generation_problems
 
 if TYPE_CHECKING:
@@ -118,7 +119,6 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
     out = output_directory(cfg, output_dir)
     with same_on_every_rank():
         check_run_config(cfg)
-        cfg = teachers_within_bank(cfg)
     with ExitStack() as claim:
         claim.enter_context(watching_peers(cfg.distributed.peer_timeout_s))
         with same_on_every_rank():  # the output-directory rule; the main process locks and records the directory
@@ -206,7 +206,6 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path | None = None, *, resume:
     cfg = with_max_steps(cfg, max_steps)
     out = output_directory(cfg, output_dir)
     check_run_config(cfg)
-    cfg = teachers_within_bank(cfg)
     check_output_dir(out, "train", config_settings(cfg), may_differ=RESUME_MAY_CHANGE)
     rerun = plan_run(cfg, out, resume)
     if rerun.action in ("complete", "finish"):
@@ -248,6 +247,7 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
     watch = active_watch()
     if watch is not None:  # every node runs the same code, config and inputs: checked before the model loads
         watch.agree(run_digests(cfg, out, inputs))
+    used = teachers_within_bank(cfg, bank)  # the config records the request, the provenance the K used
     if rerun.finished_step is not None and resume_from is not None:
         announce(f"continuing {out} from {resume_from.name} (complete at step {rerun.finished_step}) to step "
                  f"{cfg.training.max_steps}; the learning-rate schedule follows max_steps={cfg.training.max_steps}")
@@ -272,7 +272,7 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
 
         out.mkdir(parents=True, exist_ok=True)
         write_output_record(out, "train", config_settings(cfg), RESUME_MAY_CHANGE)  # (again, for `prepare_run`)
-        record = {**provenance(), "data": report.__dict__, "inputs": inputs}
+        record = {**provenance(), "data": report.__dict__, "inputs": inputs, **teachers_record(cfg, used)}
         atomic_write_text(out / RESOLVED_CONFIG, resolved_config_text(dump_config(cfg), record))
 
     if reward_funcs is None:
@@ -290,7 +290,7 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
     trainer = spec.trainer_class()(
         model=model, reward_funcs=list(reward_funcs), args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=_peft_config(cfg), callbacks=callbacks,
-        **({"rollout_func": rollout_func} if rollout_func is not None else {}), **spec.constructor_kwargs(cfg, context))
+        **({"rollout_func": rollout_func} if rollout_func is not None else {}), **spec.constructor_kwargs(used, context))
     timer.trainer = ema_step.trainer = trainer
     _record_base_model(trainer, cfg.model.name_or_path)
     trainer.add_callback(CompletionMarker(trainer, cfg.training.save_total_limit))
