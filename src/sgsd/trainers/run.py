@@ -94,7 +94,8 @@ def resolve_device(cfg: RunConfig) -> tuple[bool, bool]:
         raise ConfigError("training.device: cuda requested but no CUDA device is available")
     check_engine(cfg)
     use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    if cfg.generation.use_vllm and device == "auto":  # an explicit device was checked with the config
+    if cfg.generation.use_vllm:  # this machine's vLLM, for the device the run uses (not a config check:
+        # reading a GPU recipe on a machine without vLLM, as `sgsd compare --dry-run` does, is fine)
         for problem in generation_problems(vllm_mode=cfg.generation.vllm_mode, model_spec=cfg.model.name_or_path,
                                            on_cpu=use_cpu):
             raise ConfigError(problem)
