@@ -31,7 +31,7 @@ def no_model_loads(monkeypatch):
 @pytest.mark.parametrize("argv,needle", [
     (["--models", "tiny,llama"], "--models 'tiny,llama': expected names from tiny, smollm2"),
     (["--models", ","], "expected names from tiny, smollm2"),
-    (["--top-p", "1.5"], "top_p=1.5: must be in (0, 1]"),
+    (["--top-p", "1.5"], "--top-p: 1.5: must be a number in (0, 1]"),
     (["--prompts", "0"], "--prompts"),
     (["--temperature", "-1"], "--temperature"),
 ])

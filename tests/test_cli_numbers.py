@@ -11,7 +11,6 @@ import pytest
 from sgsd.cli import main
 from sgsd.commands.options import Bounded
 
-# flags whose 0 is a valid value, with what it means
 # flags whose 0 is a valid value ("COMMAND --flag", for every sub-command of COMMAND), with what it means
 ZERO_ALLOWED = {
     "bench --warmup": "no warm-up repeat", "bench --seed": "a seed", "bench --chunk-tokens":
@@ -19,6 +18,7 @@ ZERO_ALLOWED = {
     "bench --confidence-threshold": "every nonzero support counts", "eval --top-k": "no top-k cut",
     "eval --seed": "a seed", "eval --temperature": "greedy decoding", "skills --seed": "a seed",
     "skills --temperature": "greedy attempts", "skills --min-uses": "prune on any evidence",
+    "bench --temperature": "greedy decoding (sgsd bench vllm)",
 }
 
 

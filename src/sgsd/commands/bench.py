@@ -19,7 +19,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from sgsd.benchmarking.threads import SIZES, SMOLLM2, Workload
-from sgsd.commands.options import COUNT, NON_NEGATIVE, NON_NEGATIVE_NUMBER, SEED
+from sgsd.commands.options import COUNT, NON_NEGATIVE, NON_NEGATIVE_NUMBER, PROBABILITY_MASS, SEED
 from sgsd.errors import UserError
 from sgsd.loss_settings import SGSDSettings
 
@@ -127,7 +127,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=COUNT, default=64, help="new tokens per completion at most")
     p.add_argument("--rounds", type=COUNT, default=3, help="interleaved rounds, one timed call of each backend each")
     p.add_argument("--temperature", type=NON_NEGATIVE_NUMBER, default=1.0, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--top-p", type=PROBABILITY_MASS, default=1.0, help="nucleus sampling mass")
     p.add_argument("--hf-batch-size", type=COUNT, default=None,
                    help="sequences per Hugging Face generate call (default: all of them in one, as vLLM schedules them)")
     p.add_argument("--seed", type=SEED, default=0, help="sampling seed")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from sgsd.commands.options import COUNT
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from sgsd.demo.sweep_grid import GRIDS
@@ -14,7 +16,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(3 tiny cells, checks that everything runs; its numbers mean nothing); default full")
     parser.add_argument("--cells", help="comma-separated cell names of the grid to run (default: every cell; "
                                         "--list prints them)")
-    parser.add_argument("--seeds", type=int, help="number of replications, each with its own warm start per world "
+    parser.add_argument("--seeds", type=COUNT, help="number of replications, each with its own warm start per world "
                                                   "(default: the grid's, 3 for full)")
     parser.add_argument("--output-dir", default="runs/sweep", help="where runs, report and figure go; rerunning "
                                                                    "into it resumes (default runs/sweep)")
