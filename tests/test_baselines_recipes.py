@@ -44,21 +44,30 @@ def runs(tmp_path_factory):
     from sgsd.config import load_config
     from sgsd.trainers.run import train
 
+    from sgsd.cli import build_parser
+    from sgsd.commands.compare import compare_settings, plan
+    from sgsd.run_dir import write_output_record
+
     root = tmp_path_factory.mktemp("baselines")
+    bench = tmp_path_factory.mktemp("bench") / "bench.jsonl"  # an input, outside the comparison's directory
+    bench.write_text("".join(json.dumps(row) + "\n" for row in BENCH))
+    configs = [str(ROOT / "configs/tiny" / f"{name}.yaml") for name in RECIPES]
+    argv = ["compare", "--configs", *configs, "--output-dir", str(root), "--base", "--max-steps", "2",
+            "--in-process", "--quiet", "--eval-args",
+            f"--benchmarks {bench} --k 2 --max-new-tokens 8 --backend hf --grade-workers 1"]
+    # as a comparison interrupted after its first three runs left its directory (the output-directory rule:
+    # `sgsd compare` continues only its own output)
+    args = build_parser(argv).parse_args(argv)
+    write_output_record(root, "compare", compare_settings(args, plan(args)[1]))
     for name in RECIPES[:3]:
         config, out = ROOT / "configs/tiny" / f"{name}.yaml", root / "runs" / name
         if name.startswith("grpo"):
             train(load_config(config), out, reward_funcs=[parity_reward], max_steps=2, progress=False)
         else:
             assert main(["train", "--config", str(config), "--output-dir", str(out), "--max-steps", "2", "--quiet"]) == 0
-    bench = root / "bench.jsonl"
-    bench.write_text("".join(json.dumps(row) + "\n" for row in BENCH))
-    configs = [str(ROOT / "configs/tiny" / f"{name}.yaml") for name in RECIPES]
     errors = io.StringIO()
     with contextlib.redirect_stderr(errors):
-        code = main(["compare", "--configs", *configs, "--output-dir", str(root), "--base", "--max-steps", "2",
-                     "--in-process", "--quiet", "--eval-args",
-                     f"--benchmarks {bench} --k 2 --max-new-tokens 8 --backend hf --grade-workers 1"])
+        code = main(argv)
     assert code == 0, errors.getvalue()[-2000:]
     return root / "runs"
 
@@ -111,9 +120,12 @@ def test_compare_writes_one_table_of_every_model(runs, capsys):
     plan = json.loads((root / "plan.json").read_text())
     assert [s["kind"] for s in plan["stages"]] == ["train"] * 4 + ["eval"] * 5
     assert (root / "comparison.png").stat().st_size > 0
-    # rerunning resumes: every stage is complete, so nothing is trained or evaluated again
+    # rerunning the same command resumes: every stage is complete, so nothing is trained or evaluated again
+    from sgsd.run_dir import read_output_record
+
+    eval_args = read_output_record(root)["settings"]["eval_args"]
     capsys.readouterr()
     code = main(["compare", "--configs", *plan["configs"], "--output-dir", str(root), "--base", "--max-steps", "2",
-                 "--in-process", "--quiet", "--eval-args", "--benchmarks x.jsonl"])
+                 "--in-process", "--quiet", "--eval-args", eval_args])
     assert code == 0
     assert capsys.readouterr().out.count("skipped") == 9

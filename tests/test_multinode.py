@@ -263,8 +263,9 @@ def test_two_nodes_zero2_a_frozen_node_is_named_and_the_same_command_resumes_exa
             f"distributed.peer_timeout_s={LOST_TIMEOUT:g}")
     _ok(TwoNodes(whole, *args, DS_ACCELERATOR="cpu"))
     detected, _ = _lose_node1(frozen, "frozen", *args, DS_ACCELERATOR="cpu")
-    # the timeout, plus a heartbeat interval (1.6 s), the launcher's teardown and this machine's load
-    assert LOST_TIMEOUT <= detected < LOST_TIMEOUT + 20
+    # the timeout counts from node 1's last beat, which came up to one heartbeat interval (1.6 s) before the
+    # freeze; then the launcher's teardown and this machine's load (measured 7.3 s and 9.1 s at 8 s)
+    assert LOST_TIMEOUT - 1.6 <= detected < LOST_TIMEOUT + 20
     assert not (frozen / "final").exists()
     restart = _ok(TwoNodes(frozen, *args, DS_ACCELERATOR="cpu"))
     assert any(l.startswith("sgsd: resumed from") for l in restart.sgsd_lines(0))

@@ -206,7 +206,7 @@ def _config(method: str, model_dir: Path, data: Path, *extra: str):
 
     return load_config(ROOT / "configs/tiny" / f"{method}.yaml", [
         f"model.name_or_path={model_dir}", f"data.path={data}", f"skills.bank={PAPER_BANK}",
-        "skills.num_teachers=2", "skills.retrieval=bm25", "model.lora.enabled=true", "model.lora.r=8",
+        "sgsd.num_teachers=2", "skills.retrieval=bm25", "model.lora.enabled=true", "model.lora.r=8",
         "model.lora.alpha=16", "generation.max_new_tokens=32", "training.max_steps=1", "training.save_steps=1",
         "training.learning_rate=1e-3", "reward.extract=flexible", *extra,
     ])
@@ -215,6 +215,7 @@ def _config(method: str, model_dir: Path, data: Path, *extra: str):
 def _train_one_step(cfg, out: Path, monkeypatch, **kwargs):
     """Train, keeping the model object `train` loads and a copy of its weights before training."""
     import sgsd.models
+    import sgsd.trainers.run
     from sgsd.trainers.run import train
 
     captured: dict = {}
@@ -227,6 +228,7 @@ def _train_one_step(cfg, out: Path, monkeypatch, **kwargs):
         return model
 
     monkeypatch.setattr(sgsd.models, "load_model", load_and_keep)
+    monkeypatch.setattr(sgsd.trainers.run, "load_model", load_and_keep)  # imported there by name
     result = train(cfg, out, progress=False, **kwargs)
     return result, captured["model"], captured["initial"]
 

@@ -95,8 +95,8 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tm
 
 
 def test_resume_refuses_a_different_config_but_allows_more_steps(tmp_path, capsys):
-    from sgsd.config import dump_config
-    from sgsd.run_dir import check_resume_config, write_complete_marker
+    from sgsd.config import config_settings, dump_config
+    from sgsd.run_dir import RESUME_MAY_CHANGE, check_resume_config, write_complete_marker, write_output_record
 
     out = tmp_path / "run"
     (out / "checkpoint-1").mkdir(parents=True)
@@ -104,11 +104,12 @@ def test_resume_refuses_a_different_config_but_allows_more_steps(tmp_path, capsy
     write_complete_marker(out / "checkpoint-1", 1, world_size=1)
     started = load_config(RECIPE, ["training.learning_rate=0.001"])
     (out / "resolved_config.yaml").write_text(dump_config(started) + "# provenance: {}\n")
+    write_output_record(out, "train", config_settings(started), RESUME_MAY_CHANGE)  # as the run's start wrote it
     # same settings, longer run and another save cadence: resumable
     check_resume_config(out, dump_config(load_config(RECIPE, ["training.learning_rate=0.001",
                                                               "training.max_steps=50", "training.save_steps=7"])))
     code = main(["train", "--config", str(RECIPE), "--output-dir", str(out), "--quiet", "training.learning_rate=0.002"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err
-    assert "holds a run started with another config (training.learning_rate: 0.001 -> 0.002)" in err
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "resolved_config.yaml"]  # nothing written
+    assert "holds an earlier `sgsd train` made with other settings (training.learning_rate: 0.001 -> 0.002)" in err
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "resolved_config.yaml", "sgsd_output.json"]  # nothing written

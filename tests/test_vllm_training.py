@@ -128,11 +128,12 @@ def test_vllm_training_syncs_every_step_and_teachers_keep_their_weights(tmp_path
     if case in ("opsd", "sgsd-pg-lora-base"):  # the trained run directory, evaluated by vLLM and by Hugging Face
         vllm, hf = (_greedy_completions(tmp_path, tmp_path / "run", backend) for backend in ("vllm", "hf"))
         same = sum(a == b for a, b in zip(vllm, hf))
-        # full weights in fp32: the same greedy completions (measured 8 of 8). A LoRA adapter is applied by vLLM
-        # as a separate low-rank product, rounded differently, and the random tiny model's near-uniform logits
-        # have near-ties that then flip, after which a completion differs (measured 5 and 7 of 8 in two runs);
-        # half is the bound, so an adapter vLLM ignored or applied wrongly (nearly all differ) still fails
-        assert same == 8 if not cfg.model.lora.enabled else same >= 4, (same, vllm, hf)
+        # The random tiny model's logits are near-uniform: two engines that sum in another order (log-probs
+        # equal to 5e-7, the sync check above) flip near-tied greedy tokens, after which a completion differs.
+        # Measured: full weights 8 and 5 of 8, a LoRA adapter (a separate low-rank product in vLLM) 5 and 7 of 8.
+        # Half is the bound: an engine with other weights, or an adapter ignored, makes nearly all differ.
+        # (Equal greedy completions are shown on a real model, SmolLM2: 16 of 16, docs/vllm.md.)
+        assert same >= 4, (same, vllm, hf)
     if cfg.model.lora.enabled:
         # TRL merged the adapter for each sync and unmerged it after: the trainer's model is unmerged, and its
         # frozen base weights are where they were (a merge and an unmerge round each weight twice in fp32)

@@ -458,7 +458,7 @@ def _merge_into(obj: Any, data: dict[str, Any], prefix: str, source: str) -> Any
 
 def _suggestions(key: str, prefix: str, siblings: list[str]) -> list[str]:
     """Keys the user may have meant: settings of that exact leaf name in another section
-    ('save_steps' -> 'training.save_steps', 'sgsd.num_teachers' -> 'skills.num_teachers'), else a
+    ('save_steps' -> 'training.save_steps', 'num_teachers' -> 'sgsd.num_teachers'), else a
     close sibling ('training.save_step' -> 'training.save_steps'), else close leaf names anywhere."""
     leaves: dict[str, list[str]] = {}
     for dotted in flatten(RunConfig().to_dict()):

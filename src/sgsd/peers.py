@@ -152,12 +152,13 @@ class PeerWatch:
             pass
 
     # -- the start check -----------------------------------------------------------------------------
-    def agree(self, parts: dict[str, str]) -> None:
+    def agree(self, parts: dict[str, str], stage: str = "start") -> None:
         """Every rank publishes `parts` (name -> digest) and reads every other rank's; a rank whose parts
         differ from rank 0's is refused with one line, the same on every rank. Waits for late ranks
-        (the watch names one that never comes)."""
-        self._store.set(self._key("digest", self.place.rank), json.dumps(parts, sort_keys=True))
-        keys = [self._key("digest", r) for r in range(self.world_size)]
+        (the watch names one that never comes). `stage` names the check, so a launch can agree more than
+        once (on its config before it touches the output directory, on its inputs once they are read)."""
+        self._store.set(self._key(f"digest-{stage}", self.place.rank), json.dumps(parts, sort_keys=True))
+        keys = [self._key(f"digest-{stage}", r) for r in range(self.world_size)]
         wait_s = self.timeout_s * 2 + 60 if self.timeout_s > 0 else 1800.0
         try:
             self._store.wait(keys, timedelta(seconds=wait_s))

@@ -265,7 +265,7 @@ def run_train(model_dir: Path, out: Path, *, data_dir: str, steps: int, max_new_
             if p.problem_id in problems]
     atomic_write_jsonl(data, ({"id": p.problem_id, "question": p.problem, "answer": p.answer} for p in rows))
     overrides = [f"model.name_or_path={model_dir}", f"data.path={data}", f"skills.bank={PAPER_BANK}",
-                 f"skills.num_teachers={num_teachers}", "skills.retrieval=embedding", "model.lora.enabled=true",
+                 f"sgsd.num_teachers={num_teachers}", "skills.retrieval=embedding", "model.lora.enabled=true",
                  "model.lora.r=16", "model.lora.alpha=32", f"generation.max_new_tokens={max_new_tokens}",
                  f"generation.temperature={temperature}", f"sgsd.confidence_threshold={PAPER.confidence_threshold}",
                  "reward.extract=flexible",

@@ -121,7 +121,10 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
     with same_on_every_rank():
         check_run_config(cfg)
     with ExitStack() as claim:
-        claim.enter_context(watching_peers(cfg.distributed.peer_timeout_s))
+        watch = claim.enter_context(watching_peers(cfg.distributed.peer_timeout_s))
+        if watch is not None:  # every node runs the same code and config before any reads the output directory
+            with same_on_every_rank():
+                watch.agree(launch_digests(cfg, out), stage="launch")
         with same_on_every_rank():  # the output-directory rule; the main process locks and records the directory
             claim.enter_context(claimed_output_dir(out, "train", config_settings(cfg), may_differ=RESUME_MAY_CHANGE,
                                                    holder=is_main_process()))
@@ -314,16 +317,23 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
     return PreparedRun(trainer, out, tokenizer, rerun, scan.incomplete)
 
 
-def run_digests(cfg: RunConfig, out: Path, inputs: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """What every rank of a launch must agree on, by name (`PeerWatch.agree` names what differs)."""
-    def sha(text: str) -> str:
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
+
+def launch_digests(cfg: RunConfig, out: Path) -> dict[str, str]:
+    """What every rank of a launch must agree on before any of them reads the output directory, by name
+    (`PeerWatch.agree` names what differs): config, output directory, code, package versions."""
     from sgsd import __version__
 
-    return {"config": sha(dump_config(cfg)), "output directory": sha(str(out.expanduser().resolve())),
-            "data": str(inputs["data"]["sha256"]), "skill bank": str(inputs.get("skill bank", {}).get("sha256")),
-            "code": f"{__version__} {code_digest()}", "package versions": sha(json.dumps(package_versions(), sort_keys=True))}
+    return {"config": _sha(dump_config(cfg)), "output directory": _sha(str(out.expanduser().resolve())),
+            "code": f"{__version__} {code_digest()}", "package versions": _sha(json.dumps(package_versions(), sort_keys=True))}
+
+
+def run_digests(cfg: RunConfig, out: Path, inputs: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """`launch_digests` and the inputs (data and skill bank, by content), once they are read."""
+    return {**launch_digests(cfg, out), "data": str(inputs["data"]["sha256"]),
+            "skill bank": str(inputs.get("skill bank", {}).get("sha256"))}
 
 
 def input_identities(data_source: str, problems: Sequence[Problem], bank_source: str | None,
