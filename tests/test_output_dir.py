@@ -191,3 +191,15 @@ def test_eval_compare_of_a_directory_with_itself_notes_it(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"note: {base} is the same evaluation as {base}" in out
     assert "no plot written" in out and not (Path.cwd() / "compare.png").exists()
+
+
+def test_the_record_being_written_by_the_main_process_is_not_in_the_way(tmp_path):
+    """Another rank of the same launch checks the directory while the main process writes its record: the
+    atomic writer's temporary file is the command's own, not a file in the way (a race seen on 2 processes)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / f".{OUTPUT_RECORD}.x1y2z3.tmp").write_text("{")
+    assert check_output_dir(out, "train", {"lr": 1.0}) == "empty"
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"holds files that `sgsd train` did not write \(notes.txt\)"):
+        check_output_dir(out, "train", {"lr": 1.0})

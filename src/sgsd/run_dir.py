@@ -298,7 +298,10 @@ def check_output_dir(directory: str | os.PathLike, kind: str, settings: dict[str
     if not path.is_dir():
         raise UserError(f"{what} {shown}: exists and is not a directory")
     try:
-        entries = directory_entries(path)
+        # the record while the main process writes it (the atomic writer's temporary file): another rank of
+        # the same launch checks the directory at that moment, and it is this command's own
+        entries = [p for p in directory_entries(path)
+                   if not (p.name.startswith(f".{OUTPUT_RECORD}.") and p.name.endswith(".tmp"))]
     except OSError as err:
         raise UserError(f"{what} {shown}: cannot list it ({err.strerror or err})") from None
     if not entries:
