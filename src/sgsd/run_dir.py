@@ -350,6 +350,20 @@ def write_output_record(directory: Path, kind: str, settings: dict[str, Any],
                                                   "settings": json.loads(json.dumps(settings, default=str))})
 
 
+def open_output_dir(directory: str | os.PathLike, kind: str, settings: dict[str, Any], *,
+                    what: str = "output directory") -> Path:
+    """`directory` checked under the output-directory rule, created if needed and recorded as `sgsd kind`'s
+    (for code that runs inside a command already holding the lock, as the demo and the sweep do)."""
+    out = Path(directory).expanduser()
+    check_output_dir(out, kind, settings, what=what)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--output-dir {out}: cannot create it ({err.strerror or err})") from None
+    write_output_record(out, kind, settings)
+    return out
+
+
 @contextmanager
 def claimed_output_dir(directory: str | os.PathLike, kind: str, settings: dict[str, Any], *,
                        what: str = "output directory", may_differ: frozenset[str] = frozenset(),

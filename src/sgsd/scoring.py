@@ -111,26 +111,25 @@ def _completion_hidden(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token id lists -> (ids [N, L], mask [N, L])."""
-    length = max((len(s) for s in sequences), default=0)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if len(seq):
-            ids[row, length - len(seq):] = torch.as_tensor(list(seq), dtype=torch.long)
-            mask[row, length - len(seq):] = 1
-    return ids.to(device), mask.to(device)
+    return _pad(sequences, pad_id, device, left=True)
 
 
 def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token id lists -> (ids [N, L], mask [N, L])."""
+    return _pad(sequences, pad_id, device, left=False)
+
+
+def _pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str, *, left: bool
+         ) -> tuple[torch.Tensor, torch.Tensor]:
     length = max((len(s) for s in sequences), default=0)
     ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), length), dtype=torch.long)
     for row, seq in enumerate(sequences):
         if len(seq):
-            ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
-            mask[row, : len(seq)] = 1
+            span = slice(length - len(seq), length) if left else slice(0, len(seq))
+            ids[row, span] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[row, span] = 1
     return ids.to(device), mask.to(device)
 
 

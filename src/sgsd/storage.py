@@ -21,7 +21,7 @@ import stat
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 from sgsd.errors import DataError
 
@@ -78,18 +78,29 @@ def check_input_file(path: str | os.PathLike, what: str) -> int:
     return info.st_size
 
 
+def _open_input(path: Path, what: str) -> BinaryIO:
+    """The input file opened for reading without blocking (a FIFO is never waited on), refused unless it is a
+    regular file once open (so a file swapped in after `check_input_file` is checked too)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as err:
+        raise DataError(f"{what} {path}: cannot read ({err.strerror})") from None
+    handle = os.fdopen(fd, "rb")
+    try:
+        _check_regular(path, os.fstat(fd), what)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
 def read_input_bytes(path: str | os.PathLike, what: str) -> bytes:
     """The bytes of an input file, with the checks of `check_input_file` (made on the opened file, so a
     FIFO swapped in after the check is refused too, never waited on or read without end)."""
     path = Path(path)
     check_input_file(path, what)
     limit = max_input_bytes()
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as err:
-        raise DataError(f"{what} {path}: cannot read ({err.strerror})") from None
-    with os.fdopen(fd, "rb") as handle:
-        _check_regular(path, os.fstat(fd), what)
+    with _open_input(path, what) as handle:
         try:
             data = handle.read(limit + 1)
         except OSError as err:
@@ -324,12 +335,7 @@ def read_input_jsonl(path: str | os.PathLike, what: str) -> Iterator[tuple[int, 
     path = Path(path)
     check_input_file(path, what)
     limit, line_limit = max_input_bytes(), max_line_bytes()
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as err:
-        raise DataError(f"{what} {path}: cannot read ({err.strerror})") from None
-    with os.fdopen(fd, "rb") as handle:
-        _check_regular(path, os.fstat(fd), what)
+    with _open_input(path, what) as handle:
         offset = 0
         for number in itertools.count(1):
             try:

@@ -257,18 +257,10 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
     from sgsd.storage import atomic_write_json
     from sgsd.trainers.run import train
 
-    from sgsd.run_dir import check_output_dir, write_output_record
+    from sgsd.run_dir import open_output_dir
 
-    out = Path(output_dir).expanduser()
     record = plan_record(plan)
-    check_output_dir(out, "demo", demo_settings(plan), what="demo: output directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        from sgsd.errors import UserError
-
-        raise UserError(f"--output-dir {out}: cannot create it ({err.strerror or err})") from None
-    write_output_record(out, "demo", demo_settings(plan))
+    out = open_output_dir(output_dir, "demo", demo_settings(plan), what="demo: output directory")
     started = time.perf_counter()
     grid = plan.lr_grid if plan.tune_lr else ()
     warm_count = len(set(plan.seeds) | ({plan.tuning_seed} if grid else set()))  # one warm start per seed

@@ -32,8 +32,7 @@ from sgsd.demo.sweep_grid import (BASES_FILE, SWEEP_PLAN_FILE, TIMINGS_FILE, WOR
                                   bank_path, cell_runs, probe_dir, run_dir, sweep_bank, sweep_record, world_dir)
 from sgsd.demo.sweep_report import write_sweep_report
 from sgsd.config import flatten
-from sgsd.errors import UserError
-from sgsd.run_dir import check_output_dir, write_output_record
+from sgsd.run_dir import open_output_dir
 from sgsd.storage import atomic_write_json
 
 if TYPE_CHECKING:
@@ -198,14 +197,8 @@ def run_sweep(output_dir: str | Path, grid: SweepGrid, *, cache_root: str | Path
     results.json holds."""
     from transformers.utils import logging as hf_logging
 
-    out = Path(output_dir).expanduser()
     record = sweep_record(grid)
-    check_output_dir(out, "sweep", sweep_settings(grid), what="sweep: output directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"--output-dir {out}: cannot create it ({err.strerror or err})") from None
-    write_output_record(out, "sweep", sweep_settings(grid))
+    out = open_output_dir(output_dir, "sweep", sweep_settings(grid), what="sweep: output directory")
     atomic_write_json(out / SWEEP_PLAN_FILE, record)
     sweep = Sweep(out, grid, cache_root=cache_root,
                   log=log or (lambda line: print(line, file=sys.stderr, flush=True)))
