@@ -21,6 +21,7 @@ from pathlib import Path
 
 from sgsd.commands.options import COUNT, NON_NEGATIVE, NON_NEGATIVE_NUMBER, SEED, require, required_group
 from sgsd.errors import UserError
+from sgsd.run_dir import RunDir
 
 
 def _bank_option(p: argparse.ArgumentParser) -> None:
@@ -211,7 +212,7 @@ def _report(args: argparse.Namespace) -> int:
     from sgsd.skills.report import format_table, plot_attribution
 
     run_dir = Path(args.run_dir)
-    tracker = AttributionTracker.load(run_dir / "attribution.json")
+    tracker = AttributionTracker.load(RunDir(run_dir).attribution)
     bank_path = Path(args.bank) if args.bank else _run_bank(run_dir)
     bank = load_bank(bank_path) if bank_path is not None else None
     png_path = Path(args.output_dir or run_dir) / "attribution.png"
