@@ -151,12 +151,20 @@ _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 def check_run_config(cfg: "RunConfig") -> "RunConfig":
     """`cfg`, or a ConfigError listing every problem: the plugins are imported, then the settings every
     method shares (`RunConfig.problems`), the method's own (`MethodSpec.config_problems`) and what
-    depends on the method (a skill bank, online updates)."""
+    depends on the method (a skill bank, online updates). Once per command: a config checked as it is
+    now (the command checks it, then hands it to `train`) is not checked again, nor its plugins imported."""
+    if getattr(cfg, _CHECKED_AS, None) == cfg.to_dict():
+        return cfg
     import_plugins(cfg.plugins)
     problems = list(_run_problems(cfg))
     if problems:
         raise ConfigError("; ".join(problems))
+    object.__setattr__(cfg, _CHECKED_AS, cfg.to_dict())  # not a setting: outside the dataclass's fields
     return cfg
+
+
+# the settings as `check_run_config` passed them (a config changed since is checked again)
+_CHECKED_AS = "_sgsd_checked_as"
 
 
 def load_run_config(path: "str | Path | None" = None, overrides: "list[str] | tuple[str, ...]" = ()) -> "RunConfig":

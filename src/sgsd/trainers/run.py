@@ -58,7 +58,7 @@ class TrainResult:
     already_complete: bool = False  # final/ was at max_steps already: nothing was trained or written
 
 
-def resolve_device(cfg: RunConfig) -> tuple[bool, bool]:
+def resolve_device(cfg: RunConfig, spec: MethodSpec | None = None) -> tuple[bool, bool]:
     """(use_cpu, bf16) from `training.device` and `training.precision`, after refusing what the training
     engine (DeepSpeed's ZeRO stage, FSDP) cannot run with this config (`preflight.check_engine`).
 
@@ -73,7 +73,7 @@ def resolve_device(cfg: RunConfig) -> tuple[bool, bool]:
     device = cfg.training.device
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("training.device: cuda requested but no CUDA device is available")
-    check_engine(cfg)
+    check_engine(cfg, spec)
     use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     if cfg.generation.use_vllm:  # this machine's vLLM, for the device the run uses (not a config check:
         # reading a GPU recipe on a machine without vLLM, as `sgsd compare --dry-run` does, is fine)
@@ -97,10 +97,10 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
     copy). rollout_func: TRL's (experimental) custom rollout hook, passed through: `(prompts, trainer) ->
     {"prompt_ids", "completion_ids", "logprobs"}`; the tests use it to train on fixed completions.
     """
+    with same_on_every_rank():
+        check_run_config(cfg)  # once per command: a config the command checked already is not checked again
     cfg = with_max_steps(cfg, max_steps)
     out = output_directory(cfg, output_dir)
-    with same_on_every_rank():
-        check_run_config(cfg)
     with ExitStack() as claim:
         watch = claim.enter_context(watching_peers(cfg.distributed.peer_timeout_s))
         if watch is not None:  # every node runs the same code and config before any reads the output directory
@@ -189,9 +189,9 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path | None = None, *, resume:
                 progress: bool = True, rollout_func: Callable[..., dict[str, Any]] | None = None) -> PreparedRun:
     """Everything `train` does before the first step (without the lock): plan, checks, run directory,
     trainer, restored state. For a run that has nothing left to train, a `UserError`."""
+    check_run_config(cfg)
     cfg = with_max_steps(cfg, max_steps)
     out = output_directory(cfg, output_dir)
-    check_run_config(cfg)
     RunDir(out).check("train", config_settings(cfg), may_differ=RESUME_MAY_CHANGE)
     rerun = plan_run(cfg, out, resume)
     if rerun.action in ("complete", "finish"):
@@ -210,7 +210,7 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
     spec = method_spec(cfg.method)
     run_dir = RunDir(out)
     resume_from = rerun.checkpoint if rerun.action == "resume" else None
-    use_cpu, bf16 = resolve_device(cfg)
+    use_cpu, bf16 = resolve_device(cfg, spec)
     set_seed(cfg.training.seed)
     if not progress:
         from transformers.utils import logging as hf_logging
@@ -227,14 +227,14 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
         if note:
             announce(note)
     check_problems_per_step(cfg, len(problems))
-    bank, retriever = _load_skills(cfg) if spec.needs_bank(cfg) else (None, None)
+    bank, retriever = _load_skills(cfg, spec) if spec.needs_bank(cfg) else (None, None)
     inputs = input_identities(cfg.data.path, problems, cfg.skills.bank, bank)
     if resume_from is not None:
         run_dir.check_inputs_unchanged(inputs)
     watch = active_watch()
     if watch is not None:  # every node runs the same code, config and inputs: checked before the model loads
         watch.agree(run_digests(cfg, out, inputs))
-    used = teachers_within_bank(cfg, bank)  # the config records the request, the provenance the K used
+    used = teachers_within_bank(cfg, bank, spec)  # the config records the request, the provenance the K used
     if rerun.finished_step is not None and resume_from is not None:
         announce(f"continuing {out} from {resume_from.name} (complete at step {rerun.finished_step}) to step "
                  f"{cfg.training.max_steps}; the learning-rate schedule follows max_steps={cfg.training.max_steps}")
@@ -358,12 +358,12 @@ def _publish(run_dir: RunDir, staging: Path, step: int) -> None:
     run_dir.publish(staging, step, complete=lambda folder: write_model_card(run_dir.path, step, folder))
 
 
-def _load_skills(cfg: RunConfig) -> tuple["SkillBank", "Retriever"]:
+def _load_skills(cfg: RunConfig, spec: MethodSpec) -> tuple["SkillBank", "Retriever"]:
     from sgsd.skills.bank import check_usable, load_bank
     from sgsd.skills.retrieval import make_retriever
 
     bank = load_bank(cfg.skills.bank)
-    check_usable(bank, cfg.skills.bank, pairs=method_spec(cfg.method).skill_teachers)
+    check_usable(bank, cfg.skills.bank, pairs=spec.skill_teachers)
     retriever = make_retriever(cfg.skills.retrieval, bank, embedder=cfg.skills.embedder, seed=cfg.training.seed)
     return bank, retriever
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from sgsd.loss_settings import SGSDSettings
-from sgsd.lm_head import head_vocab_size, resolve_chunk_tokens
+from sgsd.lm_head import head_vocab_size
 from sgsd.loss_phase import active_rollouts, sgsd_loss_phase
 from sgsd.objectives import masked_mean
 from sgsd.prompts import ChatStyle
@@ -61,7 +61,7 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
         self.observers = list(observers)  # attribution, online skill updates: see `observe`
         self.count_table = countable_token_table(self.processing_class)
         vocab = head_vocab_size(lm_parts(self.model)[1])
-        self.chunk_tokens = resolve_chunk_tokens(settings.logprob_chunk_tokens, settings.logprob_chunk_mb, vocab)
+        self.chunk_tokens = settings.chunk_tokens(vocab)
         self.setup_teacher(settings.teacher, settings.ema_decay)
         self.records: dict[int, RolloutRecord] = {}
         self._next_uid = 0
