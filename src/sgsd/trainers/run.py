@@ -29,7 +29,7 @@ from sgsd.errors import ConfigError, UserError
 from sgsd.models import engine_directory, load_model, load_tokenizer
 from sgsd.methods import MethodSpec, TrainerContext, check_run_config, method_spec
 from sgsd.prompts import ChatStyle
-from sgsd.peers import active_watch, code_digest, watching_peers
+from sgsd.peers import active_watch, code_digest, reporting_termination, watching_peers
 from sgsd.provenance import package_versions, provenance
 from sgsd.run_dir import RESUME_MAY_CHANGE, Rerun, RunDir
 from sgsd.trainers.checkpoints import CompletionMarker, check_engine_state, restore_extra_state, write_final_from_checkpoint
@@ -102,6 +102,7 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
     cfg = with_max_steps(cfg, max_steps)
     out = output_directory(cfg, output_dir)
     with ExitStack() as claim:
+        claim.enter_context(reporting_termination())  # a SIGTERM says so in one line, even inside a collective
         watch = claim.enter_context(watching_peers(cfg.distributed.peer_timeout_s))
         if watch is not None:  # every node runs the same code and config before any reads the output directory
             with same_on_every_rank():
