@@ -81,8 +81,25 @@ def _check_teacher_scores(trainer, kind, found):
     original = trainer.rollout_extras
     calls = []
 
+    scored_in_engine = []
+    if trainer.settings.teacher_engine == "vllm":  # count the rows the engine scores (prompt_logprobs requests)
+        llm = trainer.vllm_generation.llm
+        generate = llm.generate
+
+        def counting_generate(*args, **kwargs):
+            prompts = args[0] if args else kwargs.get("prompts")
+            params = args[1] if len(args) > 1 else kwargs.get("sampling_params")
+            if getattr(params, "prompt_logprobs", None) is not None:
+                scored_in_engine.append(len(prompts))
+            return generate(*args, **kwargs)
+
+        llm.generate = counting_generate
+
     def rollout_extras(inputs, output, rewards):
+        scored_in_engine.clear()
         extras = original(inputs, output, rewards)
+        found["rows_scored_in_engine"] = sum(scored_in_engine)
+        found["rows"] = int((extras["teacher_weights"] > 0).sum()) + len(inputs) * ("control_logps" in extras)
         calls.append(1)
         if len(calls) == 2:
             scored = {}
@@ -150,6 +167,7 @@ def test_vllm_training_syncs_every_step_and_teachers_keep_their_weights(tmp_path
     if "sgsd.teacher_engine=vllm" in overrides:  # the engine scored: no teacher entropies to log
         assert all("sgsd/teacher_entropy_mean" not in r and "sgsd/student_entropy_mean" in r for r in records)
         assert found["rng_unchanged"], "scoring in the engine moved torch's global random stream"
+        assert found["rows_scored_in_engine"] == found["rows"] > 0, found  # every teacher and control row
     if case in ("opsd", "sgsd-pg-lora-base"):  # the trained run directory, evaluated by vLLM and by Hugging Face
         vllm, hf = (_greedy_completions(tmp_path, tmp_path / "run", backend) for backend in ("vllm", "hf"))
         same = sum(a == b for a, b in zip(vllm, hf))
