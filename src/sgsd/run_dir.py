@@ -283,7 +283,7 @@ def settings_digest(settings: dict[str, Any], may_differ: frozenset[str] = froze
 def check_output_dir(directory: str | os.PathLike, kind: str, settings: dict[str, Any], *,
                      what: str = "output directory", may_differ: frozenset[str] = frozenset()) -> str:
     """The one output-directory rule of every writing command (`sgsd train`, `eval`, `eval compare`, `skills
-    build`, `skills probe`, `demo`, `compare`, `models import-gguf`); reads only. A command writes into a
+    build`, `skills probe`, `skills report`, `demo`, `compare`, `models import-gguf`); reads only. A command writes into a
     directory that does not exist yet ("new"), that is empty ("empty", its lock file aside), or that holds its
     own earlier output of the same `kind` and `settings` ("own"), recognised by the record `sgsd_output.json`
     it wrote there (`settings`: flat {name: value}; keys in `may_differ` may change between reruns, e.g. a
