@@ -22,6 +22,8 @@ TEACHER_WEIGHTS: tuple[str, ...] = typing.get_args(TeacherWeights)
 # the control teacher (docs/methods.md, "Controlled polarity"): none = the paper; neutral: a content-free block of
 # the skill blocks' token length; shuffled: a (skill, mistake) pair of the bank not retrieved for the problem
 PolarityControl = Literal["none", "neutral", "shuffled"]
+# which engine computes the live teacher's log-probs: the trainer's model, or the colocated vLLM engine
+TeacherEngine = Literal["trainer", "vllm"]
 POLARITY_CONTROLS: tuple[str, ...] = ("none", "neutral", "shuffled")
 
 
@@ -73,7 +75,11 @@ class SGSDSettings(TeacherWeightSettings):
     `skip_neutral_rows` (skip the student backward of rollouts whose teachers are all neutral), and
     `prefix_reuse` (teacher rows that start with the same tokens share one forward of that prefix and its
     keys and values, `sgsd.prefix_cache`; equal up to float summation order; off by itself where not exact:
-    `sgsd.prefix_cache.reuse_blocker`; false: every row runs in full).
+    `sgsd.prefix_cache.reuse_blocker`; false: every row runs in full). `teacher_engine` (trainer: the
+    trainer's model scores the teachers; vllm: the colocated vLLM engine, which holds the policy's synced
+    weights, scores the live teacher and the controls with `prompt_logprobs` on token ids; needs
+    `generation.use_vllm` in colocate mode, `teacher: live` and the full-vocabulary loss; its log-probs differ
+    from the trainer's by the two engines' rounding, docs/performance.md "Scoring teachers in vLLM").
     Control: `polarity_control` (none: the paper; neutral / shuffled: one more teacher forward per
     rollout whose log-probs c_t replace the student's p_t in the polarity test and in the gate's
     target, docs/methods.md "Controlled polarity").
@@ -91,6 +97,7 @@ class SGSDSettings(TeacherWeightSettings):
     skip_neutral_rows: bool = False
     polarity_control: PolarityControl = "none"
     prefix_reuse: bool = True
+    teacher_engine: TeacherEngine = "trainer"
 
     BOUNDS: ClassVar[dict[str, Bound]] = {
         **TeacherWeightSettings.BOUNDS,
@@ -119,6 +126,25 @@ class SGSDSettings(TeacherWeightSettings):
         elif self.polarity_control != "none" and self.local_support_top_k > 0:
             out.append(f"{where}.polarity_control: not available with the local-support variant "
                        "(local_support_top_k > 0); set polarity_control=none or local_support_top_k=0")
+        out += self.teacher_engine_problems(where)
+        return out
+
+    def teacher_engine_problems(self, where: str = "sgsd") -> list[str]:
+        """What `teacher_engine` refuses within this section (the generation settings it needs are checked
+        with the whole config: `sgsd.methods`)."""
+        if self.teacher_engine not in ("trainer", "vllm"):
+            return [f"{where}.teacher_engine: expected 'trainer' or 'vllm', got {self.teacher_engine!r}"]
+        if self.teacher_engine == "trainer":
+            return []
+        out = []
+        if self.teacher != "live":
+            out.append(f"{where}.teacher_engine=vllm scores with the engine's weights, the live policy's; "
+                       f"{where}.teacher={self.teacher} needs other weights: use {where}.teacher_engine=trainer "
+                       f"(or {where}.teacher=live)")
+        if self.local_support_top_k > 0:
+            out.append(f"{where}.teacher_engine=vllm returns the sampled token's log-prob only, the local-support "
+                       f"variant needs each position's top-k: use {where}.teacher_engine=trainer "
+                       f"(or {where}.local_support_top_k=0)")
         return out
 
     def check(self, where: str = "sgsd") -> "SGSDSettings":

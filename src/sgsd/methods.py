@@ -198,7 +198,20 @@ def _grpo_overrides(cfg: "RunConfig") -> dict[str, Any]:
             "vllm_importance_sampling_correction": True}
 
 
+def _teacher_engine_problems(cfg: "RunConfig") -> Iterator[str]:
+    """`sgsd.teacher_engine=vllm` against the generation settings (within the section: `SGSDSettings`)."""
+    if cfg.sgsd.teacher_engine != "vllm":
+        return
+    if not cfg.generation.use_vllm:
+        yield ("sgsd.teacher_engine=vllm scores the teachers in the colocated vLLM engine: set "
+               "generation.use_vllm=true, or use sgsd.teacher_engine=trainer")
+    elif cfg.generation.vllm_mode != "colocate":
+        yield ("sgsd.teacher_engine=vllm needs the engine inside the training process: set "
+               "generation.vllm_mode=colocate, or use sgsd.teacher_engine=trainer")
+
+
 def _sgsd_pg_problems(cfg: "RunConfig") -> Iterator[str]:
+    yield from _teacher_engine_problems(cfg)
     if cfg.grpo.skills_in_prompt:
         yield "grpo.skills_in_prompt: sgsd-pg gives the skills to its teachers, not to the rollout prompt; set it to false"
 
@@ -229,13 +242,14 @@ def _sgsd_pg_zero3_problems(cfg: "RunConfig") -> Iterator[str]:
 SGSD_CARD_SETTINGS = ("sgsd.num_teachers", "skills.retrieval", "sgsd.teacher", "sgsd.gate_tau", "sgsd.clip_delta",
                       "sgsd.polarity_test", "sgsd.confidence_threshold", "sgsd.polarity_z", "sgsd.polarity_control",
                       "sgsd.local_support_top_k",
-                      "skills.online.enabled")
+                      "sgsd.teacher_engine", "skills.online.enabled")
 GRPO_CARD_SETTINGS = ("grpo.num_generations", "grpo.epsilon", "grpo.beta", "grpo.loss_type")
 
 register_method(MethodSpec(
     name="sgsd", settings="sgsd", sections=("sgsd",), trainer="sgsd.trainers.sgsd_trainer:SGSDTrainer",
     trainer_kwargs="sgsd.trainers.sgsd_trainer:sgsd_trainer_kwargs",
     needs_bank=lambda cfg: True, online_updates=True, skill_teachers=True, card_settings=SGSD_CARD_SETTINGS,
+    problems=_teacher_engine_problems,
     zero3_problems=_sgsd_zero3_problems,
     description=("SGSD (Skill-Conditioned Gated Self-Distillation, arXiv 2605.28791; docs/spec.md section 4): the "
                  "model, given K retrieved (skill, common mistake) pairs as privileged context, scores its own rollout "

@@ -28,7 +28,7 @@ from sgsd.distributed import announce, is_main_process, launched_world_size, ran
 from sgsd.errors import ConfigError, UserError
 from sgsd.models import engine_directory
 from sgsd.methods import MethodSpec, TrainerContext, check_run_config, method_spec
-from sgsd.peers import active_watch, code_digest, watching_peers
+from sgsd.peers import active_watch, code_digest, reporting_termination, watching_peers
 from sgsd.provenance import package_versions, provenance
 from sgsd.run_setup import load_run_inputs, load_run_model
 from sgsd.run_dir import RESUME_MAY_CHANGE, Rerun, RunDir
@@ -102,6 +102,7 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
     cfg = with_max_steps(cfg, max_steps)
     out = output_directory(cfg, output_dir)
     with ExitStack() as claim:
+        claim.enter_context(reporting_termination())  # a SIGTERM says so in one line, even inside a collective
         watch = claim.enter_context(watching_peers(cfg.distributed.peer_timeout_s))
         if watch is not None:  # every node runs the same code and config before any reads the output directory
             with same_on_every_rank():
