@@ -31,6 +31,7 @@ resume needs): each rank reads the same files and reaches the same verdicts with
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -40,7 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
+import yaml
+
+from sgsd.config import flatten
 from sgsd.errors import DataError, UserError, shorten
+from sgsd.storage import apply_plain_modes, atomic_write_json, storage_failure
 
 RESOLVED_CONFIG = "resolved_config.yaml"
 PROVENANCE_PREFIX = "# provenance: "
@@ -274,8 +279,6 @@ def refuse_special_dir(directory: str | os.PathLike, what: str = "output directo
 
 def settings_digest(settings: dict[str, Any], may_differ: frozenset[str] = frozenset()) -> str:
     """SHA-256 of the settings that decide a command's output (`may_differ` left out)."""
-    import hashlib
-
     kept = {k: v for k, v in sorted(settings.items()) if k not in may_differ}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str, allow_nan=True).encode("utf-8")).hexdigest()
 
@@ -344,8 +347,6 @@ def read_output_record(directory: Path, what: str = "output directory") -> dict[
 def write_output_record(directory: Path, kind: str, settings: dict[str, Any],
                         may_differ: frozenset[str] = frozenset()) -> None:
     """Record whose output `directory` holds (kind, settings and their digest): `check_output_dir` reads it."""
-    from sgsd.storage import atomic_write_json
-
     atomic_write_json(directory / OUTPUT_RECORD, {"kind": kind, "settings_sha256": settings_digest(settings, may_differ),
                                                   "settings": json.loads(json.dumps(settings, default=str))})
 
@@ -401,7 +402,6 @@ def claimed_output_dir(directory: str | os.PathLike, kind: str, settings: dict[s
                 record.unlink(missing_ok=True)
 
 
-
 # -- the run's record ----------------------------------------------------------------------------------
 
 
@@ -424,8 +424,6 @@ class RunRecord:
 
 def read_run_record(run_dir: str | Path) -> RunRecord | None:
     """The run's record, or None when it has no resolved_config.yaml."""
-    import yaml
-
     path = Path(run_dir) / RESOLVED_CONFIG
     if not path.is_file():
         return None
@@ -561,10 +559,6 @@ def check_resume_config(output_dir: Path, config_yaml: str) -> None:
     RESUME_MAY_CHANGE may differ. Without this, resuming with another learning rate, method or model
     would silently splice two experiments into one run.
     """
-    import yaml
-
-    from sgsd.config import flatten
-
     saved_path = output_dir / RESOLVED_CONFIG
     if not saved_path.exists():
         return
@@ -614,8 +608,6 @@ class Marker:
 def write_complete_marker(folder: Path, step: int, world_size: int | None = None) -> None:
     """Write the marker LAST into a checkpoint or final/'s staging folder, listing every file in it,
     after giving its files the umask's mode (safetensors writes its weights 0600)."""
-    from sgsd.storage import apply_plain_modes, atomic_write_json
-
     apply_plain_modes(folder)
     files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name != COMPLETE_MARKER}
@@ -743,8 +735,6 @@ def fresh_staging(output_dir: Path) -> Path:
 def storage_errors(output_dir: Path) -> Iterator[None]:
     """A full or read-only disk while saving becomes one line (whichever exception the writer raised:
     an OSError, torch's "file write failed", safetensors' IoError); complete checkpoints stay intact."""
-    from sgsd.storage import storage_failure
-
     try:
         yield
     except Exception as err:  # noqa: BLE001 - re-raised unless it is a storage failure

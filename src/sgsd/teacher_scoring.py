@@ -23,6 +23,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, ContextManager, Mapping, Sequence
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sgsd.loss_settings import SGSDSettings
 from sgsd.objectives import teacher_polarity
@@ -31,7 +32,6 @@ from sgsd.scoring import (completion_logprobs, countable_token_table, counted_ma
                           score_teachers_and_entropy)
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from sgsd.skills.teachers import Teacher
 
