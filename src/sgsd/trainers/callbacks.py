@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING
 
 from transformers import TrainerCallback
 
+from sgsd.distributed import is_main_process, rank
+from sgsd.storage import atomic_write_text
+
 if TYPE_CHECKING:
     from sgsd.trl_adapter import HookedGRPOTrainer
 
@@ -68,9 +71,6 @@ class MetricsWriter(TrainerCallback):
         self._write()
 
     def _write(self) -> None:
-        from sgsd.distributed import is_main_process
-        from sgsd.storage import atomic_write_text
-
         if not is_main_process():
             return
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records)
@@ -147,8 +147,6 @@ class FaultInjection(TrainerCallback):
                               "rank=R,save_delay=SECONDS") from None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        from sgsd.distributed import rank
-
         if self.step is not None and rank() == self.rank and state.global_step + 1 == self.step:
             if self.signal is not None:
                 import signal
@@ -157,8 +155,6 @@ class FaultInjection(TrainerCallback):
             raise RuntimeError(f"fault injected by {self.ENV} on rank {self.rank} at step {self.step}")
 
     def on_save(self, args, state, control, **kwargs):
-        from sgsd.distributed import rank
-
         if self.save_delay is not None and rank() == self.rank:
             time.sleep(self.save_delay)
             late = Path(args.output_dir) / f"checkpoint-{state.global_step}" / f"late_rank{self.rank}.txt"

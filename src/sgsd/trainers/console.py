@@ -8,13 +8,11 @@ researcher watches while a run goes. Keys absent for a method (GRPO has no helpf
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-if TYPE_CHECKING:
-    from transformers import Trainer
 
 # (label, log key, format) in the order shown; log keys are the trainer's (before MetricsWriter renames)
 FIELDS: tuple[tuple[str, str, str], ...] = (

@@ -12,16 +12,14 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from sgsd.config import RunConfig
 from sgsd.distributed import announce
 from sgsd.errors import ConfigError, DataError, UserError
 from sgsd.methods import method_spec
+from sgsd.skills.bank import SkillBank
 from sgsd.storage import decode_utf8, parse_json
-
-if TYPE_CHECKING:
-    from sgsd.config import RunConfig
-    from sgsd.skills.bank import SkillBank
 
 
 def prompts_per_step(cfg: "RunConfig", world_size: int) -> int:

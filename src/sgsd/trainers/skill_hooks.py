@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from sgsd.config import RunConfig
 from sgsd.distributed import broadcast_object, gather_objects, is_main_process
+from sgsd.skills.attribution import AttributionTracker
+from sgsd.skills.bank import SkillBank
+from sgsd.skills.llm import LLMClient
+from sgsd.skills.online import OnlineSkillUpdater
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerState
-
-    from sgsd.skills.bank import SkillBank
-    from sgsd.skills.llm import LLMClient
 
 
 class BankHolder(Protocol):
@@ -83,8 +84,6 @@ class AttributionObserver:
     name = "attribution"
 
     def __init__(self, run_dir: Path) -> None:
-        from sgsd.skills.attribution import AttributionTracker
-
         self.run_dir = run_dir
         self.tracker = AttributionTracker()
 
@@ -122,8 +121,6 @@ class OnlineUpdateObserver:
     name = "online_skills"
 
     def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
-        from sgsd.skills.online import OnlineSkillUpdater
-
         self.cfg = cfg
         self.updater = OnlineSkillUpdater(cfg.skills.online, run_dir=run_dir)
         # every rank must agree on the run id that stamps the snapshots
