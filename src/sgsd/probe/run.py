@@ -19,10 +19,12 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
+from sgsd.config import RunConfig
 from sgsd.data import check_untrusted_text, load_problems
 from sgsd.generation import HFGenerator, SamplingConfig
 from sgsd.lm_head import resolve_chunk_tokens
@@ -38,11 +40,6 @@ from sgsd.skills.retrieval import make_retriever
 from sgsd.skills.teachers import TeacherSource
 from sgsd.teacher_scoring import TeacherProbe, probe_teachers
 from sgsd.verify import grade_batch
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-    from sgsd.config import RunConfig
 
 
 def check_inputs(cfg: RunConfig, output_dir: str | Path, rollouts: int, controls: Sequence[str]) -> Path:
