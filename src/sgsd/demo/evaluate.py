@@ -17,6 +17,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from sgsd.data import Problem
+from sgsd.demo.warmup import demo_chat_style
+from sgsd.generation import HFGenerator, SamplingConfig
+from sgsd.prompts import render_chat, student_prompt
+from sgsd.verify import grade
 
 if TYPE_CHECKING:
     import torch
@@ -64,9 +68,6 @@ def sample(model: Any, tokenizer: Any, user_texts: Sequence[str], *, num_samples
     """`num_samples` completions per user text (rendered with the demo's chat style), temperature 1 or greedy."""
     import torch
 
-    from sgsd.demo.warmup import demo_chat_style
-    from sgsd.generation import HFGenerator, SamplingConfig
-    from sgsd.prompts import render_chat
 
     style = demo_chat_style()
     rendered = [render_chat(tokenizer, text, style) for text in user_texts]
@@ -85,8 +86,6 @@ def sample(model: Any, tokenizer: Any, user_texts: Sequence[str], *, num_samples
 
 def is_correct(completion: str, problem: Problem) -> bool:
     """The project's grader (`sgsd.verify.grade`) on the problem's gold answer."""
-    from sgsd.verify import grade
-
     return grade(completion, problem.answer).correct
 
 
@@ -116,8 +115,6 @@ def estimate(per_problem: Sequence[float], samples_per_problem: int, *, seed: in
 
 
 def student_text(problem: Problem) -> str:
-    from sgsd.prompts import student_prompt
-
     return student_prompt(problem.problem)
 
 
