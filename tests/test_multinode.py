@@ -279,6 +279,64 @@ def test_two_nodes_zero2_a_frozen_node_is_named_and_the_same_command_resumes_exa
                                                    _weights(frozen / "final").values(), strict=True))
 
 
+# -- vLLM colocate with DeepSpeed ZeRO-2 on two nodes: SIGKILL of both, the same command resumes -------------
+
+VLLM_STEPS = 3
+
+
+def test_two_nodes_with_vllm_and_zero2_resume_after_sigkill_with_the_engine_in_step(tmp_path):
+    """Issue 29's resume and ZeRO-2 with vLLM, and issue 34's vLLM run, in one: two nodes x 1 process, one
+    colocate engine per rank, ZeRO-2 sharding the optimizer state; the run killed (SIGKILL, both nodes) once
+    checkpoint-2 is complete, then the same command."""
+    from sgsd.trl_adapter import PROBE_LOGP_METRIC, SYNC_DIFF_METRIC
+    from test_vllm_adapter import LOGP_TOLERANCE, VLLM_TINY, require_vllm_cpu
+
+    require_vllm_cpu()
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    args = ("--max-steps", str(VLLM_STEPS), "training.save_steps=2", "generation.use_vllm=true",
+            f"model.name_or_path={VLLM_TINY}", "skills.attribution=false", f"training.deepspeed={ZERO2}")
+    strace = _strace()
+    trace = tmp_path / "node1.strace"
+    started = time.monotonic()
+    _ok(TwoNodes(whole, *args, wrap1=[*strace, str(trace)] if strace else [], DS_ACCELERATOR="cpu"))
+    print(f"two-node vLLM + ZeRO-2 run, {VLLM_STEPS} steps: {time.monotonic() - started:.1f} s")
+    victim = TwoNodes(killed, *args, DS_ACCELERATOR="cpu")
+    _wait_for(killed / "checkpoint-2" / "sgsd_complete.json", victim)
+    victim.kill()  # both launchers and both ranks, at once
+    assert not (killed / "final").exists()
+    started = time.monotonic()
+    restart = _ok(TwoNodes(killed, *args, DS_ACCELERATOR="cpu"))
+    print(f"the resumed run: {time.monotonic() - started:.1f} s")
+    assert any(l.startswith("sgsd: resumed from") for l in restart.sgsd_lines(0))
+
+    for run in (whole, killed):
+        record = _record(run)
+        assert (record["processes"], record["nodes"]) == (2, 2)
+        assert json.loads((run / "final" / "sgsd_complete.json").read_text())["step"] == VLLM_STEPS
+        shards = list((run / "checkpoint-2").glob("global_step2/zero_pp_rank_*_optim_states.pt"))
+        assert len(shards) == 2  # ZeRO-2: one optimizer shard per rank
+    resumed, uninterrupted = _metrics(killed), _metrics(whole)
+    assert [r["step"] for r in resumed] == list(range(1, VLLM_STEPS + 1))
+    # the resumed engine holds the resumed policy's weights from its first generation on (max over ranks)
+    assert all(r[SYNC_DIFF_METRIC] <= LOGP_TOLERANCE for r in resumed + uninterrupted)
+    # bit-identical to the uninterrupted run: the sampling (the engine samples with torch's global generator,
+    # which each rank's checkpoint restores), the rewards, losses and weights. Except the sync check's two
+    # metrics after the restart: its fixed completion is the first rollout the process generated, step 3's in
+    # the resumed process (another completion, so another log-prob and another rounding difference)
+    probe = {PROBE_LOGP_METRIC, SYNC_DIFF_METRIC}
+    for a, b in zip(resumed, uninterrupted, strict=True):
+        keys = set(a) - (probe if a["step"] > 2 else set())
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, a["step"]
+    assert resumed[2][PROBE_LOGP_METRIC] != uninterrupted[2][PROBE_LOGP_METRIC]  # it is another completion
+    assert all(torch.equal(a, b) for a, b in zip(_weights(whole / "final").values(),
+                                                   _weights(killed / "final").values(), strict=True))
+    if strace:  # node 1's engine wrote nothing of the shared directory (its model copy is in its own temp folder)
+        written = _shared_writes(trace, whole)
+        assert any(PER_RANK.search(p) for p in written), written
+        assert [p for p in written if not PER_RANK.search(p) and not re.fullmatch(r"checkpoint-\d+", p)] == []
+
+
 def test_a_node_started_with_another_config_is_refused_before_the_model_loads(tmp_path):
     out = tmp_path / "run"
     port = _free_port()

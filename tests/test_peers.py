@@ -3,8 +3,14 @@ each `PeerWatch` plays one rank. The launches of two nodes are in tests/test_mul
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from datetime import timedelta
 
 import pytest
@@ -14,6 +20,8 @@ from sgsd import peers
 from sgsd.config import load_config
 from sgsd.errors import ConfigError, UserError
 from sgsd.peers import PEER_FAILURE_GRACE_S, PeerWatch, Place, describe
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
@@ -144,3 +152,60 @@ def test_fault_injection_signals_are_parsed_and_checked(monkeypatch):
         monkeypatch.setenv(FaultInjection.ENV, bad)
         with pytest.raises(ConfigError, match="signal=KILL|STOP"):
             FaultInjection.from_env()
+
+
+def test_verdict_and_loss_report_name_a_peer_that_was_terminated(store, monkeypatch):
+    watch = _watch(store, 0, world=2, timeout=10.0)
+    start = watch.started_at
+    watch.verdict({1: 1}, start)
+    watch._ended_at = {1: (peers.TERMINATED, start + 1)}
+    assert watch.verdict({1: 1}, start + 3 * PEER_FAILURE_GRACE_S) is None  # the main thread's report comes first
+    line, lost = watch.verdict({1: 1}, start + 1 + 3 * PEER_FAILURE_GRACE_S + 0.1)
+    assert lost == {1} and line.startswith("rank 1 (node 1) was terminated (SIGTERM")
+    monkeypatch.setattr(peers, "_active", watch)
+    assert peers.loss_report() == line
+
+
+def _rank(rank: int, port: int, out, **env) -> subprocess.Popen:
+    environment = {**os.environ, "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2", "GROUP_RANK": str(rank),
+                   "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                   "TORCHELASTIC_USE_AGENT_STORE": "True", "OMP_NUM_THREADS": "1",
+                   "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]), **env}
+    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "sigterm_worker.py"), str(out)], env=environment,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _sgsd_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("sgsd: ")]
+
+
+@pytest.mark.parametrize("then", ["the peer names it", "the launcher stops the peer"])
+def test_sigterm_inside_a_collective_says_so_in_one_line_and_the_peer_names_it(tmp_path, then):
+    # two ranks, one per simulated node, joined through a store this test keeps (as node 0's launcher keeps
+    # torchrun's), each waiting in a receive that never completes; rank 1 gets SIGTERM there
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+    ranks = [_rank(r, server.port, tmp_path) for r in (0, 1)]
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"ready-rank{r}").exists() for r in (0, 1)):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in ranks), ranks[0].communicate()[0]
+            time.sleep(0.05)
+        time.sleep(0.5)  # into the receive
+        ranks[1].send_signal(signal.SIGTERM)
+        lines = _sgsd_lines(ranks[1].communicate(timeout=60)[0])
+        assert ranks[1].returncode == 128 + signal.SIGTERM
+        assert len(lines) == 1 and re.match(r"sgsd: error \(rank 1\): rank 1 \(node 1, host [^)]+\) was terminated "
+                                            r"\(SIGTERM.*; the run stops here \(the same command on every node resumes "
+                                            r"it from the last complete checkpoint\)$", lines[0]), lines
+        if then == "the launcher stops the peer":  # as torchrun does with the rest of a node: no second line
+            ranks[0].send_signal(signal.SIGTERM)
+            assert _sgsd_lines(ranks[0].communicate(timeout=60)[0]) == [] and ranks[0].returncode == 143
+        else:  # its receive fails; after the grace it names rank 1 and why
+            lines = _sgsd_lines(ranks[0].communicate(timeout=60)[0])
+            assert ranks[0].returncode == 1
+            assert len(lines) == 1 and re.match(r"sgsd: error \(rank 0\): rank 1 \(node 1, host [^)]+\) was "
+                                                r"terminated \(SIGTERM", lines[0]), lines
+    finally:
+        for process in ranks:
+            process.kill()
+            process.wait()

@@ -1,6 +1,8 @@
 """vLLM colocate generation on 2 CPU processes (torchrun, gloo; TRL runs one engine per rank through vLLM's
 `external_launcher` executor): each rank generates its own share with its own random stream, and the run's
-accounting matches one process's. Two launches of about a minute each; skipped without vLLM's CPU build."""
+accounting matches one process's. The teachers and the neutral control are scored in each rank's own engine
+(`sgsd.teacher_engine=vllm`): each rank's scores equal its trainer's of the same rows. Two launches of about a
+minute each; skipped without vLLM's CPU build."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ def _launch(nproc: int, out: Path, data: Path) -> list[dict]:
                str(ROOT / "configs/tiny/sgsd.yaml"), str(out / "run"), "generation.use_vllm=true",
                f"model.name_or_path={VLLM_TINY}", f"training.max_steps={STEPS}", f"data.path={data}",
                "data.deduplicate=false", f"training.prompts_per_device={PROMPTS_PER_STEP // nproc}",
-               "skills.attribution=false"]
+               "skills.attribution=false", "sgsd.teacher_engine=vllm", "sgsd.polarity_control=neutral"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -55,6 +57,8 @@ def test_two_processes_generate_their_own_shares_and_account_as_one(tmp_path):
         assert [len(b["completions"]) for b in batches] == [PROMPTS_PER_STEP // 2] * 2  # each rank its share
         completions = [tuple(c) for b in batches for c in b["completions"]]
         assert len(set(completions)) == PROMPTS_PER_STEP, "ranks generated the same rollouts"
+        # each rank's engine scored its own rows (teachers and control) as its trainer does (LOGP_TOLERANCE's note)
+        assert all(b["engine_tokens_compared"] > 0 and b["engine_gap"] <= LOGP_TOLERANCE for b in batches), batches
     assert [len(b["completions"]) for b in _rollouts(tmp_path / "one", 0)] == [PROMPTS_PER_STEP] * STEPS
 
     # the same accounting: steps, metric keys, and every rank's engine in step with its trainer

@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SGSD_DEBUG"):
             raise
         if _rank_tag() and _secondary_failure(err):
-            from sgsd.peers import loss_report, report
+            from sgsd.peers import report_loss
 
-            report(loss_report() or "another process of the run stopped (its error says why)")
+            report_loss()
             return 1
         print(f"sgsd: internal error{_rank_tag()}: {type(err).__name__}: {err} (set SGSD_DEBUG=1 for a traceback)",
               file=sys.stderr)

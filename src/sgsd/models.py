@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from sgsd.errors import UserError
 from sgsd.paths import check_local_path
+from sgsd.run_dir import RunDir
 from sgsd.threads import fit_to_model
 from sgsd.tiny import ModelShape
 
@@ -75,8 +76,8 @@ def resolve_model_path(model_spec: str) -> str:
     path = Path(model_spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
-            if (path / "final").is_dir():
-                return str(path / "final")
+            if RunDir(path).is_finished:
+                return str(RunDir(path).final)
             raise UserError(f"model {model_spec}: directory has no config.json, adapter_config.json or final/")
         return str(path)
     if path.exists():

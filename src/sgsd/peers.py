@@ -18,6 +18,13 @@ contents, the code and the stack's versions, and a node started with something e
 
 Without such a launcher (one process, or a launcher that sets no agent store) there is no watch;
 the collective timeout then bounds a lost rank.
+
+A rank that receives SIGTERM (a scheduler's preemption, a `kill`, its launcher passing on either) says
+so in one line, tells the others through the store (`reporting_termination`), and exits; the peers'
+line then names it as terminated. The main thread may be inside a collective (C++ code that does not
+return to Python until the collective ends, so a Python signal handler would never run): the signal
+reaches a thread of its own through `signal.set_wakeup_fd`, written by the interpreter's C-level
+handler whatever the main thread does.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -33,7 +41,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from sgsd.distributed import is_peer_loss, launched_world_size
 from sgsd.errors import UserError
@@ -45,6 +53,8 @@ PEER_FAILURE_GRACE_S = 10.0
 # within peer_timeout_s plus this.
 HEARTBEAT_MAX_S = 2.0
 EXIT_PEER_LOST = 1
+TERMINATED = "terminated"  # a rank's end state after SIGTERM
+EXIT_TERMINATED = 128 + signal.SIGTERM  # what a shell reports for a process that SIGTERM ended
 
 
 @dataclass(frozen=True)
@@ -260,6 +270,8 @@ class PeerWatch:
         # grace in which it prints its line (on its own node the launcher stops them first)
         failed = [r for r, (state, at) in self._ended_at.items()
                   if state == "failed" and now - at > 3 * PEER_FAILURE_GRACE_S]
+        terminated = [r for r, (state, at) in self._ended_at.items()
+                      if state == TERMINATED and now - at > 3 * PEER_FAILURE_GRACE_S]
         setting = f"distributed.peer_timeout_s={self.timeout_s:g}"
         if silent:
             return (f"{describe([self._where(r) for r in silent])} stopped answering: no heartbeat for "
@@ -269,7 +281,18 @@ class PeerWatch:
                     f"{self.timeout_s:g} s since this rank started ({setting})"), set(never)
         if failed:
             return f"{describe([self._where(r) for r in failed])} stopped with an error (its own output says why)", set(failed)
+        if terminated:
+            return terminated_line(self._where(r) for r in terminated), set(terminated)
         return None
+
+    def terminated_peers(self) -> list[Place]:
+        """Peers that said they received SIGTERM."""
+        return [self._where(r) for r, (state, _) in sorted(self._ended_at.items()) if state == TERMINATED]
+
+    def others_ended(self, store: Any) -> dict[int, str]:
+        """Every other rank that ended, with its end state (read now, from `store`)."""
+        keys = {r: self._key("end", r) for r in self.others}
+        return {r: store.get(key).decode() for r, key in keys.items() if store.check([key])}
 
     def suspects(self, silent_for_s: float) -> list[Place]:
         """Peers (not ended) whose heartbeat has not moved for `silent_for_s`: whom a lost connection lost."""
@@ -366,10 +389,19 @@ def loss_report() -> str | None:
     watch = _active
     if watch is None:
         return None
+    terminated = watch.terminated_peers()
+    if terminated:
+        return terminated_line(terminated)
     lost = watch.suspects(silent_for_s=min(PEER_FAILURE_GRACE_S / 2, 3 * watch.interval_s))
     if not lost:
         return None
     return f"{describe(lost)} stopped answering (its heartbeat stopped: killed, frozen or cut off)"
+
+
+def report_loss() -> None:
+    """After a lost connection to a peer and the grace time: the line naming whom (or saying that another
+    process stopped with an error of its own)."""
+    report(loss_report() or "another process of the run stopped (its error says why)")
 
 
 def node_count() -> int:
@@ -379,3 +411,94 @@ def node_count() -> int:
     if watch is not None and len(watch.places) == watch.world_size:
         return watch.node_count()
     return _env_int("GROUP_WORLD_SIZE", 1)
+
+
+# -- SIGTERM: one line, the peers told ---------------------------------------------------------------------
+
+def terminated_line(places: Iterable[Place]) -> str:
+    return (f"{describe(list(places))} was terminated (SIGTERM: a scheduler's preemption, a `kill`, or its "
+            "launcher passing one on)")
+
+
+def _on_sigterm() -> None:
+    """This process received SIGTERM: one line (unless another rank ended first: then this SIGTERM is its
+    launcher stopping the rest, and that rank's line says why), the others told, then the exit."""
+    watch, first = _active, True
+    if watch is not None:
+        try:
+            store = watch._store_factory()
+            first = all(state == "left" for state in watch.others_ended(store).values())
+            store.set(watch._key("end", watch.place.rank), TERMINATED)
+            store.add(f"{watch.prefix}/ended", 1)
+        except Exception:  # noqa: BLE001 - the store's host is gone too: say it ourselves
+            pass
+    if first:
+        report(terminated_line([watch.place if watch is not None else this_place()]))
+    sys.stderr.flush()
+    os._exit(EXIT_TERMINATED)
+
+
+def _sigterm_waiter(receiver: socket.socket) -> None:
+    while True:
+        try:
+            data = receiver.recv(64)
+        except OSError:
+            return
+        if not data or data == b"\0":  # closed, or `reporting_termination` ended
+            return
+        if signal.SIGTERM in data:
+            _on_sigterm()
+
+
+_at_fork_registered = False
+_reporting = False  # inside `reporting_termination`
+
+
+def _forget_in_child() -> None:
+    """A forked child (a data-loader worker) keeps the default SIGTERM: its parent's pipe is not its own."""
+    if not _reporting:
+        return
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except (ValueError, OSError):  # forked from a thread other than the main one: nothing was inherited there
+        pass
+
+
+@contextmanager
+def reporting_termination() -> Iterator[None]:
+    """In the body, SIGTERM ends this process with one line (`_on_sigterm`), whatever the main thread is
+    doing. Only from the main thread (signal handlers belong to it); elsewhere the body runs as is."""
+    global _at_fork_registered, _reporting
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    receiver, sender = socket.socketpair()
+    sender.setblocking(False)
+    try:
+        previous_fd = signal.set_wakeup_fd(sender.fileno(), warn_on_full_buffer=False)
+    except ValueError:  # not the main interpreter
+        receiver.close(), sender.close()
+        yield
+        return
+    # the interpreter's C handler writes the signal's number to `sender`; the Python-level handler (run
+    # by the main thread whenever it returns to Python) has nothing left to do
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    if not _at_fork_registered:
+        os.register_at_fork(after_in_child=_forget_in_child)
+        _at_fork_registered = True
+    waiter = threading.Thread(target=_sigterm_waiter, args=(receiver,), name="sgsd-sigterm", daemon=True)
+    waiter.start()
+    _reporting = True
+    try:
+        yield
+    finally:
+        _reporting = False
+        signal.signal(signal.SIGTERM, previous)
+        signal.set_wakeup_fd(previous_fd)
+        try:
+            sender.send(b"\0")
+        except OSError:
+            pass
+        waiter.join(timeout=5)
+        receiver.close(), sender.close()

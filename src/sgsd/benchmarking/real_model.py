@@ -52,6 +52,7 @@ from sgsd.models import load_model, load_tokenizer
 from sgsd.prefix_cache import plan_prefixes
 from sgsd.probe.run import run_probe
 from sgsd.prompts import ChatStyle, render_chat, student_prompt
+from sgsd.run_dir import RunDir
 from sgsd.scoring import completion_logprobs, left_pad
 from sgsd.skills.bank import load_bank
 from sgsd.skills.retrieval import make_retriever
@@ -257,7 +258,7 @@ def run_train(model_dir: Path, out: Path, *, data_dir: str, steps: int, max_new_
                  "training.deterministic=false"]
     run_dir = out / "train"
     profile = profile_training(str(SGSD_RECIPE), steps=steps, overrides=overrides, output_dir=str(run_dir))
-    records = list(read_jsonl(run_dir / "metrics.jsonl"))
+    records = list(read_jsonl(RunDir(run_dir).metrics))
     keys = ("train/reward_mean", "sgsd/success_rate", "sgsd/helpful_fraction", "sgsd/harmful_fraction",
             "sgsd/neutral_fraction", "sgsd/quadrant_helpful", "sgsd/quadrant_over_suppressive",
             "sgsd/quadrant_misleading", "sgsd/quadrant_warning", "sgsd/support_mean", "loss")

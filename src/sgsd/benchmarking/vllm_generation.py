@@ -96,7 +96,7 @@ def table(reports: list[ModelReport]) -> str:
     return "\n".join(lines)
 
 
-def _spec(name: str) -> str:
+def model_spec(name: str) -> str:
     spec = MODELS[name]
     if spec.startswith("pkg:"):
         from sgsd.gguf_import import cached_import
@@ -120,7 +120,7 @@ def measure_model(name: str, *, prompts: int, completions: int, rounds: int, sam
     import torch
 
 
-    spec = _spec(name)
+    spec = model_spec(name)
     tokenizer = load_tokenizer(spec)
     start = time.perf_counter()
     model = load_model(spec, dtype="fp32", tokenizer=tokenizer).eval()

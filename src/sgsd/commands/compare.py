@@ -41,7 +41,7 @@ from sgsd.commands.options import COUNT
 from sgsd.config import RunConfig, config_settings, flatten, setting_differences
 from sgsd.errors import ConfigError, UserError
 from sgsd.methods import load_run_config, method_names, method_spec
-from sgsd.run_dir import claimed_output_dir
+from sgsd.run_dir import RunDir, claimed_output_dir
 from sgsd.storage import atomic_write_json, atomic_write_text
 
 
@@ -89,7 +89,7 @@ class Stage:
     @property
     def done(self) -> bool:
         if self.kind == "train":
-            return (self.output / "final").is_dir()
+            return RunDir(self.output).is_finished
         return (self.output / "results.json").is_file()
 
 
@@ -193,7 +193,7 @@ def run_stage(stage: Stage, launcher: Sequence[str], in_process: bool) -> None:
 
 def training_cost(run_dir: Path) -> tuple[int, float, float] | None:
     """(steps, mean seconds per step, total seconds) from a run's metrics.jsonl, or None without one."""
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         return None
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -16,6 +16,7 @@ from sgsd.demo.evaluate import AccuracyEstimate
 from sgsd.demo.plan import DEMO_METHODS, DemoPlan, MethodRun, label
 from sgsd.demo.replication import replicated_difference, two_level_interval
 from sgsd.demo.warmup import WarmStart, weights_sha256
+from sgsd.run_dir import RunDir
 from sgsd.skills.attribution import AttributionTracker
 from sgsd.storage import atomic_write_json, atomic_write_text, read_jsonl
 
@@ -59,7 +60,7 @@ def _metric_series(run_dirs: Sequence[Path], key: str, *, mean: bool = True) -> 
     """(step, value) of `key` in the runs' metrics.jsonl: the mean over runs per step, or every value."""
     by_step: dict[int, list[float]] = {}
     for run_dir in run_dirs:
-        for record in read_jsonl(run_dir / "metrics.jsonl"):
+        for record in read_jsonl(RunDir(run_dir).metrics):
             if record.get(key) is not None:
                 by_step.setdefault(int(record["step"]), []).append(float(record[key]))
     if not mean:

@@ -46,7 +46,7 @@ from sgsd.demo.warmup import WarmStart, perturbed_warm_start, warm_start
 from sgsd.demo.world import write_problems
 from sgsd.loss_settings import POLARITY_CONTROLS
 from sgsd.methods import load_run_config
-from sgsd.run_dir import open_output_dir
+from sgsd.run_dir import RunDir, open_output_dir
 from sgsd.storage import atomic_write_json
 
 
@@ -284,7 +284,7 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
     def trained(method: str, seed: int, lr: float, run_dir: Path) -> None:
         """Train `run_dir` from seed's warm start unless it is finished (an interrupted run resumes)."""
         bar.set_postfix_str(f"{method} lr {lr:g} seed {seed}")
-        if not (run_dir / "final").exists():
+        if not RunDir(run_dir).final.exists():
             train(method_config(method, plan, warms[seed].path, data, bank, seed, lr), run_dir, progress=False)
 
     # 1. Learning rates (--tune-lr): each method on each grid point with the tuning seed, scored by
@@ -295,7 +295,7 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
         for lr in grid:
             run_dir = out / "tune" / f"{method}-lr{lr:g}-seed{plan.tuning_seed}"
             trained(method, plan.tuning_seed, lr, run_dir)
-            score = evaluate_dir(run_dir / "final", warms[plan.tuning_seed].tokenizer, validation, plan, k=plan.k,
+            score = evaluate_dir(RunDir(run_dir).final, warms[plan.tuning_seed].tokenizer, validation, plan, k=plan.k,
                                  seed=plan.tuning_seed, cache=cache)
             scores[lr] = {**score.to_json(), "step_seconds_median": step_seconds([run_dir])}
             bar.update()
@@ -321,11 +321,11 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
                 curve = [(0, base_curves[seed])]
                 if index == 0:
                     for step in range(plan.eval_every, plan.steps + 1, plan.eval_every):
-                        checkpoint = run_dir / f"checkpoint-{step}"
+                        checkpoint = RunDir(run_dir).checkpoint(step)
                         if checkpoint.exists():
                             curve.append((step, evaluate_dir(checkpoint, tokenizer, curve_set, plan, k=plan.k,
                                                              seed=seed, cache=cache).mean))
-                final = evaluate_dir(run_dir / "final", tokenizer, test, plan, k=plan.k, seed=seed, cache=cache)
+                final = evaluate_dir(RunDir(run_dir).final, tokenizer, test, plan, k=plan.k, seed=seed, cache=cache)
                 runs.append(MethodRun(method, seed, run_dir, final, curve if index == 0 else [], tuned=index == 1,
                                       learning_rate=lr, warm_start=seed))
                 bar.update()

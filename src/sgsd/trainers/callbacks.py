@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from transformers import TrainerCallback
 
 from sgsd.distributed import is_main_process, rank
+from sgsd.run_dir import RunDir
 from sgsd.storage import atomic_write_text
 
 if TYPE_CHECKING:
@@ -157,5 +158,5 @@ class FaultInjection(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if self.save_delay is not None and rank() == self.rank:
             time.sleep(self.save_delay)
-            late = Path(args.output_dir) / f"checkpoint-{state.global_step}" / f"late_rank{self.rank}.txt"
+            late = RunDir(Path(args.output_dir)).checkpoint(state.global_step) / f"late_rank{self.rank}.txt"
             late.write_text(f"written {self.save_delay} s after the save\n")

@@ -24,10 +24,7 @@ from transformers import Trainer, TrainerCallback
 
 from sgsd.errors import UserError
 from sgsd.models import load_model, load_tokenizer
-from sgsd.run_dir import rotate_checkpoints, write_complete_marker
-
-
-EXTRA_STATE = "sgsd_state.pt"
+from sgsd.run_dir import EXTRA_STATE, RunDir
 
 
 def restore_extra_state(trainer: "Trainer", checkpoint: Path) -> None:
@@ -128,10 +125,10 @@ class CompletionMarker(TrainerCallback):
         accelerator = self.trainer.accelerator
         accelerator.wait_for_everyone()  # every rank's RNG state and ZeRO shard are on disk
         if state.is_world_process_zero:
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            write_extra_state(self.trainer, path)
-            write_complete_marker(path, state.global_step, accelerator.num_processes)
-            rotate_checkpoints(Path(args.output_dir), self.save_total_limit)
+            run_dir = RunDir(Path(args.output_dir))
+            write_extra_state(self.trainer, run_dir.checkpoint(state.global_step))
+            run_dir.mark_complete(state.global_step, accelerator.num_processes)
+            run_dir.rotate(self.save_total_limit)
 
 
 def write_final_from_checkpoint(checkpoint: Path, staging: Path) -> None:
