@@ -248,7 +248,7 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
     warm_count = len(set(plan.seeds) | ({plan.tuning_seed} if grid else set()))  # one warm start per seed
     runs_total = len(plan.methods) * (len(grid) + len(plan.seeds) * (2 if grid else 1))
     warmup_steps = warmup_config(0, plan.warmup_steps).steps
-    estimate = DemoEstimate(demo_stages(warmup_steps=warm_count * warmup_steps, runs=runs_total, run_steps=plan.steps))
+    estimate = DemoEstimate(demo_stages(warmup_steps=warm_count * warmup_steps, runs=runs_total))
     bar = DemoProgressBar(estimate, total=warm_count + runs_total + 1, disable=not progress, warm_starts=warm_count,
                           warmup_steps=warmup_steps)
 
