@@ -47,6 +47,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.generation import vllm_generation
 from trl.trainer.utils import use_adapter
 
+from sgsd.errors import ConfigError
 from sgsd.vllm_adapter import engine_started_here, score_sequences, shutdown_engine
 
 if TYPE_CHECKING:
@@ -172,8 +173,6 @@ class HookedGRPOTrainer(GRPOTrainer):
         if self.has_method_loss and getattr(self, "is_fsdp_enabled", False):
             plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
             if getattr(plugin, "fsdp_version", 1) != 2:
-                from sgsd.errors import ConfigError
-
                 raise ConfigError(FSDP1_REFUSAL)
 
     # -- seams ------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,7 +14,7 @@ from transformers import TrainerCallback
 
 from sgsd.distributed import is_main_process, rank
 from sgsd.run_dir import RunDir
-from sgsd.storage import atomic_write_text
+from sgsd.storage import atomic_write_text, read_jsonl
 
 if TYPE_CHECKING:
     from sgsd.trl_adapter import HookedGRPOTrainer
@@ -52,8 +53,6 @@ class MetricsWriter(TrainerCallback):
         self.path = Path(path)
         self.records: list[Record] = []
         if self.path.exists():
-            from sgsd.storage import read_jsonl
-
             self.records = list(read_jsonl(self.path))
 
     def truncate_after(self, step: int) -> None:
@@ -150,8 +149,6 @@ class FaultInjection(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if self.step is not None and rank() == self.rank and state.global_step + 1 == self.step:
             if self.signal is not None:
-                import signal
-
                 os.kill(os.getpid(), getattr(signal, f"SIG{self.signal}"))
             raise RuntimeError(f"fault injected by {self.ENV} on rank {self.rank} at step {self.step}")
 

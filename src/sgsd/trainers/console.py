@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -59,8 +60,6 @@ class StepLinePrinter(TrainerCallback):
             return
         line = format_step_line(state.global_step, state.max_steps, logs)
         if self.progress:
-            from tqdm.auto import tqdm
-
             tqdm.write(line)  # keeps the bar intact
         else:
             print(line, flush=True)

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 from peft import LoraConfig
 from transformers import PreTrainedTokenizerBase, TrainerCallback, set_seed
+from transformers.utils import logging as hf_logging
 from trl import GRPOConfig, GRPOTrainer
 
 from sgsd import __version__
@@ -46,6 +47,7 @@ from sgsd.trainers.model_card import ModelCardWriter, write_model_card
 from sgsd.trainers.preflight import (check_deepspeed_config, check_engine, check_problems_per_step, teachers_record,
                                      teachers_within_bank)
 from sgsd.trl_adapter import make_grpo_config
+from sgsd.verify import AccuracyReward
 from sgsd.vllm_adapter import generation_problems
 
 
@@ -209,8 +211,6 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
     use_cpu, bf16 = resolve_device(cfg, spec)
     set_seed(cfg.training.seed)
     if not progress:
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()
 
     # -- everything the user gave, checked before writing anything ------------------------------
@@ -257,8 +257,6 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
         run_dir.write_resolved_config(dump_config(cfg), record)
 
     if reward_funcs is None:
-        from sgsd.verify import AccuracyReward
-
         reward_funcs = [AccuracyReward(extract=cfg.reward.extract)]
     metrics = MetricsWriter(run_dir.metrics)
     timer, ema_step = StepTimer(), EMAStep()

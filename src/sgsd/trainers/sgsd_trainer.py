@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from sgsd.config import RunConfig
+from sgsd.errors import ConfigError
 from sgsd.loss_settings import SGSDSettings
 from sgsd.lm_head import head_vocab_size
 from sgsd.loss_phase import active_rollouts, sgsd_loss_phase
@@ -63,8 +64,6 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
         self.chunk_tokens = settings.chunk_tokens(vocab)
         self.setup_teacher(settings.teacher, settings.ema_decay)
         if settings.teacher_engine == "vllm" and not self.colocated_engine:
-            from sgsd.errors import ConfigError
-
             raise ConfigError("sgsd.teacher_engine=vllm scores the teachers in the colocated vLLM engine: build the "
                               "trainer with use_vllm=true and vllm_mode=colocate, or use sgsd.teacher_engine=trainer")
         self.records: dict[int, RolloutRecord] = {}

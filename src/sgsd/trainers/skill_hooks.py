@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from sgsd.config import RunConfig
 from sgsd.distributed import broadcast_object, gather_objects, is_main_process
+from sgsd.prompts import ChatStyle, special_tokens
 from sgsd.skills.attribution import AttributionTracker
 from sgsd.skills.bank import SkillBank
-from sgsd.skills.llm import LLMClient
+from sgsd.skills.llm import HFClient, LLMClient, OpenAIClient
 from sgsd.skills.online import OnlineSkillUpdater
 
 if TYPE_CHECKING:
@@ -129,9 +130,6 @@ class OnlineUpdateObserver:
 
     def _client(self, trainer: ObservedTrainer) -> LLMClient:
         if self._llm is None:
-            from sgsd.prompts import ChatStyle
-            from sgsd.skills.llm import HFClient, OpenAIClient
-
             online = self.cfg.skills.online
             if online.llm == "policy":  # the shared policy model serves as the updater
                 self._llm = HFClient(trainer.unwrapped_model, trainer.processing_class, name="policy",
@@ -153,8 +151,6 @@ class OnlineUpdateObserver:
             return
         bank = None
         if is_main_process():
-            from sgsd.prompts import special_tokens
-
             self.updater.forbidden_tokens = special_tokens(trainer.processing_class)
             bank = self.updater.maybe_update(step, trainer.teacher_source.bank, self._client(trainer))
         bank, state = broadcast_object((bank, self.updater.state_dict()))
