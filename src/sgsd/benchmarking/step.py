@@ -89,7 +89,6 @@ class StepBench:
         """Time `config` (and its peak memory unless `memory` is False: then peak_mem_mb is NaN)."""
         import torch
 
-
         if config.model != self.model_shape:
             raise ValueError("StepBench.measure: config.model differs from the model this bench was built with")
         batch = make_batch(config.batch, config.model.vocab_size).to(self.device)

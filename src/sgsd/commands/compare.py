@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
+from sgsd.commands import run_in_process
 from sgsd.commands.options import COUNT
 from sgsd.config import RunConfig, config_settings, flatten, setting_differences
 from sgsd.errors import ConfigError, UserError
@@ -179,8 +180,6 @@ def _launcher(text: str | None) -> list[str]:
 def run_stage(stage: Stage, launcher: Sequence[str], in_process: bool) -> None:
     rerun = "fix it and rerun the same `sgsd compare` command: finished stages are skipped"
     if in_process:
-        from sgsd.commands import run_in_process
-
         try:
             code = run_in_process(stage.argv)
         except UserError as err:

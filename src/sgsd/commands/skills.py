@@ -32,7 +32,7 @@ from sgsd.run_dir import RunDir, check_output_dir, claimed_output_dir, read_run_
 from sgsd.skills.attribution import AttributionTracker, prune_bank
 from sgsd.skills.bank import check_usable, load_bank, save_bank
 from sgsd.skills.build import BuildConfig, build_bank, check_unique_ids
-from sgsd.skills.llm import HFClient
+from sgsd.skills.llm import HFClient, OpenAIClient
 from sgsd.skills.merge import MergeConfig
 from sgsd.skills.report import format_table, plot_attribution
 from sgsd.storage import check_writable_dir
@@ -326,8 +326,6 @@ def _llm_client(args: argparse.Namespace, model_spec: str | None, url: str | Non
     if (model_spec is None) == (url is None):
         raise UserError(f"give exactly one of --{role} MODEL or --{role}-url URL")
     if url is not None:
-        from sgsd.skills.llm import OpenAIClient
-
         if not url_model:
             raise UserError(f"--{role}-url needs --{role}-model (the model name the server serves)")
         api_key = None

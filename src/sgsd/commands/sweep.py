@@ -4,12 +4,14 @@ SGSD against GRPO and OPSD over a grid of demo-world settings (docs/sweep.md).""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
 from sgsd.commands.options import COUNT
 from sgsd.demo.sweep import run_sweep, sweep_settings
 from sgsd.demo.sweep_grid import GRIDS, SWEEP_PLAN_FILE, cell_runs, sweep_record
+from sgsd.demo.sweep_report import write_sweep_report
 from sgsd.errors import UserError
 from sgsd.run_dir import claimed_output_dir
 
@@ -45,10 +47,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.output_dir).expanduser()
     if args.report_only:
-        import json
-
-        from sgsd.demo.sweep_report import write_sweep_report
-
         plan = out / SWEEP_PLAN_FILE
         if not plan.exists():
             raise UserError(f"--report-only: {out} holds no sweep ({SWEEP_PLAN_FILE} missing)")
