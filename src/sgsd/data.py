@@ -347,7 +347,6 @@ def training_dataset(problems: list[Problem], tokenizer: PreTrainedTokenizerBase
     """
     from datasets import Dataset
 
-
     style = ChatStyle(enable_thinking)
     rows = []
     for index, item in enumerate(problems):

@@ -22,7 +22,7 @@ from sgsd.errors import UserError
 from sgsd.paths import check_local_path
 from sgsd.run_dir import RunDir
 from sgsd.threads import fit_to_model
-from sgsd.tiny import ModelShape
+from sgsd.tiny import ModelShape, build_tiny_model, build_tokenizer
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -107,8 +107,6 @@ def load_tokenizer(model_spec: str) -> PreTrainedTokenizerBase:
 
     path = resolve_model_path(model_spec)
     if path.split(":")[0] == TINY_PREFIX:
-        from sgsd.tiny import build_tokenizer
-
         return build_tokenizer()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -135,8 +133,6 @@ def _load_model(model_spec: str, *, dtype: str, tokenizer: PreTrainedTokenizerBa
 
     path = resolve_model_path(model_spec)
     if path.split(":")[0] == TINY_PREFIX:
-        from sgsd.tiny import build_tiny_model
-
         options = _parse_tiny(path)
         seed, max_positions = options.pop("seed", 0), options.pop("max_positions", 2048)
         return build_tiny_model(tokenizer if tokenizer is not None else load_tokenizer(path), seed=seed,

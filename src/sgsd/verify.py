@@ -35,9 +35,11 @@ grader processes that bound their time (kept private: the public surface is `ext
 from __future__ import annotations
 
 import atexit
+import ctypes
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -252,9 +254,6 @@ def _die_with_parent(parent_pid: int) -> None:
     of `9^{9^{9^9}}` would otherwise outlive a killed trainer for hours)."""
     if sys.platform.startswith("linux"):
         try:
-            import ctypes
-            import signal
-
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass

@@ -68,7 +68,6 @@ def sample(model: Any, tokenizer: Any, user_texts: Sequence[str], *, num_samples
     """`num_samples` completions per user text (rendered with the demo's chat style), temperature 1 or greedy."""
     import torch
 
-
     style = demo_chat_style()
     rendered = [render_chat(tokenizer, text, style) for text in user_texts]
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0 if greedy else 1.0, top_p=1.0, top_k=0,

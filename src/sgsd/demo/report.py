@@ -134,7 +134,6 @@ def _plot(out: Path, curves: dict[str, list[tuple[int, float]]], fractions: dict
           items: dict[str, dict[str, Any]], polarity_label: str = "SGSD") -> list[str]:
     import matplotlib
 
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

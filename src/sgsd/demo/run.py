@@ -94,7 +94,6 @@ def evaluate_dir(path: Path, tokenizer: Any, problems: Sequence[Problem], plan: 
     """avg@k of the model saved at `path` (from `cache` when this exact evaluation was done before)."""
     from transformers import AutoModelForCausalLM
 
-
     key = cache.key(path, problems, k=k, seed=seed, max_new_tokens=plan.max_new_tokens) if cache else None
     if cache is not None and (known := cache.get(key)) is not None:
         return known
@@ -209,7 +208,6 @@ def prepare_warm_start(seed: int, plan: DemoPlan, *, cache_root: str | Path | No
     `sgsd.demo.warmup.perturbed_warm_start`) or before it ("warm-up", cached as `<digest>-ulp-init`)."""
     from tqdm.auto import tqdm
 
-
     config = warmup_config(seed, plan.warmup_steps)
     if bar is not None:
         bar.set_postfix_str(f"warm start {seed}")
@@ -240,7 +238,6 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
               progress: bool) -> dict[str, Any]:
     from sgsd.trainers.run import train
 
-
     record = plan_record(plan)
     out = open_output_dir(output_dir, "demo", demo_settings(plan), what="demo: output directory")
     started = time.perf_counter()
@@ -251,7 +248,6 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
     estimate = DemoEstimate(demo_stages(warmup_steps=warm_count * warmup_steps, runs=runs_total))
     bar = DemoProgressBar(estimate, total=warm_count + runs_total + 1, disable=not progress, warm_starts=warm_count,
                           warmup_steps=warmup_steps)
-
 
     # One warm start per replication: each evaluation seed's, and the tuning seed's for --tune-lr.
     warm_seeds = list(dict.fromkeys(([plan.tuning_seed] if grid else []) + list(plan.seeds)))

@@ -133,7 +133,6 @@ class WarmupConfig:
         import tokenizers
         import torch
 
-
         payload = {
             "version": WARMUP_FORMAT_VERSION,
             "libraries": {"torch": torch.__version__, "tokenizers": tokenizers.__version__},
@@ -221,7 +220,6 @@ def encode_batch(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], com
     end-of-turn token so that the model learns to stop.
     """
     import torch
-
 
     style = demo_chat_style()
     prompt_ids = tokenizer([render_chat(tokenizer, p, style) for p in prompts], add_special_tokens=False).input_ids

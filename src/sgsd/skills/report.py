@@ -58,7 +58,6 @@ def plot_attribution(tracker: AttributionTracker, path: str | Path, top: int = 3
     # A bare Figure renders with Agg and touches no global pyplot state (safe inside a trainer).
     from matplotlib.figure import Figure
 
-
     per_kind = {kind: ranked_items(tracker, kind)[:top] for kind in KINDS}
     texts = item_labels(bank)
     height = max(3.0, 0.3 * max(len(v) for v in per_kind.values()) + 2.0)
