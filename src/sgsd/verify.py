@@ -59,7 +59,7 @@ ChatText = str | Sequence[dict[str, str]]
 EXTRACT_MODES: tuple[str, ...] = ("boxed", "flexible")
 
 DEFAULT_TIMEOUT_S = 5.0
-# A fresh worker imports math-verify and sympy (1-2 s on an idle core, more on a loaded machine).
+# A fresh worker imports math-verify and sympy (seconds, more on a loaded machine).
 WORKER_START_TIMEOUT_S = 120.0
 
 _BOX_START = re.compile(r"\\(?:boxed|fbox)\s*\{")
