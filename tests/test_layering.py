@@ -68,8 +68,11 @@ def test_lower_layers_do_not_import_higher_ones(folder, forbidden):
     assert {k: v for k, v in offending.items() if v} == {}
 
 
-def test_the_import_scan_sees_imports_inside_functions():
-    found = imported_modules(SRC / "skills" / "llm.py")
+def test_the_import_scan_sees_imports_inside_functions(tmp_path):
+    module = tmp_path / "module.py"
+    module.write_text("from sgsd.prompts import render_chat\n\n\nclass C:\n    def m(self):\n"
+                      "        from sgsd.generation import HFGenerator\n")
+    found = imported_modules(module)
     assert "sgsd.generation.HFGenerator" in found  # imported inside a method
     assert "sgsd.prompts" in found  # imported at the top
 

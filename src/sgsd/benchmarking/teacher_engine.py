@@ -28,7 +28,21 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
+from sgsd.benchmarking.real_model import PAPER_BANK
+from sgsd.data import tiny_math_problems
+from sgsd.evaluation.benchmarks import load_benchmark
+from sgsd.generation import SamplingConfig, VLLMGenerator
+from sgsd.loss_phase import sgsd_loss_phase
 from sgsd.loss_settings import SGSDSettings
+from sgsd.models import engine_directory, load_model, load_tokenizer
+from sgsd.prompts import ChatStyle, render_chat, student_prompt
+from sgsd.scoring import left_pad
+from sgsd.skills.bank import load_bank
+from sgsd.skills.retrieval import make_retriever
+from sgsd.skills.teachers import TeacherSource
+from sgsd.teacher_scoring import ScoredRollouts, decide, score_rollouts, score_under_teachers
 
 TESTS = {"threshold": SGSDSettings(), "z": SGSDSettings(polarity_test="z")}
 QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
@@ -36,29 +50,19 @@ ENGINE_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
 
 
 def _quantiles(values: Any) -> dict[str, float]:
-    import torch
-
     values = values.double()
     return {f"q{int(q * 100):02d}": float(torch.quantile(values, q)) for q in QUANTILES} | {
         "max": float(values.max()), "mean": float(values.mean())}
 
 
 def _problems(data_dir: str | None, count: int) -> list[str]:
-    from sgsd.data import tiny_math_problems
-
     if data_dir and (Path(data_dir) / "gsm8k_test.jsonl").is_file():
-        from sgsd.evaluation.benchmarks import load_benchmark
-
         return [p.problem for p in load_benchmark("gsm8k", data_dir=data_dir, limit=count).problems]
     return [p.problem for p in tiny_math_problems(count)]
 
 
 def _loss_and_grad(model: Any, student: tuple[Any, Any], completion: tuple[Any, Any], scored: Any,
                    settings: SGSDSettings, control: str) -> tuple[float, Any]:
-    import torch
-
-    from sgsd.loss_phase import sgsd_loss_phase
-
     scores = scored.scores
     model.zero_grad(set_to_none=True)
     phase = sgsd_loss_phase(model, prompt_ids=student[0], prompt_mask=student[1], completion_ids=completion[0],
@@ -74,18 +78,6 @@ def _loss_and_grad(model: Any, student: tuple[Any, Any], completion: tuple[Any, 
 def measure(name: str, spec: str, dtype: str, *, rollouts: int, tokens: int, teachers: int, rounds: int,
             data_dir: str | None, progress: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """One model in one dtype (a key of ENGINE_DTYPES): the module docstring's measurements."""
-    import torch
-
-    from sgsd.benchmarking.real_model import PAPER_BANK
-    from sgsd.generation import SamplingConfig, VLLMGenerator
-    from sgsd.models import engine_directory, load_model, load_tokenizer
-    from sgsd.prompts import ChatStyle, render_chat, student_prompt
-    from sgsd.scoring import left_pad
-    from sgsd.skills.bank import load_bank
-    from sgsd.skills.retrieval import make_retriever
-    from sgsd.skills.teachers import TeacherSource
-    from sgsd.teacher_scoring import ScoredRollouts, decide, score_rollouts, score_under_teachers
-
     tokenizer = load_tokenizer(spec)
     model = load_model(spec, dtype=ENGINE_DTYPES[dtype], tokenizer=tokenizer).eval()
     folder = engine_directory(spec, model, tokenizer)

@@ -19,10 +19,12 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
+from sgsd.config import RunConfig
 from sgsd.data import LoadReport, Problem
 from sgsd.generation import HFGenerator, SamplingConfig
 from sgsd.lm_head import head_vocab_size
@@ -36,11 +38,6 @@ from sgsd.scoring import lm_parts
 from sgsd.skills.teachers import TeacherSource
 from sgsd.teacher_scoring import TeacherProbe, probe_teachers
 from sgsd.verify import grade_batch
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-    from sgsd.config import RunConfig
 
 
 def check_inputs(cfg: RunConfig, output_dir: str | Path, rollouts: int, controls: Sequence[str]) -> Path:

@@ -19,31 +19,38 @@ import json
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from transformers import PreTrainedTokenizerBase, TrainerCallback
+import torch
+from peft import LoraConfig
+from transformers import PreTrainedTokenizerBase, TrainerCallback, set_seed
+from transformers.utils import logging as hf_logging
+from trl import GRPOConfig, GRPOTrainer
 
+from sgsd import __version__
 from sgsd.config import RunConfig, config_settings, dump_config
+from sgsd.data import LoadReport, Problem, training_dataset
 from sgsd.distributed import announce, is_main_process, launched_world_size, rank_local, same_on_every_rank
 from sgsd.errors import ConfigError, UserError
 from sgsd.models import engine_directory
 from sgsd.methods import MethodSpec, TrainerContext, check_run_config, method_spec
+from sgsd.prompts import render_guidance
 from sgsd.peers import active_watch, code_digest, reporting_termination, watching_peers
 from sgsd.provenance import package_versions, provenance
 from sgsd.run_setup import load_run_inputs, load_run_model
 from sgsd.run_dir import RESUME_MAY_CHANGE, Rerun, RunDir
+from sgsd.skills.bank import SkillBank
+from sgsd.skills.retrieval import Retriever
+from sgsd.trainers.callbacks import EMAStep, FaultInjection, MetricsWriter, StepTimer
 from sgsd.trainers.checkpoints import CompletionMarker, check_engine_state, restore_extra_state, write_final_from_checkpoint
-from sgsd.trainers.preflight import (check_deepspeed_config, check_problems_per_step, teachers_record,
+from sgsd.trainers.console import use_step_lines
+from sgsd.trainers.model_card import ModelCardWriter, write_model_card
+from sgsd.trainers.preflight import (check_deepspeed_config, check_engine, check_problems_per_step, teachers_record,
                                      teachers_within_bank)
+from sgsd.trl_adapter import make_grpo_config
+from sgsd.verify import AccuracyReward
 from sgsd.vllm_adapter import generation_problems
 
-if TYPE_CHECKING:
-    from peft import LoraConfig
-    from trl import GRPOConfig, GRPOTrainer
-
-    from sgsd.data import LoadReport, Problem
-    from sgsd.skills.bank import SkillBank
-    from sgsd.skills.retrieval import Retriever
 
 __all__ = ["PreparedRun", "TrainResult", "prepare_run", "resolve_device", "train"]
 
@@ -66,10 +73,6 @@ def resolve_device(cfg: RunConfig, spec: MethodSpec | None = None) -> tuple[bool
     module in bf16, fp32 weights in the optimizer) under DeepSpeed; on CUDA and on CPU alike.
     `auto` is bf16 on CUDA and fp32 on CPU.
     """
-    import torch
-
-    from sgsd.trainers.preflight import check_engine
-
     device = cfg.training.device
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("training.device: cuda requested but no CUDA device is available")
@@ -203,19 +206,12 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path | None = None, *, resume:
 def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Callable[..., list[float]]] | None,
            progress: bool, rollout_func: Callable[..., dict[str, Any]] | None) -> PreparedRun:
     """Check everything the user gave, then write the run's record and build the trainer."""
-    from transformers import set_seed
-
-    from sgsd.data import training_dataset
-    from sgsd.trainers.callbacks import EMAStep, FaultInjection, MetricsWriter, StepTimer
-
     spec = method_spec(cfg.method)
     run_dir = RunDir(out)
     resume_from = rerun.checkpoint if rerun.action == "resume" else None
     use_cpu, bf16 = resolve_device(cfg, spec)
     set_seed(cfg.training.seed)
     if not progress:
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()
 
     # -- everything the user gave, checked before writing anything ------------------------------
@@ -259,8 +255,6 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
         run_dir.write_resolved_config(dump_config(cfg), record)
 
     if reward_funcs is None:
-        from sgsd.verify import AccuracyReward
-
         reward_funcs = [AccuracyReward(extract=cfg.reward.extract)]
     metrics = MetricsWriter(run_dir.metrics)
     timer, ema_step = StepTimer(), EMAStep()
@@ -277,8 +271,6 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
     timer.trainer = ema_step.trainer = trainer
     _record_base_model(trainer, cfg.model.name_or_path)
     trainer.add_callback(CompletionMarker(trainer, cfg.training.save_total_limit))
-    from sgsd.trainers.console import use_step_lines
-    from sgsd.trainers.model_card import ModelCardWriter
 
     use_step_lines(trainer, progress)  # one line per logging step; every key is in metrics.jsonl
     trainer.add_callback(ModelCardWriter(out))  # replaces TRL's generic README.md after each checkpoint
@@ -303,8 +295,6 @@ def _sha(text: str) -> str:
 def launch_digests(cfg: RunConfig, out: Path) -> dict[str, str]:
     """What every rank of a launch must agree on before any of them reads the output directory, by name
     (`PeerWatch.agree` names what differs): config, output directory, code, package versions."""
-    from sgsd import __version__
-
     return {"config": _sha(dump_config(cfg)), "output directory": _sha(str(out.expanduser().resolve())),
             "code": f"{__version__} {code_digest()}", "package versions": _sha(json.dumps(package_versions(), sort_keys=True))}
 
@@ -351,15 +341,11 @@ def _finish_without_training(out: Path, rerun: Rerun) -> TrainResult:
 
 
 def _publish(run_dir: RunDir, staging: Path, step: int) -> None:
-    from sgsd.trainers.model_card import write_model_card
-
     run_dir.publish(staging, step, complete=lambda folder: write_model_card(run_dir.path, step, folder))
 
 
 def _skill_blocks(cfg: RunConfig, retriever: "Retriever", problems: Sequence[str]) -> list[str]:
     """Top skills and top mistakes rendered as one guidance block per problem ("+Skill" variants)."""
-    from sgsd.prompts import render_guidance
-
     return [render_guidance([s.item for s in r.skills], [m.item for m in r.mistakes])
             for r in retriever.retrieve_many(list(problems), cfg.skills.prompt_top_k)]
 
@@ -374,7 +360,6 @@ def _record_base_model(trainer: "GRPOTrainer", model_spec: str) -> None:
 def _peft_config(cfg: RunConfig) -> "LoraConfig | None":
     if not cfg.model.lora.enabled:
         return None
-    from peft import LoraConfig
 
     lora = cfg.model.lora
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
@@ -384,8 +369,6 @@ def _peft_config(cfg: RunConfig) -> "LoraConfig | None":
 def _grpo_config(cfg: RunConfig, spec: MethodSpec, out: Path, *, use_cpu: bool, bf16: bool, progress: bool) -> "GRPOConfig":
     """TRL's GRPOConfig from the run config; the method fixes generations per prompt, beta and
     whether vLLM's importance-sampling correction runs (an extra forward that only GRPO uses)."""
-    from sgsd.trl_adapter import make_grpo_config
-
     fixed = spec.grpo_settings(cfg)
     training, generation = cfg.training, cfg.generation
     return make_grpo_config(
