@@ -84,3 +84,48 @@ def test_every_numeric_setting_has_one_rule_on_every_route(key, tmp_path):
                     route()
                 message = str(refused.value)
                 assert "\n" not in message and key.rsplit(".", 1)[-1] in message, (key, spelling, message)
+
+
+def _section_and_leaf(key: str) -> tuple[type, str]:
+    """The settings class that declares `key`'s last part, and that part."""
+    cls: type = RunConfig
+    *sections, leaf = key.split(".")
+    for part in sections:
+        cls = typing.get_type_hints(cls)[part]
+    return cls, leaf
+
+
+PYTHON_VALUES = {"0": 0, "-1": -1, "nan": float("nan"), "inf": float("inf")}
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_a_section_built_in_python_checks_every_numeric_field_as_the_config_does(key):
+    """The third route: a settings section built directly (`SGSDSettings(teacher_batch_size=0)`, what a caller of
+    `train(cfg)` writes) is refused or accepted at construction exactly as the YAML and override routes decide,
+    so nothing passes here and fails once the model has loaded."""
+    cls, leaf = _section_and_leaf(key)
+    for value, given in PYTHON_VALUES.items():
+        if (key, value) in ALLOWED:
+            cls(**{leaf: given})
+            continue
+        with pytest.raises(ValueError, match=leaf):  # SettingsError: a ConfigError and a ValueError
+            cls(**{leaf: given})
+
+
+def test_the_teacher_weight_settings_are_declared_once_for_sgsd_and_opsd():
+    from sgsd.config import OPSDSettings
+    from sgsd.loss_settings import SGSDSettings, TeacherWeights, TeacherWeightSettings
+
+    shared = {f.name for f in dataclasses.fields(TeacherWeightSettings)}
+    assert shared == {"teacher", "ema_decay", "logprob_chunk_tokens", "logprob_chunk_mb"}
+    for section in (SGSDSettings, OPSDSettings):
+        assert issubclass(section, TeacherWeightSettings)
+        assert typing.get_type_hints(section)["teacher"] == TeacherWeights  # one Literal
+        assert {k: section.BOUNDS[k] for k in TeacherWeightSettings.BOUNDS} == TeacherWeightSettings.BOUNDS
+    # each section keeps its own defaults: SGSD scores with the live policy and chunks by memory, OPSD with the base
+    # model and 1024 rows; the chunk size is resolved by the one method both trainers call
+    assert (SGSDSettings().teacher, OPSDSettings().teacher) == ("live", "base")
+    assert SGSDSettings().chunk_tokens(151_936) == 1_073_741_824 // (151_936 * 6)  # 1 GiB of fp32 + bf16 rows: 1,177
+    assert OPSDSettings().chunk_tokens(151_936) == 1024
+    with pytest.raises(ValueError, match="opsd.teacher"):
+        OPSDSettings(teacher="ema2")

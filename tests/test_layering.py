@@ -126,3 +126,50 @@ def test_objectives_imports_only_leaf_helpers():
     """The pure loss module reads no config and calls no model code: of the package, only its settings."""
     assert imported_modules(SRC / "objectives.py") <= {"sgsd.loss_settings", "sgsd.loss_settings.SGSDSettings",
                                                        "sgsd.loss_settings.POLARITY_CONTROLS"}
+
+
+# -- each name of a run directory spelled once -----------------------------------------------------------
+
+RUN_DIR_NAMES = ("final", "final.tmp", "resolved_config.yaml", "metrics.jsonl", "attribution.json", "sgsd_state.pt",
+                 "sgsd_complete.json", "sgsd_output.json", ".sgsd.lock")
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    """ids of the docstring nodes of a module, class or function (prose may name a file)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                found.add(id(first.value))
+    return found
+
+
+def run_dir_literals(source: str) -> list[str]:
+    """The string literals of `source` (docstrings aside; f-strings by their literal parts) that spell a name
+    of a run directory: one of RUN_DIR_NAMES (as a path part) or a `checkpoint-<step>` folder."""
+    tree = ast.parse(source)
+    prose = _docstrings(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in prose:
+            parts = node.value.split("/")
+            if any(part in RUN_DIR_NAMES or part.startswith("checkpoint-") for part in parts):
+                found.append((node.lineno, node.col_offset, f"line {node.lineno}: {node.value!r}"))
+    return [shown for *_, shown in sorted(found)]
+
+
+def test_run_directory_names_are_spelled_only_in_run_dir():
+    """`final`, `final.tmp`, `checkpoint-<step>` and the run's record names live in `sgsd.run_dir`; every other
+    module reaches them through `RunDir`, so renaming one is a one-line change."""
+    offending = {str(path.relative_to(SRC)): run_dir_literals(path.read_text()) for path in SRC.rglob("*.py")
+                 if path != SRC / "run_dir.py"}
+    assert {k: v for k, v in offending.items() if v} == {}
+
+
+def test_the_run_directory_scan_finds_names():
+    source = ('"""Writes final/ and metrics.jsonl."""\n'
+              'def f(out, step):\n    """Into out / "final"."""\n'
+              '    return out / "final", out / f"checkpoint-{step}", out / "sgsd_complete.json", "finally", "x/final"\n')
+    assert run_dir_literals(source) == ["line 4: 'final'", "line 4: 'checkpoint-'", "line 4: 'sgsd_complete.json'",
+                                        "line 4: 'x/final'"]

@@ -282,3 +282,31 @@ def test_a_bad_plugins_entry_is_one_line(tmp_path, monkeypatch, capsys, entry, m
     assert main(["train", "--config", str(recipe), "--output-dir", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.strip() == f"sgsd: error: {message}"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_config_is_checked_once_per_command(monkeypatch):
+    """The command checks its config (plugins imported, every section and method rule); `train` receives it checked
+    and does not check it again. A config changed since its check is checked again."""
+    import sgsd.methods as methods
+
+    calls = {"plugins": 0, "rules": 0}
+    imports, rules = methods.import_plugins, methods._run_problems
+
+    def counting_imports(modules):
+        calls["plugins"] += 1
+        return imports(modules)
+
+    def counting_rules(cfg):
+        calls["rules"] += 1
+        return rules(cfg)
+
+    monkeypatch.setattr(methods, "import_plugins", counting_imports)
+    monkeypatch.setattr(methods, "_run_problems", counting_rules)
+    cfg = load_run_config("configs/tiny/sgsd.yaml")
+    assert check_run_config(cfg) is cfg and calls == {"plugins": 1, "rules": 1}
+    cfg.method = "grpo"  # changed after its check: checked again
+    check_run_config(cfg)
+    assert calls == {"plugins": 2, "rules": 2}
+    cfg.method = "no-such-method"
+    with pytest.raises(ConfigError, match="no-such-method"):
+        check_run_config(cfg)

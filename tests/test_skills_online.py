@@ -223,6 +223,32 @@ def test_report_command_prints_table_writes_png_and_prunes(tmp_path, capsys):
     assert main(["skills", "report", str(tmp_path / "nothing")]) == 2
 
 
+def test_report_command_never_overwrites_what_it_did_not_write(tmp_path, capsys):
+    tracker = AttributionTracker()
+    tracker.update([["gen_001"]] * 4, [["err_001"]] * 4, [[-1]] * 4, [[-0.2]] * 4, [[0.4]] * 4)
+    tracker.save(tmp_path)
+    save_bank(STATIC, tmp_path / "bank.json")
+    base = ["skills", "report", str(tmp_path), "--bank", str(tmp_path / "bank.json")]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's file")
+    existing = tmp_path / "existing.json"
+    existing.write_text("a user's bank")
+    assert main(base + ["--output-dir", str(mine)]) == 2  # a folder with files the command did not write
+    assert "did not write (notes.txt)" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert main(base + ["--prune-out", str(existing), "--min-uses", "1"]) == 2  # an existing file
+    assert "exists" in capsys.readouterr().err and existing.read_text() == "a user's bank"
+    assert not (tmp_path / "attribution.png").exists()  # refused before anything was written
+    assert main(base + ["--prune-out", str(tmp_path / "no" / "such" / "b.json"), "--min-uses", "1"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    report = tmp_path / "report"
+    assert main(base + ["--output-dir", str(report)]) == 0 and (report / "attribution.png").is_file()
+    assert main(base + ["--output-dir", str(report)]) == 0  # its own earlier output, same settings: rerun
+    assert main(base + ["--output-dir", str(report), "--top", "3"]) == 2  # other settings: kept, refused
+    assert "other settings" in capsys.readouterr().err
+
+
 # -- the updater's LLM settings and what an update reports ----------------------------------------
 
 

@@ -48,8 +48,8 @@ def test_online_update_snapshots_attribution_and_resume(tmp_path):
     assert "<|im_start|>" not in json.dumps(latest) and "Ignore the skills" not in json.dumps(latest)
     attribution = json.loads((out / "attribution.json").read_text())
     assert attribution  # per-item counts were recorded
-    assert main(["skills", "report", str(out), "--output-dir", str(tmp_path)]) == 0
-    assert (tmp_path / "attribution.png").stat().st_size > 0
+    assert main(["skills", "report", str(out), "--output-dir", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "attribution.png").stat().st_size > 0
     state = torch.load(out / "checkpoint-2" / "sgsd_state.pt", weights_only=True)
     assert state["online_skills"]["dynamic"]["common_mistakes"] and "attribution" in state
 

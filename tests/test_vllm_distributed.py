@@ -1,8 +1,10 @@
 """vLLM colocate generation on 2 CPU processes (torchrun, gloo; TRL runs one engine per rank through vLLM's
 `external_launcher` executor): each rank generates its own share with its own random stream, and the run's
-accounting matches one process's. The 2-process launch runs under DeepSpeed ZeRO-3 (where installed), so
-TRL's gather of the sharded parameters before each sync is checked by the same sync metric. Two launches of
-one to three minutes each; skipped without vLLM's CPU build. (ZeRO-2 with vLLM: tests/test_multinode.py.)"""
+accounting matches one process's. The teachers and the neutral control are scored in each rank's own engine
+(`sgsd.teacher_engine=vllm`): each rank's scores equal its trainer's of the same rows. The 2-process launch
+runs under DeepSpeed ZeRO-3 (where installed), so TRL's gather of the sharded parameters before each sync is
+checked by the same sync metric. Two launches of one to three minutes each; skipped without vLLM's CPU
+build. (ZeRO-2 with vLLM: tests/test_multinode.py.)"""
 
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def _launch(nproc: int, out: Path, data: Path, *extra: str, **more_env: str) -> 
                str(ROOT / "configs/tiny/sgsd.yaml"), str(out / "run"), "generation.use_vllm=true",
                f"model.name_or_path={VLLM_TINY}", f"training.max_steps={STEPS}", f"data.path={data}",
                "data.deduplicate=false", f"training.prompts_per_device={PROMPTS_PER_STEP // nproc}",
-               "skills.attribution=false", *extra]
+               "skills.attribution=false", "sgsd.teacher_engine=vllm", "sgsd.polarity_control=neutral", *extra]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -62,6 +64,8 @@ def test_two_processes_generate_their_own_shares_and_account_as_one(tmp_path):
         assert [len(b["completions"]) for b in batches] == [PROMPTS_PER_STEP // 2] * 2  # each rank its share
         completions = [tuple(c) for b in batches for c in b["completions"]]
         assert len(set(completions)) == PROMPTS_PER_STEP, "ranks generated the same rollouts"
+        # each rank's engine scored its own rows (teachers and control) as its trainer does (LOGP_TOLERANCE's note)
+        assert all(b["engine_tokens_compared"] > 0 and b["engine_gap"] <= LOGP_TOLERANCE for b in batches), batches
     assert [len(b["completions"]) for b in _rollouts(tmp_path / "one", 0)] == [PROMPTS_PER_STEP] * STEPS
 
     # the same accounting: steps, metric keys, and every rank's engine in step with its trainer

@@ -1,13 +1,16 @@
 """`generation.use_vllm=true` training on CPU (TRL's colocate mode on vLLM's CPU build): every method, full
 fine-tuning and LoRA, with the engine's weights checked after every sync (`HookedGRPOTrainer.check_engine_sync`)
 and each SGSD teacher (live, base, EMA) scoring with its own weights while the engine samples with the
-policy's. One run per case, two optimizer steps each; skipped without vLLM's CPU build."""
+policy's; the live teacher and its control scored in the engine itself (`sgsd.teacher_engine: vllm`) match
+the trainer's scoring of the same rows. One run per case, two optimizer steps each; skipped without vLLM's
+CPU build."""
 
 from __future__ import annotations
 
 import copy
 import json
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ import torch
 
 from sgsd.config import load_config
 from sgsd.trl_adapter import PROBE_LOGP_METRIC, SYNC_DIFF_METRIC
+from sgsd.vllm_adapter import score_sequences
 from test_vllm_adapter import LOGP_TOLERANCE, VLLM_TINY, require_vllm_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +46,9 @@ def _greedy_completions(tmp_path, run_dir, backend):
 # (recipe, overrides, teacher kind whose scores are checked or None)
 CASES = {
     "sgsd-ema": ("sgsd.yaml", ("sgsd.teacher=ema", "sgsd.ema_decay=0.5"), "ema"),
-    "sgsd-lora-live": ("sgsd.yaml", (*LORA, "sgsd.teacher=live"), "live"),
+    # the live teacher and the neutral control scored by the engine (LoRA: the engine holds the merged weights)
+    "sgsd-lora-live-vllm-engine": ("sgsd.yaml", (*LORA, "sgsd.teacher=live", "sgsd.teacher_engine=vllm",
+                                                 "sgsd.polarity_control=neutral"), "live"),
     "sgsd-pg-lora-base": ("sgsd-pg.yaml", (*LORA, "sgsd.teacher=base"), "base"),
     "grpo-lora": ("grpo.yaml", LORA, None),
     "opsd": ("opsd.yaml", (), None),
@@ -70,12 +76,30 @@ def _teacher_reference(trainer, kind):
 
 def _check_teacher_scores(trainer, kind, found):
     """Wrap `rollout_extras`: at the second generation (after one optimizer step), score the same batch again
-    with an explicit reference module for the teacher, and with the policy, and keep both differences."""
+    in the trainer's engine with an explicit reference module for the teacher, and with the policy, and keep
+    both differences (teachers and the control, if any)."""
     original = trainer.rollout_extras
     calls = []
 
+    scored_in_engine = []
+    if trainer.settings.teacher_engine == "vllm":  # count the rows the engine scores (prompt_logprobs requests)
+        llm = trainer.vllm_generation.llm
+        generate = llm.generate
+
+        def counting_generate(*args, **kwargs):
+            prompts = args[0] if args else kwargs.get("prompts")
+            params = args[1] if len(args) > 1 else kwargs.get("sampling_params")
+            if getattr(params, "prompt_logprobs", None) is not None:
+                scored_in_engine.append(len(prompts))
+            return generate(*args, **kwargs)
+
+        llm.generate = counting_generate
+
     def rollout_extras(inputs, output, rewards):
+        scored_in_engine.clear()
         extras = original(inputs, output, rewards)
+        found["rows_scored_in_engine"] = sum(scored_in_engine)
+        found["rows"] = int((extras["teacher_weights"] > 0).sum()) + len(inputs) * ("control_logps" in extras)
         calls.append(1)
         if len(calls) == 2:
             scored = {}
@@ -83,13 +107,25 @@ def _check_teacher_scores(trainer, kind, found):
                                     ("policy", _teacher_reference(trainer, "live"))):
                 trainer.teacher_context, context = nullcontext, trainer.teacher_context
                 trainer.teacher_scoring_model, scoring = (lambda: reference), trainer.teacher_scoring_model
+                trainer.settings, settings = replace(trainer.settings, teacher_engine="trainer"), trainer.settings
                 try:
-                    scored[name] = original(inputs, output, rewards)["teacher_logps"]
+                    scored[name] = original(inputs, output, rewards)
                 finally:
                     trainer.teacher_context, trainer.teacher_scoring_model = context, scoring
-            mask = extras["sgsd_mask"].bool()[:, None, :].expand_as(extras["teacher_logps"])
-            found["teacher"] = (extras["teacher_logps"] - scored["teacher"])[mask].abs().max().item()
-            found["policy"] = (extras["teacher_logps"] - scored["policy"])[mask].abs().max().item()
+                    trainer.settings = settings
+            mask = extras["sgsd_mask"].bool()
+            for name in ("teacher", "policy"):
+                gaps = [(extras["teacher_logps"] - scored[name]["teacher_logps"])[mask[:, None, :].expand_as(
+                    extras["teacher_logps"])].abs().max()]
+                if "control_logps" in extras:
+                    gaps.append((extras["control_logps"] - scored[name]["control_logps"])[mask].abs().max())
+                found[name] = max(gap.item() for gap in gaps)
+            found["teacher_logps_mean"] = extras["teacher_logps"][mask[:, None, :].expand_as(
+                extras["teacher_logps"])].mean().item()
+            if trainer.settings.teacher_engine == "vllm":  # scoring in the engine draws no random numbers
+                state = torch.random.get_rng_state()
+                score_sequences(trainer.vllm_generation.llm, [[1, 2, 3, 4]], [1])
+                found["rng_unchanged"] = torch.equal(state, torch.random.get_rng_state())
         return extras
 
     trainer.rollout_extras = rollout_extras
@@ -122,9 +158,16 @@ def test_vllm_training_syncs_every_step_and_teachers_keep_their_weights(tmp_path
     assert abs(records[1][PROBE_LOGP_METRIC] - records[0][PROBE_LOGP_METRIC]) > LOGP_TOLERANCE
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) and r["train/grad_norm"] > 0 for r in records)
     if teacher is not None:
-        assert found["teacher"] <= LOGP_TOLERANCE, found  # the teacher scored with its own weights ...
+        # the teacher scored with its own weights (with teacher_engine=vllm: the engine's scores equal the
+        # trainer's of the same rows within the sync check's tolerance, LOGP_TOLERANCE's comment) ...
+        assert found["teacher"] <= LOGP_TOLERANCE, found
+        assert found["teacher_logps_mean"] < -1.0, found  # real log-probs were compared, not zeros
         if teacher != "live":
             assert found["policy"] > 10 * LOGP_TOLERANCE, found  # ... which are not the policy's
+    if "sgsd.teacher_engine=vllm" in overrides:  # the engine scored: no teacher entropies to log
+        assert all("sgsd/teacher_entropy_mean" not in r and "sgsd/student_entropy_mean" in r for r in records)
+        assert found["rng_unchanged"], "scoring in the engine moved torch's global random stream"
+        assert found["rows_scored_in_engine"] == found["rows"] > 0, found  # every teacher and control row
     if case in ("opsd", "sgsd-pg-lora-base"):  # the trained run directory, evaluated by vLLM and by Hugging Face
         vllm, hf = (_greedy_completions(tmp_path, tmp_path / "run", backend) for backend in ("vllm", "hf"))
         same = sum(a == b for a, b in zip(vllm, hf))

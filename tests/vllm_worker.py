@@ -3,13 +3,16 @@
 
 Trains `RECIPE` with `sgsd.trainers.run.prepare_run` (vLLM colocate generation, sampled), recording each
 generation batch this rank scored (step, problems, completion token ids) in OUT/../rollouts-rank{R}.jsonl
-through the rollout seam (`rollout_extras`), so the test can check which rank generated what.
+through the rollout seam (`rollout_extras`), so the test can check which rank generated what. With
+`sgsd.teacher_engine=vllm`, also the largest difference between the teacher and control log-probs this rank's
+engine gave and the trainer engine's of the same rows (`engine_gap`, over counted tokens).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -30,10 +33,25 @@ def main(recipe: str, out: str, *overrides: str) -> int:
 
     def rollout_extras(inputs, output, rewards):
         completions = [ids[mask.bool()].tolist() for ids, mask in zip(output["completion_ids"], output["completion_mask"])]
+        extras = original(inputs, output, rewards)
+        record = {"step": trainer.state.global_step, "problems": [x["problem"] for x in inputs],
+                  "completions": completions}
+        settings = getattr(trainer, "settings", None)
+        if getattr(settings, "teacher_engine", "trainer") == "vllm":
+            trainer.settings = replace(settings, teacher_engine="trainer")
+            try:
+                reference = original(inputs, output, rewards)
+            finally:
+                trainer.settings = settings
+            counted = extras["sgsd_mask"].bool()
+            gaps = [(extras[key] - reference[key]).abs()[counted[:, None, :].expand_as(extras[key])
+                                                        if extras[key].dim() == 3 else counted]
+                    for key in ("teacher_logps", "control_logps") if key in extras]
+            record["engine_gap"] = max(float(gap.max()) for gap in gaps)
+            record["engine_tokens_compared"] = int(sum(gap.numel() for gap in gaps))
         with log.open("a") as file:
-            file.write(json.dumps({"step": trainer.state.global_step, "problems": [x["problem"] for x in inputs],
-                                   "completions": completions}) + "\n")
-        return original(inputs, output, rewards)
+            file.write(json.dumps(record) + "\n")
+        return extras
 
     trainer.rollout_extras = rollout_extras
     run.train()

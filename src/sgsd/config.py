@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 
 from sgsd.bounds import Bound, SettingsError, above, at_least, between, bound_problems
 from sgsd.errors import ConfigError, shorten
-from sgsd.loss_settings import PolarityTest, SGSDSettings
+from sgsd.loss_settings import PolarityTest, SGSDSettings, TeacherWeights, TeacherWeightSettings
 from sgsd.storage import MAX_NESTING, decode_utf8, read_input_bytes
 
 __all__ = ["PolarityTest", "RunConfig", "SGSDSettings", "load_config"]
@@ -208,27 +208,26 @@ class GRPOSettings(Checked):
 
 
 
-@dataclass
-class OPSDSettings(Checked):
-    """docs/spec.md section 5: teacher = same model given the reference answer; generalized JSD (beta=0 forward KL)."""
+@dataclass(frozen=True)
+class OPSDSettings(Checked, TeacherWeightSettings):
+    """docs/spec.md section 5: teacher = same model given the reference answer; generalized JSD (beta=0 forward KL).
+    The teacher's weights and chunking: `TeacherWeightSettings` (OPSD's teacher defaults to the base model)."""
 
     WHERE = "opsd"
-    BOUNDS = {"beta": between(0, 1, hint="0: forward KL"), "ema_decay": SGSDSettings.BOUNDS["ema_decay"],
-              "logprob_chunk_tokens": SGSDSettings.BOUNDS["logprob_chunk_tokens"],
-              "logprob_chunk_mb": SGSDSettings.BOUNDS["logprob_chunk_mb"]}
+    BOUNDS = {**TeacherWeightSettings.BOUNDS, "beta": between(0, 1, hint="0: forward KL")}
 
-    beta: float = 0.0
-    teacher: Literal["live", "base", "ema"] = "base"
-    ema_decay: float = 0.99  # teacher: ema
-    sampled_token: bool = False
-    skills: bool = False  # OPSD+Skill: skills in student and teacher prompts
+    teacher: TeacherWeights = "base"
     # token rows per chunk of the full-vocabulary divergence; 0: as many as fit `logprob_chunk_mb`
     # (as for SGSD). The default stays a count: the divergence holds several [chunk, V] buffers.
     logprob_chunk_tokens: int = 1024
-    logprob_chunk_mb: int = 1024
+    beta: float = 0.0
+    sampled_token: bool = False
+    skills: bool = False  # OPSD+Skill: skills in student and teacher prompts
     # teacher rows with a common prompt prefix (a problem's rollouts) run it once (as `sgsd.prefix_reuse`)
     prefix_reuse: bool = True
 
+    def extra_problems(self, where: str) -> list[str]:
+        return self.weight_problems(where)
 
 
 @dataclass

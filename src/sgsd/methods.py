@@ -151,12 +151,20 @@ _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 def check_run_config(cfg: "RunConfig") -> "RunConfig":
     """`cfg`, or a ConfigError listing every problem: the plugins are imported, then the settings every
     method shares (`RunConfig.problems`), the method's own (`MethodSpec.config_problems`) and what
-    depends on the method (a skill bank, online updates)."""
+    depends on the method (a skill bank, online updates). Once per command: a config checked as it is
+    now (the command checks it, then hands it to `train`) is not checked again, nor its plugins imported."""
+    if getattr(cfg, _CHECKED_AS, None) == cfg.to_dict():
+        return cfg
     import_plugins(cfg.plugins)
     problems = list(_run_problems(cfg))
     if problems:
         raise ConfigError("; ".join(problems))
+    object.__setattr__(cfg, _CHECKED_AS, cfg.to_dict())  # not a setting: outside the dataclass's fields
     return cfg
+
+
+# the settings as `check_run_config` passed them (a config changed since is checked again)
+_CHECKED_AS = "_sgsd_checked_as"
 
 
 def load_run_config(path: "str | Path | None" = None, overrides: "list[str] | tuple[str, ...]" = ()) -> "RunConfig":
@@ -190,7 +198,20 @@ def _grpo_overrides(cfg: "RunConfig") -> dict[str, Any]:
             "vllm_importance_sampling_correction": True}
 
 
+def _teacher_engine_problems(cfg: "RunConfig") -> Iterator[str]:
+    """`sgsd.teacher_engine=vllm` against the generation settings (within the section: `SGSDSettings`)."""
+    if cfg.sgsd.teacher_engine != "vllm":
+        return
+    if not cfg.generation.use_vllm:
+        yield ("sgsd.teacher_engine=vllm scores the teachers in the colocated vLLM engine: set "
+               "generation.use_vllm=true, or use sgsd.teacher_engine=trainer")
+    elif cfg.generation.vllm_mode != "colocate":
+        yield ("sgsd.teacher_engine=vllm needs the engine inside the training process: set "
+               "generation.vllm_mode=colocate, or use sgsd.teacher_engine=trainer")
+
+
 def _sgsd_pg_problems(cfg: "RunConfig") -> Iterator[str]:
+    yield from _teacher_engine_problems(cfg)
     if cfg.grpo.skills_in_prompt:
         yield "grpo.skills_in_prompt: sgsd-pg gives the skills to its teachers, not to the rollout prompt; set it to false"
 
@@ -221,13 +242,14 @@ def _sgsd_pg_zero3_problems(cfg: "RunConfig") -> Iterator[str]:
 SGSD_CARD_SETTINGS = ("sgsd.num_teachers", "skills.retrieval", "sgsd.teacher", "sgsd.gate_tau", "sgsd.clip_delta",
                       "sgsd.polarity_test", "sgsd.confidence_threshold", "sgsd.polarity_z", "sgsd.polarity_control",
                       "sgsd.local_support_top_k",
-                      "skills.online.enabled")
+                      "sgsd.teacher_engine", "skills.online.enabled")
 GRPO_CARD_SETTINGS = ("grpo.num_generations", "grpo.epsilon", "grpo.beta", "grpo.loss_type")
 
 register_method(MethodSpec(
     name="sgsd", settings="sgsd", sections=("sgsd",), trainer="sgsd.trainers.sgsd_trainer:SGSDTrainer",
     trainer_kwargs="sgsd.trainers.sgsd_trainer:sgsd_trainer_kwargs",
     needs_bank=lambda cfg: True, online_updates=True, skill_teachers=True, card_settings=SGSD_CARD_SETTINGS,
+    problems=_teacher_engine_problems,
     zero3_problems=_sgsd_zero3_problems,
     description=("SGSD (Skill-Conditioned Gated Self-Distillation, arXiv 2605.28791; docs/spec.md section 4): the "
                  "model, given K retrieved (skill, common mistake) pairs as privileged context, scores its own rollout "

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sgsd.errors import UserError
+from sgsd.run_dir import RunDir
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -73,8 +74,8 @@ def resolve_model_path(model_spec: str) -> str:
     path = Path(model_spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
-            if (path / "final").is_dir():
-                return str(path / "final")
+            if RunDir(path).is_finished:
+                return str(RunDir(path).final)
             raise UserError(f"model {model_spec}: directory has no config.json, adapter_config.json or final/")
         return str(path)
     if path.exists():

@@ -35,17 +35,26 @@ import json
 import os
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 from sgsd.errors import DataError, UserError, shorten
 
+# every name in a run directory, spelled here only (tests/test_layering.py refuses them elsewhere in src);
+# code outside this module reaches them through `RunDir`
+FINAL = "final"
+STAGING = "final.tmp"
+CHECKPOINT_PREFIX = "checkpoint-"
 RESOLVED_CONFIG = "resolved_config.yaml"
+METRICS = "metrics.jsonl"
+ATTRIBUTION = "attribution.json"
+EXTRA_STATE = "sgsd_state.pt"
 PROVENANCE_PREFIX = "# provenance: "
 COMPLETE_MARKER = "sgsd_complete.json"
 LOCK_FILE = ".sgsd.lock"
+OUTPUT_RECORD = "sgsd_output.json"
 
 # name -> what it holds; in the order a reader needs them
 RUN_FILES: dict[str, str] = {
@@ -253,9 +262,6 @@ def directory_entries(directory: Path) -> list[Path]:
 # -- 0. the output-directory rule: whose directory is it? ------------------------------------------------
 
 
-OUTPUT_RECORD = "sgsd_output.json"
-
-
 def refuse_special_dir(directory: str | os.PathLike, what: str = "output directory") -> Path:
     """`directory` (expanded), unless it is the file-system root, the home directory or the working
     directory itself: a command would write its files among everything else there."""
@@ -283,7 +289,7 @@ def settings_digest(settings: dict[str, Any], may_differ: frozenset[str] = froze
 def check_output_dir(directory: str | os.PathLike, kind: str, settings: dict[str, Any], *,
                      what: str = "output directory", may_differ: frozenset[str] = frozenset()) -> str:
     """The one output-directory rule of every writing command (`sgsd train`, `eval`, `eval compare`, `skills
-    build`, `skills probe`, `demo`, `compare`, `models import-gguf`); reads only. A command writes into a
+    build`, `skills probe`, `skills report`, `demo`, `compare`, `models import-gguf`); reads only. A command writes into a
     directory that does not exist yet ("new"), that is empty ("empty", its lock file aside), or that holds its
     own earlier output of the same `kind` and `settings` ("own"), recognised by the record `sgsd_output.json`
     it wrote there (`settings`: flat {name: value}; keys in `may_differ` may change between reruns, e.g. a
@@ -532,7 +538,7 @@ def plan_rerun(output_dir: Path, max_steps: int, world_size: int) -> Rerun:
 def final_step(output_dir: Path, newest_checkpoint: Path | None) -> int | None:
     """The step `final/` was saved at; None without final/. A final/ written before the marker existed
     counts as saved at the newest complete checkpoint."""
-    final = output_dir / "final"
+    final = output_dir / FINAL
     if not final.is_dir():
         return None
     marker = read_marker(final)
@@ -648,7 +654,7 @@ class CheckpointScan:
 
 def scan_checkpoints(output_dir: Path) -> CheckpointScan:
     complete, incomplete = [], []
-    for path in output_dir.glob("checkpoint-*"):
+    for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
         if not path.is_dir() or not path.name.split("-")[-1].isdigit():
             continue
         (complete if (path / COMPLETE_MARKER).is_file() else incomplete).append(path)
@@ -721,7 +727,7 @@ def publish_final(output_dir: Path, staging: Path, step: int, *, complete: Calla
     card; the step marker goes last) and move it into place. Main process."""
     complete(staging)
     write_complete_marker(staging, step)
-    final = output_dir / "final"
+    final = output_dir / FINAL
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
@@ -730,7 +736,7 @@ def publish_final(output_dir: Path, staging: Path, step: int, *, complete: Calla
 
 def fresh_staging(output_dir: Path) -> Path:
     """An empty `final.tmp/` (what an interrupted publish left is removed). Main process."""
-    staging = output_dir / "final.tmp"
+    staging = output_dir / STAGING
     if staging.exists():
         shutil.rmtree(staging)
     return staging
@@ -756,3 +762,116 @@ def storage_errors(output_dir: Path) -> Iterator[None]:
         kept = f"latest complete checkpoint: {complete[-1].name}" if complete else "no complete checkpoint yet"
         raise UserError(f"cannot write {where or output_dir}: {reason}; {kept} "
                         "(free space and rerun the same command to resume)") from err
+
+
+# -- the run directory as one object ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A training run's directory: where each of its files is, and the lifecycle steps above bound to it.
+
+    `RunDir(out).final`, `.staging`, `.checkpoint(step)`, `.metrics`, ... name its files (the names are
+    spelled in this module only); `.plan(...)`, `.claim(...)`, `.publish(...)` and the other methods are the
+    module's functions for this directory. Trainers, the demo, `sgsd compare` and model loading use it.
+    """
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    # -- names
+    @property
+    def final(self) -> Path:
+        return self.path / FINAL
+
+    @property
+    def staging(self) -> Path:
+        """Where final/ is written before it is renamed into place."""
+        return self.path / STAGING
+
+    def checkpoint(self, step: int) -> Path:
+        return self.path / f"{CHECKPOINT_PREFIX}{step}"
+
+    @staticmethod
+    def step_of(checkpoint: Path) -> int:
+        """The step of a `checkpoint(step)` folder."""
+        return checkpoint_step(checkpoint)
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def attribution(self) -> Path:
+        return self.path / ATTRIBUTION
+
+    @property
+    def resolved_config(self) -> Path:
+        return self.path / RESOLVED_CONFIG
+
+    @property
+    def is_finished(self) -> bool:
+        """It holds a published final/."""
+        return self.final.is_dir()
+
+    # -- 0. whose directory, 1. one writer
+    def check(self, kind: str, settings: dict[str, Any], *, may_differ: frozenset[str] = frozenset()) -> str:
+        return check_output_dir(self.path, kind, settings, may_differ=may_differ)
+
+    def claim(self, kind: str, settings: dict[str, Any], *, may_differ: frozenset[str] = frozenset(),
+              holder: bool = True) -> AbstractContextManager[Path]:
+        """`claimed_output_dir` for this directory (a context manager)."""
+        return claimed_output_dir(self.path, kind, settings, may_differ=may_differ, holder=holder)
+
+    def write_record(self, kind: str, settings: dict[str, Any], may_differ: frozenset[str] = frozenset()) -> None:
+        write_output_record(self.path, kind, settings, may_differ)
+
+    def lock(self, what: str = "output directory") -> DirectoryLock:
+        return DirectoryLock(self.path, what)
+
+    # -- 2. plan, 3. check
+    def check_no_resume(self, resume: bool) -> None:
+        check_no_resume(self.path, resume)
+
+    def plan(self, max_steps: int, world_size: int) -> Rerun:
+        return plan_rerun(self.path, max_steps, world_size)
+
+    def check_resume_config(self, config_yaml: str) -> None:
+        check_resume_config(self.path, config_yaml)
+
+    def check_inputs_unchanged(self, inputs: dict[str, dict[str, Any]]) -> None:
+        check_inputs_unchanged(self.path, inputs)
+
+    def write_resolved_config(self, config_yaml: str, provenance: dict[str, Any]) -> None:
+        from sgsd.storage import atomic_write_text
+
+        atomic_write_text(self.resolved_config, resolved_config_text(config_yaml, provenance))
+
+    # -- 4. checkpoints
+    def checkpoints(self) -> CheckpointScan:
+        return scan_checkpoints(self.path)
+
+    def mark_complete(self, step: int, world_size: int | None = None) -> Path:
+        """Write checkpoint(step)'s marker (last); returns the checkpoint."""
+        checkpoint = self.checkpoint(step)
+        write_complete_marker(checkpoint, step, world_size)
+        return checkpoint
+
+    def rotate(self, limit: int | None) -> None:
+        rotate_checkpoints(self.path, limit)
+
+    def set_aside(self, checkpoints: list[Path]) -> list[Path]:
+        return set_aside(checkpoints)
+
+    # -- 5. publish
+    def fresh_staging(self) -> Path:
+        return fresh_staging(self.path)
+
+    def publish(self, staging: Path, step: int, *, complete: Callable[[Path], None]) -> Path:
+        return publish_final(self.path, staging, step, complete=complete)
+
+    def storage_errors(self) -> AbstractContextManager[None]:
+        """`storage_errors` for this directory (a context manager)."""
+        return storage_errors(self.path)

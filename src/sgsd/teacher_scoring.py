@@ -5,7 +5,8 @@
   rollout's K teacher prompts (`teacher_prompt(guidance, problem)` in the teacher's chat style), plus one
   prompt per rollout for each control teacher (the trainer: the one of `settings.polarity_control`, if any),
   scored without gradient by `sgsd.scoring.score_teachers` (one batched call: the controls are columns K,
-  K + 1, ...), and the token mask m_t.
+  K + 1, ...), or with `engine` (`sgsd.teacher_engine: vllm`) by the colocated vLLM engine
+  (`engine_teacher_logps`), and the token mask m_t.
 - `probe_teachers`: the same, then the student's own log-probs on its plain prompt and
   `sgsd.objectives.teacher_polarity` with the run's `SGSDSettings`, once without control and once per
   control: the support and polarity that the loss phase's `sgsd_loss` computes from the same values (both
@@ -33,6 +34,8 @@ from sgsd.scoring import (completion_logprobs, countable_token_table, counted_ma
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from vllm import LLM
+
     from sgsd.skills.teachers import Teacher
 
 # quadrant codes of `TeacherProbe.quadrant` (index into QUADRANTS); -1: absent teacher
@@ -41,12 +44,12 @@ QUADRANTS = ("helpful", "over_suppressive", "misleading", "warning", "neutral")
 
 @dataclass(frozen=True)
 class TeacherScores:
-    """teacher_logps [B, K, T] and teacher_entropy [B, K, T] (0 for absent teachers), control_logps: control
-    kind -> [B, T] (empty: no control), teacher_weights [B, K] (a_k, 0 = absent), counted [B, T] bool m_t;
-    all detached."""
+    """teacher_logps [B, K, T] and teacher_entropy [B, K, T] (0 for absent teachers; None when the vLLM engine
+    scored, which returns the sampled tokens' log-probs only), control_logps: control kind -> [B, T] (empty: no
+    control), teacher_weights [B, K] (a_k, 0 = absent), counted [B, T] bool m_t; all detached."""
 
     teacher_logps: torch.Tensor
-    teacher_entropy: torch.Tensor
+    teacher_entropy: torch.Tensor | None
     control_logps: dict[str, torch.Tensor]
     teacher_weights: torch.Tensor
     counted: torch.Tensor
@@ -71,18 +74,40 @@ def teacher_weight_matrix(teachers: Sequence[Sequence[Teacher]], k: int, device:
     return weights
 
 
+def engine_teacher_logps(engine: LLM, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
+                         completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """`sgsd.scoring.score_teachers`'s [B, W, T] log-probs (0 for absent rows and masked tokens), from the vLLM
+    engine's prompt log-probs of each present row's [teacher prompt; completion] token ids (one request per row,
+    all in one call; the completion is its first completion_mask.sum() tokens, as the trainer engine runs it)."""
+    from sgsd.vllm_adapter import score_sequences
+
+    b, t = completion_ids.shape
+    width = max((len(row) for row in teacher_prompt_ids), default=0)
+    out = torch.zeros((b, width, t), dtype=torch.float32)
+    lengths = completion_mask.long().sum(-1).tolist()
+    completions = [ids[:n].tolist() for ids, n in zip(completion_ids.cpu(), lengths)]
+    cells = [(i, j) for i in range(b) for j, ids in enumerate(teacher_prompt_ids[i]) if ids is not None]
+    scores = score_sequences(engine, [list(teacher_prompt_ids[i][j]) + completions[i] for i, j in cells],
+                             [len(teacher_prompt_ids[i][j]) for i, j in cells])
+    for (i, j), row in zip(cells, scores, strict=True):
+        out[i, j, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    out *= completion_mask.cpu().to(torch.float32)[:, None, :]
+    return out.to(completion_ids.device)
+
+
 def score_under_teachers(scoring_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[str],
                          teachers: Sequence[Sequence[Teacher]], completion_ids: torch.Tensor,
                          completion_mask: torch.Tensor, *, settings: SGSDSettings, style: ChatStyle,
                          chunk_tokens: int, controls: Mapping[str, Sequence[str]] | None = None,
                          teacher_context: Callable[[], ContextManager[object]] = nullcontext,
-                         count_table: torch.Tensor | None = None) -> TeacherScores:
+                         count_table: torch.Tensor | None = None, engine: LLM | None = None) -> TeacherScores:
     """The K teachers' (and the controls') log-probs of every rollout's completion, no gradient.
 
     problems[b], teachers[b]: rollout b's problem text and its retrieved teachers (`TeacherSource`);
     controls[kind][b]: a control's guidance block for rollout b (`TeacherSource.controls_for`).
     `scoring_model` with `teacher_context` are the teacher's weights (live, base or EMA). Each control costs
-    one more teacher row per rollout, in the same batches as the teachers.
+    one more teacher row per rollout, in the same batches as the teachers. `engine`: a vLLM engine holding the
+    live policy's weights scores the same rows instead (`engine_teacher_logps`; no entropies).
     """
     k = settings.num_teachers
     kinds = list(controls or {})
@@ -90,13 +115,17 @@ def score_under_teachers(scoring_model: PreTrainedModel, tokenizer: PreTrainedTo
     for b, (problem, row) in enumerate(zip(problems, teachers, strict=True)):
         ids = prompt_ids(tokenizer, problem, [t.guidance for t in row], style, k)
         rows.append(ids + prompt_ids(tokenizer, problem, [controls[c][b] for c in kinds], style, len(kinds)))
-    logps, entropy = score_teachers_and_entropy(scoring_model, rows, completion_ids, completion_mask,
-                                                pad_id=tokenizer.pad_token_id, batch_rows=settings.teacher_batch_size,
-                                                chunk_tokens=chunk_tokens, teacher_context=teacher_context,
-                                                prefix_reuse=settings.prefix_reuse)
+    entropy: torch.Tensor | None = None
+    if engine is not None:
+        logps = engine_teacher_logps(engine, rows, completion_ids, completion_mask)
+    else:
+        logps, entropy = score_teachers_and_entropy(
+            scoring_model, rows, completion_ids, completion_mask, pad_id=tokenizer.pad_token_id,
+            batch_rows=settings.teacher_batch_size, chunk_tokens=chunk_tokens, teacher_context=teacher_context,
+            prefix_reuse=settings.prefix_reuse)
     table = countable_token_table(tokenizer) if count_table is None else count_table
     return TeacherScores(
-        teacher_logps=logps[:, :k], teacher_entropy=entropy[:, :k],
+        teacher_logps=logps[:, :k], teacher_entropy=None if entropy is None else entropy[:, :k],
         control_logps={c: logps[:, k + i] for i, c in enumerate(kinds)},
         teacher_weights=teacher_weight_matrix(teachers, k, completion_ids.device),
         counted=counted_mask(completion_ids, completion_mask, table),

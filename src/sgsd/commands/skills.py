@@ -21,6 +21,7 @@ from pathlib import Path
 
 from sgsd.commands.options import COUNT, NON_NEGATIVE, NON_NEGATIVE_NUMBER, SEED, require, required_group
 from sgsd.errors import UserError
+from sgsd.run_dir import RunDir
 
 
 def _bank_option(p: argparse.ArgumentParser) -> None:
@@ -210,24 +211,42 @@ def _report(args: argparse.Namespace) -> int:
     from sgsd.skills.bank import load_bank, save_bank
     from sgsd.skills.report import format_table, plot_attribution
 
+    from sgsd.run_dir import claimed_output_dir
+
     run_dir = Path(args.run_dir)
-    tracker = AttributionTracker.load(run_dir / "attribution.json")
+    tracker = AttributionTracker.load(RunDir(run_dir).attribution)
     bank_path = Path(args.bank) if args.bank else _run_bank(run_dir)
     bank = load_bank(bank_path) if bank_path is not None else None
-    png_path = Path(args.output_dir or run_dir) / "attribution.png"
-    print(format_table(tracker, bank, top=args.top))
-    png = plot_attribution(tracker, png_path, top=args.top, bank=bank, title=f"{run_dir.resolve().name}: ")
-    print(f"\nbank: {bank_path or 'none found (pass --bank for item texts)'}\nchart: {png}")
-    if args.prune_out:
+    if args.prune_out:  # every input checked before anything is written
         if bank is None:
             raise UserError("--prune-out needs the bank: pass --bank (the run's own bank was not found)")
         if args.min_uses < 1:
             raise UserError(f"--min-uses must be at least 1, got {args.min_uses}")
+        _check_new_file(Path(args.prune_out), "--prune-out")
+    print(format_table(tracker, bank, top=args.top))
+    title = f"{run_dir.resolve().name}: "
+    if args.output_dir is None:  # the run's own directory: the chart joins what the run wrote
+        png = plot_attribution(tracker, run_dir / "attribution.png", top=args.top, bank=bank, title=title)
+    else:
+        settings = {"run_dir": str(run_dir.resolve()), "bank": str(bank_path) if bank_path else None, "top": args.top}
+        with claimed_output_dir(args.output_dir, "skills report", settings, what="--output-dir") as out:
+            png = plot_attribution(tracker, out / "attribution.png", top=args.top, bank=bank, title=title)
+    print(f"\nbank: {bank_path or 'none found (pass --bank for item texts)'}\nchart: {png}")
+    if args.prune_out:
         pruned, removed = prune_bank(bank, tracker, args.min_uses)
         save_bank(pruned, args.prune_out)
         print(f"pruned bank: removed {len(removed)} items harmful more often than helpful over >= {args.min_uses} "
               f"uses ({', '.join(removed) or 'none'}) -> {args.prune_out}")
     return 0
+
+
+def _check_new_file(path: Path, option: str) -> None:
+    """A file output goes to a new file in an existing folder: nothing a user has is overwritten."""
+    if path.exists():
+        raise UserError(f"{option} {path}: exists; the pruned bank is written only to a new file (nothing was "
+                        "changed): choose another name")
+    if not path.parent.is_dir():
+        raise UserError(f"{option} {path}: its folder {path.parent} does not exist")
 
 
 def _run_bank(run_dir: Path) -> Path | None:

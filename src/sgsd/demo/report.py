@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from sgsd.run_dir import RunDir
 from sgsd.storage import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ def _metric_series(run_dirs: Sequence[Path], key: str, *, mean: bool = True) -> 
 
     by_step: dict[int, list[float]] = {}
     for run_dir in run_dirs:
-        for record in read_jsonl(run_dir / "metrics.jsonl"):
+        for record in read_jsonl(RunDir(run_dir).metrics):
             if record.get(key) is not None:
                 by_step.setdefault(int(record["step"]), []).append(float(record[key]))
     if not mean:

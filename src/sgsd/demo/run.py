@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from sgsd.config import RunConfig
 from sgsd.demo.plan import (DEFAULT_METHODS, DEMO_METHODS, FULL, PRESETS, QUICK, SMOKE, DemoMethod, DemoPlan,
                             MethodRun, label, parse_lr_grid, parse_methods)
+from sgsd.run_dir import RunDir
 
 if TYPE_CHECKING:
     from sgsd.data import Problem
@@ -304,7 +305,7 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
     def trained(method: str, seed: int, lr: float, run_dir: Path) -> None:
         """Train `run_dir` from seed's warm start unless it is finished (an interrupted run resumes)."""
         bar.set_postfix_str(f"{method} lr {lr:g} seed {seed}")
-        if not (run_dir / "final").exists():
+        if not RunDir(run_dir).final.exists():
             train(method_config(method, plan, warms[seed].path, data, bank, seed, lr), run_dir, progress=False)
 
     # 1. Learning rates (--tune-lr): each method on each grid point with the tuning seed, scored by
@@ -315,7 +316,7 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
         for lr in grid:
             run_dir = out / "tune" / f"{method}-lr{lr:g}-seed{plan.tuning_seed}"
             trained(method, plan.tuning_seed, lr, run_dir)
-            score = evaluate_dir(run_dir / "final", warms[plan.tuning_seed].tokenizer, validation, plan, k=plan.k,
+            score = evaluate_dir(RunDir(run_dir).final, warms[plan.tuning_seed].tokenizer, validation, plan, k=plan.k,
                                  seed=plan.tuning_seed, cache=cache)
             scores[lr] = {**score.to_json(), "step_seconds_median": step_seconds([run_dir])}
             bar.update()
@@ -341,11 +342,11 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
                 curve = [(0, base_curves[seed])]
                 if index == 0:
                     for step in range(plan.eval_every, plan.steps + 1, plan.eval_every):
-                        checkpoint = run_dir / f"checkpoint-{step}"
+                        checkpoint = RunDir(run_dir).checkpoint(step)
                         if checkpoint.exists():
                             curve.append((step, evaluate_dir(checkpoint, tokenizer, curve_set, plan, k=plan.k,
                                                              seed=seed, cache=cache).mean))
-                final = evaluate_dir(run_dir / "final", tokenizer, test, plan, k=plan.k, seed=seed, cache=cache)
+                final = evaluate_dir(RunDir(run_dir).final, tokenizer, test, plan, k=plan.k, seed=seed, cache=cache)
                 runs.append(MethodRun(method, seed, run_dir, final, curve if index == 0 else [], tuned=index == 1,
                                       learning_rate=lr, warm_start=seed))
                 bar.update()

@@ -32,7 +32,7 @@ from sgsd.demo.sweep_grid import (BASES_FILE, SWEEP_PLAN_FILE, TIMINGS_FILE, WOR
                                   bank_path, cell_runs, probe_dir, run_dir, sweep_bank, sweep_record, world_dir)
 from sgsd.demo.sweep_report import write_sweep_report
 from sgsd.config import flatten
-from sgsd.run_dir import open_output_dir
+from sgsd.run_dir import RunDir, open_output_dir
 from sgsd.storage import atomic_write_json
 
 if TYPE_CHECKING:
@@ -150,14 +150,14 @@ class Sweep:
         path = run_dir(self.out, spec, seed)
         bank = self.bank(spec.bank or "seed", plan.num_teachers)
         trained = None
-        if not (path / "final").exists():
+        if not RunDir(path).final.exists():
             began = time.perf_counter()
             train(method_config(spec.method, plan, state.warms[seed].path, state.data, bank, seed), path, progress=False)
             trained = time.perf_counter() - began
-        key = self.cache.key(path / "final", state.test, k=plan.k, seed=seed, max_new_tokens=plan.max_new_tokens)
+        key = self.cache.key(RunDir(path).final, state.test, k=plan.k, seed=seed, max_new_tokens=plan.max_new_tokens)
         cached = self.cache.get(key) is not None
         began = time.perf_counter()
-        final = evaluate_dir(path / "final", state.warms[seed].tokenizer, state.test, plan, k=plan.k, seed=seed,
+        final = evaluate_dir(RunDir(path).final, state.warms[seed].tokenizer, state.test, plan, k=plan.k, seed=seed,
                              cache=self.cache)
         evaluated = None if cached else time.perf_counter() - began
         if trained is not None or evaluated is not None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from sgsd.demo.report import comparisons, paired_comparison, pooled_estimate
 from sgsd.demo.sweep_grid import (BASES_FILE, METHODS, TIMINGS_FILE, WORLDS, Cell, SweepGrid, bank_path, cell_runs,
                                   probe_dir, reference_cell, run_dir, world_dir)
+from sgsd.run_dir import RunDir
 from sgsd.storage import atomic_write_json, atomic_write_text, read_jsonl
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ def _finals(out: Path, grid: SweepGrid, tests: dict[str, list[Problem]]) -> dict
         for spec in cell_runs(cell, grid.sizes).values():
             plan = grid.run_plan(spec)
             for seed in grid.seeds:
-                final = run_dir(out, spec, seed) / "final"
+                final = RunDir(run_dir(out, spec, seed)).final
                 if (spec.world, spec.key, seed) in found or not final.exists():
                     continue
                 known = cache.get(cache.key(final, tests[spec.world], k=plan.k, seed=seed,
@@ -121,7 +122,7 @@ TRAINING_SIGNALS = {"grpo": ("grpo/zero_advantage_fraction",),
 
 def metric_mean(run_dirs: Sequence[Path], key: str) -> float | None:
     """Mean of `key` over every logged step of `run_dirs` (metrics.jsonl); None if never logged."""
-    values = [float(r[key]) for d in run_dirs for r in read_jsonl(d / "metrics.jsonl") if r.get(key) is not None]
+    values = [float(r[key]) for d in run_dirs for r in read_jsonl(RunDir(d).metrics) if r.get(key) is not None]
     return sum(values) / len(values) if values else None
 
 

@@ -25,7 +25,7 @@ import torch
 
 from sgsd.data import check_untrusted_text, load_problems
 from sgsd.generation import HFGenerator, SamplingConfig
-from sgsd.lm_head import resolve_chunk_tokens
+from sgsd.lm_head import head_vocab_size
 from sgsd.loss_settings import POLARITY_CONTROLS
 from sgsd.models import load_model, load_tokenizer
 from sgsd.probe.report import teacher_rows, write_outputs
@@ -95,8 +95,7 @@ def run_probe(cfg: RunConfig, output_dir: str | Path, *, rollouts: int = 32, con
         given = sample_rollouts(model, tokenizer, cfg, problems[:rollouts], student_style, batch_size, log)
         sampling_s = time.perf_counter() - sample_start
     source = TeacherSource(bank, retriever, cfg.sgsd.num_teachers)
-    chunk = resolve_chunk_tokens(cfg.sgsd.logprob_chunk_tokens, cfg.sgsd.logprob_chunk_mb,
-                                 lm_parts(model)[1].weight.size(0))
+    chunk = cfg.sgsd.chunk_tokens(head_vocab_size(lm_parts(model)[1]))
     settings = replace(cfg.sgsd, polarity_control="none")
     probes: dict[str, list[TeacherProbe]] = {c: [] for c in controls}
     teacher_ids: list[list[tuple[str, str]]] = []

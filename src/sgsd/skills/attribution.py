@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
 from sgsd.errors import DataError
+from sgsd.run_dir import RunDir
 from sgsd.skills.bank import SkillBank
 from sgsd.storage import atomic_write_json, decode_utf8, parse_json, read_input_bytes
 
@@ -117,7 +118,7 @@ class AttributionTracker:
 
     def save(self, run_dir: str | Path) -> Path:
         """Write `run_dir/attribution.json` atomically."""
-        return atomic_write_json(Path(run_dir) / "attribution.json", self.state_dict())
+        return atomic_write_json(RunDir(Path(run_dir)).attribution, self.state_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "AttributionTracker":
@@ -125,7 +126,7 @@ class AttributionTracker:
 
         path = Path(path)
         if path.is_dir():
-            path = path / "attribution.json"
+            path = RunDir(path).attribution
         if not path.exists():
             raise DataError(f"{path}: no attribution file (was the run trained with SGSD attribution on?)")
         text = decode_utf8(read_input_bytes(path, "attribution file"), str(path))

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 from transformers import TrainerCallback
 
+from sgsd.run_dir import RunDir
+
 if TYPE_CHECKING:
     from sgsd.trl_adapter import HookedGRPOTrainer
 
@@ -161,5 +163,5 @@ class FaultInjection(TrainerCallback):
 
         if self.save_delay is not None and rank() == self.rank:
             time.sleep(self.save_delay)
-            late = Path(args.output_dir) / f"checkpoint-{state.global_step}" / f"late_rank{self.rank}.txt"
+            late = RunDir(Path(args.output_dir)).checkpoint(state.global_step) / f"late_rank{self.rank}.txt"
             late.write_text(f"written {self.save_delay} s after the save\n")

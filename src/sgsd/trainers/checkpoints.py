@@ -19,13 +19,10 @@ from typing import TYPE_CHECKING, Any
 from transformers import TrainerCallback
 
 from sgsd.errors import UserError
-from sgsd.run_dir import rotate_checkpoints, write_complete_marker
+from sgsd.run_dir import EXTRA_STATE, RunDir
 
 if TYPE_CHECKING:
     from transformers import Trainer
-
-EXTRA_STATE = "sgsd_state.pt"
-
 
 def restore_extra_state(trainer: "Trainer", checkpoint: Path) -> None:
     """EMA weights and skill-bank observers (online bank, attribution) as they were at `checkpoint`."""
@@ -137,10 +134,10 @@ class CompletionMarker(TrainerCallback):
         accelerator = self.trainer.accelerator
         accelerator.wait_for_everyone()  # every rank's RNG state and ZeRO shard are on disk
         if state.is_world_process_zero:
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            write_extra_state(self.trainer, path)
-            write_complete_marker(path, state.global_step, accelerator.num_processes)
-            rotate_checkpoints(Path(args.output_dir), self.save_total_limit)
+            run_dir = RunDir(Path(args.output_dir))
+            write_extra_state(self.trainer, run_dir.checkpoint(state.global_step))
+            run_dir.mark_complete(state.global_step, accelerator.num_processes)
+            run_dir.rotate(self.save_total_limit)
 
 
 def write_final_from_checkpoint(checkpoint: Path, staging: Path) -> None:

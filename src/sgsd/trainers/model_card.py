@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from transformers import TrainerCallback
 
-from sgsd.run_dir import RUN_FILES, RunRecord, read_run_record
+from sgsd.run_dir import RUN_FILES, RunDir, RunRecord, read_run_record
 
 if TYPE_CHECKING:
     from sgsd.config import RunConfig
@@ -57,7 +57,7 @@ def render_model_card(run_dir: Path, step: int, *, in_progress: bool = False) ->
                          "forms no more pairs) |")
         else:
             lines.append(f"| `{key}` | {record.setting(key)!r} |")
-    lines += ["", "Every setting: `resolved_config.yaml`.", "", *_metrics_section(run_dir / "metrics.jsonl", step, in_progress),
+    lines += ["", "Every setting: `resolved_config.yaml`.", "", *_metrics_section(RunDir(run_dir).metrics, step, in_progress),
               "", "## Use", "", "```bash", f"sgsd eval --model {shlex.quote(str(run_dir))} --benchmarks aime24,aime25,hmmt25 "
               "--output-dir EVAL_DIR", "```", "", "or `AutoModelForCausalLM.from_pretrained(\"RUN_DIR/final\")` "
               "(a LoRA run's final/ is a PEFT adapter).", "", "## Files", ""]

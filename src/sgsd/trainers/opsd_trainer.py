@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sgsd.config import OPSDSettings
-from sgsd.lm_head import head_vocab_size, resolve_chunk_tokens
+from sgsd.lm_head import head_vocab_size
 from sgsd.objectives import opsd_sampled_token_loss
 from sgsd.prompts import ChatStyle, opsd_teacher_prompt, reference_from_answer, render_chat
 from sgsd.scoring import (HeadWeights, hidden_for_completion, left_pad, lm_parts, opsd_loss_from_hidden,
@@ -54,7 +54,7 @@ class OPSDTrainer(SelfTeacher, HookedGRPOTrainer):
         self.teacher_style = teacher_style
         self.setup_teacher(settings.teacher, settings.ema_decay)
         vocab = head_vocab_size(lm_parts(self.model)[1])
-        self.chunk_tokens = resolve_chunk_tokens(settings.logprob_chunk_tokens, settings.logprob_chunk_mb, vocab)
+        self.chunk_tokens = settings.chunk_tokens(vocab)
 
     # -- generation phase -----------------------------------------------------------------------
     def teacher_text(self, row: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from sgsd.distributed import announce
 from sgsd.errors import ConfigError, DataError, UserError
-from sgsd.methods import method_spec
+from sgsd.methods import MethodSpec, method_spec
 from sgsd.storage import decode_utf8, parse_json
 
 if TYPE_CHECKING:
@@ -79,11 +79,11 @@ def zero_stage(cfg: "RunConfig") -> int | None:
     return int(stage) if isinstance(stage, int) or str(stage).isdigit() else None
 
 
-def check_engine(cfg: "RunConfig") -> None:
+def check_engine(cfg: "RunConfig", spec: MethodSpec | None = None) -> None:
     """Refuse, before the model loads, what the training engine cannot run: under DeepSpeed ZeRO-3 the
     combinations the method's registry entry names (`MethodSpec.zero3_problems`); FSDP version 1 for a
     method with its own loss (`sgsd.trl_adapter.FSDP1_REFUSAL`; FSDP2 works)."""
-    spec = method_spec(cfg.method)
+    spec = spec or method_spec(cfg.method)
     if zero_stage(cfg) == 3:
         for problem in spec.zero3_problems(cfg):
             raise ConfigError(problem)
@@ -94,12 +94,12 @@ def check_engine(cfg: "RunConfig") -> None:
         raise ConfigError(FSDP1_REFUSAL)
 
 
-def teachers_within_bank(cfg: RunConfig, bank: SkillBank | None) -> RunConfig:
+def teachers_within_bank(cfg: RunConfig, bank: SkillBank | None, spec: MethodSpec | None = None) -> RunConfig:
     """`cfg` with `sgsd.num_teachers` capped at the (skill, mistake) pairs `bank` can form per problem
     (min(skills, mistakes), plus `skills.online.capacity` dynamic items per list when online updates may add
     them), with a one-line note: every teacher tensor is padded to K, so a K far beyond the bank costs memory
     and time for teachers that do not exist. The run records the K used (`teachers_record`)."""
-    if bank is None or not method_spec(cfg.method).skill_teachers:
+    if bank is None or not (spec or method_spec(cfg.method)).skill_teachers:
         return cfg
     growth = cfg.skills.online.capacity if cfg.skills.online.enabled else 0
     pairs = min(len(bank.general_skills), len(bank.common_mistakes)) + growth

@@ -31,26 +31,7 @@ from sgsd.methods import MethodSpec, TrainerContext, check_run_config, method_sp
 from sgsd.prompts import ChatStyle
 from sgsd.peers import active_watch, code_digest, reporting_termination, watching_peers
 from sgsd.provenance import package_versions, provenance
-from sgsd.run_dir import (
-    COMPLETE_MARKER,
-    RESOLVED_CONFIG,
-    RESUME_MAY_CHANGE,
-    Rerun,
-    check_inputs_unchanged,
-    check_no_resume,
-    check_output_dir,
-    check_resume_config,
-    checkpoint_step,
-    claimed_output_dir,
-    fresh_staging,
-    plan_rerun,
-    publish_final,
-    resolved_config_text,
-    scan_checkpoints,
-    set_aside,
-    storage_errors,
-    write_output_record,
-)
+from sgsd.run_dir import RESUME_MAY_CHANGE, Rerun, RunDir
 from sgsd.trainers.checkpoints import CompletionMarker, check_engine_state, restore_extra_state, write_final_from_checkpoint
 from sgsd.trainers.preflight import (check_deepspeed_config, check_problems_per_step, teachers_record,
                                      teachers_within_bank)
@@ -64,7 +45,7 @@ if TYPE_CHECKING:
     from sgsd.skills.bank import SkillBank
     from sgsd.skills.retrieval import Retriever
 
-__all__ = ["COMPLETE_MARKER", "PreparedRun", "TrainResult", "prepare_run", "resolve_device", "train"]
+__all__ = ["PreparedRun", "TrainResult", "prepare_run", "resolve_device", "train"]
 
 
 @dataclass
@@ -77,7 +58,7 @@ class TrainResult:
     already_complete: bool = False  # final/ was at max_steps already: nothing was trained or written
 
 
-def resolve_device(cfg: RunConfig) -> tuple[bool, bool]:
+def resolve_device(cfg: RunConfig, spec: MethodSpec | None = None) -> tuple[bool, bool]:
     """(use_cpu, bf16) from `training.device` and `training.precision`, after refusing what the training
     engine (DeepSpeed's ZeRO stage, FSDP) cannot run with this config (`preflight.check_engine`).
 
@@ -92,7 +73,7 @@ def resolve_device(cfg: RunConfig) -> tuple[bool, bool]:
     device = cfg.training.device
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("training.device: cuda requested but no CUDA device is available")
-    check_engine(cfg)
+    check_engine(cfg, spec)
     use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     if cfg.generation.use_vllm:  # this machine's vLLM, for the device the run uses (not a config check:
         # reading a GPU recipe on a machine without vLLM, as `sgsd compare --dry-run` does, is fine)
@@ -116,10 +97,10 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
     copy). rollout_func: TRL's (experimental) custom rollout hook, passed through: `(prompts, trainer) ->
     {"prompt_ids", "completion_ids", "logprobs"}`; the tests use it to train on fixed completions.
     """
+    with same_on_every_rank():
+        check_run_config(cfg)  # once per command: a config the command checked already is not checked again
     cfg = with_max_steps(cfg, max_steps)
     out = output_directory(cfg, output_dir)
-    with same_on_every_rank():
-        check_run_config(cfg)
     with ExitStack() as claim:
         claim.enter_context(reporting_termination())  # a SIGTERM says so in one line, even inside a collective
         watch = claim.enter_context(watching_peers(cfg.distributed.peer_timeout_s))
@@ -127,8 +108,8 @@ def train(cfg: RunConfig, output_dir: str | Path | None = None, *, resume: bool 
             with same_on_every_rank():
                 watch.agree(launch_digests(cfg, out), stage="launch")
         with same_on_every_rank():  # the output-directory rule; the main process locks and records the directory
-            claim.enter_context(claimed_output_dir(out, "train", config_settings(cfg), may_differ=RESUME_MAY_CHANGE,
-                                                   holder=is_main_process()))
+            claim.enter_context(RunDir(out).claim("train", config_settings(cfg), may_differ=RESUME_MAY_CHANGE,
+                                                  holder=is_main_process()))
         with same_on_every_rank():
             rerun = plan_run(cfg, out, resume)
         if rerun.action in ("complete", "finish"):
@@ -154,10 +135,11 @@ def output_directory(cfg: RunConfig, output_dir: str | Path | None) -> Path:
 
 def plan_run(cfg: RunConfig, out: Path, resume: bool) -> Rerun:
     """What this run does in `out` (start, resume, finish, complete), checked against the run it continues."""
-    check_no_resume(out, resume)
-    rerun = plan_rerun(out, cfg.training.max_steps, launched_world_size()) if resume else Rerun("start")
+    run_dir = RunDir(out)
+    run_dir.check_no_resume(resume)
+    rerun = run_dir.plan(cfg.training.max_steps, launched_world_size()) if resume else Rerun("start")
     if rerun.action != "start":
-        check_resume_config(out, dump_config(cfg))
+        run_dir.check_resume_config(dump_config(cfg))
     for skipped in rerun.skipped:
         announce(f"{skipped}; not resumed from")
     return rerun
@@ -184,22 +166,22 @@ class PreparedRun:
             self.trainer.close_engine()  # a vLLM engine goes first, before the interpreter's teardown
 
     def _train(self) -> TrainResult:
-        trainer, out, resume_from = self.trainer, self.output_dir, self.resume_from
-        with rank_local(), storage_errors(out):
+        trainer, out, resume_from = self.trainer, RunDir(self.output_dir), self.resume_from
+        with rank_local(), out.storage_errors():
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-            start = checkpoint_step(resume_from) if resume_from else 0
+            start = out.step_of(resume_from) if resume_from else 0
             if trainer.state.global_step <= start:
                 raise UserError(f"training ended at step {trainer.state.global_step} without taking a step (the "
                                 "data loader yielded no full batch); no final model was written")
             main = trainer.accelerator.is_main_process
-            staging = fresh_staging(out) if main else out / "final.tmp"
+            staging = out.fresh_staging() if main else out.staging
             trainer.accelerator.wait_for_everyone()
             trainer.save_model(str(staging))  # every rank calls it (ZeRO-3 gathers); the main process writes
             if main:
                 self.tokenizer.save_pretrained(str(staging))
                 _publish(out, staging, trainer.state.global_step)
             trainer.accelerator.wait_for_everyone()
-        return TrainResult(out, out / "final", trainer.state.global_step, str(resume_from) if resume_from else None,
+        return TrainResult(out.path, out.final, trainer.state.global_step, str(resume_from) if resume_from else None,
                            [str(p) for p in self.broken])
 
 
@@ -208,10 +190,10 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path | None = None, *, resume:
                 progress: bool = True, rollout_func: Callable[..., dict[str, Any]] | None = None) -> PreparedRun:
     """Everything `train` does before the first step (without the lock): plan, checks, run directory,
     trainer, restored state. For a run that has nothing left to train, a `UserError`."""
+    check_run_config(cfg)
     cfg = with_max_steps(cfg, max_steps)
     out = output_directory(cfg, output_dir)
-    check_run_config(cfg)
-    check_output_dir(out, "train", config_settings(cfg), may_differ=RESUME_MAY_CHANGE)
+    RunDir(out).check("train", config_settings(cfg), may_differ=RESUME_MAY_CHANGE)
     rerun = plan_run(cfg, out, resume)
     if rerun.action in ("complete", "finish"):
         raise UserError(f"output directory {out}: nothing to train ({rerun.action}); `train` writes what is left")
@@ -227,8 +209,9 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
     from sgsd.trainers.callbacks import EMAStep, FaultInjection, MetricsWriter, StepTimer
 
     spec = method_spec(cfg.method)
+    run_dir = RunDir(out)
     resume_from = rerun.checkpoint if rerun.action == "resume" else None
-    use_cpu, bf16 = resolve_device(cfg)
+    use_cpu, bf16 = resolve_device(cfg, spec)
     set_seed(cfg.training.seed)
     if not progress:
         from transformers.utils import logging as hf_logging
@@ -245,14 +228,14 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
         if note:
             announce(note)
     check_problems_per_step(cfg, len(problems))
-    bank, retriever = _load_skills(cfg) if spec.needs_bank(cfg) else (None, None)
+    bank, retriever = _load_skills(cfg, spec) if spec.needs_bank(cfg) else (None, None)
     inputs = input_identities(cfg.data.path, problems, cfg.skills.bank, bank)
     if resume_from is not None:
-        check_inputs_unchanged(out, inputs)
+        run_dir.check_inputs_unchanged(inputs)
     watch = active_watch()
     if watch is not None:  # every node runs the same code, config and inputs: checked before the model loads
         watch.agree(run_digests(cfg, out, inputs))
-    used = teachers_within_bank(cfg, bank)  # the config records the request, the provenance the K used
+    used = teachers_within_bank(cfg, bank, spec)  # the config records the request, the provenance the K used
     if rerun.finished_step is not None and resume_from is not None:
         announce(f"continuing {out} from {resume_from.name} (complete at step {rerun.finished_step}) to step "
                  f"{cfg.training.max_steps}; the learning-rate schedule follows max_steps={cfg.training.max_steps}")
@@ -273,18 +256,16 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
     # (the process group exists now: the GRPOConfig set it up)
     args.distributed_state.wait_for_everyone()
     if is_main_process():
-        from sgsd.storage import atomic_write_text
-
         out.mkdir(parents=True, exist_ok=True)
-        write_output_record(out, "train", config_settings(cfg), RESUME_MAY_CHANGE)  # (again, for `prepare_run`)
+        run_dir.write_record("train", config_settings(cfg), RESUME_MAY_CHANGE)  # (again, for `prepare_run`)
         record = {**provenance(), "data": report.__dict__, "inputs": inputs, **teachers_record(cfg, used)}
-        atomic_write_text(out / RESOLVED_CONFIG, resolved_config_text(dump_config(cfg), record))
+        run_dir.write_resolved_config(dump_config(cfg), record)
 
     if reward_funcs is None:
         from sgsd.verify import AccuracyReward
 
         reward_funcs = [AccuracyReward(extract=cfg.reward.extract)]
-    metrics = MetricsWriter(out / "metrics.jsonl")
+    metrics = MetricsWriter(run_dir.metrics)
     timer, ema_step = StepTimer(), EMAStep()
     callbacks: list[TrainerCallback] = [metrics, timer, ema_step]
     fault = FaultInjection.from_env()
@@ -305,13 +286,13 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
     use_step_lines(trainer, progress)  # one line per logging step; every key is in metrics.jsonl
     trainer.add_callback(ModelCardWriter(out))  # replaces TRL's generic README.md after each checkpoint
 
-    scan = scan_checkpoints(out)
+    scan = run_dir.checkpoints()
     if is_main_process():  # checkpoints newer than the resumed one were passed over: keep them aside
-        newer = [p for p in scan.complete if resume_from is not None and checkpoint_step(p) > checkpoint_step(resume_from)]
-        set_aside(newer)
+        newer = [p for p in scan.complete if resume_from is not None and run_dir.step_of(p) > run_dir.step_of(resume_from)]
+        run_dir.set_aside(newer)
     if resume_from is not None:
         check_engine_state(resume_from, trainer.accelerator.process_index)
-        metrics.truncate_after(checkpoint_step(resume_from))
+        metrics.truncate_after(run_dir.step_of(resume_from))
         restore_extra_state(trainer, resume_from)
     elif metrics.records:
         metrics.truncate_after(0)
@@ -358,31 +339,32 @@ def input_identities(data_source: str, problems: Sequence[Problem], bank_source:
 def _finish_without_training(out: Path, rerun: Rerun) -> TrainResult:
     """A run already at max_steps: nothing to do (`complete`), or only final/ to write from its newest
     checkpoint (`finish`: interrupted after that checkpoint was saved)."""
+    run_dir = RunDir(out)
     if rerun.action == "complete":
-        return TrainResult(out, out / "final", int(rerun.finished_step or 0), already_complete=True)
+        return TrainResult(out, run_dir.final, int(rerun.finished_step or 0), already_complete=True)
     assert rerun.checkpoint is not None
-    step = checkpoint_step(rerun.checkpoint)
+    step = run_dir.step_of(rerun.checkpoint)
     if not is_main_process():  # no collectives here: the main process alone writes final/
-        return TrainResult(out, out / "final", step, str(rerun.checkpoint))
-    with storage_errors(out):
-        staging = fresh_staging(out)
+        return TrainResult(out, run_dir.final, step, str(rerun.checkpoint))
+    with run_dir.storage_errors():
+        staging = run_dir.fresh_staging()
         write_final_from_checkpoint(rerun.checkpoint, staging)
-        _publish(out, staging, step)
-    return TrainResult(out, out / "final", step, str(rerun.checkpoint))
+        _publish(run_dir, staging, step)
+    return TrainResult(out, run_dir.final, step, str(rerun.checkpoint))
 
 
-def _publish(out: Path, staging: Path, step: int) -> None:
+def _publish(run_dir: RunDir, staging: Path, step: int) -> None:
     from sgsd.trainers.model_card import write_model_card
 
-    publish_final(out, staging, step, complete=lambda folder: write_model_card(out, step, folder))
+    run_dir.publish(staging, step, complete=lambda folder: write_model_card(run_dir.path, step, folder))
 
 
-def _load_skills(cfg: RunConfig) -> tuple["SkillBank", "Retriever"]:
+def _load_skills(cfg: RunConfig, spec: MethodSpec) -> tuple["SkillBank", "Retriever"]:
     from sgsd.skills.bank import check_usable, load_bank
     from sgsd.skills.retrieval import make_retriever
 
     bank = load_bank(cfg.skills.bank)
-    check_usable(bank, cfg.skills.bank, pairs=method_spec(cfg.method).skill_teachers)
+    check_usable(bank, cfg.skills.bank, pairs=spec.skill_teachers)
     retriever = make_retriever(cfg.skills.retrieval, bank, embedder=cfg.skills.embedder, seed=cfg.training.seed)
     return bank, retriever
 

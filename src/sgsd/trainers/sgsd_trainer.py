@@ -5,7 +5,8 @@ Per generation batch (TRL generates and grades; the seams are in `sgsd.trl_adapt
 1. retrieve the K rank-aligned (skill, mistake) teachers of each problem (cached per bank version);
 2. render each teacher prompt with the SAME chat style as the student (unless configured otherwise);
 3. score the student's completion under every teacher (`sgsd.teacher_scoring.score_under_teachers`, the
-   path the probe shares) with the selected teacher weights (live / base / EMA), storing [B, K, T]
+   path the probe shares) with the selected teacher weights (live / base / EMA), or with
+   `teacher_engine: vllm` in the colocated vLLM engine (live weights, synced before generation), storing [B, K, T]
    log-probs with the batch, and with `polarity_control` the control teacher's [B, T] (one more teacher
    row per rollout; `sgsd.skills.controls`);
 4. in the loss phase, one student forward with gradient gives p_t [B, T]; `sgsd_loss` does the rest.
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from sgsd.loss_settings import SGSDSettings
-from sgsd.lm_head import head_vocab_size, resolve_chunk_tokens
+from sgsd.lm_head import head_vocab_size
 from sgsd.loss_phase import active_rollouts, sgsd_loss_phase
 from sgsd.objectives import masked_mean
 from sgsd.prompts import ChatStyle
@@ -61,8 +62,13 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
         self.observers = list(observers)  # attribution, online skill updates: see `observe`
         self.count_table = countable_token_table(self.processing_class)
         vocab = head_vocab_size(lm_parts(self.model)[1])
-        self.chunk_tokens = resolve_chunk_tokens(settings.logprob_chunk_tokens, settings.logprob_chunk_mb, vocab)
+        self.chunk_tokens = settings.chunk_tokens(vocab)
         self.setup_teacher(settings.teacher, settings.ema_decay)
+        if settings.teacher_engine == "vllm" and not self.colocated_engine:
+            from sgsd.errors import ConfigError
+
+            raise ConfigError("sgsd.teacher_engine=vllm scores the teachers in the colocated vLLM engine: build the "
+                              "trainer with use_vllm=true and vllm_mode=colocate, or use sgsd.teacher_engine=trainer")
         self.records: dict[int, RolloutRecord] = {}
         self._next_uid = 0
 
@@ -92,9 +98,10 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
             scores = score_under_teachers(
                 scoring_model, self.processing_class, problems, teachers, completion_ids, completion_mask,
                 settings=self.settings, style=self.teacher_style, chunk_tokens=self.chunk_tokens, controls=controls,
-                teacher_context=self.teacher_context, count_table=self.count_table)
+                teacher_context=self.teacher_context, count_table=self.count_table, engine=self.teacher_engine())
             logps, weights, mask = scores.teacher_logps, scores.teacher_weights, scores.counted
-            local["teacher_entropy"] = scores.teacher_entropy
+            if scores.teacher_entropy is not None:
+                local["teacher_entropy"] = scores.teacher_entropy
             if control != "none":
                 local["control_logps"] = scores.control_logps[control]
         uids = torch.arange(self._next_uid, self._next_uid + len(problems), device=device)
@@ -116,6 +123,11 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
         for observer in self.observers:
             observer.on_rollouts(self, problems, completions, rewards, [x["answer"] for x in inputs])
         return extras
+
+    def teacher_engine(self) -> Any:
+        """The vLLM engine that scores the teachers (`teacher_engine: vllm`; TRL synced the policy's weights
+        into it before this generation), or None: the trainer's model scores them."""
+        return self.vllm_generation.llm if self.settings.teacher_engine == "vllm" else None
 
     # -- loss phase ---------------------------------------------------------------------------
     def method_loss(self, model, inputs):
@@ -145,11 +157,12 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
         if phase.student_entropy is not None:
             run_rows, length = phase.run_rows, phase.length
             counted = inputs["sgsd_mask"][run_rows, :length]
-            present = inputs["teacher_weights"][run_rows] > 0
-            teacher_entropy = inputs["teacher_entropy"][run_rows, :, :length]
-            entropies = {"sgsd/student_entropy_mean": masked_mean(phase.student_entropy, counted),
-                         "sgsd/teacher_entropy_mean": masked_mean(teacher_entropy,
-                                                                  counted[:, None, :] & present[:, :, None])}
+            entropies = {"sgsd/student_entropy_mean": masked_mean(phase.student_entropy, counted)}
+            if "teacher_entropy" in inputs:  # not from the vLLM engine (sampled tokens' log-probs only)
+                present = inputs["teacher_weights"][run_rows] > 0
+                teacher_entropy = inputs["teacher_entropy"][run_rows, :, :length]
+                entropies["sgsd/teacher_entropy_mean"] = masked_mean(teacher_entropy,
+                                                                     counted[:, None, :] & present[:, :, None])
         self._log_step(inputs, phase.output, phase.polarity, phase.support, phase.rows.numel(), entropies)
         return phase.loss
 
@@ -159,7 +172,9 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
         keys = [f"sgsd/{k}" for k in SGSD_METRIC_KEYS]
         keys += ["sgsd/active_rollout_fraction", "train/reward_mean"]
         if self.settings.local_support_top_k == 0:
-            keys += ["sgsd/student_entropy_mean", "sgsd/teacher_entropy_mean"]
+            keys += ["sgsd/student_entropy_mean"]
+            if self.settings.teacher_engine == "trainer":
+                keys += ["sgsd/teacher_entropy_mean"]
         return keys
 
     def _log_step(self, inputs, out, polarity, support, active_rows, entropies) -> None:
