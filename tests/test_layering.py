@@ -51,6 +51,8 @@ RULES = [(lower, higher) for lower, highers in {
     # `sgsd skills probe`: a user of the core path, below the commands, the demo and the benchmarks that call it
     "probe": ("sgsd.trainers", "sgsd.demo", "sgsd.commands", "sgsd.cli", "sgsd.benchmarking"),
     "evaluation": ("sgsd.trainers", "sgsd.demo", "sgsd.commands", "sgsd.cli"),
+    # a run's setup from its config: below every command that builds one (train, the probe, the demo, compare)
+    "run_setup": ("sgsd.trainers", "sgsd.probe", "sgsd.demo", "sgsd.commands", "sgsd.cli", "sgsd.benchmarking"),
     "trainers": ("sgsd.benchmarking", "sgsd.demo", "sgsd.commands", "sgsd.cli"),
     # the demo is a user of the library, not a part of it that the benchmarks build on
     "benchmarking": ("sgsd.demo", "sgsd.commands", "sgsd.cli"),

@@ -1,11 +1,14 @@
 """vLLM colocate generation on 2 CPU processes (torchrun, gloo; TRL runs one engine per rank through vLLM's
 `external_launcher` executor): each rank generates its own share with its own random stream, and the run's
 accounting matches one process's. The teachers and the neutral control are scored in each rank's own engine
-(`sgsd.teacher_engine=vllm`): each rank's scores equal its trainer's of the same rows. Two launches of about a
-minute each; skipped without vLLM's CPU build."""
+(`sgsd.teacher_engine=vllm`): each rank's scores equal its trainer's of the same rows. The 2-process launch
+runs under DeepSpeed ZeRO-3 (where installed), so TRL's gather of the sharded parameters before each sync is
+checked by the same sync metric. Two launches of one to three minutes each; skipped without vLLM's CPU
+build. (ZeRO-2 with vLLM: tests/test_multinode.py.)"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,19 +22,20 @@ from test_vllm_adapter import LOGP_TOLERANCE, VLLM_TINY, require_vllm_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "vllm_worker.py"
+ZERO3 = ROOT / "configs" / "paper" / "deepspeed-zero3.json"
 STEPS, PROMPTS_PER_STEP = 2, 4
 
 pytestmark = pytest.mark.slow
 
 
-def _launch(nproc: int, out: Path, data: Path) -> list[dict]:
+def _launch(nproc: int, out: Path, data: Path, *extra: str, **more_env: str) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "TRL_EXPERIMENTAL_SILENCE": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]), **more_env}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER),
                str(ROOT / "configs/tiny/sgsd.yaml"), str(out / "run"), "generation.use_vllm=true",
                f"model.name_or_path={VLLM_TINY}", f"training.max_steps={STEPS}", f"data.path={data}",
                "data.deduplicate=false", f"training.prompts_per_device={PROMPTS_PER_STEP // nproc}",
-               "skills.attribution=false", "sgsd.teacher_engine=vllm", "sgsd.polarity_control=neutral"]
+               "skills.attribution=false", "sgsd.teacher_engine=vllm", "sgsd.polarity_control=neutral", *extra]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -48,7 +52,10 @@ def test_two_processes_generate_their_own_shares_and_account_as_one(tmp_path):
     data = tmp_path / "same.jsonl"
     data.write_text("".join(json.dumps({"problem": "What is 12 + 35?", "answer": "47"}) + "\n" for _ in range(16)))
     one = _launch(1, tmp_path / "one", data)
-    two = _launch(2, tmp_path / "two", data)
+    zero3 = () if importlib.util.find_spec("deepspeed") is None else (f"training.deepspeed={ZERO3}",)
+    two = _launch(2, tmp_path / "two", data, *zero3, DS_ACCELERATOR="cpu")
+    if zero3:  # the parameters were sharded: each rank's checkpoint holds its own model-state shard
+        assert len(list((tmp_path / "two" / "run").glob(f"checkpoint-{STEPS}/global_step*/zero_pp_rank_*_model_states.pt"))) == 2
 
     shares = [_rollouts(tmp_path / "two", rank) for rank in (0, 1)]
     for step in range(STEPS):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import typing
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ class Checked:
     def problems(self, where: str | None = None) -> list[str]:
         """What is wrong with the section, one message each (empty: nothing)."""
         where = where or self.WHERE
-        return bound_problems(self, where) + self.extra_problems(where)
+        return bound_problems(self, where) + choice_problems(self, where) + self.extra_problems(where)
 
     def extra_problems(self, where: str) -> list[str]:
         return []
@@ -228,9 +229,6 @@ class OPSDSettings(Checked, TeacherWeightSettings):
     # teacher rows with a common prompt prefix (a problem's rollouts) run it once (as `sgsd.prefix_reuse`)
     prefix_reuse: bool = True
 
-    def extra_problems(self, where: str) -> list[str]:
-        return self.weight_problems(where)
-
 
 @dataclass
 class SGSDPGSettings(Checked):
@@ -356,8 +354,22 @@ class RunConfig(Checked):
 # Loading and merging
 
 
+@functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def choice_problems(obj: Any, where: str) -> list[str]:
+    """One message per field of the dataclass `obj` typed as a `Literal` that holds another value (a section
+    built in Python; reading a YAML file or an override refuses it as it reads, `_coerce`)."""
+    out = []
+    for spec in dataclasses.fields(obj):
+        hint = _field_types(type(obj)).get(spec.name)
+        value = getattr(obj, spec.name)
+        if typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
+            out.append(f"{where}.{spec.name}: expected one of {', '.join(map(repr, typing.get_args(hint)))}, "
+                       f"got {shorten(repr(value))}")
+    return out
 
 
 def _is_dataclass_type(tp: Any) -> bool:

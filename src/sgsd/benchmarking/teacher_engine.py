@@ -16,13 +16,14 @@ Then:
 - the loss and its gradient (the student's, full fine-tuning) from either engine's log-probs: relative
   differences |L_v - L_t| / |L_t| and ||g_v - g_t|| / ||g_t||, for each test;
 - the teacher phase's seconds (`score_under_teachers`: trainer with prefix reuse, without, and the engine),
-  interleaved over `--rounds` rounds, with the ratios engine / trainer of each round.
+  wall and this process's CPU time (the engine runs in this process), interleaved over `--rounds` rounds,
+  with the ratios engine / trainer of each round.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -44,7 +45,10 @@ from sgsd.skills.retrieval import make_retriever
 from sgsd.skills.teachers import TeacherSource
 from sgsd.teacher_scoring import ScoredRollouts, decide, score_rollouts, score_under_teachers
 
-TESTS = {"threshold": SGSDSettings(), "z": SGSDSettings(polarity_test="z")}
+# the paper's threshold test, the z test, and theta = 0 (every nonzero support counts: the sign alone decides, the
+# test most exposed to noise; on a random tiny model every teacher is neutral at the paper's theta)
+TESTS = {"threshold": SGSDSettings(), "z": SGSDSettings(polarity_test="z"),
+         "threshold0": SGSDSettings(confidence_threshold=0.0)}
 QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
 ENGINE_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
 
@@ -157,19 +161,25 @@ def measure(name: str, spec: str, dtype: str, *, rollouts: int, tokens: int, tea
                         **{**kwargs, "settings": replace(settings, prefix_reuse=False)}),
                     "vllm": lambda: score_under_teachers(model, tokenizer, problems, chosen, ids, mask,
                                                          engine=engine.llm, **kwargs)}
+        # wall seconds, and this process's CPU seconds (the engine runs in this process; on a shared machine the
+        # wall time also measures the other jobs' load, the CPU time does not)
         seconds: dict[str, list[float]] = {v: [] for v in variants}
+        cpu: dict[str, list[float]] = {v: [] for v in variants}
         for index in range(rounds):
             order = list(variants) if index % 2 == 0 else list(variants)[::-1]
             for variant in order:
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 variants[variant]()
                 seconds[variant].append(time.perf_counter() - start)
-            progress(f"{name} {dtype} round {index + 1}: " + ", ".join(f"{v} {seconds[v][-1]:.2f} s" for v in order))
-        report["teacher_phase_s"] = seconds
-        report["ratio_vllm_over_trainer"] = [v / t for v, t in zip(seconds["vllm"], seconds["trainer"])]
-        report["ratio_vllm_over_trainer_no_reuse"] = [v / t for v, t in
-                                                      zip(seconds["vllm"], seconds["trainer_no_reuse"])]
+                cpu[variant].append(time.process_time() - cpu_start)
+            progress(f"{name} {dtype} round {index + 1}: " + ", ".join(
+                f"{v} {seconds[v][-1]:.2f} s ({cpu[v][-1]:.2f} CPU s)" for v in order))
+        report["teacher_phase_s"], report["teacher_phase_cpu_s"] = seconds, cpu
+        for measured, key in ((seconds, ""), (cpu, "cpu_")):
+            for base in ("trainer", "trainer_no_reuse"):
+                report[f"{key}ratio_vllm_over_{base}"] = [v / t for v, t in zip(measured["vllm"], measured[base])]
         report["load_average"] = list(os.getloadavg())
+        progress(json.dumps(report))  # each model's result as soon as it is measured
         return report
     finally:
         engine.close()
@@ -179,13 +189,13 @@ def table(reports: Sequence[dict[str, Any]]) -> str:
     """The reports as text: the noise against |d_t|, the decisions changed, the loss and gradient differences,
     the teacher phase's ratio."""
     lines = [f"{'model':<8} {'dtype':<8} {'tokens':>6} {'noise q50/q99/max':>26} {'|d| q01/q10/q50':>24} "
-             f"{'noise>|d|':>9}  {'vllm/trainer s (per round)':<28}"]
+             f"{'noise>|d|':>9}  {'vllm/trainer, CPU s (per round)':<28}"]
     for r in reports:
         if "error" in r:
             lines.append(f"{r['model']:<8} {r['dtype']:<8} error: {r['error']}")
             continue
         n, d = r["noise"], r["abs_d"]
-        ratios = " ".join(f"{x:.2f}" for x in r["ratio_vllm_over_trainer"])
+        ratios = " ".join(f"{x:.2f}" for x in r.get("cpu_ratio_vllm_over_trainer", r["ratio_vllm_over_trainer"]))
         lines.append(f"{r['model']:<8} {r['dtype']:<8} {r['counted_tokens']:>6} "
                      f"{n['q50']:8.1e}/{n['q99']:8.1e}/{n['max']:8.1e} {d['q01']:7.1e}/{d['q10']:7.1e}/{d['q50']:7.1e} "
                      f"{r['share_noise_above_abs_d']:9.4f}  {ratios}")

@@ -29,17 +29,18 @@ from trl import GRPOConfig, GRPOTrainer
 
 from sgsd import __version__
 from sgsd.config import RunConfig, config_settings, dump_config
-from sgsd.data import Problem, check_untrusted_text, load_problems, training_dataset
+from sgsd.data import LoadReport, Problem, training_dataset
 from sgsd.distributed import announce, is_main_process, launched_world_size, rank_local, same_on_every_rank
 from sgsd.errors import ConfigError, UserError
-from sgsd.models import engine_directory, load_model, load_tokenizer
+from sgsd.models import engine_directory
 from sgsd.methods import MethodSpec, TrainerContext, check_run_config, method_spec
-from sgsd.prompts import ChatStyle, render_guidance
+from sgsd.prompts import render_guidance
 from sgsd.peers import active_watch, code_digest, reporting_termination, watching_peers
 from sgsd.provenance import package_versions, provenance
+from sgsd.run_setup import load_run_inputs, load_run_model
 from sgsd.run_dir import RESUME_MAY_CHANGE, Rerun, RunDir
-from sgsd.skills.bank import SkillBank, check_usable, load_bank
-from sgsd.skills.retrieval import Retriever, make_retriever
+from sgsd.skills.bank import SkillBank
+from sgsd.skills.retrieval import Retriever
 from sgsd.trainers.callbacks import EMAStep, FaultInjection, MetricsWriter, StepTimer
 from sgsd.trainers.checkpoints import CompletionMarker, check_engine_state, restore_extra_state, write_final_from_checkpoint
 from sgsd.trainers.console import use_step_lines
@@ -215,15 +216,16 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
 
     # -- everything the user gave, checked before writing anything ------------------------------
     check_deepspeed_config(cfg.training.deepspeed)
-    problems, report = load_problems(
-        cfg.data.path, split=cfg.data.split, problem_field=cfg.data.problem_field, answer_field=cfg.data.answer_field,
-        deduplicate=cfg.data.deduplicate, max_problems=cfg.data.max_problems, bad_rows=cfg.data.bad_rows,
-    )
-    for note in (report.skipped_note(), report.gold_note()):
-        if note:
-            announce(note)
-    check_problems_per_step(cfg, len(problems))
-    bank, retriever = _load_skills(cfg, spec) if spec.needs_bank(cfg) else (None, None)
+
+    def check_problems(problems: list[Problem], report: LoadReport) -> None:
+        for note in (report.skipped_note(), report.gold_note()):
+            if note:
+                announce(note)
+        check_problems_per_step(cfg, len(problems))
+
+    run_inputs = load_run_inputs(cfg, with_bank=spec.needs_bank(cfg), teacher_pairs=spec.skill_teachers,
+                                 on_problems=check_problems)
+    problems, report, bank, retriever = run_inputs.problems, run_inputs.report, run_inputs.bank, run_inputs.retriever
     inputs = input_identities(cfg.data.path, problems, cfg.skills.bank, bank)
     if resume_from is not None:
         run_dir.check_inputs_unchanged(inputs)
@@ -234,11 +236,7 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
     if rerun.finished_step is not None and resume_from is not None:
         announce(f"continuing {out} from {resume_from.name} (complete at step {rerun.finished_step}) to step "
                  f"{cfg.training.max_steps}; the learning-rate schedule follows max_steps={cfg.training.max_steps}")
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
-    check_untrusted_text(tokenizer, problems, cfg.data.path, bank, cfg.skills.bank)
-    model = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype, tokenizer=tokenizer)
-    if cfg.model.attn_implementation:
-        model.config._attn_implementation = cfg.model.attn_implementation
+    model, tokenizer = load_run_model(cfg, run_inputs)
     if cfg.generation.use_vllm and cfg.generation.vllm_mode == "colocate":  # TRL's engine loads model.name_or_path
         model.name_or_path = engine_directory(cfg.model.name_or_path, model, tokenizer)
     blocks = _skill_blocks(cfg, retriever, [p.problem for p in problems]) if spec.prompt_skills(cfg) else None
@@ -264,8 +262,8 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
     fault = FaultInjection.from_env()
     if fault is not None:
         callbacks.append(fault)
-    context = TrainerContext(bank=bank, retriever=retriever, student_style=ChatStyle(cfg.prompt.enable_thinking),
-                             teacher_style=_teacher_style(cfg), output_dir=out)
+    context = TrainerContext(bank=bank, retriever=retriever, student_style=run_inputs.student_style,
+                             teacher_style=run_inputs.teacher_style, output_dir=out)
     trainer = spec.trainer_class()(
         model=model, reward_funcs=list(reward_funcs), args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=_peft_config(cfg), callbacks=callbacks,
@@ -346,22 +344,10 @@ def _publish(run_dir: RunDir, staging: Path, step: int) -> None:
     run_dir.publish(staging, step, complete=lambda folder: write_model_card(run_dir.path, step, folder))
 
 
-def _load_skills(cfg: RunConfig, spec: MethodSpec) -> tuple["SkillBank", "Retriever"]:
-    bank = load_bank(cfg.skills.bank)
-    check_usable(bank, cfg.skills.bank, pairs=spec.skill_teachers)
-    retriever = make_retriever(cfg.skills.retrieval, bank, embedder=cfg.skills.embedder, seed=cfg.training.seed)
-    return bank, retriever
-
-
 def _skill_blocks(cfg: RunConfig, retriever: "Retriever", problems: Sequence[str]) -> list[str]:
     """Top skills and top mistakes rendered as one guidance block per problem ("+Skill" variants)."""
     return [render_guidance([s.item for s in r.skills], [m.item for m in r.mistakes])
             for r in retriever.retrieve_many(list(problems), cfg.skills.prompt_top_k)]
-
-
-def _teacher_style(cfg: RunConfig) -> ChatStyle:
-    teacher_thinking = cfg.prompt.teacher_enable_thinking
-    return ChatStyle(cfg.prompt.enable_thinking if teacher_thinking is None else teacher_thinking)
 
 
 def _record_base_model(trainer: "GRPOTrainer", model_spec: str) -> None:
