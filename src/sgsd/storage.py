@@ -21,7 +21,7 @@ import stat
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator, Union
 
 from sgsd.errors import DataError, UserError, shorten
 
@@ -39,6 +39,10 @@ def stable_seed(*parts: str) -> int:
 # Input files (skill banks, training data, benchmarks, attribution) are read whole into memory: a bound
 # keeps a wrong path (a huge dump, an endless device) from exhausting it. Generous by default; the
 # environment variable raises or lowers it for every command (`skills validate` has no config file).
+# What `json` writes and reads back as it was: the values of results, records and reports.
+JSONValue = Union[None, bool, int, float, str, list["JSONValue"], dict[str, "JSONValue"]]
+JSONObject = dict[str, JSONValue]
+
 MAX_INPUT_ENV = "SGSD_MAX_INPUT_MB"
 DEFAULT_MAX_INPUT_MB = 4096
 
