@@ -24,6 +24,7 @@ from sgsd.verify import grade
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # Sequences per `generate` call: the demo's model is tiny, so the fewer calls the better (on the demo's
 # warm start, 800 samples of <= 64 tokens ran 2.6-4.7x faster in batches of 256 than in batches of 16,
@@ -63,8 +64,9 @@ class AccuracyEstimate:
         }
 
 
-def sample(model: Any, tokenizer: Any, user_texts: Sequence[str], *, num_samples: int = 1, greedy: bool = False,
-           max_new_tokens: int = 64, batch_size: int = SAMPLE_BATCH, seed: int = 0) -> Rollouts:
+def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, user_texts: Sequence[str], *,
+           num_samples: int = 1, greedy: bool = False, max_new_tokens: int = 64, batch_size: int = SAMPLE_BATCH,
+           seed: int = 0) -> Rollouts:
     """`num_samples` completions per user text (rendered with the demo's chat style), temperature 1 or greedy."""
     import torch
 
@@ -117,8 +119,9 @@ def student_text(problem: Problem) -> str:
     return student_prompt(problem.problem)
 
 
-def accuracy(model: Any, tokenizer: Any, problems: Sequence[Problem], *, k: int = 4, greedy: bool = False,
-             prompt: Callable[[Problem], str] = student_text, max_new_tokens: int = 64, batch_size: int = SAMPLE_BATCH, seed: int = 0) -> AccuracyEstimate:
+def accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem], *, k: int = 4,
+             greedy: bool = False, prompt: Callable[[Problem], str] = student_text, max_new_tokens: int = 64,
+             batch_size: int = SAMPLE_BATCH, seed: int = 0) -> AccuracyEstimate:
     """avg@k (k samples per problem at temperature 1), or greedy accuracy (k is then 1).
 
     prompt(problem) gives the user text (default: the student prompt); `is_correct` grades.

@@ -24,12 +24,15 @@ how many replications the sign agreed, and lists the per-replication differences
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+if TYPE_CHECKING:
+    import numpy as np
 
 RESAMPLES = 10_000
 
 
-def two_level_means(grid: Sequence[Sequence[float]], *, resamples: int = RESAMPLES, seed: int = 0) -> Any:
+def two_level_means(grid: Sequence[Sequence[float]], *, resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
     """Bootstrap means of `grid` [R replications, P problems]: each resample draws R replications and P
     problems with replacement, independently, and averages the R x P cells they pick. numpy [resamples]."""
     import numpy as np

@@ -31,7 +31,7 @@ import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from sgsd.config import RunConfig, flatten
 from sgsd.data import Problem
@@ -48,6 +48,9 @@ from sgsd.loss_settings import POLARITY_CONTROLS
 from sgsd.methods import load_run_config
 from sgsd.run_dir import RunDir, open_output_dir
 from sgsd.storage import JSONObject, atomic_write_json
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 __all__ = ["DEFAULT_METHODS", "DEMO_METHODS", "FULL", "PRESETS", "QUICK", "SMOKE", "DemoMethod", "DemoPlan",
@@ -89,7 +92,7 @@ def choose_learning_rate(scores: dict[float, float], default: float) -> float:
     return default if default in tied else min(tied)
 
 
-def evaluate_dir(path: Path, tokenizer: Any, problems: Sequence[Problem], plan: DemoPlan, *, k: int,
+def evaluate_dir(path: Path, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem], plan: DemoPlan, *, k: int,
                  seed: int, cache: EvaluationCache | None = None) -> AccuracyEstimate:
     """avg@k of the model saved at `path` (from `cache` when this exact evaluation was done before)."""
     from transformers import AutoModelForCausalLM
