@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from sgsd.data import Problem
 from sgsd.demo.warmup import demo_chat_style
 from sgsd.generation import HFGenerator, SamplingConfig
 from sgsd.prompts import render_chat, student_prompt
+from sgsd.storage import JSONObject
 from sgsd.verify import grade
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ class AccuracyEstimate:
     samples_per_problem: int
     per_problem: tuple[float, ...]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JSONObject:
         return {
             "mean": self.mean, "ci_low": self.ci_low, "ci_high": self.ci_high,
             "num_problems": self.num_problems, "samples_per_problem": self.samples_per_problem,

@@ -24,7 +24,9 @@ how many replications the sign agreed, and lists the per-replication differences
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+from sgsd.storage import JSONObject
 
 if TYPE_CHECKING:
     import numpy as np
@@ -83,7 +85,7 @@ class ReplicatedDifference:
             return "behind"
         return "not separated"
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JSONObject:
         return {"difference": self.difference, "ci_low": self.ci_low, "ci_high": self.ci_high,
                 "per_replication": [{"seed": s, "difference": d} for s, d in self.per_replication],
                 "replications": len(self.per_replication), "replications_agreeing": self.agreeing,
