@@ -286,7 +286,7 @@ def strict_json(obj: Any, **options: Any) -> str:
     return json.dumps(_finite(obj), allow_nan=False, ensure_ascii=False, **options)
 
 
-def _finite(obj: Any) -> Any:
+def _finite(obj: JSONValue) -> JSONValue:
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
@@ -296,15 +296,15 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+def atomic_write_json(path: str | os.PathLike, obj: JSONValue) -> Path:
     return atomic_write_text(path, strict_json(obj, indent=2) + "\n")
 
 
-def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> Path:
+def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[JSONValue]) -> Path:
     return atomic_write_text(path, "".join(strict_json(r) + "\n" for r in records))
 
 
-def append_jsonl(path: str | os.PathLike, record: Any) -> None:
+def append_jsonl(path: str | os.PathLike, record: JSONValue) -> None:
     """Append one complete JSON line and fsync it (the resumable-stage write)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -66,8 +66,9 @@ def _problems(data_dir: str | None, count: int) -> list[str]:
     return [p.problem for p in tiny_math_problems(count)]
 
 
-def _loss_and_grad(model: Any, student: tuple[Any, Any], completion: tuple[Any, Any], scored: Any,
-                   settings: SGSDSettings, control: str) -> tuple[float, Any]:
+def _loss_and_grad(model: torch.nn.Module, student: tuple[torch.Tensor, torch.Tensor],
+                   completion: tuple[torch.Tensor, torch.Tensor], scored: ScoredRollouts, settings: SGSDSettings,
+                   control: str) -> tuple[float, torch.Tensor]:
     scores = scored.scores
     model.zero_grad(set_to_none=True)
     phase = sgsd_loss_phase(model, prompt_ids=student[0], prompt_mask=student[1], completion_ids=completion[0],

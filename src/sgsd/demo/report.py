@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from sgsd.demo.bank import item_labels
 from sgsd.demo.evaluate import AccuracyEstimate
@@ -579,7 +579,7 @@ and one draw of rollouts: this says what the teachers do before training, not wh
 """ + "\n".join(rows) + "\n"
 
 
-def _markdown(results: JSONObject, plan: Any) -> str:
+def _markdown(results: JSONObject, plan: DemoPlan) -> str:
     methods, k = results["methods"], results["k"]
     rows = _result_rows(methods, timing=True)
     labels = "\n".join(

@@ -31,7 +31,7 @@ import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from sgsd.config import RunConfig, flatten
 from sgsd.data import Problem
@@ -205,7 +205,7 @@ def split_validation(train: Sequence[Problem], size: int) -> tuple[list[Problem]
 
 
 def prepare_warm_start(seed: int, plan: DemoPlan, *, cache_root: str | Path | None, progress: bool,
-                       bar: Any = None) -> WarmStart:
+                       bar: DemoProgressBar | None = None) -> WarmStart:
     """Replication `seed`'s warm start (`sgsd.demo.presets.warmup_config`): cached, or trained now with a
     progress bar; with `plan.ulp_noise`, perturbed by one ulp: after the warm-up ("warm-start",
     `sgsd.demo.warmup.perturbed_warm_start`) or before it ("warm-up", cached as `<digest>-ulp-init`)."""

@@ -4,10 +4,11 @@ per bank item with a 95% interval, and the between-item permutation test)."""
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from sgsd.skills.bank import SkillBank
 from sgsd.storage import JSONObject
 from sgsd.teacher_scoring import QUADRANTS, TeacherProbe
 
@@ -70,7 +71,7 @@ def between_item_test(rollouts: Sequence[Sequence[tuple[Sequence[str], float]]],
     slot_index, item_index = np.asarray(slots), np.asarray(labels)
     counts = np.bincount(item_index, minlength=len(kept))
 
-    def statistic(table: Any) -> float:
+    def statistic(table: np.ndarray) -> float:
         x = table.reshape(-1)[slot_index]
         means = np.bincount(item_index, weights=x, minlength=len(kept)) / counts
         return float((counts * (means - x.mean()) ** 2).sum() / counts.sum())
@@ -87,7 +88,8 @@ def between_item_test(rollouts: Sequence[Sequence[tuple[Sequence[str], float]]],
             "permutations": permutations, "null": "rho permuted among the teachers of each rollout"}
 
 
-def summarize(probe: TeacherProbe, teacher_ids: Sequence[Sequence[tuple[str, str]]], bank: Any) -> JSONObject:
+def summarize(probe: TeacherProbe, teacher_ids: Sequence[Sequence[tuple[str, str]]],
+              bank: SkillBank) -> JSONObject:
     """probe.json's section of one control."""
 
     present = probe.present.tolist()

@@ -176,7 +176,7 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
                   active_rows: int, entropies: dict[str, torch.Tensor]) -> None:
         present = inputs["teacher_weights"] > 0
         count = present.sum().clamp(min=1)
-        values: dict[str, Any] = {f"sgsd/{key}": value for key, value in out.metrics.items()}
+        values: dict[str, float | torch.Tensor] = {f"sgsd/{key}": value for key, value in out.metrics.items()}
         # fractions over ALL rollouts of the step (skipped rollouts are neutral by construction)
         values["sgsd/helpful_fraction"] = ((polarity == 1) & present).sum() / count
         values["sgsd/harmful_fraction"] = ((polarity == -1) & present).sum() / count
