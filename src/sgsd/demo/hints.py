@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sgsd.data import Problem
 from sgsd.loss_settings import SGSDSettings
@@ -31,9 +32,6 @@ from sgsd.skills.bank import CommonMistake, GeneralSkill, SkillBank
 from sgsd.skills.controls import control_guidance
 from sgsd.skills.teachers import Teacher
 from sgsd.teacher_scoring import decide, score_rollouts
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 NO_HINT, REFERENCE = "none", "reference"
