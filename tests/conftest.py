@@ -47,10 +47,22 @@ BENCHMARKS = SHARED / "benchmarks"
 REFERENCE_BANKS = SHARED / "reference-skill-banks"
 
 
+# What a clone lacks when the real-data folder is absent, and where its files come from.
+_SHARED_SOURCES = {
+    "benchmarks": "one JSONL per benchmark, named as in sgsd.evaluation.benchmarks.BENCHMARKS (aime_2024.jsonl, "
+                  "...): the public Hugging Face datasets listed there, each split saved row by row",
+    "reference-skill-banks": "the skill banks released with the paper (arXiv 2605.28791): qwen3_*_skill_bank.json",
+}
+
+
 def require_shared(path: Path) -> Path:
-    """Skip (with a clear message) when the shared real-data folder is absent, e.g. in a user's clone."""
+    """Skip when the real-data folder is absent (a clone of the repository does not include it), saying
+    what is missing and how to get it."""
     if not path.exists():
-        pytest.skip(f"real data folder {path} is absent (it lives beside the checkout in the dev workplace)")
+        folder = next((name for name in _SHARED_SOURCES if name in path.parts), None)
+        source = _SHARED_SOURCES.get(folder, "real data files") if folder else "real data files"
+        pytest.skip(f"needs {path}, which a clone of the repository does not include: {source}; "
+                    f"put them there to run this test")
     return path
 
 

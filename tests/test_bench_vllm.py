@@ -21,11 +21,13 @@ def _error(capsys, argv):
 def no_model_loads(monkeypatch):
     """Fails the test if the command gets as far as loading a model."""
     import sgsd.benchmarking.vllm_generation as bench
+    import sgsd.commands.bench as command
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
 
     monkeypatch.setattr(bench, "measure_model", refuse)
+    monkeypatch.setattr(command, "measure_model", refuse)  # imported there by name
 
 
 @pytest.mark.parametrize("argv,needle", [

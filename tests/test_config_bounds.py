@@ -129,3 +129,24 @@ def test_the_teacher_weight_settings_are_declared_once_for_sgsd_and_opsd():
     assert OPSDSettings().chunk_tokens(151_936) == 1024
     with pytest.raises(ValueError, match="opsd.teacher"):
         OPSDSettings(teacher="ema2")
+
+
+def _choice_fields(cls: type = RunConfig, prefix: str = "") -> list[tuple[type, str, str]]:
+    """(section class, field, dotted key) of every field typed as a Literal under `cls`."""
+    found = []
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            found += _choice_fields(tp, f"{prefix}{name}.")
+        elif typing.get_origin(tp) is typing.Literal:
+            found.append((cls, name, prefix + name))
+    return found
+
+
+CHOICES = _choice_fields()
+
+
+@pytest.mark.parametrize("section,name,key", CHOICES, ids=[key for *_, key in CHOICES])
+def test_a_section_built_in_python_refuses_a_value_outside_its_choices(section, name, key):
+    assert len(CHOICES) >= 13  # every section's choices: the scan finds them
+    with pytest.raises(ValueError, match=f"{key}: expected"):
+        section(**{name: "not-a-choice"})

@@ -95,3 +95,17 @@ def test_real_gsm8k_rows_grade_against_their_gold():
     assert all(p.answer.lstrip("-").replace(".", "", 1).isdigit() for p in problems)
     # the first problem's gold is 18 (Janet's ducks); a completion stating it is graded correct
     assert problems[0].answer == "18" and grade("She makes \\boxed{18} dollars.", problems[0].answer).correct
+
+
+def test_a_missing_real_data_folder_skips_saying_what_a_clone_lacks(tmp_path):
+    from conftest import require_shared
+
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        require_shared(tmp_path / "shared" / "benchmarks" / "gsm8k_test.jsonl")
+    message = str(skipped.value)
+    assert "a clone of the repository does not include" in message
+    assert "Hugging Face datasets listed there" in message and "BENCHMARKS" in message
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        require_shared(tmp_path / "shared" / "reference-skill-banks")
+    assert "skill banks released with the paper" in str(skipped.value)
+    assert require_shared(tmp_path) == tmp_path  # present: no skip

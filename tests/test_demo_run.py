@@ -122,6 +122,7 @@ def test_demo_methods_and_learning_rate_search_end_to_end(tmp_path, capsys, demo
     # seed's and of seed 0's, and seed 0's curve start point): every checkpoint's evaluation comes from
     # evaluations.json, with the same numbers.
     import sgsd.demo.evaluate as evaluate_module
+    import sgsd.demo.run as run_module
 
     calls = []
     real_accuracy = evaluate_module.accuracy
@@ -130,7 +131,7 @@ def test_demo_methods_and_learning_rate_search_end_to_end(tmp_path, capsys, demo
         calls.append(len(args[2]))
         return real_accuracy(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate_module, "accuracy", counting)
+    monkeypatch.setattr(run_module, "accuracy", counting)  # the demo's run imports it by name
     assert main(argv) == 0
     again = json.loads((out / "results.json").read_text())
     assert calls == [plan["eval_problems"], plan["eval_problems"], plan["curve_problems"]]

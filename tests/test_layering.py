@@ -51,6 +51,8 @@ RULES = [(lower, higher) for lower, highers in {
     # `sgsd skills probe`: a user of the core path, below the commands, the demo and the benchmarks that call it
     "probe": ("sgsd.trainers", "sgsd.demo", "sgsd.commands", "sgsd.cli", "sgsd.benchmarking"),
     "evaluation": ("sgsd.trainers", "sgsd.demo", "sgsd.commands", "sgsd.cli"),
+    # a run's setup from its config: below every command that builds one (train, the probe, the demo, compare)
+    "run_setup": ("sgsd.trainers", "sgsd.probe", "sgsd.demo", "sgsd.commands", "sgsd.cli", "sgsd.benchmarking"),
     "trainers": ("sgsd.benchmarking", "sgsd.demo", "sgsd.commands", "sgsd.cli"),
     # the demo is a user of the library, not a part of it that the benchmarks build on
     "benchmarking": ("sgsd.demo", "sgsd.commands", "sgsd.cli"),
@@ -66,8 +68,11 @@ def test_lower_layers_do_not_import_higher_ones(folder, forbidden):
     assert {k: v for k, v in offending.items() if v} == {}
 
 
-def test_the_import_scan_sees_imports_inside_functions():
-    found = imported_modules(SRC / "skills" / "llm.py")
+def test_the_import_scan_sees_imports_inside_functions(tmp_path):
+    module = tmp_path / "module.py"
+    module.write_text("from sgsd.prompts import render_chat\n\n\nclass C:\n    def m(self):\n"
+                      "        from sgsd.generation import HFGenerator\n")
+    found = imported_modules(module)
     assert "sgsd.generation.HFGenerator" in found  # imported inside a method
     assert "sgsd.prompts" in found  # imported at the top
 

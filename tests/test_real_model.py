@@ -215,7 +215,6 @@ def _config(method: str, model_dir: Path, data: Path, *extra: str):
 def _train_one_step(cfg, out: Path, monkeypatch, **kwargs):
     """Train, keeping the model object `train` loads and a copy of its weights before training."""
     import sgsd.models
-    import sgsd.trainers.run
     from sgsd.trainers.run import train
 
     captured: dict = {}
@@ -227,8 +226,7 @@ def _train_one_step(cfg, out: Path, monkeypatch, **kwargs):
         captured["initial"] = {n: p.detach().clone() for n, p in model.named_parameters()}
         return model
 
-    monkeypatch.setattr(sgsd.models, "load_model", load_and_keep)
-    monkeypatch.setattr(sgsd.trainers.run, "load_model", load_and_keep)  # imported there by name
+    monkeypatch.setattr(sgsd.models, "load_model", load_and_keep)  # what `sgsd.run_setup` calls for every run
     result = train(cfg, out, progress=False, **kwargs)
     return result, captured["model"], captured["initial"]
 

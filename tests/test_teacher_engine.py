@@ -148,3 +148,15 @@ def test_engine_rows_match_the_trainers_scoring(tiny_model, tiny_tokenizer, monk
     assert (trainer.teacher_logps[0] != 0).all()  # the comparison above is not of zeros
     assert in_engine.teacher_entropy is None and trainer.teacher_entropy is not None
     assert torch.equal(in_engine.counted, trainer.counted)
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--models", "gpt2"], "--models 'gpt2': expected names from tiny, smollm2"),
+    (["--dtypes", "float16"], "--dtypes 'float16': expected names from float32, bfloat16"),
+])
+def test_bench_teacher_engine_names_a_bad_argument(args, named, capsys):
+    from sgsd.cli import main
+
+    assert main(["bench", "teacher-engine", *args]) != 0
+    err = capsys.readouterr().err.strip()
+    assert named in err and len(err.splitlines()) == 1, err

@@ -14,10 +14,14 @@ import argparse
 import importlib
 import os
 import sys
+import time
 
+from sgsd import __version__
 from sgsd.commands import COMMANDS
 from sgsd.commands.options import SgsdArgumentParser
+from sgsd.distributed import is_peer_loss
 from sgsd.errors import UserError
+from sgsd.peers import PEER_FAILURE_GRACE_S
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -25,7 +29,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         prog="sgsd",
         description="Skill-Conditioned Gated Self-Distillation: training, skill banks and math evaluation.",
     )
-    from sgsd import __version__
 
     parser.add_argument("--version", action="version", version=f"sgsd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -102,11 +105,6 @@ def _secondary_failure(err: Exception) -> bool:
     """A lost peer is the consequence of another rank's failure, which that rank reports: wait for the
     launcher to stop this process quietly; only if it does not (the peer vanished without an error
     of its own, e.g. killed) report the loss in one line."""
-    import time
-
-    from sgsd.distributed import is_peer_loss
-    from sgsd.peers import PEER_FAILURE_GRACE_S
-
     if not is_peer_loss(err):
         return False
     time.sleep(PEER_FAILURE_GRACE_S)
@@ -117,10 +115,6 @@ def _main_process_did_not_stop() -> bool:
     """A non-main rank raised an input error that every rank should find alike: if the main process found
     it too, it printed it and exited, and the launcher stops this process within its monitor interval.
     Still running after the grace time means the main process did not: this rank says it, tagged."""
-    import time
-
-    from sgsd.peers import PEER_FAILURE_GRACE_S
-
     time.sleep(PEER_FAILURE_GRACE_S)
     return True
 

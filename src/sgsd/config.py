@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import yaml
+
 from sgsd.bounds import Bound, SettingsError, above, at_least, between, bound_problems
 from sgsd.errors import ConfigError, shorten
 from sgsd.loss_settings import PolarityTest, SGSDSettings, TeacherWeights, TeacherWeightSettings
+from sgsd.redact import redact_url
 from sgsd.storage import MAX_NESTING, decode_utf8, read_input_bytes
 
 __all__ = ["PolarityTest", "RunConfig", "SGSDSettings", "load_config"]
@@ -40,7 +45,7 @@ class Checked:
     def problems(self, where: str | None = None) -> list[str]:
         """What is wrong with the section, one message each (empty: nothing)."""
         where = where or self.WHERE
-        return bound_problems(self, where) + self.extra_problems(where)
+        return bound_problems(self, where) + choice_problems(self, where) + self.extra_problems(where)
 
     def extra_problems(self, where: str) -> list[str]:
         return []
@@ -125,7 +130,6 @@ class GenerationSettings(Checked):
     vllm_server_base_url: str | None = None
 
 
-
 @dataclass
 class OnlineUpdateSettings(Checked):
     """Online skill-bank updates during SGSD training (docs/spec.md section 3 (4)); `sgsd.skills.online` reads
@@ -207,7 +211,6 @@ class GRPOSettings(Checked):
     skills_in_prompt: bool = False  # GRPO+Skill
 
 
-
 @dataclass(frozen=True)
 class OPSDSettings(Checked, TeacherWeightSettings):
     """docs/spec.md section 5: teacher = same model given the reference answer; generalized JSD (beta=0 forward KL).
@@ -225,9 +228,6 @@ class OPSDSettings(Checked, TeacherWeightSettings):
     skills: bool = False  # OPSD+Skill: skills in student and teacher prompts
     # teacher rows with a common prompt prefix (a problem's rollouts) run it once (as `sgsd.prefix_reuse`)
     prefix_reuse: bool = True
-
-    def extra_problems(self, where: str) -> list[str]:
-        return self.weight_problems(where)
 
 
 @dataclass
@@ -298,7 +298,6 @@ class TrainingSettings(Checked):
     deepspeed: str | None = None
 
 
-
 # A frozen rank is named within 5 minutes by default: the timeout plus at most one heartbeat interval
 # (2 s) and one store round trip. Long enough that no busy rank (a model loading from a slow filesystem,
 # a DeepSpeed op build) misses it: a busy rank's heartbeat thread keeps beating.
@@ -355,8 +354,22 @@ class RunConfig(Checked):
 # Loading and merging
 
 
+@functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def choice_problems(obj: Any, where: str) -> list[str]:
+    """One message per field of the dataclass `obj` typed as a `Literal` that holds another value (a section
+    built in Python; reading a YAML file or an override refuses it as it reads, `_coerce`)."""
+    out = []
+    for spec in dataclasses.fields(obj):
+        hint = _field_types(type(obj)).get(spec.name)
+        value = getattr(obj, spec.name)
+        if typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
+            out.append(f"{where}.{spec.name}: expected one of {', '.join(map(repr, typing.get_args(hint)))}, "
+                       f"got {shorten(repr(value))}")
+    return out
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -475,8 +488,6 @@ def load_yaml(text: str, where: str) -> Any:
     could see it: an alias (`*name`: a few hundred bytes of anchors and aliases expand to gigabytes) and
     nesting deeper than `MAX_NESTING` levels (the composer recurses). Errors name `where` and the line;
     PyYAML's own syntax errors stay `yaml.YAMLError`."""
-    import yaml
-
     depth = 0
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         line = event.start_mark.line + 1 if event.start_mark is not None else 0
@@ -496,8 +507,6 @@ def load_yaml(text: str, where: str) -> Any:
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict[str, Any], str]]:
-    import yaml
-
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: circular 'inherit'")
@@ -523,8 +532,6 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict[str, 
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    import yaml
-
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {shorten(repr(text))}: expected key=value, e.g. training.learning_rate=1e-5")
@@ -598,8 +605,6 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def setting_differences(flat_by_label: dict[str, dict[str, Any]]) -> list[str]:
     """Dotted keys on which flattened settings disagree, one line each: "key: a=1, b=2" (a key absent
     from one side counts as None)."""
-    import json
-
     keys = sorted({k for values in flat_by_label.values() for k in values})
     lines = []
     for key in keys:
@@ -616,10 +621,6 @@ URL_KEYS = (("skills", "online", "llm"), ("generation", "vllm_server_base_url"))
 def dump_config(cfg: RunConfig) -> str:
     """The config as YAML, as resolved_config.yaml holds it: every setting, with credentials in URLs shown
     as `***` (the run itself uses them; no file keeps them)."""
-    import yaml
-
-    from sgsd.redact import redact_url
-
     tree = cfg.to_dict()
     for *parents, key in URL_KEYS:
         node = tree
@@ -633,6 +634,4 @@ def dump_config(cfg: RunConfig) -> str:
 def config_settings(cfg: RunConfig) -> dict[str, Any]:
     """The config as {dotted key: value}, as `dump_config` writes it (credentials masked): what a run's
     output record (`sgsd.run_dir.write_output_record`) compares between reruns."""
-    import yaml
-
     return flatten(yaml.safe_load(dump_config(cfg)))

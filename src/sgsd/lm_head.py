@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -126,8 +127,6 @@ def head_weights(head: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     reduce-scatters its gradient (one [H, V] matmul and one [H, V] copy per call); without gradient
     (teacher scoring), a gathered copy. Measured against ZeRO-2 and DDP in tests/test_deepspeed.py.
     """
-    from torch.distributed.tensor import DTensor
-
     weight, bias = head.weight, getattr(head, "bias", None)
     if isinstance(weight, DTensor):  # FSDP2: a differentiable all-gather (its backward reduce-scatters)
         return weight.full_tensor(), bias.full_tensor() if bias is not None else None

@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from sgsd.config import RunConfig, load_config
 from sgsd.errors import ConfigError
+from sgsd.prompts import ChatStyle
+from sgsd.skills.bank import SkillBank
 
 if TYPE_CHECKING:
-    from sgsd.config import RunConfig
-    from sgsd.prompts import ChatStyle
-    from sgsd.skills.bank import SkillBank
     from sgsd.skills.retrieval import Retriever
 
 
@@ -170,8 +170,6 @@ _CHECKED_AS = "_sgsd_checked_as"
 def load_run_config(path: "str | Path | None" = None, overrides: "list[str] | tuple[str, ...]" = ()) -> "RunConfig":
     """`sgsd.config.load_config` (defaults <- YAML <- overrides, type-checked), then `check_run_config`:
     the config a training command runs."""
-    from sgsd.config import load_config
-
     return check_run_config(load_config(path, overrides))
 
 

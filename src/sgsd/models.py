@@ -10,18 +10,24 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
+import tempfile
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sgsd.errors import UserError
+from sgsd.paths import check_local_path
 from sgsd.run_dir import RunDir
+from sgsd.threads import fit_to_model
+from sgsd.tiny import ModelShape, build_tiny_model, build_tokenizer
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from sgsd.tiny import ModelShape
 
 TINY_PREFIX = "tiny"
 
@@ -42,10 +48,6 @@ def _parse_tiny(spec: str) -> dict[str, int]:
 
 
 def _tiny_shape(spec: str, options: dict[str, int]) -> ModelShape:
-    from dataclasses import fields
-
-    from sgsd.tiny import ModelShape
-
     known = [f.name for f in fields(ModelShape) if f.name != "vocab_size"]  # the tokenizer decides V
     unknown = sorted(set(options) - set(known))
     if unknown:
@@ -80,7 +82,6 @@ def resolve_model_path(model_spec: str) -> str:
         return str(path)
     if path.exists():
         raise UserError(f"model {model_spec}: not a directory (expected a model folder, a run directory or a hub id)")
-    from sgsd.paths import check_local_path
 
     check_local_path(model_spec, "model")
     if model_spec.count("/") > 1:
@@ -93,9 +94,6 @@ def engine_directory(model_spec: str, model: PreTrainedModel, tokenizer: PreTrai
     in-process tiny model a temporary folder of this process holding it and its tokenizer (removed at exit)."""
     if not is_tiny(model_spec):
         return resolve_model_path(model_spec)
-    import atexit
-    import shutil
-    import tempfile
 
     folder = tempfile.mkdtemp(prefix="sgsd-engine-model-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
@@ -109,8 +107,6 @@ def load_tokenizer(model_spec: str) -> PreTrainedTokenizerBase:
 
     path = resolve_model_path(model_spec)
     if path.split(":")[0] == TINY_PREFIX:
-        from sgsd.tiny import build_tokenizer
-
         return build_tokenizer()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -125,8 +121,6 @@ def load_model(model_spec: str, *, dtype: str = "auto", tokenizer: PreTrainedTok
                trainable_adapter: bool = False) -> PreTrainedModel | PeftModel:
     """Load a causal LM. A PEFT adapter directory gives a `PeftModel` (trainable when asked). Torch's
     thread count is set for its size (`sgsd.threads.fit_to_model`)."""
-    from sgsd.threads import fit_to_model
-
     model = _load_model(model_spec, dtype=dtype, tokenizer=tokenizer, trainable_adapter=trainable_adapter)
     fit_to_model(model)
     return model
@@ -139,8 +133,6 @@ def _load_model(model_spec: str, *, dtype: str, tokenizer: PreTrainedTokenizerBa
 
     path = resolve_model_path(model_spec)
     if path.split(":")[0] == TINY_PREFIX:
-        from sgsd.tiny import build_tiny_model
-
         options = _parse_tiny(path)
         seed, max_positions = options.pop("seed", 0), options.pop("max_positions", 2048)
         return build_tiny_model(tokenizer if tokenizer is not None else load_tokenizer(path), seed=seed,

@@ -43,6 +43,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from sgsd.distributed import is_peer_loss, launched_world_size
 from sgsd.errors import UserError
 
 # After another rank fails, its launcher stops the rest of its node within its monitor interval (torchrun:
@@ -366,7 +367,6 @@ def watching_peers(timeout_s: float) -> Iterator[PeerWatch | None]:
     watching it; its own line says why); a lost peer keeps the watch running until the process ends,
     so that the line about the loss can name whom it lost (`loss_report`)."""
     global _active
-    from sgsd.distributed import is_peer_loss, launched_world_size
 
     world = launched_world_size()
     connect = launcher_store(max(timeout_s, 30.0)) if world > 1 else None

@@ -34,12 +34,12 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
+from torch.distributed.tensor import DTensor
+from transformers import DynamicCache
 
-if TYPE_CHECKING:
-    from transformers import DynamicCache
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,6 @@ def reuse_blocker(model: torch.nn.Module) -> str | None:
         # recorded; with each rank's own number of prefix forwards (even padded to equal counts) the ranks'
         # all-gathers stopped pairing up on 2 CPU processes (gloo: "collective mismatch")
         return "DeepSpeed ZeRO-3 shards the weights (every forward is a collective)"
-    from torch.distributed.tensor import DTensor
 
     if isinstance(param, DTensor) or any(c.__name__ == "FlatParameter" for c in type(param).__mro__):
         return "FSDP shards the weights (every forward is a collective)"
@@ -245,8 +244,6 @@ class PrefixStore:
     def past(self, parents: Sequence[int], device: torch.device) -> tuple[DynamicCache, torch.Tensor]:
         """(cache [n, H_kv, P, D] per layer, mask [n, P]) of the consumers' parents, each right-aligned in
         P = the longest parent (left padding, masked); a DynamicCache the next forward extends."""
-        from transformers import DynamicCache
-
         widths = [self.end(p) for p in parents]
         width = max(widths, default=0)
         mask = torch.zeros((len(parents), width), dtype=torch.long, device=device)

@@ -4,15 +4,17 @@ that ran it (written beside runs and evaluations so a number can be traced back)
 from __future__ import annotations
 
 import subprocess
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from sgsd.distributed import world_size
+from sgsd.peers import node_count
 
 PACKAGES = ("sgsd", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "math-verify",
             "sentence-transformers", "vllm", "deepspeed")
 
 
 def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for name in PACKAGES:
         try:
@@ -36,8 +38,5 @@ def provenance() -> dict[str, object]:
     """`processes`: the world size of the process group (1 without one), i.e. how many ranks really
     took part, whatever the launcher was asked for; `nodes`: on how many machines (the distinct nodes
     the ranks reported, `sgsd.peers.node_count`)."""
-    from sgsd.distributed import world_size
-    from sgsd.peers import node_count
-
     return {"git_revision": git_revision(), "versions": package_versions(), "processes": world_size(),
             "nodes": node_count()}

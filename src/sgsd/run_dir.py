@@ -31,6 +31,7 @@ resume needs): each rank reads the same files and reaches the same verdicts with
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -40,7 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
+import yaml
+
+from sgsd.config import flatten
 from sgsd.errors import DataError, UserError, shorten
+from sgsd.storage import apply_plain_modes, atomic_write_json, atomic_write_text, storage_failure
 
 # every name in a run directory, spelled here only (tests/test_layering.py refuses them elsewhere in src);
 # code outside this module reaches them through `RunDir`
@@ -280,8 +285,6 @@ def refuse_special_dir(directory: str | os.PathLike, what: str = "output directo
 
 def settings_digest(settings: dict[str, Any], may_differ: frozenset[str] = frozenset()) -> str:
     """SHA-256 of the settings that decide a command's output (`may_differ` left out)."""
-    import hashlib
-
     kept = {k: v for k, v in sorted(settings.items()) if k not in may_differ}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str, allow_nan=True).encode("utf-8")).hexdigest()
 
@@ -350,8 +353,6 @@ def read_output_record(directory: Path, what: str = "output directory") -> dict[
 def write_output_record(directory: Path, kind: str, settings: dict[str, Any],
                         may_differ: frozenset[str] = frozenset()) -> None:
     """Record whose output `directory` holds (kind, settings and their digest): `check_output_dir` reads it."""
-    from sgsd.storage import atomic_write_json
-
     atomic_write_json(directory / OUTPUT_RECORD, {"kind": kind, "settings_sha256": settings_digest(settings, may_differ),
                                                   "settings": json.loads(json.dumps(settings, default=str))})
 
@@ -407,7 +408,6 @@ def claimed_output_dir(directory: str | os.PathLike, kind: str, settings: dict[s
                 record.unlink(missing_ok=True)
 
 
-
 # -- the run's record ----------------------------------------------------------------------------------
 
 
@@ -430,8 +430,6 @@ class RunRecord:
 
 def read_run_record(run_dir: str | Path) -> RunRecord | None:
     """The run's record, or None when it has no resolved_config.yaml."""
-    import yaml
-
     path = Path(run_dir) / RESOLVED_CONFIG
     if not path.is_file():
         return None
@@ -567,10 +565,6 @@ def check_resume_config(output_dir: Path, config_yaml: str) -> None:
     RESUME_MAY_CHANGE may differ. Without this, resuming with another learning rate, method or model
     would silently splice two experiments into one run.
     """
-    import yaml
-
-    from sgsd.config import flatten
-
     saved_path = output_dir / RESOLVED_CONFIG
     if not saved_path.exists():
         return
@@ -620,8 +614,6 @@ class Marker:
 def write_complete_marker(folder: Path, step: int, world_size: int | None = None) -> None:
     """Write the marker LAST into a checkpoint or final/'s staging folder, listing every file in it,
     after giving its files the umask's mode (safetensors writes its weights 0600)."""
-    from sgsd.storage import apply_plain_modes, atomic_write_json
-
     apply_plain_modes(folder)
     files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name != COMPLETE_MARKER}
@@ -749,8 +741,6 @@ def fresh_staging(output_dir: Path) -> Path:
 def storage_errors(output_dir: Path) -> Iterator[None]:
     """A full or read-only disk while saving becomes one line (whichever exception the writer raised:
     an OSError, torch's "file write failed", safetensors' IoError); complete checkpoints stay intact."""
-    from sgsd.storage import storage_failure
-
     try:
         yield
     except Exception as err:  # noqa: BLE001 - re-raised unless it is a storage failure
@@ -845,8 +835,6 @@ class RunDir:
         check_inputs_unchanged(self.path, inputs)
 
     def write_resolved_config(self, config_yaml: str, provenance: dict[str, Any]) -> None:
-        from sgsd.storage import atomic_write_text
-
         atomic_write_text(self.resolved_config, resolved_config_text(config_yaml, provenance))
 
     # -- 4. checkpoints

@@ -17,19 +17,17 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from sgsd.distributed import gather_objects, world_size
 from sgsd.lm_head import head_weights, token_logprobs, token_logprobs_and_entropy
-from sgsd.objectives import OPSDLossOutput, opsd_loss
+from sgsd.objectives import OPSDLossOutput, local_support_terms, opsd_loss
 from sgsd.prefix_cache import PrefixPlan, PrefixStore, no_checkpointing, plan_prefixes, reuse_applies
-
-if TYPE_CHECKING:
-    from transformers import DynamicCache, PreTrainedTokenizerBase
 
 
 def lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -388,8 +386,6 @@ def score_teachers_local(model: torch.nn.Module, teacher_prompt_ids: Sequence[Se
 def _local_chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sampled_ids: torch.Tensor,
                  teacher_sampled: torch.Tensor, teacher_top: torch.Tensor, teacher_top_ids: torch.Tensor,
                  top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from sgsd.objectives import local_support_terms
-
     student_logits = torch.nn.functional.linear(hidden, weight, bias).float()  # [B, t, V]
     b, k, t, _ = teacher_top.shape
     # Teacher logits known only on its top-k' and the sampled token; -inf elsewhere. Log-probs stand

@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
 
-from sgsd.errors import DataError
+from sgsd.errors import DataError, UserError, shorten
 
 
 def stable_hash(text: str, length: int = 16) -> str:
@@ -50,8 +50,6 @@ def max_input_bytes() -> int:
 
 def _megabytes_env(name: str, default: float) -> int:
     """Bytes from the environment variable `name`, in megabytes (`default` when unset)."""
-    from sgsd.errors import UserError, shorten
-
     value = os.environ.get(name, "").strip()
     if not value:
         return int(default * 1_000_000)
@@ -158,8 +156,6 @@ def _too_large(path: Path, what: str, size: int, limit: int) -> str:
 def check_writable_dir(path: str | os.PathLike, what: str) -> None:
     """Raise a one-line `UserError` when `path` cannot become a directory we write into: it is a file,
     or its nearest existing ancestor is a file or not writable. Creates nothing."""
-    from sgsd.errors import UserError
-
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise UserError(f"{what} {path}: exists and is not a directory")

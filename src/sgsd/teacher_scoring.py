@@ -24,15 +24,16 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, ContextManager, Mapping, Sequence
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sgsd.loss_settings import SGSDSettings
 from sgsd.objectives import teacher_polarity
 from sgsd.prompts import ChatStyle, render_chat, student_prompt, teacher_prompt
 from sgsd.scoring import (completion_logprobs, countable_token_table, counted_mask, left_pad,
                           score_teachers_and_entropy)
+from sgsd.vllm_adapter import score_sequences
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from vllm import LLM
 
@@ -79,8 +80,6 @@ def engine_teacher_logps(engine: LLM, teacher_prompt_ids: Sequence[Sequence[Sequ
     """`sgsd.scoring.score_teachers`'s [B, W, T] log-probs (0 for absent rows and masked tokens), from the vLLM
     engine's prompt log-probs of each present row's [teacher prompt; completion] token ids (one request per row,
     all in one call; the completion is its first completion_mask.sum() tokens, as the trainer engine runs it)."""
-    from sgsd.vllm_adapter import score_sequences
-
     b, t = completion_ids.shape
     width = max((len(row) for row in teacher_prompt_ids), default=0)
     out = torch.zeros((b, width, t), dtype=torch.float32)

@@ -26,6 +26,7 @@ left alone when the user set it).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -103,8 +104,6 @@ def configure_process(threads: int | None = None) -> ThreadChoice:
         os.environ[ENV_THREADS] = str(threads)
     choice = choose_threads(parameters=None)
     if "capped" in choice.reason and os.environ.get("RANK", "0") == "0":
-        import sys
-
         print(f"sgsd: note: {choice.reason}; using {choice.threads}", file=sys.stderr)
     import torch
 

@@ -42,8 +42,12 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
+import trl
 from trl import GRPOConfig, GRPOTrainer
+from trl.generation import vllm_generation
+from trl.trainer.utils import use_adapter
 
+from sgsd.errors import ConfigError
 from sgsd.vllm_adapter import engine_started_here, score_sequences, shutdown_engine
 
 if TYPE_CHECKING:
@@ -97,8 +101,6 @@ torch.serialization.register_package(11, lambda obj: None, _indexed_cpu_location
 
 def check_trl_contract() -> list[str]:
     """Differences between the installed TRL and what this adapter relies on (empty when compatible)."""
-    import trl
-
     problems = []
     if trl.__version__ != TRL_VERSION:
         problems.append(f"trl=={trl.__version__} installed, this adapter is written for trl=={TRL_VERSION}")
@@ -171,8 +173,6 @@ class HookedGRPOTrainer(GRPOTrainer):
         if self.has_method_loss and getattr(self, "is_fsdp_enabled", False):
             plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
             if getattr(plugin, "fsdp_version", 1) != 2:
-                from sgsd.errors import ConfigError
-
                 raise ConfigError(FSDP1_REFUSAL)
 
     # -- seams ------------------------------------------------------------------------------
@@ -327,7 +327,6 @@ def colocated_engine(on_cpu: bool, **options: Any) -> Iterator[None]:
     if not options:
         yield
         return
-    from trl.generation import vllm_generation
 
     original = vllm_generation.LLM
 
@@ -351,7 +350,5 @@ def _nanmax(gathered: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def adapter_disabled(model: PeftModel) -> Iterator[None]:
     """Base-model weights of a PEFT model (adapter off), through TRL's own helper."""
-    from trl.trainer.utils import use_adapter
-
     with use_adapter(model, adapter_name=None):
         yield

@@ -35,13 +35,18 @@ grader processes that bound their time (kept private: the public surface is `ext
 from __future__ import annotations
 
 import atexit
+import ctypes
+import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
 from typing import Any, Literal, Sequence
 
 FailureKind = Literal["no_answer", "unbalanced", "parse_error", "timeout"]
@@ -54,7 +59,7 @@ ChatText = str | Sequence[dict[str, str]]
 EXTRACT_MODES: tuple[str, ...] = ("boxed", "flexible")
 
 DEFAULT_TIMEOUT_S = 5.0
-# A fresh worker imports math-verify and sympy (1-2 s on an idle core, more on a loaded machine).
+# A fresh worker imports math-verify and sympy (seconds, more on a loaded machine).
 WORKER_START_TIMEOUT_S = 120.0
 
 _BOX_START = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -249,9 +254,6 @@ def _die_with_parent(parent_pid: int) -> None:
     of `9^{9^{9^9}}` would otherwise outlive a killed trainer for hours)."""
     if sys.platform.startswith("linux"):
         try:
-            import ctypes
-            import signal
-
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass
@@ -261,9 +263,6 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def _worker_main(read_fd: int, write_fd: int, parent_pid: int) -> None:
     """Grader process loop: receive (pred, gold), reply with check_equivalent's verdict."""
-    import logging
-    from multiprocessing.connection import Connection
-
     # math-verify warns once that its timeouts are disabled: the parent bounds time instead.
     logging.disable(logging.WARNING)
     _die_with_parent(parent_pid)
@@ -292,8 +291,6 @@ class _Worker:
     """
 
     def __init__(self) -> None:
-        from multiprocessing.connection import Connection
-
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -349,8 +346,6 @@ class _Pool:
     """Persistent grader processes of this process (re-created after a fork)."""
 
     def __init__(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         self.pid = os.getpid()
         self.workers: list[_Worker] = []
         self.lock = threading.Lock()
@@ -382,8 +377,6 @@ class _Pool:
         A worker past its deadline is killed and replaced; its replacement joins once it has started.
         If the caller is interrupted, workers with a check in flight are replaced (no stale replies).
         """
-        from multiprocessing.connection import wait
-
         verdicts: list[str] = [""] * len(tasks)
         pending = list(range(len(tasks)))[::-1]
         busy: dict[_Worker, tuple[int, float]] = {}  # worker -> (task index, deadline)

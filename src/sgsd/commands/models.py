@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from sgsd.gguf_import import import_gguf
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="models_command", metavar="ACTION", required=True)
@@ -28,8 +30,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _import_gguf(args: argparse.Namespace) -> int:
-    from sgsd.gguf_import import import_gguf
-
     report = import_gguf(args.source, args.output, log=print)
     if not report.corrections:
         print("no corrections: the GGUF metadata agrees with its chat template")

@@ -17,7 +17,8 @@ import difflib
 from typing import Any
 
 from sgsd.bounds import Bound, above, at_least, between
-from sgsd.errors import shorten
+from sgsd.errors import UserError, shorten
+from sgsd.threads import THREADS_PAY_PARAMETERS
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """Appends "(default: X)" where the help text does not already describe the default.
@@ -85,8 +86,6 @@ def add_threads(parser: argparse.ArgumentParser) -> None:
     """`--threads N` (dest `threads`), accepted by every parser and sub-parser (`SgsdArgumentParser` adds
     it), so it may stand before or after the command; absent from the namespace unless given, so a
     sub-parser never overwrites the value given to its parent. `sgsd.cli` applies it (`sgsd.threads`)."""
-    from sgsd.threads import THREADS_PAY_PARAMETERS
-
     parser.add_argument("--threads", type=COUNT, metavar="N", default=argparse.SUPPRESS,
                         help="torch CPU threads of each process (also SGSD_THREADS; overrides OMP_NUM_THREADS). "
                              f"By default: 1 for models under {THREADS_PAY_PARAMETERS / 1e6:g} M parameters, else "
@@ -105,8 +104,6 @@ def required_group(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 
 def require(args: argparse.Namespace, command: str, *names: str) -> None:
     """Refuse a missing option that argparse could not require (see `required_group`)."""
-    from sgsd.errors import UserError
-
     missing = ["--" + name.replace("_", "-") for name in names if getattr(args, name, None) in (None, "")]
     if missing:
         raise UserError(f"{command}: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required "

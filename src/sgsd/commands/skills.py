@@ -16,12 +16,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from sgsd.commands.options import COUNT, NON_NEGATIVE, NON_NEGATIVE_NUMBER, SEED, require, required_group
+from sgsd.config import config_settings
+from sgsd.data import check_untrusted_text, load_problems
 from sgsd.errors import UserError
-from sgsd.run_dir import RunDir
+from sgsd.methods import load_run_config
+from sgsd.models import load_model, load_tokenizer
+from sgsd.prompts import ChatStyle
+from sgsd.redact import redact_text, redact_url
+from sgsd.run_dir import RunDir, check_output_dir, claimed_output_dir, read_run_record
+from sgsd.skills.attribution import AttributionTracker, prune_bank
+from sgsd.skills.bank import check_usable, load_bank, save_bank
+from sgsd.skills.build import BuildConfig, build_bank, check_unique_ids
+from sgsd.skills.llm import HFClient, OpenAIClient
+from sgsd.skills.merge import MergeConfig
+from sgsd.skills.report import format_table, plot_attribution
+from sgsd.storage import check_writable_dir
 
 
 def _bank_option(p: argparse.ArgumentParser) -> None:
@@ -133,8 +147,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from sgsd.skills.bank import check_usable, load_bank
-
     require(args, "sgsd skills validate", "bank")
     bank = load_bank(args.bank)  # a broken bank raises DataError: one line, exit 2
     check_usable(bank, args.bank)  # and so does one that cannot form a teacher
@@ -144,9 +156,6 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from sgsd.redact import redact_text
-    from sgsd.skills.bank import load_bank
-
     require(args, "sgsd skills show", "bank")
     bank = load_bank(args.bank)
     meta = bank.metadata
@@ -175,7 +184,6 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _retrieve(args: argparse.Namespace) -> int:
-    from sgsd.skills.bank import check_usable, load_bank
     from sgsd.skills.retrieval import make_retriever
     from sgsd.skills.teachers import build_teachers
 
@@ -205,14 +213,6 @@ def _retrieve(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from sgsd.skills.attribution import AttributionTracker, prune_bank
-    from sgsd.skills.bank import load_bank, save_bank
-    from sgsd.skills.report import format_table, plot_attribution
-
-    from sgsd.run_dir import claimed_output_dir
-
     run_dir = Path(args.run_dir)
     tracker = AttributionTracker.load(RunDir(run_dir).attribution)
     bank_path = Path(args.bank) if args.bank else _run_bank(run_dir)
@@ -251,10 +251,6 @@ def _check_new_file(path: Path, option: str) -> None:
 
 def _run_bank(run_dir: Path) -> Path | None:
     """The bank a run used: its online-updated skills/latest.json, else skills.bank of its resolved config."""
-    from pathlib import Path
-
-    from sgsd.run_dir import read_run_record
-
     latest = run_dir / "skills" / "latest.json"
     if latest.is_file():
         return latest
@@ -271,14 +267,7 @@ def _run_bank(run_dir: Path) -> Path | None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from sgsd.data import load_problems
-    from sgsd.skills.build import BuildConfig, build_bank, check_unique_ids
-    from sgsd.skills.merge import MergeConfig
-
     require(args, "sgsd skills build", "output_dir")
-    from sgsd.run_dir import check_output_dir, claimed_output_dir
-    from sgsd.storage import check_writable_dir
-
     what = "skills build: output directory"
     settings = _build_settings(args)
     check_output_dir(args.output_dir, "skills build", settings, what=what, may_differ=BUILD_MAY_DIFFER)
@@ -326,8 +315,6 @@ BUILD_SETTINGS = ("problems", "problem_field", "answer_field", "max_problems", "
 
 def _build_settings(args: argparse.Namespace) -> dict:
     """What decides a build's files (its output record), server credentials masked."""
-    from sgsd.redact import redact_url
-
     return {name: redact_url(value) if name.endswith("_url") and isinstance(value, str) else value
             for name, value in ((n, getattr(args, n, None)) for n in BUILD_SETTINGS)}
 
@@ -336,15 +323,9 @@ def _llm_client(args: argparse.Namespace, model_spec: str | None, url: str | Non
                 problems: list):
     """The client of `role`: an OpenAI-compatible server, or a local model (whose tokenizer must find no
     special tokens in the problems' text, checked before the model loads)."""
-    import os
-
-    from sgsd.prompts import ChatStyle
-
     if (model_spec is None) == (url is None):
         raise UserError(f"give exactly one of --{role} MODEL or --{role}-url URL")
     if url is not None:
-        from sgsd.skills.llm import OpenAIClient
-
         if not url_model:
             raise UserError(f"--{role}-url needs --{role}-model (the model name the server serves)")
         api_key = None
@@ -354,9 +335,6 @@ def _llm_client(args: argparse.Namespace, model_spec: str | None, url: str | Non
                 raise UserError(f"--api-key-env {args.api_key_env}: the variable is not set")
         extra = {"chat_template_kwargs": {"enable_thinking": False}} if args.no_thinking else None
         return OpenAIClient(url, url_model, api_key=api_key, extra_body=extra)
-    from sgsd.data import check_untrusted_text
-    from sgsd.models import load_model, load_tokenizer
-    from sgsd.skills.llm import HFClient
 
     tokenizer = load_tokenizer(model_spec)
     check_untrusted_text(tokenizer, problems, args.problems)
@@ -366,7 +344,6 @@ def _llm_client(args: argparse.Namespace, model_spec: str | None, url: str | Non
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from sgsd.methods import load_run_config
     from sgsd.probe.report import format_p
     from sgsd.probe.run import run_probe
 
@@ -374,8 +351,6 @@ def _probe(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     controls = [c.strip() for c in (args.control or cfg.sgsd.polarity_control).split(",") if c.strip()]
-    from sgsd.config import config_settings
-    from sgsd.run_dir import claimed_output_dir
 
     settings = {**config_settings(cfg), "probe.rollouts": args.rollouts, "probe.controls": controls,
                 "probe.rollouts_file": args.rollouts_file}

@@ -4,13 +4,19 @@ SGSD against GRPO and OPSD over a grid of demo-world settings (docs/sweep.md).""
 from __future__ import annotations
 
 import argparse
+import json
+import os
+from pathlib import Path
 
 from sgsd.commands.options import COUNT
+from sgsd.demo.sweep import run_sweep, sweep_settings
+from sgsd.demo.sweep_grid import GRIDS, SWEEP_PLAN_FILE, cell_runs, sweep_record
+from sgsd.demo.sweep_report import write_sweep_report
+from sgsd.errors import UserError
+from sgsd.run_dir import claimed_output_dir
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from sgsd.demo.sweep_grid import GRIDS
-
     parser.add_argument("--grid", choices=tuple(GRIDS), default="full",
                         help="full (10 cells, 3 replications, the full demo's run sizes; hours on 2 cores) or smoke "
                              "(3 tiny cells, checks that everything runs; its numbers mean nothing); default full")
@@ -28,12 +34,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-    from pathlib import Path
-
-    from sgsd.demo.sweep_grid import GRIDS, SWEEP_PLAN_FILE, cell_runs, sweep_record
-    from sgsd.errors import UserError
-
     names = None
     if args.cells is not None:
         names = [n.strip() for n in args.cells.split(",") if n.strip()]
@@ -47,10 +47,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.output_dir).expanduser()
     if args.report_only:
-        import json
-
-        from sgsd.demo.sweep_report import write_sweep_report
-
         plan = out / SWEEP_PLAN_FILE
         if not plan.exists():
             raise UserError(f"--report-only: {out} holds no sweep ({SWEEP_PLAN_FILE} missing)")
@@ -59,8 +55,6 @@ def run(args: argparse.Namespace) -> int:
         write_sweep_report(out, grid)
         print(f"report: {os.path.join(out, 'report.md')}")
         return 0
-    from sgsd.demo.sweep import run_sweep, sweep_settings
-    from sgsd.run_dir import claimed_output_dir
 
     # the output-directory rule; one writer: a second sweep there stops at once
     with claimed_output_dir(out, "sweep", sweep_settings(grid), what="sweep: output directory"):

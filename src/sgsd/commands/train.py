@@ -5,8 +5,11 @@ Rerunning the same command resumes an interrupted run, and does nothing for a fi
 from __future__ import annotations
 
 import argparse
+import sys
 
 from sgsd.commands.options import COUNT, add_quiet
+from sgsd.distributed import close, leave_worker, same_on_every_rank
+from sgsd.methods import load_run_config
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -26,10 +29,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
-    from sgsd.methods import load_run_config
-    from sgsd.distributed import same_on_every_rank
     from sgsd.trainers.run import train
 
     with same_on_every_rank():  # a bad config is found alike by every rank: printed once
@@ -37,7 +36,6 @@ def run(args: argparse.Namespace) -> int:
 
     result = train(cfg, args.output_dir, resume=not args.no_resume, max_steps=args.max_steps,
                    progress=not args.quiet)
-    from sgsd.distributed import close, leave_worker
 
     close()
     leave_worker()  # a non-main rank ends here (what a user reads comes once, from the main process)

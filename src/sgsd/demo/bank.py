@@ -16,6 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
+from sgsd.storage import atomic_write_json
+
 HELPFUL, IRRELEVANT, MISLEADING = "helpful", "irrelevant", "misleading"
 LABELS = (HELPFUL, IRRELEVANT, MISLEADING)
 
@@ -99,6 +101,4 @@ def hint_effect(item_ids: Iterable[str]) -> int:
 
 def write_seed_bank(path: str | Path) -> Path:
     """Write the seed bank as JSON, atomically (a reader never sees half a file)."""
-    from sgsd.storage import atomic_write_json
-
     return atomic_write_json(path, seed_bank())

@@ -16,20 +16,22 @@ with the project's token mask m_t.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
+
+import torch
 
 from sgsd.data import Problem
 from sgsd.loss_settings import SGSDSettings
 from sgsd.demo.bank import HELPFUL, IRRELEVANT, LABELS, MISLEADING, item_labels
 from sgsd.demo.evaluate import AccuracyEstimate, Rollouts, accuracy, is_correct, sample, student_text
 from sgsd.demo.warmup import demo_chat_style, hint_prompt, reference_prompt
+from sgsd.prompts import render_guidance
 from sgsd.skills.bank import CommonMistake, GeneralSkill, SkillBank
+from sgsd.skills.controls import control_guidance
+from sgsd.skills.teachers import Teacher
+from sgsd.teacher_scoring import decide, score_rollouts
 
-if TYPE_CHECKING:
-    import torch
-
-    from sgsd.skills.teachers import Teacher
 
 NO_HINT, REFERENCE = "none", "reference"
 TEACHER_KINDS = (HELPFUL, IRRELEVANT, MISLEADING, REFERENCE)  # the prompts of `hint_accuracy`
@@ -49,9 +51,6 @@ def labelled_pair(bank: SkillBank, label: str, key: str) -> tuple[GeneralSkill, 
 
 def labelled_teacher(bank: SkillBank, label: str, key: str, weight: float) -> Teacher:
     """An SGSD teacher (`sgsd.skills.teachers.Teacher`) of one labelled pair, as `build_teachers` renders it."""
-    from sgsd.prompts import render_guidance
-    from sgsd.skills.teachers import Teacher
-
     skill, mistake = labelled_pair(bank, label, key)
     return Teacher(skill, mistake, None, weight, render_guidance([skill], [mistake]))
 
@@ -134,19 +133,12 @@ def polarity_table(model: Any, tokenizer: Any, problems: Sequence[Problem], bank
     under the threshold rule at each of `thetas` and the z test at each of `z_values` (the other loss
     settings, C among them, are `settings`), against the student (control "none") and against each of
     `controls` ("neutral", "shuffled": `sgsd.skills.controls`, one more forward per rollout each)."""
-    from dataclasses import replace
-
-    import torch
-
-    from sgsd.teacher_scoring import decide, score_rollouts
-
     rollouts = sample(model, tokenizer, [student_text(p) for p in problems], max_new_tokens=max_new_tokens, seed=seed)
     rewards = torch.tensor([float(is_correct(text, p)) for text, p in zip(rollouts.texts, problems)])
     weight = 1.0 / len(POLARITY_KINDS)
     teachers = [[labelled_teacher(bank, kind, f"{p.problem_id}:{seed}", weight) for kind in POLARITY_KINDS]
                 for p in problems]
     settings = replace(settings, num_teachers=len(POLARITY_KINDS), polarity_control="none")
-    from sgsd.skills.controls import control_guidance
 
     extra = {c: [control_guidance(c, problem=p.problem, teachers=row, bank=bank, tokenizer=tokenizer)
                  for p, row in zip(problems, teachers)] for c in controls}

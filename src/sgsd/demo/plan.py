@@ -5,13 +5,14 @@ the plan, and `sgsd.demo.report`, which writes what it found; neither imports th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from sgsd.demo.evaluate import AccuracyEstimate
-    from sgsd.methods import MethodSpec
+from sgsd.config import load_config
+from sgsd.demo.evaluate import AccuracyEstimate
+from sgsd.errors import UserError
+from sgsd.methods import MethodSpec, method_spec
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,6 @@ class DemoMethod:
 
     @property
     def spec(self) -> "MethodSpec":
-        from sgsd.methods import method_spec
-
         return method_spec(self.method)
 
     @property
@@ -46,7 +45,6 @@ class DemoMethod:
     def title(self) -> str:
         if self.label:
             return self.label
-        from sgsd.config import load_config
 
         return self.spec.display_name(load_config(None, [f"method={self.method}", *self.overrides]))
 
@@ -80,8 +78,6 @@ def label(name: str) -> str:
 
 def parse_methods(text: str) -> tuple[str, ...]:
     """`--methods grpo,sgsd,...`: known names, each once, in the order given."""
-    from sgsd.errors import UserError
-
     names = tuple(part.strip() for part in text.split(",") if part.strip())
     if not names:
         raise UserError("--methods: name at least one method")
@@ -95,10 +91,6 @@ def parse_methods(text: str) -> tuple[str, ...]:
 
 def parse_lr_grid(text: str) -> tuple[float, ...]:
     """`--lr-grid 3e-5,1e-4,3e-4`: positive, finite, distinct learning rates, in ascending order."""
-    import math
-
-    from sgsd.errors import UserError
-
     values = []
     for part in (p.strip() for p in text.split(",")):
         try:

@@ -2,9 +2,9 @@
 
 Each replication (seed) has its own warm start (`warmup_config`); the quick demo's one seed is the full
 demo's seed 0, so a quick run warms part of the cache for the full one (and the other way round).
-Warm-up (650 steps, 0.72 M parameters, torch 2.13 CPU): 215-239 s per seed on 2 quiet AMD EPYC cores
-with one thread, the thread policy's choice (docs/demo.md); 78 s was measured on another machine with 2
-threads. A cached warm start loads in ~1 s. Measured with `python scripts/demo_measure.py`:
+Warm-up: 650 steps of a 0.72 M-parameter model per seed, trained once and then loaded from the cache;
+how long it takes depends on the machine (`sgsd demo` shows an estimate from its own measured speed;
+docs/demo.md has measured times). Measured with `python scripts/demo_measure.py`:
 
 - held-out accuracy (100 problems): greedy 0.59, sampled (T = 1) avg@4 0.26 - solves some, not all;
 - sampled accuracy by prompt: no hint 0.26, helpful pair 0.48, irrelevant 0.23, misleading 0.01,

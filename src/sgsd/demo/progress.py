@@ -1,12 +1,13 @@
 """The demo's progress line: where it is, and how long the whole demo still needs.
 
-The estimate (`DemoEstimate`) is the remaining work priced at what the work done so far cost: each
-stage has a count of units (warm-up steps, training runs with their evaluations, the report) and an
-idle-machine cost per unit (measured on 2 idle cores, below). A stage with finished units is priced at
-its own observed seconds per unit (after its first, which carries the stage's set-up, once there are
-more); a stage not yet begun at its idle cost times the slowdown seen so
-far (observed / idle cost of everything finished). So a machine that other work makes three times
-slower shows three times the idle estimate after the first warm-up steps, not the idle figure.
+The estimate (`DemoEstimate`) prices the remaining work at what this run's work has cost so far, with
+no figures taken from another machine: each stage has a count of units (warm-up steps, training runs
+with their evaluations, the report), and a stage's remaining units cost its own measured seconds per
+unit (after its first, which carries the stage's set-up, once there are more). A stage that has not
+finished a unit yet has no speed, so there is no estimate until every stage still to come has one
+(the warm-up after its first step, the training runs after the first run); the report, one short unit
+at the end, is left out of the estimate (`Stage.estimated`). The line says that the figure is an
+estimate from this run's measured speed.
 """
 
 from __future__ import annotations
@@ -15,19 +16,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-# Idle-machine costs (2 cores; `sgsd demo`: 4 min 23 s of which 78 s warm-up for 650 steps, 9 runs of
-# 30 steps with their evaluations in the rest; `--quick`: 3 runs of 6 steps in 16 s with a cached warm
-# start), per unit.
-WARMUP_STEP_S = 0.12
-RUN_STEP_S = 0.7  # a training run, per optimizer step, with its share of the evaluations
-REPORT_S = 3.0
-
 
 @dataclass
 class Stage:
     name: str
     units: int
-    idle_s_per_unit: float
+    estimated: bool = True  # False: not priced (a short last step whose speed cannot be measured before it runs)
     done: int = 0
     spent_s: float = 0.0  # wall time of the finished units
     first_s: float = 0.0  # of which the first unit's (it carries the stage's set-up: model building, first calls)
@@ -43,7 +37,8 @@ class Stage:
 
 class DemoEstimate:
     """Seconds left for the whole demo. `advance(stage)` marks one unit of `stage` finished; time is
-    charged to the stage whose unit was running (from the previous mark to this one)."""
+    charged to the stage whose unit was running (from the previous mark to this one). `clock` is
+    injectable so that tests need no real time."""
 
     def __init__(self, stages: list[Stage], *, clock: Callable[[], float] = time.perf_counter) -> None:
         self.stages = {s.name: s for s in stages}
@@ -72,27 +67,23 @@ class DemoEstimate:
         s.spent_s += now - self.mark
         self.mark = now
 
-    def slowdown(self) -> float:
-        """Observed / idle cost of the finished units (1 before any finished)."""
-        observed = [s.observed() for s in self.stages.values()]
-        idle = sum(units * s.idle_s_per_unit for (units, _), s in zip(observed, self.stages.values()))
-        spent = sum(seconds for units, seconds in observed if units)
-        return spent / idle if idle > 0 and spent > 0 else 1.0
-
-    def remaining_s(self) -> float:
-        slowdown = self.slowdown()
+    def remaining_s(self) -> float | None:
+        """Seconds left at each stage's measured speed; None while a stage still to come has no finished
+        unit (its speed is not measured yet)."""
         total = 0.0
         for s in self.stages.values():
+            if not s.estimated or not s.remaining:
+                continue
             units, seconds = s.observed()
-            per_unit = seconds / units if units else s.idle_s_per_unit * slowdown
-            total += s.remaining * per_unit
+            if not units:
+                return None
+            total += s.remaining * seconds / units
         # the running unit has already used part of its time
         return max(total - (self.clock() - self.mark), 0.0)
 
 
-def demo_stages(*, warmup_steps: int, runs: int, run_steps: int) -> list[Stage]:
-    return [Stage("warmup", warmup_steps, WARMUP_STEP_S), Stage("runs", runs, RUN_STEP_S * run_steps),
-            Stage("report", 1, REPORT_S)]
+def demo_stages(*, warmup_steps: int, runs: int) -> list[Stage]:
+    return [Stage("warmup", warmup_steps), Stage("runs", runs), Stage("report", 1, estimated=False)]
 
 
 def format_duration(seconds: float) -> str:
@@ -111,7 +102,7 @@ class DemoProgressBar:
 
     def __init__(self, estimate: DemoEstimate, *, total: int, disable: bool, warm_starts: int = 1,
                  warmup_steps: int | None = None) -> None:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # not at the top: this module is on `sgsd demo --help`'s import path
 
         self.estimate = estimate
         self.where = ""
@@ -126,9 +117,16 @@ class DemoProgressBar:
                              bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}]{postfix}")
 
     def _show(self) -> None:
-        left = format_duration(self.estimate.remaining_s())
-        self.line = f"{self.where}; whole demo: {left} left" if self.where else f"whole demo: {left} left"
+        self.line = f"{self.where}; {self.time_left()}" if self.where else self.time_left()
         self.bar.set_postfix_str(self.line)
+
+    def time_left(self) -> str:
+        seconds = self.estimate.remaining_s()
+        if seconds is None:
+            waiting = [s.name for s in self.estimate.stages.values() if s.estimated and s.remaining and not s.done]
+            first = "the first warm-up step" if waiting[:1] == ["warmup"] else "the first training run"
+            return f"whole demo: time left measured after {first}"
+        return f"whole demo: {format_duration(seconds)} left (estimated from this run's speed)"
 
     def set_postfix_str(self, text: str) -> None:
         self.where = text

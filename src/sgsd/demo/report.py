@@ -9,15 +9,17 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
+from sgsd.demo.bank import item_labels
+from sgsd.demo.evaluate import AccuracyEstimate
+from sgsd.demo.plan import DEMO_METHODS, DemoPlan, MethodRun, label
+from sgsd.demo.replication import replicated_difference, two_level_interval
+from sgsd.demo.warmup import WarmStart, weights_sha256
 from sgsd.run_dir import RunDir
-from sgsd.storage import atomic_write_json, atomic_write_text
+from sgsd.skills.attribution import AttributionTracker
+from sgsd.storage import atomic_write_json, atomic_write_text, read_jsonl
 
-if TYPE_CHECKING:
-    from sgsd.demo.evaluate import AccuracyEstimate
-    from sgsd.demo.plan import DemoPlan, MethodRun
-    from sgsd.demo.warmup import WarmStart
 
 COLORS = {"base": "#7f7f7f", "grpo": "#1f77b4", "opsd": "#2ca02c", "sgsd": "#d62728", "sgsd-z": "#ff7f0e",
           "sgsd-pg": "#9467bd", "grpo-skill": "#17becf", "opsd-skill": "#8c564b"}
@@ -32,8 +34,6 @@ def pooled_estimate(by_seed: dict[int, AccuracyEstimate]) -> dict[str, Any]:
     """avg@k over replications (seed -> its final evaluation, on the same problems): the mean over seeds and
     problems, a 95% interval resampling both (`sgsd.demo.replication`), the per-seed values, and the
     per-problem accuracies of each seed (`by_seed`, for paired comparisons; not written to results.json)."""
-    from sgsd.demo.replication import two_level_interval
-
     seeds = sorted(by_seed)
     grid = [by_seed[s].per_problem for s in seeds]
     low, high = two_level_interval(grid)
@@ -58,8 +58,6 @@ def step_seconds(run_dirs: Sequence[Path]) -> float | None:
 
 def _metric_series(run_dirs: Sequence[Path], key: str, *, mean: bool = True) -> list[tuple[int, float]]:
     """(step, value) of `key` in the runs' metrics.jsonl: the mean over runs per step, or every value."""
-    from sgsd.storage import read_jsonl
-
     by_step: dict[int, list[float]] = {}
     for run_dir in run_dirs:
         for record in read_jsonl(RunDir(run_dir).metrics):
@@ -77,8 +75,6 @@ def net_polarity(counts: dict[str, Any]) -> float:
 
 def attribution_by_label(run_dirs: Sequence[Path], labels: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Per label: uses and the fractions of helpful (+1), harmful (-1) and neutral (0) teacher outcomes."""
-    from sgsd.skills.attribution import AttributionTracker
-
     totals: dict[str, dict[str, float]] = {}
     per_item: dict[str, dict[str, float]] = {}
     for run_dir in run_dirs:
@@ -137,8 +133,6 @@ def probe_summary(probe: dict[str, Any], labels: dict[str, str], *, warm_start: 
 def _plot(out: Path, curves: dict[str, list[tuple[int, float]]], fractions: dict[str, list[tuple[int, float]]],
           items: dict[str, dict[str, Any]], polarity_label: str = "SGSD") -> list[str]:
     import matplotlib
-
-    from sgsd.demo.plan import label
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -211,8 +205,6 @@ def paired_comparison(first: str, second: str, first_by_seed: dict[int, Sequence
     accuracies on the same problems): `sgsd.demo.replication.replicated_difference` (difference, interval
     over replications and problems, per-replication differences, how many replications agree in sign,
     verdict)."""
-    from sgsd.demo.replication import replicated_difference
-
     return {"first": first, "second": second, **replicated_difference(first_by_seed, second_by_seed).to_json()}
 
 
@@ -296,7 +288,6 @@ def _findings(methods: dict[str, dict[str, Any]], attribution: dict[str, Any],
         lines.append(f"- The warm start solves {base['mean']:.1%} of held-out problems: almost every reward is the same, "
                      "so training gets almost no signal and this run cannot show differences between methods.")
     compared = compared or {}
-    from sgsd.demo.plan import label
 
     names = [name for name in methods if name != "base"]
     for method in names:
@@ -370,8 +361,6 @@ def warm_start_records(warms: dict[int, WarmStart], bases: dict[int, AccuracyEst
                        evaluation_seeds: Sequence[int]) -> list[dict[str, Any]]:
     """results.json's `warm_starts`: one entry per warm start (seed, sha256 of its weights, its Base
     avg@k on the test problems, where it is cached, whether it was trained now, what it was used for)."""
-    from sgsd.demo.warmup import weights_sha256
-
     return [{"seed": seed, "sha256": weights_sha256(warm.path), "base": bases[seed].to_json(),
              "used_for": "evaluation" if seed in evaluation_seeds else "tuning", "path": str(warm.path),
              "from_cache": warm.from_cache, "warmup_seconds": warm.report.seconds,
@@ -386,9 +375,6 @@ def write_report(out: Path, *, plan: DemoPlan, warms: dict[int, WarmStart], base
     avg@k (Base), by seed; `runs` holds the shared-rate runs and, with a learning-rate search
     (`lr_search`), the runs at each method's chosen rate (`tuned`); `probe`: `sgsd skills probe`'s result
     on warm start `probe_seed` before training (probe.json)."""
-    from sgsd.demo.bank import item_labels
-    from sgsd.demo.plan import DEMO_METHODS, label
-
     names = [m for m in plan.methods if any(r.method == m for r in runs)]
     untuned = [r for r in runs if not r.tuned]
     tuned_runs = [r for r in runs if r.tuned]
@@ -462,8 +448,6 @@ def write_report(out: Path, *, plan: DemoPlan, warms: dict[int, WarmStart], base
 
 
 def _result_rows(methods: dict[str, dict[str, Any]], *, with_lr: bool = False, timing: bool = False) -> str:
-    from sgsd.demo.plan import label
-
     def seconds(m: dict[str, Any]) -> str:
         value = m.get("step_seconds_median")
         return f" {value:.2f} |" if value is not None else " |"
@@ -476,8 +460,6 @@ def _result_rows(methods: dict[str, dict[str, Any]], *, with_lr: bool = False, t
 
 
 def _comparison_rows(compared: dict[str, dict[str, Any]]) -> str:
-    from sgsd.demo.plan import label
-
     def name(n: str) -> str:
         return n if " " in n else label(n)
 
@@ -487,8 +469,6 @@ def _comparison_rows(compared: dict[str, dict[str, Any]]) -> str:
 
 
 def _tuning_section(results: dict[str, Any]) -> str:
-    from sgsd.demo.plan import label
-
     search = results["lr_search"]
     if not search:
         return ""
@@ -529,8 +509,6 @@ problems); the best rate was chosen (a tie goes to the shared rate {plan['learni
 
 
 def _polarity_section(results: dict[str, Any]) -> str:
-    from sgsd.demo.plan import label
-
     rules = results["polarity_rules"]
     if not rules:
         return ""
@@ -602,8 +580,6 @@ and one draw of rollouts: this says what the teachers do before training, not wh
 
 
 def _markdown(results: dict[str, Any], plan: Any) -> str:
-    from sgsd.demo.plan import DEMO_METHODS, label
-
     methods, k = results["methods"], results["k"]
     rows = _result_rows(methods, timing=True)
     labels = "\n".join(

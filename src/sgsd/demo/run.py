@@ -26,20 +26,29 @@ polarity of labelled teachers honestly; it does not rank the methods on the pape
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import replace
+import time
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
-from sgsd.config import RunConfig
+from sgsd.config import RunConfig, flatten
+from sgsd.data import Problem
+from sgsd.demo.bank import write_seed_bank
+from sgsd.demo.evaluate import AccuracyEstimate, accuracy, subset
 from sgsd.demo.plan import (DEFAULT_METHODS, DEMO_METHODS, FULL, PRESETS, QUICK, SMOKE, DemoMethod, DemoPlan,
                             MethodRun, label, parse_lr_grid, parse_methods)
-from sgsd.run_dir import RunDir
+from sgsd.demo.presets import warmup_config
+from sgsd.demo.progress import DemoEstimate, DemoProgressBar, demo_stages
+from sgsd.demo.report import step_seconds, write_report
+from sgsd.demo.warmup import WarmStart, perturbed_warm_start, warm_start
+from sgsd.demo.world import write_problems
+from sgsd.loss_settings import POLARITY_CONTROLS
+from sgsd.methods import load_run_config
+from sgsd.run_dir import RunDir, open_output_dir
+from sgsd.storage import atomic_write_json
 
-if TYPE_CHECKING:
-    from sgsd.data import Problem
-    from sgsd.demo.evaluate import AccuracyEstimate
-    from sgsd.demo.warmup import WarmStart
 
 __all__ = ["DEFAULT_METHODS", "DEMO_METHODS", "FULL", "PRESETS", "QUICK", "SMOKE", "DemoMethod", "DemoPlan",
            "MethodRun", "label", "parse_lr_grid", "parse_methods", "run_demo"]
@@ -47,8 +56,6 @@ __all__ = ["DEFAULT_METHODS", "DEMO_METHODS", "FULL", "PRESETS", "QUICK", "SMOKE
 def method_config(method: str, plan: DemoPlan, model_dir: Path, data: Path, bank: Path, seed: int,
                   learning_rate: float | None = None) -> RunConfig:
     """The demo's recipe: one shared block, the method section differs (a controlled comparison)."""
-    from sgsd.methods import load_run_config
-
     spec = DEMO_METHODS[method]
     prompts = plan.prompts_per_step // plan.grpo_generations if spec.grouped else plan.prompts_per_step
     lr = plan.learning_rate if learning_rate is None else learning_rate
@@ -87,8 +94,6 @@ def evaluate_dir(path: Path, tokenizer: Any, problems: Sequence[Problem], plan: 
     """avg@k of the model saved at `path` (from `cache` when this exact evaluation was done before)."""
     from transformers import AutoModelForCausalLM
 
-    from sgsd.demo.evaluate import accuracy
-
     key = cache.key(path, problems, k=k, seed=seed, max_new_tokens=plan.max_new_tokens) if cache else None
     if cache is not None and (known := cache.get(key)) is not None:
         return known
@@ -116,16 +121,12 @@ class EvaluationCache:
             self.entries = {}  # a damaged cache only costs the evaluations again
 
     def key(self, checkpoint: Path, problems: Sequence[Problem], *, k: int, seed: int, max_new_tokens: int) -> str:
-        import hashlib
-
         weights = sorted(checkpoint.glob("*.safetensors"))
         stamp = [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]
         ids = hashlib.sha1("\n".join(p.problem_id for p in problems).encode()).hexdigest()[:16]
         return json.dumps([str(checkpoint.relative_to(self.out)), stamp, ids, k, seed, max_new_tokens])
 
     def get(self, key: str) -> AccuracyEstimate | None:
-        from sgsd.demo.evaluate import AccuracyEstimate
-
         entry = self.entries.get(key)
         if entry is None:
             return None
@@ -133,8 +134,6 @@ class EvaluationCache:
                                 entry["samples_per_problem"], tuple(entry["per_problem"]))
 
     def put(self, key: str, value: AccuracyEstimate) -> None:
-        from sgsd.storage import atomic_write_json
-
         self.entries[key] = {**value.to_json(), "per_problem": list(value.per_problem)}
         atomic_write_json(self.path, self.entries)
 
@@ -146,10 +145,6 @@ def plan_record(plan: DemoPlan) -> dict[str, Any]:
     """What a run directory under runs/ depends on: the plan without what only chooses which runs exist
     (seeds, methods, whether and over which grid to tune: run directories are named by method, learning
     rate and seed; the probe's rollouts: it trains nothing), and the warm starts (seed 0's cache key; seed s's differs only in its seed)."""
-    from dataclasses import asdict
-
-    from sgsd.demo.presets import warmup_config
-
     choices = {"seeds", "methods", "tune_lr", "lr_grid", "tuning_seed", "probe_rollouts"}
     if not plan.ulp_noise:
         choices.add("ulp_noise")  # off: the record of every ordinary demo
@@ -161,8 +156,6 @@ def demo_settings(plan: DemoPlan) -> dict[str, Any]:
     """The demo's output record (`sgsd.run_dir.check_output_dir`): its `plan_record`, flat. Same settings:
     finished runs are reused and interrupted ones resume, so a rerun after a crash, or with more --seeds,
     only does the missing work; other settings are refused (their runs would pass for this plan's)."""
-    from sgsd.config import flatten
-
     return flatten(json.loads(json.dumps(plan_record(plan))))
 
 
@@ -203,8 +196,6 @@ def run_demo(output_dir: str | Path, *, quick: bool = False, seeds: int | None =
 def split_validation(train: Sequence[Problem], size: int) -> tuple[list[Problem], list[Problem]]:
     """(training problems, validation problems): a fixed random `size` of the world's training split is
     held out for choosing learning rates; the held-out test problems are never used for that."""
-    from sgsd.demo.evaluate import subset
-
     validation = subset(train, size, seed=2)
     held_out = {p.problem_id for p in validation}
     return [p for p in train if p.problem_id not in held_out], validation
@@ -216,9 +207,6 @@ def prepare_warm_start(seed: int, plan: DemoPlan, *, cache_root: str | Path | No
     progress bar; with `plan.ulp_noise`, perturbed by one ulp: after the warm-up ("warm-start",
     `sgsd.demo.warmup.perturbed_warm_start`) or before it ("warm-up", cached as `<digest>-ulp-init`)."""
     from tqdm.auto import tqdm
-
-    from sgsd.demo.presets import warmup_config
-    from sgsd.demo.warmup import perturbed_warm_start, warm_start
 
     config = warmup_config(seed, plan.warmup_steps)
     if bar is not None:
@@ -248,17 +236,7 @@ def prepare_warm_start(seed: int, plan: DemoPlan, *, cache_root: str | Path | No
 
 def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path | None,
               progress: bool) -> dict[str, Any]:
-    import time
-
-    from sgsd.demo.bank import write_seed_bank
-    from sgsd.demo.evaluate import accuracy, subset
-    from sgsd.demo.presets import warmup_config
-    from sgsd.demo.progress import DemoEstimate, DemoProgressBar, demo_stages
-    from sgsd.demo.report import step_seconds, write_report
-    from sgsd.storage import atomic_write_json
     from sgsd.trainers.run import train
-
-    from sgsd.run_dir import open_output_dir
 
     record = plan_record(plan)
     out = open_output_dir(output_dir, "demo", demo_settings(plan), what="demo: output directory")
@@ -267,11 +245,9 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
     warm_count = len(set(plan.seeds) | ({plan.tuning_seed} if grid else set()))  # one warm start per seed
     runs_total = len(plan.methods) * (len(grid) + len(plan.seeds) * (2 if grid else 1))
     warmup_steps = warmup_config(0, plan.warmup_steps).steps
-    estimate = DemoEstimate(demo_stages(warmup_steps=warm_count * warmup_steps, runs=runs_total, run_steps=plan.steps))
+    estimate = DemoEstimate(demo_stages(warmup_steps=warm_count * warmup_steps, runs=runs_total))
     bar = DemoProgressBar(estimate, total=warm_count + runs_total + 1, disable=not progress, warm_starts=warm_count,
                           warmup_steps=warmup_steps)
-
-    from sgsd.demo.world import write_problems
 
     # One warm start per replication: each evaluation seed's, and the tuning seed's for --tune-lr.
     warm_seeds = list(dict.fromkeys(([plan.tuning_seed] if grid else []) + list(plan.seeds)))
@@ -296,7 +272,6 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
     atomic_write_json(out / PLAN_FILE, record)
     cache = EvaluationCache(out)
     # before any training: what SGSD's teachers (and each control) say about the first seed's warm start's rollouts
-    from sgsd.loss_settings import POLARITY_CONTROLS
     from sgsd.probe.run import run_probe
 
     probe = run_probe(method_config("sgsd", plan, warms[plan.seeds[0]].path, data, bank, plan.seeds[0]),

@@ -26,18 +26,19 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
+from sgsd.data import Problem
+from sgsd.demo.evaluate import accuracy, subset
+from sgsd.demo.run import EvaluationCache, evaluate_dir, method_config, split_validation
 from sgsd.demo.sweep_grid import (BASES_FILE, SWEEP_PLAN_FILE, TIMINGS_FILE, WORLDS, Cell, RunSpec, SweepGrid,
                                   bank_path, cell_runs, probe_dir, run_dir, sweep_bank, sweep_record, world_dir)
 from sgsd.demo.sweep_report import write_sweep_report
 from sgsd.config import flatten
+from sgsd.demo.warmup import WarmStart, warm_start, weights_sha256
+from sgsd.demo.world import write_problems
 from sgsd.run_dir import RunDir, open_output_dir
 from sgsd.storage import atomic_write_json
-
-if TYPE_CHECKING:
-    from sgsd.data import Problem
-    from sgsd.demo.warmup import WarmStart
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -52,9 +53,6 @@ def record_base(folder: Path, seed: int, warm: WarmStart, test: Sequence[Problem
                 max_new_tokens: int) -> float:
     """Base avg@k of replication `seed`'s warm start on `test`, measured once per warm start (by sha256) and
     kept in `<world>/bases.json` with the warm start's provenance."""
-    from sgsd.demo.evaluate import accuracy
-    from sgsd.demo.warmup import weights_sha256
-
     path = folder / BASES_FILE
     bases = read_json(path)
     sha = weights_sha256(warm.path)
@@ -96,8 +94,6 @@ class Sweep:
 
     def __init__(self, out: Path, grid: SweepGrid, *, cache_root: str | Path | None,
                  log: Callable[[str], None]) -> None:
-        from sgsd.demo.run import EvaluationCache
-
         self.out, self.grid, self.cache_root, self.log = out, grid, cache_root, log
         self.cache = EvaluationCache(out)
         self.worlds: dict[str, WorldState] = {}
@@ -110,10 +106,6 @@ class Sweep:
         """Load (or train and cache) the world's warm starts, write its data, measure Base once per warm start."""
         if name in self.worlds:
             return self.worlds[name]
-        from sgsd.demo.evaluate import subset
-        from sgsd.demo.run import split_validation
-        from sgsd.demo.warmup import warm_start
-        from sgsd.demo.world import write_problems
 
         warms = {}
         for seed in self.grid.seeds:
@@ -142,7 +134,6 @@ class Sweep:
 
     def run(self, spec: RunSpec, seed: int) -> None:
         """Train (unless finished) and evaluate one run of one replication."""
-        from sgsd.demo.run import evaluate_dir, method_config
         from sgsd.trainers.run import train
 
         state = self.world(spec.world)
@@ -168,7 +159,6 @@ class Sweep:
 
     def probe(self, cell: Cell, seed: int) -> None:
         """`sgsd skills probe` of the cell's SGSD teachers on the replication's warm start (before training)."""
-        from sgsd.demo.run import method_config
         from sgsd.probe.run import run_probe
 
         target = probe_dir(self.out, cell, seed)

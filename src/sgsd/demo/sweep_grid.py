@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -225,8 +225,6 @@ GRIDS = {g.name: g for g in (FULL_GRID, SMOKE_GRID)}
 def sweep_record(grid: SweepGrid) -> dict[str, Any]:
     """What the run directories depend on: the run sizes and each world's warm-up (seed 0's cache key; seed s's
     differs in its seed only), not which cells or seeds run (run directories are named by their settings)."""
-    from dataclasses import asdict
-
     sizes = {k: v for k, v in asdict(grid.sizes).items()
              if k not in {"preset", "seeds", "methods", "tune_lr", "lr_grid", "tuning_seed", "probe_rollouts",
                           "ulp_noise", "num_teachers", "prompts_per_step", "grpo_generations", "curve_problems",
@@ -235,8 +233,6 @@ def sweep_record(grid: SweepGrid) -> dict[str, Any]:
             "probe_rollouts": grid.probe_rollouts,
             "worlds": {name: {"warm_start": grid.warmup(name, 0).digest(), "extra_tokens": w.extra_tokens}
                        for name, w in WORLDS.items()}}
-
-
 
 
 # Where things live in a sweep's output directory (one home for each name).

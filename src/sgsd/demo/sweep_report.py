@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
+from sgsd.data import Problem
+from sgsd.demo.evaluate import AccuracyEstimate, subset
 from sgsd.demo.report import comparisons, paired_comparison, pooled_estimate
+from sgsd.demo.run import EvaluationCache
 from sgsd.demo.sweep_grid import (BASES_FILE, METHODS, TIMINGS_FILE, WORLDS, Cell, SweepGrid, bank_path, cell_runs,
                                   probe_dir, reference_cell, run_dir, world_dir)
+from sgsd.demo.world import make_world
 from sgsd.run_dir import RunDir
 from sgsd.storage import atomic_write_json, atomic_write_text, read_jsonl
 
-if TYPE_CHECKING:
-    from sgsd.data import Problem
-    from sgsd.demo.evaluate import AccuracyEstimate
 
 FIGURE = "sweep.png"
 HEADLINES = ("sgsd-grpo", "sgsd-opsd")  # the figure's two panels
@@ -40,15 +41,10 @@ def _read(path: Path) -> dict[str, Any]:
 
 def held_out_problems(grid: SweepGrid, world: str) -> list[Problem]:
     """The held-out problems every run of `world` is evaluated on (as `sgsd.demo.sweep.Sweep.world` picks them)."""
-    from sgsd.demo.evaluate import subset
-    from sgsd.demo.world import make_world
-
     return subset(make_world(grid.warmup(world, 0).world).test, grid.sizes.eval_problems, seed=0)
 
 
 def _estimate(entry: dict[str, Any]) -> AccuracyEstimate:
-    from sgsd.demo.evaluate import AccuracyEstimate
-
     return AccuracyEstimate(entry["mean"], entry["ci_low"], entry["ci_high"], entry["num_problems"],
                             entry["samples_per_problem"], tuple(entry["per_problem"]))
 
@@ -56,8 +52,6 @@ def _estimate(entry: dict[str, Any]) -> AccuracyEstimate:
 def _finals(out: Path, grid: SweepGrid, tests: dict[str, list[Problem]]) -> dict[tuple[str, str, int], AccuracyEstimate]:
     """(world, run key, seed) -> final evaluation, for every run of the grid evaluated so far; ("base", world, seed)
     likewise for each warm start."""
-    from sgsd.demo.run import EvaluationCache
-
     cache = EvaluationCache(out)
     found: dict[tuple[str, str, int], AccuracyEstimate] = {}
     for world in {c.world for c in grid.cells}:

@@ -40,19 +40,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from sgsd import prompts, tiny
 from sgsd.data import Problem
 from sgsd.demo.bank import hint_effect, seed_bank
 from sgsd.demo.world import MistakeRates, World, WorldConfig, make_world, worked_solution
 from sgsd.errors import ConfigError
+from sgsd.prompts import (ChatStyle, opsd_teacher_prompt, reference_from_answer, render_chat, render_guidance,
+                          student_prompt, teacher_prompt)
+from sgsd.run_dir import waiting_lock
+from sgsd.skills.bank import CommonMistake, GeneralSkill, SkillBank, parse_bank
 from sgsd.storage import apply_plain_modes
-from sgsd.tiny import ModelShape
+from sgsd.tiny import ModelShape, build_tiny_model, build_tokenizer
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
-    from sgsd.prompts import ChatStyle
-    from sgsd.skills.bank import CommonMistake, GeneralSkill, SkillBank
 
 # Bump when the meaning of a cached checkpoint changes (data generation, loss, prompt kinds).
 WARMUP_FORMAT_VERSION = 2
@@ -130,8 +133,6 @@ class WarmupConfig:
         import tokenizers
         import torch
 
-        from sgsd import prompts, tiny
-
         payload = {
             "version": WARMUP_FORMAT_VERSION,
             "libraries": {"torch": torch.__version__, "tokenizers": tokenizers.__version__},
@@ -166,36 +167,26 @@ class WarmStart:
 
 
 def demo_chat_style() -> ChatStyle:
-    from sgsd.prompts import ChatStyle
-
     return ChatStyle(enable_thinking=False)
 
 
 def hint_prompt(problem: Problem, skill: GeneralSkill, mistake: CommonMistake) -> str:
     """An SGSD teacher prompt with one (skill, mistake) pair: the user text, before the chat template."""
-    from sgsd.prompts import render_guidance, teacher_prompt
-
     return teacher_prompt(render_guidance([skill], [mistake]), problem.problem)
 
 
 def reference_prompt(problem: Problem) -> str:
     """The OPSD teacher prompt with the final answer as reference (docs/spec.md section 2)."""
-    from sgsd.prompts import opsd_teacher_prompt, reference_from_answer
-
     return opsd_teacher_prompt(problem.problem, reference_from_answer(problem.answer))
 
 
 def load_seed_bank() -> SkillBank:
     """The seed bank as a `sgsd.skills.SkillBank` (typed items with the fields `render_guidance` reads)."""
-    from sgsd.skills.bank import parse_bank
-
     return parse_bank(seed_bank(), source="sgsd.demo seed bank")
 
 
 def sample_example(problem: Problem, kind: str, config: WarmupConfig, bank: SkillBank, rng: random.Random) -> tuple[str, str]:
     """(user text, worked solution text) of one warm-up example of the given prompt kind."""
-    from sgsd.prompts import student_prompt
-
     if kind == PLAIN:
         text, rates = student_prompt(problem.problem), config.rates_for_effect(0)
     elif kind == HINT:
@@ -212,8 +203,6 @@ def sample_example(problem: Problem, kind: str, config: WarmupConfig, bank: Skil
 
 def tokenizer_corpus(world: World, bank: SkillBank, size: int = 200) -> list[str]:
     """Texts the demo tokenizer's BPE merges are learned from (deterministic)."""
-    from sgsd.prompts import student_prompt
-
     rng = random.Random(f"sgsd-demo-corpus:{world.config.seed}")
     problems = list(world.train[:size])
     texts = [student_prompt(p.problem) for p in problems] + [reference_prompt(p) for p in problems]
@@ -231,8 +220,6 @@ def encode_batch(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], com
     end-of-turn token so that the model learns to stop.
     """
     import torch
-
-    from sgsd.prompts import render_chat
 
     style = demo_chat_style()
     prompt_ids = tokenizer([render_chat(tokenizer, p, style) for p in prompts], add_special_tokens=False).input_ids
@@ -259,15 +246,11 @@ def _learning_rate(config: WarmupConfig, step: int) -> float:
 
 
 def build_demo_tokenizer(config: WarmupConfig, world: World, bank: SkillBank) -> Any:
-    from sgsd.tiny import build_tokenizer
-
     return build_tokenizer(tokenizer_corpus(world, bank), vocab_size=config.model.vocab_size)
 
 
 def build_untrained(config: WarmupConfig) -> tuple[Any, Any, World, SkillBank]:
     """(model, tokenizer, world, seed bank) before the warm-up; deterministic given `config`."""
-    from sgsd.tiny import build_tiny_model
-
     world = make_world(config.world)
     bank = load_seed_bank()
     tokenizer = build_demo_tokenizer(config, world, bank)
@@ -430,7 +413,6 @@ def warm_start(config: WarmupConfig, *, cache_root: str | Path | None = None,
 
         raise UserError(f"warm-start cache {path.parent}: not a writable directory ({err.strerror or err}); "
                         "pass another --cache-dir or set SGSD_CACHE_DIR") from None
-    from sgsd.run_dir import waiting_lock
 
     def waiting(pid: str) -> None:
         print(f"sgsd: warm start {path}: another process{f' (pid {pid})' if pid else ''} is training it; "

@@ -42,6 +42,7 @@ from typing import Sequence
 
 from sgsd.data import Problem
 from sgsd.errors import ConfigError
+from sgsd.storage import atomic_write_jsonl
 
 PROBLEM_TEMPLATES = (
     "What is {terms}?",
@@ -183,6 +184,4 @@ def worked_solution(problem: Problem, rates: MistakeRates, rng: random.Random) -
 
 def write_problems(problems: Sequence[Problem], path: str) -> None:
     """Write problems as JSONL (`id`, `problem`, `answer`), the format `sgsd.data.load_problems` reads (atomic)."""
-    from sgsd.storage import atomic_write_jsonl
-
     atomic_write_jsonl(path, ({"id": p.problem_id, "problem": p.problem, "answer": p.answer} for p in problems))

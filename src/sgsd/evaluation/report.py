@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from sgsd.errors import DataError
 from sgsd.evaluation.runner import RESULTS_FILE, BenchmarkResult
 from sgsd.storage import atomic_write_bytes, decode_utf8, parse_json
@@ -104,7 +106,6 @@ def plot_comparison(runs: Sequence[EvalRun], png_path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     names = common_benchmarks(runs)
     if not names:

@@ -19,16 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
+from tqdm.auto import tqdm
+
 from sgsd.evaluation.benchmarks import Benchmark, Problem, load_benchmark
 from sgsd.evaluation.metrics import avg_at_k, bootstrap_ci, majority_correct, mean_pass_at_k, per_problem_accuracy
 from sgsd.generation import Completion, Generator, SamplingConfig
 from sgsd.prompts import ChatStyle, render_chat, render_guidance, student_prompt, teacher_prompt
+from sgsd.provenance import git_revision, package_versions
+from sgsd.skills.retrieval import Retriever
+from sgsd.storage import atomic_write_json, atomic_write_jsonl
 from sgsd.verify import FAILURE_KINDS, GradeResult, grade_batch
 
 if TYPE_CHECKING:  # numpy and bm25s come with the retrieval module: imported only where retrieval runs
     from transformers import PreTrainedTokenizerBase
 
-    from sgsd.skills.retrieval import Retriever
 
 RESULTS_FILE = "results.json"
 SAMPLES_DIR = "samples"
@@ -247,10 +251,6 @@ def run_evaluation(settings: EvalSettings, generator: Generator, tokenizer: PreT
                    progress: bool = True) -> dict[str, BenchmarkResult]:
     """Evaluate every benchmark of `settings` (or the given, already loaded ones), writing results after
     each one. Returns name -> result."""
-    from tqdm.auto import tqdm
-
-    from sgsd.storage import atomic_write_json, atomic_write_jsonl
-
     out = Path(output_dir)
     benchmarks = list(benchmarks) if benchmarks is not None else load_benchmarks(settings)
     results: dict[str, BenchmarkResult] = {}
@@ -268,6 +268,4 @@ def run_evaluation(settings: EvalSettings, generator: Generator, tokenizer: PreT
 
 def provenance() -> dict[str, Any]:
     """Git revision and package versions, as training runs record them."""
-    from sgsd.provenance import git_revision, package_versions
-
     return {"git_revision": git_revision(), "versions": package_versions()}

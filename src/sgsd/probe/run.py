@@ -19,30 +19,25 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
-from sgsd.data import check_untrusted_text, load_problems
+from sgsd.config import RunConfig
+from sgsd.data import LoadReport, Problem
 from sgsd.generation import HFGenerator, SamplingConfig
 from sgsd.lm_head import head_vocab_size
 from sgsd.loss_settings import POLARITY_CONTROLS
-from sgsd.models import load_model, load_tokenizer
 from sgsd.probe.report import teacher_rows, write_outputs
 from sgsd.probe.rollouts import ProbeError, ProbeRollout, read_rollouts_file
 from sgsd.probe.statistics import summarize
-from sgsd.prompts import ChatStyle, refuse_special_tokens, render_chat, student_prompt
+from sgsd.prompts import refuse_special_tokens, render_chat, student_prompt
+from sgsd.run_setup import load_run_inputs, load_run_model
 from sgsd.scoring import lm_parts
-from sgsd.skills.bank import load_bank
-from sgsd.skills.retrieval import make_retriever
 from sgsd.skills.teachers import TeacherSource
 from sgsd.teacher_scoring import TeacherProbe, probe_teachers
 from sgsd.verify import grade_batch
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-    from sgsd.config import RunConfig
 
 
 def check_inputs(cfg: RunConfig, output_dir: str | Path, rollouts: int, controls: Sequence[str]) -> Path:
@@ -70,25 +65,25 @@ def run_probe(cfg: RunConfig, output_dir: str | Path, *, rollouts: int = 32, con
 
 
     out = check_inputs(cfg, output_dir, rollouts, controls)
-    problems, _ = load_problems(cfg.data.path, split=cfg.data.split, problem_field=cfg.data.problem_field,
-                                answer_field=cfg.data.answer_field, deduplicate=cfg.data.deduplicate,
-                                max_problems=cfg.data.max_problems, bad_rows=cfg.data.bad_rows)
-    given = read_rollouts_file(rollouts_file, problems, cfg.reward.extract)[:rollouts] if rollouts_file else None
-    bank = load_bank(cfg.skills.bank)
-    retriever = make_retriever(cfg.skills.retrieval, bank, embedder=cfg.skills.embedder, seed=cfg.training.seed)
+    given: list[ProbeRollout] | None = None
+
+    def read_given(problems: list[Problem], _report: LoadReport) -> None:
+        nonlocal given
+        given = read_rollouts_file(rollouts_file, problems, cfg.reward.extract)[:rollouts] if rollouts_file else None
+
+    def check_given(tokenizer: PreTrainedTokenizerBase) -> None:
+        if given is not None:  # text that would act as a chat-template control token: refused before the model loads
+            refuse_special_tokens(tokenizer, ((f"--rollouts-file {rollouts_file}: rollout {i + 1} ({field})", text)
+                                              for i, r in enumerate(given)
+                                              for field, text in (("problem", r.problem), ("completion", r.completion))))
+
+    inputs = load_run_inputs(cfg, with_bank=True, on_problems=read_given)
+    problems, bank, retriever = inputs.problems, inputs.bank, inputs.retriever
+    student_style, teacher_style = inputs.student_style, inputs.teacher_style
     started = time.perf_counter()
     log(f"probe: loading {cfg.model.name_or_path}")
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
-    # text that would act as a chat-template control token inside a prompt: refused before the model loads
-    check_untrusted_text(tokenizer, problems, cfg.data.path, bank, cfg.skills.bank)
-    if given is not None:
-        refuse_special_tokens(tokenizer, ((f"--rollouts-file {rollouts_file}: rollout {i + 1} ({field})", text)
-                                          for i, r in enumerate(given)
-                                          for field, text in (("problem", r.problem), ("completion", r.completion))))
-    model = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype, tokenizer=tokenizer).eval()
-    student_style = ChatStyle(cfg.prompt.enable_thinking)
-    thinking = cfg.prompt.teacher_enable_thinking
-    teacher_style = ChatStyle(cfg.prompt.enable_thinking if thinking is None else thinking)
+    model, tokenizer = load_run_model(cfg, inputs, check_tokenizer=check_given)
+    model.eval()
     sampling_s = 0.0
     if given is None:
         sample_start = time.perf_counter()

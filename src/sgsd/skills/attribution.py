@@ -10,8 +10,9 @@ weight (for means). It is a plain counter: O(items) state, JSON-serialisable for
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
@@ -122,8 +123,6 @@ class AttributionTracker:
 
     @classmethod
     def load(cls, path: str | Path) -> "AttributionTracker":
-        import json
-
         path = Path(path)
         if path.is_dir():
             path = RunDir(path).attribution
@@ -164,8 +163,6 @@ def harmful_items(tracker: AttributionTracker, min_uses: int) -> set[tuple[str, 
 
 def prune_bank(bank: SkillBank, tracker: AttributionTracker, min_uses: int) -> tuple[SkillBank, list[str]]:
     """`bank` without its harmful items (see `harmful_items`); returns (pruned bank, removed ids)."""
-    from dataclasses import replace
-
     drop = harmful_items(tracker, min_uses)
     skills = tuple(s for s in bank.general_skills if ("skill", s.skill_id) not in drop)
     mistakes = tuple(m for m in bank.common_mistakes if ("mistake", m.mistake_id) not in drop)

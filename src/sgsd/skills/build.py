@@ -27,6 +27,7 @@ from sgsd.skills.extraction import MISTAKES, SKILLS, ItemKind, extraction_prompt
 from sgsd.skills.llm import LLMClient, chunks
 from sgsd.skills.merge import MergeConfig, hierarchical_merge, layers_metadata
 from sgsd.storage import append_jsonl, read_jsonl
+from sgsd.verify import grade_batch
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,6 @@ class BuildReport:
 def sample_memories(problems: Sequence[Problem], policy: LLMClient, path: str | Path,
                     config: BuildConfig) -> list[Memory]:
     """Stage 1: `attempts_per_problem` graded attempts per problem, appended to `path` as they finish."""
-    from sgsd.verify import grade_batch
-
     done = {r["memory_id"]: Memory(**r) for r in read_jsonl(path)}
     jobs = [(p, a) for p in problems for a in range(config.attempts_per_problem)
             if f"{p.problem_id}#{a}" not in done]

@@ -22,11 +22,11 @@ import random
 from typing import TYPE_CHECKING, Protocol, Sequence
 
 from sgsd.prompts import GUIDANCE_PREAMBLE, render_guidance
+from sgsd.skills.bank import CommonMistake, GeneralSkill, SkillBank
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from sgsd.skills.bank import CommonMistake, GeneralSkill, SkillBank
 
 NEUTRAL_FILLER = "This line is intentionally left blank and carries no guidance."
 

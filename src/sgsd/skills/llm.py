@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from sgsd.errors import UserError
+from sgsd.generation import HFGenerator, SamplingConfig
 from sgsd.prompts import ChatStyle, render_chat
 from sgsd.redact import redact_text, redact_url, split_credentials, url_secrets
 
@@ -139,8 +140,6 @@ class HFClient:
     def __init__(self, model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, *, name: str = "hf",
                  batch_size: int = 8,
                  chat_style: ChatStyle = ChatStyle(), top_p: float = 1.0, seed: int = 0):
-        from sgsd.generation import HFGenerator
-
         self.name = name
         self.tokenizer = tokenizer
         self.chat_style = chat_style
@@ -150,8 +149,6 @@ class HFClient:
         self._generator = HFGenerator(model, tokenizer, batch_size=batch_size)
 
     def complete(self, prompts: list[str], *, max_tokens: int, temperature: float) -> list[str]:
-        from sgsd.generation import SamplingConfig
-
         self.last_truncated: list[bool] = []
         if not prompts:
             return []

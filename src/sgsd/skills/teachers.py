@@ -17,14 +17,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from sgsd.prompts import render_guidance
-from sgsd.skills.bank import CommonMistake, GeneralSkill
-from sgsd.skills.retrieval import Retrieval
+from sgsd.skills.bank import CommonMistake, GeneralSkill, SkillBank
+from sgsd.skills.controls import control_guidance
+from sgsd.skills.retrieval import Retrieval, Retriever
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-    from sgsd.skills.bank import SkillBank
-    from sgsd.skills.retrieval import Retriever
 
 
 @dataclass(frozen=True)
@@ -87,8 +85,6 @@ class TeacherSource:
 
     def controls_for(self, problems: Sequence[str], kind: str, tokenizer: PreTrainedTokenizerBase) -> list[str]:
         """The control teacher's guidance block of each problem (`sgsd.skills.controls.control_guidance`)."""
-        from sgsd.skills.controls import control_guidance
-
         teachers = self.teachers_for(problems)
         version = self.bank.version
         out = []

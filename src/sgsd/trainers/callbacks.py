@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from transformers import TrainerCallback
 
+from sgsd.distributed import is_main_process, rank
 from sgsd.run_dir import RunDir
+from sgsd.storage import atomic_write_text, read_jsonl
 
 if TYPE_CHECKING:
     from sgsd.trl_adapter import HookedGRPOTrainer
@@ -50,8 +53,6 @@ class MetricsWriter(TrainerCallback):
         self.path = Path(path)
         self.records: list[Record] = []
         if self.path.exists():
-            from sgsd.storage import read_jsonl
-
             self.records = list(read_jsonl(self.path))
 
     def truncate_after(self, step: int) -> None:
@@ -70,9 +71,6 @@ class MetricsWriter(TrainerCallback):
         self._write()
 
     def _write(self) -> None:
-        from sgsd.distributed import is_main_process
-        from sgsd.storage import atomic_write_text
-
         if not is_main_process():
             return
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records)
@@ -149,18 +147,12 @@ class FaultInjection(TrainerCallback):
                               "rank=R,save_delay=SECONDS") from None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        from sgsd.distributed import rank
-
         if self.step is not None and rank() == self.rank and state.global_step + 1 == self.step:
             if self.signal is not None:
-                import signal
-
                 os.kill(os.getpid(), getattr(signal, f"SIG{self.signal}"))
             raise RuntimeError(f"fault injected by {self.ENV} on rank {self.rank} at step {self.step}")
 
     def on_save(self, args, state, control, **kwargs):
-        from sgsd.distributed import rank
-
         if self.save_delay is not None and rank() == self.rank:
             time.sleep(self.save_delay)
             late = RunDir(Path(args.output_dir)).checkpoint(state.global_step) / f"late_rank{self.rank}.txt"

@@ -12,24 +12,23 @@ Which checkpoint to resume from is decided in `sgsd.run_dir`.
 
 from __future__ import annotations
 
+import importlib
 import os
+import pickle
+import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from transformers import TrainerCallback
+import torch
+from transformers import Trainer, TrainerCallback
 
 from sgsd.errors import UserError
+from sgsd.models import load_model, load_tokenizer
 from sgsd.run_dir import EXTRA_STATE, RunDir
 
-if TYPE_CHECKING:
-    from transformers import Trainer
 
 def restore_extra_state(trainer: "Trainer", checkpoint: Path) -> None:
     """EMA weights and skill-bank observers (online bank, attribution) as they were at `checkpoint`."""
-    import pickle
-
-    import torch
-
     path = checkpoint / EXTRA_STATE
     if not path.exists():
         return
@@ -62,8 +61,6 @@ def check_engine_state(checkpoint: Path, rank: int) -> None:
     classes. DeepSpeed loads its files with `weights_only=False`, so a crafted pickle there could run
     code; a file that passes torch's restricted unpickler (with DeepSpeed's classes allowed) names no
     other callable, so the full unpickler then builds the same objects and nothing else."""
-    import torch
-
     for path in sorted(checkpoint.glob("global_step*/*.pt")):
         if "zero_pp_rank_" in path.name and not path.name.startswith(f"zero_pp_rank_{rank}_"):
             continue  # another rank's shard: that rank checks it
@@ -87,16 +84,12 @@ def check_engine_state(checkpoint: Path, rank: int) -> None:
 
 
 def _unsupported_global(err: Exception) -> str | None:
-    import re
-
     found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
     return found.group(1) if found else None
 
 
 def _trusted_global(name: str) -> Any:
     """The object `name` ("module.attr") names, when its module is one of TRUSTED_PICKLE_MODULES."""
-    import importlib
-
     if not name.startswith(TRUSTED_PICKLE_MODULES):
         return None
     module, _, attr = name.rpartition(".")
@@ -108,8 +101,6 @@ def _trusted_global(name: str) -> Any:
 
 def write_extra_state(trainer: "Trainer", path: Path) -> None:
     """`sgsd_state.pt` (EMA, observers) into checkpoint `path`, atomically (main process)."""
-    import torch
-
     extra: dict[str, Any] = {}
     ema = getattr(trainer, "ema", None)
     if ema is not None:
@@ -142,8 +133,6 @@ class CompletionMarker(TrainerCallback):
 
 def write_final_from_checkpoint(checkpoint: Path, staging: Path) -> None:
     """The model (or LoRA adapter) and tokenizer of `checkpoint`, in Hugging Face format, into `staging`."""
-    from sgsd.models import load_model, load_tokenizer
-
     tokenizer = load_tokenizer(str(checkpoint))
     load_model(str(checkpoint), tokenizer=tokenizer).save_pretrained(str(staging))
     tokenizer.save_pretrained(str(staging))

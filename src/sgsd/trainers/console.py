@@ -8,13 +8,12 @@ researcher watches while a run goes. Keys absent for a method (GRPO has no helpf
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
-from transformers import TrainerCallback
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-if TYPE_CHECKING:
-    from transformers import Trainer
 
 # (label, log key, format) in the order shown; log keys are the trainer's (before MetricsWriter renames)
 FIELDS: tuple[tuple[str, str, str], ...] = (
@@ -61,8 +60,6 @@ class StepLinePrinter(TrainerCallback):
             return
         line = format_step_line(state.global_step, state.max_steps, logs)
         if self.progress:
-            from tqdm.auto import tqdm
-
             tqdm.write(line)  # keeps the bar intact
         else:
             print(line, flush=True)

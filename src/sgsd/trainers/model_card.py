@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from transformers import TrainerCallback
 
+from sgsd.config import RunConfig, config_from_dict
+from sgsd.errors import DataError, UserError
+from sgsd.methods import MethodSpec, method_spec
+from sgsd.paths import looks_local
 from sgsd.run_dir import RUN_FILES, RunDir, RunRecord, read_run_record
+from sgsd.storage import atomic_write_text, read_jsonl
 
-if TYPE_CHECKING:
-    from sgsd.config import RunConfig
-    from sgsd.methods import MethodSpec
 
 SHARED_SETTINGS = ("training.max_steps", "training.learning_rate", "training.lr_scheduler",
                    "training.prompts_per_device", "training.gradient_accumulation_steps", "training.seed",
@@ -67,8 +68,6 @@ def render_model_card(run_dir: Path, step: int, *, in_progress: bool = False) ->
 
 def write_model_card(run_dir: Path, step: int, *also: Path, in_progress: bool = False) -> None:
     """README.md in `run_dir` (and each folder of `also`, e.g. final/'s staging folder), atomically."""
-    from sgsd.storage import atomic_write_text
-
     text = render_model_card(Path(run_dir), step, in_progress=in_progress)
     for folder in (Path(run_dir), *also):
         atomic_write_text(folder / "README.md", text)
@@ -88,10 +87,6 @@ class ModelCardWriter(TrainerCallback):
 def _registered(record: RunRecord, method: str) -> "tuple[MethodSpec | None, RunConfig | None]":
     """The run's registered method and its config rebuilt from the record (None, None for a method this
     process does not know or a record it cannot read: the card then names the method as written)."""
-    from sgsd.config import config_from_dict
-    from sgsd.errors import UserError
-    from sgsd.methods import method_spec
-
     try:
         return method_spec(method), config_from_dict(record.config)
     except (KeyError, UserError):
@@ -99,8 +94,6 @@ def _registered(record: RunRecord, method: str) -> "tuple[MethodSpec | None, Run
 
 
 def _is_hub_id(spec: str) -> bool:
-    from sgsd.paths import looks_local
-
     return spec.count("/") == 1 and not looks_local(spec) and not Path(spec).exists()
 
 
@@ -126,9 +119,6 @@ def _bank_line(record: RunRecord, run_dir: Path) -> str:
 
 
 def _metrics_section(path: Path, step: int, in_progress: bool) -> list[str]:
-    from sgsd.errors import DataError
-    from sgsd.storage import read_jsonl
-
     try:
         records = list(read_jsonl(path))
     except DataError:  # a damaged metrics file must not fail training; the card says so

@@ -25,22 +25,19 @@ whatever `steps_per_generation` is.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from sgsd.config import OPSDSettings
+from sgsd.config import OPSDSettings, RunConfig
 from sgsd.lm_head import head_vocab_size
+from sgsd.methods import TrainerContext
 from sgsd.objectives import opsd_sampled_token_loss
 from sgsd.prompts import ChatStyle, opsd_teacher_prompt, reference_from_answer, render_chat
 from sgsd.scoring import (HeadWeights, hidden_for_completion, left_pad, lm_parts, opsd_loss_from_hidden,
                           teacher_completion_hidden, token_logprobs)
 from sgsd.trainers.teacher_weights import SelfTeacher
 from sgsd.trl_adapter import HookedGRPOTrainer
-
-if TYPE_CHECKING:
-    from sgsd.config import RunConfig
-    from sgsd.methods import TrainerContext
 
 
 class OPSDTrainer(SelfTeacher, HookedGRPOTrainer):

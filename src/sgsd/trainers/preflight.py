@@ -12,16 +12,15 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from sgsd.config import RunConfig
 from sgsd.distributed import announce
 from sgsd.errors import ConfigError, DataError, UserError
 from sgsd.methods import MethodSpec, method_spec
+from sgsd.skills.bank import SkillBank
 from sgsd.storage import decode_utf8, parse_json
-
-if TYPE_CHECKING:
-    from sgsd.config import RunConfig
-    from sgsd.skills.bank import SkillBank
+from sgsd.trl_adapter import FSDP1_REFUSAL
 
 
 def prompts_per_step(cfg: "RunConfig", world_size: int) -> int:
@@ -89,8 +88,6 @@ def check_engine(cfg: "RunConfig", spec: MethodSpec | None = None) -> None:
             raise ConfigError(problem)
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if fsdp and os.environ.get("FSDP_VERSION", "1") == "1" and getattr(spec.trainer_class(), "has_method_loss", False):
-        from sgsd.trl_adapter import FSDP1_REFUSAL
-
         raise ConfigError(FSDP1_REFUSAL)
 
 

@@ -19,31 +19,38 @@ import json
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
-from transformers import PreTrainedTokenizerBase, TrainerCallback
+import torch
+from peft import LoraConfig
+from transformers import PreTrainedTokenizerBase, TrainerCallback, set_seed
+from transformers.utils import logging as hf_logging
+from trl import GRPOConfig, GRPOTrainer
 
+from sgsd import __version__
 from sgsd.config import RunConfig, config_settings, dump_config
+from sgsd.data import LoadReport, Problem, training_dataset
 from sgsd.distributed import announce, is_main_process, launched_world_size, rank_local, same_on_every_rank
 from sgsd.errors import ConfigError, UserError
-from sgsd.models import engine_directory, load_model, load_tokenizer
+from sgsd.models import engine_directory
 from sgsd.methods import MethodSpec, TrainerContext, check_run_config, method_spec
-from sgsd.prompts import ChatStyle
+from sgsd.prompts import render_guidance
 from sgsd.peers import active_watch, code_digest, reporting_termination, watching_peers
 from sgsd.provenance import package_versions, provenance
+from sgsd.run_setup import load_run_inputs, load_run_model
 from sgsd.run_dir import RESUME_MAY_CHANGE, Rerun, RunDir
+from sgsd.skills.bank import SkillBank
+from sgsd.skills.retrieval import Retriever
+from sgsd.trainers.callbacks import EMAStep, FaultInjection, MetricsWriter, StepTimer
 from sgsd.trainers.checkpoints import CompletionMarker, check_engine_state, restore_extra_state, write_final_from_checkpoint
-from sgsd.trainers.preflight import (check_deepspeed_config, check_problems_per_step, teachers_record,
+from sgsd.trainers.console import use_step_lines
+from sgsd.trainers.model_card import ModelCardWriter, write_model_card
+from sgsd.trainers.preflight import (check_deepspeed_config, check_engine, check_problems_per_step, teachers_record,
                                      teachers_within_bank)
+from sgsd.trl_adapter import make_grpo_config
+from sgsd.verify import AccuracyReward
 from sgsd.vllm_adapter import generation_problems
 
-if TYPE_CHECKING:
-    from peft import LoraConfig
-    from trl import GRPOConfig, GRPOTrainer
-
-    from sgsd.data import Problem
-    from sgsd.skills.bank import SkillBank
-    from sgsd.skills.retrieval import Retriever
 
 __all__ = ["PreparedRun", "TrainResult", "prepare_run", "resolve_device", "train"]
 
@@ -66,10 +73,6 @@ def resolve_device(cfg: RunConfig, spec: MethodSpec | None = None) -> tuple[bool
     module in bf16, fp32 weights in the optimizer) under DeepSpeed; on CUDA and on CPU alike.
     `auto` is bf16 on CUDA and fp32 on CPU.
     """
-    import torch
-
-    from sgsd.trainers.preflight import check_engine
-
     device = cfg.training.device
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("training.device: cuda requested but no CUDA device is available")
@@ -203,32 +206,26 @@ def prepare_run(cfg: RunConfig, output_dir: str | Path | None = None, *, resume:
 def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Callable[..., list[float]]] | None,
            progress: bool, rollout_func: Callable[..., dict[str, Any]] | None) -> PreparedRun:
     """Check everything the user gave, then write the run's record and build the trainer."""
-    from transformers import set_seed
-
-    from sgsd.data import check_untrusted_text, load_problems, training_dataset
-    from sgsd.trainers.callbacks import EMAStep, FaultInjection, MetricsWriter, StepTimer
-
     spec = method_spec(cfg.method)
     run_dir = RunDir(out)
     resume_from = rerun.checkpoint if rerun.action == "resume" else None
     use_cpu, bf16 = resolve_device(cfg, spec)
     set_seed(cfg.training.seed)
     if not progress:
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()
 
     # -- everything the user gave, checked before writing anything ------------------------------
     check_deepspeed_config(cfg.training.deepspeed)
-    problems, report = load_problems(
-        cfg.data.path, split=cfg.data.split, problem_field=cfg.data.problem_field, answer_field=cfg.data.answer_field,
-        deduplicate=cfg.data.deduplicate, max_problems=cfg.data.max_problems, bad_rows=cfg.data.bad_rows,
-    )
-    for note in (report.skipped_note(), report.gold_note()):
-        if note:
-            announce(note)
-    check_problems_per_step(cfg, len(problems))
-    bank, retriever = _load_skills(cfg, spec) if spec.needs_bank(cfg) else (None, None)
+
+    def check_problems(problems: list[Problem], report: LoadReport) -> None:
+        for note in (report.skipped_note(), report.gold_note()):
+            if note:
+                announce(note)
+        check_problems_per_step(cfg, len(problems))
+
+    run_inputs = load_run_inputs(cfg, with_bank=spec.needs_bank(cfg), teacher_pairs=spec.skill_teachers,
+                                 on_problems=check_problems)
+    problems, report, bank, retriever = run_inputs.problems, run_inputs.report, run_inputs.bank, run_inputs.retriever
     inputs = input_identities(cfg.data.path, problems, cfg.skills.bank, bank)
     if resume_from is not None:
         run_dir.check_inputs_unchanged(inputs)
@@ -239,11 +236,7 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
     if rerun.finished_step is not None and resume_from is not None:
         announce(f"continuing {out} from {resume_from.name} (complete at step {rerun.finished_step}) to step "
                  f"{cfg.training.max_steps}; the learning-rate schedule follows max_steps={cfg.training.max_steps}")
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
-    check_untrusted_text(tokenizer, problems, cfg.data.path, bank, cfg.skills.bank)
-    model = load_model(cfg.model.name_or_path, dtype=cfg.model.dtype, tokenizer=tokenizer)
-    if cfg.model.attn_implementation:
-        model.config._attn_implementation = cfg.model.attn_implementation
+    model, tokenizer = load_run_model(cfg, run_inputs)
     if cfg.generation.use_vllm and cfg.generation.vllm_mode == "colocate":  # TRL's engine loads model.name_or_path
         model.name_or_path = engine_directory(cfg.model.name_or_path, model, tokenizer)
     blocks = _skill_blocks(cfg, retriever, [p.problem for p in problems]) if spec.prompt_skills(cfg) else None
@@ -262,8 +255,6 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
         run_dir.write_resolved_config(dump_config(cfg), record)
 
     if reward_funcs is None:
-        from sgsd.verify import AccuracyReward
-
         reward_funcs = [AccuracyReward(extract=cfg.reward.extract)]
     metrics = MetricsWriter(run_dir.metrics)
     timer, ema_step = StepTimer(), EMAStep()
@@ -271,8 +262,8 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
     fault = FaultInjection.from_env()
     if fault is not None:
         callbacks.append(fault)
-    context = TrainerContext(bank=bank, retriever=retriever, student_style=ChatStyle(cfg.prompt.enable_thinking),
-                             teacher_style=_teacher_style(cfg), output_dir=out)
+    context = TrainerContext(bank=bank, retriever=retriever, student_style=run_inputs.student_style,
+                             teacher_style=run_inputs.teacher_style, output_dir=out)
     trainer = spec.trainer_class()(
         model=model, reward_funcs=list(reward_funcs), args=args, train_dataset=dataset, processing_class=tokenizer,
         peft_config=_peft_config(cfg), callbacks=callbacks,
@@ -280,8 +271,6 @@ def _build(cfg: RunConfig, out: Path, rerun: Rerun, *, reward_funcs: Sequence[Ca
     timer.trainer = ema_step.trainer = trainer
     _record_base_model(trainer, cfg.model.name_or_path)
     trainer.add_callback(CompletionMarker(trainer, cfg.training.save_total_limit))
-    from sgsd.trainers.console import use_step_lines
-    from sgsd.trainers.model_card import ModelCardWriter
 
     use_step_lines(trainer, progress)  # one line per logging step; every key is in metrics.jsonl
     trainer.add_callback(ModelCardWriter(out))  # replaces TRL's generic README.md after each checkpoint
@@ -306,8 +295,6 @@ def _sha(text: str) -> str:
 def launch_digests(cfg: RunConfig, out: Path) -> dict[str, str]:
     """What every rank of a launch must agree on before any of them reads the output directory, by name
     (`PeerWatch.agree` names what differs): config, output directory, code, package versions."""
-    from sgsd import __version__
-
     return {"config": _sha(dump_config(cfg)), "output directory": _sha(str(out.expanduser().resolve())),
             "code": f"{__version__} {code_digest()}", "package versions": _sha(json.dumps(package_versions(), sort_keys=True))}
 
@@ -354,32 +341,13 @@ def _finish_without_training(out: Path, rerun: Rerun) -> TrainResult:
 
 
 def _publish(run_dir: RunDir, staging: Path, step: int) -> None:
-    from sgsd.trainers.model_card import write_model_card
-
     run_dir.publish(staging, step, complete=lambda folder: write_model_card(run_dir.path, step, folder))
-
-
-def _load_skills(cfg: RunConfig, spec: MethodSpec) -> tuple["SkillBank", "Retriever"]:
-    from sgsd.skills.bank import check_usable, load_bank
-    from sgsd.skills.retrieval import make_retriever
-
-    bank = load_bank(cfg.skills.bank)
-    check_usable(bank, cfg.skills.bank, pairs=spec.skill_teachers)
-    retriever = make_retriever(cfg.skills.retrieval, bank, embedder=cfg.skills.embedder, seed=cfg.training.seed)
-    return bank, retriever
 
 
 def _skill_blocks(cfg: RunConfig, retriever: "Retriever", problems: Sequence[str]) -> list[str]:
     """Top skills and top mistakes rendered as one guidance block per problem ("+Skill" variants)."""
-    from sgsd.prompts import render_guidance
-
     return [render_guidance([s.item for s in r.skills], [m.item for m in r.mistakes])
             for r in retriever.retrieve_many(list(problems), cfg.skills.prompt_top_k)]
-
-
-def _teacher_style(cfg: RunConfig) -> ChatStyle:
-    teacher_thinking = cfg.prompt.teacher_enable_thinking
-    return ChatStyle(cfg.prompt.enable_thinking if teacher_thinking is None else teacher_thinking)
 
 
 def _record_base_model(trainer: "GRPOTrainer", model_spec: str) -> None:
@@ -392,7 +360,6 @@ def _record_base_model(trainer: "GRPOTrainer", model_spec: str) -> None:
 def _peft_config(cfg: RunConfig) -> "LoraConfig | None":
     if not cfg.model.lora.enabled:
         return None
-    from peft import LoraConfig
 
     lora = cfg.model.lora
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
@@ -402,8 +369,6 @@ def _peft_config(cfg: RunConfig) -> "LoraConfig | None":
 def _grpo_config(cfg: RunConfig, spec: MethodSpec, out: Path, *, use_cpu: bool, bf16: bool, progress: bool) -> "GRPOConfig":
     """TRL's GRPOConfig from the run config; the method fixes generations per prompt, beta and
     whether vLLM's importance-sampling correction runs (an extra forward that only GRPO uses)."""
-    from sgsd.trl_adapter import make_grpo_config
-
     fixed = spec.grpo_settings(cfg)
     training, generation = cfg.training, cfg.generation
     return make_grpo_config(

@@ -23,16 +23,14 @@ accumulation scaling), TRL's GRPO metrics (`clip_ratio/*`, `train/entropy`, `kl`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from sgsd.config import RunConfig
+from sgsd.methods import TrainerContext
 from sgsd.trainers.grpo_trainer import record_group_diagnostics
 from sgsd.trainers.sgsd_trainer import SGSDTrainer, sgsd_trainer_kwargs
-
-if TYPE_CHECKING:
-    from sgsd.config import RunConfig
-    from sgsd.methods import TrainerContext
 
 
 class SGSDPGTrainer(SGSDTrainer):

@@ -19,26 +19,25 @@ extra forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
+from sgsd.config import RunConfig
+from sgsd.errors import ConfigError
 from sgsd.loss_settings import SGSDSettings
 from sgsd.lm_head import head_vocab_size
 from sgsd.loss_phase import active_rollouts, sgsd_loss_phase
-from sgsd.objectives import masked_mean
+from sgsd.methods import TrainerContext
+from sgsd.objectives import SGSD_METRIC_KEYS, masked_mean
 from sgsd.prompts import ChatStyle
 from sgsd.scoring import countable_token_table, counted_mask, lm_parts, score_teachers_local
 from sgsd.skills.teachers import TeacherSource
 from sgsd.teacher_scoring import prompt_ids as teacher_prompt_ids
 from sgsd.teacher_scoring import score_under_teachers, teacher_weight_matrix
+from sgsd.trainers.skill_hooks import SkillObserver, make_observers
 from sgsd.trainers.teacher_weights import SelfTeacher
 from sgsd.trl_adapter import HookedGRPOTrainer
-
-if TYPE_CHECKING:
-    from sgsd.config import RunConfig
-    from sgsd.methods import TrainerContext
-    from sgsd.trainers.skill_hooks import SkillObserver
 
 
 @dataclass
@@ -65,8 +64,6 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
         self.chunk_tokens = settings.chunk_tokens(vocab)
         self.setup_teacher(settings.teacher, settings.ema_decay)
         if settings.teacher_engine == "vllm" and not self.colocated_engine:
-            from sgsd.errors import ConfigError
-
             raise ConfigError("sgsd.teacher_engine=vllm scores the teachers in the colocated vLLM engine: build the "
                               "trainer with use_vllm=true and vllm_mode=colocate, or use sgsd.teacher_engine=trainer")
         self.records: dict[int, RolloutRecord] = {}
@@ -167,8 +164,6 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
         return phase.loss
 
     def _log_keys(self) -> list[str]:
-        from sgsd.objectives import SGSD_METRIC_KEYS
-
         keys = [f"sgsd/{k}" for k in SGSD_METRIC_KEYS]
         keys += ["sgsd/active_rollout_fraction", "train/reward_mean"]
         if self.settings.local_support_top_k == 0:
@@ -203,8 +198,6 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
 
 def sgsd_trainer_kwargs(cfg: "RunConfig", context: "TrainerContext") -> dict[str, Any]:
     """SGSDTrainer's own constructor arguments (the registry names this function for `sgsd`)."""
-    from sgsd.trainers.skill_hooks import make_observers
-
     return {"teacher_source": TeacherSource(context.bank, context.retriever, cfg.sgsd.num_teachers),
             "settings": cfg.sgsd, "student_style": context.student_style, "teacher_style": context.teacher_style,
             "observers": make_observers(cfg, context.output_dir)}

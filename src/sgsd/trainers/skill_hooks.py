@@ -20,13 +20,15 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from sgsd.config import RunConfig
 from sgsd.distributed import broadcast_object, gather_objects, is_main_process
+from sgsd.prompts import ChatStyle, special_tokens
+from sgsd.skills.attribution import AttributionTracker
+from sgsd.skills.bank import SkillBank
+from sgsd.skills.llm import HFClient, LLMClient, OpenAIClient
+from sgsd.skills.online import OnlineSkillUpdater
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerState
-
-    from sgsd.skills.bank import SkillBank
-    from sgsd.skills.llm import LLMClient
 
 
 class BankHolder(Protocol):
@@ -83,8 +85,6 @@ class AttributionObserver:
     name = "attribution"
 
     def __init__(self, run_dir: Path) -> None:
-        from sgsd.skills.attribution import AttributionTracker
-
         self.run_dir = run_dir
         self.tracker = AttributionTracker()
 
@@ -122,8 +122,6 @@ class OnlineUpdateObserver:
     name = "online_skills"
 
     def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
-        from sgsd.skills.online import OnlineSkillUpdater
-
         self.cfg = cfg
         self.updater = OnlineSkillUpdater(cfg.skills.online, run_dir=run_dir)
         # every rank must agree on the run id that stamps the snapshots
@@ -132,9 +130,6 @@ class OnlineUpdateObserver:
 
     def _client(self, trainer: ObservedTrainer) -> LLMClient:
         if self._llm is None:
-            from sgsd.prompts import ChatStyle
-            from sgsd.skills.llm import HFClient, OpenAIClient
-
             online = self.cfg.skills.online
             if online.llm == "policy":  # the shared policy model serves as the updater
                 self._llm = HFClient(trainer.unwrapped_model, trainer.processing_class, name="policy",
@@ -156,8 +151,6 @@ class OnlineUpdateObserver:
             return
         bank = None
         if is_main_process():
-            from sgsd.prompts import special_tokens
-
             self.updater.forbidden_tokens = special_tokens(trainer.processing_class)
             bank = self.updater.maybe_update(step, trainer.teacher_source.bank, self._client(trainer))
         bank, state = broadcast_object((bank, self.updater.state_dict()))

@@ -14,6 +14,8 @@ from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 
+from sgsd.trl_adapter import adapter_disabled
+
 
 class EMAWeights:
     """EMA of the trainable parameters: ema <- decay * ema + (1 - decay) * theta after each optimizer step.
@@ -106,8 +108,6 @@ def teacher_context_factory(kind: str, model_getter: Callable[[], torch.nn.Modul
         def base_context() -> ContextManager[None]:
             model = model_getter()
             if is_peft(model):
-                from sgsd.trl_adapter import adapter_disabled
-
                 return adapter_disabled(model)
             return nullcontext()
 
