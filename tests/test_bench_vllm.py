@@ -5,7 +5,6 @@ import json
 
 import pytest
 
-from sgsd import vllm_adapter
 from sgsd.benchmarking.vllm_generation import Call, ModelReport, table
 from sgsd.cli import main
 
@@ -42,7 +41,9 @@ def test_bad_input_is_one_line_before_any_model_loads(capsys, no_model_loads, ar
 
 
 def test_a_missing_vllm_is_refused_naming_the_extra(capsys, monkeypatch, no_model_loads):
-    monkeypatch.setattr(vllm_adapter, "unusable_reason", lambda on_cpu: "vLLM is not installed: pip install x")
+    import sgsd.commands.bench as command
+
+    monkeypatch.setattr(command, "unusable_reason", lambda on_cpu: "vLLM is not installed: pip install x")
     assert "sgsd bench vllm: vLLM is not installed: pip install x" in _error(capsys, ["bench", "vllm"])
 
 

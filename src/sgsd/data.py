@@ -150,8 +150,8 @@ def problem_hash(text: str) -> str:
     return hashlib.sha1(text.strip().encode("utf-8")).hexdigest()[:16]
 
 
-def _get(row: dict[str, Any], dotted: str) -> Any:
-    value: Any = row
+def _get(row: dict[str, Any], dotted: str) -> object:
+    value: object = row
     for part in dotted.split("."):
         if not isinstance(value, dict) or part not in value:
             return None
@@ -159,7 +159,7 @@ def _get(row: dict[str, Any], dotted: str) -> Any:
     return value
 
 
-def _problem_text(value: Any) -> str | None:
+def _problem_text(value: object) -> str | None:
     if isinstance(value, list):  # chat list: the last user message holds the problem
         users = [m.get("content") for m in value if isinstance(m, dict) and m.get("role") == "user"]
         value = users[-1] if users else None
@@ -179,7 +179,7 @@ def worked_solution_gold(answer: str) -> str | None:
     return split_gold(answer, "####") if _GOLD_LINE.search(answer) else None
 
 
-def gold_answer(value: Any) -> str | None:
+def gold_answer(value: object) -> str | None:
     """The gold-answer rule of every loader (training data, benchmarks, skills build): a non-empty text
     (stripped) or a finite number, as text; None for anything else (see `answer_problem`)."""
     if isinstance(value, str):
@@ -191,7 +191,7 @@ def gold_answer(value: Any) -> str | None:
     return None
 
 
-def answer_problem(value: Any) -> str:
+def answer_problem(value: object) -> str:
     """What makes `value` no gold answer, for notes: "NaN", "Infinity", "a boolean", "a list", ..."""
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")

@@ -20,9 +20,10 @@ returns the full weight under ZeRO-3 as well (see there).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Protocol
 
 import torch
+from torch.autograd.function import FunctionCtx
 from torch.distributed.tensor import DTensor
 
 
@@ -67,12 +68,20 @@ def _forward_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return logps, lse, entropy
 
 
+class LMHead(Protocol):
+    """An LM head as the readers below see it: a linear layer, or `sgsd.scoring.HeadWeights`."""
+
+    weight: torch.Tensor  # [V, H]
+    bias: torch.Tensor | None  # [V]
+
+
 class _SampledTokenLogprobs(torch.autograd.Function):
     """log softmax(hidden W^T + b)[y] / temperature in fp32, recomputing each chunk's logits in the backward."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, chunk: int, temperature: float, with_entropy: bool) -> Any:
+    def forward(ctx: FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, chunk: int, temperature: float,
+                with_entropy: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         ctx.with_entropy = with_entropy
         logps, lse, entropy = _forward_chunks(hidden, weight, bias, targets, chunk, temperature, ctx.with_entropy)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
@@ -83,7 +92,8 @@ class _SampledTokenLogprobs(torch.autograd.Function):
         return logps
 
     @staticmethod
-    def backward(ctx: Any, grad_logps: torch.Tensor, *_grad_entropy: Any) -> tuple[Any, ...]:
+    def backward(ctx: FunctionCtx, grad_logps: torch.Tensor,
+                 *_grad_entropy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
@@ -115,7 +125,7 @@ def _is_partitioned(weight: torch.Tensor) -> bool:
     return hasattr(weight, "ds_id")
 
 
-def head_weights(head: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+def head_weights(head: LMHead) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight [V, H], bias [V] or None) of an LM head (a module or `sgsd.scoring.HeadWeights`), usable
     outside the model's forward, with gradient flowing to the head's parameters when enabled.
 
@@ -144,7 +154,7 @@ def head_weights(head: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head(identity).t(), None
 
 
-def head_vocab_size(head: Any) -> int:
+def head_vocab_size(head: LMHead) -> int:
     """V of an LM head, whether or not ZeRO-3 has partitioned its weight."""
     weight = head.weight
     return int(weight.ds_shape[0] if _is_partitioned(weight) else weight.size(0))

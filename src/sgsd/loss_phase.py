@@ -13,7 +13,6 @@ skipped rollout counts as a zero-loss row of the mean.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -49,7 +48,7 @@ class SGSDLossPhase:
     student_entropy: torch.Tensor | None
 
 
-def active_rollouts(model: Any, *, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+def active_rollouts(model: torch.nn.Module, *, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                     completion_ids: torch.Tensor, completion_mask: torch.Tensor, counted_mask: torch.Tensor,
                     rewards: torch.Tensor, teacher_weights: torch.Tensor, teacher_logps: torch.Tensor,
                     chunk_tokens: int, settings: SGSDSettings = SGSDSettings(),
@@ -68,7 +67,7 @@ def active_rollouts(model: Any, *, prompt_ids: torch.Tensor, prompt_mask: torch.
     return polarity.ne(0).any(dim=-1)
 
 
-def sgsd_loss_phase(model: Any, *, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+def sgsd_loss_phase(model: torch.nn.Module, *, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                     completion_ids: torch.Tensor, completion_mask: torch.Tensor, counted_mask: torch.Tensor,
                     rewards: torch.Tensor, teacher_weights: torch.Tensor, teacher_logps: torch.Tensor,
                     active: torch.Tensor | None = None, teacher_top_logps: torch.Tensor | None = None,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterator, Sequence
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -290,7 +290,7 @@ def _prefix_batches(model: torch.nn.Module, plan: PrefixPlan, prompts: Sequence[
 
 def _teacher_rows(model: torch.nn.Module, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
                   completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, pad_id: int, batch_rows: int,
-                  teacher_context: Callable[[], ContextManager[Any]],
+                  teacher_context: Callable[[], ContextManager[object]],
                   per_batch: Callable[[torch.Tensor, torch.nn.Module, torch.Tensor], tuple[torch.Tensor, ...]],
                   trailing: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype],
                   prefix_reuse: bool) -> tuple[torch.Tensor, ...]:
@@ -319,7 +319,7 @@ def _teacher_rows(model: torch.nn.Module, teacher_prompt_ids: Sequence[Sequence[
 def score_teachers(model: torch.nn.Module, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
                    completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, pad_id: int,
                    batch_rows: int = 16, chunk_tokens: int = 4096, temperature: float = 1.0,
-                   teacher_context: Callable[[], ContextManager[Any]] = nullcontext,
+                   teacher_context: Callable[[], ContextManager[object]] = nullcontext,
                    prefix_reuse: bool = False) -> torch.Tensor:
     """Teacher log-probs [B, K, T] of each rollout's completion under each of its K teacher prompts
     (with their token entropies too: `score_teachers_and_entropy`).
@@ -338,7 +338,7 @@ def score_teachers(model: torch.nn.Module, teacher_prompt_ids: Sequence[Sequence
 def score_teachers_and_entropy(model: torch.nn.Module, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
                                completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, pad_id: int,
                                batch_rows: int = 16, chunk_tokens: int = 4096, temperature: float = 1.0,
-                               teacher_context: Callable[[], ContextManager[Any]] = nullcontext,
+                               teacher_context: Callable[[], ContextManager[object]] = nullcontext,
                                prefix_reuse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(`score_teachers`, the teachers' token entropies [B, K, T]), from the same forwards."""
     def per_batch(hidden, head, comp_ids):
@@ -361,7 +361,7 @@ def _chunk_top(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 def score_teachers_local(model: torch.nn.Module, teacher_prompt_ids: Sequence[Sequence[Sequence[int] | None]],
                          completion_ids: torch.Tensor, completion_mask: torch.Tensor, *, pad_id: int, top_k: int,
                          batch_rows: int = 16, chunk_tokens: int = 4096,
-                         teacher_context: Callable[[], ContextManager[Any]] = nullcontext, prefix_reuse: bool = False
+                         teacher_context: Callable[[], ContextManager[object]] = nullcontext, prefix_reuse: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Like `score_teachers`, plus each teacher's top-k' log-probs and ids per position (local-support mode).
 

@@ -21,7 +21,7 @@ import stat
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator, Union
 
 from sgsd.errors import DataError, UserError, shorten
 
@@ -39,6 +39,10 @@ def stable_seed(*parts: str) -> int:
 # Input files (skill banks, training data, benchmarks, attribution) are read whole into memory: a bound
 # keeps a wrong path (a huge dump, an endless device) from exhausting it. Generous by default; the
 # environment variable raises or lowers it for every command (`skills validate` has no config file).
+# What `json` writes and reads back as it was: the values of results, records and reports.
+JSONValue = Union[None, bool, int, float, str, list["JSONValue"], dict[str, "JSONValue"]]
+JSONObject = dict[str, JSONValue]
+
 MAX_INPUT_ENV = "SGSD_MAX_INPUT_MB"
 DEFAULT_MAX_INPUT_MB = 4096
 
@@ -282,7 +286,7 @@ def strict_json(obj: Any, **options: Any) -> str:
     return json.dumps(_finite(obj), allow_nan=False, ensure_ascii=False, **options)
 
 
-def _finite(obj: Any) -> Any:
+def _finite(obj: JSONValue) -> JSONValue:
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
@@ -292,15 +296,15 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+def atomic_write_json(path: str | os.PathLike, obj: JSONValue) -> Path:
     return atomic_write_text(path, strict_json(obj, indent=2) + "\n")
 
 
-def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> Path:
+def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[JSONValue]) -> Path:
     return atomic_write_text(path, "".join(strict_json(r) + "\n" for r in records))
 
 
-def append_jsonl(path: str | os.PathLike, record: Any) -> None:
+def append_jsonl(path: str | os.PathLike, record: JSONValue) -> None:
     """Append one complete JSON line and fsync it (the resumable-stage write)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

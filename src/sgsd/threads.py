@@ -28,9 +28,12 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from sgsd.errors import UserError, shorten
+
+if TYPE_CHECKING:
+    import torch
 
 # Below this size one intra-op thread, from it on the process's share of the cores. Measured with
 # `sgsd bench threads --sizes ...` on 2 shared cores (docs/performance.md, "Threads"): with two competing
@@ -115,7 +118,7 @@ def configure_process(threads: int | None = None) -> ThreadChoice:
     return choice
 
 
-def fit_to_model(model: Any) -> ThreadChoice:
+def fit_to_model(model: torch.nn.Module) -> ThreadChoice:
     """Where a model is built or loaded: apply the decision for its size (an explicit setting wins)."""
     return fit_to_parameters(sum(p.numel() for p in model.parameters()))
 

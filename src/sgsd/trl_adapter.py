@@ -39,7 +39,7 @@ import inspect
 import os
 import time
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypedDict
 
 import torch
 import trl
@@ -97,6 +97,51 @@ def _indexed_cpu_location(storage: torch.UntypedStorage, location: str) -> torch
 # once per process (this module is imported once); priority 11: after torch's own "cpu" (10), before
 # the device backends, none of which claims "cpu:N"
 torch.serialization.register_package(11, lambda obj: None, _indexed_cpu_location)
+
+
+class RolloutRow(TypedDict):
+    """One training row, as `sgsd.data.training_dataset` builds it and TRL passes it back to the hooks."""
+
+    prompt: list[dict[str, str]]  # the chat messages of the student's prompt
+    problem: str
+    answer: str
+    problem_id: str
+    student_prompt: str
+    skill_block: str  # the retrieved skills' text ("" when the method puts none in the prompt)
+
+
+class RolloutBatch(TypedDict, total=False):
+    """One rollout batch, as TRL's `_generate_and_score_completions` returns it plus each method's
+    `rollout_extras` (B rollouts, P prompt tokens, T completion tokens, K teachers; masks are 1 on real
+    tokens). TRL adds further keys in some settings (vLLM importance sampling, multimodal inputs); the
+    trainers read only the ones below."""
+
+    # TRL's
+    prompt_ids: torch.Tensor  # [B, P], left-padded
+    prompt_mask: torch.Tensor  # [B, P]
+    completion_ids: torch.Tensor  # [B, T]
+    completion_mask: torch.Tensor  # [B, T]
+    advantages: torch.Tensor  # [B]
+    num_items_in_batch: torch.Tensor | int
+    old_per_token_logps: torch.Tensor  # [B, T]
+    ref_per_token_logps: torch.Tensor  # [B, T]
+    sampling_per_token_logps: torch.Tensor  # [B, T]
+    importance_sampling_ratio: torch.Tensor
+    # every method's (the base class's default extras)
+    rewards: torch.Tensor  # [B]
+    # SGSD's (sgsd.trainers.sgsd_trainer)
+    teacher_logps: torch.Tensor  # [B, K, T]
+    teacher_weights: torch.Tensor  # [B, K]
+    sgsd_mask: torch.Tensor  # [B, T], the counted tokens
+    rollout_uid: torch.Tensor  # [B], keys of the trainer's rollout records
+    sgsd_active: torch.Tensor  # [B] bool, with skip_neutral_rows
+    teacher_entropy: torch.Tensor  # [B, K, T]
+    control_logps: torch.Tensor  # [B, T], with a polarity control
+    teacher_top_logps: torch.Tensor  # [B, K, T, k'], local-support scoring
+    teacher_top_ids: torch.Tensor  # [B, K, T, k']
+    # OPSD's (sgsd.trainers.opsd_trainer)
+    opsd_teacher_prompt_ids: torch.Tensor  # [B, P'], left-padded
+    opsd_teacher_prompt_mask: torch.Tensor  # [B, P']
 
 
 def check_trl_contract() -> list[str]:
@@ -176,16 +221,17 @@ class HookedGRPOTrainer(GRPOTrainer):
                 raise ConfigError(FSDP1_REFUSAL)
 
     # -- seams ------------------------------------------------------------------------------
-    def rollout_extras(self, inputs: list[dict[str, Any]], output: dict[str, Any],
-                       rewards: torch.Tensor) -> dict[str, Any]:
+    def rollout_extras(self, inputs: list[RolloutRow], output: RolloutBatch,
+                       rewards: torch.Tensor) -> RolloutBatch:
         """Tensors to add to the rollout batch (leading dimension B). Default: the rewards only."""
         return {"rewards": rewards}
 
-    def method_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    def method_loss(self, model: torch.nn.Module, inputs: RolloutBatch) -> torch.Tensor:
         raise NotImplementedError
 
     # -- private hooks (TRL 1.16) -------------------------------------------------------------
-    def _calculate_rewards(self, inputs: list[dict[str, Any]], prompts: list[Any], completions: list[Any],
+    def _calculate_rewards(self, inputs: list[RolloutRow], prompts: list[list[dict[str, str]]],
+                           completions: list[list[dict[str, str]]],
                            completion_ids_list: list[list[int]]) -> torch.Tensor:
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._local_rewards = local_rewards(self, rewards_per_func, len(prompts))
@@ -196,7 +242,7 @@ class HookedGRPOTrainer(GRPOTrainer):
                 self.record_counts({f"reward/{kind}": count for kind, count in failures.items()})
         return rewards_per_func
 
-    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+    def _generate_and_score_completions(self, inputs: list[RolloutRow]) -> RolloutBatch:
         start = time.perf_counter()
         output = super()._generate_and_score_completions(inputs)
         if self.colocated_engine and self.model.training:
@@ -208,7 +254,7 @@ class HookedGRPOTrainer(GRPOTrainer):
         self.step_timing["teacher_s"] += done - generated
         return output
 
-    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+    def compute_loss(self, model: torch.nn.Module, inputs: RolloutBatch, return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
         if not self.has_method_loss:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -220,7 +266,7 @@ class HookedGRPOTrainer(GRPOTrainer):
         return loss
 
     @torch.no_grad()
-    def check_engine_sync(self, output: dict[str, Any]) -> None:
+    def check_engine_sync(self, output: RolloutBatch) -> None:
         """Score one fixed completion (this rank's first non-empty rollout of the run, kept) in the colocated
         engine, which TRL has just given the current weights, and in the trainer's model; record the largest
         difference of their token log-probs and the engine's mean (metric keys above). Under LoRA the trainer
@@ -255,7 +301,7 @@ class HookedGRPOTrainer(GRPOTrainer):
             shutdown_engine(self.vllm_generation.llm)
 
     # -- helpers for methods ------------------------------------------------------------------
-    def grpo_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    def grpo_loss(self, model: torch.nn.Module, inputs: RolloutBatch) -> torch.Tensor:
         """TRL's own GRPO loss of one micro-batch (`GRPOTrainer._compute_loss`), exactly as TRL's trainer
         returns it: clipped surrogate of the batch's group advantages, KL term when beta > 0, TRL's
         `loss_type` normalisation, ALREADY divided by the gradient-accumulation steps in training.

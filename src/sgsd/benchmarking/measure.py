@@ -20,7 +20,10 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import torch
 
 MB = 1024.0 * 1024.0
 
@@ -44,18 +47,18 @@ class PeakMemory:
     method: str
 
 
-def _is_cuda(device: Any) -> bool:
+def _is_cuda(device: torch.device | str) -> bool:
     return str(getattr(device, "type", device)).startswith("cuda")
 
 
-def _synchronize(device: Any) -> None:
+def _synchronize(device: torch.device | str) -> None:
     import torch
 
     if _is_cuda(device):
         torch.cuda.synchronize(device)
 
 
-def time_phase(phase: Callable[[], Any], *, repeats: int, warmup: int, device: Any = "cpu",
+def time_phase(phase: Callable[[], object], *, repeats: int, warmup: int, device: torch.device | str = "cpu",
                before: Callable[[], None] = lambda: None) -> Timing:
     """Median wall time of `phase()` over `repeats` runs after `warmup` runs; `before()` runs untimed first."""
     if repeats < 1 or warmup < 0:
@@ -131,8 +134,8 @@ def _rss_tools() -> tuple[Callable[[], None], Callable[[], float | None], Callab
     return reset, lambda: read("VmRSS"), lambda: read("VmHWM")
 
 
-def peak_memory(phase: Callable[[], Any], *, device: Any = "cpu", before: Callable[[], None] = lambda: None
-                ) -> PeakMemory:
+def peak_memory(phase: Callable[[], object], *, device: torch.device | str = "cpu",
+                before: Callable[[], None] = lambda: None) -> PeakMemory:
     """Peak memory of one run of `phase()` above the memory in use when it starts (module docstring)."""
     import torch
 

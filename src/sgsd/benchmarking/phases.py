@@ -32,7 +32,7 @@ defect) and the loss equals the real path's; the compute is the same whichever p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sgsd.benchmarking.synthetic import PAD_ID, SyntheticBatch
 from sgsd.loss_settings import SGSDSettings
@@ -50,7 +50,8 @@ class PhaseOutput:
     active_rollouts: int
 
 
-def real_loss_phase(model: Any, batch: SyntheticBatch, settings: SGSDSettings = SGSDSettings()) -> PhaseOutput:
+def real_loss_phase(model: torch.nn.Module, batch: SyntheticBatch,
+                    settings: SGSDSettings = SGSDSettings()) -> PhaseOutput:
     """Teacher scoring + one student forward/backward per rollout, through the trainer's own calls; calls backward.
 
     The generation phase of `SGSDTrainer.rollout_extras` (`score_teachers`, and with `skip_neutral_rows`
@@ -78,15 +79,15 @@ def real_loss_phase(model: Any, batch: SyntheticBatch, settings: SGSDSettings = 
     return PhaseOutput(phase.loss.detach(), phase.polarity, int(phase.rows.numel()))
 
 
-def right_pad_rows(sequences: list[list[int]], device: Any) -> tuple[Any, Any]:
+def right_pad_rows(sequences: list[list[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token id lists -> (ids [N, L], mask [N, L]), as the public code lays out prompts."""
     from sgsd.scoring import right_pad
 
     return right_pad(sequences, PAD_ID, device)
 
 
-def _full_vocab_logps(model: Any, prompts: list[list[int]], completion_ids: Any, completion_mask: Any,
-                      public_positions: bool) -> Any:
+def _full_vocab_logps(model: torch.nn.Module, prompts: list[list[int]], completion_ids: torch.Tensor,
+                      completion_mask: torch.Tensor, public_positions: bool) -> torch.Tensor:
     """[N, T] sampled-token log-probs via full logits [N, P + T, V] and log-softmax [N, T, V] (materialised)."""
     import torch
 
@@ -106,7 +107,7 @@ def _full_vocab_logps(model: Any, prompts: list[list[int]], completion_ids: Any,
     return log_probs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
 
 
-def naive_loss_phase(model: Any, batch: SyntheticBatch, settings: SGSDSettings = SGSDSettings(), *,
+def naive_loss_phase(model: torch.nn.Module, batch: SyntheticBatch, settings: SGSDSettings = SGSDSettings(), *,
                      public_positions: bool = False) -> PhaseOutput:
     """The public code's pattern (module docstring): B x K rows, K student passes, full-vocabulary
     log-softmax of student and teacher rows; calls backward. The batching and chunking settings are unused."""

@@ -57,7 +57,7 @@ from sgsd.scoring import completion_logprobs, left_pad
 from sgsd.skills.bank import load_bank
 from sgsd.skills.retrieval import make_retriever
 from sgsd.skills.teachers import TeacherSource
-from sgsd.storage import atomic_write_json, atomic_write_jsonl, read_jsonl
+from sgsd.storage import JSONObject, atomic_write_json, atomic_write_jsonl, read_jsonl
 from sgsd.teacher_scoring import ScoredRollouts, decide, prompt_ids, score_under_teachers
 from sgsd.threads import configure_process
 
@@ -69,7 +69,7 @@ PAPER = SGSDSettings()  # the paper's C = 3 and theta = 0.05; the z test's 1.96 
 
 
 def run_eval(model_dir: Path, out: Path, *, data_dir: str, problems: int, max_new_tokens: int,
-             batch_size: int) -> dict[str, Any]:
+             batch_size: int) -> JSONObject:
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir), tokenizer=tokenizer)
     settings = EvalSettings(model=str(model_dir), benchmarks=("gsm8k",), k=1, data_dir=data_dir, limit=problems,
@@ -83,7 +83,7 @@ def run_eval(model_dir: Path, out: Path, *, data_dir: str, problems: int, max_ne
     return summary
 
 
-def _samples(out: Path) -> list[dict[str, Any]]:
+def _samples(out: Path) -> list[JSONObject]:
     path = out / "eval" / "samples" / "gsm8k.jsonl"
     if not path.exists():
         raise SystemExit(f"{path}: run the eval phase first")
@@ -91,7 +91,7 @@ def _samples(out: Path) -> list[dict[str, Any]]:
 
 
 def run_polarity(model_dir: Path, out: Path, *, data_dir: str, rollouts: int, num_teachers: int = 8,
-                 controls: Sequence[str] = ("none", "neutral", "shuffled")) -> dict[str, Any]:
+                 controls: Sequence[str] = ("none", "neutral", "shuffled")) -> JSONObject:
     """The eval phase's completions as rollouts through `sgsd skills probe` (`sgsd.probe.run.run_probe`):
     K teachers of the paper's bank (embedding retrieval), flexible rewards, the paper's C and theta, each
     control of `controls`."""
@@ -119,7 +119,7 @@ def probe_config(model_dir: Path, data: Path, num_teachers: int, *extra: str) ->
 
 
 def run_control_cost(model_dir: Path, out: Path, *, data_dir: str, rollouts: int = 4, num_teachers: int = 8,
-                     rounds: int = 2) -> dict[str, Any]:
+                     rounds: int = 2) -> JSONObject:
     """Seconds of `score_under_teachers` (the trainer's generation-phase scoring) on the same rollouts with no
     control, one control and two, interleaved over `rounds`: what a control costs next to K teachers."""
     samples = _samples(out)[:rollouts]
@@ -158,7 +158,7 @@ def run_control_cost(model_dir: Path, out: Path, *, data_dir: str, rollouts: int
 
 
 def run_prefix_reuse(model_dir: Path, out: Path, *, data_dir: str, rollouts: int, generations: int,
-                     completion_tokens: Sequence[int], num_teachers: int = 8, rounds: int = 1) -> dict[str, Any]:
+                     completion_tokens: Sequence[int], num_teachers: int = 8, rounds: int = 1) -> JSONObject:
     """Seconds of `score_under_teachers` (the trainer's teacher scoring) with `prefix_reuse` off and on, on
     the same rollouts, interleaved over `rounds`, for each completion length: `rollouts` rollouts over
     rollouts / generations GSM8K test problems (generations rollouts each), K teachers of the paper's bank
@@ -237,7 +237,7 @@ def run_prefix_reuse(model_dir: Path, out: Path, *, data_dir: str, rollouts: int
 
 
 def run_train(model_dir: Path, out: Path, *, data_dir: str, steps: int, max_new_tokens: int, num_teachers: int,
-              temperature: float) -> dict[str, Any]:
+              temperature: float) -> JSONObject:
     samples = _samples(out)
     solved = [s for s in samples if s["flexible_correct"]]
     unsolved = [s for s in samples if not s["flexible_correct"]]

@@ -21,6 +21,7 @@ from sgsd.benchmarking.measure import peak_memory, time_phase
 from sgsd.benchmarking.phases import naive_loss_phase, real_loss_phase
 from sgsd.benchmarking.synthetic import BENCH_MODEL, BatchShape, build_model, make_batch, max_sequence_length
 from sgsd.loss_settings import SGSDSettings
+from sgsd.storage import JSONObject
 from sgsd.tiny import ModelShape
 
 # targets of the loss phase (ratios measured in one run; docs/performance.md)
@@ -181,13 +182,13 @@ def compare(config: StepBenchConfig, *, rounds: int = 5,
     return out
 
 
-def summarize(rounds: list[CompareRound]) -> dict[str, Any]:
+def summarize(rounds: list[CompareRound]) -> JSONObject:
     """Each ratio: per round (`values`: one ratio of medians per round; median / min / max over rounds;
     whether the target holds in every round) and, for times, `pooled_min`: the ratio of the fastest
     runs of all rounds (the least disturbed by load). The per-round ratios are the headline: the paths of
     one round run back to back, so a change of load between rounds cancels; a ratio of medians pooled
     over rounds would mix differently loaded moments."""
-    summary: dict[str, Any] = {}
+    summary: JSONObject = {}
     for name, (top, bottom, key, target) in RATIOS.items():
         values = [r.ratio(name) for r in rounds]
         if any(v is None for v in values):
@@ -201,12 +202,12 @@ def summarize(rounds: list[CompareRound]) -> dict[str, Any]:
     return summary
 
 
-def environment() -> dict[str, Any]:
+def environment() -> JSONObject:
     import torch
 
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "machine": platform.machine(), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
-def result_dict(result: StepBenchResult) -> dict[str, Any]:
+def result_dict(result: StepBenchResult) -> JSONObject:
     return asdict(result)

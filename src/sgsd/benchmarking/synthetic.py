@@ -14,12 +14,13 @@ fp32 logits per token weigh about as much as the saved activations per token.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sgsd.tiny import ModelShape, tiny_qwen3_config
 
 if TYPE_CHECKING:
     import torch
+    from transformers import Qwen3ForCausalLM
 
 PAD_ID = 0
 
@@ -71,7 +72,7 @@ class SyntheticBatch:
     def num_teachers(self) -> int:
         return len(self.teacher_prompt_ids[0])
 
-    def to(self, device: Any) -> "SyntheticBatch":
+    def to(self, device: torch.device | str) -> "SyntheticBatch":
         return SyntheticBatch(
             self.student_prompt_ids, self.teacher_prompt_ids, self.completion_ids.to(device),
             self.completion_mask.to(device), self.counted_mask.to(device), self.rewards.to(device),
@@ -112,8 +113,8 @@ def make_batch(shape: BatchShape, vocab: int) -> SyntheticBatch:
     return SyntheticBatch(students, teachers, completion_ids, completion_mask, counted, rewards, weights)
 
 
-def build_model(shape: ModelShape, *, max_positions: int, seed: int = 0, dtype: Any = None, device: Any = "cpu",
-                init_std: float = 0.1) -> Any:
+def build_model(shape: ModelShape, *, max_positions: int, seed: int = 0, dtype: torch.dtype | None = None,
+                device: torch.device | str = "cpu", init_std: float = 0.1) -> Qwen3ForCausalLM:
     """A Qwen3ForCausalLM with random weights, deterministic given `seed`, in train mode.
 
     `init_std` is larger than Qwen3's 0.02 so that teacher prompts move the log-probs enough for

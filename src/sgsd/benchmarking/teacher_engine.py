@@ -43,6 +43,7 @@ from sgsd.scoring import left_pad
 from sgsd.skills.bank import load_bank
 from sgsd.skills.retrieval import make_retriever
 from sgsd.skills.teachers import TeacherSource
+from sgsd.storage import JSONObject
 from sgsd.teacher_scoring import ScoredRollouts, decide, score_rollouts, score_under_teachers
 
 # the paper's threshold test, the z test, and theta = 0 (every nonzero support counts: the sign alone decides, the
@@ -65,8 +66,9 @@ def _problems(data_dir: str | None, count: int) -> list[str]:
     return [p.problem for p in tiny_math_problems(count)]
 
 
-def _loss_and_grad(model: Any, student: tuple[Any, Any], completion: tuple[Any, Any], scored: Any,
-                   settings: SGSDSettings, control: str) -> tuple[float, Any]:
+def _loss_and_grad(model: torch.nn.Module, student: tuple[torch.Tensor, torch.Tensor],
+                   completion: tuple[torch.Tensor, torch.Tensor], scored: ScoredRollouts, settings: SGSDSettings,
+                   control: str) -> tuple[float, torch.Tensor]:
     scores = scored.scores
     model.zero_grad(set_to_none=True)
     phase = sgsd_loss_phase(model, prompt_ids=student[0], prompt_mask=student[1], completion_ids=completion[0],
@@ -80,7 +82,7 @@ def _loss_and_grad(model: Any, student: tuple[Any, Any], completion: tuple[Any, 
 
 
 def measure(name: str, spec: str, dtype: str, *, rollouts: int, tokens: int, teachers: int, rounds: int,
-            data_dir: str | None, progress: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+            data_dir: str | None, progress: Callable[[str], None] = lambda line: None) -> JSONObject:
     """One model in one dtype (a key of ENGINE_DTYPES): the module docstring's measurements."""
     tokenizer = load_tokenizer(spec)
     model = load_model(spec, dtype=ENGINE_DTYPES[dtype], tokenizer=tokenizer).eval()
@@ -118,7 +120,7 @@ def measure(name: str, spec: str, dtype: str, *, rollouts: int, tokens: int, tea
             noise.append((in_engine.scores.control_logps[kind] - logps)[counted])
             signal.append((logps - trainer.student_logps)[counted])
         noise_t, signal_t = torch.cat(noise).abs(), torch.cat(signal).abs()
-        report: dict[str, Any] = {
+        report: JSONObject = {
             "model": name, "spec": spec, "dtype": dtype, "rollouts": len(problems), "teachers": teachers,
             "completion_tokens": int(mask.sum()), "counted_tokens": int(noise_t.numel()),
             "threads": torch.get_num_threads(), "engine_start_s": engine_start,
@@ -185,7 +187,7 @@ def measure(name: str, spec: str, dtype: str, *, rollouts: int, tokens: int, tea
         engine.close()
 
 
-def table(reports: Sequence[dict[str, Any]]) -> str:
+def table(reports: Sequence[JSONObject]) -> str:
     """The reports as text: the noise against |d_t|, the decisions changed, the loss and gradient differences,
     the teacher phase's ratio."""
     lines = [f"{'model':<8} {'dtype':<8} {'tokens':>6} {'noise q50/q99/max':>26} {'|d| q01/q10/q50':>24} "

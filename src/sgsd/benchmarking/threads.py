@@ -30,12 +30,13 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from sgsd.benchmarking.train_step import profile_training
 from sgsd.config import load_config
 from sgsd.gguf_import import cached_import
 from sgsd.models import load_model, load_tokenizer
+from sgsd.storage import JSONObject
 from sgsd.threads import ENV_THREADS, USER_THREAD_VARIABLES, available_cores, choose_threads
 from sgsd.tiny import ModelShape, build_tiny_model, build_tokenizer, tiny_qwen3_config
 
@@ -70,7 +71,7 @@ class ThreadsReport:
     parameters: dict[str, int] = field(default_factory=dict)
     policy_threads: dict[str, int] = field(default_factory=dict)  # what sgsd.threads chooses per workload
     old_threads: int = 0
-    environment: dict[str, Any] = field(default_factory=dict)
+    environment: JSONObject = field(default_factory=dict)
 
     def _times(self, workload: str, threads: int, loaded: bool) -> dict[int, float]:
         return {m.round: m.step_s for m in self.measurements if (m.workload, m.threads, m.loaded) == (workload, threads, loaded)}
@@ -80,7 +81,7 @@ class ThreadsReport:
         idle, loaded = self._times(workload, threads, False), self._times(workload, threads, True)
         return [loaded[r] / idle[r] for r in sorted(idle) if r in loaded]
 
-    def rows(self) -> list[dict[str, Any]]:
+    def rows(self) -> list[JSONObject]:
         rows = []
         for workload in dict.fromkeys(m.workload for m in self.measurements):
             counts = sorted({m.threads for m in self.measurements if m.workload == workload})
@@ -118,7 +119,7 @@ class ThreadsReport:
                      f"start, {env.get('load_average_end')} at the end")
         return "\n".join(lines)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JSONObject:
         return {"rows": self.rows(), "measurements": [asdict(m) for m in self.measurements],
                 "parameters": self.parameters, "policy_threads": self.policy_threads,
                 "old_threads": self.old_threads, "environment": self.environment}

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 from sgsd.config import load_config
 from sgsd.run_dir import RunDir
+from sgsd.storage import JSONObject
 from sgsd.verify import AccuracyReward
 
 STAGES = ("generate_s", "grade_s", "teacher_s", "update_s", "step_s")
@@ -70,7 +71,7 @@ def timed_reward(reward: Callable[..., list[float]], seconds: list[float]) -> Ca
     return wrapper
 
 
-def profile_from_records(config: str, records: Sequence[dict[str, Any]], grading: Sequence[float]) -> TrainStepProfile:
+def profile_from_records(config: str, records: Sequence[JSONObject], grading: Sequence[float]) -> TrainStepProfile:
     """Per-step stage times from metrics.jsonl records and the grading time of each reward call."""
     rows = sorted((r for r in records if "time/step_s" in r), key=lambda r: int(r["step"]))
     if not rows:

@@ -27,6 +27,7 @@ from sgsd.generation import HFGenerator, SamplingConfig, VLLMGenerator
 from sgsd.gguf_import import cached_import
 from sgsd.models import engine_directory, load_model, load_tokenizer
 from sgsd.prompts import render_chat, student_prompt
+from sgsd.storage import JSONObject
 from sgsd.threads import fit_to_model
 from sgsd.vllm_adapter import CPU_TINY
 
@@ -66,7 +67,7 @@ class ModelReport:
         """vLLM / HF generated tokens per second, one per round."""
         return [r["vllm"].tokens_per_s / r["hf"].tokens_per_s for r in self.rounds]
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> JSONObject:
         ratios = self.ratios()
         return {
             "tokens_per_s": {b: statistics.median(r[b].tokens_per_s for r in self.rounds) for b in BACKENDS},
@@ -75,7 +76,7 @@ class ModelReport:
                                    "per_round": ratios},
         }
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JSONObject:
         fields = {k: v for k, v in asdict(self).items() if k != "rounds"}
         rounds = [{b: {**asdict(c), "tokens_per_s": c.tokens_per_s} for b, c in r.items()} for r in self.rounds]
         return {**fields, "rounds": rounds, "summary": self.summary()}

@@ -35,7 +35,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 from sgsd.commands import run_in_process
 from sgsd.commands.options import COUNT
@@ -43,7 +43,7 @@ from sgsd.config import RunConfig, config_settings, flatten, setting_differences
 from sgsd.errors import ConfigError, UserError
 from sgsd.methods import load_run_config, method_names, method_spec
 from sgsd.run_dir import RunDir, claimed_output_dir
-from sgsd.storage import atomic_write_json, atomic_write_text
+from sgsd.storage import JSONObject, atomic_write_json, atomic_write_text
 
 
 UNCONTROLLED_KEYS = {"training.output_dir"}
@@ -201,7 +201,7 @@ def training_cost(run_dir: Path) -> tuple[int, float, float] | None:
     return steps, (sum(times) / len(times) if times else float("nan")), sum(times)
 
 
-def replication_note(configs: dict[str, Any]) -> list[str]:
+def replication_note(configs: JSONObject) -> list[str]:
     """comparison.txt's lines on what this comparison did not replicate: its start model(s) and training
     seed(s), and how to replicate it (the module docstring says why)."""
     starts = sorted({str(cfg.model.name_or_path) for cfg in configs.values()})
@@ -215,7 +215,7 @@ def replication_note(configs: dict[str, Any]) -> list[str]:
 
 
 def write_report(out: Path, stages: Sequence[Stage], differences: Sequence[str],
-                 configs: dict[str, Any] | None = None) -> str:
+                 configs: JSONObject | None = None) -> str:
     """comparison.txt (avg@k table, training cost, differences, and with `configs` what was not
     replicated) and comparison.png; returns the text."""
     from sgsd.evaluation.report import format_comparison, load_run, plot_comparison
@@ -251,9 +251,9 @@ def run(args: argparse.Namespace) -> int:
         return _run_stages(args)
 
 
-def compare_settings(args: argparse.Namespace, configs: dict[str, RunConfig]) -> dict[str, Any]:
+def compare_settings(args: argparse.Namespace, configs: dict[str, RunConfig]) -> JSONObject:
     """What decides a comparison's files (its output record): each config, the evaluations and their options."""
-    settings: dict[str, Any] = {f"{label}.{key}": value for label, cfg in configs.items()
+    settings: JSONObject = {f"{label}.{key}": value for label, cfg in configs.items()
                                 for key, value in config_settings(cfg).items()}
     return {**settings, "eval_args": args.eval_args, "base": bool(args.base), "base_skill": bool(args.base_skill),
             "allow_differences": bool(args.allow_differences)}

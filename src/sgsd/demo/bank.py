@@ -14,9 +14,9 @@ are off by one") but change nothing, as retrieved skills often do: no hint fixes
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
-from sgsd.storage import atomic_write_json
+from sgsd.storage import JSONObject, atomic_write_json
 
 HELPFUL, IRRELEVANT, MISLEADING = "helpful", "irrelevant", "misleading"
 LABELS = (HELPFUL, IRRELEVANT, MISLEADING)
@@ -67,7 +67,7 @@ _MISTAKES = (
 )
 
 
-def seed_bank() -> dict[str, Any]:
+def seed_bank() -> JSONObject:
     """The seed bank as a JSON-ready object in the paper's format, with labels in metadata."""
     labels = {item[0]: item[1] for item in _SKILLS + _MISTAKES}
     return {

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from sgsd.data import Problem
 from sgsd.demo.warmup import demo_chat_style
 from sgsd.generation import HFGenerator, SamplingConfig
 from sgsd.prompts import render_chat, student_prompt
+from sgsd.storage import JSONObject
 from sgsd.verify import grade
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # Sequences per `generate` call: the demo's model is tiny, so the fewer calls the better (on the demo's
 # warm start, 800 samples of <= 64 tokens ran 2.6-4.7x faster in batches of 256 than in batches of 16,
@@ -56,15 +58,16 @@ class AccuracyEstimate:
     samples_per_problem: int
     per_problem: tuple[float, ...]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JSONObject:
         return {
             "mean": self.mean, "ci_low": self.ci_low, "ci_high": self.ci_high,
             "num_problems": self.num_problems, "samples_per_problem": self.samples_per_problem,
         }
 
 
-def sample(model: Any, tokenizer: Any, user_texts: Sequence[str], *, num_samples: int = 1, greedy: bool = False,
-           max_new_tokens: int = 64, batch_size: int = SAMPLE_BATCH, seed: int = 0) -> Rollouts:
+def sample(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, user_texts: Sequence[str], *,
+           num_samples: int = 1, greedy: bool = False, max_new_tokens: int = 64, batch_size: int = SAMPLE_BATCH,
+           seed: int = 0) -> Rollouts:
     """`num_samples` completions per user text (rendered with the demo's chat style), temperature 1 or greedy."""
     import torch
 
@@ -117,8 +120,9 @@ def student_text(problem: Problem) -> str:
     return student_prompt(problem.problem)
 
 
-def accuracy(model: Any, tokenizer: Any, problems: Sequence[Problem], *, k: int = 4, greedy: bool = False,
-             prompt: Callable[[Problem], str] = student_text, max_new_tokens: int = 64, batch_size: int = SAMPLE_BATCH, seed: int = 0) -> AccuracyEstimate:
+def accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem], *, k: int = 4,
+             greedy: bool = False, prompt: Callable[[Problem], str] = student_text, max_new_tokens: int = 64,
+             batch_size: int = SAMPLE_BATCH, seed: int = 0) -> AccuracyEstimate:
     """avg@k (k samples per problem at temperature 1), or greedy accuracy (k is then 1).
 
     prompt(problem) gives the user text (default: the student prompt); `is_correct` grades.

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sgsd.data import Problem
 from sgsd.loss_settings import SGSDSettings
@@ -62,8 +63,8 @@ def teacher_text(bank: SkillBank, kind: str, problem: Problem, key: str) -> str:
     return hint_prompt(problem, *labelled_pair(bank, kind, key))
 
 
-def hint_accuracy(model: Any, tokenizer: Any, problems: Sequence[Problem], bank: SkillBank, *, k: int = 4,
-                  seed: int = 0) -> dict[str, AccuracyEstimate]:
+def hint_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem],
+                  bank: SkillBank, *, k: int = 4, seed: int = 0) -> dict[str, AccuracyEstimate]:
     """Sampled avg@k per prompt kind: "none", "helpful", "irrelevant", "misleading", "reference"."""
     prompts: dict[str, Callable[[Problem], str]] = {NO_HINT: student_text}
     for kind in TEACHER_KINDS:
@@ -125,8 +126,9 @@ def _fraction(values: torch.Tensor, selector: torch.Tensor) -> float:
     return float(values[selector].float().mean()) if bool(selector.any()) else float("nan")
 
 
-def polarity_table(model: Any, tokenizer: Any, problems: Sequence[Problem], bank: SkillBank, *,
-                   settings: SGSDSettings = SGSDSettings(), thetas: Sequence[float] = (0.05, 0.02, 0.01),
+def polarity_table(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem],
+                   bank: SkillBank, *, settings: SGSDSettings = SGSDSettings(),
+                   thetas: Sequence[float] = (0.05, 0.02, 0.01),
                    z_values: Sequence[float] = (1.96, 1.0), max_new_tokens: int = 64, seed: int = 0,
                    controls: Sequence[str] = ()) -> PolarityReport:
     """Sample one student rollout per problem, score it under each teacher kind, tabulate SGSD polarity

@@ -24,12 +24,17 @@ how many replications the sign agreed, and lists the per-replication differences
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+from sgsd.storage import JSONObject
+
+if TYPE_CHECKING:
+    import numpy as np
 
 RESAMPLES = 10_000
 
 
-def two_level_means(grid: Sequence[Sequence[float]], *, resamples: int = RESAMPLES, seed: int = 0) -> Any:
+def two_level_means(grid: Sequence[Sequence[float]], *, resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
     """Bootstrap means of `grid` [R replications, P problems]: each resample draws R replications and P
     problems with replacement, independently, and averages the R x P cells they pick. numpy [resamples]."""
     import numpy as np
@@ -80,7 +85,7 @@ class ReplicatedDifference:
             return "behind"
         return "not separated"
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JSONObject:
         return {"difference": self.difference, "ci_low": self.ci_low, "ci_high": self.ci_high,
                 "per_replication": [{"seed": s, "difference": d} for s, d in self.per_replication],
                 "replications": len(self.per_replication), "replications_agreeing": self.agreeing,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from sgsd.demo.bank import item_labels
 from sgsd.demo.evaluate import AccuracyEstimate
@@ -18,7 +18,7 @@ from sgsd.demo.replication import replicated_difference, two_level_interval
 from sgsd.demo.warmup import WarmStart, weights_sha256
 from sgsd.run_dir import RunDir
 from sgsd.skills.attribution import AttributionTracker
-from sgsd.storage import atomic_write_json, atomic_write_text, read_jsonl
+from sgsd.storage import JSONObject, atomic_write_json, atomic_write_text, read_jsonl
 
 
 COLORS = {"base": "#7f7f7f", "grpo": "#1f77b4", "opsd": "#2ca02c", "sgsd": "#d62728", "sgsd-z": "#ff7f0e",
@@ -30,7 +30,7 @@ T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 LABEL_COLORS = {"helpful": "#2ca02c", "irrelevant": "#7f7f7f", "misleading": "#d62728"}
 
 
-def pooled_estimate(by_seed: dict[int, AccuracyEstimate]) -> dict[str, Any]:
+def pooled_estimate(by_seed: dict[int, AccuracyEstimate]) -> JSONObject:
     """avg@k over replications (seed -> its final evaluation, on the same problems): the mean over seeds and
     problems, a 95% interval resampling both (`sgsd.demo.replication`), the per-seed values, and the
     per-problem accuracies of each seed (`by_seed`, for paired comparisons; not written to results.json)."""
@@ -44,7 +44,7 @@ def pooled_estimate(by_seed: dict[int, AccuracyEstimate]) -> dict[str, Any]:
             "by_seed": {s: by_seed[s].per_problem for s in seeds}}
 
 
-def _pooled(runs: Sequence[MethodRun], method: str) -> dict[str, Any]:
+def _pooled(runs: Sequence[MethodRun], method: str) -> JSONObject:
     """`pooled_estimate` of one method's runs."""
     return pooled_estimate({r.seed: r.final for r in runs if r.method == method})
 
@@ -68,12 +68,12 @@ def _metric_series(run_dirs: Sequence[Path], key: str, *, mean: bool = True) -> 
     return sorted((step, statistics.fmean(values)) for step, values in by_step.items())
 
 
-def net_polarity(counts: dict[str, Any]) -> float:
+def net_polarity(counts: JSONObject) -> float:
     """(helpful - harmful) / uses of an item or a label: > 0 pulled toward, < 0 pushed away (0 if unused)."""
     return (counts["helpful"] - counts["harmful"]) / max(counts["uses"], 1)
 
 
-def attribution_by_label(run_dirs: Sequence[Path], labels: dict[str, str]) -> dict[str, dict[str, Any]]:
+def attribution_by_label(run_dirs: Sequence[Path], labels: dict[str, str]) -> dict[str, JSONObject]:
     """Per label: uses and the fractions of helpful (+1), harmful (-1) and neutral (0) teacher outcomes."""
     totals: dict[str, dict[str, float]] = {}
     per_item: dict[str, dict[str, float]] = {}
@@ -97,7 +97,7 @@ def attribution_by_label(run_dirs: Sequence[Path], labels: dict[str, str]) -> di
     return {"by_label": out, "items": items}
 
 
-def probe_summary(probe: dict[str, Any], labels: dict[str, str], *, warm_start: int) -> dict[str, Any]:
+def probe_summary(probe: JSONObject, labels: dict[str, str], *, warm_start: int) -> JSONObject:
     """What `sgsd skills probe` said about a warm start before any training, per control, read by item label:
     the quadrant shares, the share of rollouts whose signed teachers have both signs, the between-item test,
     and net polarity per label (helpful - harmful) / uses, pooled over the label's items (an item takes every
@@ -131,7 +131,7 @@ def probe_summary(probe: dict[str, Any], labels: dict[str, str], *, warm_start: 
 
 
 def _plot(out: Path, curves: dict[str, list[tuple[int, float]]], fractions: dict[str, list[tuple[int, float]]],
-          items: dict[str, dict[str, Any]], polarity_label: str = "SGSD") -> list[str]:
+          items: dict[str, JSONObject], polarity_label: str = "SGSD") -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,7 +183,7 @@ def _plot(out: Path, curves: dict[str, list[tuple[int, float]]], fractions: dict
     return written
 
 
-def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
+def _overlap(a: JSONObject, b: JSONObject) -> bool:
     return a["ci_low"] <= b["ci_high"] and b["ci_low"] <= a["ci_high"]
 
 
@@ -200,7 +200,7 @@ def comparison_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def paired_comparison(first: str, second: str, first_by_seed: dict[int, Sequence[float]],
-                      second_by_seed: dict[int, Sequence[float]]) -> dict[str, Any]:
+                      second_by_seed: dict[int, Sequence[float]]) -> JSONObject:
     """One paired difference `first` - `second` of per-problem accuracies given per replication (seed ->
     accuracies on the same problems): `sgsd.demo.replication.replicated_difference` (difference, interval
     over replications and problems, per-replication differences, how many replications agree in sign,
@@ -208,7 +208,7 @@ def paired_comparison(first: str, second: str, first_by_seed: dict[int, Sequence
     return {"first": first, "second": second, **replicated_difference(first_by_seed, second_by_seed).to_json()}
 
 
-def comparisons(by_seed: dict[str, dict[int, Sequence[float]]]) -> dict[str, dict[str, Any]]:
+def comparisons(by_seed: dict[str, dict[int, Sequence[float]]]) -> dict[str, JSONObject]:
     """Paired differences on the same held-out problems, replication by replication (Base of a seed is
     that seed's warm start), for the pairs of `comparison_pairs`; `by_seed[method][seed]` holds the
     per-problem accuracies. Keys are "<first>-<second>"; `first` and `second` name the methods."""
@@ -217,7 +217,7 @@ def comparisons(by_seed: dict[str, dict[int, Sequence[float]]]) -> dict[str, dic
             for first, second in pairs if first in by_seed and second in by_seed}
 
 
-def mean_interval(values: Sequence[float]) -> dict[str, Any]:
+def mean_interval(values: Sequence[float]) -> JSONObject:
     """Mean of a few per-seed values with a 95% Student-t interval (None with one value: not measured)."""
     mean = statistics.fmean(values)
     if len(values) < 2:
@@ -226,7 +226,7 @@ def mean_interval(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": len(values)}
 
 
-def polarity_separation(run_dirs: Sequence[Path], labels: dict[str, str]) -> dict[str, Any]:
+def polarity_separation(run_dirs: Sequence[Path], labels: dict[str, str]) -> JSONObject:
     """How well a polarity rule separates the seed bank's helpful items from its misleading ones.
 
     Per seed (one run directory each): net polarity (helpful - harmful) / uses per label, the separation
@@ -245,18 +245,18 @@ def polarity_separation(run_dirs: Sequence[Path], labels: dict[str, str]) -> dic
     return {key: {**mean_interval(values), "per_seed": values} for key, values in per_seed.items()}
 
 
-def _verdict(c: dict[str, Any]) -> str:
+def _verdict(c: JSONObject) -> str:
     return c["verdict"]
 
 
-def _agreement(c: dict[str, Any]) -> str:
+def _agreement(c: JSONObject) -> str:
     """"3 of 3": replications whose difference has the sign of the overall one ("-" when that is 0)."""
     if c["difference"] == 0:
         return "-"
     return f"{c['replications_agreeing']} of {c['replications']}"
 
 
-def _per_replication(c: dict[str, Any]) -> str:
+def _per_replication(c: JSONObject) -> str:
     return ", ".join(f"{r['difference']:+.3f}" for r in c["per_replication"])
 
 
@@ -269,7 +269,7 @@ def _noise_note(ulp_noise: str) -> str:
     return ""
 
 
-def _replication_note(c: dict[str, Any]) -> str:
+def _replication_note(c: JSONObject) -> str:
     """"; the sign agreed in 2 of 3 replications (+0.010, -0.004, +0.020)", or that there was one."""
     if c["replications"] < 2:
         return "; one replication (one warm start): not replicated"
@@ -278,8 +278,8 @@ def _replication_note(c: dict[str, Any]) -> str:
     return f"; the sign agreed in {_agreement(c)} replications ({_per_replication(c)})"
 
 
-def _findings(methods: dict[str, dict[str, Any]], attribution: dict[str, Any],
-              compared: dict[str, dict[str, Any]] | None = None) -> list[str]:
+def _findings(methods: dict[str, JSONObject], attribution: JSONObject,
+              compared: dict[str, JSONObject] | None = None) -> list[str]:
     """Sentences that follow the numbers. With `compared` (paired differences), verdicts come from the
     paired intervals; without, from whether the unpaired intervals overlap (more conservative)."""
     lines = []
@@ -351,14 +351,14 @@ def _findings(methods: dict[str, dict[str, Any]], attribution: dict[str, Any],
     return lines
 
 
-def _fmt_interval(v: dict[str, Any]) -> str:
+def _fmt_interval(v: JSONObject) -> str:
     if v.get("ci_low") is None:
         return "(one seed)"
     return f"[{v['ci_low']:+.3f}, {v['ci_high']:+.3f}]"
 
 
 def warm_start_records(warms: dict[int, WarmStart], bases: dict[int, AccuracyEstimate],
-                       evaluation_seeds: Sequence[int]) -> list[dict[str, Any]]:
+                       evaluation_seeds: Sequence[int]) -> list[JSONObject]:
     """results.json's `warm_starts`: one entry per warm start (seed, sha256 of its weights, its Base
     avg@k on the test problems, where it is cached, whether it was trained now, what it was used for)."""
     return [{"seed": seed, "sha256": weights_sha256(warm.path), "base": bases[seed].to_json(),
@@ -369,8 +369,8 @@ def warm_start_records(warms: dict[int, WarmStart], bases: dict[int, AccuracyEst
 
 def write_report(out: Path, *, plan: DemoPlan, warms: dict[int, WarmStart], bases: dict[int, AccuracyEstimate],
                  runs: Sequence[MethodRun], bank_path: Path, seconds: float,
-                 lr_search: dict[str, Any] | None = None, probe: dict[str, Any] | None = None,
-                 probe_seed: int | None = None) -> dict[str, Any]:
+                 lr_search: JSONObject | None = None, probe: JSONObject | None = None,
+                 probe_seed: int | None = None) -> JSONObject:
     """results.json, report.md and the plots. `warms` and `bases`: each replication's warm start and its
     avg@k (Base), by seed; `runs` holds the shared-rate runs and, with a learning-rate search
     (`lr_search`), the runs at each method's chosen rate (`tuned`); `probe`: `sgsd skills probe`'s result
@@ -379,15 +379,15 @@ def write_report(out: Path, *, plan: DemoPlan, warms: dict[int, WarmStart], base
     untuned = [r for r in runs if not r.tuned]
     tuned_runs = [r for r in runs if r.tuned]
     warm_starts = warm_start_records(warms, bases, plan.seeds)
-    methods: dict[str, dict[str, Any]] = {"base": pooled_estimate({s: bases[s] for s in plan.seeds})}
+    methods: dict[str, JSONObject] = {"base": pooled_estimate({s: bases[s] for s in plan.seeds})}
     by_seed: dict[str, dict[int, Sequence[float]]] = {"base": methods["base"].pop("by_seed")}
     for method in names:
         methods[method] = _pooled(untuned, method)
         methods[method]["step_seconds_median"] = step_seconds([r.run_dir for r in untuned if r.method == method])
         by_seed[method] = methods[method].pop("by_seed")
     compared = comparisons(by_seed)
-    tuned: dict[str, dict[str, Any]] = {}
-    tuned_compared: dict[str, dict[str, Any]] = {}
+    tuned: dict[str, JSONObject] = {}
+    tuned_compared: dict[str, JSONObject] = {}
     if tuned_runs:
         tuned_by_seed: dict[str, dict[int, Sequence[float]]] = {"base": by_seed["base"]}
         for method in names:
@@ -411,7 +411,7 @@ def write_report(out: Path, *, plan: DemoPlan, warms: dict[int, WarmStart], base
     ref_dirs = [r.run_dir for r in untuned if r.method == reference]
     fractions = {name: _metric_series(ref_dirs, f"sgsd/{name}_fraction") for name in ("helpful", "harmful", "neutral")}
     attribution = attribution_by_label(ref_dirs, item_labels()) if ref_dirs else {"by_label": {}, "items": {}}
-    rules: dict[str, dict[str, Any]] = {}
+    rules: dict[str, JSONObject] = {}
     for method in polarity_methods:
         rules[method] = {"untuned": polarity_separation([r.run_dir for r in untuned if r.method == method],
                                                         item_labels())}
@@ -447,8 +447,8 @@ def write_report(out: Path, *, plan: DemoPlan, warms: dict[int, WarmStart], base
     return results
 
 
-def _result_rows(methods: dict[str, dict[str, Any]], *, with_lr: bool = False, timing: bool = False) -> str:
-    def seconds(m: dict[str, Any]) -> str:
+def _result_rows(methods: dict[str, JSONObject], *, with_lr: bool = False, timing: bool = False) -> str:
+    def seconds(m: JSONObject) -> str:
         value = m.get("step_seconds_median")
         return f" {value:.2f} |" if value is not None else " |"
 
@@ -459,7 +459,7 @@ def _result_rows(methods: dict[str, dict[str, Any]], *, with_lr: bool = False, t
         for name, m in methods.items())
 
 
-def _comparison_rows(compared: dict[str, dict[str, Any]]) -> str:
+def _comparison_rows(compared: dict[str, JSONObject]) -> str:
     def name(n: str) -> str:
         return n if " " in n else label(n)
 
@@ -468,7 +468,7 @@ def _comparison_rows(compared: dict[str, dict[str, Any]]) -> str:
         f"{_per_replication(c)} | {_agreement(c)} | {_verdict(c)} |" for c in compared.values())
 
 
-def _tuning_section(results: dict[str, Any]) -> str:
+def _tuning_section(results: JSONObject) -> str:
     search = results["lr_search"]
     if not search:
         return ""
@@ -508,7 +508,7 @@ problems); the best rate was chosen (a tie goes to the shared rate {plan['learni
 {edge_note}{tuned}"""
 
 
-def _polarity_section(results: dict[str, Any]) -> str:
+def _polarity_section(results: JSONObject) -> str:
     rules = results["polarity_rules"]
     if not rules:
         return ""
@@ -534,7 +534,7 @@ Net polarity (helpful - harmful) / uses per label, separation = net(helpful) - n
 """ + "\n".join(rows) + "\n"
 
 
-def _probe_section(results: dict[str, Any]) -> str:
+def _probe_section(results: JSONObject) -> str:
     from sgsd.probe.report import format_p
 
     probe = results.get("probe")
@@ -579,7 +579,7 @@ and one draw of rollouts: this says what the teachers do before training, not wh
 """ + "\n".join(rows) + "\n"
 
 
-def _markdown(results: dict[str, Any], plan: Any) -> str:
+def _markdown(results: JSONObject, plan: DemoPlan) -> str:
     methods, k = results["methods"], results["k"]
     rows = _result_rows(methods, timing=True)
     labels = "\n".join(

@@ -31,7 +31,7 @@ import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from sgsd.config import RunConfig, flatten
 from sgsd.data import Problem
@@ -47,7 +47,10 @@ from sgsd.demo.world import write_problems
 from sgsd.loss_settings import POLARITY_CONTROLS
 from sgsd.methods import load_run_config
 from sgsd.run_dir import RunDir, open_output_dir
-from sgsd.storage import atomic_write_json
+from sgsd.storage import JSONObject, atomic_write_json
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 __all__ = ["DEFAULT_METHODS", "DEMO_METHODS", "FULL", "PRESETS", "QUICK", "SMOKE", "DemoMethod", "DemoPlan",
@@ -89,7 +92,7 @@ def choose_learning_rate(scores: dict[float, float], default: float) -> float:
     return default if default in tied else min(tied)
 
 
-def evaluate_dir(path: Path, tokenizer: Any, problems: Sequence[Problem], plan: DemoPlan, *, k: int,
+def evaluate_dir(path: Path, tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem], plan: DemoPlan, *, k: int,
                  seed: int, cache: EvaluationCache | None = None) -> AccuracyEstimate:
     """avg@k of the model saved at `path` (from `cache` when this exact evaluation was done before)."""
     from transformers import AutoModelForCausalLM
@@ -116,7 +119,7 @@ class EvaluationCache:
         self.out = out
         self.path = out / self.FILE
         try:
-            self.entries: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+            self.entries: JSONObject = json.loads(self.path.read_text()) if self.path.exists() else {}
         except (OSError, ValueError):
             self.entries = {}  # a damaged cache only costs the evaluations again
 
@@ -141,7 +144,7 @@ class EvaluationCache:
 PLAN_FILE = "demo_plan.json"
 
 
-def plan_record(plan: DemoPlan) -> dict[str, Any]:
+def plan_record(plan: DemoPlan) -> JSONObject:
     """What a run directory under runs/ depends on: the plan without what only chooses which runs exist
     (seeds, methods, whether and over which grid to tune: run directories are named by method, learning
     rate and seed; the probe's rollouts: it trains nothing), and the warm starts (seed 0's cache key; seed s's differs only in its seed)."""
@@ -152,7 +155,7 @@ def plan_record(plan: DemoPlan) -> dict[str, Any]:
             "warm_start": warmup_config(0, plan.warmup_steps).digest(), "warm_start_per_seed": True}
 
 
-def demo_settings(plan: DemoPlan) -> dict[str, Any]:
+def demo_settings(plan: DemoPlan) -> JSONObject:
     """The demo's output record (`sgsd.run_dir.check_output_dir`): its `plan_record`, flat. Same settings:
     finished runs are reused and interrupted ones resume, so a rerun after a crash, or with more --seeds,
     only does the missing work; other settings are refused (their runs would pass for this plan's)."""
@@ -173,7 +176,7 @@ def make_plan(*, preset: str = "full", seeds: int | None = None, methods: Sequen
 
 
 def run_demo(output_dir: str | Path, *, quick: bool = False, seeds: int | None = None,
-             cache_root: str | Path | None = None, progress: bool = True, plan: DemoPlan | None = None) -> dict[str, Any]:
+             cache_root: str | Path | None = None, progress: bool = True, plan: DemoPlan | None = None) -> JSONObject:
     """Run the demo into `output_dir` and return what results.json holds (see the module docstring).
 
     `plan` (from `make_plan`) chooses the preset, methods and learning-rate search; without it, the
@@ -202,7 +205,7 @@ def split_validation(train: Sequence[Problem], size: int) -> tuple[list[Problem]
 
 
 def prepare_warm_start(seed: int, plan: DemoPlan, *, cache_root: str | Path | None, progress: bool,
-                       bar: Any = None) -> WarmStart:
+                       bar: DemoProgressBar | None = None) -> WarmStart:
     """Replication `seed`'s warm start (`sgsd.demo.presets.warmup_config`): cached, or trained now with a
     progress bar; with `plan.ulp_noise`, perturbed by one ulp: after the warm-up ("warm-start",
     `sgsd.demo.warmup.perturbed_warm_start`) or before it ("warm-up", cached as `<digest>-ulp-init`)."""
@@ -235,7 +238,7 @@ def prepare_warm_start(seed: int, plan: DemoPlan, *, cache_root: str | Path | No
 
 
 def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path | None,
-              progress: bool) -> dict[str, Any]:
+              progress: bool) -> JSONObject:
     from sgsd.trainers.run import train
 
     record = plan_record(plan)
@@ -285,9 +288,9 @@ def _run_demo(output_dir: str | Path, plan: DemoPlan, *, cache_root: str | Path 
 
     # 1. Learning rates (--tune-lr): each method on each grid point with the tuning seed, scored by
     #    avg@k on the validation problems (held out of the training data, never test problems).
-    lr_search: dict[str, dict[str, Any]] = {}
+    lr_search: dict[str, JSONObject] = {}
     for method in plan.methods if grid else ():
-        scores: dict[float, dict[str, Any]] = {}
+        scores: dict[float, JSONObject] = {}
         for lr in grid:
             run_dir = out / "tune" / f"{method}-lr{lr:g}-seed{plan.tuning_seed}"
             trained(method, plan.tuning_seed, lr, run_dir)

@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from sgsd.data import Problem
 from sgsd.demo.evaluate import accuracy, subset
@@ -38,10 +38,10 @@ from sgsd.config import flatten
 from sgsd.demo.warmup import WarmStart, warm_start, weights_sha256
 from sgsd.demo.world import write_problems
 from sgsd.run_dir import RunDir, open_output_dir
-from sgsd.storage import atomic_write_json
+from sgsd.storage import JSONObject, atomic_write_json
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> JSONObject:
     """A small JSON record of the output directory; missing or damaged: empty (it only costs a recomputation)."""
     try:
         return json.loads(path.read_text()) if path.exists() else {}
@@ -174,7 +174,7 @@ class Sweep:
         self.say(f"probe {cell.world}/{cell.bank}/K{cell.k} seed {seed}: {time.perf_counter() - began:.0f} s")
 
 
-def sweep_settings(grid: SweepGrid) -> dict[str, Any]:
+def sweep_settings(grid: SweepGrid) -> JSONObject:
     """The sweep's output record (`sgsd.run_dir.check_output_dir`): its `sweep_record`, flat. Same settings:
     finished runs are reused and interrupted ones resume; other settings are refused (their runs would pass
     for this grid's)."""
@@ -182,7 +182,7 @@ def sweep_settings(grid: SweepGrid) -> dict[str, Any]:
 
 
 def run_sweep(output_dir: str | Path, grid: SweepGrid, *, cache_root: str | Path | None = None,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] | None = None) -> JSONObject:
     """Run (or resume) `grid` into `output_dir` cell by cell, rewriting the report after each; return what
     results.json holds."""
     from transformers.utils import logging as hf_logging

@@ -17,13 +17,14 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from sgsd.demo.bank import seed_bank
 from sgsd.demo.plan import FULL, SMOKE, DemoPlan
 from sgsd.demo.presets import DEMO_WARMUP, HARD_WARMUP, warmup_config
 from sgsd.demo.warmup import WarmupConfig
 from sgsd.errors import UserError
+from sgsd.storage import JSONObject
 
 EQUAL, PAPER = "equal", "paper"
 PAPER_FACTOR = 2  # the paper's GRPO: twice SGSD's rollouts per step (4 x 8 against 16 x 1)
@@ -64,7 +65,7 @@ SWEEP_BANKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-def sweep_bank(name: str, k: int) -> dict[str, Any]:
+def sweep_bank(name: str, k: int) -> JSONObject:
     """Sweep bank `name` in the paper's JSON format, with at least K items of each kind: its list repeated
     whole until it reaches K (so the label mix stays), every further copy of an item under the id
     `<id>-copy<n>`. `metadata.labels` labels every id, copies included."""
@@ -73,7 +74,7 @@ def sweep_bank(name: str, k: int) -> dict[str, Any]:
     seed = seed_bank()
     labels = seed["metadata"]["labels"]
 
-    def expand(ids: tuple[str, ...], items: list[dict[str, Any]], id_field: str) -> list[dict[str, Any]]:
+    def expand(ids: tuple[str, ...], items: list[JSONObject], id_field: str) -> list[JSONObject]:
         by_id = {item[id_field]: item for item in items}
         seen: Counter[str] = Counter()
         out = []
@@ -222,7 +223,7 @@ SMOKE_GRID = SweepGrid("smoke", SMOKE, (
 GRIDS = {g.name: g for g in (FULL_GRID, SMOKE_GRID)}
 
 
-def sweep_record(grid: SweepGrid) -> dict[str, Any]:
+def sweep_record(grid: SweepGrid) -> JSONObject:
     """What the run directories depend on: the run sizes and each world's warm-up (seed 0's cache key; seed s's
     differs in its seed only), not which cells or seeds run (run directories are named by their settings)."""
     sizes = {k: v for k, v in asdict(grid.sizes).items()

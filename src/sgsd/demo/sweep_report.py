@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from sgsd.data import Problem
 from sgsd.demo.evaluate import AccuracyEstimate, subset
@@ -22,7 +22,7 @@ from sgsd.demo.sweep_grid import (BASES_FILE, METHODS, TIMINGS_FILE, WORLDS, Cel
                                   probe_dir, reference_cell, run_dir, world_dir)
 from sgsd.demo.world import make_world
 from sgsd.run_dir import RunDir
-from sgsd.storage import atomic_write_json, atomic_write_text, read_jsonl
+from sgsd.storage import JSONObject, atomic_write_json, atomic_write_text, read_jsonl
 
 
 FIGURE = "sweep.png"
@@ -32,7 +32,7 @@ NAMES = {"base": "Base", "grpo": "GRPO", "opsd": "OPSD", "sgsd": "SGSD"}
 PAIR_CLASSES = ("net helpful", "no net effect", "net misleading")
 
 
-def _read(path: Path) -> dict[str, Any]:
+def _read(path: Path) -> JSONObject:
     try:
         return json.loads(path.read_text()) if path.exists() else {}
     except (OSError, ValueError):
@@ -44,7 +44,7 @@ def held_out_problems(grid: SweepGrid, world: str) -> list[Problem]:
     return subset(make_world(grid.warmup(world, 0).world).test, grid.sizes.eval_problems, seed=0)
 
 
-def _estimate(entry: dict[str, Any]) -> AccuracyEstimate:
+def _estimate(entry: JSONObject) -> AccuracyEstimate:
     return AccuracyEstimate(entry["mean"], entry["ci_low"], entry["ci_high"], entry["num_problems"],
                             entry["samples_per_problem"], tuple(entry["per_problem"]))
 
@@ -78,7 +78,7 @@ def _pair_class(skill: str, mistake: str, labels: dict[str, str]) -> str:
     return PAIR_CLASSES[0] if effect > 0 else PAIR_CLASSES[2] if effect < 0 else PAIR_CLASSES[1]
 
 
-def teacher_polarity(out: Path, grid: SweepGrid, cell: Cell) -> dict[str, Any] | None:
+def teacher_polarity(out: Path, grid: SweepGrid, cell: Cell) -> JSONObject | None:
     """What the cell's teachers said before training (`sgsd skills probe`, one per replication), read against
     the bank's labels: per outcome (failed / successful rollouts) and pair class, the shares of teachers with
     polarity +1 (agrees with the verifier: warns on a failure, endorses a success), -1 (the opposite) and 0.
@@ -120,12 +120,12 @@ def metric_mean(run_dirs: Sequence[Path], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _cell_result(out: Path, grid: SweepGrid, cell: Cell, finals: dict[tuple[str, str, int], AccuracyEstimate]) -> dict[str, Any]:
+def _cell_result(out: Path, grid: SweepGrid, cell: Cell, finals: dict[tuple[str, str, int], AccuracyEstimate]) -> JSONObject:
     runs = cell_runs(cell, grid.sizes)
     needed = [(cell.world, "base", s) for s in grid.seeds]
     needed += [(cell.world, spec.key, s) for spec in runs.values() for s in grid.seeds]
     done = sum(key in finals for key in needed)
-    result: dict[str, Any] = {"name": cell.name, "world": cell.world, "bank": cell.bank, "k": cell.k,
+    result: JSONObject = {"name": cell.name, "world": cell.world, "bank": cell.bank, "k": cell.k,
                               "budget": cell.budget, "purpose": cell.purpose,
                               "runs": {m: spec.key for m, spec in runs.items()},
                               "evaluated": done, "needed": len(needed),
@@ -156,7 +156,7 @@ def _cell_result(out: Path, grid: SweepGrid, cell: Cell, finals: dict[tuple[str,
     return result
 
 
-def _timings(out: Path) -> dict[str, Any]:
+def _timings(out: Path) -> JSONObject:
     timings = _read(out / TIMINGS_FILE)
     train = [v["train_s"] for k, v in timings.items() if "train_s" in v]
     evaluate = [v["eval_s"] for k, v in timings.items() if "eval_s" in v]
@@ -165,7 +165,7 @@ def _timings(out: Path) -> dict[str, Any]:
             "load_average_1min_range": [min(loads), max(loads)] if loads else None, "per_run": timings}
 
 
-def gather(out: Path, grid: SweepGrid) -> dict[str, Any]:
+def gather(out: Path, grid: SweepGrid) -> JSONObject:
     """results.json's content: the worlds (warm starts, Base), every cell, timings."""
     tests = {world: held_out_problems(grid, world) for world in {c.world for c in grid.cells}}
     finals = _finals(out, grid, tests)
@@ -185,19 +185,19 @@ def gather(out: Path, grid: SweepGrid) -> dict[str, Any]:
             "timings": _timings(out)}
 
 
-def _interval(c: dict[str, Any]) -> str:
+def _interval(c: JSONObject) -> str:
     return f"{c['difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
 
 
-def _per_rep(c: dict[str, Any]) -> str:
+def _per_rep(c: JSONObject) -> str:
     return ", ".join(f"{r['difference']:+.3f}" for r in c["per_replication"])
 
 
-def _sign(c: dict[str, Any]) -> str:
+def _sign(c: JSONObject) -> str:
     return f"{c['replications_agreeing']} of {c['replications']}" if c["difference"] else "-"
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
+def plot(results: JSONObject, path: Path) -> None:
     """One figure: per cell, SGSD - GRPO and SGSD - OPSD with 95% intervals (coloured by verdict) and the
     per-replication differences as dots; cells not measured yet are named and left empty."""
     import matplotlib
@@ -233,7 +233,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _teacher_cells(cell: dict[str, Any]) -> str:
+def _teacher_cells(cell: JSONObject) -> str:
     t = cell["teachers"]
     if t is None:
         return "| " + cell["name"] + " | not probed yet | | | |"
@@ -247,7 +247,7 @@ def _teacher_cells(cell: dict[str, Any]) -> str:
     return f"| {cell['name']} | {failures} | " + " | ".join(share(cls) for cls in PAIR_CLASSES) + " |"
 
 
-def _signal_row(cell: dict[str, Any]) -> str:
+def _signal_row(cell: JSONObject) -> str:
     g, t = cell["training_signals"]["grpo"], cell["training_signals"]["sgsd"]
 
     def pct(value: float | None) -> str:
@@ -259,7 +259,7 @@ def _signal_row(cell: dict[str, Any]) -> str:
             f"{pct(t['sgsd/success_rate'])} |")
 
 
-def markdown(results: dict[str, Any], grid: SweepGrid, out: Path) -> str:
+def markdown(results: JSONObject, grid: SweepGrid, out: Path) -> str:
     k = results["k"]
     measured = [c for c in results["cells"] if c["status"] == "measured"]
     pending = [c for c in results["cells"] if c["status"] != "measured"]
@@ -353,7 +353,7 @@ warm-ups not included (see the warm-start table). Per run: `timings.json`.
 """
 
 
-def write_sweep_report(out: Path, grid: SweepGrid, *, seconds: float | None = None) -> dict[str, Any]:
+def write_sweep_report(out: Path, grid: SweepGrid, *, seconds: float | None = None) -> JSONObject:
     """Write results.json, report.md and the figure from what `out` holds; return results.json's content."""
     results = gather(out, grid)
     if seconds is not None:

@@ -55,6 +55,7 @@ from sgsd.tiny import ModelShape, build_tiny_model, build_tokenizer
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerFast
 
 
 # Bump when the meaning of a cached checkpoint changes (data generation, loss, prompt kinds).
@@ -245,7 +246,7 @@ def _learning_rate(config: WarmupConfig, step: int) -> float:
     return config.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def build_demo_tokenizer(config: WarmupConfig, world: World, bank: SkillBank) -> Any:
+def build_demo_tokenizer(config: WarmupConfig, world: World, bank: SkillBank) -> PreTrainedTokenizerFast:
     return build_tokenizer(tokenizer_corpus(world, bank), vocab_size=config.model.vocab_size)
 
 

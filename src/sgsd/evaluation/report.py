@@ -11,20 +11,20 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from sgsd.errors import DataError
 from sgsd.evaluation.runner import RESULTS_FILE, BenchmarkResult
-from sgsd.storage import atomic_write_bytes, decode_utf8, parse_json
+from sgsd.storage import JSONObject, atomic_write_bytes, decode_utf8, parse_json
 
 
 @dataclass(frozen=True)
 class EvalRun:
     label: str
     path: Path
-    settings: dict[str, Any]
+    settings: JSONObject
     benchmarks: dict[str, BenchmarkResult]
 
 

@@ -17,7 +17,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Callable, Hashable, Sequence
 
 from tqdm.auto import tqdm
 
@@ -27,7 +27,7 @@ from sgsd.generation import Completion, Generator, SamplingConfig
 from sgsd.prompts import ChatStyle, render_chat, render_guidance, student_prompt, teacher_prompt
 from sgsd.provenance import git_revision, package_versions
 from sgsd.skills.retrieval import Retriever
-from sgsd.storage import atomic_write_json, atomic_write_jsonl
+from sgsd.storage import JSONObject, atomic_write_json, atomic_write_jsonl
 from sgsd.verify import FAILURE_KINDS, GradeResult, grade_batch
 
 if TYPE_CHECKING:  # numpy and bm25s come with the retrieval module: imported only where retrieval runs
@@ -59,7 +59,7 @@ class EvalSettings:
     ci_confidence: float = 0.95
     ci_resamples: int = 10_000
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JSONObject:
         out = dataclasses.asdict(self)
         out["benchmarks"] = list(self.benchmarks)
         return out
@@ -110,7 +110,7 @@ class BenchmarkResult:
     truncation_rate: float = 0.0
     flexible: AccuracyScores | None = None  # None in results written before flexible scores existed
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JSONObject:
         out = {"source": self.source, "num_problems": self.num_problems, "k": self.k, "avg@k": self.avg_at_k,
                "pass@k": self.pass_at_k, "maj@k": self.maj_at_k, "avg@k_ci": list(self.avg_ci),
                "format_failure_rate": self.format_failure_rate, "failures": dict(self.failures),
@@ -121,7 +121,7 @@ class BenchmarkResult:
         return out
 
     @classmethod
-    def from_json(cls, name: str, obj: dict[str, Any]) -> "BenchmarkResult":
+    def from_json(cls, name: str, obj: JSONObject) -> "BenchmarkResult":
         flexible = None
         if "avg@k_flexible" in obj:
             flexible = AccuracyScores(obj["avg@k_flexible"], obj["pass@k_flexible"], obj["maj@k_flexible"],
@@ -266,6 +266,6 @@ def run_evaluation(settings: EvalSettings, generator: Generator, tokenizer: PreT
     return results
 
 
-def provenance() -> dict[str, Any]:
+def provenance() -> JSONObject:
     """Git revision and package versions, as training runs record them."""
     return {"git_revision": git_revision(), "versions": package_versions()}

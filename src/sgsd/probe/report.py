@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from sgsd.probe.rollouts import ProbeRollout
 from sgsd.probe.statistics import MIN_ITEM_USES
-from sgsd.storage import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from sgsd.storage import JSONObject, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from sgsd.teacher_scoring import QUADRANTS, TeacherProbe
 
 
@@ -18,7 +18,7 @@ def format_p(p: float) -> str:
     return f"= {p:.3f}" if p >= 0.001 else "< 0.001"
 
 
-def verdict(section: dict[str, Any], control: str) -> list[str]:
+def verdict(section: JSONObject, control: str) -> list[str]:
     """Plain-word answers to the two questions that decide whether SGSD has a signal."""
     lines = []
     dis = section["sign_disagreement"]
@@ -54,7 +54,7 @@ def verdict(section: dict[str, Any], control: str) -> list[str]:
     return lines
 
 
-def control_mismatch(section: dict[str, Any]) -> str | None:
+def control_mismatch(section: JSONObject) -> str | None:
     """A warning when the control block moves the student's log-probs outside the 5-95% range of what the skill
     blocks do: then it is no like-for-like block for this model (a filler the model never saw, say), and
     support against it measures the difference between the two kinds of block as much as what a skill says."""
@@ -68,7 +68,7 @@ def control_mismatch(section: dict[str, Any]) -> str | None:
 
 
 def teacher_rows(probes: dict[str, TeacherProbe], rollouts: Sequence[ProbeRollout],
-                 teacher_ids: Sequence[Sequence[tuple[str, str]]]) -> list[dict[str, Any]]:
+                 teacher_ids: Sequence[Sequence[tuple[str, str]]]) -> list[JSONObject]:
     """teachers.jsonl: one row per (control, rollout, present teacher), what probe.json summarises."""
 
     rows = []
@@ -90,8 +90,8 @@ def teacher_rows(probes: dict[str, TeacherProbe], rollouts: Sequence[ProbeRollou
     return rows
 
 
-def write_outputs(out: Path, result: dict[str, Any], probes: dict[str, TeacherProbe],
-                  teachers: Sequence[dict[str, Any]] = ()) -> None:
+def write_outputs(out: Path, result: JSONObject, probes: dict[str, TeacherProbe],
+                  teachers: Sequence[JSONObject] = ()) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     plot_support(probes, out / "support.png")
@@ -132,7 +132,7 @@ def plot_support(probes: dict[str, TeacherProbe], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_items(sections: dict[str, dict[str, Any]], path: Path, top: int = 20) -> None:
+def plot_items(sections: dict[str, JSONObject], path: Path, top: int = 20) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

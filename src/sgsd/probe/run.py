@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -32,10 +32,11 @@ from sgsd.loss_settings import POLARITY_CONTROLS
 from sgsd.probe.report import teacher_rows, write_outputs
 from sgsd.probe.rollouts import ProbeError, ProbeRollout, read_rollouts_file
 from sgsd.probe.statistics import summarize
-from sgsd.prompts import refuse_special_tokens, render_chat, student_prompt
+from sgsd.prompts import ChatStyle, refuse_special_tokens, render_chat, student_prompt
 from sgsd.run_setup import load_run_inputs, load_run_model
 from sgsd.scoring import lm_parts
 from sgsd.skills.teachers import TeacherSource
+from sgsd.storage import JSONObject
 from sgsd.teacher_scoring import TeacherProbe, probe_teachers
 from sgsd.verify import grade_batch
 
@@ -60,7 +61,7 @@ def check_inputs(cfg: RunConfig, output_dir: str | Path, rollouts: int, controls
 
 def run_probe(cfg: RunConfig, output_dir: str | Path, *, rollouts: int = 32, controls: Sequence[str] = ("none",),
               rollouts_file: str | None = None, batch_size: int = 8,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              log: Callable[[str], None] = print) -> JSONObject:
     """Sample (or read), grade, score and summarise; writes probe.json, report.md and the plots."""
 
 
@@ -128,7 +129,8 @@ def run_probe(cfg: RunConfig, output_dir: str | Path, *, rollouts: int = 32, con
     return result
 
 
-def sample_rollouts(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: RunConfig, problems: Sequence[Any], style: Any,
+def sample_rollouts(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: RunConfig, problems: Sequence[Problem],
+                    style: ChatStyle,
                     batch_size: int, log: Callable[[str], None]) -> list[ProbeRollout]:
     """One completion per problem with the config's sampling, graded with the config's reward."""
 
@@ -149,7 +151,8 @@ def sample_rollouts(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
             for p, c, gr in zip(problems, completions, grades)]
 
 
-def _completion_tensors(tokenizer: PreTrainedTokenizerBase, rollouts: Sequence[ProbeRollout]) -> tuple[Any, Any]:
+def _completion_tensors(tokenizer: PreTrainedTokenizerBase,
+                        rollouts: Sequence[ProbeRollout]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded completion ids [B, T] and mask: the sampled ids, or the text re-tokenized with the end of
     sequence it stopped on (unless truncated)."""
 

@@ -4,10 +4,12 @@ per bank item with a 95% interval, and the between-item permutation test)."""
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from sgsd.skills.bank import SkillBank
+from sgsd.storage import JSONObject
 from sgsd.teacher_scoring import QUADRANTS, TeacherProbe
 
 PERMUTATIONS = 2000  # the between-item test's resamples: a p-value of 0.05 is then known to about +-0.005
@@ -35,7 +37,7 @@ def mean_interval(values: Sequence[float]) -> tuple[float, float, float]:
 
 
 def between_item_test(rollouts: Sequence[Sequence[tuple[Sequence[str], float]]], *,
-                      permutations: int = PERMUTATIONS, seed: int = 0) -> dict[str, Any]:
+                      permutations: int = PERMUTATIONS, seed: int = 0) -> JSONObject:
     """Does net polarity differ between items beyond what their rollouts explain?
 
     `rollouts`: per rollout, its teachers as (the items the teacher carries, its rho). Statistic: the
@@ -69,7 +71,7 @@ def between_item_test(rollouts: Sequence[Sequence[tuple[Sequence[str], float]]],
     slot_index, item_index = np.asarray(slots), np.asarray(labels)
     counts = np.bincount(item_index, minlength=len(kept))
 
-    def statistic(table: Any) -> float:
+    def statistic(table: np.ndarray) -> float:
         x = table.reshape(-1)[slot_index]
         means = np.bincount(item_index, weights=x, minlength=len(kept)) / counts
         return float((counts * (means - x.mean()) ** 2).sum() / counts.sum())
@@ -86,7 +88,8 @@ def between_item_test(rollouts: Sequence[Sequence[tuple[Sequence[str], float]]],
             "permutations": permutations, "null": "rho permuted among the teachers of each rollout"}
 
 
-def summarize(probe: TeacherProbe, teacher_ids: Sequence[Sequence[tuple[str, str]]], bank: Any) -> dict[str, Any]:
+def summarize(probe: TeacherProbe, teacher_ids: Sequence[Sequence[tuple[str, str]]],
+              bank: SkillBank) -> JSONObject:
     """probe.json's section of one control."""
 
     present = probe.present.tolist()
@@ -101,7 +104,7 @@ def summarize(probe: TeacherProbe, teacher_ids: Sequence[Sequence[tuple[str, str
         signs.append([(p if ok else -p) for p, k in zip(row_p, row_keep) if k and p != 0])
     two_or_more = [s for s in signs if len(s) >= 2]
     disagree = [len(set(s)) > 1 for s in two_or_more]
-    items: dict[str, dict[str, Any]] = {}
+    items: dict[str, JSONObject] = {}
     values: dict[str, list[float]] = {}
     teachers: list[list[tuple[tuple[str, str], float]]] = []  # per rollout: (its items, rho) of each teacher
     for row_ids, row_p, row_keep in zip(teacher_ids, polarity, present):

@@ -14,12 +14,12 @@ import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 from sgsd.errors import DataError
 from sgsd.run_dir import RunDir
 from sgsd.skills.bank import SkillBank
-from sgsd.storage import atomic_write_json, decode_utf8, parse_json, read_input_bytes
+from sgsd.storage import JSONObject, atomic_write_json, decode_utf8, parse_json, read_input_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -87,12 +87,12 @@ class AttributionTracker:
                     stats.support_sum += float(support[b][k])
                     stats.weight_sum += float(weights[b][k])
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> JSONObject:
         return {"rollouts": self.rollouts,
                 "items": [{"kind": kind, "id": item_id, **asdict(stats)}
                           for (kind, item_id), stats in sorted(self.items.items())]}
 
-    def load_state_dict(self, state: dict[str, Any], source: str = "attribution state") -> None:
+    def load_state_dict(self, state: JSONObject, source: str = "attribution state") -> None:
         """Restore from `state_dict()`; any field of the wrong type is a one-line `DataError` naming it."""
         if not isinstance(state, dict):
             raise DataError(f"{source}: expected a JSON object, got {type(state).__name__}")
@@ -138,18 +138,18 @@ class AttributionTracker:
         return tracker
 
 
-def _kind(value: Any) -> str:
+def _kind(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _count(obj: dict[str, Any], name: str, field: str) -> int:
+def _count(obj: JSONObject, name: str, field: str) -> int:
     value = obj.get(name, 0 if name != "rollouts" else None)  # counts an older file lacks are 0
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise DataError(f"{field}: expected a non-negative integer, got {value!r}"[:300])
     return value
 
 
-def _number(obj: dict[str, Any], name: str, field: str) -> float:
+def _number(obj: JSONObject, name: str, field: str) -> float:
     value = obj.get(name, 0.0)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise DataError(f"{field}: expected a finite number, got {value!r}"[:300])

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 from sgsd.errors import DataError
 from sgsd.skills.jsonscan import ends_inside_value
-from sgsd.storage import atomic_write_json, decode_utf8, parse_json, read_input_bytes, stable_hash
+from sgsd.storage import JSONObject, atomic_write_json, decode_utf8, parse_json, read_input_bytes, stable_hash
 
 SCHEMA_VERSION = 1
 DYNAMIC_PREFIX = "dyn_"
@@ -51,7 +51,7 @@ class GeneralSkill:
         """Retrieval text: the content fields joined by ". " (docs/spec.md section 3)."""
         return ". ".join((self.title, self.principle, self.when_to_apply))
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JSONObject:
         return {**{name: getattr(self, name) for name in SKILL_FIELDS}, **self.extra}
 
 
@@ -74,7 +74,7 @@ class CommonMistake:
         """Retrieval text: the content fields joined by ". " (docs/spec.md section 3)."""
         return ". ".join((self.description, self.why_it_happens, self.how_to_avoid))
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JSONObject:
         return {**{name: getattr(self, name) for name in MISTAKE_FIELDS}, **self.extra}
 
 
@@ -148,7 +148,7 @@ class SkillBank:
                 for name in fields:
                     yield f"skill bank {source}: {list_name}[{index}] ({item.item_id}).{name}", getattr(item, name)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JSONObject:
         obj = {
             "general_skills": [s.to_json() for s in self.general_skills],
             "task_specific_skills": self.task_specific_skills,

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterator
+from typing import Iterator
+
+from sgsd.storage import JSONObject
 
 _THINK = re.compile(r"<think>.*?(?:</think>|\Z)", re.DOTALL)
 
@@ -61,7 +63,7 @@ def matching_brace(text: str, start: int) -> int | None:
     return None
 
 
-def iter_json_objects(text: str) -> Iterator[dict[str, Any]]:
+def iter_json_objects(text: str) -> Iterator[JSONObject]:
     """Every top-level JSON object embedded in `text`, in order of appearance."""
     position = 0
     while True:

@@ -12,11 +12,9 @@ TRL's own GRPO metrics (`clip_ratio/*`, `frac_reward_zero_std`, `kl` when beta >
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from sgsd.trl_adapter import HookedGRPOTrainer
+from sgsd.trl_adapter import HookedGRPOTrainer, RolloutBatch, RolloutRow
 
 
 def record_group_diagnostics(trainer: HookedGRPOTrainer, advantages: torch.Tensor) -> None:
@@ -29,8 +27,7 @@ def record_group_diagnostics(trainer: HookedGRPOTrainer, advantages: torch.Tenso
 class GRPOBaselineTrainer(HookedGRPOTrainer):
     has_method_loss = False
 
-    def rollout_extras(self, inputs: list[dict[str, Any]], output: dict[str, Any],
-                       rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    def rollout_extras(self, inputs: list[RolloutRow], output: RolloutBatch, rewards: torch.Tensor) -> RolloutBatch:
         self.record_metric("train/reward_mean", rewards.float().mean())
         record_group_diagnostics(self, output["advantages"])
         return {}

@@ -37,7 +37,7 @@ from sgsd.prompts import ChatStyle, opsd_teacher_prompt, reference_from_answer, 
 from sgsd.scoring import (HeadWeights, hidden_for_completion, left_pad, lm_parts, opsd_loss_from_hidden,
                           teacher_completion_hidden, token_logprobs)
 from sgsd.trainers.teacher_weights import SelfTeacher
-from sgsd.trl_adapter import HookedGRPOTrainer
+from sgsd.trl_adapter import HookedGRPOTrainer, RolloutBatch, RolloutRow
 
 
 class OPSDTrainer(SelfTeacher, HookedGRPOTrainer):
@@ -54,7 +54,7 @@ class OPSDTrainer(SelfTeacher, HookedGRPOTrainer):
         self.chunk_tokens = settings.chunk_tokens(vocab)
 
     # -- generation phase -----------------------------------------------------------------------
-    def teacher_text(self, row: dict[str, Any]) -> str:
+    def teacher_text(self, row: RolloutRow) -> str:
         """The teacher's user turn for one dataset row (skill block first for OPSD+Skill)."""
         guidance = None
         if self.settings.skills:
@@ -63,8 +63,8 @@ class OPSDTrainer(SelfTeacher, HookedGRPOTrainer):
                 raise ValueError(f"opsd.skills is set but problem {row.get('problem_id')} has no skill block")
         return opsd_teacher_prompt(row["problem"], reference_from_answer(str(row["answer"])), guidance=guidance)
 
-    def rollout_extras(self, inputs: list[dict[str, Any]], output: dict[str, Any],
-                       rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    def rollout_extras(self, inputs: list[RolloutRow], output: RolloutBatch,
+                       rewards: torch.Tensor) -> RolloutBatch:
         self.record_metric("train/reward_mean", rewards.float().mean())
         tokenizer = self.processing_class
         ids = [tokenizer(render_chat(tokenizer, self.teacher_text(row), self.teacher_style),
@@ -73,7 +73,7 @@ class OPSDTrainer(SelfTeacher, HookedGRPOTrainer):
         return {"opsd_teacher_prompt_ids": prompt_ids, "opsd_teacher_prompt_mask": prompt_mask}
 
     # -- loss phase -----------------------------------------------------------------------------
-    def method_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    def method_loss(self, model: torch.nn.Module, inputs: RolloutBatch) -> torch.Tensor:
         completion_mask = inputs["completion_mask"]
         length = int(completion_mask.sum(-1).max().clamp(min=1))  # trim the padding of this micro-batch
         completion_ids, completion_mask = inputs["completion_ids"][:, :length], completion_mask[:, :length]

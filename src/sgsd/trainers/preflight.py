@@ -12,14 +12,13 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from sgsd.config import RunConfig
 from sgsd.distributed import announce
 from sgsd.errors import ConfigError, DataError, UserError
 from sgsd.methods import MethodSpec, method_spec
 from sgsd.skills.bank import SkillBank
-from sgsd.storage import decode_utf8, parse_json
+from sgsd.storage import JSONObject, decode_utf8, parse_json
 from sgsd.trl_adapter import FSDP1_REFUSAL
 
 
@@ -41,7 +40,7 @@ def check_problems_per_step(cfg: "RunConfig", num_problems: int) -> None:
                         "add problems or lower those settings")
 
 
-def check_deepspeed_config(path: str | None) -> dict[str, Any] | None:
+def check_deepspeed_config(path: str | None) -> JSONObject | None:
     """`training.deepspeed` names a readable JSON object (checked before anything is written: Hugging Face
     would read it only while building the trainer, after the model has loaded)."""
     if not path:
@@ -107,7 +106,7 @@ def teachers_within_bank(cfg: RunConfig, bank: SkillBank | None, spec: MethodSpe
     return dataclasses.replace(cfg, sgsd=dataclasses.replace(cfg.sgsd, num_teachers=pairs))
 
 
-def teachers_record(requested: RunConfig, used: RunConfig) -> dict[str, Any]:
+def teachers_record(requested: RunConfig, used: RunConfig) -> JSONObject:
     """What the run's provenance records about K: {"teachers": {"requested", "used"}} when it was capped."""
     if requested.sgsd.num_teachers == used.sgsd.num_teachers:
         return {}

@@ -41,6 +41,7 @@ from sgsd.run_setup import load_run_inputs, load_run_model
 from sgsd.run_dir import RESUME_MAY_CHANGE, Rerun, RunDir
 from sgsd.skills.bank import SkillBank
 from sgsd.skills.retrieval import Retriever
+from sgsd.storage import JSONObject
 from sgsd.trainers.callbacks import EMAStep, FaultInjection, MetricsWriter, StepTimer
 from sgsd.trainers.checkpoints import CompletionMarker, check_engine_state, restore_extra_state, write_final_from_checkpoint
 from sgsd.trainers.console import use_step_lines
@@ -299,18 +300,18 @@ def launch_digests(cfg: RunConfig, out: Path) -> dict[str, str]:
             "code": f"{__version__} {code_digest()}", "package versions": _sha(json.dumps(package_versions(), sort_keys=True))}
 
 
-def run_digests(cfg: RunConfig, out: Path, inputs: dict[str, dict[str, Any]]) -> dict[str, str]:
+def run_digests(cfg: RunConfig, out: Path, inputs: dict[str, JSONObject]) -> dict[str, str]:
     """`launch_digests` and the inputs (data and skill bank, by content), once they are read."""
     return {**launch_digests(cfg, out), "data": str(inputs["data"]["sha256"]),
             "skill bank": str(inputs.get("skill bank", {}).get("sha256"))}
 
 
 def input_identities(data_source: str, problems: Sequence[Problem], bank_source: str | None,
-                     bank: SkillBank | None) -> dict[str, dict[str, Any]]:
+                     bank: SkillBank | None) -> dict[str, JSONObject]:
     """What the run trains on, by content: the data (its problems and answers, in order) and the skill
     bank (its items), each with a SHA-256, recorded at the start and compared on resume."""
     rows = [[p.problem_id, p.problem, p.answer] for p in problems]
-    inputs: dict[str, dict[str, Any]] = {"data": {
+    inputs: dict[str, JSONObject] = {"data": {
         "source": data_source, "problems": len(rows),
         "sha256": hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode("utf-8")).hexdigest()}}
     if bank is not None:

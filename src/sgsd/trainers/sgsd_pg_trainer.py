@@ -31,6 +31,7 @@ from sgsd.config import RunConfig
 from sgsd.methods import TrainerContext
 from sgsd.trainers.grpo_trainer import record_group_diagnostics
 from sgsd.trainers.sgsd_trainer import SGSDTrainer, sgsd_trainer_kwargs
+from sgsd.trl_adapter import RolloutBatch, RolloutRow
 
 
 class SGSDPGTrainer(SGSDTrainer):
@@ -38,11 +39,12 @@ class SGSDPGTrainer(SGSDTrainer):
         super().__init__(**kwargs)
         self.lambda_sgsd = lambda_sgsd
 
-    def rollout_extras(self, inputs, output, rewards):
+    def rollout_extras(self, inputs: list[RolloutRow], output: RolloutBatch, rewards: torch.Tensor) -> RolloutBatch:
         record_group_diagnostics(self, output["advantages"])
         return super().rollout_extras(inputs, output, rewards)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(self, model: torch.nn.Module, inputs: RolloutBatch, return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
         if return_outputs:
             raise ValueError("sgsd trainers do not return outputs from compute_loss")
         accumulation = self.current_gradient_accumulation_steps if self.model.training else 1

@@ -29,7 +29,7 @@ from sgsd.loss_settings import SGSDSettings
 from sgsd.lm_head import head_vocab_size
 from sgsd.loss_phase import active_rollouts, sgsd_loss_phase
 from sgsd.methods import TrainerContext
-from sgsd.objectives import SGSD_METRIC_KEYS, masked_mean
+from sgsd.objectives import SGSD_METRIC_KEYS, SGSDLossOutput, masked_mean
 from sgsd.prompts import ChatStyle
 from sgsd.scoring import countable_token_table, counted_mask, lm_parts, score_teachers_local
 from sgsd.skills.teachers import TeacherSource
@@ -37,7 +37,7 @@ from sgsd.teacher_scoring import prompt_ids as teacher_prompt_ids
 from sgsd.teacher_scoring import score_under_teachers, teacher_weight_matrix
 from sgsd.trainers.skill_hooks import SkillObserver, make_observers
 from sgsd.trainers.teacher_weights import SelfTeacher
-from sgsd.trl_adapter import HookedGRPOTrainer
+from sgsd.trl_adapter import HookedGRPOTrainer, RolloutBatch, RolloutRow
 
 
 @dataclass
@@ -70,14 +70,14 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
         self._next_uid = 0
 
     # -- generation phase -----------------------------------------------------------------------
-    def rollout_extras(self, inputs, output, rewards):
+    def rollout_extras(self, inputs: list[RolloutRow], output: RolloutBatch, rewards: torch.Tensor) -> RolloutBatch:
         problems = [x["problem"] for x in inputs]
         teachers = self.teacher_source.teachers_for(problems)
         k = self.teacher_source.num_teachers
         device = output["completion_ids"].device
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
         scoring_model = self.teacher_scoring_model()
-        local: dict[str, torch.Tensor] = {}
+        local: RolloutBatch = {}
         if self.settings.local_support_top_k > 0:
             weights = teacher_weight_matrix(teachers, k, device)
             prompt_ids = [teacher_prompt_ids(self.processing_class, p, [t.guidance for t in row], self.teacher_style,
@@ -106,7 +106,7 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
             self.records[uid] = RolloutRecord(problem, [t.skill.skill_id for t in row_teachers[:k]],
                                               [t.mistake.mistake_id for t in row_teachers[:k]])
         self._next_uid += len(problems)
-        extras = {"rewards": rewards, "teacher_logps": logps[:, :k], "teacher_weights": weights,
+        extras: RolloutBatch = {"rewards": rewards, "teacher_logps": logps[:, :k], "teacher_weights": weights,
                   "sgsd_mask": mask, "rollout_uid": uids, **local}
         if self.settings.skip_neutral_rows:
             # decided with the STUDENT's weights on the student's own prompt (not inside the teacher
@@ -127,11 +127,11 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
         return self.vllm_generation.llm if self.settings.teacher_engine == "vllm" else None
 
     # -- loss phase ---------------------------------------------------------------------------
-    def method_loss(self, model, inputs):
+    def method_loss(self, model: torch.nn.Module, inputs: RolloutBatch) -> torch.Tensor:
         loss = self.sgsd_part(model, inputs)
         return self.skip_nonfinite_step(model) if loss is None else loss
 
-    def sgsd_part(self, model, inputs) -> torch.Tensor | None:
+    def sgsd_part(self, model: torch.nn.Module, inputs: RolloutBatch) -> torch.Tensor | None:
         """The SGSD loss of one micro-batch (not scaled for accumulation), its metrics logged; None when the
         log-probs are not finite (the skip is logged; the caller returns `skip_nonfinite_step`)."""
         phase = sgsd_loss_phase(
@@ -172,10 +172,11 @@ class SGSDTrainer(SelfTeacher, HookedGRPOTrainer):
                 keys += ["sgsd/teacher_entropy_mean"]
         return keys
 
-    def _log_step(self, inputs, out, polarity, support, active_rows, entropies) -> None:
+    def _log_step(self, inputs: RolloutBatch, out: SGSDLossOutput, polarity: torch.Tensor, support: torch.Tensor,
+                  active_rows: int, entropies: dict[str, torch.Tensor]) -> None:
         present = inputs["teacher_weights"] > 0
         count = present.sum().clamp(min=1)
-        values: dict[str, Any] = {f"sgsd/{key}": value for key, value in out.metrics.items()}
+        values: dict[str, float | torch.Tensor] = {f"sgsd/{key}": value for key, value in out.metrics.items()}
         # fractions over ALL rollouts of the step (skipped rollouts are neutral by construction)
         values["sgsd/helpful_fraction"] = ((polarity == 1) & present).sum() / count
         values["sgsd/harmful_fraction"] = ((polarity == -1) & present).sum() / count
