@@ -7,8 +7,7 @@ import argparse
 import os
 
 from sgsd.commands.options import COUNT, add_quiet
-from sgsd.demo.run import (DEFAULT_METHODS, DEMO_METHODS, PRESETS, demo_settings, label, make_plan, parse_lr_grid,
-                           parse_methods, run_demo)
+from sgsd.demo.plan import DEFAULT_METHODS, DEMO_METHODS, PRESETS, label, parse_lr_grid, parse_methods
 from sgsd.errors import UserError
 from sgsd.run_dir import claimed_output_dir
 
@@ -40,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.lr_grid is not None and not args.tune_lr:
         raise UserError("--lr-grid: only with --tune-lr")
+    from sgsd.demo.run import demo_settings, make_plan, run_demo  # the demo's training code: after --help
+
     preset = args.preset or ("quick" if args.quick else "full")
     methods = parse_methods(args.methods) if args.methods is not None else None
     grid = parse_lr_grid(args.lr_grid) if args.lr_grid is not None else None

@@ -131,19 +131,22 @@ class SelfTeacher:
 
     ema: EMAWeights | None = None
     frozen: FrozenCopy | None = None
+    # the trainer's (transformers.Trainer), which this mixin is combined with: declared for the reader
+    model: torch.nn.Module
+    unwrapped_model: torch.nn.Module
 
     def setup_teacher(self, kind: str, ema_decay: float) -> None:
-        model = self.unwrapped_model  # type: ignore[attr-defined]
+        model = self.unwrapped_model
         self.ema = EMAWeights(model, ema_decay) if kind == "ema" else None
         self.frozen = FrozenCopy(model) if kind == "base" and not is_peft(model) else None
-        self.teacher_context = teacher_context_factory(kind, lambda: self.unwrapped_model, ema=self.ema)  # type: ignore[attr-defined]
+        self.teacher_context = teacher_context_factory(kind, lambda: self.unwrapped_model, ema=self.ema)
 
     def teacher_scoring_model(self) -> torch.nn.Module:
         # DeepSpeed moves and casts the policy after the frozen copy was made: the copy follows it
         if self.frozen is None:
-            return self.model  # type: ignore[attr-defined]
-        return self.frozen.placed_like(self.unwrapped_model)  # type: ignore[attr-defined]
+            return self.model
+        return self.frozen.placed_like(self.unwrapped_model)
 
     def ema_step(self) -> None:
         if self.ema is not None:
-            self.ema.update(self.unwrapped_model)  # type: ignore[attr-defined]
+            self.ema.update(self.unwrapped_model)
