@@ -147,13 +147,11 @@ def test_between_item_test_separates_items_only_beyond_chance():
 ])
 def test_bad_input_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys, args, message):
     import sgsd.models
-    import sgsd.probe.run
 
     def no_model(*a, **k):
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(sgsd.models, "load_model", no_model)
-    monkeypatch.setattr(sgsd.probe.run, "load_model", no_model)  # imported there by name
     monkeypatch.chdir(tmp_path)
     code = main(["skills", "probe", "--config", str(TINY / "sgsd.yaml"), "--output-dir", str(tmp_path / "o"), *args])
     err = capsys.readouterr().err.strip().splitlines()
