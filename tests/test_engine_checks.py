@@ -29,7 +29,7 @@ def no_launcher_env(monkeypatch):
 @pytest.fixture()
 def no_model_load(monkeypatch):
     """Loading the model is what the refusal must come before."""
-    import sgsd.models
+    import sgsd.models  # sgsd.run_setup loads through the module
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("the model was loaded before the refusal")

@@ -6,7 +6,6 @@ and folders; the writers of `sgsd.storage` give them the umask's mode. Lock file
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import subprocess

@@ -146,7 +146,7 @@ def test_between_item_test_separates_items_only_beyond_chance():
     (["--rollouts-file", "missing.jsonl"], "no such file"),
 ])
 def test_bad_input_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys, args, message):
-    import sgsd.models
+    import sgsd.models  # sgsd.run_setup loads through the module
 
     def no_model(*a, **k):
         raise AssertionError("the model was loaded")

@@ -66,10 +66,11 @@ def test_cli_refuses_an_ema_teacher_in_the_engine_before_loading(tmp_path, capsy
 def test_requests_are_token_ids_and_bad_rows_are_named():
     from sgsd.vllm_adapter import prompt_logprob_requests
 
-    requests = prompt_logprob_requests([torch.tensor([5, 6, 7]).tolist(), [9, 1]], [1, 2], max_length=4)
+    requests = prompt_logprob_requests([list(torch.tensor([5, 6, 7])), [9, 1]], [1, 2], max_length=4)  # 0-d tensors
     assert requests == [{"prompt_token_ids": [5, 6, 7]}, {"prompt_token_ids": [9, 1]}]
     assert all(type(t) is int for r in requests for t in r["prompt_token_ids"])
-    with pytest.raises(ValueError, match=r"sequence 1: 5 tokens, longer than the vLLM engine's context \(max_model_len 4\)"):
+    too_long = r"sequence 1: 5 tokens, longer than the vLLM engine's context \(max_model_len 4\)"
+    with pytest.raises(ValueError, match=too_long):
         prompt_logprob_requests([[1, 2], [1, 2, 3, 4, 5]], [1, 1], max_length=4)
     with pytest.raises(ValueError, match=r"sequence 0: scoring from token 0 of 2"):
         prompt_logprob_requests([[1, 2]], [0])
@@ -111,7 +112,8 @@ def test_engine_rows_match_the_trainers_scoring(tiny_model, tiny_tokenizer, monk
 
     def teacher(i):
         return Teacher(GeneralSkill(f"s{i}", f"skill {i}", "add the tens first", "sums"),
-                       CommonMistake(f"m{i}", f"mistake {i}", "haste", "check the carry"), None, 0.5, f"Skill {i}: add the tens first. Mistake {i}: dropping a carry.")
+                       CommonMistake(f"m{i}", f"mistake {i}", "haste", "check the carry"), None, 0.5,
+                       f"Skill {i}: add the tens first. Mistake {i}: dropping a carry.")
 
     problems = ["What is 12 + 35?", "What is 7 * 6?", "What is 90 - 45?"]
     teachers = [[teacher(0), teacher(1)], [teacher(2)], [teacher(1), teacher(3)]]  # rollout 1: one teacher absent

@@ -135,7 +135,7 @@ class RolloutBatch(TypedDict, total=False):
     sgsd_mask: torch.Tensor  # [B, T], the counted tokens
     rollout_uid: torch.Tensor  # [B], keys of the trainer's rollout records
     sgsd_active: torch.Tensor  # [B] bool, with skip_neutral_rows
-    teacher_entropy: torch.Tensor  # [B, K, T]
+    teacher_entropy: torch.Tensor  # [B, K, T]; absent when the vLLM engine scored (sgsd.teacher_engine: vllm)
     control_logps: torch.Tensor  # [B, T], with a polarity control
     teacher_top_logps: torch.Tensor  # [B, K, T, k'], local-support scoring
     teacher_top_ids: torch.Tensor  # [B, K, T, k']

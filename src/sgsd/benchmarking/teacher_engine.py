@@ -60,10 +60,11 @@ def _quantiles(values: Any) -> dict[str, float]:
         "max": float(values.max()), "mean": float(values.mean())}
 
 
-def _problems(data_dir: str | None, count: int) -> list[str]:
+def _problems(data_dir: str | None, count: int) -> tuple[str, list[str]]:
+    """(where the problems come from, the first `count` of them)."""
     if data_dir and (Path(data_dir) / "gsm8k_test.jsonl").is_file():
-        return [p.problem for p in load_benchmark("gsm8k", data_dir=data_dir, limit=count).problems]
-    return [p.problem for p in tiny_math_problems(count)]
+        return "gsm8k", [p.problem for p in load_benchmark("gsm8k", data_dir=data_dir, limit=count).problems]
+    return "tiny-math", [p.problem for p in tiny_math_problems(count)]
 
 
 def _loss_and_grad(model: torch.nn.Module, student: tuple[torch.Tensor, torch.Tensor],
@@ -91,7 +92,7 @@ def measure(name: str, spec: str, dtype: str, *, rollouts: int, tokens: int, tea
     engine = VLLMGenerator(folder, dtype=dtype)
     engine_start = time.perf_counter() - start
     try:
-        problems = _problems(data_dir, rollouts)
+        source, problems = _problems(data_dir, rollouts)
         style = ChatStyle(enable_thinking=False)
         texts = [render_chat(tokenizer, student_prompt(p), style) for p in problems]
         sampled = engine.generate(texts, 1, SamplingConfig(max_new_tokens=tokens, temperature=1.0, top_p=1.0, seed=0))
@@ -121,7 +122,8 @@ def measure(name: str, spec: str, dtype: str, *, rollouts: int, tokens: int, tea
             signal.append((logps - trainer.student_logps)[counted])
         noise_t, signal_t = torch.cat(noise).abs(), torch.cat(signal).abs()
         report: JSONObject = {
-            "model": name, "spec": spec, "dtype": dtype, "rollouts": len(problems), "teachers": teachers,
+            "model": name, "spec": spec, "dtype": dtype, "problems": source, "rollouts": len(problems),
+            "teachers": teachers,
             "completion_tokens": int(mask.sum()), "counted_tokens": int(noise_t.numel()),
             "threads": torch.get_num_threads(), "engine_start_s": engine_start,
             "noise": _quantiles(noise_t), "abs_d": _quantiles(signal_t),
