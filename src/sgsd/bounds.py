@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from sgsd.errors import ConfigError, shorten
 
@@ -80,7 +80,7 @@ def bound_problems(obj: Any, where: str) -> list[str]:
     return out
 
 
-def check_settings(obj: Any, where: str, extra: list[str] = ()) -> None:  # type: ignore[assignment]
+def check_settings(obj: Any, where: str, extra: Sequence[str] = ()) -> None:
     """Raise a `SettingsError` with every problem of `obj`: its bounds and `extra` (the section's own
     cross-field checks)."""
     problems = bound_problems(obj, where) + list(extra)

@@ -139,7 +139,7 @@ def same_on_every_rank() -> Iterator[None]:
         yield
     except UserError as err:
         if not getattr(err, "rank_local", False):
-            err.same_on_every_rank = True  # type: ignore[attr-defined]
+            setattr(err, "same_on_every_rank", True)  # read by the CLI with getattr: an attribute of any UserError
         raise
 
 
@@ -149,5 +149,5 @@ def rank_local() -> Iterator[None]:
     try:
         yield
     except UserError as err:
-        err.rank_local = True  # type: ignore[attr-defined]
+        setattr(err, "rank_local", True)
         raise

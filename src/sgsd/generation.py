@@ -17,7 +17,7 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, cast
 
 from sgsd.errors import ConfigError
 from sgsd.vllm_adapter import engine_started_here, shutdown_engine, unusable_reason
@@ -131,7 +131,7 @@ class HFGenerator:
                 results[i][j] = self._completion(output[row, width:].tolist(), sampling.max_new_tokens)
             if on_progress is not None:
                 on_progress(len(batch))
-        return results  # type: ignore[return-value]
+        return cast(list[list[Completion]], results)  # every (prompt, sample) slot was filled above
 
     def _completion(self, new_ids: list[int], max_new_tokens: int) -> Completion:
         end = next((t for t, token in enumerate(new_ids) if token in self.eos_ids), None)

@@ -47,7 +47,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, cast
 
 FailureKind = Literal["no_answer", "unbalanced", "parse_error", "timeout"]
 FAILURE_KINDS: tuple[str, ...] = ("no_answer", "unbalanced", "parse_error", "timeout")
@@ -503,7 +503,7 @@ def grade_batch(completions: Sequence[str], golds: Sequence[Gold], *, workers: i
         for (i, answer, _), verdict in zip(symbolic, verdicts):
             failure = verdict if verdict in ("parse_error", "timeout") else None
             results[i] = GradeResult(verdict == "correct", answer, failure)  # type: ignore[arg-type]
-    return results  # type: ignore[return-value]
+    return cast(list[GradeResult], results)  # every index was graded above
 
 
 # Verdicts of earlier checks in this process: samples of one problem often share an answer. Timeouts

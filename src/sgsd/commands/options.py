@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
-from typing import Any
+from typing import Any, NoReturn
 
 from sgsd.bounds import Bound, above, at_least, between
 from sgsd.errors import UserError, shorten
@@ -57,7 +57,7 @@ class SgsdArgumentParser(argparse.ArgumentParser):
             _innermost(self, parsed).error("unrecognized arguments: " + " ".join(extras))
         return parsed
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"sgsd: error: {self.prog}: {message}{self._did_you_mean(message)} (see `{self.prog} --help`)\n")
 
     def _did_you_mean(self, message: str) -> str:

@@ -524,7 +524,7 @@ def _polarity_section(results: JSONObject) -> str:
                 f"| {label(method)} ({rate}) | {v['net_helpful']['mean']:+.3f} | {v.get('net_irrelevant', {}).get('mean', 0.0):+.3f} | "
                 f"{v['net_misleading']['mean']:+.3f} | {v['separation']['mean']:+.3f} {_fmt_interval(v['separation'])} | "
                 f"{v['neutral_fraction']['mean']:.2f} |")
-    return f"""
+    return """
 ### Polarity rules: how well each separates helpful from misleading items
 Net polarity (helpful - harmful) / uses per label, separation = net(helpful) - net(misleading) with a
 95% t-interval over seeds, and the share of neutral teacher outcomes (mean over seeds).

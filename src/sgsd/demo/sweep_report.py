@@ -285,7 +285,6 @@ def markdown(results: JSONObject, grid: SweepGrid, out: Path) -> str:
                     for c in pending]
     t = results["timings"]
     load = t["load_average_1min_range"]
-    none = "| (none yet) | |\n"
     return f"""# When does SGSD beat GRPO? Sweep report (grid `{results['grid']}`)
 
 Each cell trains GRPO, OPSD and SGSD from each replication's warm start (seeds {results['seeds']}, each with
