@@ -98,7 +98,8 @@ def test_num_teachers_beyond_the_banks_pairs_is_capped_with_a_note(capsys, tmp_p
     from sgsd.run_dir import RunRecord
     from sgsd.skills.bank import load_bank
     from sgsd.trainers.model_card import render_model_card
-    from sgsd.trainers.preflight import teachers_record, teachers_within_bank
+    from sgsd.run_setup import teachers_within_bank
+    from sgsd.trainers.preflight import teachers_record
 
     path = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "skill_bank.json"  # 4 skills, 4 mistakes
     bank = load_bank(path)

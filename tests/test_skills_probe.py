@@ -61,6 +61,17 @@ def test_probe_writes_what_it_promises(probe_dir):
         assert all((r["control_shift"] is None) == (control == "none") for r in mine)
 
 
+def test_probe_caps_k_at_the_banks_pairs_as_training_does(tmp_path, capsys):
+    out = tmp_path / "probe"
+    assert main(["skills", "probe", "--config", str(TINY / "sgsd.yaml"), "--output-dir", str(out), "--rollouts", "2",
+                 "sgsd.num_teachers=50"]) == 0
+    assert "forms at most 4 (skill, mistake) pairs per problem; K = 4 is used" in capsys.readouterr().err
+    result = json.loads((out / "probe.json").read_text())
+    assert result["num_teachers"] == 4  # the tiny bank: 4 skills x 4 mistakes, one pair per teacher
+    rows = [json.loads(line) for line in (out / "teachers.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 4  # 4 teachers per rollout, none padded in
+
+
 def test_probe_counts_the_core_paths_polarity(probe_dir):
     """The summary counts the quadrants `sgsd.teacher_scoring.quadrants` gives for the probe's polarity."""
     import torch

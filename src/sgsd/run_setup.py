@@ -9,10 +9,13 @@ run's inputs) before any model loads; `check_tokenizer` runs what needs the toke
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from sgsd.data import LoadReport, Problem, check_untrusted_text, load_problems
+from sgsd.distributed import announce
+from sgsd.methods import MethodSpec, method_spec
 from sgsd import models  # by module: a test that replaces models.load_model reaches this use
 from sgsd.prompts import ChatStyle
 
@@ -77,3 +80,19 @@ def _load_skills(cfg: RunConfig, teacher_pairs: bool) -> tuple[SkillBank, Retrie
     check_usable(bank, cfg.skills.bank, pairs=teacher_pairs)
     retriever = make_retriever(cfg.skills.retrieval, bank, embedder=cfg.skills.embedder, seed=cfg.training.seed)
     return bank, retriever
+
+
+def teachers_within_bank(cfg: RunConfig, bank: SkillBank | None, spec: MethodSpec | None = None) -> RunConfig:
+    """`cfg` with `sgsd.num_teachers` capped at the (skill, mistake) pairs `bank` can form per problem
+    (min(skills, mistakes), plus `skills.online.capacity` dynamic items per list when online updates may add
+    them), with a one-line note: every teacher tensor is padded to K, so a K far beyond the bank costs memory
+    and time for teachers that do not exist. The run records the K used (`teachers_record`)."""
+    if bank is None or not (spec or method_spec(cfg.method)).skill_teachers:
+        return cfg
+    growth = cfg.skills.online.capacity if cfg.skills.online.enabled else 0
+    pairs = min(len(bank.general_skills), len(bank.common_mistakes)) + growth
+    if pairs < 1 or cfg.sgsd.num_teachers <= pairs:
+        return cfg
+    announce(f"note: sgsd.num_teachers={cfg.sgsd.num_teachers}: the skill bank {cfg.skills.bank} forms at most {pairs} "
+             f"(skill, mistake) pairs per problem; K = {pairs} is used (resolved_config.yaml and the model card say so)")
+    return dataclasses.replace(cfg, sgsd=dataclasses.replace(cfg.sgsd, num_teachers=pairs))

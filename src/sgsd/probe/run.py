@@ -33,7 +33,7 @@ from sgsd.probe.report import teacher_rows, write_outputs
 from sgsd.probe.rollouts import ProbeError, ProbeRollout, read_rollouts_file
 from sgsd.probe.statistics import summarize
 from sgsd.prompts import ChatStyle, refuse_special_tokens, render_chat, student_prompt
-from sgsd.run_setup import load_run_inputs, load_run_model
+from sgsd.run_setup import load_run_inputs, load_run_model, teachers_within_bank
 from sgsd.scoring import lm_parts
 from sgsd.skills.teachers import TeacherSource
 from sgsd.storage import JSONObject
@@ -79,6 +79,7 @@ def run_probe(cfg: RunConfig, output_dir: str | Path, *, rollouts: int = 32, con
                                               for field, text in (("problem", r.problem), ("completion", r.completion))))
 
     inputs = load_run_inputs(cfg, with_bank=True, on_problems=read_given)
+    cfg = teachers_within_bank(cfg, inputs.bank)  # K beyond the bank's pairs would score padding, as in training
     problems, bank, retriever = inputs.problems, inputs.bank, inputs.retriever
     student_style, teacher_style = inputs.student_style, inputs.teacher_style
     started = time.perf_counter()

@@ -8,16 +8,13 @@ the DeepSpeed file before the model loads (Hugging Face would read it only while
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
 
 from sgsd.config import RunConfig
-from sgsd.distributed import announce
 from sgsd.errors import ConfigError, DataError, UserError
 from sgsd.methods import MethodSpec, method_spec
-from sgsd.skills.bank import SkillBank
 from sgsd.storage import JSONObject, decode_utf8, parse_json
 from sgsd.trl_adapter import FSDP1_REFUSAL
 
@@ -88,22 +85,6 @@ def check_engine(cfg: "RunConfig", spec: MethodSpec | None = None) -> None:
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if fsdp and os.environ.get("FSDP_VERSION", "1") == "1" and getattr(spec.trainer_class(), "has_method_loss", False):
         raise ConfigError(FSDP1_REFUSAL)
-
-
-def teachers_within_bank(cfg: RunConfig, bank: SkillBank | None, spec: MethodSpec | None = None) -> RunConfig:
-    """`cfg` with `sgsd.num_teachers` capped at the (skill, mistake) pairs `bank` can form per problem
-    (min(skills, mistakes), plus `skills.online.capacity` dynamic items per list when online updates may add
-    them), with a one-line note: every teacher tensor is padded to K, so a K far beyond the bank costs memory
-    and time for teachers that do not exist. The run records the K used (`teachers_record`)."""
-    if bank is None or not (spec or method_spec(cfg.method)).skill_teachers:
-        return cfg
-    growth = cfg.skills.online.capacity if cfg.skills.online.enabled else 0
-    pairs = min(len(bank.general_skills), len(bank.common_mistakes)) + growth
-    if pairs < 1 or cfg.sgsd.num_teachers <= pairs:
-        return cfg
-    announce(f"note: sgsd.num_teachers={cfg.sgsd.num_teachers}: the skill bank {cfg.skills.bank} forms at most {pairs} "
-             f"(skill, mistake) pairs per problem; K = {pairs} is used (resolved_config.yaml and the model card say so)")
-    return dataclasses.replace(cfg, sgsd=dataclasses.replace(cfg.sgsd, num_teachers=pairs))
 
 
 def teachers_record(requested: RunConfig, used: RunConfig) -> JSONObject:

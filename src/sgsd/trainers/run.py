@@ -37,7 +37,7 @@ from sgsd.methods import MethodSpec, TrainerContext, check_run_config, method_sp
 from sgsd.prompts import render_guidance
 from sgsd.peers import active_watch, code_digest, reporting_termination, watching_peers
 from sgsd.provenance import package_versions, provenance
-from sgsd.run_setup import load_run_inputs, load_run_model
+from sgsd.run_setup import load_run_inputs, load_run_model, teachers_within_bank
 from sgsd.run_dir import RESUME_MAY_CHANGE, Rerun, RunDir
 from sgsd.skills.bank import SkillBank
 from sgsd.skills.retrieval import Retriever
@@ -46,8 +46,7 @@ from sgsd.trainers.callbacks import EMAStep, FaultInjection, MetricsWriter, Step
 from sgsd.trainers.checkpoints import CompletionMarker, check_engine_state, restore_extra_state, write_final_from_checkpoint
 from sgsd.trainers.console import use_step_lines
 from sgsd.trainers.model_card import ModelCardWriter, write_model_card
-from sgsd.trainers.preflight import (check_deepspeed_config, check_engine, check_problems_per_step, teachers_record,
-                                     teachers_within_bank)
+from sgsd.trainers.preflight import check_deepspeed_config, check_engine, check_problems_per_step, teachers_record
 from sgsd.trl_adapter import make_grpo_config
 from sgsd.verify import AccuracyReward
 from sgsd.vllm_adapter import generation_problems
