@@ -179,6 +179,22 @@ def _sgsd_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("sgsd: ")]
 
 
+def test_the_sigterm_waiter_reads_other_signals_and_its_end_in_one_read(monkeypatch):
+    """The wakeup fd carries every handled signal's number: another signal arriving with the end marker in
+    one read must end the waiter (not leave it blocked), and must not count as SIGTERM."""
+    import socket
+
+    called = []
+    monkeypatch.setattr(peers, "_on_sigterm", lambda: called.append(True))
+    receiver, sender = socket.socketpair()
+    waiter = threading.Thread(target=peers._sigterm_waiter, args=(receiver,), daemon=True)
+    waiter.start()
+    sender.send(bytes([signal.SIGINT, 0]))
+    waiter.join(timeout=5)  # a read that returns at once; 5 s is only the bound of a failing run
+    assert not waiter.is_alive() and called == []
+    receiver.close(), sender.close()
+
+
 @pytest.mark.parametrize("then", ["the peer names it", "the launcher stops the peer"])
 def test_sigterm_inside_a_collective_says_so_in_one_line_and_the_peer_names_it(tmp_path, then):
     # two ranks, one per simulated node, joined through a store this test keeps (as node 0's launcher keeps

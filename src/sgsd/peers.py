@@ -444,10 +444,12 @@ def _sigterm_waiter(receiver: socket.socket) -> None:
             data = receiver.recv(64)
         except OSError:
             return
-        if not data or data == b"\0":  # closed, or `reporting_termination` ended
+        if not data:  # closed
             return
-        if signal.SIGTERM in data:
+        if signal.SIGTERM in data:  # the wakeup fd carries every handled signal's number: only SIGTERM is ours
             _on_sigterm()
+        if b"\0" in data:  # `reporting_termination` ended (no signal has the number 0), maybe after another signal
+            return
 
 
 _at_fork_registered = False
