@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -131,9 +132,8 @@ def test_two_trainings_started_together_one_runs_the_other_is_refused(tmp_path):
     """The reported defect: two `sgsd train` into one folder both 'finished' and left a final/ without
     weights. Now one trains and its final/ loads; the other exits 2 naming the folder and the pid."""
     out = tmp_path / "run"
-    # 40 steps (about 20-60 s): long enough that the second command starts while the first trains
     command = [sys.executable, "-m", "sgsd.cli", "train", "--config", str(TINY / "sgsd.yaml"), "--output-dir",
-               str(out), "--quiet", "--max-steps", "40", "training.save_steps=20"]
+               str(out), "--quiet", "--max-steps", "4", "training.save_steps=2"]
     grpo = [sys.executable, "-m", "sgsd.cli", "train", "--config", str(TINY / "grpo.yaml"), "--output-dir",
             str(out), "--quiet"]
     first = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env())
@@ -141,8 +141,13 @@ def test_two_trainings_started_together_one_runs_the_other_is_refused(tmp_path):
     while not (out / LOCK_FILE).exists() or not (out / LOCK_FILE).read_text().strip():
         assert first.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
-    second = subprocess.run(grpo, capture_output=True, text=True, env=_env(), timeout=120)
-    assert first.poll() is None, "the first run ended before the second started: the test did not race them"
+    # the first run holds the lock; frozen (SIGSTOP) until the second has been answered, so the race is won by
+    # the second command however fast the first would otherwise finish (a timing-free race)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = subprocess.run(grpo, capture_output=True, text=True, env=_env(), timeout=120)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     stdout, stderr = first.communicate(timeout=600)
     assert first.returncode == 0, stderr[-2000:]
     assert second.returncode == 2

