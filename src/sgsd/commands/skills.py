@@ -247,6 +247,7 @@ def _check_new_file(path: Path, option: str) -> None:
                         "changed): choose another name")
     if not path.parent.is_dir():
         raise UserError(f"{option} {path}: its folder {path.parent} does not exist")
+    check_writable_dir(path.parent, option)  # a folder we cannot write: refused before the chart is written
 
 
 def _run_bank(run_dir: Path) -> Path | None:
